@@ -1,0 +1,1 @@
+//! baton-agent: filled in by the agent issue.

@@ -1,0 +1,2 @@
+//! The `baton-agent` binary.
+fn main() {}
