@@ -1,1 +1,28 @@
-//! coordinator
+//! baton-coordinator: grants the baton, the cluster-wide maintenance lease.
+//!
+//! Layout (pure decision logic first, I/O at the edges):
+//! - [`node`], [`window`], [`state`], [`policy`]: pure data and the grant
+//!   rule, with the clock passed in;
+//! - [`store`]: where the lease state lives ([`store::StateStore`]; the
+//!   embedded file store);
+//! - [`engine`]: the one writer that applies calls to the state, persists
+//!   them, runs the grant rule and streams progress to waiters;
+//! - [`service`], [`auth`], [`status_map`]: the gRPC services, who may call
+//!   them and how errors map to gRPC codes;
+//! - [`metrics`]: Prometheus metrics and the health endpoints;
+//! - [`server`], [`config`]: `baton-coordinator serve`;
+//! - [`ctl`]: `batonctl`.
+
+pub mod auth;
+pub mod config;
+pub mod ctl;
+pub mod engine;
+pub mod metrics;
+pub mod node;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod status_map;
+pub mod store;
+pub mod window;

@@ -1,0 +1,106 @@
+//! Command-line and environment configuration of `baton-coordinator`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// baton-coordinator: grants the baton, the cluster-wide maintenance lease.
+#[derive(Debug, Parser)]
+#[command(name = "baton-coordinator", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the baton.v1 API.
+    Serve(Box<ServeArgs>),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the state lives.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum StoreKind {
+    /// One file under --data-dir (a single coordinator).
+    Embedded,
+}
+
+/// TLS and authentication of the gRPC listener.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Server certificate (PEM). With --tls-key, serve TLS.
+    #[arg(long, env = "BATON_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "BATON_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to: mutual TLS.
+    /// A client certificate's common name or DNS name must equal the node it
+    /// acts for.
+    #[arg(long, env = "BATON_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Client-certificate names that may act for any node and pause, resume
+    /// and force-release (repeatable).
+    #[arg(long = "admin-name", env = "BATON_ADMIN_NAMES", value_delimiter = ',', default_value = "baton-admin")]
+    pub admin_names: Vec<String>,
+    /// Accept clients without authentication (plaintext unless --tls-cert is
+    /// given). For local labs only.
+    #[arg(long, env = "BATON_INSECURE")]
+    pub insecure: bool,
+}
+
+/// `baton-coordinator serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "BATON_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// Metrics and health listen address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "BATON_METRICS_LISTEN", default_value = "0.0.0.0:9443")]
+    pub metrics_listen: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "/var/lib/baton-coordinator")]
+    pub data_dir: PathBuf,
+    /// Where the state lives.
+    #[arg(long, env = "BATON_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
+    /// This replica's id (default: the host name).
+    #[arg(long, env = "BATON_ID")]
+    pub id: Option<String>,
+    /// How many nodes may hold the baton at once (control-plane nodes: one
+    /// at a time whatever this says).
+    #[arg(long, env = "BATON_MAX_CONCURRENT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent: u32,
+    /// Maintenance window, e.g. "Mon-Fri 22:00-04:00 Europe/Berlin"
+    /// (repeatable; none = always).
+    #[arg(long = "window", env = "BATON_WINDOWS", value_delimiter = ';')]
+    pub windows: Vec<String>,
+    /// Do not grant when less than this is left of the window.
+    #[arg(long, env = "BATON_MIN_WINDOW_REMAINING", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub min_window_remaining: std::time::Duration,
+    /// How often holders are asked to renew.
+    #[arg(long, env = "BATON_RENEW_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub renew_interval: std::time::Duration,
+    /// A holder that has not renewed for this long is overdue (it keeps the
+    /// baton; reboots must fit inside it to not raise an alert).
+    #[arg(long, env = "BATON_OVERDUE_AFTER", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub overdue_after: std::time::Duration,
+    /// TLS and authentication.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Log format.
+    #[arg(long, env = "BATON_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}

@@ -1,0 +1,341 @@
+//! `batonctl`: the operators' command line. It speaks the Admin and
+//! Coordinator services; `hold` wraps a manual maintenance command in the
+//! baton. This module is the binary's logic (it uses `anyhow`, as a `main`
+//! does), kept in the library so tests can drive it.
+
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use baton_proto::v1::{self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Exit code when `acquire`/`hold` gave up waiting.
+pub const EXIT_TIMEOUT: i32 = 2;
+
+/// batonctl: operate a Baton rollout.
+#[derive(Debug, Parser)]
+#[command(name = "batonctl", version, about)]
+pub struct Cli {
+    /// How to reach the coordinator.
+    #[command(flatten)]
+    pub conn: Connection,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connection flags.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// Coordinator URL (http:// needs --insecure; https:// uses TLS).
+    #[arg(long, global = true, env = "BATON_COORDINATOR", default_value = "https://127.0.0.1:7443")]
+    pub coordinator: String,
+    /// Allow plaintext http:// (labs only).
+    #[arg(long, global = true, env = "BATON_INSECURE")]
+    pub insecure: bool,
+    /// CA bundle (PEM) the coordinator's certificate chains to.
+    #[arg(long, global = true, env = "BATON_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "BATON_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "BATON_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// Output format of `status`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// A human table.
+    Table,
+    /// JSON (one object per state with --watch).
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show holders, the queue and the audit trail.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        /// Print again after every change.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stop granting (holders finish).
+    Pause {
+        /// Why (audited).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Grant again.
+    Resume,
+    /// Wait for the baton for NODE and print its fencing token.
+    Acquire {
+        /// The node.
+        node: String,
+        /// The node is a control-plane node.
+        #[arg(long)]
+        control_plane: bool,
+        /// Give up (and withdraw) after this long, e.g. 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait_timeout: Option<Duration>,
+        /// Why (shown in status).
+        #[arg(long, default_value = "batonctl acquire")]
+        reason: String,
+    },
+    /// Give NODE's baton back.
+    Release {
+        /// The node.
+        node: String,
+        /// Its fencing token.
+        #[arg(long)]
+        token: u64,
+        /// Why (audited).
+        #[arg(long, default_value = "batonctl release")]
+        reason: String,
+    },
+    /// Take the baton from NODE whatever its token (audited).
+    ForceRelease {
+        /// The node.
+        node: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Take the baton for NODE, run CMD, release, exit with CMD's status.
+    Hold {
+        /// The node.
+        node: String,
+        /// Why (shown in status).
+        #[arg(long, default_value = "manual maintenance")]
+        reason: String,
+        /// The node is a control-plane node.
+        #[arg(long)]
+        control_plane: bool,
+        /// Give up (and withdraw) after this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait_timeout: Option<Duration>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Connects to the coordinator.
+pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(conn.coordinator.clone())
+        .with_context(|| format!("bad coordinator URL {:?}", conn.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if conn.coordinator.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &conn.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        } else {
+            tls = tls.with_native_roots();
+        }
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+            let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let key = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    } else if !conn.insecure {
+        bail!("{} is plaintext: pass --insecure to allow it, or use https://", conn.coordinator);
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", conn.coordinator))
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let channel = connect(&cli.conn).await?;
+    let mut admin = AdminClient::new(channel.clone());
+    let mut lease = CoordinatorClient::new(channel);
+    match cli.command {
+        Command::Status { output, watch } => {
+            if watch {
+                let mut stream = admin.watch(pb::WatchRequest {}).await?.into_inner();
+                while let Some(status) = stream.message().await? {
+                    output::print_status(&status, output)?;
+                }
+            } else {
+                let status = admin.status(pb::StatusRequest {}).await?.into_inner();
+                output::print_status(&status, output)?;
+            }
+            Ok(0)
+        }
+        Command::Pause { reason } => {
+            admin.pause(pb::PauseRequest { reason }).await?;
+            eprintln!("paused");
+            Ok(0)
+        }
+        Command::Resume => {
+            admin.resume(pb::ResumeRequest {}).await?;
+            eprintln!("resumed");
+            Ok(0)
+        }
+        Command::Acquire {
+            node,
+            control_plane,
+            wait_timeout,
+            reason,
+        } => {
+            let request = pb::AcquireRequest {
+                node,
+                control_plane,
+                reason,
+                manual: false,
+            };
+            match acquire(&mut lease, request, wait_timeout).await? {
+                Some(granted) => {
+                    println!("{}", granted.fencing_token);
+                    Ok(0)
+                }
+                None => Ok(EXIT_TIMEOUT),
+            }
+        }
+        Command::Release { node, token, reason } => {
+            lease
+                .release(pb::ReleaseRequest {
+                    node,
+                    fencing_token: token,
+                    reason,
+                })
+                .await?;
+            eprintln!("released");
+            Ok(0)
+        }
+        Command::ForceRelease { node, reason } => {
+            let released = admin.force_release(pb::ForceReleaseRequest { node, reason }).await?.into_inner();
+            eprintln!("force-released token {}", released.fencing_token);
+            Ok(0)
+        }
+        Command::Hold {
+            node,
+            reason,
+            control_plane,
+            wait_timeout,
+            command,
+        } => hold(lease, node, reason, control_plane, wait_timeout, command).await,
+    }
+}
+
+/// Waits for the grant, printing queue updates on stderr. `None` on timeout;
+/// dropping the stream withdraws the request.
+async fn acquire(
+    lease: &mut CoordinatorClient<Channel>,
+    request: pb::AcquireRequest,
+    wait_timeout: Option<Duration>,
+) -> anyhow::Result<Option<pb::Granted>> {
+    let node = request.node.clone();
+    let wait = async {
+        let mut stream = lease.acquire(request).await?.into_inner();
+        while let Some(event) = stream.message().await? {
+            match event.event {
+                Some(pb::acquire_event::Event::Queued(q)) => {
+                    eprintln!("{node}: waiting, position {} of {}: {}", q.position, q.queue_length, q.reason);
+                }
+                Some(pb::acquire_event::Event::Granted(g)) => return Ok(g),
+                None => {}
+            }
+        }
+        bail!("the coordinator ended the Acquire stream without a grant")
+    };
+    match wait_timeout {
+        None => wait.await.map(Some),
+        Some(limit) => match tokio::time::timeout(limit, wait).await {
+            Ok(result) => result.map(Some),
+            Err(_) => {
+                eprintln!(
+                    "{node}: no grant within {}; request withdrawn",
+                    humantime::format_duration(limit)
+                );
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// `batonctl hold`: acquire, run the command while renewing, release.
+async fn hold(
+    mut lease: CoordinatorClient<Channel>,
+    node: String,
+    reason: String,
+    control_plane: bool,
+    wait_timeout: Option<Duration>,
+    command: Vec<String>,
+) -> anyhow::Result<i32> {
+    let request = pb::AcquireRequest {
+        node: node.clone(),
+        control_plane,
+        reason,
+        manual: true,
+    };
+    let Some(granted) = acquire(&mut lease, request, wait_timeout).await? else {
+        return Ok(EXIT_TIMEOUT);
+    };
+    let token = granted.fencing_token;
+    eprintln!("{node}: holding the baton (token {token}); running {command:?}");
+    let renew_every = granted
+        .lease
+        .and_then(|l| l.renew_interval)
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(10));
+
+    let mut child = match tokio::process::Command::new(&command[0]).args(&command[1..]).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("{node}: cannot run {:?}: {e}", command[0]);
+            release_after_hold(&mut lease, &node, token, "hold: command could not start").await?;
+            return Ok(127);
+        }
+    };
+    let mut renewals = tokio::time::interval(renew_every);
+    renewals.tick().await;
+    let status: ExitStatus = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = renewals.tick() => {
+                if let Err(e) = lease.renew(pb::RenewRequest { node: node.clone(), fencing_token: token }).await {
+                    eprintln!("{node}: renewing the baton failed: {}", e.message());
+                }
+            }
+        }
+    };
+    let code = status.code().unwrap_or(128);
+    release_after_hold(&mut lease, &node, token, &format!("hold: command exited with {code}")).await?;
+    Ok(code)
+}
+
+async fn release_after_hold(
+    lease: &mut CoordinatorClient<Channel>,
+    node: &str,
+    token: u64,
+    reason: &str,
+) -> anyhow::Result<()> {
+    lease
+        .release(pb::ReleaseRequest {
+            node: node.to_string(),
+            fencing_token: token,
+            reason: reason.to_string(),
+        })
+        .await
+        .with_context(|| format!("releasing the baton of {node} (token {token})"))?;
+    eprintln!("{node}: released (token {token})");
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! How `batonctl status` prints: a table for people, JSON for scripts.
+
+use baton_proto::v1 as pb;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::Format;
+
+fn time(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn phase(value: i32) -> &'static str {
+    match pb::Phase::try_from(value).unwrap_or(pb::Phase::Unspecified) {
+        pb::Phase::Unspecified => "unspecified",
+        pb::Phase::Granted => "granted",
+        pb::Phase::Draining => "draining",
+        pb::Phase::EtcdPrepare => "etcd-prepare",
+        pb::Phase::Updating => "updating",
+        pb::Phase::Rebooting => "rebooting",
+        pb::Phase::Verifying => "verifying",
+        pb::Phase::Uncordoning => "uncordoning",
+        pb::Phase::Failed => "failed",
+        pb::Phase::Manual => "manual",
+    }
+}
+
+/// The JSON form of a status (stable field names; scripts rely on them).
+pub fn status_json(s: &pb::StatusResponse) -> Value {
+    json!({
+        "coordinator_id": s.coordinator_id,
+        "paused": s.paused,
+        "pause_reason": s.pause_reason,
+        "max_concurrent": s.max_concurrent,
+        "window_open": s.window_open,
+        "windows": s.windows,
+        "last_fencing_token": s.last_fencing_token,
+        "holders": s.holders.iter().map(|h| json!({
+            "node": h.node,
+            "token": h.fencing_token,
+            "phase": phase(h.phase),
+            "since": time(h.since.as_ref()),
+            "phase_since": time(h.phase_since.as_ref()),
+            "last_renewed": time(h.last_renewed.as_ref()),
+            "overdue": h.overdue,
+            "control_plane": h.control_plane,
+            "boot_id": h.boot_id,
+            "message": h.message,
+            "error": h.error,
+            "reason": h.reason,
+        })).collect::<Vec<_>>(),
+        "queue": s.queue.iter().map(|q| json!({
+            "node": q.node,
+            "position": q.position,
+            "reason": q.reason,
+            "control_plane": q.control_plane,
+            "waiting_since": time(q.waiting_since.as_ref()),
+            "request_reason": q.request_reason,
+        })).collect::<Vec<_>>(),
+        "audit": s.audit.iter().map(|a| json!({
+            "time": time(a.time.as_ref()),
+            "action": a.action,
+            "node": a.node,
+            "token": a.fencing_token,
+            "actor": a.actor,
+            "reason": a.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a status in `format`.
+pub fn print_status(s: &pb::StatusResponse, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string(&status_json(s))?),
+        Format::Table => print!("{}", status_table(s)),
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| "-".to_string())
+}
+
+/// The human form of a status.
+pub fn status_table(s: &pb::StatusResponse) -> String {
+    let mut out = String::new();
+    let state = if s.paused {
+        format!("PAUSED ({})", s.pause_reason)
+    } else {
+        "granting".to_string()
+    };
+    let windows = if s.windows.is_empty() {
+        "always".to_string()
+    } else {
+        format!("{} ({})", s.windows.join("; "), if s.window_open { "open" } else { "closed" })
+    };
+    out.push_str(&format!(
+        "coordinator {}: {state}, max concurrent {}, windows: {windows}, last token {}\n\n",
+        s.coordinator_id, s.max_concurrent, s.last_fencing_token
+    ));
+    out.push_str(&format!("{:<30} {:>7} {:<13} {:<25} {:<8} {}\n", "HOLDER", "TOKEN", "PHASE", "SINCE", "OVERDUE", "MESSAGE"));
+    for h in &s.holders {
+        let note = if h.error.is_empty() { h.message.clone() } else { format!("error: {}", h.error) };
+        out.push_str(&format!(
+            "{:<30} {:>7} {:<13} {:<25} {:<8} {}\n",
+            h.node,
+            h.fencing_token,
+            phase(h.phase),
+            text(&time(h.since.as_ref())),
+            if h.overdue { "OVERDUE" } else { "no" },
+            note.lines().last().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!("\n{:<4} {:<30} {}\n", "POS", "WAITING", "REASON"));
+    for q in &s.queue {
+        out.push_str(&format!("{:<4} {:<30} {}\n", q.position, q.node, q.reason));
+    }
+    if !s.audit.is_empty() {
+        out.push_str("\nRECENT\n");
+        for a in &s.audit[s.audit.len().saturating_sub(5)..] {
+            out.push_str(&format!(
+                "{} {:<14} {:<30} token {:<6} by {} {}\n",
+                text(&time(a.time.as_ref())),
+                a.action,
+                a.node,
+                a.fencing_token,
+                a.actor,
+                a.reason
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,237 @@
+//! The granter task: follows leadership, marks overdue holders and runs the
+//! grant rule whenever something changed (and once a second, so maintenance
+//! windows opening and guards' fresh data are noticed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tracing::{info, warn};
+
+use super::{AcquireUpdate, Engine, Grant, Inner};
+use crate::node::NodeName;
+use crate::policy::{Decision, GrantGuard, Waiter, decide};
+use crate::state::LeaseState;
+
+/// Holds back nodes whose preparation failed until their retry time.
+struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
+
+impl GrantGuard for PrepareFailures<'_> {
+    fn check(&self, candidate: &Waiter, _: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
+        match self.0.get(&candidate.node) {
+            Some((reason, retry_at)) if *retry_at > now => Err(format!(
+                "{reason} (retrying at {})",
+                retry_at.format("%H:%M:%SZ")
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Engine {
+    /// Runs until shutdown. Spawn exactly one per engine.
+    pub async fn run_granter(self: Arc<Self>) {
+        let mut leadership = self.leadership.clone();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            if self.inner.lock().await.shutting_down {
+                return;
+            }
+            self.follow_leadership().await;
+            self.mark_overdue().await;
+            self.grant_pass().await;
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tick.tick() => {}
+                changed = leadership.changed() => {
+                    if changed.is_err() {
+                        // The store is gone: nothing can be granted any more.
+                        self.lose_leadership().await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow_leadership(&self) {
+        let claim = self.leadership.borrow().clone();
+        let leading = self.inner.lock().await.leading;
+        if claim.is_leader && !leading {
+            if let Err(e) = self.take_leadership().await {
+                warn!(error = %e, "won leadership but could not load the state; not granting");
+            }
+        } else if !claim.is_leader && leading {
+            self.lose_leadership().await;
+        }
+    }
+
+    /// Logs, audits and counts holders that just became overdue. They keep
+    /// the baton.
+    async fn mark_overdue(&self) {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        if !inner.leading {
+            return;
+        }
+        let newly: Vec<(NodeName, u64)> = inner
+            .state
+            .holders
+            .iter()
+            .filter(|(n, h)| h.is_overdue(now, self.config.overdue_after) && !inner.overdue_seen.contains(*n))
+            .map(|(n, h)| (n.clone(), h.fencing_token))
+            .collect();
+        for (node, token) in newly {
+            let reason = format!(
+                "no renewal for more than {}s; the node keeps the baton until it returns or is force-released",
+                self.config.overdue_after.num_seconds()
+            );
+            let saved = self
+                .commit(&mut inner, |s| {
+                    s.record(now, "overdue", node.as_str(), token, "coordinator", &reason);
+                    Ok(())
+                })
+                .await;
+            if saved.is_ok() {
+                warn!(node = %node, token, "holder is overdue; it keeps the baton");
+                self.metrics.overdue_events.inc();
+                inner.overdue_seen.insert(node);
+                self.changed();
+            }
+        }
+        self.refresh_gauges(&inner);
+    }
+
+    fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
+        let queue: Vec<Waiter> = inner.queue.iter().map(|q| q.waiter()).collect();
+        let failures = PrepareFailures(&inner.prepare_failed);
+        let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
+        guards.push(&failures);
+        decide(&inner.state, &queue, &inner.unavailable, &self.config.policy, &guards, now)
+    }
+
+    /// Grants every node the rule allows, one at a time, then tells the rest
+    /// why they wait.
+    async fn grant_pass(&self) {
+        loop {
+            let mut inner = self.inner.lock().await;
+            if !inner.leading || inner.shutting_down {
+                return;
+            }
+            inner.queue.retain(|q| !q.events.is_closed());
+            let now = self.now();
+            inner.prepare_failed.retain(|_, (_, retry_at)| *retry_at > now);
+            let decision = self.decide_now(&inner, now);
+            let Some(candidate) = decision.grant else {
+                self.tell_waiters(&mut inner, decision);
+                if inner.queue.is_empty() {
+                    inner.handoff_started = None;
+                }
+                return;
+            };
+            if !self.preparers.is_empty() {
+                let waiter = inner
+                    .queue
+                    .iter()
+                    .find(|q| q.request.node == candidate)
+                    .map(|q| q.waiter())
+                    .expect("candidate is queued");
+                drop(inner);
+                if let Err(reason) = self.prepare(&waiter).await {
+                    let retry_at = self.now() + self.config.prepare_retry;
+                    warn!(node = %candidate, reason = %reason, "preparing the grant failed; the node keeps waiting");
+                    self.inner.lock().await.prepare_failed.insert(candidate, (reason, retry_at));
+                    continue;
+                }
+                inner = self.inner.lock().await;
+                if !inner.leading || inner.shutting_down {
+                    return;
+                }
+                // The world may have moved while preparing: decide again.
+                let now = self.now();
+                if self.decide_now(&inner, now).grant.as_ref() != Some(&candidate) {
+                    continue;
+                }
+            }
+            if !self.grant(&mut inner, &candidate).await {
+                return;
+            }
+        }
+    }
+
+    async fn prepare(&self, waiter: &Waiter) -> Result<(), String> {
+        for preparer in &self.preparers {
+            preparer.prepare(waiter).await?;
+        }
+        Ok(())
+    }
+
+    /// Grants `node` (which the rule just chose). False when the store
+    /// refused, so the pass stops until the next wake.
+    async fn grant(&self, inner: &mut Inner, node: &NodeName) -> bool {
+        let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
+            return true;
+        };
+        if inner.queue[idx].events.is_closed() {
+            inner.queue.remove(idx);
+            return true;
+        }
+        let now = self.now();
+        let request = inner.queue[idx].request.clone();
+        let result = self
+            .commit(inner, |s| s.grant(node, request.control_plane, request.manual, &request.reason, now))
+            .await;
+        let token = match result {
+            Ok(token) => token,
+            Err(e) => {
+                warn!(node = %node, error = %e, "grant not saved; the node keeps waiting");
+                return false;
+            }
+        };
+        let queued = inner.queue.remove(idx);
+        let phase = inner.state.holders[node].phase;
+        let _ = queued.events.send(Ok(AcquireUpdate::Granted(Grant {
+            fencing_token: token,
+            granted_at: now,
+            resumed: false,
+            phase,
+        })));
+        self.metrics.grants.inc();
+        if let Some(started) = inner.handoff_started.take() {
+            self.metrics.handoff_latency.observe(started.elapsed().as_secs_f64());
+        }
+        self.metrics.queue_length.set(inner.queue.len() as i64);
+        info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
+        self.changed();
+        true
+    }
+
+    /// Sends Queued updates to waiters whose position or reason changed.
+    fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
+        let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
+        let queue_length = inner.queue.len() as u32;
+        let mut any = false;
+        for (i, q) in inner.queue.iter_mut().enumerate() {
+            let position = i as u32 + 1;
+            let reason = reasons.get(&q.request.node).cloned().unwrap_or_default();
+            if q.position != position || q.queue_length != queue_length || q.reason != reason {
+                if q.reason != reason {
+                    info!(node = %q.request.node, position, reason = %reason, "waiting");
+                }
+                q.position = position;
+                q.queue_length = queue_length;
+                q.reason = reason.clone();
+                let _ = q.events.send(Ok(AcquireUpdate::Queued {
+                    position,
+                    queue_length,
+                    reason,
+                }));
+                any = true;
+            }
+        }
+        if any {
+            self.changed();
+        }
+    }
+}

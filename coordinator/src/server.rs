@@ -1,0 +1,225 @@
+//! `baton-coordinator serve`: wires the store, the engine, the gRPC services
+//! and the metrics endpoints together, and shuts them down cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use baton_proto::v1::admin_server::AdminServer;
+use baton_proto::v1::coordinator_server::CoordinatorServer;
+use futures::FutureExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::auth::{Authenticator, MutualTls, Unauthenticated};
+use crate::config::{ServeArgs, StoreKind};
+use crate::engine::{Engine, EngineConfig, system_clock};
+use crate::metrics::{self, Metrics};
+use crate::policy::Policy;
+use crate::service::Services;
+use crate::store::file::FileStore;
+use crate::store::{StateStore, StoreError};
+use crate::window::{MaintenanceWindow, WindowError, WindowSet};
+
+/// Why the coordinator did not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Neither client authentication nor --insecure was configured.
+    #[error("refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab")]
+    NoAuthentication,
+    /// A window string is malformed.
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    /// The store failed to open or load.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A TLS file could not be read.
+    #[error("reading {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Binding a listener failed.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A started coordinator.
+pub struct Running {
+    /// The bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The bound metrics address.
+    pub metrics_addr: SocketAddr,
+    /// The engine (for tests and embedding).
+    pub engine: Arc<Engine>,
+    /// Finishes when both servers have stopped.
+    pub done: JoinHandle<Result<(), ServeError>>,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::TlsFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Opens the store the arguments name.
+async fn open_store(args: &ServeArgs, id: &str) -> Result<Arc<dyn StateStore>, ServeError> {
+    match args.store {
+        StoreKind::Embedded => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
+    }
+}
+
+/// Starts serving; `shutdown` completing starts a graceful stop (Acquire and
+/// Watch streams end, the state is saved, the listeners close).
+pub async fn start(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Running, ServeError> {
+    let auth: Arc<dyn Authenticator> = match (&args.tls.client_ca, args.tls.insecure) {
+        (Some(_), _) => Arc::new(MutualTls {
+            admin_names: args.tls.admin_names.clone(),
+        }),
+        (None, true) => {
+            warn!("--insecure: clients are not authenticated; every caller may act for every node");
+            Arc::new(Unauthenticated)
+        }
+        (None, false) => return Err(ServeError::NoAuthentication),
+    };
+    let windows = args
+        .windows
+        .iter()
+        .filter(|w| !w.trim().is_empty())
+        .map(|w| w.parse::<MaintenanceWindow>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = args.id.clone().unwrap_or_else(hostname);
+    let config = EngineConfig {
+        policy: Policy {
+            max_concurrent: args.max_concurrent,
+            windows: WindowSet {
+                windows,
+                min_remaining: chrono::Duration::from_std(args.min_window_remaining).unwrap_or(chrono::Duration::MAX),
+            },
+        },
+        renew_interval: chrono::Duration::from_std(args.renew_interval).unwrap_or(chrono::Duration::MAX),
+        overdue_after: chrono::Duration::from_std(args.overdue_after).unwrap_or(chrono::Duration::MAX),
+        coordinator_id: id.clone(),
+        prepare_retry: chrono::Duration::seconds(10),
+    };
+
+    let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            if let Some(ca) = &args.tls.client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+
+    let store = open_store(&args, &id).await?;
+    let metrics = Metrics::new();
+    let engine = Engine::new(store, config, Vec::new(), Vec::new(), system_clock(), metrics.clone()).await?;
+    tokio::spawn(engine.clone().run_granter());
+
+    let grpc = TcpListener::bind(args.listen).await.map_err(|source| ServeError::Bind {
+        addr: args.listen,
+        source,
+    })?;
+    let metrics_listener = metrics::bind(args.metrics_listen).await.map_err(|source| ServeError::Bind {
+        addr: args.metrics_listen,
+        source,
+    })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.listen,
+        source,
+    })?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.metrics_listen,
+        source,
+    })?;
+    info!(%grpc_addr, %metrics_addr, id = %id, tls = tls.is_some(), mutual_tls = args.tls.client_ca.is_some(), "coordinator serving");
+
+    // One shutdown signal fans out to the engine and both servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            info!("shutting down: ending streams, saving state");
+            engine.shutdown().await;
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let services = Services::new(engine.clone(), auth);
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc_server = builder
+        .add_service(CoordinatorServer::new(services.clone()))
+        .add_service(AdminServer::new(services))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+    let http = metrics::serve(metrics_listener, metrics::router(engine.clone(), metrics), stopped(stop_rx));
+    let done = tokio::spawn(async move {
+        let (grpc_result, http_result) = tokio::join!(grpc_server, http.map(|r| r.map_err(|source| ServeError::Bind {
+            addr: metrics_addr,
+            source,
+        })));
+        grpc_result?;
+        http_result?;
+        info!("coordinator stopped");
+        Ok(())
+    });
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        engine,
+        done,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "baton-coordinator".to_string())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,377 @@
+//! The gRPC services: `baton.v1.Coordinator` (agents) and `baton.v1.Admin`
+//! (operators). Each call is authenticated, validated, authorized for the
+//! node it names, then handed to the [`Engine`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use baton_proto::v1::{self as pb, admin_server::Admin, coordinator_server::Coordinator};
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Authenticator, Credentials, Identity};
+use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot};
+use crate::node::NodeName;
+use crate::state::{Phase, Progress};
+use crate::status_map::invalid_node;
+
+/// The longest reason or message accepted, in bytes.
+pub const MAX_TEXT: usize = 1024;
+/// The longest error report accepted, in bytes (room for a log tail).
+pub const MAX_ERROR: usize = 16 * 1024;
+
+/// Both services over one engine.
+#[derive(Clone)]
+pub struct Services {
+    engine: Arc<Engine>,
+    auth: Arc<dyn Authenticator>,
+}
+
+impl Services {
+    /// Serves `engine`, authenticating with `auth`.
+    pub fn new(engine: Arc<Engine>, auth: Arc<dyn Authenticator>) -> Self {
+        Self { engine, auth }
+    }
+
+    async fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        self.auth
+            .authenticate(Credentials {
+                metadata: request.metadata(),
+                peer_certs: request.peer_certs(),
+            })
+            .await
+    }
+
+    /// Authenticates, parses `node` and checks the caller may act for it.
+    async fn for_node<T>(&self, request: &Request<T>, node: &str) -> Result<(Identity, NodeName), Status> {
+        let identity = self.identity(request).await?;
+        let node = NodeName::new(node).map_err(invalid_node)?;
+        identity.may_act_for(&node)?;
+        Ok((identity, node))
+    }
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long, the limit is {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Converts a timestamp.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn duration(d: chrono::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.num_seconds(),
+        nanos: d.subsec_nanos(),
+    }
+}
+
+/// Maps a stored phase to the API's.
+pub fn phase_to_proto(phase: Phase) -> pb::Phase {
+    match phase {
+        Phase::Granted => pb::Phase::Granted,
+        Phase::Draining => pb::Phase::Draining,
+        Phase::EtcdPrepare => pb::Phase::EtcdPrepare,
+        Phase::Updating => pb::Phase::Updating,
+        Phase::Rebooting => pb::Phase::Rebooting,
+        Phase::Verifying => pb::Phase::Verifying,
+        Phase::Uncordoning => pb::Phase::Uncordoning,
+        Phase::Failed => pb::Phase::Failed,
+        Phase::Manual => pb::Phase::Manual,
+    }
+}
+
+fn phase_from_proto(value: i32) -> Result<Phase, Status> {
+    Ok(match pb::Phase::try_from(value) {
+        Ok(pb::Phase::Granted) => Phase::Granted,
+        Ok(pb::Phase::Draining) => Phase::Draining,
+        Ok(pb::Phase::EtcdPrepare) => Phase::EtcdPrepare,
+        Ok(pb::Phase::Updating) => Phase::Updating,
+        Ok(pb::Phase::Rebooting) => Phase::Rebooting,
+        Ok(pb::Phase::Verifying) => Phase::Verifying,
+        Ok(pb::Phase::Uncordoning) => Phase::Uncordoning,
+        Ok(pb::Phase::Failed) => Phase::Failed,
+        Ok(pb::Phase::Manual) => Phase::Manual,
+        Ok(pb::Phase::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!("phase: {value} is not a reportable phase")));
+        }
+    })
+}
+
+/// The lease settings as the API shows them.
+fn lease_settings(engine: &Engine) -> pb::LeaseSettings {
+    pb::LeaseSettings {
+        renew_interval: Some(duration(engine.config().renew_interval)),
+        overdue_after: Some(duration(engine.config().overdue_after)),
+    }
+}
+
+/// Builds the Status answer from a snapshot.
+pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
+    let state = &snap.state;
+    pb::StatusResponse {
+        paused: state.paused.is_some(),
+        pause_reason: state.paused.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
+        max_concurrent: engine.config().policy.max_concurrent,
+        holders: state
+            .holders
+            .iter()
+            .map(|(node, h)| pb::Holder {
+                node: node.to_string(),
+                fencing_token: h.fencing_token,
+                phase: phase_to_proto(h.phase) as i32,
+                since: Some(timestamp(h.granted_at)),
+                last_renewed: Some(timestamp(h.last_renewed)),
+                overdue: snap.overdue.contains(node),
+                control_plane: h.control_plane,
+                boot_id: h.boot_id.clone(),
+                message: h.message.clone(),
+                error: h.error.clone(),
+                reason: h.reason.clone(),
+                phase_since: Some(timestamp(h.phase_since)),
+            })
+            .collect(),
+        queue: snap
+            .queue
+            .iter()
+            .enumerate()
+            .map(|(i, q)| pb::QueueEntry {
+                node: q.node.to_string(),
+                position: i as u32 + 1,
+                reason: q.reason.clone(),
+                control_plane: q.control_plane,
+                waiting_since: Some(timestamp(q.since)),
+                request_reason: q.request_reason.clone(),
+            })
+            .collect(),
+        audit: state
+            .audit
+            .iter()
+            .map(|a| pb::AuditRecord {
+                time: Some(timestamp(a.time)),
+                action: a.action.clone(),
+                node: a.node.clone(),
+                fencing_token: a.fencing_token,
+                actor: a.actor.clone(),
+                reason: a.reason.clone(),
+            })
+            .collect(),
+        windows: engine.config().policy.windows.windows.iter().map(ToString::to_string).collect(),
+        window_open: snap.window_open,
+        coordinator_id: engine.config().coordinator_id.clone(),
+        lease: Some(lease_settings(engine)),
+        last_fencing_token: state.last_token,
+    }
+}
+
+/// An Acquire stream: ends after the grant, withdraws the request when the
+/// client goes away first.
+struct AcquireStream {
+    engine: Arc<Engine>,
+    node: NodeName,
+    ticket: u64,
+    events: mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>,
+    lease: pb::LeaseSettings,
+    done: bool,
+}
+
+impl Stream for AcquireStream {
+    type Item = Result<pb::AcquireEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match self.events.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                Err(Status::unavailable("the coordinator stopped serving this request"))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                Err(e.into())
+            }
+            Poll::Ready(Some(Ok(AcquireUpdate::Queued {
+                position,
+                queue_length,
+                reason,
+            }))) => Ok(pb::AcquireEvent {
+                event: Some(pb::acquire_event::Event::Queued(pb::Queued {
+                    position,
+                    queue_length,
+                    reason,
+                })),
+            }),
+            Poll::Ready(Some(Ok(AcquireUpdate::Granted(grant)))) => {
+                self.done = true;
+                Ok(pb::AcquireEvent {
+                    event: Some(pb::acquire_event::Event::Granted(pb::Granted {
+                        fencing_token: grant.fencing_token,
+                        granted_at: Some(timestamp(grant.granted_at)),
+                        lease: Some(self.lease.clone()),
+                        resumed: grant.resumed,
+                        phase: if grant.resumed { phase_to_proto(grant.phase) as i32 } else { 0 },
+                    })),
+                })
+            }
+        };
+        Poll::Ready(Some(item))
+    }
+}
+
+impl Drop for AcquireStream {
+    fn drop(&mut self) {
+        // The client left (or the grant was delivered, then this is a no-op).
+        let engine = self.engine.clone();
+        let node = self.node.clone();
+        let ticket = self.ticket;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { engine.withdraw(&node, ticket).await });
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Coordinator for Services {
+    type AcquireStream = BoxStream<pb::AcquireEvent>;
+
+    async fn acquire(&self, request: Request<pb::AcquireRequest>) -> Result<Response<Self::AcquireStream>, Status> {
+        let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let req = request.into_inner();
+        check_len("reason", &req.reason, MAX_TEXT)?;
+        let (ticket, events) = self
+            .engine
+            .acquire(crate::engine::AcquireRequest {
+                node: node.clone(),
+                control_plane: req.control_plane,
+                reason: req.reason,
+                manual: req.manual,
+            })
+            .await?;
+        Ok(Response::new(Box::pin(AcquireStream {
+            lease: lease_settings(&self.engine),
+            engine: self.engine.clone(),
+            node,
+            ticket,
+            events,
+            done: false,
+        })))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let overdue_at = self.engine.renew(&node, request.get_ref().fencing_token).await?;
+        Ok(Response::new(pb::RenewResponse {
+            overdue_at: Some(timestamp(overdue_at)),
+        }))
+    }
+
+    async fn report(&self, request: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+        let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let req = request.into_inner();
+        let phase = phase_from_proto(req.phase)?;
+        check_len("boot_id", &req.boot_id, 64)?;
+        check_len("message", &req.message, MAX_TEXT)?;
+        check_len("error", &req.error, MAX_ERROR)?;
+        let progress = Progress {
+            phase,
+            boot_id: req.boot_id,
+            message: req.message,
+            error: req.error,
+        };
+        self.engine.report(&node, req.fencing_token, progress).await?;
+        Ok(Response::new(pb::ReportResponse {}))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let req = request.into_inner();
+        check_len("reason", &req.reason, MAX_TEXT)?;
+        self.engine
+            .release(&node, req.fencing_token, &identity.name, &req.reason)
+            .await?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Services {
+    type WatchStream = BoxStream<pb::StatusResponse>;
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        self.identity(&request).await?;
+        let snap = self.engine.snapshot().await;
+        Ok(Response::new(status_response(&self.engine, &snap)))
+    }
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.identity(&request).await?;
+        Ok(Response::new(Box::pin(watch_stream(self.engine.clone()))))
+    }
+
+    async fn pause(&self, request: Request<pb::PauseRequest>) -> Result<Response<pb::PauseResponse>, Status> {
+        let identity = self.identity(&request).await?;
+        identity.may_administer()?;
+        check_len("reason", &request.get_ref().reason, MAX_TEXT)?;
+        self.engine.pause(&identity.name, &request.get_ref().reason).await?;
+        Ok(Response::new(pb::PauseResponse {}))
+    }
+
+    async fn resume(&self, request: Request<pb::ResumeRequest>) -> Result<Response<pb::ResumeResponse>, Status> {
+        let identity = self.identity(&request).await?;
+        identity.may_administer()?;
+        self.engine.resume(&identity.name).await?;
+        Ok(Response::new(pb::ResumeResponse {}))
+    }
+
+    async fn force_release(
+        &self,
+        request: Request<pb::ForceReleaseRequest>,
+    ) -> Result<Response<pb::ForceReleaseResponse>, Status> {
+        let identity = self.identity(&request).await?;
+        identity.may_administer()?;
+        let req = request.into_inner();
+        let node = NodeName::new(req.node).map_err(invalid_node)?;
+        if req.reason.trim().is_empty() {
+            return Err(Status::invalid_argument("reason: a force-release needs a reason (it is audited)"));
+        }
+        check_len("reason", &req.reason, MAX_TEXT)?;
+        let token = self.engine.force_release(&node, &identity.name, &req.reason).await?;
+        Ok(Response::new(pb::ForceReleaseResponse { fencing_token: token }))
+    }
+}
+
+/// The Watch stream: the status now, then after every change (changes that
+/// come faster than the client reads are folded into one), until the engine
+/// shuts down or the client leaves.
+fn watch_stream(engine: Arc<Engine>) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
+    let changes = engine.subscribe();
+    futures::stream::unfold((engine, changes, true), |(engine, mut changes, first)| async move {
+        if !first && changes.changed().await.is_err() {
+            return None;
+        }
+        changes.borrow_and_update();
+        if engine.is_shutting_down().await {
+            return None;
+        }
+        let snap = engine.snapshot().await;
+        let response = status_response(&engine, &snap);
+        Some((Ok(response), (engine, changes, false)))
+    })
+}

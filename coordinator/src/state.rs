@@ -1,0 +1,367 @@
+//! The lease state: who holds the baton, with which fencing token, and the
+//! audit trail. Pure data with pure transitions (the clock is passed in); the
+//! engine persists it after every change and the store loads it on start.
+//!
+//! Guarantees kept here:
+//! - fencing tokens only grow: every grant takes `last_token + 1`, and
+//!   `last_token` is persisted with the grant;
+//! - a call carrying a token that is not the node's current one is refused
+//!   and changes nothing;
+//! - nothing here drops a holder because time passed: only [`LeaseState::release`]
+//!   and [`LeaseState::force_release`] remove one.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::node::NodeName;
+
+/// How many audit records are kept (oldest dropped first).
+pub const AUDIT_KEEP: usize = 500;
+
+/// Where a holder is in its maintenance (mirrors `baton.v1.Phase`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Granted; nothing reported yet.
+    #[default]
+    Granted,
+    /// Cordon and drain, or pre-maintenance units.
+    Draining,
+    /// Snapshot and leadership move of the node's etcd member.
+    EtcdPrepare,
+    /// Applying the OS update.
+    Updating,
+    /// Reboot requested.
+    Rebooting,
+    /// Back after boot; post-checks.
+    Verifying,
+    /// Uncordon and post-maintenance units.
+    Uncordoning,
+    /// A step failed; the holder keeps the baton (fail closed).
+    Failed,
+    /// Held by an operator for manual work.
+    Manual,
+}
+
+impl Phase {
+    /// The lowercase name shown in status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Granted => "granted",
+            Phase::Draining => "draining",
+            Phase::EtcdPrepare => "etcd-prepare",
+            Phase::Updating => "updating",
+            Phase::Rebooting => "rebooting",
+            Phase::Verifying => "verifying",
+            Phase::Uncordoning => "uncordoning",
+            Phase::Failed => "failed",
+            Phase::Manual => "manual",
+        }
+    }
+}
+
+/// A node's hold on the baton.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// The fencing token of this grant.
+    pub fencing_token: u64,
+    /// True for control-plane nodes.
+    pub control_plane: bool,
+    /// When the baton was granted.
+    pub granted_at: DateTime<Utc>,
+    /// When the holder last renewed (or was granted).
+    pub last_renewed: DateTime<Utc>,
+    /// The last reported phase.
+    pub phase: Phase,
+    /// When that phase was reported.
+    pub phase_since: DateTime<Utc>,
+    /// The last reported boot_id.
+    #[serde(default)]
+    pub boot_id: String,
+    /// The last reported progress message.
+    #[serde(default)]
+    pub message: String,
+    /// The last reported error.
+    #[serde(default)]
+    pub error: String,
+    /// Why the node asked for the baton.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Holding {
+    /// True when the holder has not renewed within `overdue_after`.
+    pub fn is_overdue(&self, now: DateTime<Utc>, overdue_after: Duration) -> bool {
+        now - self.last_renewed > overdue_after
+    }
+}
+
+/// Why granting is paused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// The operator's reason.
+    pub reason: String,
+    /// Who paused.
+    pub actor: String,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+/// One audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When.
+    pub time: DateTime<Utc>,
+    /// What: grant, release, force-release, pause, resume, overdue.
+    pub action: String,
+    /// The node, if any.
+    #[serde(default)]
+    pub node: String,
+    /// The fencing token, if any (0 = none).
+    #[serde(default)]
+    pub fencing_token: u64,
+    /// Who: an authenticated identity or "coordinator".
+    pub actor: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The persisted lease state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseState {
+    /// Set while granting is paused.
+    pub paused: Option<Pause>,
+    /// The last fencing token handed out (0 = none yet).
+    pub last_token: u64,
+    /// Current holders.
+    pub holders: BTreeMap<NodeName, Holding>,
+    /// Recent audit records, oldest first.
+    pub audit: VecDeque<AuditEntry>,
+}
+
+/// Why a lease call was refused. Nothing changed when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The node does not hold the baton.
+    #[error("node {node} does not hold the baton")]
+    NotHolder {
+        /// The node.
+        node: NodeName,
+    },
+    /// The token is not the node's current one (stale or another grant's).
+    #[error("fencing token {presented} is not the current token of node {node} (current: {current})")]
+    StaleToken {
+        /// The node.
+        node: NodeName,
+        /// What the caller sent.
+        presented: u64,
+        /// The current token.
+        current: u64,
+    },
+    /// The node already holds the baton.
+    #[error("node {node} already holds the baton (token {token})")]
+    AlreadyHolder {
+        /// The node.
+        node: NodeName,
+        /// Its token.
+        token: u64,
+    },
+}
+
+/// What a holder reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The phase.
+    pub phase: Phase,
+    /// The node's boot_id.
+    pub boot_id: String,
+    /// Progress message.
+    pub message: String,
+    /// Error, when failed.
+    pub error: String,
+}
+
+impl LeaseState {
+    /// Grants the baton to `node` with a new fencing token and returns it.
+    /// The caller has decided (see [`crate::policy::decide`]) that the grant
+    /// is allowed.
+    pub fn grant(
+        &mut self,
+        node: &NodeName,
+        control_plane: bool,
+        manual: bool,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, LeaseError> {
+        if let Some(h) = self.holders.get(node) {
+            return Err(LeaseError::AlreadyHolder {
+                node: node.clone(),
+                token: h.fencing_token,
+            });
+        }
+        self.last_token += 1;
+        let token = self.last_token;
+        let phase = if manual { Phase::Manual } else { Phase::Granted };
+        self.holders.insert(
+            node.clone(),
+            Holding {
+                fencing_token: token,
+                control_plane,
+                granted_at: now,
+                last_renewed: now,
+                phase,
+                phase_since: now,
+                boot_id: String::new(),
+                message: String::new(),
+                error: String::new(),
+                reason: reason.to_string(),
+            },
+        );
+        self.record(now, "grant", node.as_str(), token, "coordinator", reason);
+        Ok(token)
+    }
+
+    /// The holding of `node` if `token` is its current token.
+    pub fn check_token(&self, node: &NodeName, token: u64) -> Result<&Holding, LeaseError> {
+        let holding = self.holders.get(node).ok_or_else(|| LeaseError::NotHolder { node: node.clone() })?;
+        if holding.fencing_token != token {
+            return Err(LeaseError::StaleToken {
+                node: node.clone(),
+                presented: token,
+                current: holding.fencing_token,
+            });
+        }
+        Ok(holding)
+    }
+
+    fn holding_mut(&mut self, node: &NodeName, token: u64) -> Result<&mut Holding, LeaseError> {
+        self.check_token(node, token)?;
+        Ok(self.holders.get_mut(node).expect("checked above"))
+    }
+
+    /// Records that the holder is alive.
+    pub fn renew(&mut self, node: &NodeName, token: u64, now: DateTime<Utc>) -> Result<(), LeaseError> {
+        self.holding_mut(node, token)?.last_renewed = now;
+        Ok(())
+    }
+
+    /// Records the holder's progress (a report also counts as a renewal).
+    pub fn report(&mut self, node: &NodeName, token: u64, progress: Progress, now: DateTime<Utc>) -> Result<(), LeaseError> {
+        let holding = self.holding_mut(node, token)?;
+        if holding.phase != progress.phase {
+            holding.phase_since = now;
+        }
+        holding.phase = progress.phase;
+        if !progress.boot_id.is_empty() {
+            holding.boot_id = progress.boot_id;
+        }
+        holding.message = progress.message;
+        holding.error = progress.error;
+        holding.last_renewed = now;
+        Ok(())
+    }
+
+    /// Gives the baton back.
+    pub fn release(
+        &mut self,
+        node: &NodeName,
+        token: u64,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), LeaseError> {
+        self.check_token(node, token)?;
+        self.holders.remove(node);
+        self.record(now, "release", node.as_str(), token, actor, reason);
+        Ok(())
+    }
+
+    /// Takes the baton from `node` whatever its token; returns that token.
+    pub fn force_release(&mut self, node: &NodeName, actor: &str, reason: &str, now: DateTime<Utc>) -> Result<u64, LeaseError> {
+        let holding = self
+            .holders
+            .remove(node)
+            .ok_or_else(|| LeaseError::NotHolder { node: node.clone() })?;
+        self.record(now, "force-release", node.as_str(), holding.fencing_token, actor, reason);
+        Ok(holding.fencing_token)
+    }
+
+    /// Stops granting. Returns false when already paused (nothing changes).
+    pub fn pause(&mut self, actor: &str, reason: &str, now: DateTime<Utc>) -> bool {
+        if self.paused.is_some() {
+            return false;
+        }
+        self.paused = Some(Pause {
+            reason: reason.to_string(),
+            actor: actor.to_string(),
+            since: now,
+        });
+        self.record(now, "pause", "", 0, actor, reason);
+        true
+    }
+
+    /// Grants again. Returns false when not paused.
+    pub fn resume(&mut self, actor: &str, now: DateTime<Utc>) -> bool {
+        if self.paused.take().is_none() {
+            return false;
+        }
+        self.record(now, "resume", "", 0, actor, "");
+        true
+    }
+
+    /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`].
+    pub fn record(&mut self, time: DateTime<Utc>, action: &str, node: &str, fencing_token: u64, actor: &str, reason: &str) {
+        self.audit.push_back(AuditEntry {
+            time,
+            action: action.to_string(),
+            node: node.to_string(),
+            fencing_token,
+            actor: actor.to_string(),
+            reason: reason.to_string(),
+        });
+        while self.audit.len() > AUDIT_KEEP {
+            self.audit.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeName {
+        NodeName::new(s).unwrap()
+    }
+
+    #[test]
+    fn stale_and_foreign_tokens_change_nothing() {
+        let now = Utc::now();
+        let mut state = LeaseState::default();
+        let t1 = state.grant(&n("a"), false, false, "", now).unwrap();
+        state.release(&n("a"), t1, "a", "done", now).unwrap();
+        let t2 = state.grant(&n("a"), false, false, "", now).unwrap();
+        let t3 = state.grant(&n("b"), false, false, "", now).unwrap();
+        assert!(t1 < t2 && t2 < t3);
+        let before = state.clone();
+        let later = now + Duration::seconds(5);
+        assert!(matches!(state.renew(&n("a"), t1, later), Err(LeaseError::StaleToken { .. })));
+        assert!(matches!(state.release(&n("a"), t3, "a", "", later), Err(LeaseError::StaleToken { .. })));
+        assert!(matches!(state.report(&n("c"), t3, Progress::default(), later), Err(LeaseError::NotHolder { .. })));
+        assert!(matches!(state.grant(&n("b"), false, false, "", later), Err(LeaseError::AlreadyHolder { .. })));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn audit_is_bounded() {
+        let now = Utc::now();
+        let mut state = LeaseState::default();
+        for _ in 0..(AUDIT_KEEP + 10) {
+            state.pause("op", "x", now);
+            state.resume("op", now);
+        }
+        assert_eq!(state.audit.len(), AUDIT_KEEP);
+    }
+}
