@@ -1,1 +1,58 @@
-//! Support code shared by the end-to-end tests.
+//! Support code shared by the end-to-end tests in `tests/tests/`:
+//! - [`binary`]: the path of a workspace binary, built on demand;
+//! - [`require_root`]: tests that need root (nspawn, etcd on privileged
+//!   paths) say so clearly instead of failing obscurely.
+//!
+//! Harnesses for real components live in their own modules.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+/// Serializes on-demand builds of binaries across tests in one process.
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// The path of workspace binary `name` (e.g. `baton-coordinator`,
+/// `batonctl`, `baton-agent`) in this profile's target directory. Builds it
+/// with cargo first if it is not there. (`cargo xtask test` builds every
+/// binary before running the tests, so this is a fallback for running one
+/// test directly.)
+pub fn binary(name: &str) -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable is in target/<profile>/deps")
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "--workspace"]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --bins failed");
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Panics with a clear message unless running as root.
+pub fn require_root(what: &str) {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        uid, "0",
+        "{what} needs root (run the suite with `cargo xtask test` as root, which also installs the packages it needs)"
+    );
+}
