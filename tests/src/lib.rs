@@ -3,7 +3,11 @@
 //! - [`require_root`]: tests that need root (nspawn, etcd on privileged
 //!   paths) say so clearly instead of failing obscurely.
 //!
+//! - [`kube_fake`]: an in-process fake of the Kubernetes API server.
+//!
 //! Harnesses for real components live in their own modules.
+
+pub mod kube_fake;
 
 use std::path::PathBuf;
 use std::process::Command;
