@@ -1,1 +1,3 @@
 //! baton-agent: filled in by the agent issue.
+
+pub mod kubernetes;

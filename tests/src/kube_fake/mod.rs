@@ -26,6 +26,7 @@
 //! [`http`] routes requests; [`semantics`] holds the pure rules (selectors,
 //! merge patch, disruption budgets).
 
+pub mod fixtures;
 mod http;
 pub mod semantics;
 
@@ -195,7 +196,9 @@ impl FakeApi {
 impl Endpoint {
     /// A `kube::Client` for this endpoint (no credentials).
     pub fn client(&self) -> kube::Client {
-        let config = kube::Config::new(self.url.parse().expect("endpoint url"));
+        let mut config = kube::Config::new(self.url.parse().expect("endpoint url"));
+        // As Baton's own clients do: callers see 429 and 503 themselves.
+        config.default_retry = false;
         kube::Client::try_from(config).expect("kube client for the fake")
     }
 
