@@ -35,6 +35,9 @@ pub enum LogFormat {
 pub enum StoreKind {
     /// One file under --data-dir (a single coordinator).
     Embedded,
+    /// A ConfigMap written with resourceVersion compare-and-swap; leader
+    /// elected on a Lease (2+ replicas in a cluster).
+    Kubernetes,
 }
 
 /// TLS and authentication of the gRPC listener.
@@ -100,6 +103,9 @@ pub struct ServeArgs {
     /// TLS and authentication.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Kubernetes: Lease election, state object, node watch, TokenReview.
+    #[command(flatten)]
+    pub kube: crate::kube::KubeArgs,
     /// Log format.
     #[arg(long, env = "BATON_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

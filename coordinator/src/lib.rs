@@ -11,12 +11,15 @@
 //!   them and how errors map to gRPC codes;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
+//! - [`kube`]: in a Kubernetes cluster: the Lease election and the
+//!   ConfigMap store, the node watch, TokenReview authentication;
 //! - [`ctl`]: `batonctl`.
 
 pub mod auth;
 pub mod config;
 pub mod ctl;
 pub mod engine;
+pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod policy;

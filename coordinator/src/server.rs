@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::auth::{Authenticator, MutualTls, Unauthenticated};
 use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
+use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
 use crate::policy::Policy;
 use crate::service::Services;
@@ -52,6 +53,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// The Kubernetes integration could not start.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kube::KubeSetupError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -77,9 +81,11 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
 }
 
 /// Opens the store the arguments name.
-async fn open_store(args: &ServeArgs, id: &str) -> Result<Arc<dyn StateStore>, ServeError> {
-    match args.store {
-        StoreKind::Embedded => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
+async fn open_store(args: &ServeArgs, id: &str, kube: Option<&KubeWiring>) -> Result<Arc<dyn StateStore>, ServeError> {
+    match (args.store, kube) {
+        (StoreKind::Embedded, _) => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
+        (StoreKind::Kubernetes, Some(kube)) => Ok(kube.store(id)),
+        (StoreKind::Kubernetes, None) => Err(StoreError::Backend("--store kubernetes needs the Kubernetes client".to_string()).into()),
     }
 }
 
@@ -89,15 +95,19 @@ pub async fn start(
     args: ServeArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ServeError> {
-    let auth: Arc<dyn Authenticator> = match (&args.tls.client_ca, args.tls.insecure) {
-        (Some(_), _) => Arc::new(MutualTls {
+    let kube = KubeWiring::new(&args.kube, args.store == StoreKind::Kubernetes).await?;
+    // TokenReview (agents in a cluster) takes precedence when enabled.
+    let token_review = kube.as_ref().and_then(KubeWiring::authenticator);
+    let auth: Arc<dyn Authenticator> = match (token_review, &args.tls.client_ca, args.tls.insecure) {
+        (Some(review), _, _) => review,
+        (None, Some(_), _) => Arc::new(MutualTls {
             admin_names: args.tls.admin_names.clone(),
         }),
-        (None, true) => {
+        (None, None, true) => {
             warn!("--insecure: clients are not authenticated; every caller may act for every node");
             Arc::new(Unauthenticated)
         }
-        (None, false) => return Err(ServeError::NoAuthentication),
+        (None, None, false) => return Err(ServeError::NoAuthentication),
     };
     let windows = args
         .windows
@@ -131,10 +141,14 @@ pub async fn start(
         _ => None,
     };
 
-    let store = open_store(&args, &id).await?;
+    let store = open_store(&args, &id, kube.as_ref()).await?;
     let metrics = Metrics::new();
-    let engine = Engine::new(store, config, Vec::new(), Vec::new(), system_clock(), metrics.clone()).await?;
+    let guards = kube.as_ref().map(KubeWiring::guards).unwrap_or_default();
+    let engine = Engine::new(store, config, guards, Vec::new(), system_clock(), metrics.clone()).await?;
     tokio::spawn(engine.clone().run_granter());
+    if let Some(kube) = &kube {
+        kube.spawn_node_watch(engine.clone());
+    }
 
     let grpc = TcpListener::bind(args.listen).await.map_err(|source| ServeError::Bind {
         addr: args.listen,
