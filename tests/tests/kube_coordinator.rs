@@ -32,10 +32,29 @@ struct Replica {
 
 async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
     let mut argv = vec![
-        "baton-coordinator", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-        "--store", "kubernetes", "--id", id, "--kube-api-url", api_url, "--kube-namespace", NS,
-        "--token-review", "--kube-admin", "ops",
-        "--lease-duration", "2s", "--lease-renew-deadline", "1500ms", "--lease-retry-period", "250ms",
+        "baton-coordinator",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--store",
+        "kubernetes",
+        "--id",
+        id,
+        "--kube-api-url",
+        api_url,
+        "--kube-namespace",
+        NS,
+        "--token-review",
+        "--kube-admin",
+        "ops",
+        "--lease-duration",
+        "2s",
+        "--lease-renew-deadline",
+        "1500ms",
+        "--lease-retry-period",
+        "250ms",
     ];
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv)?.command;
@@ -44,7 +63,10 @@ async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
         let _ = stopped.await;
     })
     .await?;
-    Ok(Replica { running, _stop: stop })
+    Ok(Replica {
+        running,
+        _stop: stop,
+    })
 }
 
 /// Waits (bounded, so a broken build fails instead of hanging) until `cond`.
@@ -69,8 +91,14 @@ fn agent_token(fake: &FakeApi, token: &str, node: &str) {
             username: AGENT_SA.to_string(),
             audiences: vec!["baton".to_string()],
             extra: [
-                ("authentication.kubernetes.io/node-name".to_string(), vec![node.to_string()]),
-                ("authentication.kubernetes.io/pod-name".to_string(), vec![format!("baton-agent-{node}")]),
+                (
+                    "authentication.kubernetes.io/node-name".to_string(),
+                    vec![node.to_string()],
+                ),
+                (
+                    "authentication.kubernetes.io/pod-name".to_string(),
+                    vec![format!("baton-agent-{node}")],
+                ),
             ]
             .into(),
             ..FakeToken::default()
@@ -94,20 +122,33 @@ fn cluster(nodes: &[serde_json::Value]) -> FakeApi {
     fake
 }
 
-type Authed = InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
+type Authed =
+    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
 
 async fn channel(r: &Replica, token: &str) -> Result<Authed> {
-    let channel = Channel::from_shared(format!("http://{}", r.running.grpc_addr))?.connect().await?;
+    let channel = Channel::from_shared(format!("http://{}", r.running.grpc_addr))?
+        .connect()
+        .await?;
     let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let add: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", value.clone());
-        Ok(req)
-    });
+    let add: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
+        Box::new(move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        });
     Ok(InterceptedService::new(channel, add))
 }
 
-async fn acquire(r: &Replica, token: &str, node: &str, control_plane: bool) -> Result<Streaming<AcquireEvent>, Status> {
-    let mut client = CoordinatorClient::new(channel(r, token).await.map_err(|e| Status::internal(e.to_string()))?);
+async fn acquire(
+    r: &Replica,
+    token: &str,
+    node: &str,
+    control_plane: bool,
+) -> Result<Streaming<AcquireEvent>, Status> {
+    let mut client = CoordinatorClient::new(
+        channel(r, token)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?,
+    );
     let request = AcquireRequest {
         node: node.to_string(),
         control_plane,
@@ -119,7 +160,11 @@ async fn acquire(r: &Replica, token: &str, node: &str, control_plane: bool) -> R
 
 /// The next event of an Acquire stream.
 async fn next(stream: &mut Streaming<AcquireEvent>) -> Result<Event> {
-    stream.message().await?.and_then(|e| e.event).context("acquire stream ended")
+    stream
+        .message()
+        .await?
+        .and_then(|e| e.event)
+        .context("acquire stream ended")
 }
 
 async fn granted(stream: &mut Streaming<AcquireEvent>) -> Result<u64> {
@@ -136,7 +181,11 @@ async fn status(r: &Replica) -> Result<StatusResponse> {
 }
 
 async fn renew(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Result<(), Status> {
-    let mut client = CoordinatorClient::new(channel(r, token).await.map_err(|e| Status::internal(e.to_string()))?);
+    let mut client = CoordinatorClient::new(
+        channel(r, token)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?,
+    );
     client
         .renew(RenewRequest {
             node: node.to_string(),
@@ -147,8 +196,11 @@ async fn renew(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Resu
 }
 
 fn stored_state(fake: &FakeApi) -> serde_json::Value {
-    let cm = fake.get("v1/configmaps", NS, "baton-state").expect("state configmap exists");
-    serde_json::from_str(cm["data"]["state.json"].as_str().expect("state.json key")).expect("state json")
+    let cm = fake
+        .get("v1/configmaps", NS, "baton-state")
+        .expect("state configmap exists");
+    serde_json::from_str(cm["data"]["state.json"].as_str().expect("state.json key"))
+        .expect("state json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +221,9 @@ async fn leader_lease_lost_the_other_replica_takes_over_with_state_intact() -> R
     to_a.partition(true);
     eventually("replica a to step down", || !leads(&a)).await;
     eventually("replica b to lead", || leads(&b)).await;
-    let lease = fake.get("coordination.k8s.io/v1/leases", NS, "baton-coordinator").expect("lease");
+    let lease = fake
+        .get("coordination.k8s.io/v1/leases", NS, "baton-coordinator")
+        .expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "coord-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
 
@@ -180,7 +234,9 @@ async fn leader_lease_lost_the_other_replica_takes_over_with_state_intact() -> R
     assert_eq!(seen.last_fencing_token, token);
     renew(&b, "agent-n1", "n1", token).await?;
     // The deposed replica refuses agents instead of answering from stale state.
-    let refused = renew(&a, "agent-n1", "n1", token).await.expect_err("a no longer leads");
+    let refused = renew(&a, "agent-n1", "n1", token)
+        .await
+        .expect_err("a no longer leads");
     assert_eq!(refused.code(), Code::Unavailable, "{refused}");
     Ok(())
 }
@@ -196,14 +252,18 @@ async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
     let token = granted(&mut stream).await?;
 
     // Another writer releases n1 behind the leader's back.
-    let mut cm = fake.get("v1/configmaps", NS, "baton-state").expect("state configmap");
+    let mut cm = fake
+        .get("v1/configmaps", NS, "baton-state")
+        .expect("state configmap");
     let mut state = stored_state(&fake);
     state["state"]["holders"] = serde_json::json!({});
     cm["data"]["state.json"] = serde_json::Value::String(state.to_string());
     fake.put(cm);
 
     // The leader's next write conflicts; it re-reads instead of overwriting.
-    let first = renew(&a, "agent-n1", "n1", token).await.expect_err("the save conflicts");
+    let first = renew(&a, "agent-n1", "n1", token)
+        .await
+        .expect_err("the save conflicts");
     assert_eq!(first.code(), Code::Unavailable, "{first}");
     eventually("the leader to re-read and lead again", || leads(&a)).await;
     let mut last = None;
@@ -218,7 +278,10 @@ async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
     }
     let last = last.context("renew was never refused as from a non-holder")?;
     assert!(last.message().contains("n1"), "{last}");
-    assert_eq!(stored_state(&fake)["state"]["holders"], serde_json::json!({}));
+    assert_eq!(
+        stored_state(&fake)["state"]["holders"],
+        serde_json::json!({})
+    );
     Ok(())
 }
 
@@ -231,7 +294,11 @@ async fn forged_foreign_and_cross_node_tokens_are_refused() -> Result<()> {
         FakeToken {
             username: "system:serviceaccount:default:web".to_string(),
             audiences: vec!["baton".to_string()],
-            extra: [("authentication.kubernetes.io/node-name".to_string(), vec!["n1".to_string()])].into(),
+            extra: [(
+                "authentication.kubernetes.io/node-name".to_string(),
+                vec!["n1".to_string()],
+            )]
+            .into(),
             ..FakeToken::default()
         },
     );
@@ -244,17 +311,30 @@ async fn forged_foreign_and_cross_node_tokens_are_refused() -> Result<()> {
         },
     );
     // An older token with no node claim: the coordinator looks its pod up.
-    let agent_pod = fake.put(pod(NS, "baton-agent-x2").on("n2").owned_by("DaemonSet").build());
+    let agent_pod = fake.put(
+        pod(NS, "baton-agent-x2")
+            .on("n2")
+            .owned_by("DaemonSet")
+            .build(),
+    );
     fake.issue_token(
         "agent-pod-only",
         FakeToken {
             username: AGENT_SA.to_string(),
             audiences: vec!["baton".to_string()],
             extra: [
-                ("authentication.kubernetes.io/pod-name".to_string(), vec!["baton-agent-x2".to_string()]),
+                (
+                    "authentication.kubernetes.io/pod-name".to_string(),
+                    vec!["baton-agent-x2".to_string()],
+                ),
                 (
                     "authentication.kubernetes.io/pod-uid".to_string(),
-                    vec![agent_pod["metadata"]["uid"].as_str().unwrap_or_default().to_string()],
+                    vec![
+                        agent_pod["metadata"]["uid"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ],
                 ),
             ]
             .into(),
@@ -266,16 +346,37 @@ async fn forged_foreign_and_cross_node_tokens_are_refused() -> Result<()> {
     eventually("replica a to lead", || leads(&a)).await;
 
     let code = |r: Result<Streaming<AcquireEvent>, Status>| r.err().map(|s| s.code());
-    assert_eq!(code(acquire(&a, "forged", "n1", false).await), Some(Code::Unauthenticated));
-    assert_eq!(code(acquire(&a, "apiserver-audience", "n1", false).await), Some(Code::Unauthenticated));
-    assert_eq!(code(acquire(&a, "web-token", "n1", false).await), Some(Code::PermissionDenied));
-    assert_eq!(code(acquire(&a, "agent-n1", "n2", false).await), Some(Code::PermissionDenied));
-    assert_eq!(code(acquire(&a, "agent-pod-only", "n1", false).await), Some(Code::PermissionDenied));
+    assert_eq!(
+        code(acquire(&a, "forged", "n1", false).await),
+        Some(Code::Unauthenticated)
+    );
+    assert_eq!(
+        code(acquire(&a, "apiserver-audience", "n1", false).await),
+        Some(Code::Unauthenticated)
+    );
+    assert_eq!(
+        code(acquire(&a, "web-token", "n1", false).await),
+        Some(Code::PermissionDenied)
+    );
+    assert_eq!(
+        code(acquire(&a, "agent-n1", "n2", false).await),
+        Some(Code::PermissionDenied)
+    );
+    assert_eq!(
+        code(acquire(&a, "agent-pod-only", "n1", false).await),
+        Some(Code::PermissionDenied)
+    );
     let mut own = acquire(&a, "agent-pod-only", "n2", false).await?;
     granted(&mut own).await?;
     // No bearer token at all.
     let mut bare = CoordinatorClient::connect(format!("http://{}", a.running.grpc_addr)).await?;
-    let err = bare.renew(RenewRequest { node: "n1".to_string(), fencing_token: 1 }).await.expect_err("no token");
+    let err = bare
+        .renew(RenewRequest {
+            node: "n1".to_string(),
+            fencing_token: 1,
+        })
+        .await
+        .expect_err("no token");
     assert_eq!(err.code(), Code::Unauthenticated);
     Ok(())
 }
@@ -317,7 +418,13 @@ async fn not_ready_node_holds_the_rollout_and_control_plane_goes_one_at_a_time()
     // control-plane node.
     let mut cp2 = acquire(&a, "agent-cp-2", "cp-2", false).await?;
     let mut client = CoordinatorClient::new(channel(&a, "agent-w1").await?);
-    let w1_token = status(&a).await?.holders.iter().find(|h| h.node == "w1").map(|h| h.fencing_token).context("w1 holds")?;
+    let w1_token = status(&a)
+        .await?
+        .holders
+        .iter()
+        .find(|h| h.node == "w1")
+        .map(|h| h.fencing_token)
+        .context("w1 holds")?;
     client
         .release(baton_proto::v1::ReleaseRequest {
             node: "w1".to_string(),

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use baton_agent::kubernetes::{CordonOutcome, KubeError, KubeNodeOps, KubernetesArgs, NodeAnnotations, Transition, UncordonOutcome};
+use baton_agent::kubernetes::{
+    CordonOutcome, KubeError, KubeNodeOps, KubernetesArgs, NodeAnnotations, Transition,
+    UncordonOutcome,
+};
 use baton_tests::kube_fake::FakeApi;
 use baton_tests::kube_fake::fixtures::{node, pdb, pod};
 use serde_json::Value;
@@ -37,7 +40,9 @@ fn node_obj(fake: &FakeApi, name: &str) -> Value {
 }
 
 fn unschedulable(fake: &FakeApi, name: &str) -> bool {
-    node_obj(fake, name)["spec"]["unschedulable"].as_bool().unwrap_or(false)
+    node_obj(fake, name)["spec"]["unschedulable"]
+        .as_bool()
+        .unwrap_or(false)
 }
 
 fn evictions_of(fake: &FakeApi, pod: &str) -> Vec<u16> {
@@ -53,12 +58,33 @@ async fn drain_waits_out_a_disruption_budget_then_succeeds() {
     let fake = FakeApi::new();
     fake.put(node("n1").build());
     fake.put(node("n2").build());
-    fake.put(pod("apps", "web-1").on("n1").owned_by("ReplicaSet").label("app", "web").build());
+    fake.put(
+        pod("apps", "web-1")
+            .on("n1")
+            .owned_by("ReplicaSet")
+            .label("app", "web")
+            .build(),
+    );
     fake.put(pod("apps", "api-1").on("n1").owned_by("ReplicaSet").build());
-    fake.put(pod("kube-system", "proxy-n1").on("n1").owned_by("DaemonSet").build());
+    fake.put(
+        pod("kube-system", "proxy-n1")
+            .on("n1")
+            .owned_by("DaemonSet")
+            .build(),
+    );
     fake.put(pod("kube-system", "etcd-n1").on("n1").mirror().build());
-    fake.put(pod("apps", "web-elsewhere").on("n2").owned_by("ReplicaSet").build());
-    fake.put(pdb("apps", "web").min_available(1).selecting("app", "web").build());
+    fake.put(
+        pod("apps", "web-elsewhere")
+            .on("n2")
+            .owned_by("ReplicaSet")
+            .build(),
+    );
+    fake.put(
+        pdb("apps", "web")
+            .min_available(1)
+            .selecting("app", "web")
+            .build(),
+    );
     let ops = ops(&fake, "n1", args(Duration::from_secs(60))).await;
 
     assert_eq!(ops.cordon().await.unwrap(), CordonOutcome::Cordoned);
@@ -68,20 +94,42 @@ async fn drain_waits_out_a_disruption_budget_then_succeeds() {
         async move { ops.drain().await }
     });
     // The budget refuses while web-1 is the only healthy web pod...
-    eventually("a 429 for web-1", || evictions_of(&fake, "web-1").contains(&429)).await;
+    eventually("a 429 for web-1", || {
+        evictions_of(&fake, "web-1").contains(&429)
+    })
+    .await;
     assert!(fake.get("v1/pods", "apps", "web-1").is_some());
     // ...until its replacement is Ready on another node.
-    fake.put(pod("apps", "web-2").on("n2").owned_by("ReplicaSet").label("app", "web").build());
-    let report = drain.await.unwrap().expect("drain succeeds once the budget allows");
+    fake.put(
+        pod("apps", "web-2")
+            .on("n2")
+            .owned_by("ReplicaSet")
+            .label("app", "web")
+            .build(),
+    );
+    let report = drain
+        .await
+        .unwrap()
+        .expect("drain succeeds once the budget allows");
 
     assert!(report.budget_refusals >= 1);
     assert_eq!(report.evicted.len(), 2, "{report:?}");
     assert!(fake.get("v1/pods", "apps", "web-1").is_none());
     assert!(fake.get("v1/pods", "apps", "api-1").is_none());
     // DaemonSet and mirror pods are untouched, as are other nodes' pods.
-    for (ns, name) in [("kube-system", "proxy-n1"), ("kube-system", "etcd-n1"), ("apps", "web-elsewhere")] {
-        assert!(fake.get("v1/pods", ns, name).is_some(), "{ns}/{name} was removed");
-        assert!(evictions_of(&fake, name).is_empty(), "{ns}/{name} was evicted");
+    for (ns, name) in [
+        ("kube-system", "proxy-n1"),
+        ("kube-system", "etcd-n1"),
+        ("apps", "web-elsewhere"),
+    ] {
+        assert!(
+            fake.get("v1/pods", ns, name).is_some(),
+            "{ns}/{name} was removed"
+        );
+        assert!(
+            evictions_of(&fake, name).is_empty(),
+            "{ns}/{name} was evicted"
+        );
     }
     assert_eq!(report.skipped.len(), 2, "{report:?}");
 
@@ -94,25 +142,50 @@ async fn drain_waits_out_a_disruption_budget_then_succeeds() {
 async fn drain_that_times_out_aborts_and_uncordons() {
     let fake = FakeApi::new();
     fake.put(node("n1").build());
-    fake.put(pod("apps", "db-0").on("n1").owned_by("StatefulSet").label("app", "db").build());
-    fake.put(pdb("apps", "db").min_available(1).selecting("app", "db").build());
+    fake.put(
+        pod("apps", "db-0")
+            .on("n1")
+            .owned_by("StatefulSet")
+            .label("app", "db")
+            .build(),
+    );
+    fake.put(
+        pdb("apps", "db")
+            .min_available(1)
+            .selecting("app", "db")
+            .build(),
+    );
     let ops = ops(&fake, "n1", args(Duration::from_secs(2))).await;
 
     ops.cordon().await.unwrap();
-    let err = ops.drain().await.expect_err("the budget never allows the eviction");
+    let err = ops
+        .drain()
+        .await
+        .expect_err("the budget never allows the eviction");
     match &err {
         KubeError::DrainTimeout { pending, .. } => {
             assert_eq!(pending.len(), 1);
-            assert!(pending[0].contains("apps/db-0") && pending[0].contains("PodDisruptionBudget"), "{pending:?}");
+            assert!(
+                pending[0].contains("apps/db-0") && pending[0].contains("PodDisruptionBudget"),
+                "{pending:?}"
+            );
         }
         other => panic!("expected a drain timeout, got {other}"),
     }
     assert!(evictions_of(&fake, "db-0").iter().all(|s| *s == 429));
-    assert_eq!(ops.abort(&err.to_string()).await.unwrap(), UncordonOutcome::Uncordoned);
+    assert_eq!(
+        ops.abort(&err.to_string()).await.unwrap(),
+        UncordonOutcome::Uncordoned
+    );
     assert!(!unschedulable(&fake, "n1"));
     assert!(fake.get("v1/pods", "apps", "db-0").is_some());
     let error = node_obj(&fake, "n1")["metadata"]["annotations"]["baton.dev/last-error"].clone();
-    assert!(error.as_str().is_some_and(|e| e.contains("drain timed out")), "{error}");
+    assert!(
+        error
+            .as_str()
+            .is_some_and(|e| e.contains("drain timed out")),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -126,10 +199,16 @@ async fn node_cordoned_before_baton_stays_cordoned() {
     // Repeating the step (an agent restart) changes nothing.
     assert_eq!(ops.cordon().await.unwrap(), CordonOutcome::Unchanged);
     ops.drain().await.unwrap();
-    assert_eq!(ops.abort("operator asked").await.unwrap(), UncordonOutcome::LeftCordoned);
+    assert_eq!(
+        ops.abort("operator asked").await.unwrap(),
+        UncordonOutcome::LeftCordoned
+    );
     assert!(unschedulable(&fake, "n1"));
     // A later uncordon does not touch a node Baton did not cordon.
-    assert_eq!(ops.uncordon().await.unwrap(), UncordonOutcome::NotCordonedByBaton);
+    assert_eq!(
+        ops.uncordon().await.unwrap(),
+        UncordonOutcome::NotCordonedByBaton
+    );
     assert!(unschedulable(&fake, "n1"));
 }
 
@@ -138,18 +217,33 @@ async fn unmanaged_and_emptydir_pods_refuse_the_drain_unless_allowed() {
     let fake = FakeApi::new();
     fake.put(node("n1").build());
     fake.put(pod("apps", "bare").on("n1").build());
-    fake.put(pod("apps", "cache").on("n1").owned_by("ReplicaSet").empty_dir().build());
+    fake.put(
+        pod("apps", "cache")
+            .on("n1")
+            .owned_by("ReplicaSet")
+            .empty_dir()
+            .build(),
+    );
     fake.put(pod("apps", "web").on("n1").owned_by("ReplicaSet").build());
     let refusing = ops(&fake, "n1", args(Duration::from_secs(30))).await;
     match refusing.drain().await {
         Err(KubeError::DrainRefused(pods)) => {
             let all = pods.join("\n");
-            assert!(all.contains("apps/bare") && all.contains("--evict-unmanaged-pods"), "{all}");
-            assert!(all.contains("apps/cache") && all.contains("--delete-emptydir-data"), "{all}");
+            assert!(
+                all.contains("apps/bare") && all.contains("--evict-unmanaged-pods"),
+                "{all}"
+            );
+            assert!(
+                all.contains("apps/cache") && all.contains("--delete-emptydir-data"),
+                "{all}"
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(fake.served().iter().all(|s| !s.path.ends_with("/eviction")), "nothing may be evicted");
+    assert!(
+        fake.served().iter().all(|s| !s.path.ends_with("/eviction")),
+        "nothing may be evicted"
+    );
 
     let allowing = ops(
         &fake,
@@ -170,7 +264,13 @@ async fn unmanaged_and_emptydir_pods_refuse_the_drain_unless_allowed() {
 async fn drain_pod_selector_limits_the_evictions() {
     let fake = FakeApi::new();
     fake.put(node("n1").build());
-    fake.put(pod("apps", "web").on("n1").owned_by("ReplicaSet").label("drain", "yes").build());
+    fake.put(
+        pod("apps", "web")
+            .on("n1")
+            .owned_by("ReplicaSet")
+            .label("drain", "yes")
+            .build(),
+    );
     fake.put(pod("apps", "keep").on("n1").owned_by("ReplicaSet").build());
     let ops = ops(
         &fake,
@@ -192,15 +292,26 @@ async fn wait_ready_needs_the_new_boot_and_times_out_otherwise() {
     fake.put(node("n1").ready(false).boot_id("boot-1").build());
     let ops = ops(&fake, "n1", KubernetesArgs::default()).await;
 
-    let err = ops.wait_ready(Some("boot-2"), Duration::from_secs(1)).await.unwrap_err();
+    let err = ops
+        .wait_ready(Some("boot-2"), Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert!(matches!(err, KubeError::NotReady { .. }), "{err}");
     // Ready but still the old boot: not yet.
     fake.put(node("n1").ready(true).boot_id("boot-1").build());
     let waiting = tokio::spawn({
         let ops = ops.clone();
-        async move { ops.wait_ready(Some("boot-2"), Duration::from_secs(60)).await }
+        async move {
+            ops.wait_ready(Some("boot-2"), Duration::from_secs(60))
+                .await
+        }
     });
-    eventually("the watch to start", || fake.served().iter().any(|s| s.path == "/api/v1/nodes" && s.status == 200)).await;
+    eventually("the watch to start", || {
+        fake.served()
+            .iter()
+            .any(|s| s.path == "/api/v1/nodes" && s.status == 200)
+    })
+    .await;
     assert!(!waiting.is_finished());
     fake.put(node("n1").ready(true).boot_id("boot-2").build());
     waiting.await.unwrap().expect("ready after the new boot");
@@ -210,7 +321,13 @@ async fn wait_ready_needs_the_new_boot_and_times_out_otherwise() {
 async fn annotations_label_events_and_blocking_pods_are_visible() {
     let fake = FakeApi::new();
     fake.put(node("n1").build());
-    fake.put(pod("backup", "nightly").on("n1").owned_by("Job").label("baton.dev/blocks", "true").build());
+    fake.put(
+        pod("backup", "nightly")
+            .on("n1")
+            .owned_by("Job")
+            .label("baton.dev/blocks", "true")
+            .build(),
+    );
     let ops = ops(
         &fake,
         "n1",
@@ -236,7 +353,12 @@ async fn annotations_label_events_and_blocking_pods_are_visible() {
     ops.set_holding(false).await.unwrap();
     assert!(node_obj(&fake, "n1")["metadata"]["labels"]["baton.dev/holding"].is_null());
 
-    ops.record_event(&Transition::warning("BatonDrainTimedOut", "drain timed out")).await.unwrap();
+    ops.record_event(&Transition::warning(
+        "BatonDrainTimedOut",
+        "drain timed out",
+    ))
+    .await
+    .unwrap();
     let events = fake.list("v1/events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["involvedObject"]["kind"], "Node");

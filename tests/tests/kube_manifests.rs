@@ -25,10 +25,12 @@ fn manifests_dir() -> PathBuf {
 
 /// Every YAML document of `path`, as JSON values.
 fn documents(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut docs = Vec::new();
     for doc in serde_norway::Deserializer::from_str(&text) {
-        let value = Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+        let value =
+            Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
         if !value.is_null() {
             docs.push(value);
         }
@@ -63,7 +65,8 @@ fn differences(original: &Value, typed: &Value, path: &str, out: &mut Vec<String
 }
 
 fn round_trip<T: DeserializeOwned + serde::Serialize>(object: &Value) -> Result<Vec<String>> {
-    let typed: T = serde_json::from_value(object.clone()).map_err(|e| anyhow::anyhow!("does not parse: {e}"))?;
+    let typed: T = serde_json::from_value(object.clone())
+        .map_err(|e| anyhow::anyhow!("does not parse: {e}"))?;
     let back = serde_json::to_value(&typed)?;
     let mut out = Vec::new();
     differences(object, &back, "", &mut out);
@@ -82,7 +85,9 @@ fn check_object(object: &Value) -> Result<Vec<String>> {
         ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(object),
         ("networking.k8s.io/v1", "NetworkPolicy") => round_trip::<NetworkPolicy>(object),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(object),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(object),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            round_trip::<ClusterRoleBinding>(object)
+        }
         ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(object),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(object),
         _ => bail!("{api_version} {kind} is not a kind this test knows; add it"),
@@ -97,21 +102,32 @@ fn resources() -> Result<Vec<PathBuf>> {
         .as_array()
         .context("kustomization.yaml has resources")?
         .iter()
-        .map(|r| r.as_str().map(str::to_string).context("resource is a string"))
+        .map(|r| {
+            r.as_str()
+                .map(str::to_string)
+                .context("resource is a string")
+        })
         .collect::<Result<_>>()?;
     let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
     let listed_set: BTreeSet<String> = listed.iter().cloned().collect();
-    assert_eq!(listed_set, on_disk, "kustomization.yaml resources and the YAML files differ");
+    assert_eq!(
+        listed_set, on_disk,
+        "kustomization.yaml resources and the YAML files differ"
+    );
     Ok(listed.iter().map(|r| dir.join(r)).collect())
 }
 
 fn all_objects() -> Result<Vec<(String, Value)>> {
     let mut objects = Vec::new();
     for path in resources()? {
-        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default()
+            .to_string();
         for doc in documents(&path)? {
             objects.push((file.clone(), doc));
         }
@@ -133,24 +149,40 @@ fn every_object_parses_into_its_type_without_unknown_fields() -> Result<()> {
     assert!(objects.len() >= 14, "only {} objects", objects.len());
     let mut problems = Vec::new();
     for (file, object) in &objects {
-        let name = format!("{file}: {} {}", object["kind"].as_str().unwrap_or("?"), object["metadata"]["name"].as_str().unwrap_or("?"));
+        let name = format!(
+            "{file}: {} {}",
+            object["kind"].as_str().unwrap_or("?"),
+            object["metadata"]["name"].as_str().unwrap_or("?")
+        );
         match check_object(object) {
             Ok(diffs) => problems.extend(diffs.into_iter().map(|d| format!("{name}: {d}"))),
             Err(e) => problems.push(format!("{name}: {e}")),
         }
     }
-    assert!(problems.is_empty(), "manifest problems:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "manifest problems:\n{}",
+        problems.join("\n")
+    );
     Ok(())
 }
 
 #[test]
 fn the_round_trip_check_catches_unknown_and_missing_fields() {
     let typo = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"selectr": {"a": "b"}}});
-    assert_eq!(check_object(&typo).unwrap(), vec![".spec.selectr is not a field of this type".to_string()]);
+    assert_eq!(
+        check_object(&typo).unwrap(),
+        vec![".spec.selectr is not a field of this type".to_string()]
+    );
     let no_name = serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "d"},
         "spec": {"selector": {}, "template": {"spec": {"containers": [{"image": "x"}]}}}});
     let problems = check_object(&no_name).unwrap();
-    assert!(problems.contains(&".spec.template.spec.containers[0].name is required but missing".to_string()), "{problems:?}");
+    assert!(
+        problems.contains(
+            &".spec.template.spec.containers[0].name is required but missing".to_string()
+        ),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -160,8 +192,17 @@ fn every_rbac_rule_says_why() -> Result<()> {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             if line.trim_start().starts_with("- apiGroups:") {
-                let previous = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).copied().unwrap_or_default();
-                assert!(previous.trim_start().starts_with('#'), "{file}:{}: rule without a comment saying why", i + 1);
+                let previous = lines[..i]
+                    .iter()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .copied()
+                    .unwrap_or_default();
+                assert!(
+                    previous.trim_start().starts_with('#'),
+                    "{file}:{}: rule without a comment saying why",
+                    i + 1
+                );
             }
         }
     }
@@ -173,29 +214,73 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
     let objects = all_objects()?;
     let agent = find(&objects, "DaemonSet", "baton-agent");
     let pod = &agent["spec"]["template"]["spec"];
-    assert!(pod["tolerations"].as_array().is_some_and(|t| t.iter().any(|t| t["operator"] == "Exists" && t.get("key").is_none())), "the agent tolerates every taint");
+    assert!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none())),
+        "the agent tolerates every taint"
+    );
     let container = &pod["containers"][0];
     assert_ne!(container["securityContext"]["privileged"], true);
-    assert!(container["resources"]["requests"].is_object() && container["resources"]["limits"].is_object());
-    assert!(container["env"].as_array().is_some_and(|e| e.iter().any(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")));
+    assert!(
+        container["resources"]["requests"].is_object()
+            && container["resources"]["limits"].is_object()
+    );
+    assert!(container["env"].as_array().is_some_and(|e| {
+        e.iter()
+            .any(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    }));
     let volumes = pod["volumes"].as_array().context("volumes")?;
-    let host_paths: BTreeSet<&str> = volumes.iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
-    assert_eq!(host_paths, BTreeSet::from(["/run", "/run/dbus/system_bus_socket", "/var/lib/baton"]));
-    assert!(volumes.iter().any(|v| v["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "baton"));
+    let host_paths: BTreeSet<&str> = volumes
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert_eq!(
+        host_paths,
+        BTreeSet::from(["/run", "/run/dbus/system_bus_socket", "/var/lib/baton"])
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "baton")
+    );
 
     let coordinator = find(&objects, "Deployment", "baton-coordinator");
     assert_eq!(coordinator["spec"]["replicas"], 2);
     let pod = &coordinator["spec"]["template"]["spec"];
     assert!(pod["affinity"]["podAntiAffinity"].is_object());
-    assert_eq!(pod["containers"][0]["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(coordinator["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true");
-    let args: Vec<&str> = pod["containers"][0]["args"].as_array().context("args")?.iter().filter_map(Value::as_str).collect();
-    assert!(args.contains(&"--store=kubernetes") && args.contains(&"--token-review"), "{args:?}");
+    assert_eq!(
+        pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/readyz"
+    );
+    assert_eq!(
+        coordinator["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.contains(&"--store=kubernetes") && args.contains(&"--token-review"),
+        "{args:?}"
+    );
 
     // Names the code uses must match the manifests.
     let role = find(&objects, "Role", "baton-coordinator");
-    let names: Vec<&str> = role["rules"].as_array().context("rules")?.iter().flat_map(|r| r["resourceNames"].as_array().into_iter().flatten()).filter_map(Value::as_str).collect();
-    assert!(names.contains(&"baton-coordinator") && names.contains(&"baton-state"), "{names:?}");
+    let names: Vec<&str> = role["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .flat_map(|r| r["resourceNames"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        names.contains(&"baton-coordinator") && names.contains(&"baton-state"),
+        "{names:?}"
+    );
     find(&objects, "PodDisruptionBudget", "baton-coordinator");
     find(&objects, "NetworkPolicy", "baton-coordinator");
     find(&objects, "Service", "baton-coordinator");

@@ -53,7 +53,10 @@ impl KubeNodeOps {
             .all_pods()
             .list(&params)
             .await
-            .map_err(KubeError::api(format!("listing pods on node {}", self.node)))?;
+            .map_err(KubeError::api(format!(
+                "listing pods on node {}",
+                self.node
+            )))?;
         Ok(plan(
             &pods.items,
             Allowances {
@@ -73,12 +76,22 @@ impl KubeNodeOps {
             let pods = plan
                 .refused
                 .iter()
-                .map(|(pod, why)| format!("pod {pod} {} (pass {} to evict it)", why.describe(), why.flag()))
+                .map(|(pod, why)| {
+                    format!(
+                        "pod {pod} {} (pass {} to evict it)",
+                        why.describe(),
+                        why.flag()
+                    )
+                })
                 .collect();
             return Err(KubeError::DrainRefused(pods));
         }
         let mut report = DrainReport {
-            skipped: plan.skipped.iter().map(|(p, why)| format!("{p} ({why:?})")).collect(),
+            skipped: plan
+                .skipped
+                .iter()
+                .map(|(p, why)| format!("{p} ({why:?})"))
+                .collect(),
             ..DrainReport::default()
         };
         info!(node = %self.node, evict = plan.evict.len(), skipped = plan.skipped.len(), terminating = plan.terminating.len(), "draining");
@@ -104,11 +117,18 @@ impl KubeNodeOps {
             }
         }
         // Only wait for pods whose eviction went through.
-        let to_wait = plan.evict.iter().chain(&plan.terminating).filter(|p| !not_evicted.contains(p));
+        let to_wait = plan
+            .evict
+            .iter()
+            .chain(&plan.terminating)
+            .filter(|p| !not_evicted.contains(p));
         for pod in to_wait {
             match self.wait_gone(pod, deadline).await {
                 true => report.evicted.push(pod.to_string()),
-                false => pending.push(format!("{pod} (still terminating, grace period {}s)", pod.grace_seconds)),
+                false => pending.push(format!(
+                    "{pod} (still terminating, grace period {}s)",
+                    pod.grace_seconds
+                )),
             }
         }
         if !pending.is_empty() {
@@ -164,7 +184,9 @@ impl KubeNodeOps {
                 Ok(None) => return true,
                 Ok(Some(p)) if p.metadata.uid.as_deref() != Some(pod.uid.as_str()) => return true,
                 Ok(Some(_)) => {}
-                Err(e) => warn!(node = %self.node, pod = %pod, error = %e, "looking up an evicted pod failed; retrying"),
+                Err(e) => {
+                    warn!(node = %self.node, pod = %pod, error = %e, "looking up an evicted pod failed; retrying")
+                }
             }
             if Instant::now() + GONE_POLL > deadline {
                 return false;

@@ -68,11 +68,15 @@ impl KubeNodeOps {
             "lastTimestamp": now,
             "count": 1,
         });
-        let event: Event = serde_json::from_value(event).map_err(|e| KubeError::Config(format!("building an event: {e}")))?;
+        let event: Event = serde_json::from_value(event)
+            .map_err(|e| KubeError::Config(format!("building an event: {e}")))?;
         self.events
             .create(&PostParams::default(), &event)
             .await
-            .map_err(KubeError::api(format!("recording event {} on node {}", transition.reason, self.node)))?;
+            .map_err(KubeError::api(format!(
+                "recording event {} on node {}",
+                transition.reason, self.node
+            )))?;
         Ok(())
     }
 
@@ -81,7 +85,12 @@ impl KubeNodeOps {
     /// listed the agent does not ask for the baton.
     pub async fn blocking_pods(&self) -> Result<Vec<String>, KubeError> {
         let mut blocking = Vec::new();
-        for selector in self.args.blocking_pod_selectors.iter().filter(|s| !s.trim().is_empty()) {
+        for selector in self
+            .args
+            .blocking_pod_selectors
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+        {
             let params = ListParams::default()
                 .fields(&format!(
                     "spec.nodeName={},status.phase!=Succeeded,status.phase!=Failed",
@@ -92,7 +101,10 @@ impl KubeNodeOps {
                 .all_pods()
                 .list(&params)
                 .await
-                .map_err(KubeError::api(format!("listing blocking pods ({selector}) on node {}", self.node)))?;
+                .map_err(KubeError::api(format!(
+                    "listing blocking pods ({selector}) on node {}",
+                    self.node
+                )))?;
             for pod in pods.items {
                 let name = format!(
                     "{}/{}",

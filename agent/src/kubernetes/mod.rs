@@ -60,7 +60,11 @@ pub struct KubernetesArgs {
     pub evict_unmanaged_pods: bool,
     /// While a pod matching this label selector runs on the node, do not ask
     /// for the baton (repeatable).
-    #[arg(long = "blocking-pod-selector", env = "BATON_BLOCKING_POD_SELECTORS", value_delimiter = ';')]
+    #[arg(
+        long = "blocking-pod-selector",
+        env = "BATON_BLOCKING_POD_SELECTORS",
+        value_delimiter = ';'
+    )]
     pub blocking_pod_selectors: Vec<String>,
     /// How long to wait for the node to be Ready after a reboot.
     #[arg(long, env = "BATON_NODE_READY_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
@@ -99,8 +103,13 @@ impl KubernetesArgs {
     /// caller here retries with its own bound.
     pub async fn client(&self) -> Result<Client, KubeError> {
         let mut config = match &self.kube_api_url {
-            Some(url) => kube::Config::new(url.parse().map_err(|e| KubeError::Config(format!("--kube-api-url {url}: {e}")))?),
-            None => kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?,
+            Some(url) => kube::Config::new(
+                url.parse()
+                    .map_err(|e| KubeError::Config(format!("--kube-api-url {url}: {e}")))?,
+            ),
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| KubeError::Config(e.to_string()))?,
         };
         config.default_retry = false;
         Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))

@@ -98,15 +98,27 @@ pub fn ready_condition(node: &Node) -> (String, String) {
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .map(|c| (c.status.clone(), c.message.clone().unwrap_or_default()))
-        .unwrap_or_else(|| ("Unknown".to_string(), "no Ready condition reported".to_string()))
+        .unwrap_or_else(|| {
+            (
+                "Unknown".to_string(),
+                "no Ready condition reported".to_string(),
+            )
+        })
 }
 
 fn is_unschedulable(node: &Node) -> bool {
-    node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+    node.spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
 }
 
 fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    node.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 impl KubeNodeOps {
@@ -120,14 +132,22 @@ impl KubeNodeOps {
 
     /// Reads the node, computes a patch from it and applies it guarded by
     /// the resourceVersion read; a conflict re-reads and re-decides.
-    async fn update_node(&self, action: &str, decide: impl Fn(&Node) -> Option<Value>) -> Result<Option<Node>, KubeError> {
+    async fn update_node(
+        &self,
+        action: &str,
+        decide: impl Fn(&Node) -> Option<Value>,
+    ) -> Result<Option<Node>, KubeError> {
         for _ in 0..CONFLICT_RETRIES {
             let node = self.get_node().await?;
             let Some(mut patch) = decide(&node) else {
                 return Ok(None);
             };
             patch["metadata"]["resourceVersion"] = json!(node.metadata.resource_version);
-            match self.nodes.patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match self
+                .nodes
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
                 Ok(node) => return Ok(Some(node)),
                 Err(e) if status_code(&e) == Some(409) => {
                     warn!(node = %self.node, action, "node changed while updating it; re-reading");
@@ -149,7 +169,11 @@ impl KubeNodeOps {
                     Some(_) if unschedulable => None,
                     Some(_) => Some(json!({ "spec": { "unschedulable": true } })),
                     None => {
-                        let who = if unschedulable { CORDONED_BEFORE } else { CORDONED_BY_BATON };
+                        let who = if unschedulable {
+                            CORDONED_BEFORE
+                        } else {
+                            CORDONED_BY_BATON
+                        };
                         Some(json!({
                             "metadata": { "annotations": { CORDONED_ANNOTATION: who } },
                             "spec": { "unschedulable": true },
@@ -177,13 +201,17 @@ impl KubeNodeOps {
             Some(_) => UncordonOutcome::LeftCordoned,
             None => UncordonOutcome::NotCordonedByBaton,
         };
-        self.update_node("uncordoning", |node| match annotation(node, CORDONED_ANNOTATION) {
-            Some(CORDONED_BY_BATON) => Some(json!({
-                "metadata": { "annotations": { CORDONED_ANNOTATION: null } },
-                "spec": { "unschedulable": false },
-            })),
-            Some(_) => Some(json!({ "metadata": { "annotations": { CORDONED_ANNOTATION: null } } })),
-            None => None,
+        self.update_node("uncordoning", |node| {
+            match annotation(node, CORDONED_ANNOTATION) {
+                Some(CORDONED_BY_BATON) => Some(json!({
+                    "metadata": { "annotations": { CORDONED_ANNOTATION: null } },
+                    "spec": { "unschedulable": false },
+                })),
+                Some(_) => {
+                    Some(json!({ "metadata": { "annotations": { CORDONED_ANNOTATION: null } } }))
+                }
+                None => None,
+            }
         })
         .await?;
         info!(node = %self.node, ?outcome, "uncordon");
@@ -206,7 +234,11 @@ impl KubeNodeOps {
     /// Applies annotation updates.
     pub async fn annotate(&self, updates: &NodeAnnotations) -> Result<(), KubeError> {
         self.nodes
-            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&updates.to_patch()))
+            .patch(
+                &self.node,
+                &PatchParams::default(),
+                &Patch::Merge(&updates.to_patch()),
+            )
             .await
             .map_err(KubeError::api(format!("annotating node {}", self.node)))?;
         Ok(())
@@ -227,7 +259,11 @@ impl KubeNodeOps {
     /// `boot_id` is given, the kubelet reports that boot (so a Ready status
     /// left over from before the reboot is not mistaken for the new one).
     /// Fails after `timeout` (e.g. `--node-ready-timeout`).
-    pub async fn wait_ready(&self, boot_id: Option<&str>, timeout: Duration) -> Result<(), KubeError> {
+    pub async fn wait_ready(
+        &self,
+        boot_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), KubeError> {
         let mut last = String::from("not observed yet");
         let node_name = self.node.clone();
         let wait = async {
@@ -237,7 +273,9 @@ impl KubeNodeOps {
                     return Ok::<(), KubeError>(());
                 }
                 let rv = node.metadata.resource_version.clone().unwrap_or_default();
-                let params = WatchParams::default().fields(&format!("metadata.name={node_name}")).timeout(60);
+                let params = WatchParams::default()
+                    .fields(&format!("metadata.name={node_name}"))
+                    .timeout(60);
                 let stream = self.nodes.watch(&params, &rv).await;
                 let Ok(stream) = stream else {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -270,7 +308,11 @@ impl KubeNodeOps {
 
     fn ready_for(&self, node: &Node, boot_id: Option<&str>, last: &mut String) -> bool {
         let (status, message) = ready_condition(node);
-        let reported_boot = node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.boot_id.as_str());
+        let reported_boot = node
+            .status
+            .as_ref()
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.boot_id.as_str());
         let boot_ok = boot_id.is_none_or(|b| reported_boot == Some(b));
         *last = format!(
             "Ready={status} ({message}); kubelet boot id {}",

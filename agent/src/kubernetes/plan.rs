@@ -189,7 +189,8 @@ mod tests {
             self
         }
         fn mirror(mut self) -> Self {
-            self.0.metadata.annotations = Some([(MIRROR_ANNOTATION.to_string(), "hash".to_string())].into());
+            self.0.metadata.annotations =
+                Some([(MIRROR_ANNOTATION.to_string(), "hash".to_string())].into());
             self
         }
         fn empty_dir(mut self) -> Self {
@@ -233,8 +234,15 @@ mod tests {
         ];
         let p = plan(&pods, Allowances::default());
         assert_eq!(
-            p.skipped.iter().map(|(r, s)| (r.name.as_str(), *s)).collect::<Vec<_>>(),
-            vec![("ds", Skip::DaemonSet), ("static", Skip::Mirror), ("done", Skip::Finished)]
+            p.skipped
+                .iter()
+                .map(|(r, s)| (r.name.as_str(), *s))
+                .collect::<Vec<_>>(),
+            vec![
+                ("ds", Skip::DaemonSet),
+                ("static", Skip::Mirror),
+                ("done", Skip::Finished)
+            ]
         );
         assert_eq!(names(&p.evict), vec!["web"]);
         assert_eq!(p.evict[0].grace_seconds, 7);
@@ -243,11 +251,20 @@ mod tests {
 
     #[test]
     fn unmanaged_and_empty_dir_pods_refuse_unless_allowed() {
-        let pods = [pod("bare").build(), pod("cache").owned_by("ReplicaSet").empty_dir().build()];
+        let pods = [
+            pod("bare").build(),
+            pod("cache").owned_by("ReplicaSet").empty_dir().build(),
+        ];
         let p = plan(&pods, Allowances::default());
         assert_eq!(
-            p.refused.iter().map(|(r, why)| (r.name.as_str(), *why)).collect::<Vec<_>>(),
-            vec![("bare", Refusal::Unmanaged), ("cache", Refusal::EmptyDirData)]
+            p.refused
+                .iter()
+                .map(|(r, why)| (r.name.as_str(), *why))
+                .collect::<Vec<_>>(),
+            vec![
+                ("bare", Refusal::Unmanaged),
+                ("cache", Refusal::EmptyDirData)
+            ]
         );
         assert!(p.evict.is_empty());
         let p = plan(
@@ -264,7 +281,8 @@ mod tests {
     #[test]
     fn terminating_pods_are_waited_for_not_evicted() {
         let mut going = pod("going").owned_by("ReplicaSet").build();
-        going.metadata.deletion_timestamp = serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).ok();
+        going.metadata.deletion_timestamp =
+            serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).ok();
         assert!(going.metadata.deletion_timestamp.is_some());
         let p = plan(&[going], Allowances::default());
         assert_eq!(names(&p.terminating), vec!["going"]);
@@ -273,7 +291,10 @@ mod tests {
 
     #[test]
     fn default_grace_period_applies() {
-        let p = plan(&[pod("web").owned_by("ReplicaSet").build()], Allowances::default());
+        let p = plan(
+            &[pod("web").owned_by("ReplicaSet").build()],
+            Allowances::default(),
+        );
         assert_eq!(p.evict[0].grace_seconds, DEFAULT_GRACE_SECONDS);
     }
 }

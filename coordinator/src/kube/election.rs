@@ -57,7 +57,9 @@ pub fn step(lease: Option<&Observed>, me: &str, unchanged_for: Duration) -> Step
         None => Step::Create,
         Some(l) if l.holder == me => Step::Renew,
         Some(l) if l.holder.is_empty() || unchanged_for >= l.duration => Step::TakeOver,
-        Some(l) => Step::Follow { leader: l.holder.clone() },
+        Some(l) => Step::Follow {
+            leader: l.holder.clone(),
+        },
     }
 }
 
@@ -95,7 +97,13 @@ fn lease_seconds(d: Duration) -> i32 {
 impl Elector {
     /// An elector for Lease `name` in `api`'s namespace, publishing on
     /// `leadership`.
-    pub fn new(api: Api<Lease>, name: &str, id: &str, timings: Timings, leadership: Arc<watch::Sender<Leadership>>) -> Self {
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        id: &str,
+        timings: Timings,
+        leadership: Arc<watch::Sender<Leadership>>,
+    ) -> Self {
         Self {
             api,
             name: name.to_string(),
@@ -114,7 +122,11 @@ impl Elector {
             if self.leadership.is_closed() {
                 return;
             }
-            let round = tokio::time::timeout(self.timings.retry_period.max(Duration::from_millis(200)), self.round(&mut seen)).await;
+            let round = tokio::time::timeout(
+                self.timings.retry_period.max(Duration::from_millis(200)),
+                self.round(&mut seen),
+            )
+            .await;
             match round {
                 Ok(Ok(r)) if r.holding => {
                     last_renewal = Some(Instant::now());
@@ -129,20 +141,22 @@ impl Elector {
             }
             // A leader that cannot renew in time steps down before its Lease
             // can expire for the others.
-            if let Some(at) = last_renewal {
-                if at.elapsed() >= self.timings.renew_deadline {
-                    warn!(lease = %self.name, id = %self.id, "could not renew the lease in time; stepping down");
-                    last_renewal = None;
-                    let term = self.leadership.borrow().term;
-                    self.publish(false, None, term);
-                }
+            if last_renewal.is_some_and(|at| at.elapsed() >= self.timings.renew_deadline) {
+                warn!(lease = %self.name, id = %self.id, "could not renew the lease in time; stepping down");
+                last_renewal = None;
+                let term = self.leadership.borrow().term;
+                self.publish(false, None, term);
             }
             tokio::time::sleep(self.timings.retry_period).await;
         }
     }
 
     fn publish(&self, is_leader: bool, leader: Option<String>, term: u64) {
-        let next = Leadership { is_leader, leader, term };
+        let next = Leadership {
+            is_leader,
+            leader,
+            term,
+        };
         self.leadership.send_if_modified(|current| {
             if *current == next {
                 return false;
@@ -162,10 +176,15 @@ impl Elector {
             let spec = l.spec.clone().unwrap_or_default();
             Observed {
                 holder: spec.holder_identity.unwrap_or_default(),
-                duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
+                duration: Duration::from_secs(
+                    spec.lease_duration_seconds.unwrap_or(0).max(0) as u64
+                ),
             }
         });
-        let rv = current.as_ref().and_then(|l| l.metadata.resource_version.clone()).unwrap_or_default();
+        let rv = current
+            .as_ref()
+            .and_then(|l| l.metadata.resource_version.clone())
+            .unwrap_or_default();
         let unchanged_for = match seen {
             Some((seen_rv, at)) if *seen_rv == rv => now.duration_since(*at),
             _ => {
@@ -201,12 +220,22 @@ impl Elector {
             (Step::Renew, Some(mut lease)) => {
                 let spec = lease.spec.take().unwrap_or_default();
                 lease.spec = Some(self.spec(transitions, spec.acquire_time));
-                (self.api.replace(&self.name, &PostParams::default(), &lease).await, transitions)
+                (
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await,
+                    transitions,
+                )
             }
             (Step::TakeOver, Some(mut lease)) => {
                 info!(lease = %self.name, id = %self.id, previous = ?observed.map(|o| o.holder), "taking over the lease");
                 lease.spec = Some(self.spec(transitions + 1, None));
-                (self.api.replace(&self.name, &PostParams::default(), &lease).await, transitions + 1)
+                (
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await,
+                    transitions + 1,
+                )
             }
         };
         match lease {
@@ -257,18 +286,32 @@ mod tests {
 
     #[test]
     fn holder_renews_whatever_the_age() {
-        assert_eq!(step(Some(&held_by("a")), "a", Duration::from_secs(100)), Step::Renew);
+        assert_eq!(
+            step(Some(&held_by("a")), "a", Duration::from_secs(100)),
+            Step::Renew
+        );
     }
 
     #[test]
     fn live_lease_of_another_is_followed() {
         let s = step(Some(&held_by("b")), "a", Duration::from_secs(14));
-        assert_eq!(s, Step::Follow { leader: "b".to_string() });
+        assert_eq!(
+            s,
+            Step::Follow {
+                leader: "b".to_string()
+            }
+        );
     }
 
     #[test]
     fn expired_or_released_lease_is_taken_over() {
-        assert_eq!(step(Some(&held_by("b")), "a", Duration::from_secs(15)), Step::TakeOver);
-        assert_eq!(step(Some(&held_by("")), "a", Duration::ZERO), Step::TakeOver);
+        assert_eq!(
+            step(Some(&held_by("b")), "a", Duration::from_secs(15)),
+            Step::TakeOver
+        );
+        assert_eq!(
+            step(Some(&held_by("")), "a", Duration::ZERO),
+            Step::TakeOver
+        );
     }
 }

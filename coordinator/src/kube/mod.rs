@@ -33,7 +33,11 @@ use crate::store::StateStore;
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
     /// Namespace of the Lease, the state object and the agents' pods.
-    #[arg(long = "kube-namespace", env = "BATON_KUBE_NAMESPACE", default_value = "baton-system")]
+    #[arg(
+        long = "kube-namespace",
+        env = "BATON_KUBE_NAMESPACE",
+        default_value = "baton-system"
+    )]
     pub namespace: String,
     /// Name of the coordination.k8s.io/v1 Lease the replicas elect a leader on.
     #[arg(long, env = "BATON_LEASE_NAME", default_value = "baton-coordinator")]
@@ -61,7 +65,11 @@ pub struct KubeArgs {
     #[arg(long, env = "BATON_TOKEN_REVIEW")]
     pub token_review: bool,
     /// The agents' ServiceAccount (in --kube-namespace).
-    #[arg(long, env = "BATON_AGENT_SERVICE_ACCOUNT", default_value = "baton-agent")]
+    #[arg(
+        long,
+        env = "BATON_AGENT_SERVICE_ACCOUNT",
+        default_value = "baton-agent"
+    )]
     pub agent_service_account: String,
     /// The audience agent tokens must be issued for.
     #[arg(long, env = "BATON_TOKEN_AUDIENCE", default_value = "baton")]
@@ -84,7 +92,9 @@ pub enum KubeSetupError {
     #[error("kubernetes client configuration: {0}")]
     Config(String),
     /// The lease timings cannot work.
-    #[error("--lease-renew-deadline ({renew:?}) must be shorter than --lease-duration ({duration:?}), and --lease-retry-period shorter than both")]
+    #[error(
+        "--lease-renew-deadline ({renew:?}) must be shorter than --lease-duration ({duration:?}), and --lease-retry-period shorter than both"
+    )]
     Timings {
         /// --lease-duration.
         duration: Duration,
@@ -127,7 +137,10 @@ impl KubeWiring {
         if !(watch_nodes || args.token_review) {
             return Ok(None);
         }
-        if store && (args.lease_renew_deadline >= args.lease_duration || args.lease_retry_period >= args.lease_renew_deadline) {
+        if store
+            && (args.lease_renew_deadline >= args.lease_duration
+                || args.lease_retry_period >= args.lease_renew_deadline)
+        {
             return Err(KubeSetupError::Timings {
                 duration: args.lease_duration,
                 renew: args.lease_renew_deadline,
@@ -142,9 +155,12 @@ impl KubeWiring {
 
     /// The TokenReview authenticator, when `--token-review` is set.
     pub fn authenticator(&self) -> Option<Arc<dyn Authenticator>> {
-        self.args
-            .token_review
-            .then(|| Arc::new(token_review::TokenReviewAuth::new(self.client.clone(), &self.args)) as Arc<dyn Authenticator>)
+        self.args.token_review.then(|| {
+            Arc::new(token_review::TokenReviewAuth::new(
+                self.client.clone(),
+                &self.args,
+            )) as Arc<dyn Authenticator>
+        })
     }
 
     /// The Kubernetes state store; starts the election.

@@ -30,7 +30,10 @@ use crate::policy::{GrantGuard, Waiter};
 use crate::state::LeaseState;
 
 /// Labels that mark a control-plane node.
-pub const CONTROL_PLANE_LABELS: [&str; 2] = ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"];
+pub const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
 
 /// What the coordinator knows about one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,7 +53,10 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    fn write(&self, change: impl FnOnce(&mut BTreeMap<String, NodeFact>)) -> BTreeMap<String, NodeFact> {
+    fn write(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, NodeFact>),
+    ) -> BTreeMap<String, NodeFact> {
         let mut guard = self.nodes.write().unwrap_or_else(|e| e.into_inner());
         let map = guard.get_or_insert_with(BTreeMap::new);
         change(map);
@@ -82,7 +88,8 @@ pub fn fact_of(node: &Node) -> NodeFact {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
             .is_some_and(|c| c.status == "True"),
-        control_plane: labels.is_some_and(|l| CONTROL_PLANE_LABELS.iter().any(|k| l.contains_key(*k))),
+        control_plane: labels
+            .is_some_and(|l| CONTROL_PLANE_LABELS.iter().any(|k| l.contains_key(*k))),
         internal_ip: status
             .and_then(|s| s.addresses.as_ref())
             .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
@@ -124,7 +131,12 @@ impl NodeGuard {
 }
 
 impl GrantGuard for NodeGuard {
-    fn check(&self, candidate: &Waiter, state: &LeaseState, _now: DateTime<Utc>) -> Result<(), String> {
+    fn check(
+        &self,
+        candidate: &Waiter,
+        state: &LeaseState,
+        _now: DateTime<Utc>,
+    ) -> Result<(), String> {
         let guard = self.facts.nodes.read().unwrap_or_else(|e| e.into_inner());
         let Some(nodes) = guard.as_ref() else {
             return Err("the Node list has not been read from the Kubernetes API yet".to_string());
@@ -150,12 +162,19 @@ impl GrantGuard for NodeGuard {
 /// unavailable nodes to `engine`. Runs until the process ends; errors are
 /// retried (a stale view only ever holds grants back: the guard and the
 /// unavailable set were built from the last successful read).
-pub async fn watch_nodes(client: Client, facts: Arc<NodeFacts>, engine: Arc<Engine>, ignore_notready: bool) {
+pub async fn watch_nodes(
+    client: Client,
+    facts: Arc<NodeFacts>,
+    engine: Arc<Engine>,
+    ignore_notready: bool,
+) {
     let api: Api<Node> = Api::all(client);
     let publish = |map: BTreeMap<String, NodeFact>| {
         let engine = engine.clone();
         async move {
-            engine.set_unavailable(unavailable(&map, ignore_notready)).await;
+            engine
+                .set_unavailable(unavailable(&map, ignore_notready))
+                .await;
             engine.poke();
         }
     };
@@ -173,10 +192,17 @@ pub async fn watch_nodes(client: Client, facts: Arc<NodeFacts>, engine: Arc<Engi
             .iter()
             .filter_map(|n| Some((n.metadata.name.clone()?, fact_of(n))))
             .collect();
-        info!(nodes = map.len(), not_ready = map.values().filter(|f| !f.ready).count(), "node list read");
+        info!(
+            nodes = map.len(),
+            not_ready = map.values().filter(|f| !f.ready).count(),
+            "node list read"
+        );
         publish(facts.write(|m| *m = map)).await;
         let version = list.metadata.resource_version.unwrap_or_default();
-        let stream = match api.watch(&WatchParams::default().timeout(290), &version).await {
+        let stream = match api
+            .watch(&WatchParams::default().timeout(290), &version)
+            .await
+        {
             Ok(stream) => stream,
             Err(e) => {
                 warn!(error = %e, "watching nodes failed; listing again");
@@ -188,14 +214,18 @@ pub async fn watch_nodes(client: Client, facts: Arc<NodeFacts>, engine: Arc<Engi
         while let Some(event) = stream.next().await {
             let map = match event {
                 Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)) => {
-                    let Some(name) = n.metadata.name.clone() else { continue };
+                    let Some(name) = n.metadata.name.clone() else {
+                        continue;
+                    };
                     let fact = fact_of(&n);
                     facts.write(|m| {
                         m.insert(name, fact);
                     })
                 }
                 Ok(WatchEvent::Deleted(n)) => {
-                    let Some(name) = n.metadata.name.clone() else { continue };
+                    let Some(name) = n.metadata.name.clone() else {
+                        continue;
+                    };
                     facts.write(|m| {
                         m.remove(&name);
                     })
@@ -258,7 +288,10 @@ mod tests {
             ("b".to_string(), fact_of(&node("b", "False", false))),
         ]
         .into();
-        assert_eq!(unavailable(&facts, false), vec![NodeName::new("b").unwrap()]);
+        assert_eq!(
+            unavailable(&facts, false),
+            vec![NodeName::new("b").unwrap()]
+        );
         assert!(unavailable(&facts, true).is_empty());
     }
 
@@ -271,20 +304,39 @@ mod tests {
             control_plane: false,
         };
         let state = LeaseState::default();
-        assert!(guard.check(&waiter("cp-2"), &state, Utc::now()).is_err(), "no list yet");
+        assert!(
+            guard.check(&waiter("cp-2"), &state, Utc::now()).is_err(),
+            "no list yet"
+        );
         facts.write(|m| {
             m.insert("cp-1".into(), fact_of(&node("cp-1", "True", true)));
             m.insert("cp-2".into(), fact_of(&node("cp-2", "True", true)));
         });
         assert!(guard.check(&waiter("cp-2"), &state, Utc::now()).is_ok());
-        assert!(guard.check(&waiter("ghost"), &state, Utc::now()).unwrap_err().contains("not a Node"));
+        assert!(
+            guard
+                .check(&waiter("ghost"), &state, Utc::now())
+                .unwrap_err()
+                .contains("not a Node")
+        );
         let mut state = LeaseState::default();
         // cp-1 holds it, though its agent did not say it is a control-plane node.
         state
-            .grant(&NodeName::new("cp-1").unwrap(), false, false, "test", Utc::now())
+            .grant(
+                &NodeName::new("cp-1").unwrap(),
+                false,
+                false,
+                "test",
+                Utc::now(),
+            )
             .unwrap();
-        let reason = guard.check(&waiter("cp-2"), &state, Utc::now()).unwrap_err();
+        let reason = guard
+            .check(&waiter("cp-2"), &state, Utc::now())
+            .unwrap_err();
         assert!(reason.contains("cp-1"), "{reason}");
-        assert_eq!(facts.node_by_internal_ip("10.1.0.7").as_deref(), Some("cp-1"));
+        assert_eq!(
+            facts.node_by_internal_ip("10.1.0.7").as_deref(),
+            Some("cp-1")
+        );
     }
 }

@@ -83,7 +83,8 @@ impl KubeStore {
     fn conflict(&self, detail: &str) -> StoreError {
         warn!(object = %self.path, detail, "state changed under this replica; stepping down to re-read it");
         self.stale.store(true, Ordering::SeqCst);
-        self.leadership.send_if_modified(|l| std::mem::replace(&mut l.is_leader, false));
+        self.leadership
+            .send_if_modified(|l| std::mem::replace(&mut l.is_leader, false));
         StoreError::NotLeader(format!(
             "the state in {} was changed by another writer ({detail}); it is re-read before anything is decided again",
             self.path
@@ -92,7 +93,11 @@ impl KubeStore {
 
     async fn load_now(&self) -> Result<Option<LeaseState>, StoreError> {
         let mut version = self.version.lock().await;
-        let object = self.api.get_opt(&self.name).await.map_err(|e| self.backend("reading", e))?;
+        let object = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.backend("reading", e))?;
         self.stale.store(false, Ordering::SeqCst);
         let Some(object) = object else {
             *version = None;
@@ -110,13 +115,19 @@ impl KubeStore {
 
     async fn save_now(&self, state: &LeaseState) -> Result<(), StoreError> {
         if !self.leadership.borrow().is_leader {
-            return Err(StoreError::NotLeader(format!("{} is written only by the leader", self.path)));
+            return Err(StoreError::NotLeader(format!(
+                "{} is written only by the leader",
+                self.path
+            )));
         }
         if self.stale.load(Ordering::SeqCst) {
-            return Err(self.conflict("an earlier save conflicted and the state was not re-read yet"));
+            return Err(
+                self.conflict("an earlier save conflicted and the state was not re-read yet")
+            );
         }
         let mut version = self.version.lock().await;
-        let text = String::from_utf8(encode(state)).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let text =
+            String::from_utf8(encode(state)).map_err(|e| StoreError::Backend(e.to_string()))?;
         let object = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -129,7 +140,11 @@ impl KubeStore {
         };
         let written = match version.as_ref() {
             None => self.api.create(&PostParams::default(), &object).await,
-            Some(_) => self.api.replace(&self.name, &PostParams::default(), &object).await,
+            Some(_) => {
+                self.api
+                    .replace(&self.name, &PostParams::default(), &object)
+                    .await
+            }
         };
         match written {
             Ok(object) => {
@@ -137,7 +152,9 @@ impl KubeStore {
                 Ok(())
             }
             Err(::kube::Error::Api(s)) if s.code == 409 => Err(self.conflict(&s.message)),
-            Err(::kube::Error::Api(s)) if s.code == 404 => Err(self.conflict("the object was deleted")),
+            Err(::kube::Error::Api(s)) if s.code == 404 => {
+                Err(self.conflict("the object was deleted"))
+            }
             Err(e) => Err(self.backend("writing", e)),
         }
     }

@@ -75,13 +75,15 @@ pub fn bind(status: &TokenReviewStatus, policy: &ReviewPolicy) -> Result<Binding
             status.error.as_deref().unwrap_or("not authenticated")
         )));
     }
-    if let Some(audiences) = &status.audiences {
-        if !audiences.iter().any(|a| *a == policy.audience) {
-            return Err(Status::unauthenticated(format!(
-                "token is not issued for audience {:?}",
-                policy.audience
-            )));
-        }
+    if status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| !a.contains(&policy.audience))
+    {
+        return Err(Status::unauthenticated(format!(
+            "token is not issued for audience {:?}",
+            policy.audience
+        )));
     }
     let user = status.user.clone().unwrap_or_default();
     let username = user.username.unwrap_or_default();
@@ -95,7 +97,13 @@ pub fn bind(status: &TokenReviewStatus, policy: &ReviewPolicy) -> Result<Binding
         )));
     }
     let extra = user.extra.unwrap_or_default();
-    let first = |key: &str| extra.get(key).and_then(|v| v.first()).filter(|v| !v.is_empty()).cloned();
+    let first = |key: &str| {
+        extra
+            .get(key)
+            .and_then(|v| v.first())
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
     match (first(NODE_NAME_EXTRA), first(POD_NAME_EXTRA)) {
         (Some(node), _) => Ok(Binding::Node { username, node }),
         (None, Some(pod)) => Ok(Binding::Pod {
@@ -117,7 +125,11 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| Status::unauthenticated("a bearer token (projected service account token, audience baton) is required"))
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a bearer token (projected service account token, audience baton) is required",
+            )
+        })
 }
 
 /// TokenReview authentication.
@@ -135,7 +147,10 @@ impl TokenReviewAuth {
             pods: Api::namespaced(client, &args.namespace),
             policy: ReviewPolicy {
                 audience: args.token_audience.clone(),
-                agent_username: format!("system:serviceaccount:{}:{}", args.namespace, args.agent_service_account),
+                agent_username: format!(
+                    "system:serviceaccount:{}:{}",
+                    args.namespace, args.agent_service_account
+                ),
                 admins: args.admins.clone(),
             },
         }
@@ -149,10 +164,16 @@ impl TokenReviewAuth {
             },
             ..TokenReview::default()
         };
-        let reviewed = self.reviews.create(&PostParams::default(), &review).await.map_err(|e| {
-            warn!(error = %e, "token review failed");
-            Status::unavailable(format!("cannot check the token with the Kubernetes API: {e}"))
-        })?;
+        let reviewed = self
+            .reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "token review failed");
+                Status::unavailable(format!(
+                    "cannot check the token with the Kubernetes API: {e}"
+                ))
+            })?;
         Ok(reviewed.status.unwrap_or_default())
     }
 
@@ -162,21 +183,25 @@ impl TokenReviewAuth {
             .get_opt(pod)
             .await
             .map_err(|e| Status::unavailable(format!("cannot look up pod {pod}: {e}")))?
-            .ok_or_else(|| Status::permission_denied(format!("the token's pod {pod} does not exist")))?;
+            .ok_or_else(|| {
+                Status::permission_denied(format!("the token's pod {pod} does not exist"))
+            })?;
         if uid.is_some_and(|u| found.metadata.uid.as_deref() != Some(u)) {
             return Err(Status::permission_denied(format!(
                 "the token was issued to an earlier pod named {pod}"
             )));
         }
-        found
-            .spec
-            .and_then(|s| s.node_name)
-            .ok_or_else(|| Status::permission_denied(format!("the token's pod {pod} is not bound to a node")))
+        found.spec.and_then(|s| s.node_name).ok_or_else(|| {
+            Status::permission_denied(format!("the token's pod {pod} is not bound to a node"))
+        })
     }
 }
 
 impl Authenticator for TokenReviewAuth {
-    fn authenticate<'a>(&'a self, credentials: Credentials<'a>) -> BoxFuture<'a, Result<Identity, Status>> {
+    fn authenticate<'a>(
+        &'a self,
+        credentials: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Identity, Status>> {
         Box::pin(async move {
             let token = bearer(credentials.metadata)?;
             let status = self.review(token).await?;
@@ -224,7 +249,12 @@ mod tests {
             audiences: Some(vec!["baton".to_string()]),
             user: Some(UserInfo {
                 username: Some(username.to_string()),
-                extra: Some(extra.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                        .collect(),
+                ),
                 ..UserInfo::default()
             }),
             ..TokenReviewStatus::default()
@@ -235,7 +265,14 @@ mod tests {
 
     #[test]
     fn node_claim_binds_the_agent_to_its_node() {
-        let b = bind(&reviewed(AGENT, &[(NODE_NAME_EXTRA, "n1"), (POD_NAME_EXTRA, "agent-x")]), &policy()).unwrap();
+        let b = bind(
+            &reviewed(
+                AGENT,
+                &[(NODE_NAME_EXTRA, "n1"), (POD_NAME_EXTRA, "agent-x")],
+            ),
+            &policy(),
+        )
+        .unwrap();
         assert_eq!(
             b,
             Binding::Node {
@@ -247,22 +284,48 @@ mod tests {
 
     #[test]
     fn without_node_claim_the_pod_is_looked_up() {
-        let b = bind(&reviewed(AGENT, &[(POD_NAME_EXTRA, "agent-x"), (POD_UID_EXTRA, "u1")]), &policy()).unwrap();
-        assert!(matches!(b, Binding::Pod { ref pod, ref uid, .. } if pod == "agent-x" && uid.as_deref() == Some("u1")));
+        let b = bind(
+            &reviewed(AGENT, &[(POD_NAME_EXTRA, "agent-x"), (POD_UID_EXTRA, "u1")]),
+            &policy(),
+        )
+        .unwrap();
+        assert!(
+            matches!(b, Binding::Pod { ref pod, ref uid, .. } if pod == "agent-x" && uid.as_deref() == Some("u1"))
+        );
     }
 
     #[test]
     fn refusals() {
-        let mut invalid = TokenReviewStatus::default();
-        invalid.error = Some("invalid bearer token".to_string());
-        assert_eq!(bind(&invalid, &policy()).unwrap_err().code(), Code::Unauthenticated);
+        let invalid = TokenReviewStatus {
+            error: Some("invalid bearer token".to_string()),
+            ..TokenReviewStatus::default()
+        };
+        assert_eq!(
+            bind(&invalid, &policy()).unwrap_err().code(),
+            Code::Unauthenticated
+        );
         let mut wrong_audience = reviewed(AGENT, &[(NODE_NAME_EXTRA, "n1")]);
         wrong_audience.audiences = Some(vec!["https://kubernetes.default.svc".to_string()]);
-        assert_eq!(bind(&wrong_audience, &policy()).unwrap_err().code(), Code::Unauthenticated);
-        let foreign = reviewed("system:serviceaccount:default:web", &[(NODE_NAME_EXTRA, "n1")]);
-        assert_eq!(bind(&foreign, &policy()).unwrap_err().code(), Code::PermissionDenied);
+        assert_eq!(
+            bind(&wrong_audience, &policy()).unwrap_err().code(),
+            Code::Unauthenticated
+        );
+        let foreign = reviewed(
+            "system:serviceaccount:default:web",
+            &[(NODE_NAME_EXTRA, "n1")],
+        );
+        assert_eq!(
+            bind(&foreign, &policy()).unwrap_err().code(),
+            Code::PermissionDenied
+        );
         let unbound = reviewed(AGENT, &[]);
-        assert_eq!(bind(&unbound, &policy()).unwrap_err().code(), Code::PermissionDenied);
-        assert_eq!(bind(&reviewed("ops", &[]), &policy()).unwrap(), Binding::Admin("ops".to_string()));
+        assert_eq!(
+            bind(&unbound, &policy()).unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            bind(&reviewed("ops", &[]), &policy()).unwrap(),
+            Binding::Admin("ops".to_string())
+        );
     }
 }

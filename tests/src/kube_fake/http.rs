@@ -14,7 +14,10 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::semantics::{disruptions_allowed, fields_match, label_selector_matches, labels_match, merge_patch, parse_query};
+use super::semantics::{
+    disruptions_allowed, fields_match, label_selector_matches, labels_match, merge_patch,
+    parse_query,
+};
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 
 #[derive(Clone)]
@@ -24,7 +27,9 @@ struct Ctx {
 }
 
 pub(crate) fn router(api: FakeApi, partitioned: Arc<AtomicBool>) -> Router {
-    Router::new().fallback(handle).with_state(Ctx { api, partitioned })
+    Router::new()
+        .fallback(handle)
+        .with_state(Ctx { api, partitioned })
 }
 
 /// A parsed request path.
@@ -64,7 +69,11 @@ impl Target {
     }
 
     fn key(&self, name: &str) -> Key {
-        (self.collection(), self.namespace.clone().unwrap_or_default(), name.to_string())
+        (
+            self.collection(),
+            self.namespace.clone().unwrap_or_default(),
+            name.to_string(),
+        )
     }
 }
 
@@ -85,13 +94,34 @@ fn json_response(code: u16, body: &Value) -> Response {
         .into_response()
 }
 
-async fn handle(State(ctx): State<Ctx>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(ctx): State<Ctx>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
-        status(503, "ServiceUnavailable", "the fake partitioned this endpoint")
+        status(
+            503,
+            "ServiceUnavailable",
+            "the fake partitioned this endpoint",
+        )
     } else {
         match Target::parse(uri.path()) {
-            Some(target) => route(&ctx, &method, &target, uri.query().unwrap_or(""), &headers, &body),
-            None => status(404, "NotFound", &format!("the fake does not serve {}", uri.path())),
+            Some(target) => route(
+                &ctx,
+                &method,
+                &target,
+                uri.query().unwrap_or(""),
+                &headers,
+                &body,
+            ),
+            None => status(
+                404,
+                "NotFound",
+                &format!("the fake does not serve {}", uri.path()),
+            ),
         }
     };
     ctx.api.lock().served.push(Served {
@@ -102,7 +132,14 @@ async fn handle(State(ctx): State<Ctx>, method: Method, uri: Uri, headers: Heade
     response
 }
 
-fn route(ctx: &Ctx, method: &Method, t: &Target, query: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+fn route(
+    ctx: &Ctx,
+    method: &Method,
+    t: &Target,
+    query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let query = parse_query(query);
     let param = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
     let body: Value = if body.is_empty() {
@@ -117,7 +154,9 @@ fn route(ctx: &Ctx, method: &Method, t: &Target, query: &str, headers: &HeaderMa
     let fields = param("fieldSelector").unwrap_or_default();
     match (method, t.name.as_deref(), t.sub.as_deref()) {
         (&Method::GET, None, _) if matches!(param("watch").as_deref(), Some("true" | "1")) => {
-            let timeout = param("timeoutSeconds").and_then(|s| s.parse().ok()).unwrap_or(290);
+            let timeout = param("timeoutSeconds")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(290);
             watch(ctx, t, param("resourceVersion"), labels, fields, timeout)
         }
         (&Method::GET, None, _) => list(ctx, t, &labels, &fields),
@@ -130,14 +169,23 @@ fn route(ctx: &Ctx, method: &Method, t: &Target, query: &str, headers: &HeaderMa
         (&Method::POST, Some(name), Some("eviction")) => evict(ctx, t, name, &body),
         (&Method::PUT, Some(name), _) => replace(ctx, t, name, body),
         (&Method::PATCH, Some(name), _) => {
-            let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             if ct.contains("json-patch") || ct.contains("apply-patch") {
-                return status(415, "UnsupportedMediaType", &format!("the fake supports merge patches only, not {ct}"));
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the fake supports merge patches only, not {ct}"),
+                );
             }
             patch(ctx, t, name, &body)
         }
         (&Method::DELETE, Some(name), _) => {
-            let grace = body["gracePeriodSeconds"].as_u64().or_else(|| param("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            let grace = body["gracePeriodSeconds"]
+                .as_u64()
+                .or_else(|| param("gracePeriodSeconds").and_then(|g| g.parse().ok()));
             delete(ctx, t.key(name), grace)
         }
         _ => status(405, "MethodNotAllowed", "the fake does not serve this"),
@@ -145,7 +193,11 @@ fn route(ctx: &Ctx, method: &Method, t: &Target, query: &str, headers: &HeaderMa
 }
 
 fn not_found(t: &Target, name: &str) -> Response {
-    status(404, "NotFound", &format!("{} \"{name}\" not found", t.resource))
+    status(
+        404,
+        "NotFound",
+        &format!("{} \"{name}\" not found", t.resource),
+    )
 }
 
 fn selected(t: &Target, key: &Key, obj: &Value, labels: &str, fields: &str) -> bool {
@@ -183,7 +235,11 @@ fn create(ctx: &Ctx, t: &Target, mut body: Value) -> Response {
     };
     let key = t.key(&name);
     if store.objects.contains_key(&key) {
-        return status(409, "AlreadyExists", &format!("{} \"{name}\" already exists", t.resource));
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", t.resource),
+        );
     }
     body["apiVersion"] = json!(t.api_version);
     body["kind"] = json!(kind_of(&t.resource));
@@ -194,18 +250,22 @@ fn create(ctx: &Ctx, t: &Target, mut body: Value) -> Response {
     json_response(201, &stored)
 }
 
-fn check_version(current: &Value, requested: &Value, t: &Target, name: &str) -> Result<(), Response> {
-    match requested["metadata"]["resourceVersion"].as_str() {
-        Some(rv) if Some(rv) != current["metadata"]["resourceVersion"].as_str() => Err(status(
-            409,
-            "Conflict",
-            &format!(
-                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                t.resource
-            ),
-        )),
-        _ => Ok(()),
-    }
+/// True when `requested` carries a resourceVersion other than `current`'s.
+fn stale(current: &Value, requested: &Value) -> bool {
+    requested["metadata"]["resourceVersion"]
+        .as_str()
+        .is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str())
+}
+
+fn conflict(t: &Target, name: &str) -> Response {
+    status(
+        409,
+        "Conflict",
+        &format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            t.resource
+        ),
+    )
 }
 
 fn replace(ctx: &Ctx, t: &Target, name: &str, mut body: Value) -> Response {
@@ -214,8 +274,8 @@ fn replace(ctx: &Ctx, t: &Target, name: &str, mut body: Value) -> Response {
     let Some(current) = store.objects.get(&key) else {
         return not_found(t, name);
     };
-    if let Err(conflict) = check_version(current, &body, t, name) {
-        return conflict;
+    if stale(current, &body) {
+        return conflict(t, name);
     }
     // Identity fields are the server's, whatever the client sent.
     body["metadata"]["uid"] = current["metadata"]["uid"].clone();
@@ -234,8 +294,8 @@ fn patch(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     let Some(current) = store.objects.get(&key) else {
         return not_found(t, name);
     };
-    if let Err(conflict) = check_version(current, body, t, name) {
-        return conflict;
+    if stale(current, body) {
+        return conflict(t, name);
     }
     let mut object = current.clone();
     merge_patch(&mut object, body);
@@ -276,7 +336,11 @@ fn delete(ctx: &Ctx, key: Key, grace: Option<u64>) -> Response {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(grace)).await;
         let mut store = api.lock();
-        if store.objects.get(&key).is_some_and(|p| p["metadata"]["uid"] == uid) {
+        if store
+            .objects
+            .get(&key)
+            .is_some_and(|p| p["metadata"]["uid"] == uid)
+        {
             store.delete(&key);
         }
         drop(store);
@@ -294,26 +358,37 @@ fn evict(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
         return not_found(t, name);
     };
     if !pod["metadata"]["deletionTimestamp"].is_null() {
-        return json_response(201, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}));
+        return json_response(
+            201,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        );
     }
     let labels = &pod["metadata"]["labels"];
     let budgets: Vec<&Value> = store
         .objects
         .iter()
         .filter(|((c, ns, _), pdb)| {
-            c == "policy/v1/poddisruptionbudgets" && *ns == key.1 && label_selector_matches(&pdb["spec"]["selector"], labels)
+            c == "policy/v1/poddisruptionbudgets"
+                && *ns == key.1
+                && label_selector_matches(&pdb["spec"]["selector"], labels)
         })
         .map(|(_, v)| v)
         .collect();
     if budgets.len() > 1 {
-        return status(500, "InternalError", "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.");
+        return status(
+            500,
+            "InternalError",
+            "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+        );
     }
     if let Some(pdb) = budgets.first() {
         let pods: Vec<&Value> = store
             .objects
             .iter()
             .filter(|((c, ns, _), p)| {
-                c == "v1/pods" && *ns == key.1 && label_selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"])
+                c == "v1/pods"
+                    && *ns == key.1
+                    && label_selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"])
             })
             .map(|(_, v)| v)
             .collect();
@@ -332,7 +407,10 @@ fn evict(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     let grace = body["deleteOptions"]["gracePeriodSeconds"].as_u64();
     let response = delete(ctx, key, grace);
     if response.status().is_success() {
-        json_response(201, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}))
+        json_response(
+            201,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        )
     } else {
         response
     }
@@ -342,7 +420,11 @@ fn token_review(ctx: &Ctx, body: Value) -> Response {
     let token = body["spec"]["token"].as_str().unwrap_or_default();
     let wanted: Vec<String> = body["spec"]["audiences"]
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let known = ctx.api.lock().tokens.get(token).cloned();
     let status = match known {
@@ -384,13 +466,28 @@ struct WatchState {
     deadline: tokio::time::Instant,
 }
 
-fn watch(ctx: &Ctx, t: &Target, rv: Option<String>, labels: String, fields: String, timeout: u64) -> Response {
+fn watch(
+    ctx: &Ctx,
+    t: &Target,
+    rv: Option<String>,
+    labels: String,
+    fields: String,
+    timeout: u64,
+) -> Response {
     let store = ctx.api.lock();
     let mut pending = VecDeque::new();
-    let cursor = match rv.as_deref().and_then(|v| v.parse::<u64>().ok()).filter(|v| *v > 0) {
+    let cursor = match rv
+        .as_deref()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v > 0)
+    {
         Some(rv) => store.log.partition_point(|c| c.rv <= rv),
         None => {
-            for (k, v) in store.objects.iter().filter(|(k, v)| selected(t, k, v, &labels, &fields)) {
+            for (k, v) in store
+                .objects
+                .iter()
+                .filter(|(k, v)| selected(t, k, v, &labels, &fields))
+            {
                 let _ = k;
                 pending.push_back(json!({"type": "ADDED", "object": v}));
             }
@@ -415,7 +512,8 @@ fn watch(ctx: &Ctx, t: &Target, rv: Option<String>, labels: String, fields: Stri
                 let line = format!("{event}\n");
                 return Some((Ok::<_, std::io::Error>(Bytes::from(line)), s));
             }
-            if s.ctx.partitioned.load(Ordering::SeqCst) || tokio::time::Instant::now() >= s.deadline {
+            if s.ctx.partitioned.load(Ordering::SeqCst) || tokio::time::Instant::now() >= s.deadline
+            {
                 return None;
             }
             {
@@ -427,7 +525,8 @@ fn watch(ctx: &Ctx, t: &Target, rv: Option<String>, labels: String, fields: Stri
                         && labels_match(&s.labels, &change.object["metadata"]["labels"])
                         && fields_match(&s.fields, &change.object)
                     {
-                        s.pending.push_back(json!({"type": change.kind, "object": change.object}));
+                        s.pending
+                            .push_back(json!({"type": change.kind, "object": change.object}));
                     }
                 }
                 s.cursor = store.log.len();

@@ -121,7 +121,9 @@ impl FakeApi {
 
     /// Serves the fake on `127.0.0.1:0` until the runtime ends.
     pub async fn serve(&self) -> Endpoint {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
         let partitioned = Arc::new(AtomicBool::new(false));
         let app = http::router(self.clone(), partitioned.clone());
@@ -156,7 +158,11 @@ impl FakeApi {
     pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
         self.lock()
             .objects
-            .get(&(collection.to_string(), namespace.to_string(), name.to_string()))
+            .get(&(
+                collection.to_string(),
+                namespace.to_string(),
+                name.to_string(),
+            ))
             .cloned()
     }
 
@@ -172,7 +178,11 @@ impl FakeApi {
 
     /// Removes an object at once (no grace period), as a force delete would.
     pub fn remove(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
-        let key = (collection.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            collection.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         let removed = self.lock().delete(&key);
         self.wake();
         removed
@@ -214,8 +224,14 @@ pub fn key_of(object: &Value) -> Key {
     let api_version = object["apiVersion"].as_str().unwrap_or("v1");
     let kind = object["kind"].as_str().unwrap_or_default();
     let collection = format!("{api_version}/{}", plural(kind));
-    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let namespace = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     (collection, namespace, name)
 }
 

@@ -51,20 +51,24 @@ fn percent_decode(s: &str) -> String {
 /// supported by the fake and match nothing, so a test using them fails
 /// loudly instead of passing by accident.
 pub fn labels_match(selector: &str, labels: &Value) -> bool {
-    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
-        let get = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
-        if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
-            false
-        } else if let Some((k, v)) = term.split_once("!=") {
-            get(k) != Some(v.trim())
-        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            get(k) == Some(v.trim())
-        } else if let Some(k) = term.strip_prefix('!') {
-            get(k).is_none()
-        } else {
-            get(term).is_some()
-        }
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            let get = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
+            if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
+                false
+            } else if let Some((k, v)) = term.split_once("!=") {
+                get(k) != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                get(k) == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                get(k).is_none()
+            } else {
+                get(term).is_some()
+            }
+        })
 }
 
 /// True when `labels` satisfy a structured `LabelSelector` (`matchLabels`
@@ -97,23 +101,27 @@ pub fn label_selector_matches(selector: &Value, labels: &Value) -> bool {
 /// True when `object` satisfies a field selector (`spec.nodeName=n,
 /// metadata.name!=x`), comparing the dotted path's string value.
 pub fn fields_match(selector: &str, object: &Value) -> bool {
-    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
-        let lookup = |path: &str| {
-            path.trim()
-                .split('.')
-                .try_fold(object, |v, seg| v.get(seg))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
-        if let Some((path, v)) = term.split_once("!=") {
-            lookup(path) != v.trim()
-        } else if let Some((path, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            lookup(path) == v.trim()
-        } else {
-            false
-        }
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            let lookup = |path: &str| {
+                path.trim()
+                    .split('.')
+                    .try_fold(object, |v, seg| v.get(seg))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            if let Some((path, v)) = term.split_once("!=") {
+                lookup(path) != v.trim()
+            } else if let Some((path, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                lookup(path) == v.trim()
+            } else {
+                false
+            }
+        })
 }
 
 /// Applies an RFC 7386 JSON merge patch.
@@ -140,9 +148,10 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 /// deleted and its Ready condition True.
 pub fn pod_healthy(pod: &Value) -> bool {
     pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        && pod["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
 }
 
 /// How many more pods the budget `pdb` allows to be disrupted, given every
@@ -182,9 +191,16 @@ mod tests {
     #[test]
     fn structured_selectors() {
         let labels = json!({"app": "web"});
-        assert!(label_selector_matches(&json!({"matchLabels": {"app": "web"}}), &labels));
-        assert!(!label_selector_matches(&json!({"matchLabels": {"app": "db"}}), &labels));
-        let expr = json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "x"]}]});
+        assert!(label_selector_matches(
+            &json!({"matchLabels": {"app": "web"}}),
+            &labels
+        ));
+        assert!(!label_selector_matches(
+            &json!({"matchLabels": {"app": "db"}}),
+            &labels
+        ));
+        let expr =
+            json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "x"]}]});
         assert!(label_selector_matches(&expr, &labels));
         assert!(label_selector_matches(&json!({}), &labels));
     }
@@ -196,14 +212,23 @@ mod tests {
         assert!(!fields_match("spec.nodeName=n2", &pod));
         assert!(fields_match("metadata.name!=q", &pod));
         let q = parse_query("labelSelector=app%3Dweb%2Ctier&watch=true");
-        assert_eq!(q[0], ("labelSelector".to_string(), "app=web,tier".to_string()));
+        assert_eq!(
+            q[0],
+            ("labelSelector".to_string(), "app=web,tier".to_string())
+        );
     }
 
     #[test]
     fn merge_patch_sets_and_removes() {
         let mut v = json!({"metadata": {"labels": {"a": "1", "b": "2"}}, "spec": {}});
-        merge_patch(&mut v, &json!({"metadata": {"labels": {"a": null, "c": "3"}}, "spec": {"unschedulable": true}}));
-        assert_eq!(v, json!({"metadata": {"labels": {"b": "2", "c": "3"}}, "spec": {"unschedulable": true}}));
+        merge_patch(
+            &mut v,
+            &json!({"metadata": {"labels": {"a": null, "c": "3"}}, "spec": {"unschedulable": true}}),
+        );
+        assert_eq!(
+            v,
+            json!({"metadata": {"labels": {"b": "2", "c": "3"}}, "spec": {"unschedulable": true}})
+        );
     }
 
     #[test]
