@@ -44,6 +44,8 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Seconds from a release that left waiters to the next grant.
     pub handoff_latency: Histogram,
+    /// Handoffs measured (the histogram's count).
+    pub handoffs: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
         let releases = Counter::default();
         let overdue_events = Counter::default();
         let store_errors = Counter::default();
+        let handoffs = Counter::default();
         // 100 µs to ~26 s.
         let handoff_latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 19));
         registry.register("holders", "Nodes holding the baton", holders.clone());
@@ -83,8 +86,10 @@ impl Metrics {
             "Time from a release that left waiters to the next grant",
             handoff_latency.clone(),
         );
+        registry.register("handoffs", "Handoffs from a release to the next waiter", handoffs.clone());
         Self {
             registry: Arc::new(registry),
+            handoffs,
             holders,
             queue_length,
             overdue,

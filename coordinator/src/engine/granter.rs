@@ -200,6 +200,7 @@ impl Engine {
         self.metrics.grants.inc();
         if let Some(started) = inner.handoff_started.take() {
             self.metrics.handoff_latency.observe(started.elapsed().as_secs_f64());
+            self.metrics.handoffs.inc();
         }
         self.metrics.queue_length.set(inner.queue.len() as i64);
         info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");

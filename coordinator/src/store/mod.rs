@@ -7,6 +7,7 @@
 //! store must refuse a save from a replica that no longer leads.
 
 pub mod file;
+pub mod memory;
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
