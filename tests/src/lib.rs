@@ -5,6 +5,8 @@
 //!
 //! Harnesses for real components live in their own modules.
 
+pub mod coordinator;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
