@@ -177,7 +177,7 @@ pub async fn start(
     let grpc_server = builder
         .add_service(CoordinatorServer::new(services.clone()))
         .add_service(AdminServer::new(services))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
     let http = metrics::serve(metrics_listener, metrics::router(engine.clone(), metrics), stopped(stop_rx));
     let done = tokio::spawn(async move {
         let (grpc_result, http_result) = tokio::join!(grpc_server, http.map(|r| r.map_err(|source| ServeError::Bind {
@@ -194,6 +194,17 @@ pub async fn start(
         metrics_addr,
         engine,
         done,
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off: a grant is one small
+/// frame, and waiting for a delayed ACK would add ~40 ms to every handoff.
+fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
     })
 }
 

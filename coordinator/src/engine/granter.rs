@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -12,6 +13,9 @@ use super::{AcquireUpdate, Engine, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
+
+/// The least time between two position-only updates to one waiter.
+pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
 
 /// Holds back nodes whose preparation failed until their retry time.
 struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
@@ -208,21 +212,30 @@ impl Engine {
         true
     }
 
-    /// Sends Queued updates to waiters whose position or reason changed.
+    /// Sends Queued updates to waiters whose position or reason changed. A
+    /// new reason goes out at once; a position that merely moved goes out at
+    /// most once per [`POSITION_UPDATE_EVERY`] per waiter, so a fast-moving
+    /// queue of a thousand waiters does not cost a thousand messages per
+    /// handoff (the granter's one-second tick sends what was held back).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
         let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
         let queue_length = inner.queue.len() as u32;
+        let now = Instant::now();
         let mut any = false;
         for (i, q) in inner.queue.iter_mut().enumerate() {
             let position = i as u32 + 1;
             let reason = reasons.get(&q.request.node).cloned().unwrap_or_default();
-            if q.position != position || q.queue_length != queue_length || q.reason != reason {
+            let reason_changed = q.reason != reason || q.last_told.is_none();
+            let moved = q.position != position || q.queue_length != queue_length;
+            let due = q.last_told.is_none_or(|t| now - t >= POSITION_UPDATE_EVERY);
+            if reason_changed || (moved && due) {
                 if q.reason != reason {
                     info!(node = %q.request.node, position, reason = %reason, "waiting");
                 }
                 q.position = position;
                 q.queue_length = queue_length;
                 q.reason = reason.clone();
+                q.last_told = Some(now);
                 let _ = q.events.send(Ok(AcquireUpdate::Queued {
                     position,
                     queue_length,

@@ -134,6 +134,8 @@ struct QueuedRequest {
     reason: String,
     position: u32,
     queue_length: u32,
+    /// When the waiter was last sent a Queued update.
+    last_told: Option<Instant>,
     events: mpsc::UnboundedSender<Result<AcquireUpdate, EngineError>>,
 }
 
@@ -393,6 +395,7 @@ impl Engine {
             reason: String::new(),
             position: 0,
             queue_length: 0,
+            last_told: None,
             events: tx,
         });
         self.metrics.queue_length.set(inner.queue.len() as i64);

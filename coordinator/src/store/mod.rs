@@ -91,7 +91,7 @@ pub struct Document {
 /// Encodes `state` as a [`Document`].
 pub fn encode(state: &LeaseState) -> Vec<u8> {
     let doc = serde_json::json!({ "format": FORMAT_VERSION, "state": state });
-    serde_json::to_vec_pretty(&doc).expect("lease state serializes")
+    serde_json::to_vec(&doc).expect("lease state serializes")
 }
 
 /// Decodes a [`Document`] read from `path`.
