@@ -11,7 +11,7 @@
 //!   them and how errors map to gRPC codes;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
-//! - [`ctl`]: `batonctl`.
+//! - [`ctl`]: the `batonctl` command line.
 
 pub mod auth;
 pub mod config;

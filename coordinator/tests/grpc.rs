@@ -24,13 +24,21 @@ async fn grants_in_order_and_refuses_stale_or_foreign_tokens() {
     assert_eq!(q.reason, "concurrency limit: 1 of 1 in use (n1 holds it)");
 
     // n2's status shows in the queue with its reason.
-    let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.holders.len(), 1);
     assert_eq!(status.holders[0].node, "n1");
     assert_eq!(status.queue[0].reason, q.reason);
 
     // A stale token, the other node's token, and a non-holder are refused.
-    for (node, token) in [("n1", ga.fencing_token + 1), ("n1", 0), ("n2", ga.fencing_token)] {
+    for (node, token) in [
+        ("n1", ga.fencing_token + 1),
+        ("n1", 0),
+        ("n2", ga.fencing_token),
+    ] {
         let err = lease
             .renew(pb::RenewRequest {
                 node: node.into(),
@@ -38,7 +46,11 @@ async fn grants_in_order_and_refuses_stale_or_foreign_tokens() {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{node}/{token}: {err}");
+        assert_eq!(
+            err.code(),
+            Code::FailedPrecondition,
+            "{node}/{token}: {err}"
+        );
         let err = lease
             .release(pb::ReleaseRequest {
                 node: node.into(),
@@ -49,8 +61,15 @@ async fn grants_in_order_and_refuses_stale_or_foreign_tokens() {
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
     }
-    let after = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(after.holders, status.holders, "refused calls changed nothing");
+    let after = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        after.holders, status.holders,
+        "refused calls changed nothing"
+    );
 
     lease
         .report(pb::ReportRequest {
@@ -113,7 +132,11 @@ async fn malformed_requests_get_invalid_argument() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "a force-release needs a reason");
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "a force-release needs a reason"
+    );
     let err = admin
         .force_release(pb::ForceReleaseRequest {
             node: "n1".into(),
@@ -131,12 +154,21 @@ async fn state_survives_a_restart_and_tokens_keep_growing() {
     let server = TestServer::start(insecure_args(dir.path())).await;
     let (mut lease, mut admin) = server.clients().await;
     let (g1, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
-    admin.pause(pb::PauseRequest { reason: "freeze".into() }).await.unwrap();
+    admin
+        .pause(pb::PauseRequest {
+            reason: "freeze".into(),
+        })
+        .await
+        .unwrap();
     server.stop().await;
 
     let server = TestServer::start(insecure_args(dir.path())).await;
     let (mut lease, mut admin) = server.clients().await;
-    let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(status.paused);
     assert_eq!(status.pause_reason, "freeze");
     assert_eq!(status.holders[0].node, "n1");
@@ -169,18 +201,32 @@ async fn refuses_to_start_on_a_corrupt_state_file_or_bad_config() {
         .err()
         .expect("start fails");
     let message = err.to_string();
-    assert!(message.contains("is corrupt") && message.contains("left untouched"), "{message}");
-    assert_eq!(std::fs::read(&path).unwrap(), b"{\"format\":1,\"state\":{\"last_token\":");
+    assert!(
+        message.contains("is corrupt") && message.contains("left untouched"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"{\"format\":1,\"state\":{\"last_token\":"
+    );
 
     let clean = tempfile::tempdir().unwrap();
-    let err = baton_coordinator::server::start(serve_args(clean.path(), &[]), std::future::pending())
-        .await
-        .err()
-        .expect("no auth, no start");
-    assert!(err.to_string().contains("refusing to start without client authentication"), "{err}");
+    let err =
+        baton_coordinator::server::start(serve_args(clean.path(), &[]), std::future::pending())
+            .await
+            .err()
+            .expect("no auth, no start");
+    assert!(
+        err.to_string()
+            .contains("refusing to start without client authentication"),
+        "{err}"
+    );
 
     let err = baton_coordinator::server::start(
-        serve_args(clean.path(), &["--insecure", "--window", "Mon-Fri 22:00-04:00 Mars/Olympus"]),
+        serve_args(
+            clean.path(),
+            &["--insecure", "--window", "Mon-Fri 22:00-04:00 Mars/Olympus"],
+        ),
         std::future::pending(),
     )
     .await
@@ -210,7 +256,11 @@ async fn shutdown_ends_streams_and_metrics_are_served() {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");
     }
     assert!(http_get(&format!("{base}/healthz")).await.contains("ok"));
-    assert!(http_get(&format!("{base}/readyz")).await.contains("ready: leading"));
+    assert!(
+        http_get(&format!("{base}/readyz"))
+            .await
+            .contains("ready: leading")
+    );
 
     let watcher = {
         let mut admin = baton_proto::v1::admin_client::AdminClient::new(server.channel().await);
@@ -228,7 +278,13 @@ async fn shutdown_ends_streams_and_metrics_are_served() {
         .await
         .expect("stream ends");
     assert_eq!(ended.unwrap_err().code(), Code::Unavailable);
-    assert!(tokio::time::timeout(Duration::from_secs(10), watcher).await.unwrap().unwrap() >= 1);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .unwrap()
+            .unwrap()
+            >= 1
+    );
     // The state on disk still has the holder.
     let state = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
     assert!(state.contains("\"n1\""));
@@ -241,7 +297,9 @@ async fn http_get(url: &str) -> String {
     let (host, path) = rest.split_once('/').unwrap();
     let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
     stream
-        .write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut body = String::new();

@@ -3,18 +3,27 @@
 
 mod support;
 
-use baton_proto::v1::{self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient};
+use baton_proto::v1::{
+    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
+};
 use support::pki::{Issued, Pki};
 use support::{TestServer, serve_args, until_granted};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-async fn channel(server: &TestServer, ca: &std::path::Path, client: Option<&Issued>) -> Result<Channel, tonic::transport::Error> {
+async fn channel(
+    server: &TestServer,
+    ca: &std::path::Path,
+    client: Option<&Issued>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
         .domain_name("coordinator.baton.test");
     if let Some(c) = client {
-        tls = tls.identity(Identity::from_pem(std::fs::read(&c.cert).unwrap(), std::fs::read(&c.key).unwrap()));
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&c.cert).unwrap(),
+            std::fs::read(&c.key).unwrap(),
+        ));
     }
     Channel::from_shared(format!("https://{}", server.running.grpc_addr))
         .unwrap()
@@ -50,12 +59,17 @@ async fn client_certificates_bind_callers_to_their_node() {
         node: node.into(),
         ..Default::default()
     };
-    let (granted, _) = until_granted(&mut lease.acquire(acquire("n1")).await.unwrap().into_inner()).await;
+    let (granted, _) =
+        until_granted(&mut lease.acquire(acquire("n1")).await.unwrap().into_inner()).await;
 
     // ... but not for n2, and may not pause.
     let err = lease.acquire(acquire("n2")).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("not for node n2"), "{}", err.message());
+    assert!(
+        err.message().contains("not for node n2"),
+        "{}",
+        err.message()
+    );
     let err = lease
         .release(pb::ReleaseRequest {
             node: "n2".into(),
@@ -67,7 +81,10 @@ async fn client_certificates_bind_callers_to_their_node() {
     assert_eq!(err.code(), Code::PermissionDenied);
     let mut n1_admin = AdminClient::new(ch);
     assert!(n1_admin.status(pb::StatusRequest {}).await.is_ok());
-    let err = n1_admin.pause(pb::PauseRequest::default()).await.unwrap_err();
+    let err = n1_admin
+        .pause(pb::PauseRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // The admin may force-release n1; the audit names the certificate.
@@ -79,7 +96,11 @@ async fn client_certificates_bind_callers_to_their_node() {
     .await
     .unwrap();
     let status = op.status(pb::StatusRequest {}).await.unwrap().into_inner();
-    let record = status.audit.iter().find(|a| a.action == "force-release").unwrap();
+    let record = status
+        .audit
+        .iter()
+        .find(|a| a.action == "force-release")
+        .unwrap();
     assert_eq!(record.actor, "cert:baton-admin");
 
     // No certificate, or one from another CA: no call gets through.
@@ -88,7 +109,10 @@ async fn client_certificates_bind_callers_to_their_node() {
             Err(_) => None,
             Ok(ch) => Some(AdminClient::new(ch).status(pb::StatusRequest {}).await),
         };
-        assert!(!matches!(outcome, Some(Ok(_))), "a call without a valid client certificate succeeded");
+        assert!(
+            !matches!(outcome, Some(Ok(_))),
+            "a call without a valid client certificate succeeded"
+        );
     }
     server.stop().await;
 }

@@ -12,7 +12,11 @@ use crate::binary;
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A coordinator process. Killed on drop.
@@ -75,14 +79,20 @@ impl CoordinatorProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("coordinator exited with {status} during start; log:\n{}", self.log_text());
+                panic!(
+                    "coordinator exited with {status} during start; log:\n{}",
+                    self.log_text()
+                );
             }
             if self.ctl(&["status", "-o", "json"]).status.success() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("coordinator did not answer in 30s; log:\n{}", self.log_text());
+        panic!(
+            "coordinator did not answer in 30s; log:\n{}",
+            self.log_text()
+        );
     }
 
     /// The process log so far.
@@ -98,14 +108,20 @@ impl CoordinatorProcess {
     /// A batonctl command against this coordinator (to spawn it yourself).
     pub fn ctl_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(binary("batonctl"));
-        cmd.arg("--insecure").arg(format!("--coordinator={}", self.url)).args(args);
+        cmd.arg("--insecure")
+            .arg(format!("--coordinator={}", self.url))
+            .args(args);
         cmd
     }
 
     /// `batonctl status -o json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "-o", "json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 

@@ -6,6 +6,7 @@
 //! Harnesses for real components live in their own modules.
 
 pub mod coordinator;
+pub mod nspawn;
 
 use std::path::PathBuf;
 use std::process::Command;

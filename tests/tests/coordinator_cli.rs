@@ -31,7 +31,9 @@ fn holders_and_tokens_survive_kill_9() {
     // The old token still works for its holder; the next grant is larger.
     let out = coordinator.ctl(&["release", "n1", "--token", &token.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let next: u64 = stdout(&coordinator.ctl(&["acquire", "n2"])).parse().unwrap();
+    let next: u64 = stdout(&coordinator.ctl(&["acquire", "n2"]))
+        .parse()
+        .unwrap();
     assert!(next > token);
 }
 
@@ -39,12 +41,18 @@ fn holders_and_tokens_survive_kill_9() {
 fn batonctl_commands_do_what_they_say() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(&dir.path().join("data"), &["--max-concurrent=1"]);
-    let token: u64 = stdout(&coordinator.ctl(&["acquire", "n1"])).parse().unwrap();
+    let token: u64 = stdout(&coordinator.ctl(&["acquire", "n1"]))
+        .parse()
+        .unwrap();
 
     // Waiting times out with a non-zero exit and withdraws the request.
     let out = coordinator.ctl(&["acquire", "n2", "--wait-timeout", "1s"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("concurrency limit"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("concurrency limit"),
+        "{}",
+        stderr(&out)
+    );
     let mut status = coordinator.status();
     for _ in 0..100 {
         if status["queue"].as_array().unwrap().is_empty() {
@@ -53,15 +61,28 @@ fn batonctl_commands_do_what_they_say() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         status = coordinator.status();
     }
-    assert_eq!(status["queue"].as_array().unwrap().len(), 0, "timed-out request withdrawn: {status}");
+    assert_eq!(
+        status["queue"].as_array().unwrap().len(),
+        0,
+        "timed-out request withdrawn: {status}"
+    );
 
     // A stale token is refused with a clear error.
     let out = coordinator.ctl(&["release", "n1", "--token", &(token + 5).to_string()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("is not the current token"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not the current token"),
+        "{}",
+        stderr(&out)
+    );
 
     // pause / resume / force-release, all audited.
-    assert!(coordinator.ctl(&["pause", "--reason", "cve triage"]).status.success());
+    assert!(
+        coordinator
+            .ctl(&["pause", "--reason", "cve triage"])
+            .status
+            .success()
+    );
     let status = coordinator.status();
     assert_eq!(status["paused"], true);
     assert_eq!(status["pause_reason"], "cve triage");
@@ -86,21 +107,36 @@ fn batonctl_commands_do_what_they_say() {
         coordinator.url,
         inner_status.display()
     );
-    let out = coordinator.ctl(&["hold", "n3", "--reason", "kubeadm upgrade", "--", "sh", "-c", &script]);
+    let out = coordinator.ctl(&[
+        "hold",
+        "n3",
+        "--reason",
+        "kubeadm upgrade",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    let inside: serde_json::Value = serde_json::from_slice(&std::fs::read(&inner_status).unwrap()).unwrap();
+    let inside: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&inner_status).unwrap()).unwrap();
     assert_eq!(inside["holders"][0]["node"], "n3");
     assert_eq!(inside["holders"][0]["phase"], "manual");
     assert_eq!(inside["holders"][0]["reason"], "kubeadm upgrade");
     let status = coordinator.status();
-    assert!(status["holders"].as_array().unwrap().is_empty(), "hold released: {status}");
+    assert!(
+        status["holders"].as_array().unwrap().is_empty(),
+        "hold released: {status}"
+    );
     assert_eq!(
         status["audit"].as_array().unwrap().last().unwrap()["reason"],
         "hold: command exited with 7"
     );
 
     // The table form names holders and waiters.
-    let _t: u64 = stdout(&coordinator.ctl(&["acquire", "n4"])).parse().unwrap();
+    let _t: u64 = stdout(&coordinator.ctl(&["acquire", "n4"]))
+        .parse()
+        .unwrap();
     let table = stdout(&coordinator.ctl(&["status"]));
     assert!(table.contains("HOLDER") && table.contains("n4"), "{table}");
 
@@ -129,7 +165,11 @@ fn sigterm_ends_waiting_streams_and_exits_cleanly() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let status = coordinator.signal_and_wait(Signal::SIGTERM);
-    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", coordinator.log_text());
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        coordinator.log_text()
+    );
     let out = waiter.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("shutting down"), "{}", stderr(&out));
@@ -142,12 +182,20 @@ fn corrupt_state_file_stops_start_up_with_a_clear_error() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("state.json"), "not json").unwrap();
     let out = std::process::Command::new(baton_tests::binary("baton-coordinator"))
-        .args(["serve", "--insecure", "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+        .args([
+            "serve",
+            "--insecure",
+            "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+        ])
         .arg(format!("--data-dir={}", data.display()))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("state.json is corrupt"), "{err}");
-    assert_eq!(std::fs::read_to_string(data.join("state.json")).unwrap(), "not json");
+    assert_eq!(
+        std::fs::read_to_string(data.join("state.json")).unwrap(),
+        "not json"
+    );
 }

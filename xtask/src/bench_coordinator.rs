@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use baton_proto::v1::{self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient};
+use baton_proto::v1::{
+    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
+};
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -41,7 +43,9 @@ fn parse(args: &[String]) -> Result<Options> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--waiters" => opts.waiters = it.next().context("--waiters N")?.parse()?,
-            "--per-connection" => opts.per_connection = it.next().context("--per-connection N")?.parse()?,
+            "--per-connection" => {
+                opts.per_connection = it.next().context("--per-connection N")?.parse()?
+            }
             other => bail!("unknown argument {other} (known: --waiters N, --per-connection N)"),
         }
     }
@@ -89,7 +93,9 @@ pub fn run(args: &[String]) -> Result<()> {
             .spawn()
             .context("starting baton-coordinator")?,
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = runtime.block_on(bench(&opts, port, &data))?;
     drop(server);
 
@@ -106,7 +112,9 @@ async fn connect(url: &str) -> Result<Channel> {
     loop {
         match Channel::from_shared(url.to_string())?.connect().await {
             Ok(ch) => return Ok(ch),
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -212,7 +220,10 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
         });
     }
     for _ in 0..opts.waiters {
-        queued_rx.recv().await.context("a waiter failed before queueing")?;
+        queued_rx
+            .recv()
+            .await
+            .context("a waiter failed before queueing")?;
     }
     // Start the chain.
     let start = Instant::now();
@@ -230,7 +241,9 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
     let elapsed = start.elapsed();
 
     // Baseline 2: an atomic write of a state file of the same size.
-    let state_size = std::fs::metadata(data.join("state.json")).map(|m| m.len()).unwrap_or(4096) as usize;
+    let state_size = std::fs::metadata(data.join("state.json"))
+        .map(|m| m.len())
+        .unwrap_or(4096) as usize;
     let mut fsync = Histogram::<u64>::new(3)?;
     let scratch = data.join("baseline");
     std::fs::create_dir_all(&scratch)?;
@@ -267,17 +280,35 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
 }
 
 fn print_table(r: &serde_json::Value) {
-    println!("coordinator bench: {} waiters, embedded store", r["waiters"]);
+    println!(
+        "coordinator bench: {} waiters, embedded store",
+        r["waiters"]
+    );
     println!("{:<44} {:>12}", "figure", "value");
     let rows = [
         ("handoff p50 (µs)", r["handoff_us"]["p50"].to_string()),
         ("handoff p99 (µs)", r["handoff_us"]["p99"].to_string()),
         ("handoff max (µs)", r["handoff_us"]["max"].to_string()),
-        ("acquire+release cycles/s", format!("{:.0}", r["cycles_per_second"].as_f64().unwrap_or(0.0))),
-        ("baseline: gRPC round trip p50 (µs)", r["baseline"]["grpc_rtt_us"]["p50"].to_string()),
-        ("baseline: atomic state write p50 (µs)", r["baseline"]["atomic_write_us"]["p50"].to_string()),
-        ("floor = 2 writes + 2 round trips p50 (µs)", r["baseline"]["floor_us_p50"].to_string()),
-        ("handoff p50 / floor", format!("{:.2}", r["handoff_p50_over_floor"].as_f64().unwrap_or(0.0))),
+        (
+            "acquire+release cycles/s",
+            format!("{:.0}", r["cycles_per_second"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "baseline: gRPC round trip p50 (µs)",
+            r["baseline"]["grpc_rtt_us"]["p50"].to_string(),
+        ),
+        (
+            "baseline: atomic state write p50 (µs)",
+            r["baseline"]["atomic_write_us"]["p50"].to_string(),
+        ),
+        (
+            "floor = 2 writes + 2 round trips p50 (µs)",
+            r["baseline"]["floor_us_p50"].to_string(),
+        ),
+        (
+            "handoff p50 / floor",
+            format!("{:.2}", r["handoff_p50_over_floor"].as_f64().unwrap_or(0.0)),
+        ),
     ];
     for (k, v) in rows {
         println!("{k:<44} {v:>12}");

@@ -26,7 +26,11 @@ pub const ALL: &[Package] = &[
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -41,7 +45,10 @@ pub fn ensure(packages: &[Package]) -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages: {} (run as root to install them, or apt-get install them)", missing.join(" "));
+        bail!(
+            "missing Debian packages: {} (run as root to install them, or apt-get install them)",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     let apt = |args: &[&str]| -> Result<()> {

@@ -13,7 +13,10 @@ use anyhow::{Result, bail};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (task, rest) = args.split_first().map(|(t, r)| (t.as_str(), r)).unwrap_or(("help", &[]));
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r))
+        .unwrap_or(("help", &[]));
     match task {
         "deps" => deps::ensure(deps::ALL),
         "test" => test(rest),
@@ -52,10 +55,20 @@ fn serve(extra: &[String]) -> Result<()> {
     util::cargo(&["build", "--release", "--bins"])?;
     let root = util::workspace_root();
     let mut cmd = std::process::Command::new(root.join("target/release/baton-coordinator"));
-    cmd.args(["serve", "--insecure", "--listen=127.0.0.1:7443", "--metrics-listen=127.0.0.1:9443"])
-        .arg(format!("--data-dir={}", root.join("target/baton-data").display()))
-        .args(extra);
-    eprintln!("coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status");
+    cmd.args([
+        "serve",
+        "--insecure",
+        "--listen=127.0.0.1:7443",
+        "--metrics-listen=127.0.0.1:9443",
+    ])
+    .arg(format!(
+        "--data-dir={}",
+        root.join("target/baton-data").display()
+    ))
+    .args(extra);
+    eprintln!(
+        "coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status"
+    );
     let status = cmd.status()?;
     if !status.success() {
         bail!("baton-coordinator exited with {status}");

@@ -39,7 +39,9 @@ async fn engine_with(
     max: u32,
     preparers: Vec<Arc<dyn GrantPreparer>>,
 ) -> (Arc<Engine>, Arc<TestClock>) {
-    let clock = Arc::new(TestClock(Mutex::new(Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap())));
+    let clock = Arc::new(TestClock(Mutex::new(
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+    )));
     let c = clock.clone();
     let engine = Engine::new(
         store,
@@ -77,7 +79,9 @@ async fn next_grant(events: &mut Events) -> Grant {
 
 async fn next_queued(events: &mut Events) -> (u32, String) {
     match events.recv().await.expect("stream open").expect("no error") {
-        AcquireUpdate::Queued { position, reason, .. } => (position, reason),
+        AcquireUpdate::Queued {
+            position, reason, ..
+        } => (position, reason),
         AcquireUpdate::Granted(g) => panic!("unexpected grant {g:?}"),
     }
 }
@@ -95,12 +99,21 @@ async fn handoff_in_fifo_order_with_growing_tokens() {
     assert_eq!(pos, 2);
     assert_eq!(reason, "concurrency limit: 1 of 1 in use (a holds it)");
     // The grant was saved before it was delivered.
-    assert_eq!(store.saved().unwrap().holders[&n("a")].fencing_token, ga.fencing_token);
+    assert_eq!(
+        store.saved().unwrap().holders[&n("a")].fencing_token,
+        ga.fencing_token
+    );
 
-    engine.release(&n("a"), ga.fencing_token, "a", "done").await.unwrap();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
     let gb = next_grant(&mut b).await;
     assert!(gb.fencing_token > ga.fencing_token);
-    engine.release(&n("b"), gb.fencing_token, "b", "done").await.unwrap();
+    engine
+        .release(&n("b"), gb.fencing_token, "b", "done")
+        .await
+        .unwrap();
     let gc = next_grant(&mut c).await;
     assert!(gc.fencing_token > gb.fencing_token);
     assert_eq!(engine.metrics.handoffs.get(), 2);
@@ -114,11 +127,17 @@ async fn a_failed_save_changes_nothing() {
     let ga = next_grant(&mut a).await;
     let before = engine.snapshot().await.state;
     store.fail_next_saves(1);
-    let err = engine.release(&n("a"), ga.fencing_token, "a", "done").await.unwrap_err();
+    let err = engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap_err();
     assert!(matches!(err, EngineError::Store(_)), "{err}");
     assert_eq!(engine.snapshot().await.state, before);
     // The same release succeeds once the store works again.
-    engine.release(&n("a"), ga.fencing_token, "a", "done").await.unwrap();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
     assert!(store.saved().unwrap().holders.is_empty());
 }
 
@@ -138,7 +157,10 @@ async fn overdue_holder_keeps_the_baton_until_force_released() {
         let snap = engine.snapshot().await;
         if snap.state.audit.iter().any(|a| a.action == "overdue") {
             assert!(snap.overdue.contains(&n("a")));
-            assert!(snap.state.holders.contains_key(&n("a")), "an overdue holder must keep the baton");
+            assert!(
+                snap.state.holders.contains_key(&n("a")),
+                "an overdue holder must keep the baton"
+            );
             assert_eq!(snap.queue.len(), 1, "b must still wait");
             break;
         }
@@ -147,13 +169,19 @@ async fn overdue_holder_keeps_the_baton_until_force_released() {
     // Renewing clears overdue; the baton stays.
     engine.renew(&n("a"), ga.fencing_token).await.unwrap();
     assert!(engine.snapshot().await.overdue.is_empty());
-    let token = engine.force_release(&n("a"), "op", "node died").await.unwrap();
+    let token = engine
+        .force_release(&n("a"), "op", "node died")
+        .await
+        .unwrap();
     assert_eq!(token, ga.fencing_token);
     let gb = next_grant(&mut b).await;
     assert!(gb.fencing_token > ga.fencing_token);
     let audit = engine.snapshot().await.state.audit;
     let forced = audit.iter().find(|a| a.action == "force-release").unwrap();
-    assert_eq!((forced.actor.as_str(), forced.reason.as_str()), ("op", "node died"));
+    assert_eq!(
+        (forced.actor.as_str(), forced.reason.as_str()),
+        ("op", "node died")
+    );
 }
 
 #[tokio::test]
@@ -201,7 +229,10 @@ async fn withdrawn_and_superseded_requests_leave_the_queue() {
     drop(b);
     engine.withdraw(&n("b"), ticket_b).await;
     assert_eq!(engine.snapshot().await.queue.len(), 1);
-    engine.release(&n("a"), ga.fencing_token, "a", "").await.unwrap();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "")
+        .await
+        .unwrap();
     assert!(!next_grant(&mut c2).await.resumed);
 }
 
@@ -227,7 +258,10 @@ async fn failed_preparation_keeps_the_node_waiting_with_the_reason() {
     let (engine, clock) = engine_with(Arc::new(MemoryStore::default()), 1, vec![preparer]).await;
     let (_, mut a) = engine.acquire(request("a")).await.unwrap();
     let (_, reason) = next_queued(&mut a).await;
-    assert!(reason.starts_with("etcd: snapshot failed (disk full)"), "{reason}");
+    assert!(
+        reason.starts_with("etcd: snapshot failed (disk full)"),
+        "{reason}"
+    );
     assert!(engine.snapshot().await.state.holders.is_empty());
     clock.advance(Duration::seconds(11));
     engine.poke();
@@ -250,9 +284,8 @@ async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     });
     // The waiter is sent away, naming the leader.
     let err = loop {
-        match b.recv().await.unwrap() {
-            Err(e) => break e,
-            Ok(_) => {}
+        if let Err(e) = b.recv().await.unwrap() {
+            break e;
         }
     };
     assert!(err.to_string().contains("the leader is other"), "{err}");
@@ -260,7 +293,9 @@ async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     assert!(matches!(err, EngineError::NotLeader { .. }));
     // Another replica granted meanwhile; this one picks that up on return.
     let mut moved = store.saved().unwrap();
-    moved.release(&n("a"), ga.fencing_token, "a", "", Utc::now()).unwrap();
+    moved
+        .release(&n("a"), ga.fencing_token, "a", "", Utc::now())
+        .unwrap();
     let tz = moved.grant(&n("z"), false, false, "", Utc::now()).unwrap();
     store.save(&moved).await.unwrap();
     store.set_leadership(Leadership {

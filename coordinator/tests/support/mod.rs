@@ -8,9 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use baton_coordinator::config::{Cli, Command, ServeArgs};
-use clap::Parser;
 use baton_coordinator::server::{Running, start};
-use baton_proto::v1::{self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient};
+use baton_proto::v1::{
+    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
+};
+use clap::Parser;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -63,12 +65,19 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn clients(&self) -> (CoordinatorClient<Channel>, AdminClient<Channel>) {
         let channel = self.channel().await;
-        (CoordinatorClient::new(channel.clone()), AdminClient::new(channel))
+        (
+            CoordinatorClient::new(channel.clone()),
+            AdminClient::new(channel),
+        )
     }
 
     /// SIGTERM-equivalent: graceful stop, waits until both servers are down.
@@ -102,7 +111,9 @@ pub async fn acquire(
 }
 
 /// Reads events until the grant; returns it with the Queued events seen.
-pub async fn until_granted(stream: &mut tonic::Streaming<pb::AcquireEvent>) -> (pb::Granted, Vec<pb::Queued>) {
+pub async fn until_granted(
+    stream: &mut tonic::Streaming<pb::AcquireEvent>,
+) -> (pb::Granted, Vec<pb::Queued>) {
     let mut queued = Vec::new();
     let wait = async {
         while let Some(event) = stream.message().await.expect("stream ok") {
@@ -113,7 +124,9 @@ pub async fn until_granted(stream: &mut tonic::Streaming<pb::AcquireEvent>) -> (
         }
         panic!("stream ended without a grant");
     };
-    let granted = tokio::time::timeout(Duration::from_secs(30), wait).await.expect("granted in time");
+    let granted = tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("granted in time");
     (granted, queued)
 }
 
