@@ -199,3 +199,27 @@ fn corrupt_state_file_stops_start_up_with_a_clear_error() {
         "not json"
     );
 }
+
+#[test]
+fn status_watch_prints_every_change_as_json_lines() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(&dir.path().join("data"), &[]);
+    let mut watcher = coordinator
+        .ctl_command(&["status", "--watch", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(first["holders"].as_array().unwrap().is_empty());
+    let token = stdout(&coordinator.ctl(&["acquire", "w1"]));
+    // Some later line shows w1 holding with the printed token.
+    let seen = lines.any(|line| {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        v["holders"].get(0).is_some_and(|h| h["node"] == "w1" && h["token"].to_string() == token)
+    });
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(seen, "watch never showed w1 holding token {token}");
+}

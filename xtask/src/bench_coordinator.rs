@@ -124,6 +124,8 @@ async fn connect(url: &str) -> Result<Channel> {
 struct Chain {
     released_at: Option<Instant>,
     handoffs: Histogram<u64>,
+    /// Release call round trips (part of each handoff).
+    releases: Histogram<u64>,
     done: usize,
 }
 
@@ -159,6 +161,7 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
     let chain = Arc::new(Mutex::new(Chain {
         released_at: None,
         handoffs: Histogram::new(3)?,
+        releases: Histogram::new(3)?,
         done: 0,
     }));
     let (all_done_tx, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
@@ -199,6 +202,7 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
                             }
                             c.released_at = Some(Instant::now());
                         }
+                        let sent = Instant::now();
                         client
                             .release(pb::ReleaseRequest {
                                 node,
@@ -207,7 +211,9 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
                             })
                             .await
                             .expect("release");
+                        let took = sent.elapsed();
                         let mut c = chain.lock().await;
+                        let _ = c.releases.record(took.as_micros() as u64);
                         c.done += 1;
                         if c.done == waiters {
                             let _ = all_done_tx.send(()).await;
@@ -267,6 +273,7 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
         "store": "embedded",
         "handoffs": h.len(),
         "handoff_us": {"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "max": h.max(), "mean": h.mean()},
+        "release_rtt_us": {"p50": c.releases.value_at_quantile(0.5), "p99": c.releases.value_at_quantile(0.99)},
         "cycles_per_second": opts.waiters as f64 / elapsed.as_secs_f64(),
         "elapsed_s": elapsed.as_secs_f64(),
         "state_file_bytes": state_size,
