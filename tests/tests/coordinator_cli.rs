@@ -210,15 +210,24 @@ fn status_watch_prints_every_change_as_json_lines() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
-    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    // Read lines on a thread so a watch that goes quiet fails the test
+    // instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let out = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).expect("each line is JSON")).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(std::time::Duration::from_secs(30)).ok();
+    let first = next().expect("watch prints the state at once");
     assert!(first["holders"].as_array().unwrap().is_empty());
     let token = stdout(&coordinator.ctl(&["acquire", "w1"]));
     // Some later line shows w1 holding with the printed token.
-    let seen = lines.any(|line| {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        v["holders"].get(0).is_some_and(|h| h["node"] == "w1" && h["token"].to_string() == token)
-    });
+    let seen = std::iter::from_fn(next)
+        .any(|v| v["holders"].get(0).is_some_and(|h| h["node"] == "w1" && h["token"].to_string() == token));
     let _ = watcher.kill();
     let _ = watcher.wait();
     assert!(seen, "watch never showed w1 holding token {token}");
