@@ -278,14 +278,21 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         tracing::error!(%error, "maintenance step failed; keeping the baton");
         self.state.error = Some(error);
         self.state.update_output = output.to_string();
-        let message = if output.is_empty() {
-            "failed".to_string()
-        } else {
-            format!("failed; last output:\n{output}")
-        };
+        let message = self.failure_message();
         self.advance(Event::StepFailed, &message)
             .await
             .map_err(|e| fatal(e.into()))
+    }
+
+    /// The report message of a failed maintenance: the error and the last
+    /// lines of output, so an operator sees why in `batonctl status`.
+    fn failure_message(&self) -> String {
+        let error = self.state.error.clone().unwrap_or_default();
+        if self.state.update_output.is_empty() {
+            format!("failed: {error}")
+        } else {
+            format!("failed: {error}; last output:\n{}", self.state.update_output)
+        }
     }
 
     async fn idle(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
@@ -536,8 +543,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// Failed: keep the baton (renewing it) until an operator force-releases
     /// it or the agent is stopped.
     async fn failed(&mut self, token: u64) -> Result<(), Interrupted> {
-        let message = format!("failed: {}", self.state.error.clone().unwrap_or_default());
-        self.report(&message).await;
+        self.report(&self.failure_message()).await;
         self.holding(token, std::future::pending::<()>()).await
     }
 
@@ -674,8 +680,11 @@ mod tests {
         assert_eq!(*w.host.reboots.lock().unwrap(), 0);
         assert!(w.coordinator.releases.lock().unwrap().is_empty());
         let reports = w.coordinator.reports.lock().unwrap();
+        // Every Failed report (also the ones repeated later) carries the
+        // output.
         let (_, failed) = reports
             .iter()
+            .rev()
             .find(|(_, r)| r.phase == Phase::Failed)
             .unwrap();
         assert!(failed.message.contains("boom"), "{failed:?}");
