@@ -13,7 +13,7 @@
 //! - [`server`], [`config`]: `baton-coordinator serve`;
 //! - [`kube`]: in a Kubernetes cluster: the Lease election and the
 //!   ConfigMap store, the node watch, TokenReview authentication;
-//! - [`ctl`]: `batonctl`.
+//! - [`ctl`]: the `batonctl` command line.
 
 pub mod auth;
 pub mod config;

@@ -29,7 +29,9 @@ use crate::window::{MaintenanceWindow, WindowError, WindowSet};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Neither client authentication nor --insecure was configured.
-    #[error("refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab")]
+    #[error(
+        "refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab"
+    )]
     NoAuthentication,
     /// A window string is malformed.
     #[error(transparent)]
@@ -81,11 +83,18 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
 }
 
 /// Opens the store the arguments name.
-async fn open_store(args: &ServeArgs, id: &str, kube: Option<&KubeWiring>) -> Result<Arc<dyn StateStore>, ServeError> {
+async fn open_store(
+    args: &ServeArgs,
+    id: &str,
+    kube: Option<&KubeWiring>,
+) -> Result<Arc<dyn StateStore>, ServeError> {
     match (args.store, kube) {
         (StoreKind::Embedded, _) => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
         (StoreKind::Kubernetes, Some(kube)) => Ok(kube.store(id)),
-        (StoreKind::Kubernetes, None) => Err(StoreError::Backend("--store kubernetes needs the Kubernetes client".to_string()).into()),
+        (StoreKind::Kubernetes, None) => Err(StoreError::Backend(
+            "--store kubernetes needs the Kubernetes client".to_string(),
+        )
+        .into()),
     }
 }
 
@@ -98,7 +107,8 @@ pub async fn start(
     let kube = KubeWiring::new(&args.kube, args.store == StoreKind::Kubernetes).await?;
     // TokenReview (agents in a cluster) takes precedence when enabled.
     let token_review = kube.as_ref().and_then(KubeWiring::authenticator);
-    let auth: Arc<dyn Authenticator> = match (token_review, &args.tls.client_ca, args.tls.insecure) {
+    let auth: Arc<dyn Authenticator> = match (token_review, &args.tls.client_ca, args.tls.insecure)
+    {
         (Some(review), _, _) => review,
         (None, Some(_), _) => Arc::new(MutualTls {
             admin_names: args.tls.admin_names.clone(),
@@ -121,18 +131,22 @@ pub async fn start(
             max_concurrent: args.max_concurrent,
             windows: WindowSet {
                 windows,
-                min_remaining: chrono::Duration::from_std(args.min_window_remaining).unwrap_or(chrono::Duration::MAX),
+                min_remaining: chrono::Duration::from_std(args.min_window_remaining)
+                    .unwrap_or(chrono::Duration::MAX),
             },
         },
-        renew_interval: chrono::Duration::from_std(args.renew_interval).unwrap_or(chrono::Duration::MAX),
-        overdue_after: chrono::Duration::from_std(args.overdue_after).unwrap_or(chrono::Duration::MAX),
+        renew_interval: chrono::Duration::from_std(args.renew_interval)
+            .unwrap_or(chrono::Duration::MAX),
+        overdue_after: chrono::Duration::from_std(args.overdue_after)
+            .unwrap_or(chrono::Duration::MAX),
         coordinator_id: id.clone(),
         prepare_retry: chrono::Duration::seconds(10),
     };
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
         (Some(cert), Some(key)) => {
-            let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            let mut tls =
+                ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
             if let Some(ca) = &args.tls.client_ca {
                 tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
             }
@@ -144,28 +158,43 @@ pub async fn start(
     let store = open_store(&args, &id, kube.as_ref()).await?;
     let metrics = Metrics::new();
     let guards = kube.as_ref().map(KubeWiring::guards).unwrap_or_default();
-    let engine = Engine::new(store, config, guards, Vec::new(), system_clock(), metrics.clone()).await?;
+    let engine = Engine::new(
+        store,
+        config,
+        guards,
+        Vec::new(),
+        system_clock(),
+        metrics.clone(),
+    )
+    .await?;
     tokio::spawn(engine.clone().run_granter());
     if let Some(kube) = &kube {
         kube.spawn_node_watch(engine.clone());
     }
 
-    let grpc = TcpListener::bind(args.listen).await.map_err(|source| ServeError::Bind {
-        addr: args.listen,
-        source,
-    })?;
-    let metrics_listener = metrics::bind(args.metrics_listen).await.map_err(|source| ServeError::Bind {
-        addr: args.metrics_listen,
-        source,
-    })?;
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let metrics_listener =
+        metrics::bind(args.metrics_listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: args.metrics_listen,
+                source,
+            })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
         addr: args.listen,
         source,
     })?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: args.metrics_listen,
-        source,
-    })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: args.metrics_listen,
+            source,
+        })?;
     info!(%grpc_addr, %metrics_addr, id = %id, tls = tls.is_some(), mutual_tls = args.tls.client_ca.is_some(), "coordinator serving");
 
     // One shutdown signal fans out to the engine and both servers.
@@ -191,13 +220,20 @@ pub async fn start(
     let grpc_server = builder
         .add_service(CoordinatorServer::new(services.clone()))
         .add_service(AdminServer::new(services))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
-    let http = metrics::serve(metrics_listener, metrics::router(engine.clone(), metrics), stopped(stop_rx));
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
+    let http = metrics::serve(
+        metrics_listener,
+        metrics::router(engine.clone(), metrics),
+        stopped(stop_rx),
+    );
     let done = tokio::spawn(async move {
-        let (grpc_result, http_result) = tokio::join!(grpc_server, http.map(|r| r.map_err(|source| ServeError::Bind {
-            addr: metrics_addr,
-            source,
-        })));
+        let (grpc_result, http_result) = tokio::join!(
+            grpc_server,
+            http.map(|r| r.map_err(|source| ServeError::Bind {
+                addr: metrics_addr,
+                source,
+            }))
+        );
         grpc_result?;
         http_result?;
         info!("coordinator stopped");
@@ -208,6 +244,19 @@ pub async fn start(
         metrics_addr,
         engine,
         done,
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off: a grant is one small
+/// frame, and waiting for a delayed ACK would add ~40 ms to every handoff.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
     })
 }
 

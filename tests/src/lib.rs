@@ -7,7 +7,9 @@
 //!
 //! Harnesses for real components live in their own modules.
 
+pub mod coordinator;
 pub mod kube_fake;
+pub mod nspawn;
 
 use std::path::PathBuf;
 use std::process::Command;

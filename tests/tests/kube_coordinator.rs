@@ -122,19 +122,19 @@ fn cluster(nodes: &[serde_json::Value]) -> FakeApi {
     fake
 }
 
-type Authed =
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
+/// Adds the bearer token to every request.
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Authed = InterceptedService<Channel, AddToken>;
 
 async fn channel(r: &Replica, token: &str) -> Result<Authed> {
     let channel = Channel::from_shared(format!("http://{}", r.running.grpc_addr))?
         .connect()
         .await?;
     let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let add: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-        Box::new(move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", value.clone());
-            Ok(req)
-        });
+    let add: AddToken = Box::new(move |mut req: Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    });
     Ok(InterceptedService::new(channel, add))
 }
 
@@ -402,11 +402,9 @@ async fn not_ready_node_holds_the_rollout_and_control_plane_goes_one_at_a_time()
     granted(&mut cp1).await?;
     // With cp-1 holding and w2 NotReady, the limit of 2 is used up.
     let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
-    let reason = loop {
-        match next(&mut w1).await? {
-            Event::Queued(q) => break q.reason,
-            Event::Granted(_) => anyhow::bail!("w1 granted while w2 is NotReady"),
-        }
+    let reason = match next(&mut w1).await? {
+        Event::Queued(q) => q.reason,
+        Event::Granted(_) => anyhow::bail!("w1 granted while w2 is NotReady"),
     };
     assert!(reason.contains("w2 is unavailable"), "{reason}");
 

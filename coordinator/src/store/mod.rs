@@ -7,6 +7,7 @@
 //! store must refuse a save from a replica that no longer leads.
 
 pub mod file;
+pub mod memory;
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -40,7 +41,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The stored state cannot be read. It is left in place untouched.
-    #[error("state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)")]
+    #[error(
+        "state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)"
+    )]
     Corrupt {
         /// Where it is.
         path: String,
@@ -90,7 +93,7 @@ pub struct Document {
 /// Encodes `state` as a [`Document`].
 pub fn encode(state: &LeaseState) -> Vec<u8> {
     let doc = serde_json::json!({ "format": FORMAT_VERSION, "state": state });
-    serde_json::to_vec_pretty(&doc).expect("lease state serializes")
+    serde_json::to_vec(&doc).expect("lease state serializes")
 }
 
 /// Decodes a [`Document`] read from `path`.
@@ -107,7 +110,11 @@ pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
         )));
     }
     let state = doc.state;
-    if let Some((node, h)) = state.holders.iter().find(|(_, h)| h.fencing_token > state.last_token) {
+    if let Some((node, h)) = state
+        .holders
+        .iter()
+        .find(|(_, h)| h.fencing_token > state.last_token)
+    {
         return Err(corrupt(format!(
             "holder {node} has token {} above the last token {}",
             h.fencing_token, state.last_token
