@@ -23,6 +23,9 @@ pub enum NodeOpsError {
         /// How it failed.
         detail: String,
     },
+    /// A Kubernetes node operation failed (`--mode kubernetes`).
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::KubeError),
 }
 
 /// Operations on the node around its maintenance.

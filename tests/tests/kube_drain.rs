@@ -374,3 +374,72 @@ async fn annotations_label_events_and_blocking_pods_are_visible() {
     fake.put(done);
     assert!(ops.blocking_pods().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn node_ops_prepare_finish_and_a_drain_timeout_gives_the_node_back() {
+    use baton_agent::node_ops::{NodeOps, NodeOpsError};
+
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let fake = FakeApi::new();
+    fake.put(node("n1").boot_id(boot_id.trim()).build());
+    fake.put(node("n2").build());
+    fake.put(pod("apps", "web-1").on("n1").owned_by("ReplicaSet").build());
+    let ops = ops(&fake, "n1", args(Duration::from_secs(30))).await;
+
+    ops.prepare().await.unwrap();
+    let n = node_obj(&fake, "n1");
+    assert_eq!(n["spec"]["unschedulable"], true);
+    assert_eq!(n["metadata"]["labels"]["baton.dev/holding"], "true");
+    assert_eq!(n["metadata"]["annotations"]["baton.dev/phase"], "Drained");
+    assert!(fake.get("v1/pods", "apps", "web-1").is_none());
+    ops.wait_ready_after_boot().await.unwrap();
+    ops.finish().await.unwrap();
+    let n = node_obj(&fake, "n1");
+    assert!(n["spec"]["unschedulable"] != true);
+    assert!(n["metadata"]["labels"]["baton.dev/holding"].is_null());
+    assert_eq!(n["metadata"]["annotations"]["baton.dev/phase"], "Done");
+    assert!(n["metadata"]["annotations"]["baton.dev/last-maintenance"].is_string());
+    let reasons: Vec<String> = fake
+        .list("v1/events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .collect();
+    for reason in [
+        "BatonDraining",
+        "BatonDrained",
+        "BatonNodeReady",
+        "BatonMaintenanceDone",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} event in {reasons:?}"
+        );
+    }
+
+    // n2: a budget that never allows the eviction.
+    fake.put(
+        pod("apps", "db-0")
+            .on("n2")
+            .owned_by("StatefulSet")
+            .label("app", "db")
+            .build(),
+    );
+    fake.put(
+        pdb("apps", "db")
+            .min_available(1)
+            .selecting("app", "db")
+            .build(),
+    );
+    let n2 = KubeNodeOps::new(fake.client().await, "n2", args(Duration::from_secs(1)));
+    match n2.prepare().await {
+        Err(NodeOpsError::Kubernetes(KubeError::DrainTimeout { .. })) => {}
+        other => panic!("expected a drain timeout, got {other:?}"),
+    }
+    assert!(!unschedulable(&fake, "n2"), "the node is given back");
+    let aborted = fake.list("v1/events").into_iter().any(|e| {
+        e["reason"] == "BatonMaintenanceAborted"
+            && e["involvedObject"]["name"] == "n2"
+            && e["type"] == "Warning"
+    });
+    assert!(aborted);
+}

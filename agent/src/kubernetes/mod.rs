@@ -12,7 +12,9 @@
 //!   429s retried with backoff until the drain timeout, then waiting for the
 //!   evicted pods to be gone (their grace periods are honoured, never cut);
 //! - [`events`]: a Kubernetes Event on the Node per transition, and the
-//!   blocking-pod check.
+//!   blocking-pod check;
+//! - [`node_ops`]: all of it as the agent's `NodeOps` (prepare, wait ready,
+//!   finish, abort).
 //!
 //! Every operation is idempotent, so an agent restarted at any point can
 //! repeat the step it was in.
@@ -20,6 +22,7 @@
 pub mod drain;
 pub mod events;
 pub mod node;
+pub mod node_ops;
 pub mod plan;
 
 use std::time::Duration;
