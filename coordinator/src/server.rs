@@ -169,7 +169,7 @@ pub async fn start(
     .await?;
     tokio::spawn(engine.clone().run_granter());
     if let Some(kube) = &kube {
-        kube.spawn_node_watch(engine.clone());
+        kube.spawn_tasks(engine.clone());
     }
 
     let grpc = TcpListener::bind(args.listen)

@@ -242,6 +242,28 @@ async fn leader_lease_lost_the_other_replica_takes_over_with_state_intact() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_hands_over_while_its_own_node_holds_the_baton() -> Result<()> {
+    let fake = cluster(&[node("n1").build(), node("n2").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &["--node-name", "n1"]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let b = replica(&endpoint.url, "coord-b", &["--node-name", "n2"]).await?;
+
+    // Granting n1 makes the replica on n1 step aside, so n1 can be drained
+    // (only the leader is Ready, and the budget protects Ready pods).
+    let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
+    let token = granted(&mut stream).await?;
+    eventually("replica b to lead", || leads(&b)).await;
+    assert!(!leads(&a));
+    let seen = status(&b).await?;
+    assert_eq!(seen.holders.len(), 1);
+    assert_eq!(seen.holders[0].fencing_token, token);
+    renew(&b, "agent-n1", "n1", token).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
     let fake = cluster(&[node("n1").build()]);
     agent_token(&fake, "agent-n1", "n1");

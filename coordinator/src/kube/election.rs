@@ -13,6 +13,7 @@
 //! publishes [`Leadership`] on a watch channel.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ::kube::Api;
@@ -43,7 +44,9 @@ pub enum Step {
     Renew,
     /// Released or expired: take it over.
     TakeOver,
-    /// Someone else holds a live Lease.
+    /// This replica holds it but must not lead: give it up.
+    Release,
+    /// Someone else holds a live Lease (or this replica yields).
     Follow {
         /// The holder.
         leader: String,
@@ -51,12 +54,26 @@ pub enum Step {
 }
 
 /// Decides the next step. `unchanged_for` is how long this replica has seen
-/// the Lease at its current resourceVersion.
-pub fn step(lease: Option<&Observed>, me: &str, unchanged_for: Duration) -> Step {
+/// the Lease at its current resourceVersion. `yielding` is `Some(patience)`
+/// while this replica should not lead (its own node holds the baton, so it
+/// must be drainable): it releases a Lease it holds, and takes a free or
+/// expired one only after `patience` (when no other replica did).
+pub fn step(
+    lease: Option<&Observed>,
+    me: &str,
+    unchanged_for: Duration,
+    yielding: Option<Duration>,
+) -> Step {
+    let free = |l: &Observed| l.holder.is_empty() || unchanged_for >= l.duration;
+    let patient = yielding.is_none_or(|patience| unchanged_for >= patience);
     match lease {
-        None => Step::Create,
+        Some(l) if l.holder == me && yielding.is_some() => Step::Release,
         Some(l) if l.holder == me => Step::Renew,
-        Some(l) if l.holder.is_empty() || unchanged_for >= l.duration => Step::TakeOver,
+        None if patient => Step::Create,
+        Some(l) if free(l) && patient => Step::TakeOver,
+        None => Step::Follow {
+            leader: String::new(),
+        },
         Some(l) => Step::Follow {
             leader: l.holder.clone(),
         },
@@ -81,6 +98,7 @@ pub struct Elector {
     id: String,
     timings: Timings,
     leadership: Arc<watch::Sender<Leadership>>,
+    yielding: Arc<AtomicBool>,
 }
 
 /// What one round of the election found.
@@ -103,6 +121,7 @@ impl Elector {
         id: &str,
         timings: Timings,
         leadership: Arc<watch::Sender<Leadership>>,
+        yielding: Arc<AtomicBool>,
     ) -> Self {
         Self {
             api,
@@ -110,6 +129,7 @@ impl Elector {
             id: id.to_string(),
             timings,
             leadership,
+            yielding,
         }
     }
 
@@ -197,12 +217,39 @@ impl Elector {
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| s.lease_transitions)
             .unwrap_or(0);
-        let decided = step(observed.as_ref(), &self.id, unchanged_for);
+        let yielding = self
+            .yielding
+            .load(Ordering::SeqCst)
+            .then_some(self.timings.duration * 2);
+        let decided = step(observed.as_ref(), &self.id, unchanged_for, yielding);
         let (lease, term) = match (&decided, current) {
             (Step::Follow { leader }, _) => {
                 return Ok(Round {
                     holding: false,
                     leader: leader.clone(),
+                    term: transitions as u64,
+                });
+            }
+            (Step::Release, current) => {
+                if let Some(mut lease) = current {
+                    info!(lease = %self.name, id = %self.id, "this replica's node holds the baton: handing the lease over");
+                    let mut spec = lease.spec.take().unwrap_or_default();
+                    spec.holder_identity = None;
+                    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+                    lease.spec = Some(spec);
+                    match self
+                        .api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await
+                    {
+                        // A conflict means someone else wrote it: re-read next round.
+                        Ok(_) | Err(::kube::Error::Api(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(Round {
+                    holding: false,
+                    leader: String::new(),
                     term: transitions as u64,
                 });
             }
@@ -281,20 +328,18 @@ mod tests {
 
     #[test]
     fn missing_lease_is_created() {
-        assert_eq!(step(None, "a", Duration::ZERO), Step::Create);
+        assert_eq!(step(None, "a", Duration::ZERO, None), Step::Create);
     }
 
     #[test]
     fn holder_renews_whatever_the_age() {
-        assert_eq!(
-            step(Some(&held_by("a")), "a", Duration::from_secs(100)),
-            Step::Renew
-        );
+        let s = step(Some(&held_by("a")), "a", Duration::from_secs(100), None);
+        assert_eq!(s, Step::Renew);
     }
 
     #[test]
     fn live_lease_of_another_is_followed() {
-        let s = step(Some(&held_by("b")), "a", Duration::from_secs(14));
+        let s = step(Some(&held_by("b")), "a", Duration::from_secs(14), None);
         assert_eq!(
             s,
             Step::Follow {
@@ -305,13 +350,33 @@ mod tests {
 
     #[test]
     fn expired_or_released_lease_is_taken_over() {
+        let s = step(Some(&held_by("b")), "a", Duration::from_secs(15), None);
+        assert_eq!(s, Step::TakeOver);
         assert_eq!(
-            step(Some(&held_by("b")), "a", Duration::from_secs(15)),
+            step(Some(&held_by("")), "a", Duration::ZERO, None),
             Step::TakeOver
         );
+    }
+
+    #[test]
+    fn a_yielding_replica_releases_and_takes_over_only_when_nobody_else_does() {
+        let patience = Some(Duration::from_secs(30));
         assert_eq!(
-            step(Some(&held_by("")), "a", Duration::ZERO),
-            Step::TakeOver
+            step(Some(&held_by("a")), "a", Duration::ZERO, patience),
+            Step::Release
+        );
+        let free = step(Some(&held_by("")), "a", Duration::from_secs(29), patience);
+        assert_eq!(
+            free,
+            Step::Follow {
+                leader: String::new()
+            }
+        );
+        let s = step(Some(&held_by("")), "a", Duration::from_secs(30), patience);
+        assert_eq!(s, Step::TakeOver);
+        assert_eq!(
+            step(None, "a", Duration::from_secs(30), patience),
+            Step::Create
         );
     }
 }

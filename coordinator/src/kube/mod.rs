@@ -20,6 +20,7 @@ pub mod store;
 pub mod token_review;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -74,6 +75,12 @@ pub struct KubeArgs {
     /// The audience agent tokens must be issued for.
     #[arg(long, env = "BATON_TOKEN_AUDIENCE", default_value = "baton")]
     pub token_audience: String,
+    /// The node this replica runs on (downward API `spec.nodeName`). While
+    /// that node holds the baton this replica hands leadership to another,
+    /// so the node can be drained (only the leader is Ready, and the
+    /// coordinators' disruption budget protects Ready pods).
+    #[arg(long = "node-name", env = "BATON_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Kubernetes user names (e.g.
     /// `system:serviceaccount:baton-system:batonctl`) that may act for any
     /// node and pause, resume and force-release (repeatable).
@@ -127,6 +134,8 @@ pub struct KubeWiring {
     client: ::kube::Client,
     args: KubeArgs,
     facts: Option<Arc<nodes::NodeFacts>>,
+    /// Set while this replica's own node holds the baton.
+    yielding: Arc<AtomicBool>,
 }
 
 impl KubeWiring {
@@ -150,6 +159,7 @@ impl KubeWiring {
             client: args.client().await?,
             args: args.clone(),
             facts: watch_nodes.then(|| Arc::new(nodes::NodeFacts::default())),
+            yielding: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -165,7 +175,12 @@ impl KubeWiring {
 
     /// The Kubernetes state store; starts the election.
     pub fn store(&self, id: &str) -> Arc<dyn StateStore> {
-        Arc::new(store::KubeStore::start(self.client.clone(), &self.args, id))
+        Arc::new(store::KubeStore::start(
+            self.client.clone(),
+            &self.args,
+            id,
+            self.yielding.clone(),
+        ))
     }
 
     /// Guards fed by the node watch.
@@ -176,15 +191,41 @@ impl KubeWiring {
             .collect()
     }
 
-    /// Starts the node watch feeding `engine`, if nodes are watched.
-    pub fn spawn_node_watch(&self, engine: Arc<Engine>) {
+    /// Starts the node watch feeding `engine` (if nodes are watched) and,
+    /// with `--node-name`, the task that makes this replica yield
+    /// leadership while its own node holds the baton.
+    pub fn spawn_tasks(&self, engine: Arc<Engine>) {
         if let Some(facts) = &self.facts {
             tokio::spawn(nodes::watch_nodes(
                 self.client.clone(),
                 facts.clone(),
-                engine,
+                engine.clone(),
                 self.args.ignore_notready_nodes,
             ));
+        }
+        if let Some(node) = self.args.node_name.clone() {
+            tokio::spawn(follow_own_node(engine, node, self.yielding.clone()));
+        }
+    }
+}
+
+/// Keeps `yielding` equal to "`node` holds the baton" as this replica's
+/// engine last knew it.
+async fn follow_own_node(engine: Arc<Engine>, node: String, yielding: Arc<AtomicBool>) {
+    let mut changes = engine.subscribe();
+    loop {
+        let holds = engine
+            .snapshot()
+            .await
+            .state
+            .holders
+            .keys()
+            .any(|n| n.as_str() == node);
+        if yielding.swap(holds, Ordering::SeqCst) != holds {
+            tracing::info!(node = %node, yielding = holds, "own node's baton changed");
+        }
+        if changes.changed().await.is_err() {
+            return;
         }
     }
 }

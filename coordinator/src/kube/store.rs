@@ -48,7 +48,9 @@ pub struct KubeStore {
 
 impl KubeStore {
     /// Opens the store and starts this replica's election (as `id`).
-    pub fn start(client: Client, args: &KubeArgs, id: &str) -> Self {
+    /// While `yielding` is set, this replica hands the Lease over (see
+    /// [`super::election::step`]).
+    pub fn start(client: Client, args: &KubeArgs, id: &str, yielding: Arc<AtomicBool>) -> Self {
         let (leadership, leadership_rx) = watch::channel(Leadership::default());
         let leadership = Arc::new(leadership);
         let elector = Elector::new(
@@ -61,6 +63,7 @@ impl KubeStore {
                 retry_period: args.lease_retry_period,
             },
             leadership.clone(),
+            yielding,
         );
         tokio::spawn(elector.run());
         Self {
