@@ -424,9 +424,12 @@ async fn not_ready_node_holds_the_rollout_and_control_plane_goes_one_at_a_time()
     granted(&mut cp1).await?;
     // With cp-1 holding and w2 NotReady, the limit of 2 is used up.
     let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
-    let reason = match next(&mut w1).await? {
-        Event::Queued(q) => q.reason,
-        Event::Granted(_) => anyhow::bail!("w1 granted while w2 is NotReady"),
+    let reason = loop {
+        match next(&mut w1).await? {
+            Event::Queued(q) if q.reason.contains("unavailable") => break q.reason,
+            Event::Queued(_) => continue,
+            Event::Granted(_) => anyhow::bail!("w1 granted while w2 is NotReady"),
+        }
     };
     assert!(reason.contains("w2 is unavailable"), "{reason}");
 
