@@ -204,10 +204,17 @@ pub async fn start(
     };
     {
         let engine = engine.clone();
+        let lease = kube
+            .as_ref()
+            .and_then(|k| k.lease_release(args.store == StoreKind::Kubernetes, &id));
         tokio::spawn(async move {
             shutdown.await;
             info!("shutting down: ending streams, saving state");
             engine.shutdown().await;
+            // Hand leadership over now rather than after the Lease expires.
+            if let Some(lease) = lease {
+                lease.release().await;
+            }
             let _ = stop_tx.send(true);
         });
     }

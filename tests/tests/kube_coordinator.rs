@@ -49,13 +49,13 @@ async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
         "--token-review",
         "--kube-admin",
         "ops",
-        "--lease-duration",
-        "2s",
-        "--lease-renew-deadline",
-        "1500ms",
         "--lease-retry-period",
         "250ms",
     ];
+    // Short leases unless the test sets its own.
+    if !extra.contains(&"--lease-duration") {
+        argv.extend_from_slice(&["--lease-duration", "2s", "--lease-renew-deadline", "1500ms"]);
+    }
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv)?.command;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -260,6 +260,30 @@ async fn the_leader_hands_over_while_its_own_node_holds_the_baton() -> Result<()
     assert_eq!(seen.holders.len(), 1);
     assert_eq!(seen.holders[0].fencing_token, token);
     renew(&b, "agent-n1", "n1", token).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_hands_the_lease_over() -> Result<()> {
+    let fake = cluster(&[node("n1").build()]);
+    let endpoint = fake.serve().await;
+    // A long lease: without the release, b could not lead within this test.
+    let slow = ["--lease-duration", "300s", "--lease-renew-deadline", "200s"];
+    let a = replica(&endpoint.url, "coord-a", &slow).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let b = replica(&endpoint.url, "coord-b", &slow).await?;
+
+    let Replica {
+        running,
+        _stop: stop,
+    } = a;
+    drop(stop);
+    running.done.await??;
+    let lease = fake
+        .get("coordination.k8s.io/v1/leases", NS, "baton-coordinator")
+        .context("lease")?;
+    assert_ne!(lease["spec"]["holderIdentity"], "coord-a", "{lease}");
+    eventually("replica b to lead", || leads(&b)).await;
     Ok(())
 }
 

@@ -315,6 +315,26 @@ impl Elector {
     }
 }
 
+/// Gives up Lease `name` if `id` holds it (a clean shutdown), so another
+/// replica takes over at its next round instead of after the Lease expired.
+/// The write is guarded by the resourceVersion read: a Lease someone else
+/// took meanwhile is left alone.
+pub async fn release(api: &Api<Lease>, name: &str, id: &str) -> Result<bool, ::kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let mut spec = lease.spec.take().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(id) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+    lease.spec = Some(spec);
+    api.replace(name, &PostParams::default(), &lease).await?;
+    info!(lease = %name, id = %id, "lease released");
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,6 +183,16 @@ impl KubeWiring {
         ))
     }
 
+    /// What releases the Lease on shutdown (`--store kubernetes` only).
+    pub fn lease_release(&self, store: bool, id: &str) -> Option<LeaseRelease> {
+        store.then(|| LeaseRelease {
+            api: ::kube::Api::namespaced(self.client.clone(), &self.args.namespace),
+            name: self.args.lease_name.clone(),
+            id: id.to_string(),
+            yielding: self.yielding.clone(),
+        })
+    }
+
     /// Guards fed by the node watch.
     pub fn guards(&self) -> Vec<Arc<dyn GrantGuard>> {
         self.facts
@@ -205,6 +215,25 @@ impl KubeWiring {
         }
         if let Some(node) = self.args.node_name.clone() {
             tokio::spawn(follow_own_node(engine, node, self.yielding.clone()));
+        }
+    }
+}
+
+/// Hands leadership over on a clean shutdown.
+pub struct LeaseRelease {
+    api: ::kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    name: String,
+    id: String,
+    yielding: Arc<AtomicBool>,
+}
+
+impl LeaseRelease {
+    /// Stops this replica from leading again and releases the Lease if it
+    /// holds it. Failures are logged: the Lease then simply expires.
+    pub async fn release(&self) {
+        self.yielding.store(true, Ordering::SeqCst);
+        if let Err(e) = election::release(&self.api, &self.name, &self.id).await {
+            tracing::warn!(error = %e, lease = %self.name, "could not release the lease; it will expire");
         }
     }
 }
