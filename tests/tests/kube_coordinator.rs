@@ -414,6 +414,17 @@ async fn forged_foreign_and_cross_node_tokens_are_refused() -> Result<()> {
     );
     let mut own = acquire(&a, "agent-pod-only", "n2", false).await?;
     granted(&mut own).await?;
+    // An accepted token is reviewed once, not on every call.
+    let reviews = || {
+        fake.served()
+            .iter()
+            .filter(|s| s.path.ends_with("/tokenreviews"))
+            .count()
+    };
+    let before = reviews();
+    status(&a).await?;
+    status(&a).await?;
+    assert_eq!(reviews(), before + 1);
     // No bearer token at all.
     let mut bare = CoordinatorClient::connect(format!("http://{}", a.running.grpc_addr)).await?;
     let err = bare

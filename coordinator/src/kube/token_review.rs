@@ -10,9 +10,16 @@
 //! token of a deleted pod does not carry over to a new pod of the same
 //! name). Listed admin users may act for any node.
 //!
+//! An accepted token's identity is reused for [`CACHE_TTL`] so agents'
+//! frequent calls do not each cost a review.
+//!
 //! Outcomes: no or invalid token, or wrong audience: UNAUTHENTICATED;
 //! a valid token of another account, or one not bound to a pod:
 //! PERMISSION_DENIED; the API unreachable: UNAVAILABLE.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ::kube::api::PostParams;
 use ::kube::{Api, Client};
@@ -132,11 +139,22 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
         })
 }
 
+/// How long an accepted token's identity is reused without a new review
+/// (as the API server's own webhook token cache does): agents call every few
+/// seconds, and a review per call would load the API server. A deleted pod's
+/// token keeps working at most this long.
+pub const CACHE_TTL: Duration = Duration::from_secs(30);
+/// The most identities cached; the cache is emptied when it is full.
+const CACHE_MAX: usize = 10_000;
+
 /// TokenReview authentication.
 pub struct TokenReviewAuth {
     reviews: Api<TokenReview>,
     pods: Api<Pod>,
     policy: ReviewPolicy,
+    /// Accepted tokens: identity and when it was reviewed. Refusals are
+    /// never cached.
+    accepted: Mutex<HashMap<String, (Identity, Instant)>>,
 }
 
 impl TokenReviewAuth {
@@ -153,6 +171,7 @@ impl TokenReviewAuth {
                 ),
                 admins: args.admins.clone(),
             },
+            accepted: Mutex::new(HashMap::new()),
         }
     }
 
@@ -204,26 +223,54 @@ impl Authenticator for TokenReviewAuth {
     ) -> BoxFuture<'a, Result<Identity, Status>> {
         Box::pin(async move {
             let token = bearer(credentials.metadata)?;
-            let status = self.review(token).await?;
-            let (username, node) = match bind(&status, &self.policy)? {
-                Binding::Admin(username) => {
-                    return Ok(Identity {
-                        name: format!("k8s:{username}"),
-                        scope: Scope::AnyNode,
-                        admin: true,
-                    });
-                }
-                Binding::Node { username, node } => (username, node),
-                Binding::Pod { username, pod, uid } => {
-                    let node = self.node_of_pod(&pod, uid.as_deref()).await?;
-                    (username, node)
-                }
-            };
-            Ok(Identity {
-                name: format!("k8s:{username} on node {node}"),
-                scope: Scope::Nodes(vec![node]),
-                admin: false,
-            })
+            if let Some(identity) = self.cached(token) {
+                return Ok(identity);
+            }
+            let identity = self.identify(token).await?;
+            let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+            if accepted.len() >= CACHE_MAX {
+                accepted.clear();
+            }
+            accepted.insert(token.to_string(), (identity.clone(), Instant::now()));
+            Ok(identity)
+        })
+    }
+}
+
+impl TokenReviewAuth {
+    fn cached(&self, token: &str) -> Option<Identity> {
+        let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        match accepted.get(token) {
+            Some((identity, at)) if at.elapsed() < CACHE_TTL => Some(identity.clone()),
+            Some(_) => {
+                accepted.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Reviews `token` and binds it to its node (or admin).
+    async fn identify(&self, token: &str) -> Result<Identity, Status> {
+        let status = self.review(token).await?;
+        let (username, node) = match bind(&status, &self.policy)? {
+            Binding::Admin(username) => {
+                return Ok(Identity {
+                    name: format!("k8s:{username}"),
+                    scope: Scope::AnyNode,
+                    admin: true,
+                });
+            }
+            Binding::Node { username, node } => (username, node),
+            Binding::Pod { username, pod, uid } => {
+                let node = self.node_of_pod(&pod, uid.as_deref()).await?;
+                (username, node)
+            }
+        };
+        Ok(Identity {
+            name: format!("k8s:{username} on node {node}"),
+            scope: Scope::Nodes(vec![node]),
+            admin: false,
         })
     }
 }
