@@ -193,6 +193,12 @@ impl KubeWiring {
         })
     }
 
+    /// The node facts the watch keeps (e.g. to map etcd members to nodes
+    /// by InternalIP), when nodes are watched.
+    pub fn node_facts(&self) -> Option<Arc<nodes::NodeFacts>> {
+        self.facts.clone()
+    }
+
     /// Guards fed by the node watch.
     pub fn guards(&self) -> Vec<Arc<dyn GrantGuard>> {
         self.facts
