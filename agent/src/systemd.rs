@@ -38,18 +38,22 @@ impl SystemdHost {
     async fn outcome_of(&self, unit_path: &OwnedObjectPath, job_result: &str) -> UnitOutcome {
         let mut detail = format!("job {job_result}");
         let mut success = job_result == "done";
-        if let Ok(service) = SystemdServiceProxy::builder(&self.bus)
-            .path(unit_path.clone())
-            .and_then(|b| Ok(b.cache_properties(zbus::proxy::CacheProperties::No)))
-        {
-            if let Ok(service) = service.build().await {
-                if let Ok(result) = service.result().await {
-                    success &= result == "success";
-                    detail.push_str(&format!(", result {result}"));
-                }
-                if let Ok(status) = service.exec_main_status().await {
-                    detail.push_str(&format!(", exit status {status}"));
-                }
+        let service = match SystemdServiceProxy::builder(&self.bus).path(unit_path.clone()) {
+            Ok(builder) => {
+                builder
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(service) = service {
+            if let Ok(result) = service.result().await {
+                success &= result == "success";
+                detail.push_str(&format!(", result {result}"));
+            }
+            if let Ok(status) = service.exec_main_status().await {
+                detail.push_str(&format!(", exit status {status}"));
             }
         }
         UnitOutcome {
