@@ -47,7 +47,12 @@ impl Returns {
     /// pass when their member has the same ID, votes and is healthy, and
     /// are dropped (back) after `needed` passes in a row. Returns the nodes
     /// that came back.
-    pub fn advance(&mut self, holders: &BTreeSet<NodeName>, health: &HealthSnapshot, needed: u32) -> Vec<NodeName> {
+    pub fn advance(
+        &mut self,
+        holders: &BTreeSet<NodeName>,
+        health: &HealthSnapshot,
+        needed: u32,
+    ) -> Vec<NodeName> {
         let mut back = Vec::new();
         for (node, away) in &mut self.away {
             if holders.contains(node) {
@@ -118,8 +123,18 @@ mod tests {
         let mut r = Returns::default();
         r.going_out(&n1, "n1", 1);
         let holders: BTreeSet<_> = [n1.clone()].into();
-        let healthy = cluster(Utc::now(), vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
-        let down = cluster(Utc::now(), vec![member(1, "n1").down("refused"), member(2, "n2"), member(3, "n3")]);
+        let healthy = cluster(
+            Utc::now(),
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        let down = cluster(
+            Utc::now(),
+            vec![
+                member(1, "n1").down("refused"),
+                member(2, "n2"),
+                member(3, "n3"),
+            ],
+        );
         // Healthy while still holding does not count.
         for _ in 0..5 {
             assert!(r.advance(&holders, &healthy, 3).is_empty());
@@ -140,7 +155,10 @@ mod tests {
         let n1 = NodeName::new("n1").unwrap();
         let mut r = Returns::default();
         r.going_out(&n1, "n1", 1);
-        let replaced = cluster(Utc::now(), vec![member(9, "n1"), member(2, "n2"), member(3, "n3")]);
+        let replaced = cluster(
+            Utc::now(),
+            vec![member(9, "n1"), member(2, "n2"), member(3, "n3")],
+        );
         for _ in 0..10 {
             assert!(r.advance(&BTreeSet::new(), &replaced, 3).is_empty());
         }

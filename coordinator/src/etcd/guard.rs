@@ -78,7 +78,10 @@ impl EtcdGuard {
 
     /// The last health snapshot.
     pub fn health(&self) -> Arc<HealthSnapshot> {
-        self.health.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.health
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Probes etcd every interval until the engine is gone.
@@ -116,7 +119,9 @@ impl EtcdGuard {
             if returns.contains(node) {
                 continue;
             }
-            if let Ok(EtcdRole::Member(member)) = self.settings.map.role(node, holding.control_plane, health) {
+            if let Ok(EtcdRole::Member(member)) =
+                self.settings.map.role(node, holding.control_plane, health)
+            {
                 if let Some(m) = health.member(&member) {
                     returns.going_out(node, &member, m.id);
                 }
@@ -129,10 +134,15 @@ impl EtcdGuard {
 
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
         let health = self.health();
-        let member = match self.settings.map.role(&candidate.node, candidate.control_plane, &health)? {
-            EtcdRole::Member(m) => m,
-            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
-        };
+        let member =
+            match self
+                .settings
+                .map
+                .role(&candidate.node, candidate.control_plane, &health)?
+            {
+                EtcdRole::Member(m) => m,
+                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+            };
         let target = health
             .member(&member)
             .cloned()
@@ -155,12 +165,21 @@ impl EtcdGuard {
                 .max_by_key(|m| (Some(m.id) == leader, m.applied_index))
                 .copied()
         }
-        .ok_or_else(|| format!("etcd: no healthy member other than {member} to take a snapshot from; not granting"))?;
+        .ok_or_else(|| {
+            format!(
+                "etcd: no healthy member other than {member} to take a snapshot from; not granting"
+            )
+        })?;
         let mut client = self.prober.client(&source.endpoint).await?;
         let now = (self.clock)();
         let taken = take(&mut client, &source.name, &self.settings.snapshots, now)
             .await
-            .map_err(|e| format!("etcd: snapshot from member {} failed ({e}); not granting {}", source.name, candidate.node))?;
+            .map_err(|e| {
+                format!(
+                    "etcd: snapshot from member {} failed ({e}); not granting {}",
+                    source.name, candidate.node
+                )
+            })?;
         info!(
             node = %candidate.node,
             source = %source.name,
@@ -192,17 +211,31 @@ fn summarize(health: &HealthSnapshot) -> String {
     format!(
         "{}; alarms: {}",
         members.join(", "),
-        if alarms.is_empty() { "none".to_string() } else { alarms.join(", ") }
+        if alarms.is_empty() {
+            "none".to_string()
+        } else {
+            alarms.join(", ")
+        }
     )
 }
 
 impl GrantGuard for EtcdGuard {
-    fn check(&self, candidate: &Waiter, state: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
+    fn check(
+        &self,
+        candidate: &Waiter,
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
         let health = self.health();
-        let member = match self.settings.map.role(&candidate.node, candidate.control_plane, &health)? {
-            EtcdRole::Member(m) => m,
-            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
-        };
+        let member =
+            match self
+                .settings
+                .map
+                .role(&candidate.node, candidate.control_plane, &health)?
+            {
+                EtcdRole::Member(m) => m,
+                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+            };
         let mut out = self
             .returns
             .lock()
@@ -212,7 +245,9 @@ impl GrantGuard for EtcdGuard {
             if out.iter().any(|o| o.node == node.as_str()) {
                 continue;
             }
-            if let Ok(EtcdRole::Member(m)) = self.settings.map.role(node, holding.control_plane, &health) {
+            if let Ok(EtcdRole::Member(m)) =
+                self.settings.map.role(node, holding.control_plane, &health)
+            {
                 out.push(super::rule::OutNode {
                     node: node.to_string(),
                     member: m,
@@ -220,7 +255,14 @@ impl GrantGuard for EtcdGuard {
                 });
             }
         }
-        may_take_down(&health, candidate.node.as_str(), &member, &out, &self.settings.quorum, now)
+        may_take_down(
+            &health,
+            candidate.node.as_str(),
+            &member,
+            &out,
+            &self.settings.quorum,
+            now,
+        )
     }
 }
 

@@ -105,7 +105,10 @@ impl HealthSnapshot {
         let Some(first) = healthy.first() else {
             return Err("no member is healthy".to_string());
         };
-        if let Some(other) = healthy.iter().find(|m| (m.leader, m.term) != (first.leader, first.term)) {
+        if let Some(other) = healthy
+            .iter()
+            .find(|m| (m.leader, m.term) != (first.leader, first.term))
+        {
             return Err(format!(
                 "members disagree on the leader ({} says {:x} at term {}, {} says {:x} at term {})",
                 first.label(),

@@ -17,7 +17,11 @@ pub const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 /// If `candidate` leads, moves leadership to the most caught-up healthy
 /// voter and waits until that member reports itself leader. Returns the new
 /// leader's name when a move happened.
-pub async fn move_away(prober: &Prober, health: &HealthSnapshot, candidate: &MemberHealth) -> Result<Option<String>, String> {
+pub async fn move_away(
+    prober: &Prober,
+    health: &HealthSnapshot,
+    candidate: &MemberHealth,
+) -> Result<Option<String>, String> {
     let t = prober.settings().timeout;
     let mut own = prober.client(&candidate.endpoint).await?;
     let status = within(t, own.status())
@@ -31,11 +35,21 @@ pub async fn move_away(prober: &Prober, health: &HealthSnapshot, candidate: &Mem
         .iter()
         .filter(|m| m.id != candidate.id && m.voting() && m.healthy())
         .max_by_key(|m| m.applied_index)
-        .ok_or_else(|| format!("member {} leads and no healthy voter can take over", candidate.name))?;
+        .ok_or_else(|| {
+            format!(
+                "member {} leads and no healthy voter can take over",
+                candidate.name
+            )
+        })?;
     info!(from = %candidate.name, to = %target.name, "moving etcd leadership away before maintenance");
     within(t.max(Duration::from_secs(5)), own.move_leader(target.id))
         .await
-        .map_err(|e| format!("moving leadership from {} to {}: {e}", candidate.name, target.name))?;
+        .map_err(|e| {
+            format!(
+                "moving leadership from {} to {}: {e}",
+                candidate.name, target.name
+            )
+        })?;
     let mut theirs = prober.client(&target.endpoint).await?;
     let deadline = tokio::time::Instant::now() + CONFIRM_WITHIN;
     loop {

@@ -77,12 +77,20 @@ impl MemberMap {
 
     /// The member name `node` would carry.
     pub fn member_name<'a>(&'a self, node: &'a NodeName) -> &'a str {
-        self.overrides.get(node).map(String::as_str).unwrap_or(node.as_str())
+        self.overrides
+            .get(node)
+            .map(String::as_str)
+            .unwrap_or(node.as_str())
     }
 
     /// What `node` is, given the member list in `health`; `Err` is the
     /// reason it must wait.
-    pub fn role(&self, node: &NodeName, control_plane: bool, health: &HealthSnapshot) -> Result<EtcdRole, String> {
+    pub fn role(
+        &self,
+        node: &NodeName,
+        control_plane: bool,
+        health: &HealthSnapshot,
+    ) -> Result<EtcdRole, String> {
         if self.exempt.contains(node) {
             return Ok(EtcdRole::Exempt);
         }
@@ -124,13 +132,27 @@ mod tests {
     fn maps_by_name_override_and_exemption() {
         let map = MemberMap::new(&["cp-a=etcd-1".to_string()], &[n("cp-x")]).unwrap();
         let health = cluster(Utc::now(), vec![member(1, "etcd-1"), member(2, "cp-b")]);
-        assert_eq!(map.role(&n("cp-a"), true, &health), Ok(EtcdRole::Member("etcd-1".into())));
-        assert_eq!(map.role(&n("cp-b"), true, &health), Ok(EtcdRole::Member("cp-b".into())));
+        assert_eq!(
+            map.role(&n("cp-a"), true, &health),
+            Ok(EtcdRole::Member("etcd-1".into()))
+        );
+        assert_eq!(
+            map.role(&n("cp-b"), true, &health),
+            Ok(EtcdRole::Member("cp-b".into()))
+        );
         assert_eq!(map.role(&n("cp-x"), true, &health), Ok(EtcdRole::Exempt));
         assert_eq!(map.role(&n("w1"), false, &health), Ok(EtcdRole::NotEtcd));
-        assert!(map.role(&n("cp-c"), true, &health).unwrap_err().contains("no member named cp-c"));
+        assert!(
+            map.role(&n("cp-c"), true, &health)
+                .unwrap_err()
+                .contains("no member named cp-c")
+        );
         let bad = MemberMap::new(&["w1=gone".to_string()], &[]).unwrap();
-        assert!(bad.role(&n("w1"), false, &health).unwrap_err().contains("mapped to member gone"));
+        assert!(
+            bad.role(&n("w1"), false, &health)
+                .unwrap_err()
+                .contains("mapped to member gone")
+        );
     }
 
     #[test]

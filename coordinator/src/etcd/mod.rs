@@ -31,7 +31,11 @@ use std::time::Duration;
 
 /// Builds a client for one etcd endpoint (one per member, so that every
 /// probe asks exactly that member).
-pub async fn connect(endpoint: &str, tls: Option<&etcd_client::TlsOptions>, timeout: Duration) -> Result<etcd_client::Client, String> {
+pub async fn connect(
+    endpoint: &str,
+    tls: Option<&etcd_client::TlsOptions>,
+    timeout: Duration,
+) -> Result<etcd_client::Client, String> {
     let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout)
@@ -47,16 +51,22 @@ pub async fn connect(endpoint: &str, tls: Option<&etcd_client::TlsOptions>, time
 /// The innermost cause of an etcd-client error, lowercase and without the
 /// OS error number: "connection refused", "etcdserver: no leader".
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut root: &(dyn std::error::Error + 'static) = error;
+    // etcd-client's error does not expose its cause through `source()`:
+    // unwrap its variants by hand, then follow the chain to the root.
+    let inner: &(dyn std::error::Error + 'static) = match error.downcast_ref::<etcd_client::Error>()
+    {
+        Some(etcd_client::Error::GRpcStatus(status)) => status,
+        Some(etcd_client::Error::TransportError(e)) => e,
+        Some(etcd_client::Error::IoError(e)) => e,
+        _ => error,
+    };
+    let mut root = inner;
     while let Some(next) = root.source() {
         root = next;
     }
-    let text = match root.downcast_ref::<etcd_client::Error>() {
-        Some(etcd_client::Error::GRpcStatus(status)) => status.message().to_string(),
-        _ => match root.downcast_ref::<tonic::Status>() {
-            Some(status) => status.message().to_string(),
-            None => root.to_string(),
-        },
+    let text = match root.downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_string(),
+        None => root.to_string(),
     };
     let text = match text.find(" (os error") {
         Some(i) => &text[..i],
@@ -70,7 +80,10 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Runs `call` with a deadline; a timeout becomes "no answer within ...".
-pub async fn within<T, E>(limit: Duration, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String>
+pub async fn within<T, E>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String>
 where
     E: std::error::Error + 'static,
 {

@@ -94,7 +94,14 @@ impl Prober {
         if let Some(c) = clients.get(endpoint) {
             return Ok(c.clone());
         }
-        let client = connect(endpoint, self.settings.tls.as_ref(), self.settings.timeout).await?;
+        // The client's own deadline is longer than the probe's, so a hung
+        // member is reported as "no answer within ...".
+        let client = connect(
+            endpoint,
+            self.settings.tls.as_ref(),
+            self.settings.timeout * 2,
+        )
+        .await?;
         clients.insert(endpoint.to_string(), client.clone());
         Ok(client)
     }
@@ -116,7 +123,9 @@ impl Prober {
         let mut list = Err("no etcd endpoint configured".to_string());
         for endpoint in &self.settings.endpoints {
             list = match self.client(endpoint).await {
-                Ok(mut c) => within(t, c.member_list()).await.map_err(|e| format!("{endpoint}: {e}")),
+                Ok(mut c) => within(t, c.member_list())
+                    .await
+                    .map_err(|e| format!("{endpoint}: {e}")),
                 Err(e) => Err(format!("{endpoint}: {e}")),
             };
             if list.is_ok() {
@@ -130,19 +139,33 @@ impl Prober {
         let members: Vec<(u64, String, bool, Option<String>)> = list
             .members()
             .iter()
-            .map(|m| (m.id(), m.name().to_string(), m.is_learner(), self.endpoint_of(m.client_urls())))
+            .map(|m| {
+                (
+                    m.id(),
+                    m.name().to_string(),
+                    m.is_learner(),
+                    self.endpoint_of(m.client_urls()),
+                )
+            })
             .collect();
-        let probes = futures::future::join_all(members.iter().map(|(_, name, _, endpoint)| async move {
-            match (name.is_empty(), endpoint) {
-                (false, Some(ep)) => Some(self.probe_member(ep).await),
-                _ => None,
-            }
-        }))
-        .await;
+        let probes =
+            futures::future::join_all(members.iter().map(|(_, name, _, endpoint)| async move {
+                match (name.is_empty(), endpoint) {
+                    (false, Some(ep)) => Some(self.probe_member(ep).await),
+                    _ => None,
+                }
+            }))
+            .await;
         // The leader's own raft index, as the leader reported it in each sample.
-        let statuses: Vec<(u64, &MemberProbe)> = members.iter().zip(&probes).filter_map(|((id, ..), p)| p.as_ref().map(|p| (*id, p))).collect();
+        let statuses: Vec<(u64, &MemberProbe)> = members
+            .iter()
+            .zip(&probes)
+            .filter_map(|((id, ..), p)| p.as_ref().map(|p| (*id, p)))
+            .collect();
         let leader_index = |pick: fn(&MemberProbe) -> &Result<Status, String>| -> Option<u64> {
-            let leader = statuses.iter().find_map(|(_, p)| pick(p).as_ref().ok().map(|s| s.leader))?;
+            let leader = statuses
+                .iter()
+                .find_map(|(_, p)| pick(p).as_ref().ok().map(|s| s.leader))?;
             statuses
                 .iter()
                 .find(|(id, _)| *id == leader)
@@ -190,9 +213,16 @@ impl Prober {
         }
     }
 
-    fn judge(&self, p: &MemberProbe, leader_first: Option<u64>, leader_second: Option<u64>) -> Result<(), String> {
+    fn judge(
+        &self,
+        p: &MemberProbe,
+        leader_first: Option<u64>,
+        leader_second: Option<u64>,
+    ) -> Result<(), String> {
         let first = p.first.clone()?;
-        p.read.clone().map_err(|e| format!("linearizable read failed: {e}"))?;
+        p.read
+            .clone()
+            .map_err(|e| format!("linearizable read failed: {e}"))?;
         let second = p.second.clone()?;
         if first.is_learner || second.is_learner {
             return Err("is a learner".to_string());
@@ -207,7 +237,9 @@ impl Prober {
             };
             let lag = leader_index.saturating_sub(sample.applied_index);
             if lag > bound {
-                return Err(format!("apply lag {lag} entries behind the leader (limit {bound})"));
+                return Err(format!(
+                    "apply lag {lag} entries behind the leader (limit {bound})"
+                ));
             }
         }
         Ok(())
@@ -234,17 +266,35 @@ impl Prober {
                 second: first,
             };
         }
-        let read = within(t, client.get(self.settings.read_key.as_str(), None)).await.map(|_| ());
+        let read = within(t, client.get(self.settings.read_key.as_str(), None))
+            .await
+            .map(|_| ());
         let second = within(t, client.status()).await.and_then(|s| reduce(&s));
-        MemberProbe { first, read, second }
+        MemberProbe {
+            first,
+            read,
+            second,
+        }
     }
 
-    /// The alarm list, asked of the healthy members in turn.
+    /// The alarm list, asked of the healthy members first, then the others
+    /// (an active alarm makes every member report errors in Status, so
+    /// unhealthy members must be asked too).
     async fn alarms(&self, members: &[MemberHealth]) -> Result<Vec<Alarm>, String> {
-        let mut last = "no healthy member to ask".to_string();
-        for m in members.iter().filter(|m| m.healthy()) {
+        let mut last = "no member to ask".to_string();
+        let healthy_first = members
+            .iter()
+            .filter(|m| m.healthy())
+            .chain(members.iter().filter(|m| !m.healthy()))
+            .filter(|m| !m.endpoint.is_empty());
+        for m in healthy_first {
             let mut client = self.client(&m.endpoint).await?;
-            match within(self.settings.timeout, client.alarm(AlarmAction::Get, AlarmType::None, None)).await {
+            match within(
+                self.settings.timeout,
+                client.alarm(AlarmAction::Get, AlarmType::None, None),
+            )
+            .await
+            {
                 Ok(resp) => {
                     return Ok(resp
                         .alarms()

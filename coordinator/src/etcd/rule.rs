@@ -93,20 +93,29 @@ fn check(
         return Err(format!("cannot read the cluster ({reason})"));
     }
     let Some(target) = health.member(member) else {
-        return Err(format!("member {member} of node {node} is not in the member list"));
+        return Err(format!(
+            "member {member} of node {node} is not in the member list"
+        ));
     };
     if let Some(alarm) = health.alarms.first() {
         let by = health
             .member_by_id(alarm.member_id)
             .map(|m| m.label())
             .unwrap_or_else(|| format!("{:x}", alarm.member_id));
-        return Err(format!("alarm {} raised by member {by}; no etcd node goes down until it is cleared", alarm.kind));
+        return Err(format!(
+            "alarm {} raised by member {by}; no etcd node goes down until it is cleared",
+            alarm.kind
+        ));
     }
     if let Some(e) = &health.alarm_error {
         return Err(format!("cannot read the alarm list ({e})"));
     }
     if let Some(m) = health.members.iter().find(|m| !m.voting()) {
-        let what = if m.started() { "is a learner" } else { "was added but has not started" };
+        let what = if m.started() {
+            "is a learner"
+        } else {
+            "was added but has not started"
+        };
         return Err(format!(
             "member {} {what}; no etcd node goes down while the membership is changing",
             m.label()
@@ -138,7 +147,10 @@ fn check(
         return Ok(());
     }
     health.agreed_leader()?;
-    let unhealthy: Vec<_> = voting.iter().filter(|m| m.id != target.id && !m.healthy()).collect();
+    let unhealthy: Vec<_> = voting
+        .iter()
+        .filter(|m| m.id != target.id && !m.healthy())
+        .collect();
     let h = v - 1 - unhealthy.len();
     let degraded_ok = settings.allow_degraded && v >= 5;
     let required = if degraded_ok { q } else { v - 1 };
@@ -147,7 +159,13 @@ fn check(
     }
     let list: Vec<String> = unhealthy
         .iter()
-        .map(|m| format!("{} unhealthy ({})", m.label(), m.problem.as_deref().unwrap_or("unknown")))
+        .map(|m| {
+            format!(
+                "{} unhealthy ({})",
+                m.label(),
+                m.problem.as_deref().unwrap_or("unknown")
+            )
+        })
         .collect();
     let who = if list.len() == 1 {
         format!("member {}", list[0])
@@ -161,7 +179,11 @@ fn check(
     } else {
         Err(format!(
             "{who}; taking {member} down would leave {h} of {v} voting members (quorum is {q}), and every other voting member must be healthy{}",
-            if v >= 5 { " unless --etcd-allow-degraded is set" } else { "" }
+            if v >= 5 {
+                " unless --etcd-allow-degraded is set"
+            } else {
+                ""
+            }
         ))
     }
 }

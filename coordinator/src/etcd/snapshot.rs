@@ -39,9 +39,16 @@ pub struct Taken {
 
 /// Streams a snapshot from `client` (one member's client) into the
 /// directory, verifies it and rotates old ones. The error is a sentence.
-pub async fn take(client: &mut Client, member: &str, settings: &SnapshotSettings, now: DateTime<Utc>) -> Result<Taken, String> {
+pub async fn take(
+    client: &mut Client,
+    member: &str,
+    settings: &SnapshotSettings,
+    now: DateTime<Utc>,
+) -> Result<Taken, String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
-    tokio::fs::create_dir_all(&settings.dir).await.map_err(|e| io("creating", &settings.dir, e))?;
+    tokio::fs::create_dir_all(&settings.dir)
+        .await
+        .map_err(|e| io("creating", &settings.dir, e))?;
     let name = format!("etcd-{}-{member}.db", now.format("%Y%m%dT%H%M%S%.3fZ"));
     let part = settings.dir.join(format!(".{name}.part"));
     let result = stream_to(client, &part, settings.stall_timeout).await;
@@ -53,15 +60,26 @@ pub async fn take(client: &mut Client, member: &str, settings: &SnapshotSettings
         }
     };
     let path = settings.dir.join(&name);
-    tokio::fs::rename(&part, &path).await.map_err(|e| io("renaming to", &path, e))?;
+    tokio::fs::rename(&part, &path)
+        .await
+        .map_err(|e| io("renaming to", &path, e))?;
     let sum_path = settings.dir.join(format!("{name}.sha256"));
     let sum_part = settings.dir.join(format!(".{name}.sha256.part"));
-    write_synced(&sum_part, format!("{}  {name}\n", verified.file_sha256).as_bytes())
+    write_synced(
+        &sum_part,
+        format!("{}  {name}\n", verified.file_sha256).as_bytes(),
+    )
+    .await
+    .map_err(|e| io("writing", &sum_part, e))?;
+    tokio::fs::rename(&sum_part, &sum_path)
         .await
-        .map_err(|e| io("writing", &sum_part, e))?;
-    tokio::fs::rename(&sum_part, &sum_path).await.map_err(|e| io("renaming to", &sum_path, e))?;
-    sync_dir(&settings.dir).await.map_err(|e| io("syncing", &settings.dir, e))?;
-    rotate(&settings.dir, settings.keep.max(1)).await.map_err(|e| io("rotating", &settings.dir, e))?;
+        .map_err(|e| io("renaming to", &sum_path, e))?;
+    sync_dir(&settings.dir)
+        .await
+        .map_err(|e| io("syncing", &settings.dir, e))?;
+    rotate(&settings.dir, settings.keep.max(1))
+        .await
+        .map_err(|e| io("rotating", &settings.dir, e))?;
     Ok(Taken {
         path,
         size: verified.size,
@@ -69,19 +87,30 @@ pub async fn take(client: &mut Client, member: &str, settings: &SnapshotSettings
     })
 }
 
-async fn stream_to(client: &mut Client, part: &Path, stall: Duration) -> Result<super::verify::Verified, String> {
-    let mut stream = within(stall, client.snapshot()).await.map_err(|e| format!("starting the snapshot: {e}"))?;
+async fn stream_to(
+    client: &mut Client,
+    part: &Path,
+    stall: Duration,
+) -> Result<super::verify::Verified, String> {
+    let mut stream = within(stall, client.snapshot())
+        .await
+        .map_err(|e| format!("starting the snapshot: {e}"))?;
     let mut file = tokio::fs::File::create(part)
         .await
         .map_err(|e| format!("creating {}: {e}", part.display()))?;
     let mut check = TrailerCheck::default();
-    while let Some(chunk) = within(stall, stream.message()).await.map_err(|e| format!("reading the snapshot stream: {e}"))? {
+    while let Some(chunk) = within(stall, stream.message())
+        .await
+        .map_err(|e| format!("reading the snapshot stream: {e}"))?
+    {
         check.update(chunk.blob());
         file.write_all(chunk.blob())
             .await
             .map_err(|e| format!("writing {}: {e}", part.display()))?;
     }
-    file.sync_all().await.map_err(|e| format!("syncing {}: {e}", part.display()))?;
+    file.sync_all()
+        .await
+        .map_err(|e| format!("syncing {}: {e}", part.display()))?;
     check.finish().map_err(|e| e.to_string())
 }
 

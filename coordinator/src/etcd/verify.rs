@@ -106,8 +106,14 @@ mod tests {
         assert_eq!(v.file_sha256, hex::encode(Sha256::digest(&good)));
         let mut flipped = good.clone();
         flipped[100] ^= 1;
-        assert!(matches!(verify(&flipped), Err(SnapshotError::Mismatch { .. })));
-        assert!(matches!(verify(&good[..good.len() - 1]), Err(SnapshotError::BadSize { .. })));
+        assert!(matches!(
+            verify(&flipped),
+            Err(SnapshotError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            verify(&good[..good.len() - 1]),
+            Err(SnapshotError::BadSize { .. })
+        ));
         assert!(matches!(verify(&[]), Err(SnapshotError::BadSize { .. })));
     }
 

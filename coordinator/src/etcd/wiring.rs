@@ -13,8 +13,8 @@ use super::snapshot::SnapshotSettings;
 use crate::config::{EtcdArgs, ServeArgs};
 use crate::engine::Clock;
 use crate::node::{NodeName, NodeNameError};
-use crate::store::etcd::{EtcdStore, EtcdStoreSettings};
 use crate::store::StoreError;
+use crate::store::etcd::{EtcdStore, EtcdStoreSettings};
 
 /// Why the etcd settings were refused.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,8 @@ pub fn guard(args: &ServeArgs, clock: Clock) -> Result<Option<Arc<EtcdGuard>>, E
         quorum: QuorumSettings {
             allow_degraded: e.etcd_allow_degraded,
             allow_outage: e.etcd_allow_outage,
-            max_age: chrono::Duration::from_std(e.etcd_max_health_age).unwrap_or(chrono::Duration::seconds(5)),
+            max_age: chrono::Duration::from_std(e.etcd_max_health_age)
+                .unwrap_or(chrono::Duration::seconds(5)),
         },
         probe_interval: e.etcd_probe_interval,
         snapshots: SnapshotSettings {

@@ -93,7 +93,12 @@ impl EtcdStore {
         }
         let client = Client::connect(&settings.endpoints, Some(options))
             .await
-            .map_err(|e| StoreError::Backend(format!("connecting to etcd at {endpoint_list}: {}", crate::etcd::describe(&e))))?;
+            .map_err(|e| {
+                StoreError::Backend(format!(
+                    "connecting to etcd at {endpoint_list}: {}",
+                    crate::etcd::describe(&e)
+                ))
+            })?;
         let shared = Arc::new(Shared {
             client,
             settings,
@@ -112,7 +117,12 @@ impl EtcdStore {
     /// The election lease of this replica while it leads (for tests and
     /// operators: revoking it deposes this replica).
     pub fn election_lease(&self) -> Option<i64> {
-        self.shared.claim.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|c| c.lease)
+        self.shared
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.lease)
     }
 }
 
@@ -129,7 +139,12 @@ impl Shared {
 
     /// Gives up the claim (the election task is already starting over).
     fn give_up(&self, reason: &str) {
-        let had = self.claim.lock().unwrap_or_else(|e| e.into_inner()).take().is_some();
+        let had = self
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some();
         if had {
             warn!(reason, "stepping down as coordinator leader");
         }
@@ -179,7 +194,9 @@ impl Shared {
             r = &mut keepalive => return r,
             _ = self.follow(&mut election) => return Err("following stopped".to_string()),
         };
-        let key = won.leader().ok_or("campaign answered without a leader key")?;
+        let key = won
+            .leader()
+            .ok_or("campaign answered without a leader key")?;
         let claim = Claim {
             key: key.key().to_vec(),
             create_revision: key.rev(),
@@ -208,10 +225,15 @@ impl Shared {
         let mut channel = None;
         loop {
             if last_ok.elapsed() > ttl * 2 / 3 {
-                return Err(format!("election lease not renewed for {}ms", last_ok.elapsed().as_millis()));
+                return Err(format!(
+                    "election lease not renewed for {}ms",
+                    last_ok.elapsed().as_millis()
+                ));
             }
             if channel.is_none() {
-                channel = within(self.settings.timeout, client.lease_keep_alive(lease)).await.ok();
+                channel = within(self.settings.timeout, client.lease_keep_alive(lease))
+                    .await
+                    .ok();
             }
             if let Some((keeper, stream)) = channel.as_mut() {
                 let renewed = async {
@@ -231,7 +253,9 @@ impl Shared {
     /// While not leading: keeps `leader` current with the elected id.
     async fn follow(&self, election: &mut ElectionClient) {
         loop {
-            if let Ok(resp) = within(self.settings.timeout, election.leader(self.election_name())).await {
+            if let Ok(resp) =
+                within(self.settings.timeout, election.leader(self.election_name())).await
+            {
                 if let Some(kv) = resp.kv() {
                     let leader = String::from_utf8_lossy(kv.value()).to_string();
                     let term = kv.create_revision() as u64;
@@ -275,23 +299,31 @@ impl StateStore for EtcdStore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
-                .ok_or_else(|| StoreError::NotLeader("this replica holds no election key".to_string()))?;
+                .ok_or_else(|| {
+                    StoreError::NotLeader("this replica holds no election key".to_string())
+                })?;
             let key = self.state_key();
             let txn = Txn::new()
-                .when([Compare::create_revision(claim.key.clone(), CompareOp::Equal, claim.create_revision)])
+                .when([Compare::create_revision(
+                    claim.key.clone(),
+                    CompareOp::Equal,
+                    claim.create_revision,
+                )])
                 .and_then([TxnOp::put(key.as_str(), encode(state), None)]);
             let mut client = self.shared.client.clone();
             match within(self.shared.settings.timeout, client.txn(txn)).await {
                 Ok(resp) if resp.succeeded() => Ok(()),
                 Ok(_) => {
-                    self.shared.step_down("the election key is gone; another replica may lead");
+                    self.shared
+                        .step_down("the election key is gone; another replica may lead");
                     Err(StoreError::NotLeader(
                         "the election key is gone (lease expired or revoked): this replica was deposed".to_string(),
                     ))
                 }
                 Err(e) => {
                     // The write may or may not have happened: reload after re-election.
-                    self.shared.step_down("a state write had an unknown outcome");
+                    self.shared
+                        .step_down("a state write had an unknown outcome");
                     Err(StoreError::Backend(format!("writing {key}: {e}")))
                 }
             }

@@ -38,7 +38,11 @@ fn one_unhealthy_member_blocks_with_the_exact_reason() {
 fn stale_or_unreadable_data_answers_no() {
     let settings = QuorumSettings::default();
     let old = cluster(now() - Duration::seconds(6), three());
-    assert!(may_take_down(&old, "n1", "n1", &[], &settings, now()).unwrap_err().contains("old"));
+    assert!(
+        may_take_down(&old, "n1", "n1", &[], &settings, now())
+            .unwrap_err()
+            .contains("old")
+    );
     let gone = HealthSnapshot::unreadable(now(), "connection refused");
     assert_eq!(
         may_take_down(&gone, "n1", "n1", &[], &settings, now()),
@@ -50,21 +54,47 @@ fn stale_or_unreadable_data_answers_no() {
 fn alarms_learners_and_two_member_clusters_block() {
     let settings = QuorumSettings::default();
     let mut alarmed = cluster(now(), three());
-    alarmed.alarms.push(Alarm { member_id: 2, kind: "NOSPACE".into() });
-    assert!(may_take_down(&alarmed, "n1", "n1", &[], &settings, now()).unwrap_err().contains("alarm NOSPACE raised by member n2"));
+    alarmed.alarms.push(Alarm {
+        member_id: 2,
+        kind: "NOSPACE".into(),
+    });
+    assert!(
+        may_take_down(&alarmed, "n1", "n1", &[], &settings, now())
+            .unwrap_err()
+            .contains("alarm NOSPACE raised by member n2")
+    );
     let mut with_learner = three();
     with_learner.push(member(4, "n4").learner());
-    assert!(run(with_learner, &settings).unwrap_err().contains("member n4 is a learner"));
-    assert!(run(vec![member(1, "n1"), member(2, "n2")], &settings).unwrap_err().contains("2-member"));
-    let outage = QuorumSettings { allow_outage: true, ..settings.clone() };
-    assert!(run(vec![member(1, "n1")], &settings).unwrap_err().contains("--etcd-allow-outage"));
+    assert!(
+        run(with_learner, &settings)
+            .unwrap_err()
+            .contains("member n4 is a learner")
+    );
+    assert!(
+        run(vec![member(1, "n1"), member(2, "n2")], &settings)
+            .unwrap_err()
+            .contains("2-member")
+    );
+    let outage = QuorumSettings {
+        allow_outage: true,
+        ..settings.clone()
+    };
+    assert!(
+        run(vec![member(1, "n1")], &settings)
+            .unwrap_err()
+            .contains("--etcd-allow-outage")
+    );
     assert_eq!(run(vec![member(1, "n1")], &outage), Ok(()));
     assert!(run(vec![member(1, "n1"), member(2, "n2")], &outage).is_err());
 }
 
 #[test]
 fn another_etcd_node_out_blocks() {
-    let out = [OutNode { node: "n2".into(), member: "n2".into(), why: "holds the baton".into() }];
+    let out = [OutNode {
+        node: "n2".into(),
+        member: "n2".into(),
+        why: "holds the baton".into(),
+    }];
     let health = cluster(now(), three());
     assert_eq!(
         may_take_down(&health, "n1", "n1", &out, &QuorumSettings::default(), now()),
@@ -74,33 +104,46 @@ fn another_etcd_node_out_blocks() {
 
 #[test]
 fn degraded_is_allowed_only_from_five_members() {
-    let degraded = QuorumSettings { allow_degraded: true, ..QuorumSettings::default() };
+    let degraded = QuorumSettings {
+        allow_degraded: true,
+        ..QuorumSettings::default()
+    };
     let mut five: Vec<_> = (1..=5).map(|i| member(i, &format!("n{i}"))).collect();
     five[4] = member(5, "n5").down("timed out");
     assert!(run(five.clone(), &QuorumSettings::default()).is_err());
     assert_eq!(run(five.clone(), &degraded), Ok(()));
     five[3] = member(4, "n4").down("timed out");
-    assert!(run(five, &degraded).unwrap_err().contains("would leave 2 of 5 voting members, quorum is 3"));
+    assert!(
+        run(five, &degraded)
+            .unwrap_err()
+            .contains("would leave 2 of 5 voting members, quorum is 3")
+    );
     let mut three = three();
     three[2] = member(3, "n3").down("x");
     assert!(run(three, &degraded).is_err());
 }
 
 fn arb_member(id: u64) -> impl Strategy<Value = MemberHealth> {
-    (any::<bool>(), prop::bool::weighted(0.1), prop::bool::weighted(0.05), prop::bool::weighted(0.1)).prop_map(move |(healthy, learner, unstarted, disagrees)| {
-        let mut m = member(id, &format!("n{id}"));
-        if !healthy {
-            m.problem = Some("down".into());
-        }
-        m.is_learner = learner;
-        if unstarted {
-            m.name.clear();
-        }
-        if disagrees {
-            m.leader = 2;
-        }
-        m
-    })
+    (
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.05),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(move |(healthy, learner, unstarted, disagrees)| {
+            let mut m = member(id, &format!("n{id}"));
+            if !healthy {
+                m.problem = Some("down".into());
+            }
+            m.is_learner = learner;
+            if unstarted {
+                m.name.clear();
+            }
+            if disagrees {
+                m.leader = 2;
+            }
+            m
+        })
 }
 
 fn arb_cluster() -> impl Strategy<Value = Vec<MemberHealth>> {
