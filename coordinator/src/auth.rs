@@ -77,10 +77,7 @@ pub struct Credentials<'a> {
 /// Turns credentials into an identity.
 pub trait Authenticator: Send + Sync + 'static {
     /// The caller's identity, or UNAUTHENTICATED.
-    fn authenticate<'a>(
-        &'a self,
-        credentials: Credentials<'a>,
-    ) -> BoxFuture<'a, Result<Identity, Status>>;
+    fn authenticate<'a>(&'a self, credentials: Credentials<'a>) -> BoxFuture<'a, Result<Identity, Status>>;
 }
 
 /// `--insecure`: every caller may do everything.
@@ -107,20 +104,16 @@ pub struct MutualTls {
 }
 
 impl Authenticator for MutualTls {
-    fn authenticate<'a>(
-        &'a self,
-        credentials: Credentials<'a>,
-    ) -> BoxFuture<'a, Result<Identity, Status>> {
+    fn authenticate<'a>(&'a self, credentials: Credentials<'a>) -> BoxFuture<'a, Result<Identity, Status>> {
         Box::pin(async move {
-            let certs = credentials.peer_certs.ok_or_else(|| {
-                Status::unauthenticated("a client certificate is required (mutual TLS)")
-            })?;
-            let leaf = certs.first().ok_or_else(|| {
-                Status::unauthenticated("a client certificate is required (mutual TLS)")
-            })?;
-            let names = certificate_names(leaf.as_ref()).map_err(|e| {
-                Status::unauthenticated(format!("client certificate unreadable: {e}"))
-            })?;
+            let certs = credentials
+                .peer_certs
+                .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
+            let leaf = certs
+                .first()
+                .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
+            let names = certificate_names(leaf.as_ref())
+                .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
             if names.is_empty() {
                 return Err(Status::unauthenticated(
                     "client certificate has neither a common name nor DNS names",
@@ -129,11 +122,7 @@ impl Authenticator for MutualTls {
             let admin = names.iter().any(|n| self.admin_names.contains(n));
             Ok(Identity {
                 name: format!("cert:{}", names[0]),
-                scope: if admin {
-                    Scope::AnyNode
-                } else {
-                    Scope::Nodes(names)
-                },
+                scope: if admin { Scope::AnyNode } else { Scope::Nodes(names) },
                 admin,
             })
         })

@@ -79,9 +79,7 @@ impl Engine {
             .state
             .holders
             .iter()
-            .filter(|(n, h)| {
-                h.is_overdue(now, self.config.overdue_after) && !inner.overdue_seen.contains(*n)
-            })
+            .filter(|(n, h)| h.is_overdue(now, self.config.overdue_after) && !inner.overdue_seen.contains(*n))
             .map(|(n, h)| (n.clone(), h.fencing_token))
             .collect();
         for (node, token) in newly {
@@ -110,14 +108,7 @@ impl Engine {
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         guards.push(&failures);
-        decide(
-            &inner.state,
-            &queue,
-            &inner.unavailable,
-            &self.config.policy,
-            &guards,
-            now,
-        )
+        decide(&inner.state, &queue, &inner.unavailable, &self.config.policy, &guards, now)
     }
 
     /// Grants every node the rule allows, one at a time, then tells the rest
@@ -130,9 +121,7 @@ impl Engine {
             }
             inner.queue.retain(|q| !q.events.is_closed());
             let now = self.now();
-            inner
-                .prepare_failed
-                .retain(|_, (_, retry_at)| *retry_at > now);
+            inner.prepare_failed.retain(|_, (_, retry_at)| *retry_at > now);
             let decision = self.decide_now(&inner, now);
             let Some(candidate) = decision.grant else {
                 self.tell_waiters(&mut inner, decision);
@@ -152,11 +141,7 @@ impl Engine {
                 if let Err(reason) = self.prepare(&waiter).await {
                     let retry_at = self.now() + self.config.prepare_retry;
                     warn!(node = %candidate, reason = %reason, "preparing the grant failed; the node keeps waiting");
-                    self.inner
-                        .lock()
-                        .await
-                        .prepare_failed
-                        .insert(candidate, (reason, retry_at));
+                    self.inner.lock().await.prepare_failed.insert(candidate, (reason, retry_at));
                     continue;
                 }
                 inner = self.inner.lock().await;
@@ -195,15 +180,7 @@ impl Engine {
         let now = self.now();
         let request = inner.queue[idx].request.clone();
         let result = self
-            .commit(inner, |s| {
-                s.grant(
-                    node,
-                    request.control_plane,
-                    request.manual,
-                    &request.reason,
-                    now,
-                )
-            })
+            .commit(inner, |s| s.grant(node, request.control_plane, request.manual, &request.reason, now))
             .await;
         let token = match result {
             Ok(token) => token,
@@ -222,9 +199,7 @@ impl Engine {
         })));
         self.metrics.grants.inc();
         if let Some(started) = inner.handoff_started.take() {
-            self.metrics
-                .handoff_latency
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.handoff_latency.observe(started.elapsed().as_secs_f64());
         }
         self.metrics.queue_length.set(inner.queue.len() as i64);
         info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");

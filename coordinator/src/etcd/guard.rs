@@ -121,10 +121,9 @@ impl EtcdGuard {
             }
             if let Ok(EtcdRole::Member(member)) =
                 self.settings.map.role(node, holding.control_plane, health)
+                && let Some(m) = health.member(&member)
             {
-                if let Some(m) = health.member(&member) {
-                    returns.going_out(node, &member, m.id);
-                }
+                returns.going_out(node, &member, m.id);
             }
         }
         for node in returns.advance(holders, health, self.settings.back_after) {

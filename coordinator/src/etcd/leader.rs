@@ -53,11 +53,11 @@ pub async fn move_away(
     let mut theirs = prober.client(&target.endpoint).await?;
     let deadline = tokio::time::Instant::now() + CONFIRM_WITHIN;
     loop {
-        if let Ok(s) = within(t, theirs.status()).await {
-            if s.leader() == target.id {
-                info!(leader = %target.name, "etcd leadership moved");
-                return Ok(Some(target.name.clone()));
-            }
+        if let Ok(s) = within(t, theirs.status()).await
+            && s.leader() == target.id
+        {
+            info!(leader = %target.name, "etcd leadership moved");
+            return Ok(Some(target.name.clone()));
         }
         if tokio::time::Instant::now() > deadline {
             return Err(format!(

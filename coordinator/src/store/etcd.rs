@@ -255,21 +255,18 @@ impl Shared {
         loop {
             if let Ok(resp) =
                 within(self.settings.timeout, election.leader(self.election_name())).await
+                && let Some(kv) = resp.kv()
             {
-                if let Some(kv) = resp.kv() {
-                    let leader = String::from_utf8_lossy(kv.value()).to_string();
-                    let term = kv.create_revision() as u64;
-                    self.leadership.send_if_modified(|l| {
-                        let next = Leadership {
-                            is_leader: false,
-                            leader: Some(leader.clone()),
-                            term,
-                        };
-                        let changed = *l != next;
-                        *l = next;
-                        changed
-                    });
-                }
+                let next = Leadership {
+                    is_leader: false,
+                    leader: Some(String::from_utf8_lossy(kv.value()).to_string()),
+                    term: kv.create_revision() as u64,
+                };
+                self.leadership.send_if_modified(|l| {
+                    let changed = *l != next;
+                    *l = next.clone();
+                    changed
+                });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -42,9 +42,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The stored state cannot be read. It is left in place untouched.
-    #[error(
-        "state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)"
-    )]
+    #[error("state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)")]
     Corrupt {
         /// Where it is.
         path: String,
@@ -111,11 +109,7 @@ pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
         )));
     }
     let state = doc.state;
-    if let Some((node, h)) = state
-        .holders
-        .iter()
-        .find(|(_, h)| h.fencing_token > state.last_token)
-    {
+    if let Some((node, h)) = state.holders.iter().find(|(_, h)| h.fencing_token > state.last_token) {
         return Err(corrupt(format!(
             "holder {node} has token {} above the last token {}",
             h.fencing_token, state.last_token
