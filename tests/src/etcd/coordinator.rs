@@ -38,11 +38,17 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts `baton-coordinator serve --insecure` with `args` added.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
+        Self::start_binary(&crate::binary("baton-coordinator"), id, args)
+    }
+
+    /// Like [`Coordinator::start`], with the binary at `binary` (for callers
+    /// outside test executables, e.g. the bench).
+    pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let grpc = free_port();
         let metrics = free_port();
         let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
-        let child = Command::new(crate::binary("baton-coordinator"))
+        let child = Command::new(binary)
             .arg("serve")
             .args(["--insecure", "--id", id])
             .args(["--listen", &format!("127.0.0.1:{grpc}")])
