@@ -1,1 +1,189 @@
-//! baton-agent: filled in by the agent issue.
+//! baton-agent: the per-node agent. It notices that its node needs
+//! maintenance, asks the coordinator for the baton, updates and reboots the
+//! node through systemd while holding it, proves the reboot happened, and
+//! gives the baton back.
+//!
+//! Layout:
+//! - [`phase`]: the pure lifecycle (enum + transition function);
+//! - [`agent`]: the loop that drives it with the I/O boundaries;
+//! - [`host`] (trait `HostOs`), [`systemd`] (its D-Bus implementation) and
+//!   [`dbus`] (the typed systemd/logind proxies);
+//! - [`coordinator`]: trait `Coordinator` and its gRPC client;
+//! - [`node_ops`]: trait `NodeOps` and the standalone implementation;
+//! - [`sentinel`]: reboot sentinels, check commands, inotify watching;
+//! - [`state`]: the atomically written state file;
+//! - [`cli`]: flags and environment.
+
+pub mod agent;
+pub mod cli;
+pub mod coordinator;
+// The proxy macro generates signal-argument types without docs.
+#[allow(missing_docs)]
+pub mod dbus;
+pub mod host;
+pub mod node_ops;
+pub mod phase;
+pub mod sentinel;
+pub mod state;
+pub mod systemd;
+
+#[cfg(test)]
+mod fakes;
+
+use agent::{Action, Agent, AgentError, Settings};
+use cli::{Command, LogFormat, RunArgs};
+use coordinator::{CoordinatorError, GrpcCoordinator, Tls};
+use host::HostError;
+use node_ops::StandaloneNodeOps;
+use sentinel::Sentinels;
+use state::StateFile;
+use systemd::SystemdHost;
+use tokio_util::sync::CancellationToken;
+
+/// Errors that end `baton-agent`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Talking to systemd failed at startup.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The coordinator settings are unusable.
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+    /// The agent stopped on an error.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// A TLS file could not be read, or signals could not be installed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Run the command line.
+pub async fn run(cli: cli::Cli) -> Result<(), RunError> {
+    match cli.command {
+        Command::Run(args) => run_agent(args).await,
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, RunError> {
+    std::fs::read(path).map_err(|source| RunError::Io {
+        what: path.display().to_string(),
+        source,
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn run_agent(args: RunArgs) -> Result<(), RunError> {
+    init_logging(args.log_format);
+    let tls = match (
+        &args.coordinator.ca,
+        &args.coordinator.cert,
+        &args.coordinator.key,
+    ) {
+        (Some(ca), Some(cert), Some(key)) => Some(Tls {
+            ca: read(ca)?,
+            cert: read(cert)?,
+            key: read(key)?,
+        }),
+        _ if args.coordinator.insecure => None,
+        _ => {
+            return Err(CoordinatorError::Config(
+                "either --insecure or all of --ca, --cert and --key are required".into(),
+            )
+            .into());
+        }
+    };
+    let coordinator =
+        GrpcCoordinator::new(&args.coordinator.url, tls, &args.node, args.control_plane)?;
+    let sentinels = Sentinels {
+        files: args.sentinels.reboot_sentinels.clone(),
+        command: args.sentinels.reboot_sentinel_command.clone(),
+        update_check: args.sentinels.update_check_command.clone(),
+        command_timeout: args.timing.check_timeout,
+    };
+    let host = SystemdHost::connect(args.dbus_address.as_deref(), sentinels).await?;
+    let node_ops = StandaloneNodeOps::new(
+        host.clone(),
+        args.maintenance.pre_maintenance_unit.clone(),
+        args.maintenance.post_maintenance_unit.clone(),
+        args.timing.node_ops_timeout,
+    );
+    let m = &args.maintenance;
+    let settings = Settings {
+        update: match (&m.update_unit, &m.update_command) {
+            (Some(unit), _) => Some(Action::Unit(unit.clone())),
+            (None, Some(cmd)) => Some(Action::Command(cmd.clone())),
+            (None, None) => None,
+        },
+        post_check: match (&m.post_check_unit, &m.post_check_command) {
+            (Some(unit), _) => Some(Action::Unit(unit.clone())),
+            (None, Some(cmd)) => Some(Action::Command(cmd.clone())),
+            (None, None) => None,
+        },
+        update_timeout: args.timing.update_timeout,
+        post_check_timeout: args.timing.post_check_timeout,
+        reboot_timeout: args.timing.reboot_timeout,
+        renew_interval: args.timing.renew_interval,
+        retry_interval: args.timing.retry_interval,
+    };
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    tracing::info!(node = %args.node, coordinator = %args.coordinator.url, state_dir = %args.state_dir.display(), "baton-agent starting");
+    let wakes = sentinel::watch(
+        &args.sentinels.reboot_sentinels,
+        args.sentinels.check_interval,
+    );
+    let mut agent = Agent::new(
+        host,
+        coordinator,
+        node_ops,
+        StateFile::new(&args.state_dir),
+        settings,
+        shutdown,
+    );
+    agent.run(wakes).await?;
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful stop (the current step is abandoned at an
+/// await point, never in the middle of writing state). Second: exit at once.
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let io = |source| RunError::Io {
+        what: "installing signal handlers".into(),
+        source,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            if n == 0 {
+                tracing::info!("signal received; stopping");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal; exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

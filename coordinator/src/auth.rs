@@ -77,7 +77,10 @@ pub struct Credentials<'a> {
 /// Turns credentials into an identity.
 pub trait Authenticator: Send + Sync + 'static {
     /// The caller's identity, or UNAUTHENTICATED.
-    fn authenticate<'a>(&'a self, credentials: Credentials<'a>) -> BoxFuture<'a, Result<Identity, Status>>;
+    fn authenticate<'a>(
+        &'a self,
+        credentials: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Identity, Status>>;
 }
 
 /// `--insecure`: every caller may do everything.
@@ -104,16 +107,20 @@ pub struct MutualTls {
 }
 
 impl Authenticator for MutualTls {
-    fn authenticate<'a>(&'a self, credentials: Credentials<'a>) -> BoxFuture<'a, Result<Identity, Status>> {
+    fn authenticate<'a>(
+        &'a self,
+        credentials: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Identity, Status>> {
         Box::pin(async move {
-            let certs = credentials
-                .peer_certs
-                .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
-            let leaf = certs
-                .first()
-                .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
-            let names = certificate_names(leaf.as_ref())
-                .map_err(|e| Status::unauthenticated(format!("client certificate unreadable: {e}")))?;
+            let certs = credentials.peer_certs.ok_or_else(|| {
+                Status::unauthenticated("a client certificate is required (mutual TLS)")
+            })?;
+            let leaf = certs.first().ok_or_else(|| {
+                Status::unauthenticated("a client certificate is required (mutual TLS)")
+            })?;
+            let names = certificate_names(leaf.as_ref()).map_err(|e| {
+                Status::unauthenticated(format!("client certificate unreadable: {e}"))
+            })?;
             if names.is_empty() {
                 return Err(Status::unauthenticated(
                     "client certificate has neither a common name nor DNS names",
@@ -122,7 +129,11 @@ impl Authenticator for MutualTls {
             let admin = names.iter().any(|n| self.admin_names.contains(n));
             Ok(Identity {
                 name: format!("cert:{}", names[0]),
-                scope: if admin { Scope::AnyNode } else { Scope::Nodes(names) },
+                scope: if admin {
+                    Scope::AnyNode
+                } else {
+                    Scope::Nodes(names)
+                },
                 admin,
             })
         })
@@ -139,10 +150,10 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
         .collect();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
-                if !names.iter().any(|n| n == dns) {
-                    names.push((*dns).to_string());
-                }
+            if let GeneralName::DNSName(dns) = name
+                && !names.iter().any(|n| n == dns)
+            {
+                names.push((*dns).to_string());
             }
         }
     }

@@ -56,7 +56,12 @@ pub struct TlsArgs {
     pub client_ca: Option<PathBuf>,
     /// Client-certificate names that may act for any node and pause, resume
     /// and force-release (repeatable).
-    #[arg(long = "admin-name", env = "BATON_ADMIN_NAMES", value_delimiter = ',', default_value = "baton-admin")]
+    #[arg(
+        long = "admin-name",
+        env = "BATON_ADMIN_NAMES",
+        value_delimiter = ',',
+        default_value = "baton-admin"
+    )]
     pub admin_names: Vec<String>,
     /// Accept clients without authentication (plaintext unless --tls-cert is
     /// given). For local labs only.
@@ -74,7 +79,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BATON_METRICS_LISTEN", default_value = "0.0.0.0:9443")]
     pub metrics_listen: SocketAddr,
     /// Directory of the embedded store.
-    #[arg(long, env = "BATON_DATA_DIR", default_value = "/var/lib/baton-coordinator")]
+    #[arg(
+        long,
+        env = "BATON_DATA_DIR",
+        default_value = "/var/lib/baton-coordinator"
+    )]
     pub data_dir: PathBuf,
     /// Where the state lives.
     #[arg(long, env = "BATON_STORE", value_enum, default_value = "embedded")]

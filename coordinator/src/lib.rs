@@ -12,7 +12,7 @@
 //! - [`etcd`]: the etcd quorum guard, verified snapshots and leadership moves;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
-//! - [`ctl`]: `batonctl`.
+//! - [`ctl`]: the `batonctl` command line.
 
 pub mod auth;
 pub mod config;

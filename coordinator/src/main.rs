@@ -9,7 +9,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let running = baton_coordinator::server::start(*args, baton_coordinator::server::shutdown_signal()).await?;
+            let running = baton_coordinator::server::start(
+                *args,
+                baton_coordinator::server::shutdown_signal(),
+            )
+            .await?;
             running.done.await??;
         }
     }
@@ -17,8 +21,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Seconds from a release that left waiters to the next grant.
     pub handoff_latency: Histogram,
+    /// Handoffs measured (the histogram's count).
+    pub handoffs: Counter,
 }
 
 impl Default for Metrics {
@@ -66,25 +68,62 @@ impl Metrics {
         let releases = Counter::default();
         let overdue_events = Counter::default();
         let store_errors = Counter::default();
+        let handoffs = Counter::default();
         // 100 µs to ~26 s.
-        let handoff_latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 19));
+        let handoff_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 19),
+        );
         registry.register("holders", "Nodes holding the baton", holders.clone());
-        registry.register("queue_length", "Nodes waiting for the baton", queue_length.clone());
-        registry.register("overdue_holders", "Holders that have not renewed in time (they keep the baton)", overdue.clone());
+        registry.register(
+            "queue_length",
+            "Nodes waiting for the baton",
+            queue_length.clone(),
+        );
+        registry.register(
+            "overdue_holders",
+            "Holders that have not renewed in time (they keep the baton)",
+            overdue.clone(),
+        );
         registry.register("paused", "1 while granting is paused", paused.clone());
-        registry.register("is_leader", "1 while this coordinator leads", is_leader.clone());
-        registry.register("last_fencing_token", "The last fencing token granted", last_token.clone());
+        registry.register(
+            "is_leader",
+            "1 while this coordinator leads",
+            is_leader.clone(),
+        );
+        registry.register(
+            "last_fencing_token",
+            "The last fencing token granted",
+            last_token.clone(),
+        );
         registry.register("grants", "Grants given", grants.clone());
-        registry.register("releases", "Releases, including forced ones", releases.clone());
-        registry.register("overdue", "Holders that became overdue", overdue_events.clone());
-        registry.register("store_errors", "State saves that failed", store_errors.clone());
+        registry.register(
+            "releases",
+            "Releases, including forced ones",
+            releases.clone(),
+        );
+        registry.register(
+            "overdue",
+            "Holders that became overdue",
+            overdue_events.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "State saves that failed",
+            store_errors.clone(),
+        );
         registry.register(
             "handoff_latency_seconds",
             "Time from a release that left waiters to the next grant",
             handoff_latency.clone(),
         );
+        registry.register(
+            "handoffs",
+            "Handoffs from a release to the next waiter",
+            handoffs.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            handoffs,
             holders,
             queue_length,
             overdue,
@@ -112,12 +151,17 @@ pub fn router(engine: Arc<Engine>, metrics: Metrics) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State((_, metrics)): State<(Arc<Engine>, Metrics)>| async move {
-                (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    metrics.encode(),
-                )
-            }),
+            get(
+                |State((_, metrics)): State<(Arc<Engine>, Metrics)>| async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                },
+            ),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -126,14 +170,20 @@ pub fn router(engine: Arc<Engine>, metrics: Metrics) -> Router {
 
 async fn readyz(State((engine, _)): State<(Arc<Engine>, Metrics)>) -> impl IntoResponse {
     if engine.is_shutting_down().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_string());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        );
     }
     let leadership = engine.leadership();
     if leadership.is_leader {
         (StatusCode::OK, "ready: leading\n".to_string())
     } else {
         let leader = leadership.leader.unwrap_or_else(|| "unknown".into());
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: following (leader: {leader})\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: following (leader: {leader})\n"),
+        )
     }
 }
 
@@ -143,7 +193,9 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Binds the metrics listener.

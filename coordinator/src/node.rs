@@ -24,7 +24,9 @@ pub enum NodeNameError {
     #[error("node name is {0} characters long, the limit is {MAX_NODE_NAME_LEN}")]
     TooLong(usize),
     /// The name is not a lowercase RFC 1123 subdomain.
-    #[error("node name {0:?} is not a lowercase RFC 1123 name ([a-z0-9.-], labels start and end alphanumeric)")]
+    #[error(
+        "node name {0:?} is not a lowercase RFC 1123 name ([a-z0-9.-], labels start and end alphanumeric)"
+    )]
     Invalid(String),
 }
 
@@ -91,7 +93,12 @@ mod tests {
 
     #[test]
     fn accepts_kubernetes_style_names() {
-        for name in ["n1", "worker-3", "ip-10-0-0-1.eu-west-1.compute.internal", "a"] {
+        for name in [
+            "n1",
+            "worker-3",
+            "ip-10-0-0-1.eu-west-1.compute.internal",
+            "a",
+        ] {
             assert!(NodeName::new(name).is_ok(), "{name}");
         }
     }
@@ -99,9 +106,15 @@ mod tests {
     #[test]
     fn refuses_empty_oversized_and_malformed_names() {
         assert_eq!(NodeName::new(""), Err(NodeNameError::Empty));
-        assert_eq!(NodeName::new("a".repeat(254)), Err(NodeNameError::TooLong(254)));
+        assert_eq!(
+            NodeName::new("a".repeat(254)),
+            Err(NodeNameError::TooLong(254))
+        );
         for name in ["Node1", "-n", "n-", "a..b", "n_1", "n 1", "n/1", "ü", ".a"] {
-            assert!(matches!(NodeName::new(name), Err(NodeNameError::Invalid(_))), "{name}");
+            assert!(
+                matches!(NodeName::new(name), Err(NodeNameError::Invalid(_))),
+                "{name}"
+            );
         }
         assert!(NodeName::new(format!("{}.b", "a".repeat(64))).is_err());
     }

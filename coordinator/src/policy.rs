@@ -55,7 +55,12 @@ pub struct Waiter {
 pub trait GrantGuard: Send + Sync {
     /// `Ok(())` when `candidate` may be granted as far as this guard knows,
     /// else the exact reason it waits.
-    fn check(&self, candidate: &Waiter, state: &LeaseState, now: DateTime<Utc>) -> Result<(), String>;
+    fn check(
+        &self,
+        candidate: &Waiter,
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String>;
 }
 
 /// What the rule decided.
@@ -82,7 +87,9 @@ pub fn decide(
     for waiter in queue {
         let verdict = match &global {
             Some(reason) => Err(reason.clone()),
-            None if decision.grant.is_some() => Err("another node is being granted the baton".to_string()),
+            None if decision.grant.is_some() => {
+                Err("another node is being granted the baton".to_string())
+            }
             None => check_waiter(state, waiter, guards, now),
         };
         match verdict {
@@ -94,7 +101,12 @@ pub fn decide(
 }
 
 /// A reason that holds every waiter back, if any.
-fn global_block(state: &LeaseState, unavailable: &[NodeName], policy: &Policy, now: DateTime<Utc>) -> Option<String> {
+fn global_block(
+    state: &LeaseState,
+    unavailable: &[NodeName],
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Option<String> {
     if let Some(pause) = &state.paused {
         return Some(if pause.reason.is_empty() {
             "paused".to_string()
@@ -105,24 +117,39 @@ fn global_block(state: &LeaseState, unavailable: &[NodeName], policy: &Policy, n
     if let Err(reason) = policy.windows.check(now) {
         return Some(reason);
     }
-    let down: Vec<&NodeName> = unavailable.iter().filter(|n| !state.holders.contains_key(*n)).collect();
+    let down: Vec<&NodeName> = unavailable
+        .iter()
+        .filter(|n| !state.holders.contains_key(*n))
+        .collect();
     let in_use = state.holders.len() + down.len();
     let limit = policy.max_concurrent.max(1) as usize;
     if in_use >= limit {
-        let mut who: Vec<String> = state.holders.keys().map(|n| format!("{n} holds it")).collect();
+        let mut who: Vec<String> = state
+            .holders
+            .keys()
+            .map(|n| format!("{n} holds it"))
+            .collect();
         who.extend(down.iter().map(|n| format!("{n} is unavailable")));
-        return Some(format!("concurrency limit: {in_use} of {limit} in use ({})", who.join(", ")));
+        return Some(format!(
+            "concurrency limit: {in_use} of {limit} in use ({})",
+            who.join(", ")
+        ));
     }
     None
 }
 
-fn check_waiter(state: &LeaseState, waiter: &Waiter, guards: &[&dyn GrantGuard], now: DateTime<Utc>) -> Result<(), String> {
-    if waiter.control_plane {
-        if let Some((other, _)) = state.holders.iter().find(|(_, h)| h.control_plane) {
-            return Err(format!(
-                "control-plane node {other} holds the baton; only one control-plane node at a time"
-            ));
-        }
+fn check_waiter(
+    state: &LeaseState,
+    waiter: &Waiter,
+    guards: &[&dyn GrantGuard],
+    now: DateTime<Utc>,
+) -> Result<(), String> {
+    if waiter.control_plane
+        && let Some((other, _)) = state.holders.iter().find(|(_, h)| h.control_plane)
+    {
+        return Err(format!(
+            "control-plane node {other} holds the baton; only one control-plane node at a time"
+        ));
     }
     guards.iter().try_for_each(|g| g.check(waiter, state, now))
 }

@@ -28,7 +28,9 @@ use crate::window::{MaintenanceWindow, WindowError, WindowSet};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Neither client authentication nor --insecure was configured.
-    #[error("refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab")]
+    #[error(
+        "refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab"
+    )]
     NoAuthentication,
     /// A window string is malformed.
     #[error(transparent)]
@@ -115,18 +117,22 @@ pub async fn start(
             max_concurrent: args.max_concurrent,
             windows: WindowSet {
                 windows,
-                min_remaining: chrono::Duration::from_std(args.min_window_remaining).unwrap_or(chrono::Duration::MAX),
+                min_remaining: chrono::Duration::from_std(args.min_window_remaining)
+                    .unwrap_or(chrono::Duration::MAX),
             },
         },
-        renew_interval: chrono::Duration::from_std(args.renew_interval).unwrap_or(chrono::Duration::MAX),
-        overdue_after: chrono::Duration::from_std(args.overdue_after).unwrap_or(chrono::Duration::MAX),
+        renew_interval: chrono::Duration::from_std(args.renew_interval)
+            .unwrap_or(chrono::Duration::MAX),
+        overdue_after: chrono::Duration::from_std(args.overdue_after)
+            .unwrap_or(chrono::Duration::MAX),
         coordinator_id: id.clone(),
         prepare_retry: chrono::Duration::seconds(10),
     };
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
         (Some(cert), Some(key)) => {
-            let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            let mut tls =
+                ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
             if let Some(ca) = &args.tls.client_ca {
                 tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
             }
@@ -139,32 +145,50 @@ pub async fn start(
     let metrics = Metrics::new();
     // The etcd quorum guard (when --etcd-endpoints is given) is both a
     // guard and a preparer; it probes etcd and pokes the engine.
-    let etcd_guard = crate::etcd::wiring::guard(&args, system_clock()).map_err(crate::etcd::wiring::EtcdStoreOpenError::from)?;
-    let guards: Vec<Arc<dyn crate::policy::GrantGuard>> = etcd_guard.iter().map(|g| g.clone() as _).collect();
-    let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> = etcd_guard.iter().map(|g| g.clone() as _).collect();
-    let engine = Engine::new(store, config, guards, preparers, system_clock(), metrics.clone()).await?;
+    let etcd_guard = crate::etcd::wiring::guard(&args, system_clock())
+        .map_err(crate::etcd::wiring::EtcdStoreOpenError::from)?;
+    let guards: Vec<Arc<dyn crate::policy::GrantGuard>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
+    let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
+    let engine = Engine::new(
+        store,
+        config,
+        guards,
+        preparers,
+        system_clock(),
+        metrics.clone(),
+    )
+    .await?;
     if let Some(guard) = etcd_guard {
         guard.attach(&engine);
         tokio::spawn(guard.run());
     }
     tokio::spawn(engine.clone().run_granter());
 
-    let grpc = TcpListener::bind(args.listen).await.map_err(|source| ServeError::Bind {
-        addr: args.listen,
-        source,
-    })?;
-    let metrics_listener = metrics::bind(args.metrics_listen).await.map_err(|source| ServeError::Bind {
-        addr: args.metrics_listen,
-        source,
-    })?;
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let metrics_listener =
+        metrics::bind(args.metrics_listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: args.metrics_listen,
+                source,
+            })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
         addr: args.listen,
         source,
     })?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: args.metrics_listen,
-        source,
-    })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: args.metrics_listen,
+            source,
+        })?;
     info!(%grpc_addr, %metrics_addr, id = %id, tls = tls.is_some(), mutual_tls = args.tls.client_ca.is_some(), "coordinator serving");
 
     // One shutdown signal fans out to the engine and both servers.
@@ -190,13 +214,20 @@ pub async fn start(
     let grpc_server = builder
         .add_service(CoordinatorServer::new(services.clone()))
         .add_service(AdminServer::new(services))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
-    let http = metrics::serve(metrics_listener, metrics::router(engine.clone(), metrics), stopped(stop_rx));
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
+    let http = metrics::serve(
+        metrics_listener,
+        metrics::router(engine.clone(), metrics),
+        stopped(stop_rx),
+    );
     let done = tokio::spawn(async move {
-        let (grpc_result, http_result) = tokio::join!(grpc_server, http.map(|r| r.map_err(|source| ServeError::Bind {
-            addr: metrics_addr,
-            source,
-        })));
+        let (grpc_result, http_result) = tokio::join!(
+            grpc_server,
+            http.map(|r| r.map_err(|source| ServeError::Bind {
+                addr: metrics_addr,
+                source,
+            }))
+        );
         grpc_result?;
         http_result?;
         info!("coordinator stopped");
@@ -207,6 +238,19 @@ pub async fn start(
         metrics_addr,
         engine,
         done,
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off: a grant is one small
+/// frame, and waiting for a delayed ACK would add ~40 ms to every handoff.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
     })
 }
 

@@ -46,7 +46,11 @@ impl Services {
     }
 
     /// Authenticates, parses `node` and checks the caller may act for it.
-    async fn for_node<T>(&self, request: &Request<T>, node: &str) -> Result<(Identity, NodeName), Status> {
+    async fn for_node<T>(
+        &self,
+        request: &Request<T>,
+        node: &str,
+    ) -> Result<(Identity, NodeName), Status> {
         let identity = self.identity(request).await?;
         let node = NodeName::new(node).map_err(invalid_node)?;
         identity.may_act_for(&node)?;
@@ -106,7 +110,9 @@ fn phase_from_proto(value: i32) -> Result<Phase, Status> {
         Ok(pb::Phase::Failed) => Phase::Failed,
         Ok(pb::Phase::Manual) => Phase::Manual,
         Ok(pb::Phase::Unspecified) | Err(_) => {
-            return Err(Status::invalid_argument(format!("phase: {value} is not a reportable phase")));
+            return Err(Status::invalid_argument(format!(
+                "phase: {value} is not a reportable phase"
+            )));
         }
     })
 }
@@ -124,7 +130,11 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
     let state = &snap.state;
     pb::StatusResponse {
         paused: state.paused.is_some(),
-        pause_reason: state.paused.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
+        pause_reason: state
+            .paused
+            .as_ref()
+            .map(|p| p.reason.clone())
+            .unwrap_or_default(),
         max_concurrent: engine.config().policy.max_concurrent,
         holders: state
             .holders
@@ -169,7 +179,14 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
                 reason: a.reason.clone(),
             })
             .collect(),
-        windows: engine.config().policy.windows.windows.iter().map(ToString::to_string).collect(),
+        windows: engine
+            .config()
+            .policy
+            .windows
+            .windows
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         window_open: snap.window_open,
         coordinator_id: engine.config().coordinator_id.clone(),
         lease: Some(lease_settings(engine)),
@@ -199,7 +216,9 @@ impl Stream for AcquireStream {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 self.done = true;
-                Err(Status::unavailable("the coordinator stopped serving this request"))
+                Err(Status::unavailable(
+                    "the coordinator stopped serving this request",
+                ))
             }
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
@@ -222,9 +241,13 @@ impl Stream for AcquireStream {
                     event: Some(pb::acquire_event::Event::Granted(pb::Granted {
                         fencing_token: grant.fencing_token,
                         granted_at: Some(timestamp(grant.granted_at)),
-                        lease: Some(self.lease.clone()),
+                        lease: Some(self.lease),
                         resumed: grant.resumed,
-                        phase: if grant.resumed { phase_to_proto(grant.phase) as i32 } else { 0 },
+                        phase: if grant.resumed {
+                            phase_to_proto(grant.phase) as i32
+                        } else {
+                            0
+                        },
                     })),
                 })
             }
@@ -251,7 +274,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl Coordinator for Services {
     type AcquireStream = BoxStream<pb::AcquireEvent>;
 
-    async fn acquire(&self, request: Request<pb::AcquireRequest>) -> Result<Response<Self::AcquireStream>, Status> {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<Self::AcquireStream>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         check_len("reason", &req.reason, MAX_TEXT)?;
@@ -274,15 +300,24 @@ impl Coordinator for Services {
         })))
     }
 
-    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
-        let overdue_at = self.engine.renew(&node, request.get_ref().fencing_token).await?;
+        let overdue_at = self
+            .engine
+            .renew(&node, request.get_ref().fencing_token)
+            .await?;
         Ok(Response::new(pb::RenewResponse {
             overdue_at: Some(timestamp(overdue_at)),
         }))
     }
 
-    async fn report(&self, request: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         let phase = phase_from_proto(req.phase)?;
@@ -295,11 +330,16 @@ impl Coordinator for Services {
             message: req.message,
             error: req.error,
         };
-        self.engine.report(&node, req.fencing_token, progress).await?;
+        self.engine
+            .report(&node, req.fencing_token, progress)
+            .await?;
         Ok(Response::new(pb::ReportResponse {}))
     }
 
-    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         check_len("reason", &req.reason, MAX_TEXT)?;
@@ -314,26 +354,40 @@ impl Coordinator for Services {
 impl Admin for Services {
     type WatchStream = BoxStream<pb::StatusResponse>;
 
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         self.identity(&request).await?;
         let snap = self.engine.snapshot().await;
         Ok(Response::new(status_response(&self.engine, &snap)))
     }
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         self.identity(&request).await?;
         Ok(Response::new(Box::pin(watch_stream(self.engine.clone()))))
     }
 
-    async fn pause(&self, request: Request<pb::PauseRequest>) -> Result<Response<pb::PauseResponse>, Status> {
+    async fn pause(
+        &self,
+        request: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::PauseResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
         check_len("reason", &request.get_ref().reason, MAX_TEXT)?;
-        self.engine.pause(&identity.name, &request.get_ref().reason).await?;
+        self.engine
+            .pause(&identity.name, &request.get_ref().reason)
+            .await?;
         Ok(Response::new(pb::PauseResponse {}))
     }
 
-    async fn resume(&self, request: Request<pb::ResumeRequest>) -> Result<Response<pb::ResumeResponse>, Status> {
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
         self.engine.resume(&identity.name).await?;
@@ -349,29 +403,41 @@ impl Admin for Services {
         let req = request.into_inner();
         let node = NodeName::new(req.node).map_err(invalid_node)?;
         if req.reason.trim().is_empty() {
-            return Err(Status::invalid_argument("reason: a force-release needs a reason (it is audited)"));
+            return Err(Status::invalid_argument(
+                "reason: a force-release needs a reason (it is audited)",
+            ));
         }
         check_len("reason", &req.reason, MAX_TEXT)?;
-        let token = self.engine.force_release(&node, &identity.name, &req.reason).await?;
-        Ok(Response::new(pb::ForceReleaseResponse { fencing_token: token }))
+        let token = self
+            .engine
+            .force_release(&node, &identity.name, &req.reason)
+            .await?;
+        Ok(Response::new(pb::ForceReleaseResponse {
+            fencing_token: token,
+        }))
     }
 }
 
 /// The Watch stream: the status now, then after every change (changes that
 /// come faster than the client reads are folded into one), until the engine
 /// shuts down or the client leaves.
-fn watch_stream(engine: Arc<Engine>) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
+fn watch_stream(
+    engine: Arc<Engine>,
+) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
     let changes = engine.subscribe();
-    futures::stream::unfold((engine, changes, true), |(engine, mut changes, first)| async move {
-        if !first && changes.changed().await.is_err() {
-            return None;
-        }
-        changes.borrow_and_update();
-        if engine.is_shutting_down().await {
-            return None;
-        }
-        let snap = engine.snapshot().await;
-        let response = status_response(&engine, &snap);
-        Some((Ok(response), (engine, changes, false)))
-    })
+    futures::stream::unfold(
+        (engine, changes, true),
+        |(engine, mut changes, first)| async move {
+            if !first && changes.changed().await.is_err() {
+                return None;
+            }
+            changes.borrow_and_update();
+            if engine.is_shutting_down().await {
+                return None;
+            }
+            let snap = engine.snapshot().await;
+            let response = status_response(&engine, &snap);
+            Some((Ok(response), (engine, changes, false)))
+        },
+    )
 }

@@ -152,7 +152,9 @@ pub enum LeaseError {
         node: NodeName,
     },
     /// The token is not the node's current one (stale or another grant's).
-    #[error("fencing token {presented} is not the current token of node {node} (current: {current})")]
+    #[error(
+        "fencing token {presented} is not the current token of node {node} (current: {current})"
+    )]
     StaleToken {
         /// The node.
         node: NodeName,
@@ -204,7 +206,11 @@ impl LeaseState {
         }
         self.last_token += 1;
         let token = self.last_token;
-        let phase = if manual { Phase::Manual } else { Phase::Granted };
+        let phase = if manual {
+            Phase::Manual
+        } else {
+            Phase::Granted
+        };
         self.holders.insert(
             node.clone(),
             Holding {
@@ -226,7 +232,10 @@ impl LeaseState {
 
     /// The holding of `node` if `token` is its current token.
     pub fn check_token(&self, node: &NodeName, token: u64) -> Result<&Holding, LeaseError> {
-        let holding = self.holders.get(node).ok_or_else(|| LeaseError::NotHolder { node: node.clone() })?;
+        let holding = self
+            .holders
+            .get(node)
+            .ok_or_else(|| LeaseError::NotHolder { node: node.clone() })?;
         if holding.fencing_token != token {
             return Err(LeaseError::StaleToken {
                 node: node.clone(),
@@ -243,13 +252,24 @@ impl LeaseState {
     }
 
     /// Records that the holder is alive.
-    pub fn renew(&mut self, node: &NodeName, token: u64, now: DateTime<Utc>) -> Result<(), LeaseError> {
+    pub fn renew(
+        &mut self,
+        node: &NodeName,
+        token: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), LeaseError> {
         self.holding_mut(node, token)?.last_renewed = now;
         Ok(())
     }
 
     /// Records the holder's progress (a report also counts as a renewal).
-    pub fn report(&mut self, node: &NodeName, token: u64, progress: Progress, now: DateTime<Utc>) -> Result<(), LeaseError> {
+    pub fn report(
+        &mut self,
+        node: &NodeName,
+        token: u64,
+        progress: Progress,
+        now: DateTime<Utc>,
+    ) -> Result<(), LeaseError> {
         let holding = self.holding_mut(node, token)?;
         if holding.phase != progress.phase {
             holding.phase_since = now;
@@ -280,12 +300,25 @@ impl LeaseState {
     }
 
     /// Takes the baton from `node` whatever its token; returns that token.
-    pub fn force_release(&mut self, node: &NodeName, actor: &str, reason: &str, now: DateTime<Utc>) -> Result<u64, LeaseError> {
+    pub fn force_release(
+        &mut self,
+        node: &NodeName,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, LeaseError> {
         let holding = self
             .holders
             .remove(node)
             .ok_or_else(|| LeaseError::NotHolder { node: node.clone() })?;
-        self.record(now, "force-release", node.as_str(), holding.fencing_token, actor, reason);
+        self.record(
+            now,
+            "force-release",
+            node.as_str(),
+            holding.fencing_token,
+            actor,
+            reason,
+        );
         Ok(holding.fencing_token)
     }
 
@@ -313,7 +346,15 @@ impl LeaseState {
     }
 
     /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`].
-    pub fn record(&mut self, time: DateTime<Utc>, action: &str, node: &str, fencing_token: u64, actor: &str, reason: &str) {
+    pub fn record(
+        &mut self,
+        time: DateTime<Utc>,
+        action: &str,
+        node: &str,
+        fencing_token: u64,
+        actor: &str,
+        reason: &str,
+    ) {
         self.audit.push_back(AuditEntry {
             time,
             action: action.to_string(),
@@ -347,10 +388,22 @@ mod tests {
         assert!(t1 < t2 && t2 < t3);
         let before = state.clone();
         let later = now + Duration::seconds(5);
-        assert!(matches!(state.renew(&n("a"), t1, later), Err(LeaseError::StaleToken { .. })));
-        assert!(matches!(state.release(&n("a"), t3, "a", "", later), Err(LeaseError::StaleToken { .. })));
-        assert!(matches!(state.report(&n("c"), t3, Progress::default(), later), Err(LeaseError::NotHolder { .. })));
-        assert!(matches!(state.grant(&n("b"), false, false, "", later), Err(LeaseError::AlreadyHolder { .. })));
+        assert!(matches!(
+            state.renew(&n("a"), t1, later),
+            Err(LeaseError::StaleToken { .. })
+        ));
+        assert!(matches!(
+            state.release(&n("a"), t3, "a", "", later),
+            Err(LeaseError::StaleToken { .. })
+        ));
+        assert!(matches!(
+            state.report(&n("c"), t3, Progress::default(), later),
+            Err(LeaseError::NotHolder { .. })
+        ));
+        assert!(matches!(
+            state.grant(&n("b"), false, false, "", later),
+            Err(LeaseError::AlreadyHolder { .. })
+        ));
         assert_eq!(state, before);
     }
 

@@ -10,11 +10,15 @@ impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         match e {
-            EngineError::Lease(LeaseError::StaleToken { .. } | LeaseError::NotHolder { .. } | LeaseError::AlreadyHolder { .. }) => {
-                Status::failed_precondition(message)
-            }
+            EngineError::Lease(
+                LeaseError::StaleToken { .. }
+                | LeaseError::NotHolder { .. }
+                | LeaseError::AlreadyHolder { .. },
+            ) => Status::failed_precondition(message),
             EngineError::Store(_) => Status::unavailable(message),
-            EngineError::NotLeader { .. } | EngineError::ShuttingDown => Status::unavailable(message),
+            EngineError::NotLeader { .. } | EngineError::ShuttingDown => {
+                Status::unavailable(message)
+            }
             EngineError::Superseded(_) => Status::aborted(message),
         }
     }

@@ -13,17 +13,23 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
+use chrono::{
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc, Weekday,
+};
 use chrono_tz::Tz;
 
 /// Why a window string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
     /// The string does not have the `DAYS HH:MM-HH:MM [TZ]` shape.
-    #[error("window {0:?} is not of the form \"DAYS HH:MM-HH:MM [TIME_ZONE]\", e.g. \"Mon-Fri 22:00-04:00 Europe/Berlin\"")]
+    #[error(
+        "window {0:?} is not of the form \"DAYS HH:MM-HH:MM [TIME_ZONE]\", e.g. \"Mon-Fri 22:00-04:00 Europe/Berlin\""
+    )]
     Shape(String),
     /// A day name is unknown.
-    #[error("window {window:?}: unknown day {day:?} (use Mon, Tue, Wed, Thu, Fri, Sat, Sun, ranges like Mon-Fri, or daily)")]
+    #[error(
+        "window {window:?}: unknown day {day:?} (use Mon, Tue, Wed, Thu, Fri, Sat, Sun, ranges like Mon-Fri, or daily)"
+    )]
     Day {
         /// The window string.
         window: String,
@@ -39,7 +45,9 @@ pub enum WindowError {
         time: String,
     },
     /// The time zone is not an IANA name.
-    #[error("window {window:?}: unknown time zone {zone:?} (use an IANA name such as Europe/Berlin)")]
+    #[error(
+        "window {window:?}: unknown time zone {zone:?} (use an IANA name such as Europe/Berlin)"
+    )]
     Zone {
         /// The window string.
         window: String,
@@ -144,7 +152,11 @@ impl FromStr for MaintenanceWindow {
             return Err(time_err(start_s));
         }
         // An end not after the start crosses midnight; equal means 24 hours.
-        let length_minutes = if end > start { end - start } else { end + 24 * 60 - start };
+        let length_minutes = if end > start {
+            end - start
+        } else {
+            end + 24 * 60 - start
+        };
         let zone = match zone_part {
             None => Tz::UTC,
             Some(z) => z.parse::<Tz>().map_err(|_| WindowError::Zone {
@@ -153,7 +165,8 @@ impl FromStr for MaintenanceWindow {
             })?,
         };
         Ok(Self {
-            start: NaiveTime::from_hms_opt(start / 60, start % 60, 0).ok_or_else(|| time_err(start_s))?,
+            start: NaiveTime::from_hms_opt(start / 60, start % 60, 0)
+                .ok_or_else(|| time_err(start_s))?,
             length: Duration::minutes(i64::from(length_minutes)),
             days,
             zone,
@@ -238,9 +251,16 @@ impl WindowSet {
                 human(self.min_remaining)
             )),
             None => {
-                let next = self.windows.iter().filter_map(|w| w.next_opening(now)).min();
+                let next = self
+                    .windows
+                    .iter()
+                    .filter_map(|w| w.next_opening(now))
+                    .min();
                 Err(match next {
-                    Some(t) => format!("outside maintenance windows; next opens at {}", t.format("%Y-%m-%dT%H:%M:%SZ")),
+                    Some(t) => format!(
+                        "outside maintenance windows; next opens at {}",
+                        t.format("%Y-%m-%dT%H:%M:%SZ")
+                    ),
                     None => "outside maintenance windows".to_string(),
                 })
             }
@@ -269,12 +289,21 @@ mod tests {
     fn crossing_midnight_belongs_to_its_start_day() {
         let window = w("Fri 22:00-04:00");
         // Friday 2026-11-20 23:00 UTC and Saturday 02:00: inside.
-        assert_eq!(window.remaining(at("2026-11-20T23:00:00Z")), Some(Duration::hours(5)));
-        assert_eq!(window.remaining(at("2026-11-21T02:00:00Z")), Some(Duration::hours(2)));
+        assert_eq!(
+            window.remaining(at("2026-11-20T23:00:00Z")),
+            Some(Duration::hours(5))
+        );
+        assert_eq!(
+            window.remaining(at("2026-11-21T02:00:00Z")),
+            Some(Duration::hours(2))
+        );
         // Saturday 22:30 and Friday 04:30: outside.
         assert_eq!(window.remaining(at("2026-11-21T22:30:00Z")), None);
         assert_eq!(window.remaining(at("2026-11-20T03:00:00Z")), None);
-        assert_eq!(window.next_opening(at("2026-11-21T05:00:00Z")), Some(at("2026-11-27T22:00:00Z")));
+        assert_eq!(
+            window.next_opening(at("2026-11-21T05:00:00Z")),
+            Some(at("2026-11-27T22:00:00Z"))
+        );
     }
 
     #[test]
@@ -282,7 +311,10 @@ mod tests {
         // 22:00 Berlin in November (CET, UTC+1) is 21:00 UTC.
         let window = w("Mon-Fri 22:00-04:00 Europe/Berlin");
         assert_eq!(window.remaining(at("2026-11-20T20:59:00Z")), None);
-        assert_eq!(window.remaining(at("2026-11-20T21:00:00Z")), Some(Duration::hours(6)));
+        assert_eq!(
+            window.remaining(at("2026-11-20T21:00:00Z")),
+            Some(Duration::hours(6))
+        );
         // Saturday 03:00 UTC = 04:00 Berlin: closed.
         assert_eq!(window.remaining(at("2026-11-21T03:00:00Z")), None);
     }
@@ -291,7 +323,10 @@ mod tests {
     fn daylight_saving_gap_moves_boundary_forward() {
         // 2026-03-29 02:30 does not exist in Berlin; the window opens at 03:00 CEST (01:00 UTC).
         let window = w("Sun 02:30-05:00 Europe/Berlin");
-        assert_eq!(window.next_opening(at("2026-03-28T12:00:00Z")), Some(at("2026-03-29T01:00:00Z")));
+        assert_eq!(
+            window.next_opening(at("2026-03-28T12:00:00Z")),
+            Some(at("2026-03-29T01:00:00Z"))
+        );
     }
 
     #[test]
@@ -302,21 +337,55 @@ mod tests {
         let wrap = w("Fri-Mon 10:00-11:00");
         assert!(wrap.remaining(at("2026-11-23T10:30:00Z")).is_some()); // Monday
         assert!(wrap.remaining(at("2026-11-24T10:30:00Z")).is_none()); // Tuesday
-        assert!(w("daily 00:00-00:00").remaining(at("2026-11-24T10:30:00Z")).is_some());
+        assert!(
+            w("daily 00:00-00:00")
+                .remaining(at("2026-11-24T10:30:00Z"))
+                .is_some()
+        );
     }
 
     #[test]
     fn malformed_windows_are_refused_with_a_reason() {
-        assert!(matches!("".parse::<MaintenanceWindow>(), Err(WindowError::Shape(_))));
-        assert!(matches!("Mon-Fri".parse::<MaintenanceWindow>(), Err(WindowError::Shape(_))));
-        assert!(matches!("Mon-Fri 22:00".parse::<MaintenanceWindow>(), Err(WindowError::Shape(_))));
-        assert!(matches!("Mo-Fr 22:00-04:00".parse::<MaintenanceWindow>(), Err(WindowError::Day { .. })));
-        assert!(matches!("Mon 25:00-04:00".parse::<MaintenanceWindow>(), Err(WindowError::Time { .. })));
-        assert!(matches!("Mon 22:60-04:00".parse::<MaintenanceWindow>(), Err(WindowError::Time { .. })));
-        assert!(matches!("Mon 24:00-04:00".parse::<MaintenanceWindow>(), Err(WindowError::Time { .. })));
-        assert!(matches!("Mon 2200-0400".parse::<MaintenanceWindow>(), Err(WindowError::Shape(_))));
-        assert!(matches!("Mon 22:00-04:00 Mars/Olympus".parse::<MaintenanceWindow>(), Err(WindowError::Zone { .. })));
-        assert!(matches!("Mon 22:00-04:00 UTC extra".parse::<MaintenanceWindow>(), Err(WindowError::Shape(_))));
+        assert!(matches!(
+            "".parse::<MaintenanceWindow>(),
+            Err(WindowError::Shape(_))
+        ));
+        assert!(matches!(
+            "Mon-Fri".parse::<MaintenanceWindow>(),
+            Err(WindowError::Shape(_))
+        ));
+        assert!(matches!(
+            "Mon-Fri 22:00".parse::<MaintenanceWindow>(),
+            Err(WindowError::Shape(_))
+        ));
+        assert!(matches!(
+            "Mo-Fr 22:00-04:00".parse::<MaintenanceWindow>(),
+            Err(WindowError::Day { .. })
+        ));
+        assert!(matches!(
+            "Mon 25:00-04:00".parse::<MaintenanceWindow>(),
+            Err(WindowError::Time { .. })
+        ));
+        assert!(matches!(
+            "Mon 22:60-04:00".parse::<MaintenanceWindow>(),
+            Err(WindowError::Time { .. })
+        ));
+        assert!(matches!(
+            "Mon 24:00-04:00".parse::<MaintenanceWindow>(),
+            Err(WindowError::Time { .. })
+        ));
+        assert!(matches!(
+            "Mon 2200-0400".parse::<MaintenanceWindow>(),
+            Err(WindowError::Time { .. })
+        ));
+        assert!(matches!(
+            "Mon 22:00-04:00 Mars/Olympus".parse::<MaintenanceWindow>(),
+            Err(WindowError::Zone { .. })
+        ));
+        assert!(matches!(
+            "Mon 22:00-04:00 UTC extra".parse::<MaintenanceWindow>(),
+            Err(WindowError::Shape(_))
+        ));
     }
 
     #[test]
@@ -330,6 +399,10 @@ mod tests {
         assert!(err.contains("closes in 0h15m00s"), "{err}");
         let err = set.check(at("2026-11-21T12:00:00Z")).unwrap_err();
         assert!(err.contains("next opens at 2026-11-21T22:00:00Z"), "{err}");
-        assert!(WindowSet::default().check(at("2026-11-21T12:00:00Z")).is_ok());
+        assert!(
+            WindowSet::default()
+                .check(at("2026-11-21T12:00:00Z"))
+                .is_ok()
+        );
     }
 }

@@ -205,13 +205,13 @@ impl EtcdCluster {
         {
             let mut ok = false;
             for _ in 0..300 {
-                if let Ok(mut c) = self.client_of(&m.name).await {
-                    if let Ok(s) = c.status().await {
-                        if s.leader() != 0 && c.get("ready-probe", None).await.is_ok() {
-                            ok = true;
-                            break;
-                        }
-                    }
+                if let Ok(mut c) = self.client_of(&m.name).await
+                    && let Ok(s) = c.status().await
+                    && s.leader() != 0
+                    && c.get("ready-probe", None).await.is_ok()
+                {
+                    ok = true;
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

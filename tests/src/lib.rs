@@ -8,6 +8,9 @@
 
 pub mod etcd;
 
+pub mod coordinator;
+pub mod nspawn;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;

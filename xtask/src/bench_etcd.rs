@@ -71,6 +71,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .args([
             "build",
+            "--release",
             "-p",
             "baton-coordinator",
             "--bin",
@@ -80,7 +81,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !status.success() {
         bail!("building baton-coordinator failed");
     }
-    let binary = root.join("target/debug/baton-coordinator");
+    let binary = root.join("target/release/baton-coordinator");
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(measure(&settings, &binary))?;
     let out_dir = root.join("target/bench");

@@ -10,7 +10,9 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use baton_proto::v1::{self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient};
+use baton_proto::v1::{
+    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -33,7 +35,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Coordinator URL (http:// needs --insecure; https:// uses TLS).
-    #[arg(long, global = true, env = "BATON_COORDINATOR", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_COORDINATOR",
+        default_value = "https://127.0.0.1:7443"
+    )]
     pub coordinator: String,
     /// Allow plaintext http:// (labs only).
     #[arg(long, global = true, env = "BATON_INSECURE")]
@@ -146,13 +153,17 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
             tls = tls.with_native_roots();
         }
         if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
-            let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let cert =
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
             let key = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
             tls = tls.identity(Identity::from_pem(cert, key));
         }
         endpoint = endpoint.tls_config(tls)?;
     } else if !conn.insecure {
-        bail!("{} is plaintext: pass --insecure to allow it, or use https://", conn.coordinator);
+        bail!(
+            "{} is plaintext: pass --insecure to allow it, or use https://",
+            conn.coordinator
+        );
     }
     endpoint
         .connect()
@@ -208,7 +219,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => Ok(EXIT_TIMEOUT),
             }
         }
-        Command::Release { node, token, reason } => {
+        Command::Release {
+            node,
+            token,
+            reason,
+        } => {
             lease
                 .release(pb::ReleaseRequest {
                     node,
@@ -220,7 +235,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::ForceRelease { node, reason } => {
-            let released = admin.force_release(pb::ForceReleaseRequest { node, reason }).await?.into_inner();
+            let released = admin
+                .force_release(pb::ForceReleaseRequest { node, reason })
+                .await?
+                .into_inner();
             eprintln!("force-released token {}", released.fencing_token);
             Ok(0)
         }
@@ -247,7 +265,10 @@ async fn acquire(
         while let Some(event) = stream.message().await? {
             match event.event {
                 Some(pb::acquire_event::Event::Queued(q)) => {
-                    eprintln!("{node}: waiting, position {} of {}: {}", q.position, q.queue_length, q.reason);
+                    eprintln!(
+                        "{node}: waiting, position {} of {}: {}",
+                        q.position, q.queue_length, q.reason
+                    );
                 }
                 Some(pb::acquire_event::Event::Granted(g)) => return Ok(g),
                 None => {}
@@ -297,7 +318,10 @@ async fn hold(
         .filter(|d| !d.is_zero())
         .unwrap_or(Duration::from_secs(10));
 
-    let mut child = match tokio::process::Command::new(&command[0]).args(&command[1..]).spawn() {
+    let mut child = match tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .spawn()
+    {
         Ok(child) => child,
         Err(e) => {
             eprintln!("{node}: cannot run {:?}: {e}", command[0]);
@@ -318,7 +342,13 @@ async fn hold(
         }
     };
     let code = status.code().unwrap_or(128);
-    release_after_hold(&mut lease, &node, token, &format!("hold: command exited with {code}")).await?;
+    release_after_hold(
+        &mut lease,
+        &node,
+        token,
+        &format!("hold: command exited with {code}"),
+    )
+    .await?;
     Ok(code)
 }
 

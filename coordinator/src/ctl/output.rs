@@ -80,7 +80,9 @@ pub fn print_status(s: &pb::StatusResponse, format: Format) -> anyhow::Result<()
 }
 
 fn text(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| "-".to_string())
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| "-".to_string())
 }
 
 /// The human form of a status.
@@ -94,15 +96,26 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
     let windows = if s.windows.is_empty() {
         "always".to_string()
     } else {
-        format!("{} ({})", s.windows.join("; "), if s.window_open { "open" } else { "closed" })
+        format!(
+            "{} ({})",
+            s.windows.join("; "),
+            if s.window_open { "open" } else { "closed" }
+        )
     };
     out.push_str(&format!(
         "coordinator {}: {state}, max concurrent {}, windows: {windows}, last token {}\n\n",
         s.coordinator_id, s.max_concurrent, s.last_fencing_token
     ));
-    out.push_str(&format!("{:<30} {:>7} {:<13} {:<25} {:<8} {}\n", "HOLDER", "TOKEN", "PHASE", "SINCE", "OVERDUE", "MESSAGE"));
+    out.push_str(&format!(
+        "{:<30} {:>7} {:<13} {:<25} {:<8} {}\n",
+        "HOLDER", "TOKEN", "PHASE", "SINCE", "OVERDUE", "MESSAGE"
+    ));
     for h in &s.holders {
-        let note = if h.error.is_empty() { h.message.clone() } else { format!("error: {}", h.error) };
+        let note = if h.error.is_empty() {
+            h.message.clone()
+        } else {
+            format!("error: {}", h.error)
+        };
         out.push_str(&format!(
             "{:<30} {:>7} {:<13} {:<25} {:<8} {}\n",
             h.node,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -12,6 +13,9 @@ use super::{AcquireUpdate, Engine, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
+
+/// The least time between two position-only updates to one waiter.
+pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
 
 /// Holds back nodes whose preparation failed until their retry time.
 struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
@@ -79,7 +83,9 @@ impl Engine {
             .state
             .holders
             .iter()
-            .filter(|(n, h)| h.is_overdue(now, self.config.overdue_after) && !inner.overdue_seen.contains(*n))
+            .filter(|(n, h)| {
+                h.is_overdue(now, self.config.overdue_after) && !inner.overdue_seen.contains(*n)
+            })
             .map(|(n, h)| (n.clone(), h.fencing_token))
             .collect();
         for (node, token) in newly {
@@ -108,7 +114,14 @@ impl Engine {
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         guards.push(&failures);
-        decide(&inner.state, &queue, &inner.unavailable, &self.config.policy, &guards, now)
+        decide(
+            &inner.state,
+            &queue,
+            &inner.unavailable,
+            &self.config.policy,
+            &guards,
+            now,
+        )
     }
 
     /// Grants every node the rule allows, one at a time, then tells the rest
@@ -121,7 +134,9 @@ impl Engine {
             }
             inner.queue.retain(|q| !q.events.is_closed());
             let now = self.now();
-            inner.prepare_failed.retain(|_, (_, retry_at)| *retry_at > now);
+            inner
+                .prepare_failed
+                .retain(|_, (_, retry_at)| *retry_at > now);
             let decision = self.decide_now(&inner, now);
             let Some(candidate) = decision.grant else {
                 self.tell_waiters(&mut inner, decision);
@@ -141,7 +156,11 @@ impl Engine {
                 if let Err(reason) = self.prepare(&waiter).await {
                     let retry_at = self.now() + self.config.prepare_retry;
                     warn!(node = %candidate, reason = %reason, "preparing the grant failed; the node keeps waiting");
-                    self.inner.lock().await.prepare_failed.insert(candidate, (reason, retry_at));
+                    self.inner
+                        .lock()
+                        .await
+                        .prepare_failed
+                        .insert(candidate, (reason, retry_at));
                     continue;
                 }
                 inner = self.inner.lock().await;
@@ -180,7 +199,15 @@ impl Engine {
         let now = self.now();
         let request = inner.queue[idx].request.clone();
         let result = self
-            .commit(inner, |s| s.grant(node, request.control_plane, request.manual, &request.reason, now))
+            .commit(inner, |s| {
+                s.grant(
+                    node,
+                    request.control_plane,
+                    request.manual,
+                    &request.reason,
+                    now,
+                )
+            })
             .await;
         let token = match result {
             Ok(token) => token,
@@ -199,7 +226,10 @@ impl Engine {
         })));
         self.metrics.grants.inc();
         if let Some(started) = inner.handoff_started.take() {
-            self.metrics.handoff_latency.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .handoff_latency
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.handoffs.inc();
         }
         self.metrics.queue_length.set(inner.queue.len() as i64);
         info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
@@ -207,21 +237,30 @@ impl Engine {
         true
     }
 
-    /// Sends Queued updates to waiters whose position or reason changed.
+    /// Sends Queued updates to waiters whose position or reason changed. A
+    /// new reason goes out at once; a position that merely moved goes out at
+    /// most once per [`POSITION_UPDATE_EVERY`] per waiter, so a fast-moving
+    /// queue of a thousand waiters does not cost a thousand messages per
+    /// handoff (the granter's one-second tick sends what was held back).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
         let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
         let queue_length = inner.queue.len() as u32;
+        let now = Instant::now();
         let mut any = false;
         for (i, q) in inner.queue.iter_mut().enumerate() {
             let position = i as u32 + 1;
             let reason = reasons.get(&q.request.node).cloned().unwrap_or_default();
-            if q.position != position || q.queue_length != queue_length || q.reason != reason {
+            let reason_changed = q.reason != reason || q.last_told.is_none();
+            let moved = q.position != position || q.queue_length != queue_length;
+            let due = q.last_told.is_none_or(|t| now - t >= POSITION_UPDATE_EVERY);
+            if reason_changed || (moved && due) {
                 if q.reason != reason {
                     info!(node = %q.request.node, position, reason = %reason, "waiting");
                 }
                 q.position = position;
                 q.queue_length = queue_length;
                 q.reason = reason.clone();
+                q.last_told = Some(now);
                 let _ = q.events.send(Ok(AcquireUpdate::Queued {
                     position,
                     queue_length,

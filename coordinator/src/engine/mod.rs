@@ -134,6 +134,8 @@ struct QueuedRequest {
     reason: String,
     position: u32,
     queue_length: u32,
+    /// When the waiter was last sent a Queued update.
+    last_told: Option<Instant>,
     events: mpsc::UnboundedSender<Result<AcquireUpdate, EngineError>>,
 }
 
@@ -290,7 +292,9 @@ impl Engine {
         inner.leading = false;
         let leader = self.leadership.borrow().leader.clone();
         for q in inner.queue.drain(..) {
-            let _ = q.events.send(Err(EngineError::NotLeader { leader: leader.clone() }));
+            let _ = q.events.send(Err(EngineError::NotLeader {
+                leader: leader.clone(),
+            }));
         }
         self.metrics.is_leader.set(0);
         drop(inner);
@@ -353,7 +357,9 @@ impl Engine {
             .filter(|h| h.is_overdue(now, self.config.overdue_after))
             .count();
         self.metrics.overdue.set(overdue as i64);
-        self.metrics.paused.set(i64::from(inner.state.paused.is_some()));
+        self.metrics
+            .paused
+            .set(i64::from(inner.state.paused.is_some()));
         self.metrics.last_token.set(inner.state.last_token as i64);
     }
 
@@ -364,7 +370,13 @@ impl Engine {
     pub async fn acquire(
         &self,
         request: AcquireRequest,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>), EngineError> {
+    ) -> Result<
+        (
+            u64,
+            mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>,
+        ),
+        EngineError,
+    > {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.inner.lock().await;
         self.ensure_leading(&inner)?;
@@ -380,9 +392,15 @@ impl Engine {
             })));
             return Ok((ticket, rx));
         }
-        if let Some(pos) = inner.queue.iter().position(|q| q.request.node == request.node) {
+        if let Some(pos) = inner
+            .queue
+            .iter()
+            .position(|q| q.request.node == request.node)
+        {
             let old = inner.queue.remove(pos);
-            let _ = old.events.send(Err(EngineError::Superseded(request.node.clone())));
+            let _ = old
+                .events
+                .send(Err(EngineError::Superseded(request.node.clone())));
         }
         info!(node = %request.node, control_plane = request.control_plane, reason = %request.reason, "acquire: queued");
         let now = self.now();
@@ -393,6 +411,7 @@ impl Engine {
             reason: String::new(),
             position: 0,
             queue_length: 0,
+            last_told: None,
             events: tx,
         });
         self.metrics.queue_length.set(inner.queue.len() as i64);
@@ -407,7 +426,9 @@ impl Engine {
     pub async fn withdraw(&self, node: &NodeName, ticket: u64) {
         let mut inner = self.inner.lock().await;
         let before = inner.queue.len();
-        inner.queue.retain(|q| !(q.ticket == ticket && &q.request.node == node));
+        inner
+            .queue
+            .retain(|q| !(q.ticket == ticket && &q.request.node == node));
         if inner.queue.len() != before {
             info!(node = %node, "acquire withdrawn");
             self.metrics.queue_length.set(inner.queue.len() as i64);
@@ -421,7 +442,8 @@ impl Engine {
     pub async fn renew(&self, node: &NodeName, token: u64) -> Result<DateTime<Utc>, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.renew(node, token, now)).await?;
+        self.commit(&mut inner, |s| s.renew(node, token, now))
+            .await?;
         if inner.overdue_seen.remove(node) {
             info!(node = %node, token, "holder renewed again; no longer overdue");
             self.changed();
@@ -430,12 +452,18 @@ impl Engine {
     }
 
     /// Records the holder's progress.
-    pub async fn report(&self, node: &NodeName, token: u64, progress: Progress) -> Result<(), EngineError> {
+    pub async fn report(
+        &self,
+        node: &NodeName,
+        token: u64,
+        progress: Progress,
+    ) -> Result<(), EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
         let phase = progress.phase;
         let error = progress.error.clone();
-        self.commit(&mut inner, |s| s.report(node, token, progress, now)).await?;
+        self.commit(&mut inner, |s| s.report(node, token, progress, now))
+            .await?;
         inner.overdue_seen.remove(node);
         if error.is_empty() {
             info!(node = %node, token, phase = phase.name(), "holder reported");
@@ -448,20 +476,34 @@ impl Engine {
     }
 
     /// Gives the baton back; the next eligible waiter is granted at once.
-    pub async fn release(&self, node: &NodeName, token: u64, actor: &str, reason: &str) -> Result<(), EngineError> {
+    pub async fn release(
+        &self,
+        node: &NodeName,
+        token: u64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.release(node, token, actor, reason, now)).await?;
+        self.commit(&mut inner, |s| s.release(node, token, actor, reason, now))
+            .await?;
         info!(node = %node, token, reason, "released");
         self.after_release(&mut inner, node);
         Ok(())
     }
 
     /// Takes the baton from `node` (audited); returns the released token.
-    pub async fn force_release(&self, node: &NodeName, actor: &str, reason: &str) -> Result<u64, EngineError> {
+    pub async fn force_release(
+        &self,
+        node: &NodeName,
+        actor: &str,
+        reason: &str,
+    ) -> Result<u64, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        let token = self.commit(&mut inner, |s| s.force_release(node, actor, reason, now)).await?;
+        let token = self
+            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+            .await?;
         warn!(node = %node, token, actor, reason, "force-released by an operator");
         self.after_release(&mut inner, node);
         Ok(token)
@@ -481,7 +523,9 @@ impl Engine {
     pub async fn pause(&self, actor: &str, reason: &str) -> Result<bool, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        let changed = self.commit(&mut inner, |s| Ok(s.pause(actor, reason, now))).await?;
+        let changed = self
+            .commit(&mut inner, |s| Ok(s.pause(actor, reason, now)))
+            .await?;
         if changed {
             warn!(actor, reason, "granting paused");
         }
@@ -495,7 +539,9 @@ impl Engine {
     pub async fn resume(&self, actor: &str) -> Result<bool, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        let changed = self.commit(&mut inner, |s| Ok(s.resume(actor, now))).await?;
+        let changed = self
+            .commit(&mut inner, |s| Ok(s.resume(actor, now)))
+            .await?;
         if changed {
             info!(actor, "granting resumed");
         }
@@ -560,10 +606,10 @@ impl Engine {
         for q in inner.queue.drain(..) {
             let _ = q.events.send(Err(EngineError::ShuttingDown));
         }
-        if inner.leading {
-            if let Err(e) = self.store.save(&inner.state).await {
-                warn!(error = %e, "final state save failed (the last committed state is on disk)");
-            }
+        if inner.leading
+            && let Err(e) = self.store.save(&inner.state).await
+        {
+            warn!(error = %e, "final state save failed (the last committed state is on disk)");
         }
         drop(inner);
         self.wake.notify_one();

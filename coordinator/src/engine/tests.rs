@@ -1,1 +1,316 @@
+//! Engine tests over the in-memory store: grants reach waiters, failed saves
+//! change nothing, overdue holders keep the baton, leadership is honoured.
 
+use std::sync::{Arc, Mutex};
+
+use chrono::{Duration, TimeZone, Utc};
+
+use super::*;
+use crate::state::Phase;
+use crate::store::memory::MemoryStore;
+
+struct TestClock(Mutex<DateTime<Utc>>);
+
+impl TestClock {
+    fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+fn n(s: &str) -> NodeName {
+    NodeName::new(s).unwrap()
+}
+
+fn config(max: u32) -> EngineConfig {
+    EngineConfig {
+        policy: Policy {
+            max_concurrent: max,
+            ..Policy::default()
+        },
+        renew_interval: Duration::seconds(10),
+        overdue_after: Duration::seconds(60),
+        coordinator_id: "test".into(),
+        prepare_retry: Duration::seconds(10),
+    }
+}
+
+async fn engine_with(
+    store: Arc<MemoryStore>,
+    max: u32,
+    preparers: Vec<Arc<dyn GrantPreparer>>,
+) -> (Arc<Engine>, Arc<TestClock>) {
+    let clock = Arc::new(TestClock(Mutex::new(
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+    )));
+    let c = clock.clone();
+    let engine = Engine::new(
+        store,
+        config(max),
+        Vec::new(),
+        preparers,
+        Arc::new(move || *c.0.lock().unwrap()),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(engine.clone().run_granter());
+    (engine, clock)
+}
+
+fn request(node: &str) -> AcquireRequest {
+    AcquireRequest {
+        node: n(node),
+        control_plane: false,
+        reason: "test".into(),
+        manual: false,
+    }
+}
+
+type Events = mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>;
+
+async fn next_grant(events: &mut Events) -> Grant {
+    loop {
+        match events.recv().await.expect("stream open").expect("no error") {
+            AcquireUpdate::Granted(g) => return g,
+            AcquireUpdate::Queued { .. } => {}
+        }
+    }
+}
+
+async fn next_queued(events: &mut Events) -> (u32, String) {
+    match events.recv().await.expect("stream open").expect("no error") {
+        AcquireUpdate::Queued {
+            position, reason, ..
+        } => (position, reason),
+        AcquireUpdate::Granted(g) => panic!("unexpected grant {g:?}"),
+    }
+}
+
+#[tokio::test]
+async fn handoff_in_fifo_order_with_growing_tokens() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    let (_, mut c) = engine.acquire(request("c")).await.unwrap();
+    assert_eq!(next_queued(&mut b).await.0, 1);
+    let (pos, reason) = next_queued(&mut c).await;
+    assert_eq!(pos, 2);
+    assert_eq!(reason, "concurrency limit: 1 of 1 in use (a holds it)");
+    // The grant was saved before it was delivered.
+    assert_eq!(
+        store.saved().unwrap().holders[&n("a")].fencing_token,
+        ga.fencing_token
+    );
+
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    let gb = next_grant(&mut b).await;
+    assert!(gb.fencing_token > ga.fencing_token);
+    engine
+        .release(&n("b"), gb.fencing_token, "b", "done")
+        .await
+        .unwrap();
+    let gc = next_grant(&mut c).await;
+    assert!(gc.fencing_token > gb.fencing_token);
+    assert_eq!(engine.metrics.handoffs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_save_changes_nothing() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let before = engine.snapshot().await.state;
+    store.fail_next_saves(1);
+    let err = engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Store(_)), "{err}");
+    assert_eq!(engine.snapshot().await.state, before);
+    // The same release succeeds once the store works again.
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    assert!(store.saved().unwrap().holders.is_empty());
+}
+
+#[tokio::test]
+async fn overdue_holder_keeps_the_baton_until_force_released() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, clock) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    clock.advance(Duration::hours(3));
+    engine.poke();
+    // Wait until the engine has audited the overdue holder.
+    let mut changes = engine.subscribe();
+    loop {
+        let snap = engine.snapshot().await;
+        if snap.state.audit.iter().any(|a| a.action == "overdue") {
+            assert!(snap.overdue.contains(&n("a")));
+            assert!(
+                snap.state.holders.contains_key(&n("a")),
+                "an overdue holder must keep the baton"
+            );
+            assert_eq!(snap.queue.len(), 1, "b must still wait");
+            break;
+        }
+        changes.changed().await.unwrap();
+    }
+    // Renewing clears overdue; the baton stays.
+    engine.renew(&n("a"), ga.fencing_token).await.unwrap();
+    assert!(engine.snapshot().await.overdue.is_empty());
+    let token = engine
+        .force_release(&n("a"), "op", "node died")
+        .await
+        .unwrap();
+    assert_eq!(token, ga.fencing_token);
+    let gb = next_grant(&mut b).await;
+    assert!(gb.fencing_token > ga.fencing_token);
+    let audit = engine.snapshot().await.state.audit;
+    let forced = audit.iter().find(|a| a.action == "force-release").unwrap();
+    assert_eq!(
+        (forced.actor.as_str(), forced.reason.as_str()),
+        ("op", "node died")
+    );
+}
+
+#[tokio::test]
+async fn acquire_by_a_holder_resumes_its_grant() {
+    let (engine, _) = engine_with(Arc::new(MemoryStore::default()), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    engine
+        .report(
+            &n("a"),
+            ga.fencing_token,
+            Progress {
+                phase: Phase::Rebooting,
+                boot_id: "b1".into(),
+                ..Progress::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (_, mut again) = engine.acquire(request("a")).await.unwrap();
+    let resumed = next_grant(&mut again).await;
+    assert!(resumed.resumed);
+    assert_eq!(resumed.fencing_token, ga.fencing_token);
+    assert_eq!(resumed.phase, Phase::Rebooting);
+}
+
+#[tokio::test]
+async fn withdrawn_and_superseded_requests_leave_the_queue() {
+    let (engine, _) = engine_with(Arc::new(MemoryStore::default()), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (ticket_b, b) = engine.acquire(request("b")).await.unwrap();
+    let (_, mut c1) = engine.acquire(request("c")).await.unwrap();
+    let (_, mut c2) = engine.acquire(request("c")).await.unwrap();
+    loop {
+        match c1.recv().await.unwrap() {
+            Err(EngineError::Superseded(node)) => {
+                assert_eq!(node, n("c"));
+                break;
+            }
+            Ok(AcquireUpdate::Queued { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(b);
+    engine.withdraw(&n("b"), ticket_b).await;
+    assert_eq!(engine.snapshot().await.queue.len(), 1);
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "")
+        .await
+        .unwrap();
+    assert!(!next_grant(&mut c2).await.resumed);
+}
+
+struct FailingPreparer(Mutex<u32>);
+
+impl GrantPreparer for FailingPreparer {
+    fn prepare<'a>(&'a self, _: &'a Waiter) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut left = self.0.lock().unwrap();
+            if *left == 0 {
+                Ok(())
+            } else {
+                *left -= 1;
+                Err("etcd: snapshot failed (disk full)".to_string())
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn failed_preparation_keeps_the_node_waiting_with_the_reason() {
+    let preparer = Arc::new(FailingPreparer(Mutex::new(1)));
+    let (engine, clock) = engine_with(Arc::new(MemoryStore::default()), 1, vec![preparer]).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let (_, reason) = next_queued(&mut a).await;
+    assert!(
+        reason.starts_with("etcd: snapshot failed (disk full)"),
+        "{reason}"
+    );
+    assert!(engine.snapshot().await.state.holders.is_empty());
+    clock.advance(Duration::seconds(11));
+    engine.poke();
+    let ga = next_grant(&mut a).await;
+    assert_eq!(ga.fencing_token, 1);
+}
+
+#[tokio::test]
+async fn followers_refuse_and_a_new_leader_resumes_the_state() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    store.set_leadership(Leadership {
+        is_leader: false,
+        leader: Some("other".into()),
+        term: 2,
+    });
+    // The waiter is sent away, naming the leader.
+    let err = loop {
+        if let Err(e) = b.recv().await.unwrap() {
+            break e;
+        }
+    };
+    assert!(err.to_string().contains("the leader is other"), "{err}");
+    let err = engine.renew(&n("a"), ga.fencing_token).await.unwrap_err();
+    assert!(matches!(err, EngineError::NotLeader { .. }));
+    // Another replica granted meanwhile; this one picks that up on return.
+    let mut moved = store.saved().unwrap();
+    moved
+        .release(&n("a"), ga.fencing_token, "a", "", Utc::now())
+        .unwrap();
+    let tz = moved.grant(&n("z"), false, false, "", Utc::now()).unwrap();
+    store.save(&moved).await.unwrap();
+    store.set_leadership(Leadership {
+        is_leader: true,
+        leader: Some("memory".into()),
+        term: 3,
+    });
+    let mut changes = engine.subscribe();
+    loop {
+        let snap = engine.snapshot().await;
+        if snap.state.holders.contains_key(&n("z")) {
+            assert_eq!(snap.state.last_token, tz);
+            break;
+        }
+        changes.changed().await.unwrap();
+    }
+    engine.renew(&n("z"), tz).await.unwrap();
+}

@@ -42,11 +42,21 @@ fn first_eligible_waiter_wins() {
         max_concurrent: 2,
         ..Policy::default()
     };
-    let queue = [waiter("cp-2", true), waiter("w-1", false), waiter("w-2", false)];
+    let queue = [
+        waiter("cp-2", true),
+        waiter("w-1", false),
+        waiter("w-2", false),
+    ];
     let d = decide(&state, &queue, &[], &policy, &[], t0());
     assert_eq!(d.grant, Some(n("w-1")));
     assert_eq!(d.waiting[0].0, n("cp-2"));
-    assert!(d.waiting[0].1.contains("control-plane node cp-1 holds the baton"), "{:?}", d.waiting);
+    assert!(
+        d.waiting[0]
+            .1
+            .contains("control-plane node cp-1 holds the baton"),
+        "{:?}",
+        d.waiting
+    );
 }
 
 #[test]
@@ -60,7 +70,10 @@ fn limit_counts_failed_overdue_and_unavailable_nodes() {
     let queue = [waiter("b", false)];
     // "a" has not renewed for a day: it still counts.
     let later = t0() + Duration::days(1);
-    assert_eq!(decide(&state, &queue, &[], &policy, &[], later).grant, Some(n("b")));
+    assert_eq!(
+        decide(&state, &queue, &[], &policy, &[], later).grant,
+        Some(n("b"))
+    );
     let d = decide(&state, &queue, &[n("c")], &policy, &[], later);
     assert_eq!(d.grant, None);
     assert_eq!(
@@ -85,11 +98,18 @@ fn pause_window_and_guards_give_their_reasons() {
         min_remaining: Duration::minutes(30),
     };
     let d = decide(&state, &queue, &[], &policy, &[], t0());
-    assert!(d.waiting[0].1.starts_with("outside maintenance windows"), "{:?}", d);
+    assert!(
+        d.waiting[0].1.starts_with("outside maintenance windows"),
+        "{:?}",
+        d
+    );
     let night = t0() + Duration::hours(11);
     let d = decide(&state, &queue, &[], &policy, &[&Deny("a")], night);
     assert_eq!(d.grant, Some(n("b")));
-    assert_eq!(d.waiting, vec![(n("a"), "etcd: a would break quorum".to_string())]);
+    assert_eq!(
+        d.waiting,
+        vec![(n("a"), "etcd: a would break quorum".to_string())]
+    );
 }
 
 /// One step of a random history.

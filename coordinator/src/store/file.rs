@@ -77,7 +77,9 @@ impl FileStore {
         file.sync_all().map_err(|e| io(&tmp, e))?;
         drop(file);
         fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
         Ok(())
     }
 }
@@ -129,19 +131,39 @@ mod tests {
         let store = FileStore::open(dir.path(), "c1").unwrap();
         assert_eq!(store.load().await.unwrap(), None);
         let mut state = LeaseState::default();
-        state.grant(&NodeName::new("n1").unwrap(), true, false, "test", Utc::now()).unwrap();
+        state
+            .grant(
+                &NodeName::new("n1").unwrap(),
+                true,
+                false,
+                "test",
+                Utc::now(),
+            )
+            .unwrap();
         store.save(&state).await.unwrap();
         assert_eq!(store.load().await.unwrap(), Some(state.clone()));
         assert!(!dir.path().join("state.json.tmp").exists());
 
         // A second coordinator on the same directory is refused.
-        assert!(matches!(FileStore::open(dir.path(), "c2"), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            FileStore::open(dir.path(), "c2"),
+            Err(StoreError::Locked { .. })
+        ));
 
-        for garbage in [&b"{\"format\":1,\"state\":{"[..], b"", b"\x00\x01", b"{\"format\":7,\"state\":{}}"] {
+        for garbage in [
+            &b"{\"format\":1,\"state\":{"[..],
+            b"",
+            b"\x00\x01",
+            b"{\"format\":7,\"state\":{}}",
+        ] {
             fs::write(store.path(), garbage).unwrap();
             let err = store.load().await.unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-            assert_eq!(fs::read(store.path()).unwrap(), garbage, "corrupt file must stay untouched");
+            assert_eq!(
+                fs::read(store.path()).unwrap(),
+                garbage,
+                "corrupt file must stay untouched"
+            );
         }
     }
 }

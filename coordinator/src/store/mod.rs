@@ -9,6 +9,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod memory;
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -42,7 +43,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The stored state cannot be read. It is left in place untouched.
-    #[error("state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)")]
+    #[error(
+        "state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)"
+    )]
     Corrupt {
         /// Where it is.
         path: String,
@@ -92,7 +95,7 @@ pub struct Document {
 /// Encodes `state` as a [`Document`].
 pub fn encode(state: &LeaseState) -> Vec<u8> {
     let doc = serde_json::json!({ "format": FORMAT_VERSION, "state": state });
-    serde_json::to_vec_pretty(&doc).expect("lease state serializes")
+    serde_json::to_vec(&doc).expect("lease state serializes")
 }
 
 /// Decodes a [`Document`] read from `path`.
@@ -109,7 +112,11 @@ pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
         )));
     }
     let state = doc.state;
-    if let Some((node, h)) = state.holders.iter().find(|(_, h)| h.fencing_token > state.last_token) {
+    if let Some((node, h)) = state
+        .holders
+        .iter()
+        .find(|(_, h)| h.fencing_token > state.last_token)
+    {
         return Err(corrupt(format!(
             "holder {node} has token {} above the last token {}",
             h.fencing_token, state.last_token

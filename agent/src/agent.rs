@@ -1,0 +1,764 @@
+//! [`Agent`]: drives the phase machine of [`crate::phase`] with the I/O of the
+//! three boundaries ([`HostOs`], [`Coordinator`], [`NodeOps`]).
+//!
+//! Each loop iteration runs the step of the current phase, feeds the outcome
+//! to [`transition`], persists the new phase and reports it. While the baton
+//! is held, renewals run alongside every step; a refused fencing token stops
+//! the step and gives the node back to service. State is written with
+//! synchronous calls between await points, so cancelling a step on SIGTERM
+//! can never interrupt a write.
+
+use crate::coordinator::{Coordinator, CoordinatorError, Grant, Report};
+use crate::host::{HostOs, Job};
+use crate::node_ops::NodeOps;
+use crate::phase::{Event, Phase, transition};
+use crate::state::{AgentState, Loaded, StateError, StateFile};
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What to run for the update or the post-check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start this unit.
+    Unit(String),
+    /// Run this shell command as a transient unit.
+    Command(String),
+}
+
+/// The agent's maintenance settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The update to apply (None: maintenance is a reboot only).
+    pub update: Option<Action>,
+    /// The check to run after boot (None: no check).
+    pub post_check: Option<Action>,
+    /// How long the update may run.
+    pub update_timeout: Duration,
+    /// How long the post-check may run.
+    pub post_check_timeout: Duration,
+    /// How long to wait for the machine to go down after asking to reboot.
+    pub reboot_timeout: Duration,
+    /// How often to renew (a shorter interval from the coordinator wins).
+    pub renew_interval: Duration,
+    /// How long to wait before retrying a failed coordinator call.
+    pub retry_interval: Duration,
+}
+
+/// Errors that stop the agent (it exits, and systemd restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state could not be persisted: continuing could lose track of a
+    /// reboot, so the agent stops.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Why a step did not finish.
+enum Interrupted {
+    /// SIGTERM: stop now; the persisted phase is resumed on restart.
+    Shutdown,
+    /// The coordinator refused the fencing token.
+    Fenced(String),
+    /// The state could not be persisted: stop with an error.
+    Fatal(AgentError),
+}
+
+/// The agent of one node.
+pub struct Agent<H, C, N> {
+    host: H,
+    coordinator: C,
+    node_ops: N,
+    state_file: StateFile,
+    settings: Settings,
+    state: AgentState,
+    shutdown: CancellationToken,
+    /// Set when a maintenance just ended: wait for the next wake before
+    /// checking the need again, so that a need that does not go away (an
+    /// update check that keeps saying yes) cannot chain maintenances back
+    /// to back.
+    cooldown: bool,
+}
+
+impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
+    /// An agent that keeps its state in `state_file` and stops when
+    /// `shutdown` is cancelled.
+    pub fn new(
+        host: H,
+        coordinator: C,
+        node_ops: N,
+        state_file: StateFile,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Agent {
+            host,
+            coordinator,
+            node_ops,
+            state_file,
+            settings,
+            state: AgentState::idle(),
+            shutdown,
+            cooldown: false,
+        }
+    }
+
+    /// The current state (for tests).
+    pub fn state(&self) -> &AgentState {
+        &self.state
+    }
+
+    /// Run until shutdown. `wakes` changes whenever the maintenance need
+    /// should be checked again (see [`crate::sentinel::watch`]).
+    pub async fn run(&mut self, mut wakes: watch::Receiver<u64>) -> Result<(), AgentError> {
+        self.load().await?;
+        while !self.shutdown.is_cancelled() {
+            let phase = self.state.phase;
+            let token = self.state.fencing_token.unwrap_or(0);
+            let result = match phase {
+                Phase::Idle => self.idle(&mut wakes).await,
+                Phase::Waiting => self.waiting(&mut wakes).await,
+                Phase::Granted => {
+                    self.advance(Event::Started, "maintenance starts").await?;
+                    Ok(())
+                }
+                Phase::Preparing => self.preparing(token).await,
+                Phase::Updating => self.updating(token).await,
+                Phase::Rebooting => self.after_boot().await,
+                Phase::Verifying => self.verifying(token).await,
+                Phase::Finishing => self.finishing(token).await,
+                Phase::Failed => self.failed(token).await,
+            };
+            match result {
+                Ok(()) => {}
+                Err(Interrupted::Shutdown) => break,
+                Err(Interrupted::Fenced(why)) => self.lost_baton(&why).await?,
+                Err(Interrupted::Fatal(error)) => return Err(error),
+            }
+        }
+        tracing::info!(phase = %self.state.phase, "shutting down");
+        Ok(())
+    }
+
+    /// Load the state file; a corrupt one is kept aside and the coordinator
+    /// tells us what we hold.
+    async fn load(&mut self) -> Result<(), AgentError> {
+        match self.state_file.load()? {
+            Loaded::Missing => self.state = AgentState::idle(),
+            Loaded::Valid(state) => {
+                tracing::info!(phase = %state.phase, token = ?state.fencing_token, "resuming from state file");
+                self.state = state;
+            }
+            Loaded::Corrupt { moved_to, error } => {
+                tracing::error!(moved_to = %moved_to.display(), %error, "state file corrupt; kept aside, asking the coordinator what this node holds");
+                self.state = AgentState::idle();
+                self.recover_from_coordinator().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_from_coordinator(&mut self) -> Result<(), AgentError> {
+        loop {
+            let ask = self
+                .coordinator
+                .acquire("state file lost: asking what this node holds", false);
+            let answer = tokio::select! {
+                a = ask => a,
+                _ = self.shutdown.cancelled() => return Ok(()),
+            };
+            match answer {
+                Ok(None) => {
+                    tracing::info!("coordinator: this node holds nothing");
+                    return Ok(());
+                }
+                Ok(Some(grant)) if grant.resumed => {
+                    tracing::warn!(
+                        token = grant.fencing_token,
+                        "coordinator: this node holds the baton; restarting maintenance from the grant"
+                    );
+                    self.state.reason = "resumed after state loss".into();
+                    return self.granted(grant).await;
+                }
+                Ok(Some(grant)) => {
+                    // The queue was empty, so asking got us a fresh grant.
+                    // Nothing is held from before: give it back at once.
+                    tracing::info!(
+                        token = grant.fencing_token,
+                        "coordinator granted afresh; releasing"
+                    );
+                    if let Err(error) = self
+                        .coordinator
+                        .release(grant.fencing_token, "state recovery: nothing was held")
+                        .await
+                    {
+                        tracing::warn!(%error, "release after state recovery failed");
+                    }
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot ask the coordinator yet");
+                    self.pause(self.settings.retry_interval).await;
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {},
+            _ = self.shutdown.cancelled() => {},
+        }
+    }
+
+    /// Apply `event`, persist and report the new phase. An illegal transition
+    /// (a bug) fails the maintenance instead of panicking.
+    async fn advance(&mut self, event: Event, message: &str) -> Result<(), AgentError> {
+        match transition(self.state.phase, &event) {
+            Ok(next) => self.state.phase = next,
+            Err(illegal) => {
+                tracing::error!(%illegal, "illegal transition");
+                if self.state.phase.holds_baton() {
+                    self.state.phase = Phase::Failed;
+                    self.state.error = Some(illegal.to_string());
+                }
+            }
+        }
+        if !self.state.phase.holds_baton() {
+            self.state.fencing_token = None;
+            self.state.boot_id_before_reboot = None;
+            self.state.error = None;
+        }
+        self.state_file.save(&self.state)?;
+        tracing::info!(phase = %self.state.phase, token = ?self.state.fencing_token, message, "phase");
+        self.report(message).await;
+        Ok(())
+    }
+
+    async fn report(&self, message: &str) {
+        let Some(token) = self.state.fencing_token else {
+            return;
+        };
+        let report = Report {
+            phase: self.state.phase,
+            boot_id: self.host.boot_id().await.unwrap_or_default(),
+            message: message.to_string(),
+            error: self.state.error.clone().unwrap_or_default(),
+        };
+        if let Err(error) = self.coordinator.report(token, &report).await {
+            tracing::warn!(%error, "report failed");
+        }
+    }
+
+    /// Run `step` while renewing the baton every renew interval.
+    async fn holding<T>(
+        &self,
+        token: u64,
+        step: impl Future<Output = T>,
+    ) -> Result<T, Interrupted> {
+        let renewals = async {
+            loop {
+                tokio::time::sleep(self.settings.renew_interval).await;
+                match self.coordinator.renew(token).await {
+                    Ok(()) => tracing::debug!(token, "renewed"),
+                    Err(CoordinatorError::Fenced(why)) => return why,
+                    Err(error) => tracing::warn!(%error, "renew failed; retrying"),
+                }
+            }
+        };
+        tokio::select! {
+            out = step => Ok(out),
+            why = renewals => Err(Interrupted::Fenced(why)),
+            _ = self.shutdown.cancelled() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    async fn fail(&mut self, error: String, output: &str) -> Result<(), Interrupted> {
+        tracing::error!(%error, "maintenance step failed; keeping the baton");
+        self.state.error = Some(error);
+        self.state.update_output = output.to_string();
+        let message = self.failure_message();
+        self.advance(Event::StepFailed, &message)
+            .await
+            .map_err(|e| fatal(e.into()))
+    }
+
+    /// The report message of a failed maintenance: the error and the last
+    /// lines of output, so an operator sees why in `batonctl status`.
+    fn failure_message(&self) -> String {
+        let error = self.state.error.clone().unwrap_or_default();
+        if self.state.update_output.is_empty() {
+            format!("failed: {error}")
+        } else {
+            format!("failed: {error}; last output:\n{}", self.state.update_output)
+        }
+    }
+
+    async fn idle(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
+        if std::mem::take(&mut self.cooldown) {
+            wakes.borrow_and_update();
+            tokio::select! {
+                changed = wakes.changed() => if changed.is_err() { return Err(Interrupted::Shutdown) },
+                _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+            }
+        }
+        loop {
+            wakes.borrow_and_update();
+            if let Some(reason) = self.host.maintenance_needed().await {
+                tracing::info!(reason, "maintenance needed");
+                self.state.reason = reason;
+                self.state.phase =
+                    transition(Phase::Idle, &Event::MaintenanceNeeded).unwrap_or(Phase::Waiting);
+                return Ok(());
+            }
+            tokio::select! {
+                changed = wakes.changed() => if changed.is_err() { return Err(Interrupted::Shutdown) },
+                _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+            }
+        }
+    }
+
+    async fn waiting(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
+        let reason = self.state.reason.clone();
+        let need_cleared = async {
+            loop {
+                if wakes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if self.host.maintenance_needed().await.is_none() {
+                    return;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            a = self.coordinator.acquire(&reason, true) => a,
+            _ = need_cleared => {
+                tracing::info!("maintenance no longer needed; request withdrawn");
+                self.state.phase = Phase::Idle;
+                return Ok(());
+            }
+            _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+        };
+        match answer {
+            Ok(Some(grant)) => self.granted(grant).await.map_err(fatal),
+            Ok(None) => Ok(()),
+            Err(error) => {
+                tracing::warn!(%error, "acquire failed; retrying");
+                self.pause(self.settings.retry_interval).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn granted(&mut self, grant: Grant) -> Result<(), AgentError> {
+        tracing::info!(
+            token = grant.fencing_token,
+            resumed = grant.resumed,
+            "baton granted"
+        );
+        if let Some(interval) = grant.renew_interval
+            && interval < self.settings.renew_interval
+            && !interval.is_zero()
+        {
+            self.settings.renew_interval = interval;
+        }
+        self.state.fencing_token = Some(grant.fencing_token);
+        self.advance(Event::Granted, "baton granted").await
+    }
+
+    async fn preparing(&mut self, token: u64) -> Result<(), Interrupted> {
+        match self.holding(token, self.node_ops.prepare()).await? {
+            Ok(()) => self
+                .advance(Event::Prepared, "node prepared")
+                .await
+                .map_err(fatal),
+            Err(error) => self.fail(format!("prepare: {error}"), "").await,
+        }
+    }
+
+    fn job(&self, action: &Action, what: &str, token: u64) -> Job {
+        match action {
+            Action::Unit(unit) => Job::Unit(unit.clone()),
+            Action::Command(command) => Job::Command {
+                unit: format!("baton-{what}-{token}.service"),
+                command: command.clone(),
+                output: self.state_file.dir().join(format!("{what}-{token}.log")),
+            },
+        }
+    }
+
+    async fn updating(&mut self, token: u64) -> Result<(), Interrupted> {
+        let mut message = "no update configured".to_string();
+        if let Some(action) = self.settings.update.clone() {
+            let job = self.job(&action, "update", token);
+            let run = self.host.run(&job, self.settings.update_timeout);
+            match self.holding(token, run).await? {
+                Ok(outcome) if outcome.success => {
+                    self.state.update_output = outcome.output_tail.clone();
+                    message = format!("update done ({})", outcome.detail);
+                    if !outcome.output_tail.is_empty() {
+                        message.push_str(&format!("; last output:\n{}", outcome.output_tail));
+                    }
+                }
+                Ok(outcome) => {
+                    return self
+                        .fail(
+                            format!("update {} failed: {}", job.unit_name(), outcome.detail),
+                            &outcome.output_tail,
+                        )
+                        .await;
+                }
+                Err(error) => return self.fail(format!("update: {error}"), "").await,
+            }
+        }
+        let reboot_required = self.host.reboot_required().await;
+        self.advance(Event::Updated { reboot_required }, &message)
+            .await
+            .map_err(fatal)?;
+        if reboot_required {
+            self.reboot(token).await?;
+        }
+        Ok(())
+    }
+
+    /// Persist the boot_id, confirm the token, ask for the reboot and wait to
+    /// be stopped by the shutdown. Guarantee: the reboot call is made only
+    /// after the Rebooting phase with the current boot_id is on disk and the
+    /// coordinator accepted our token moments before.
+    async fn reboot(&mut self, token: u64) -> Result<(), Interrupted> {
+        let boot_id = match self.host.boot_id().await {
+            Ok(id) => id,
+            Err(error) => return self.fail(format!("reading boot_id: {error}"), "").await,
+        };
+        self.state.boot_id_before_reboot = Some(boot_id.clone());
+        self.state_file
+            .save(&self.state)
+            .map_err(|e| fatal(e.into()))?;
+        loop {
+            match self.coordinator.renew(token).await {
+                Ok(()) => break,
+                Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot confirm the token before rebooting; waiting");
+                    self.pause(self.settings.retry_interval).await;
+                    if self.shutdown.is_cancelled() {
+                        return Err(Interrupted::Shutdown);
+                    }
+                }
+            }
+        }
+        tracing::info!(boot_id, token, "rebooting");
+        if let Err(error) = self.host.reboot().await {
+            return self.fail(format!("reboot: {error}"), "").await;
+        }
+        let timeout = self.settings.reboot_timeout;
+        self.holding(token, tokio::time::sleep(timeout)).await?;
+        self.fail(
+            format!(
+                "reboot did not happen within {}",
+                humantime::format_duration(timeout)
+            ),
+            "",
+        )
+        .await
+    }
+
+    /// Started in Rebooting: the boot_id must have changed.
+    async fn after_boot(&mut self) -> Result<(), Interrupted> {
+        let now = match self.host.boot_id().await {
+            Ok(id) => id,
+            Err(error) => return self.fail(format!("reading boot_id: {error}"), "").await,
+        };
+        let before = self.state.boot_id_before_reboot.clone().unwrap_or_default();
+        let boot_changed = now != before;
+        if !boot_changed {
+            self.state.error = Some(format!("reboot did not happen (boot_id still {now})"));
+        }
+        tracing::info!(before, now, boot_changed, "started after reboot request");
+        self.advance(Event::Booted { boot_changed }, "back after reboot")
+            .await
+            .map_err(fatal)
+    }
+
+    async fn verifying(&mut self, token: u64) -> Result<(), Interrupted> {
+        if let Err(error) = self
+            .holding(token, self.node_ops.wait_ready_after_boot())
+            .await?
+        {
+            return self.fail(format!("readiness: {error}"), "").await;
+        }
+        if let Some(action) = self.settings.post_check.clone() {
+            let job = self.job(&action, "post-check", token);
+            let run = self.host.run(&job, self.settings.post_check_timeout);
+            match self.holding(token, run).await? {
+                Ok(outcome) if outcome.success => {}
+                Ok(outcome) => {
+                    return self
+                        .fail(
+                            format!("post-check failed: {}", outcome.detail),
+                            &outcome.output_tail,
+                        )
+                        .await;
+                }
+                Err(error) => return self.fail(format!("post-check: {error}"), "").await,
+            }
+        }
+        self.advance(Event::Verified, "verified")
+            .await
+            .map_err(fatal)
+    }
+
+    async fn finishing(&mut self, token: u64) -> Result<(), Interrupted> {
+        if let Err(error) = self.holding(token, self.node_ops.finish()).await? {
+            return self.fail(format!("finish: {error}"), "").await;
+        }
+        loop {
+            match self
+                .coordinator
+                .release(token, "maintenance complete")
+                .await
+            {
+                Ok(()) => break,
+                Err(CoordinatorError::Fenced(why)) => {
+                    tracing::warn!(why, "release refused: the baton was no longer ours");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "release failed; retrying");
+                    self.pause(self.settings.retry_interval).await;
+                    if self.shutdown.is_cancelled() {
+                        return Err(Interrupted::Shutdown);
+                    }
+                }
+            }
+        }
+        tracing::info!(token, "baton released");
+        self.cooldown = true;
+        self.advance(Event::Released, "released")
+            .await
+            .map_err(fatal)
+    }
+
+    /// Failed: keep the baton (renewing it) until an operator force-releases
+    /// it or the agent is stopped.
+    async fn failed(&mut self, token: u64) -> Result<(), Interrupted> {
+        self.report(&self.failure_message()).await;
+        self.holding(token, std::future::pending::<()>()).await
+    }
+
+    async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
+        tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
+        if let Err(error) = self.node_ops.abort().await {
+            tracing::warn!(%error, "abort failed");
+        }
+        self.state.fencing_token = None;
+        self.cooldown = true;
+        self.advance(Event::Fenced, "baton lost").await
+    }
+}
+
+/// An error that must stop the agent, carried through a step's result.
+fn fatal(error: AgentError) -> Interrupted {
+    tracing::error!(%error, "stopping: cannot persist state");
+    Interrupted::Fatal(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fakes::{FakeCoordinator, FakeHost, FakeNodeOps};
+    use std::sync::Arc;
+
+    struct World {
+        host: Arc<FakeHost>,
+        coordinator: Arc<FakeCoordinator>,
+        node_ops: Arc<FakeNodeOps>,
+        dir: tempfile::TempDir,
+    }
+
+    fn world() -> World {
+        let host = Arc::new(FakeHost::default());
+        *host.boot_id.lock().unwrap() = "boot-1".into();
+        *host.update_succeeds.lock().unwrap() = true;
+        World {
+            host,
+            coordinator: Arc::new(FakeCoordinator::default()),
+            node_ops: Arc::new(FakeNodeOps::default()),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            update: Some(Action::Command("apt-get -y upgrade".into())),
+            post_check: None,
+            update_timeout: Duration::from_secs(60),
+            post_check_timeout: Duration::from_secs(60),
+            reboot_timeout: Duration::from_secs(600),
+            renew_interval: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Run an agent until `done` holds (then stop it like SIGTERM would) or
+    /// until it stops by itself (a reboot cancels it).
+    async fn run_until(w: &World, done: impl Fn() -> bool) -> AgentState {
+        let shutdown = CancellationToken::new();
+        *w.host.on_reboot.lock().unwrap() = Some(shutdown.clone());
+        let mut agent = Agent::new(
+            w.host.clone(),
+            w.coordinator.clone(),
+            w.node_ops.clone(),
+            StateFile::new(w.dir.path()),
+            settings(),
+            shutdown.clone(),
+        );
+        let (_tx, wakes) = watch::channel(0);
+        let stop = async {
+            while !done() && !shutdown.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(agent.run(wakes), stop);
+        result.unwrap();
+        agent.state().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sentinel_update_reboot_verify_release() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("/run/reboot-required exists".into());
+        *w.host.reboot_required.lock().unwrap() = true;
+        let state = run_until(&w, || false).await;
+        assert_eq!(state.phase, Phase::Rebooting);
+        assert_eq!(state.boot_id_before_reboot.as_deref(), Some("boot-1"));
+        assert_eq!(*w.host.reboots.lock().unwrap(), 1);
+        assert!(
+            *w.coordinator.renews.lock().unwrap() >= 1,
+            "token re-checked before reboot"
+        );
+        assert!(w.coordinator.releases.lock().unwrap().is_empty());
+
+        // The machine comes back with another boot_id and no sentinel.
+        *w.host.boot_id.lock().unwrap() = "boot-2".into();
+        *w.host.need.lock().unwrap() = None;
+        *w.host.reboot_required.lock().unwrap() = false;
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || !c.releases.lock().unwrap().is_empty()).await;
+        assert_eq!(state.phase, Phase::Idle);
+        assert_eq!(*w.coordinator.releases.lock().unwrap(), vec![1]);
+        assert_eq!(
+            w.coordinator.phases(),
+            vec![
+                Phase::Granted,
+                Phase::Preparing,
+                Phase::Updating,
+                Phase::Rebooting,
+                Phase::Verifying,
+                Phase::Finishing
+            ]
+        );
+        assert_eq!(
+            *w.node_ops.calls.lock().unwrap(),
+            vec!["prepare", "ready", "finish"]
+        );
+        assert_eq!(w.host.jobs.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_update_keeps_the_baton_and_does_not_reboot() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        *w.host.update_succeeds.lock().unwrap() = false;
+        *w.host.reboot_required.lock().unwrap() = true;
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || *c.renews.lock().unwrap() >= 3).await;
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.error.unwrap().contains("exit status 3"));
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+        assert!(w.coordinator.releases.lock().unwrap().is_empty());
+        let reports = w.coordinator.reports.lock().unwrap();
+        // Every Failed report (also the ones repeated later) carries the
+        // output.
+        let (_, failed) = reports
+            .iter()
+            .rev()
+            .find(|(_, r)| r.phase == Phase::Failed)
+            .unwrap();
+        assert!(failed.message.contains("boom"), "{failed:?}");
+        assert!(!failed.error.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_reboot_needed_releases_without_reboot() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || !c.releases.lock().unwrap().is_empty()).await;
+        assert_eq!(state.phase, Phase::Idle);
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+        assert!(!w.coordinator.phases().contains(&Phase::Rebooting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_boot_id_after_restart_means_the_reboot_did_not_happen() {
+        let w = world();
+        let file = StateFile::new(w.dir.path());
+        file.save(&AgentState {
+            phase: Phase::Rebooting,
+            fencing_token: Some(4),
+            boot_id_before_reboot: Some("boot-1".into()),
+            ..AgentState::idle()
+        })
+        .unwrap();
+        *w.coordinator.held.lock().unwrap() = Some(4);
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || c.phases().contains(&Phase::Failed)).await;
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.error.unwrap().contains("reboot did not happen"));
+        assert!(w.coordinator.releases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn corrupt_state_asks_the_coordinator_and_resumes_the_grant() {
+        let w = world();
+        std::fs::write(w.dir.path().join("state.json"), b"{\"phase\":").unwrap();
+        *w.coordinator.held.lock().unwrap() = Some(9);
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || !c.releases.lock().unwrap().is_empty()).await;
+        assert_eq!(state.phase, Phase::Idle);
+        assert_eq!(*w.coordinator.releases.lock().unwrap(), vec![9]);
+        assert!(w.dir.path().join("state.json.corrupt-0").exists());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn force_release_while_failed_gives_the_node_back() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        *w.host.update_succeeds.lock().unwrap() = false;
+        let c = w.coordinator.clone();
+        let n = w.node_ops.clone();
+        // Fence the holder once it has failed.
+        let c2 = w.coordinator.clone();
+        let state = run_until(&w, move || {
+            if c.phases().contains(&Phase::Failed) {
+                *c2.fenced.lock().unwrap() = true;
+            }
+            n.calls.lock().unwrap().contains(&"abort")
+        })
+        .await;
+        // After losing the baton the need is still there, so it asks again.
+        assert!(matches!(
+            state.phase,
+            Phase::Idle
+                | Phase::Waiting
+                | Phase::Granted
+                | Phase::Preparing
+                | Phase::Updating
+                | Phase::Failed
+        ));
+        assert!(w.node_ops.calls.lock().unwrap().contains(&"abort"));
+    }
+}

@@ -1,0 +1,144 @@
+//! In-memory fakes of the three I/O boundaries, for the agent's unit tests.
+//! Each fake records what was asked of it so tests can check it afterwards.
+
+use crate::coordinator::{Coordinator, CoordinatorError, Grant, Report};
+use crate::host::{HostError, HostOs, Job, UnitOutcome};
+use crate::node_ops::{NodeOps, NodeOpsError};
+use crate::phase::Phase;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A machine: a boot_id, sentinels, scripted unit outcomes.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    pub boot_id: Mutex<String>,
+    pub need: Mutex<Option<String>>,
+    pub reboot_required: Mutex<bool>,
+    pub update_succeeds: Mutex<bool>,
+    pub jobs: Mutex<Vec<Job>>,
+    pub reboots: Mutex<u32>,
+    /// Cancelled when a reboot is requested: systemd stops the agent.
+    pub on_reboot: Mutex<Option<CancellationToken>>,
+}
+
+impl HostOs for Arc<FakeHost> {
+    async fn boot_id(&self) -> Result<String, HostError> {
+        Ok(self.boot_id.lock().unwrap().clone())
+    }
+    async fn maintenance_needed(&self) -> Option<String> {
+        self.need.lock().unwrap().clone()
+    }
+    async fn reboot_required(&self) -> bool {
+        *self.reboot_required.lock().unwrap()
+    }
+    async fn run(&self, job: &Job, _timeout: Duration) -> Result<UnitOutcome, HostError> {
+        self.jobs.lock().unwrap().push(job.clone());
+        let success = *self.update_succeeds.lock().unwrap();
+        Ok(UnitOutcome {
+            success,
+            detail: if success {
+                "job done".into()
+            } else {
+                "job failed, exit status 3".into()
+            },
+            output_tail: "boom".into(),
+        })
+    }
+    async fn reboot(&self) -> Result<(), HostError> {
+        *self.reboots.lock().unwrap() += 1;
+        if let Some(token) = self.on_reboot.lock().unwrap().as_ref() {
+            token.cancel();
+        }
+        Ok(())
+    }
+}
+
+/// A coordinator that grants at once and records every call.
+#[derive(Debug, Default)]
+pub struct FakeCoordinator {
+    pub next_token: Mutex<u64>,
+    /// What Acquire(wait = false) finds: Some(token) = held, resumed.
+    pub held: Mutex<Option<u64>>,
+    pub fenced: Mutex<bool>,
+    pub acquires: Mutex<u32>,
+    pub renews: Mutex<u32>,
+    pub reports: Mutex<Vec<(u64, Report)>>,
+    pub releases: Mutex<Vec<u64>>,
+}
+
+impl FakeCoordinator {
+    pub fn phases(&self) -> Vec<Phase> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| r.phase)
+            .collect()
+    }
+}
+
+impl Coordinator for Arc<FakeCoordinator> {
+    async fn acquire(&self, _reason: &str, wait: bool) -> Result<Option<Grant>, CoordinatorError> {
+        *self.acquires.lock().unwrap() += 1;
+        if let Some(token) = *self.held.lock().unwrap() {
+            return Ok(Some(Grant {
+                fencing_token: token,
+                resumed: true,
+                renew_interval: None,
+            }));
+        }
+        if !wait {
+            return Ok(None);
+        }
+        let mut next = self.next_token.lock().unwrap();
+        *next += 1;
+        *self.held.lock().unwrap() = Some(*next);
+        Ok(Some(Grant {
+            fencing_token: *next,
+            resumed: false,
+            renew_interval: None,
+        }))
+    }
+    async fn renew(&self, _token: u64) -> Result<(), CoordinatorError> {
+        *self.renews.lock().unwrap() += 1;
+        if *self.fenced.lock().unwrap() {
+            return Err(CoordinatorError::Fenced("stale token".into()));
+        }
+        Ok(())
+    }
+    async fn report(&self, token: u64, report: &Report) -> Result<(), CoordinatorError> {
+        self.reports.lock().unwrap().push((token, report.clone()));
+        Ok(())
+    }
+    async fn release(&self, token: u64, _reason: &str) -> Result<(), CoordinatorError> {
+        self.releases.lock().unwrap().push(token);
+        *self.held.lock().unwrap() = None;
+        Ok(())
+    }
+}
+
+/// Node operations that record what they were asked.
+#[derive(Debug, Default)]
+pub struct FakeNodeOps {
+    pub calls: Mutex<Vec<&'static str>>,
+}
+
+impl NodeOps for Arc<FakeNodeOps> {
+    async fn prepare(&self) -> Result<(), NodeOpsError> {
+        self.calls.lock().unwrap().push("prepare");
+        Ok(())
+    }
+    async fn wait_ready_after_boot(&self) -> Result<(), NodeOpsError> {
+        self.calls.lock().unwrap().push("ready");
+        Ok(())
+    }
+    async fn finish(&self) -> Result<(), NodeOpsError> {
+        self.calls.lock().unwrap().push("finish");
+        Ok(())
+    }
+    async fn abort(&self) -> Result<(), NodeOpsError> {
+        self.calls.lock().unwrap().push("abort");
+        Ok(())
+    }
+}

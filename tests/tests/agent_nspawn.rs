@@ -1,0 +1,311 @@
+//! baton-agent against real systemd, logind and apt in systemd-nspawn
+//! containers, with real reboots, and the real coordinator on the host.
+//! Needs root (CI runs `cargo xtask test` as root, which installs
+//! systemd-container, debootstrap and dbus).
+//!
+//! Every claim is checked from outside the agent: boots (boot_id, start and
+//! end) are recorded by the host-side supervisor, holders and the audit trail
+//! come from `batonctl status`, installed versions from the node's dpkg.
+
+use anyhow::{Context, Result, bail, ensure};
+use baton_tests::coordinator::CoordinatorProcess;
+use baton_tests::nspawn::{Boot, Node, NodeSpec, apt, require_root, wait_for};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Generous bound for a whole maintenance (only to avoid hanging forever).
+const MAINTENANCE: Duration = Duration::from_secs(240);
+
+struct Cluster {
+    coordinator: CoordinatorProcess,
+    _data: tempfile::TempDir,
+}
+
+fn cluster() -> Result<Cluster> {
+    require_root();
+    let data = tempfile::tempdir()?;
+    let coordinator = CoordinatorProcess::start(&data.path().join("coordinator"), &[]);
+    Ok(Cluster {
+        coordinator,
+        _data: data,
+    })
+}
+
+/// One audit record.
+#[derive(Debug, Clone)]
+struct Audit {
+    time: DateTime<Utc>,
+    action: String,
+    node: String,
+}
+
+impl Cluster {
+    fn url(&self) -> String {
+        self.coordinator.url.clone()
+    }
+
+    fn holder(&self, node: &str) -> Option<Value> {
+        let status = self.coordinator.status();
+        status["holders"]
+            .as_array()?
+            .iter()
+            .find(|h| h["node"] == node)
+            .cloned()
+    }
+
+    fn audit(&self) -> Vec<Audit> {
+        let status = self.coordinator.status();
+        status["audit"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                Some(Audit {
+                    time: a["time"].as_str()?.parse().ok()?,
+                    action: a["action"].as_str()?.to_string(),
+                    node: a["node"].as_str()?.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn records(&self, node: &str, action: &str) -> Vec<Audit> {
+        self.audit()
+            .into_iter()
+            .filter(|a| a.node == node && a.action == action)
+            .collect()
+    }
+
+    /// Wait until `node` has released the baton `n` times in total.
+    fn wait_released(&self, node: &Node, n: usize) -> Result<()> {
+        wait_for(
+            &format!("{} to release", node.name()),
+            MAINTENANCE,
+            || (self.records(node.name(), "release").len() >= n).then_some(()),
+        )
+        .with_context(|| format!("{}\ncoordinator status: {}", node.diagnostics(), self.coordinator.status()))
+    }
+
+    /// Wait until `node` holds the baton in `phase`.
+    fn wait_phase(&self, node: &Node, phase: &str) -> Result<Value> {
+        wait_for(
+            &format!("{} to report {phase}", node.name()),
+            MAINTENANCE,
+            || self.holder(node.name()).filter(|h| h["phase"] == phase),
+        )
+        .with_context(|| format!("{}\ncoordinator status: {}", node.diagnostics(), self.coordinator.status()))
+    }
+}
+
+fn wait_agent_running(node: &Node) -> Result<i32> {
+    wait_for("the agent to start", Duration::from_secs(60), || node.agent_pid())
+        .with_context(|| node.diagnostics())
+}
+
+fn touch_sentinel(node: &Node) -> Result<()> {
+    let out = node.exec(&["touch", "/run/reboot-required"])?;
+    ensure!(out.status.success(), "touch in {}: {:?}", node.name(), out);
+    Ok(())
+}
+
+fn time(t: std::time::SystemTime) -> DateTime<Utc> {
+    t.into()
+}
+
+/// The node rebooted exactly once, for real: two boots, the first ended
+/// with exit 133, and the boot_ids differ.
+fn check_one_real_reboot(node: &Node) -> Result<Vec<Boot>> {
+    let boots = node.boots();
+    ensure!(boots.len() == 2, "{} booted {} times: {boots:?}", node.name(), boots.len());
+    ensure!(boots[0].exit_code == Some(133), "first boot did not end in a reboot: {boots:?}");
+    ensure!(boots[0].boot_id != boots[1].boot_id, "boot_id unchanged: {boots:?}");
+    Ok(boots)
+}
+
+#[test]
+fn sentinel_appears_agent_reboots_for_real_and_releases() -> Result<()> {
+    let c = cluster()?;
+    // A check interval of an hour: only inotify can notice the sentinel.
+    let node = Node::boot(NodeSpec::new("sentinel-1", &c.url()).env("BATON_CHECK_INTERVAL", "1h"))?;
+    wait_agent_running(&node)?;
+    touch_sentinel(&node)?;
+    c.wait_released(&node, 1)?;
+    let boots = check_one_real_reboot(&node)?;
+    let grant = &c.records("sentinel-1", "grant")[0];
+    let release = &c.records("sentinel-1", "release")[0];
+    let down = time(boots[0].ended.context("first boot ended")?);
+    ensure!(grant.time <= down && down <= release.time, "reboot outside the grant");
+    ensure!(c.holder("sentinel-1").is_none(), "still holding");
+    Ok(())
+}
+
+#[test]
+fn apt_upgrade_from_local_repo_reboots_into_v2() -> Result<()> {
+    let c = cluster()?;
+    let debs = tempfile::tempdir()?;
+    let repo = tempfile::tempdir()?;
+    let v1 = apt::build_deb(debs.path(), "baton-demo", "1", None)?;
+    // Like kernel packages (through update-notifier-common), v2 asks for a
+    // reboot.
+    apt::build_deb(repo.path(), "baton-demo", "2", Some("touch /var/run/reboot-required"))?;
+    apt::write_packages_index(repo.path())?;
+    let mut spec = NodeSpec::new("apt-1", &c.url())
+        .env(
+            "BATON_UPDATE_CHECK_COMMAND",
+            "apt-get update -qq >/dev/null 2>&1; apt-get -s upgrade | grep -q '^Inst baton-demo'",
+        )
+        .env(
+            "BATON_UPDATE_COMMAND",
+            "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get -y upgrade",
+        );
+    spec.repo = Some(repo.path().to_path_buf());
+    spec.preinstall = vec![v1];
+    let node = Node::boot(spec)?;
+    c.wait_released(&node, 1)?;
+    check_one_real_reboot(&node)?;
+    let out = node.exec(&["dpkg-query", "-W", "-f", "${Version}", "baton-demo"])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "2",
+        "installed after maintenance: {:?}\n{}",
+        out,
+        node.diagnostics()
+    );
+    Ok(())
+}
+
+#[test]
+fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("failing-1", &c.url())
+            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
+            .env(
+                "BATON_UPDATE_COMMAND",
+                "echo fetching; echo 'E: disk on fire' >&2; touch /run/reboot-required; exit 3",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    let holder = c.wait_phase(&node, "failed")?;
+    let error = holder["error"].as_str().unwrap_or_default();
+    ensure!(error.contains("exit status 3"), "error: {holder}");
+    let message = holder["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("disk on fire"), "the output is not in the report: {holder}");
+    // The sentinel exists, yet the node was not rebooted and keeps the baton.
+    ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
+    ensure!(node.boots()[0].ended.is_none(), "node went down");
+    ensure!(c.records("failing-1", "release").is_empty(), "released");
+    let state = node.agent_state().context("state file")?;
+    ensure!(state["phase"] == "failed", "state: {state}");
+    Ok(())
+}
+
+#[test]
+fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("killed-1", &c.url())
+            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
+            .env(
+                "BATON_UPDATE_COMMAND",
+                "echo run >> /var/lib/baton-test/runs; \
+                 while [ ! -e /var/lib/baton-test/go ]; do sleep 0.2; done; \
+                 rm -f /var/lib/baton-test/want-update; touch /run/reboot-required",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    c.wait_phase(&node, "updating")?;
+    let runs = node.rootfs().join("var/lib/baton-test/runs");
+    wait_for("the update to run", MAINTENANCE, || runs.exists().then_some(()))?;
+    let old = wait_agent_running(&node)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL)?;
+    // systemd restarts the agent (Restart=always); the update keeps running
+    // in its own transient unit meanwhile.
+    wait_for("the agent to be restarted", MAINTENANCE, || {
+        node.agent_pid().filter(|p| *p != old)
+    })
+    .with_context(|| node.diagnostics())?;
+    wait_for("the restarted agent to resume", MAINTENANCE, || {
+        (node.agent_log().matches("resuming from state file").count() >= 1).then_some(())
+    })
+    .with_context(|| node.diagnostics())?;
+    std::fs::write(node.rootfs().join("var/lib/baton-test/go"), "")?;
+    c.wait_released(&node, 1)?;
+    check_one_real_reboot(&node)?;
+    let ran = std::fs::read_to_string(&runs)?;
+    ensure!(ran.lines().count() == 1, "the update ran {} times", ran.lines().count());
+    ensure!(c.records("killed-1", "grant").len() == 1, "granted more than once");
+    Ok(())
+}
+
+#[test]
+fn update_without_reboot_sentinel_releases_without_reboot() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("noreboot-1", &c.url())
+            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
+            .env(
+                "BATON_UPDATE_COMMAND",
+                "rm -f /var/lib/baton-test/want-update; echo updated > /var/lib/baton-test/updated",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    c.wait_released(&node, 1)?;
+    ensure!(node.rootfs().join("var/lib/baton-test/updated").exists(), "update did not run");
+    let boots = node.boots();
+    ensure!(boots.len() == 1 && boots[0].ended.is_none(), "rebooted: {boots:?}");
+    ensure!(c.records("noreboot-1", "grant").len() == 1, "grants");
+    Ok(())
+}
+
+#[test]
+fn three_nodes_needing_maintenance_go_strictly_one_after_another() -> Result<()> {
+    let c = cluster()?;
+    let names = ["seq-1", "seq-2", "seq-3"];
+    let nodes = names
+        .iter()
+        .map(|n| Node::boot(NodeSpec::new(n, &c.url())))
+        .collect::<Result<Vec<_>>>()?;
+    for node in &nodes {
+        wait_agent_running(node)?;
+    }
+    for node in &nodes {
+        touch_sentinel(node)?;
+    }
+    for node in &nodes {
+        c.wait_released(node, 1)?;
+    }
+    // From the coordinator's history: grant..release intervals.
+    let mut held = Vec::new();
+    for node in &nodes {
+        let grants = c.records(node.name(), "grant");
+        let releases = c.records(node.name(), "release");
+        ensure!(grants.len() == 1 && releases.len() == 1, "{}: {grants:?} {releases:?}", node.name());
+        let boots = check_one_real_reboot(node)?;
+        let down = time(boots[0].ended.context("ended")?);
+        let up = time(boots[1].started);
+        // From the host's records: the node was down only while it held
+        // the baton.
+        ensure!(
+            grants[0].time <= down && up <= releases[0].time,
+            "{} was down outside its grant: grant {} down {} up {} release {}",
+            node.name(),
+            grants[0].time,
+            down,
+            up,
+            releases[0].time
+        );
+        held.push((grants[0].time, releases[0].time, down, up, node.name().to_string()));
+    }
+    held.sort();
+    for pair in held.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if b.0 < a.1 {
+            bail!("{} was granted before {} released: {held:?}", b.4, a.4);
+        }
+        if b.2 < a.3 {
+            bail!("{} went down before {} was back up: {held:?}", b.4, a.4);
+        }
+    }
+    Ok(())
+}
