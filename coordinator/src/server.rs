@@ -54,6 +54,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// The etcd settings were refused or the etcd store did not open.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::wiring::EtcdStoreOpenError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -82,6 +85,7 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
 async fn open_store(args: &ServeArgs, id: &str) -> Result<Arc<dyn StateStore>, ServeError> {
     match args.store {
         StoreKind::Embedded => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
+        StoreKind::Etcd => Ok(Arc::new(crate::etcd::wiring::store(args, id).await?)),
     }
 }
 
@@ -139,15 +143,27 @@ pub async fn start(
 
     let store = open_store(&args, &id).await?;
     let metrics = Metrics::new();
+    // The etcd quorum guard (when --etcd-endpoints is given) is both a
+    // guard and a preparer; it probes etcd and pokes the engine.
+    let etcd_guard = crate::etcd::wiring::guard(&args, system_clock())
+        .map_err(crate::etcd::wiring::EtcdStoreOpenError::from)?;
+    let guards: Vec<Arc<dyn crate::policy::GrantGuard>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
+    let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
     let engine = Engine::new(
         store,
         config,
-        Vec::new(),
-        Vec::new(),
+        guards,
+        preparers,
         system_clock(),
         metrics.clone(),
     )
     .await?;
+    if let Some(guard) = etcd_guard {
+        guard.attach(&engine);
+        tokio::spawn(guard.run());
+    }
     tokio::spawn(engine.clone().run_granter());
 
     let grpc = TcpListener::bind(args.listen)

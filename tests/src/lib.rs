@@ -3,7 +3,10 @@
 //! - [`require_root`]: tests that need root (nspawn, etcd on privileged
 //!   paths) say so clearly instead of failing obscurely.
 //!
-//! Harnesses for real components live in their own modules.
+//! Harnesses for real components live in their own modules:
+//! - [`etcd`]: real etcd clusters on loopback, and coordinator processes.
+
+pub mod etcd;
 
 pub mod coordinator;
 pub mod nspawn;
