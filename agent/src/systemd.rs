@@ -160,7 +160,7 @@ impl HostOs for SystemdHost {
 
     async fn run(&self, job: &Job, timeout: Duration) -> Result<UnitOutcome, HostError> {
         let manager = SystemdManagerProxy::new(&self.bus).await?;
-        manager.subscribe().await?;
+        subscribe(&manager).await?;
         let run = async {
             // A transient unit of this name exists only if an earlier agent
             // started it for this grant: follow that run instead of starting
@@ -203,6 +203,21 @@ impl HostOs for SystemdHost {
             .await
             .map(|_| ())
             .map_err(|e| HostError::RebootRefused(e.to_string()))
+    }
+}
+
+/// Subscribe this connection to systemd's signals. systemd refuses a second
+/// Subscribe from the same connection with AlreadySubscribed, which means
+/// the subscription is in place.
+async fn subscribe(manager: &SystemdManagerProxy<'_>) -> Result<(), HostError> {
+    match manager.subscribe().await {
+        Ok(()) => Ok(()),
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -77,11 +77,18 @@ impl Cluster {
             .collect()
     }
 
-    /// Wait until `node` has released the baton `n` times in total.
+    /// Wait until `node` has released the baton `n` times in total. Fails
+    /// early if the node reports Failed instead.
     fn wait_released(&self, node: &Node, n: usize) -> Result<()> {
         wait_for(&format!("{} to release", node.name()), MAINTENANCE, || {
-            (self.records(node.name(), "release").len() >= n).then_some(())
+            if self.records(node.name(), "release").len() >= n {
+                return Some(Ok(()));
+            }
+            self.holder(node.name())
+                .filter(|h| h["phase"] == "failed")
+                .map(|h| Err(anyhow::anyhow!("{} failed: {h}", node.name())))
         })
+        .and_then(|r| r)
         .with_context(|| {
             format!(
                 "{}\ncoordinator status: {}",
@@ -290,25 +297,50 @@ fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
     Ok(())
 }
 
+/// A oneshot unit that appends `word` to /var/lib/baton-test/order.
+fn oneshot(word: &str, extra: &str) -> String {
+    format!(
+        "[Service]\nType=oneshot\nExecStart=/bin/sh -c '{extra}echo {word} >> /var/lib/baton-test/order'\n"
+    )
+}
+
 #[test]
 fn update_without_reboot_sentinel_releases_without_reboot() -> Result<()> {
     let c = cluster()?;
+    // This scenario also drives the unit paths: StartUnit of an update unit
+    // and of the pre/post-maintenance units, and a post-check command.
     let node = Node::boot(
         NodeSpec::new("noreboot-1", &c.url())
             .env(
                 "BATON_UPDATE_CHECK_COMMAND",
                 "test -e /var/lib/baton-test/want-update",
             )
+            .env("BATON_UPDATE_UNIT", "baton-test-update.service")
+            .env("BATON_PRE_MAINTENANCE_UNIT", "baton-test-pre.service")
+            .env("BATON_POST_MAINTENANCE_UNIT", "baton-test-post.service")
             .env(
-                "BATON_UPDATE_COMMAND",
-                "rm -f /var/lib/baton-test/want-update; echo updated > /var/lib/baton-test/updated",
+                "BATON_POST_CHECK_COMMAND",
+                "echo check >> /var/lib/baton-test/order",
             )
-            .file("/var/lib/baton-test/want-update", ""),
+            .file("/var/lib/baton-test/want-update", "")
+            .file(
+                "/etc/systemd/system/baton-test-pre.service",
+                &oneshot("pre", ""),
+            )
+            .file(
+                "/etc/systemd/system/baton-test-update.service",
+                &oneshot("update", "rm -f /var/lib/baton-test/want-update; "),
+            )
+            .file(
+                "/etc/systemd/system/baton-test-post.service",
+                &oneshot("post", ""),
+            ),
     )?;
     c.wait_released(&node, 1)?;
+    let order = std::fs::read_to_string(node.rootfs().join("var/lib/baton-test/order"))?;
     ensure!(
-        node.rootfs().join("var/lib/baton-test/updated").exists(),
-        "update did not run"
+        order == "pre\nupdate\ncheck\npost\n",
+        "steps ran as: {order:?}"
     );
     let boots = node.boots();
     ensure!(
