@@ -281,7 +281,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         let message = self.failure_message();
         self.advance(Event::StepFailed, &message)
             .await
-            .map_err(|e| fatal(e.into()))
+            .map_err(fatal)
     }
 
     /// The report message of a failed maintenance: the error and the last
@@ -291,7 +291,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         if self.state.update_output.is_empty() {
             format!("failed: {error}")
         } else {
-            format!("failed: {error}; last output:\n{}", self.state.update_output)
+            format!(
+                "failed: {error}; last output:\n{}",
+                self.state.update_output
+            )
         }
     }
 

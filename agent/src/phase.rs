@@ -247,10 +247,7 @@ mod tests {
             Event::Verified,
             Event::Released,
         ];
-        let end = events
-            .iter()
-            .try_fold(Phase::Idle, |p, e| transition(p, e))
-            .unwrap();
+        let end = events.iter().try_fold(Phase::Idle, transition).unwrap();
         assert_eq!(end, Phase::Idle);
     }
 

@@ -38,18 +38,22 @@ impl SystemdHost {
     async fn outcome_of(&self, unit_path: &OwnedObjectPath, job_result: &str) -> UnitOutcome {
         let mut detail = format!("job {job_result}");
         let mut success = job_result == "done";
-        if let Ok(service) = SystemdServiceProxy::builder(&self.bus)
-            .path(unit_path.clone())
-            .and_then(|b| Ok(b.cache_properties(zbus::proxy::CacheProperties::No)))
-        {
-            if let Ok(service) = service.build().await {
-                if let Ok(result) = service.result().await {
-                    success &= result == "success";
-                    detail.push_str(&format!(", result {result}"));
-                }
-                if let Ok(status) = service.exec_main_status().await {
-                    detail.push_str(&format!(", exit status {status}"));
-                }
+        let service = match SystemdServiceProxy::builder(&self.bus).path(unit_path.clone()) {
+            Ok(builder) => {
+                builder
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(service) = service {
+            if let Ok(result) = service.result().await {
+                success &= result == "success";
+                detail.push_str(&format!(", result {result}"));
+            }
+            if let Ok(status) = service.exec_main_status().await {
+                detail.push_str(&format!(", exit status {status}"));
             }
         }
         UnitOutcome {
@@ -156,7 +160,7 @@ impl HostOs for SystemdHost {
 
     async fn run(&self, job: &Job, timeout: Duration) -> Result<UnitOutcome, HostError> {
         let manager = SystemdManagerProxy::new(&self.bus).await?;
-        manager.subscribe().await?;
+        subscribe(&manager).await?;
         let run = async {
             // A transient unit of this name exists only if an earlier agent
             // started it for this grant: follow that run instead of starting
@@ -199,6 +203,21 @@ impl HostOs for SystemdHost {
             .await
             .map(|_| ())
             .map_err(|e| HostError::RebootRefused(e.to_string()))
+    }
+}
+
+/// Subscribe this connection to systemd's signals. systemd refuses a second
+/// Subscribe from the same connection with AlreadySubscribed, which means
+/// the subscription is in place.
+async fn subscribe(manager: &SystemdManagerProxy<'_>) -> Result<(), HostError> {
+    match manager.subscribe().await {
+        Ok(()) => Ok(()),
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -35,6 +35,9 @@ pub enum LogFormat {
 pub enum StoreKind {
     /// One file under --data-dir (a single coordinator).
     Embedded,
+    /// etcd (--etcd-endpoints): any number of replicas, one leader elected
+    /// with etcd's election API.
+    Etcd,
     /// A ConfigMap written with resourceVersion compare-and-swap; leader
     /// elected on a Lease (2+ replicas in a cluster).
     Kubernetes,
@@ -112,10 +115,77 @@ pub struct ServeArgs {
     /// TLS and authentication.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// etcd: the quorum guard and the etcd store.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Kubernetes: Lease election, state object, node watch, TokenReview.
     #[command(flatten)]
     pub kube: crate::kube::KubeArgs,
     /// Log format.
     #[arg(long, env = "BATON_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// etcd: the quorum guard (on whenever --etcd-endpoints is given) and the
+/// etcd store (`--store etcd`).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// The cluster's etcd client endpoints (comma-separated). Enables the
+    /// quorum guard; also where `--store etcd` keeps the state.
+    #[arg(long, env = "BATON_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// CA bundle (PEM) that etcd's server certificates chain to.
+    #[arg(long, env = "BATON_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "BATON_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "BATON_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// node=member pairs (comma-separated) for nodes whose etcd member is not
+    /// named like the node.
+    #[arg(long, env = "BATON_ETCD_MEMBER_MAP", value_delimiter = ',')]
+    pub etcd_member_map: Vec<String>,
+    /// Nodes the guard does not check (repeatable or comma-separated). A node
+    /// is never exempt because no member was found for it.
+    #[arg(long, env = "BATON_ETCD_EXEMPT_NODES", value_delimiter = ',')]
+    pub etcd_exempt_node: Vec<String>,
+    /// The largest apply lag (leader's raft index minus the member's applied
+    /// index) of a healthy member, in entries.
+    #[arg(long, env = "BATON_ETCD_MAX_APPLY_LAG", default_value_t = 1000)]
+    pub etcd_max_apply_lag: u64,
+    /// On clusters of 5 or more voting members, allow taking a member down
+    /// while others are unhealthy as long as quorum remains.
+    #[arg(long, env = "BATON_ETCD_ALLOW_DEGRADED")]
+    pub etcd_allow_degraded: bool,
+    /// Allow taking down the only member of a 1-member cluster (after a
+    /// verified snapshot): etcd is down while it reboots.
+    #[arg(long, env = "BATON_ETCD_ALLOW_OUTAGE")]
+    pub etcd_allow_outage: bool,
+    /// Where verified snapshots are kept (default: <data-dir>/etcd-snapshots).
+    #[arg(long, env = "BATON_ETCD_SNAPSHOT_DIR")]
+    pub etcd_snapshot_dir: Option<PathBuf>,
+    /// How many snapshots are kept.
+    #[arg(long, env = "BATON_ETCD_SNAPSHOT_KEEP", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub etcd_snapshot_keep: u64,
+    /// Key prefix of the etcd store.
+    #[arg(long, env = "BATON_ETCD_PREFIX", default_value = "/baton")]
+    pub etcd_prefix: String,
+    /// TTL of the leader's election lease (a dead leader is replaced after
+    /// about this long).
+    #[arg(long, env = "BATON_ETCD_ELECTION_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub etcd_election_ttl: std::time::Duration,
+    /// How often etcd's health is probed.
+    #[arg(long, env = "BATON_ETCD_PROBE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub etcd_probe_interval: std::time::Duration,
+    /// Timeout of every etcd call made by a probe.
+    #[arg(long, env = "BATON_ETCD_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub etcd_timeout: std::time::Duration,
+    /// Health data older than this answers no.
+    #[arg(long, env = "BATON_ETCD_MAX_HEALTH_AGE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub etcd_max_health_age: std::time::Duration,
+    /// Healthy probe rounds in a row before a node that went out counts as back.
+    #[arg(long, env = "BATON_ETCD_BACK_AFTER", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub etcd_back_after: u32,
 }

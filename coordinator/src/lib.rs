@@ -9,6 +9,7 @@
 //!   them, runs the grant rule and streams progress to waiters;
 //! - [`service`], [`auth`], [`status_map`]: the gRPC services, who may call
 //!   them and how errors map to gRPC codes;
+//! - [`etcd`]: the etcd quorum guard, verified snapshots and leadership moves;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
 //! - [`kube`]: in a Kubernetes cluster: the Lease election and the
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod ctl;
 pub mod engine;
+pub mod etcd;
 pub mod kube;
 pub mod metrics;
 pub mod node;

@@ -58,6 +58,9 @@ pub enum ServeError {
     /// The Kubernetes integration could not start.
     #[error(transparent)]
     Kubernetes(#[from] crate::kube::KubeSetupError),
+    /// The etcd settings were refused or the etcd store did not open.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::wiring::EtcdStoreOpenError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -90,6 +93,7 @@ async fn open_store(
 ) -> Result<Arc<dyn StateStore>, ServeError> {
     match (args.store, kube) {
         (StoreKind::Embedded, _) => Ok(Arc::new(FileStore::open(&args.data_dir, id)?)),
+        (StoreKind::Etcd, _) => Ok(Arc::new(crate::etcd::wiring::store(args, id).await?)),
         (StoreKind::Kubernetes, Some(kube)) => Ok(kube.store(id)),
         (StoreKind::Kubernetes, None) => Err(StoreError::Backend(
             "--store kubernetes needs the Kubernetes client".to_string(),
@@ -157,16 +161,33 @@ pub async fn start(
 
     let store = open_store(&args, &id, kube.as_ref()).await?;
     let metrics = Metrics::new();
-    let guards = kube.as_ref().map(KubeWiring::guards).unwrap_or_default();
+    // The etcd quorum guard (when --etcd-endpoints is given) is both a
+    // guard and a preparer; it probes etcd and pokes the engine.
+    let etcd_guard = crate::etcd::wiring::guard(&args, system_clock())
+        .map_err(crate::etcd::wiring::EtcdStoreOpenError::from)?;
+    let guards: Vec<Arc<dyn crate::policy::GrantGuard>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
+    // The node watch's guard (Kubernetes): unknown nodes wait, control-plane
+    // nodes by label one at a time.
+    let guards = guards
+        .into_iter()
+        .chain(kube.as_ref().map(KubeWiring::guards).unwrap_or_default())
+        .collect();
+    let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
+        etcd_guard.iter().map(|g| g.clone() as _).collect();
     let engine = Engine::new(
         store,
         config,
         guards,
-        Vec::new(),
+        preparers,
         system_clock(),
         metrics.clone(),
     )
     .await?;
+    if let Some(guard) = etcd_guard {
+        guard.attach(&engine);
+        tokio::spawn(guard.run());
+    }
     tokio::spawn(engine.clone().run_granter());
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());

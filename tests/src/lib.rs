@@ -3,9 +3,11 @@
 //! - [`require_root`]: tests that need root (nspawn, etcd on privileged
 //!   paths) say so clearly instead of failing obscurely.
 //!
+//! Harnesses for real components live in their own modules:
+//! - [`etcd`]: real etcd clusters on loopback, and coordinator processes;
 //! - [`kube_fake`]: an in-process fake of the Kubernetes API server.
-//!
-//! Harnesses for real components live in their own modules.
+
+pub mod etcd;
 
 pub mod coordinator;
 pub mod kube_fake;

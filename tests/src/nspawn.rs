@@ -35,7 +35,11 @@ pub fn require_root() {
 
 /// Wait until `check` returns Some, polling every 100 ms; fail after
 /// `timeout` (a generous bound that only prevents hangs).
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {
@@ -464,10 +468,9 @@ impl Supervisor {
             if comm.trim() != "systemd" {
                 return None;
             }
-            let boot_id = fs::read_to_string(format!(
-                "/proc/{pid}/root/proc/sys/kernel/random/boot_id"
-            ))
-            .ok()?;
+            let boot_id =
+                fs::read_to_string(format!("/proc/{pid}/root/proc/sys/kernel/random/boot_id"))
+                    .ok()?;
             Some(Some((pid, boot_id.trim().to_string())))
         });
         let index = match found {

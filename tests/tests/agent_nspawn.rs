@@ -77,14 +77,25 @@ impl Cluster {
             .collect()
     }
 
-    /// Wait until `node` has released the baton `n` times in total.
+    /// Wait until `node` has released the baton `n` times in total. Fails
+    /// early if the node reports Failed instead.
     fn wait_released(&self, node: &Node, n: usize) -> Result<()> {
-        wait_for(
-            &format!("{} to release", node.name()),
-            MAINTENANCE,
-            || (self.records(node.name(), "release").len() >= n).then_some(()),
-        )
-        .with_context(|| format!("{}\ncoordinator status: {}", node.diagnostics(), self.coordinator.status()))
+        wait_for(&format!("{} to release", node.name()), MAINTENANCE, || {
+            if self.records(node.name(), "release").len() >= n {
+                return Some(Ok(()));
+            }
+            self.holder(node.name())
+                .filter(|h| h["phase"] == "failed")
+                .map(|h| Err(anyhow::anyhow!("{} failed: {h}", node.name())))
+        })
+        .and_then(|r| r)
+        .with_context(|| {
+            format!(
+                "{}\ncoordinator status: {}",
+                node.diagnostics(),
+                self.coordinator.status()
+            )
+        })
     }
 
     /// Wait until `node` holds the baton in `phase`.
@@ -94,13 +105,21 @@ impl Cluster {
             MAINTENANCE,
             || self.holder(node.name()).filter(|h| h["phase"] == phase),
         )
-        .with_context(|| format!("{}\ncoordinator status: {}", node.diagnostics(), self.coordinator.status()))
+        .with_context(|| {
+            format!(
+                "{}\ncoordinator status: {}",
+                node.diagnostics(),
+                self.coordinator.status()
+            )
+        })
     }
 }
 
 fn wait_agent_running(node: &Node) -> Result<i32> {
-    wait_for("the agent to start", Duration::from_secs(60), || node.agent_pid())
-        .with_context(|| node.diagnostics())
+    wait_for("the agent to start", Duration::from_secs(60), || {
+        node.agent_pid()
+    })
+    .with_context(|| node.diagnostics())
 }
 
 fn touch_sentinel(node: &Node) -> Result<()> {
@@ -117,9 +136,20 @@ fn time(t: std::time::SystemTime) -> DateTime<Utc> {
 /// with exit 133, and the boot_ids differ.
 fn check_one_real_reboot(node: &Node) -> Result<Vec<Boot>> {
     let boots = node.boots();
-    ensure!(boots.len() == 2, "{} booted {} times: {boots:?}", node.name(), boots.len());
-    ensure!(boots[0].exit_code == Some(133), "first boot did not end in a reboot: {boots:?}");
-    ensure!(boots[0].boot_id != boots[1].boot_id, "boot_id unchanged: {boots:?}");
+    ensure!(
+        boots.len() == 2,
+        "{} booted {} times: {boots:?}",
+        node.name(),
+        boots.len()
+    );
+    ensure!(
+        boots[0].exit_code == Some(133),
+        "first boot did not end in a reboot: {boots:?}"
+    );
+    ensure!(
+        boots[0].boot_id != boots[1].boot_id,
+        "boot_id unchanged: {boots:?}"
+    );
     Ok(boots)
 }
 
@@ -135,7 +165,10 @@ fn sentinel_appears_agent_reboots_for_real_and_releases() -> Result<()> {
     let grant = &c.records("sentinel-1", "grant")[0];
     let release = &c.records("sentinel-1", "release")[0];
     let down = time(boots[0].ended.context("first boot ended")?);
-    ensure!(grant.time <= down && down <= release.time, "reboot outside the grant");
+    ensure!(
+        grant.time <= down && down <= release.time,
+        "reboot outside the grant"
+    );
     ensure!(c.holder("sentinel-1").is_none(), "still holding");
     Ok(())
 }
@@ -148,7 +181,12 @@ fn apt_upgrade_from_local_repo_reboots_into_v2() -> Result<()> {
     let v1 = apt::build_deb(debs.path(), "baton-demo", "1", None)?;
     // Like kernel packages (through update-notifier-common), v2 asks for a
     // reboot.
-    apt::build_deb(repo.path(), "baton-demo", "2", Some("touch /var/run/reboot-required"))?;
+    apt::build_deb(
+        repo.path(),
+        "baton-demo",
+        "2",
+        Some("touch /var/run/reboot-required"),
+    )?;
     apt::write_packages_index(repo.path())?;
     let mut spec = NodeSpec::new("apt-1", &c.url())
         .env(
@@ -179,7 +217,10 @@ fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()>
     let c = cluster()?;
     let node = Node::boot(
         NodeSpec::new("failing-1", &c.url())
-            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
             .env(
                 "BATON_UPDATE_COMMAND",
                 "echo fetching; echo 'E: disk on fire' >&2; touch /run/reboot-required; exit 3",
@@ -190,7 +231,10 @@ fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()>
     let error = holder["error"].as_str().unwrap_or_default();
     ensure!(error.contains("exit status 3"), "error: {holder}");
     let message = holder["message"].as_str().unwrap_or_default();
-    ensure!(message.contains("disk on fire"), "the output is not in the report: {holder}");
+    ensure!(
+        message.contains("disk on fire"),
+        "the output is not in the report: {holder}"
+    );
     // The sentinel exists, yet the node was not rebooted and keeps the baton.
     ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
     ensure!(node.boots()[0].ended.is_none(), "node went down");
@@ -205,7 +249,10 @@ fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
     let c = cluster()?;
     let node = Node::boot(
         NodeSpec::new("killed-1", &c.url())
-            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
             .env(
                 "BATON_UPDATE_COMMAND",
                 "echo run >> /var/lib/baton-test/runs; \
@@ -216,9 +263,14 @@ fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
     )?;
     c.wait_phase(&node, "updating")?;
     let runs = node.rootfs().join("var/lib/baton-test/runs");
-    wait_for("the update to run", MAINTENANCE, || runs.exists().then_some(()))?;
+    wait_for("the update to run", MAINTENANCE, || {
+        runs.exists().then_some(())
+    })?;
     let old = wait_agent_running(&node)?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     // systemd restarts the agent (Restart=always); the update keeps running
     // in its own transient unit meanwhile.
     wait_for("the agent to be restarted", MAINTENANCE, || {
@@ -233,27 +285,68 @@ fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
     c.wait_released(&node, 1)?;
     check_one_real_reboot(&node)?;
     let ran = std::fs::read_to_string(&runs)?;
-    ensure!(ran.lines().count() == 1, "the update ran {} times", ran.lines().count());
-    ensure!(c.records("killed-1", "grant").len() == 1, "granted more than once");
+    ensure!(
+        ran.lines().count() == 1,
+        "the update ran {} times",
+        ran.lines().count()
+    );
+    ensure!(
+        c.records("killed-1", "grant").len() == 1,
+        "granted more than once"
+    );
     Ok(())
+}
+
+/// A oneshot unit that appends `word` to /var/lib/baton-test/order.
+fn oneshot(word: &str, extra: &str) -> String {
+    format!(
+        "[Service]\nType=oneshot\nExecStart=/bin/sh -c '{extra}echo {word} >> /var/lib/baton-test/order'\n"
+    )
 }
 
 #[test]
 fn update_without_reboot_sentinel_releases_without_reboot() -> Result<()> {
     let c = cluster()?;
+    // This scenario also drives the unit paths: StartUnit of an update unit
+    // and of the pre/post-maintenance units, and a post-check command.
     let node = Node::boot(
         NodeSpec::new("noreboot-1", &c.url())
-            .env("BATON_UPDATE_CHECK_COMMAND", "test -e /var/lib/baton-test/want-update")
             .env(
-                "BATON_UPDATE_COMMAND",
-                "rm -f /var/lib/baton-test/want-update; echo updated > /var/lib/baton-test/updated",
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
             )
-            .file("/var/lib/baton-test/want-update", ""),
+            .env("BATON_UPDATE_UNIT", "baton-test-update.service")
+            .env("BATON_PRE_MAINTENANCE_UNIT", "baton-test-pre.service")
+            .env("BATON_POST_MAINTENANCE_UNIT", "baton-test-post.service")
+            .env(
+                "BATON_POST_CHECK_COMMAND",
+                "echo check >> /var/lib/baton-test/order",
+            )
+            .file("/var/lib/baton-test/want-update", "")
+            .file(
+                "/etc/systemd/system/baton-test-pre.service",
+                &oneshot("pre", ""),
+            )
+            .file(
+                "/etc/systemd/system/baton-test-update.service",
+                &oneshot("update", "rm -f /var/lib/baton-test/want-update; "),
+            )
+            .file(
+                "/etc/systemd/system/baton-test-post.service",
+                &oneshot("post", ""),
+            ),
     )?;
     c.wait_released(&node, 1)?;
-    ensure!(node.rootfs().join("var/lib/baton-test/updated").exists(), "update did not run");
+    let order = std::fs::read_to_string(node.rootfs().join("var/lib/baton-test/order"))?;
+    ensure!(
+        order == "pre\nupdate\ncheck\npost\n",
+        "steps ran as: {order:?}"
+    );
     let boots = node.boots();
-    ensure!(boots.len() == 1 && boots[0].ended.is_none(), "rebooted: {boots:?}");
+    ensure!(
+        boots.len() == 1 && boots[0].ended.is_none(),
+        "rebooted: {boots:?}"
+    );
     ensure!(c.records("noreboot-1", "grant").len() == 1, "grants");
     Ok(())
 }
@@ -280,7 +373,11 @@ fn three_nodes_needing_maintenance_go_strictly_one_after_another() -> Result<()>
     for node in &nodes {
         let grants = c.records(node.name(), "grant");
         let releases = c.records(node.name(), "release");
-        ensure!(grants.len() == 1 && releases.len() == 1, "{}: {grants:?} {releases:?}", node.name());
+        ensure!(
+            grants.len() == 1 && releases.len() == 1,
+            "{}: {grants:?} {releases:?}",
+            node.name()
+        );
         let boots = check_one_real_reboot(node)?;
         let down = time(boots[0].ended.context("ended")?);
         let up = time(boots[1].started);
@@ -295,7 +392,13 @@ fn three_nodes_needing_maintenance_go_strictly_one_after_another() -> Result<()>
             up,
             releases[0].time
         );
-        held.push((grants[0].time, releases[0].time, down, up, node.name().to_string()));
+        held.push((
+            grants[0].time,
+            releases[0].time,
+            down,
+            up,
+            node.name().to_string(),
+        ));
     }
     held.sort();
     for pair in held.windows(2) {

@@ -216,7 +216,10 @@ fn status_watch_prints_every_change_as_json_lines() {
     let out = watcher.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(serde_json::from_str(&line).expect("each line is JSON")).is_err() {
+            if tx
+                .send(serde_json::from_str(&line).expect("each line is JSON"))
+                .is_err()
+            {
                 return;
             }
         }
@@ -224,10 +227,13 @@ fn status_watch_prints_every_change_as_json_lines() {
     let next = || rx.recv_timeout(std::time::Duration::from_secs(30)).ok();
     let first = next().expect("watch prints the state at once");
     assert!(first["holders"].as_array().unwrap().is_empty());
-    let token = stdout(&coordinator.ctl(&["acquire", "w1"]));
+    let token: u64 = stdout(&coordinator.ctl(&["acquire", "w1"])).parse().unwrap();
     // Some later line shows w1 holding with the printed token.
-    let seen = std::iter::from_fn(next)
-        .any(|v| v["holders"].get(0).is_some_and(|h| h["node"] == "w1" && h["token"].to_string() == token));
+    let seen = std::iter::from_fn(next).any(|v| {
+        v["holders"]
+            .get(0)
+            .is_some_and(|h| h["node"] == "w1" && h["token"] == token)
+    });
     let _ = watcher.kill();
     let _ = watcher.wait();
     assert!(seen, "watch never showed w1 holding token {token}");

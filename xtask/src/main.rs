@@ -3,9 +3,11 @@
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
 //! - `serve`: deps, build, run a local coordinator (the quick start);
-//! - `bench coordinator`: handoff latency and throughput with 1,000 waiters.
+//! - `bench coordinator [--store etcd]`: handoff latency and throughput with
+//!   1,000 waiters; on etcd also the raw txn rate and failover time.
 
 mod bench_coordinator;
+mod bench_etcd;
 mod deps;
 mod util;
 
@@ -22,8 +24,14 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "serve" => serve(rest),
         "bench" => match rest.split_first() {
+            Some((what, rest))
+                if what == "coordinator"
+                    && rest.iter().any(|a| a == "etcd" || a == "--store=etcd") =>
+            {
+                bench_etcd::run(rest)
+            }
             Some((what, rest)) if what == "coordinator" => bench_coordinator::run(rest),
-            _ => bail!("usage: cargo xtask bench coordinator [--waiters N]"),
+            _ => bail!("usage: cargo xtask bench coordinator [--waiters N] [--store etcd]"),
         },
         _ => {
             eprintln!(
@@ -32,7 +40,8 @@ fn main() -> Result<()> {
                  deps                  install the Debian packages the build and tests need (root)\n  \
                  test [ARGS]           install deps, build, run every test (ARGS go to cargo test)\n  \
                  serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)\n  \
-                 bench coordinator     handoff latency and throughput (target/bench/coordinator.json)"
+                 bench coordinator     handoff latency and throughput (target/bench/coordinator.json)\n  \
+                 bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover"
             );
             Ok(())
         }

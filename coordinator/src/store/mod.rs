@@ -2,10 +2,12 @@
 //!
 //! [`StateStore`] is the one boundary between the engine and durable storage.
 //! Implementations: [`file::FileStore`] (embedded, the default: one JSON file
-//! under `--data-dir`); an etcd store and a Kubernetes store plug in the same
-//! way. A store also says who leads: only the leader's engine grants, and a
+//! under `--data-dir`); [`etcd::EtcdStore`] (`--store etcd`: the state in
+//! etcd, leader-elected replicas, every write guarded by the leader's
+//! election key); a Kubernetes store plugs in the same way. A store also says who leads: only the leader's engine grants, and a
 //! store must refuse a save from a replica that no longer leads.
 
+pub mod etcd;
 pub mod file;
 pub mod memory;
 

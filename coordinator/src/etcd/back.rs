@@ -1,0 +1,167 @@
+//! "Counts as back": an etcd node that held the baton stays out of service,
+//! as far as the guard is concerned, until its member has the same ID as
+//! before, is voting and passes the health check several rounds in a row
+//! after the node released. Pure bookkeeping, advanced once per probe round.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::health::HealthSnapshot;
+use super::rule::OutNode;
+use crate::node::NodeName;
+
+/// One etcd node that went out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Away {
+    /// Its member's name.
+    pub member: String,
+    /// Its member's ID when it went out.
+    pub member_id: u64,
+    /// Healthy rounds in a row since it released.
+    pub passes: u32,
+    /// True while it holds the baton.
+    pub holding: bool,
+}
+
+/// The etcd nodes not verified back yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Returns {
+    away: BTreeMap<NodeName, Away>,
+}
+
+impl Returns {
+    /// Records that `node` (member `member`, ID `member_id`) is going out.
+    /// An existing record restarts its count.
+    pub fn going_out(&mut self, node: &NodeName, member: &str, member_id: u64) {
+        self.away.insert(
+            node.clone(),
+            Away {
+                member: member.to_string(),
+                member_id,
+                passes: 0,
+                holding: true,
+            },
+        );
+    }
+
+    /// Advances one probe round: holders' counts restart; others count a
+    /// pass when their member has the same ID, votes and is healthy, and
+    /// are dropped (back) after `needed` passes in a row. Returns the nodes
+    /// that came back.
+    pub fn advance(
+        &mut self,
+        holders: &BTreeSet<NodeName>,
+        health: &HealthSnapshot,
+        needed: u32,
+    ) -> Vec<NodeName> {
+        let mut back = Vec::new();
+        for (node, away) in &mut self.away {
+            if holders.contains(node) {
+                away.holding = true;
+                away.passes = 0;
+                continue;
+            }
+            away.holding = false;
+            let ok = health.unreadable.is_none()
+                && health
+                    .member(&away.member)
+                    .is_some_and(|m| m.id == away.member_id && m.voting() && m.healthy());
+            away.passes = if ok { away.passes + 1 } else { 0 };
+            if away.passes >= needed {
+                back.push(node.clone());
+            }
+        }
+        for node in &back {
+            self.away.remove(node);
+        }
+        back
+    }
+
+    /// The nodes still out, for the rule (`needed` is for the message).
+    pub fn out(&self, health: &HealthSnapshot, needed: u32) -> Vec<OutNode> {
+        self.away
+            .iter()
+            .map(|(node, a)| {
+                let why = if a.holding {
+                    "holds the baton".to_string()
+                } else {
+                    match health.member(&a.member) {
+                        Some(m) if m.id != a.member_id => format!(
+                            "came back with member ID {:x} instead of {:x} (the member was replaced; an operator must check it)",
+                            m.id, a.member_id
+                        ),
+                        _ => format!(
+                            "is not verified back yet ({} of {needed} healthy checks in a row)",
+                            a.passes
+                        ),
+                    }
+                };
+                OutNode {
+                    node: node.to_string(),
+                    member: a.member.clone(),
+                    why,
+                }
+            })
+            .collect()
+    }
+
+    /// True when `node` is tracked.
+    pub fn contains(&self, node: &NodeName) -> bool {
+        self.away.contains_key(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::etcd::health::fixtures::{cluster, member};
+
+    #[test]
+    fn counts_back_only_after_passes_in_a_row_after_release() {
+        let n1 = NodeName::new("n1").unwrap();
+        let mut r = Returns::default();
+        r.going_out(&n1, "n1", 1);
+        let holders: BTreeSet<_> = [n1.clone()].into();
+        let healthy = cluster(
+            Utc::now(),
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        let down = cluster(
+            Utc::now(),
+            vec![
+                member(1, "n1").down("refused"),
+                member(2, "n2"),
+                member(3, "n3"),
+            ],
+        );
+        // Healthy while still holding does not count.
+        for _ in 0..5 {
+            assert!(r.advance(&holders, &healthy, 3).is_empty());
+        }
+        assert!(r.out(&healthy, 3)[0].why.contains("holds the baton"));
+        let none = BTreeSet::new();
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &down, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.out(&healthy, 3)[0].why.contains("2 of 3"));
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
+        assert!(!r.contains(&n1));
+    }
+
+    #[test]
+    fn a_replaced_member_never_counts_back() {
+        let n1 = NodeName::new("n1").unwrap();
+        let mut r = Returns::default();
+        r.going_out(&n1, "n1", 1);
+        let replaced = cluster(
+            Utc::now(),
+            vec![member(9, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        for _ in 0..10 {
+            assert!(r.advance(&BTreeSet::new(), &replaced, 3).is_empty());
+        }
+        assert!(r.out(&replaced, 3)[0].why.contains("replaced"));
+    }
+}

@@ -1,0 +1,278 @@
+//! [`EtcdGuard`]: the etcd quorum guard as the engine sees it.
+//!
+//! - As a [`GrantGuard`] it answers from the last health snapshot only (cheap
+//!   and synchronous); the snapshot is refreshed by [`EtcdGuard::run`], and a
+//!   stale or missing snapshot answers no.
+//! - As a [`GrantPreparer`] it runs before an etcd node is granted: it marks
+//!   the node as out, takes and verifies a snapshot from a healthy member
+//!   other than the candidate (the leader by preference), and moves etcd
+//!   leadership away if the candidate leads. Any failure refuses the grant.
+//! - After each probe round it advances the "counts as back" tracking
+//!   ([`super::back`]) with the engine's current holders, and pokes the
+//!   engine so waiters see fresh reasons at once.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use tracing::{info, warn};
+
+use super::back::Returns;
+use super::health::HealthSnapshot;
+use super::mapping::{EtcdRole, MemberMap};
+use super::probe::Prober;
+use super::rule::{QuorumSettings, may_take_down};
+use super::snapshot::{SnapshotSettings, take};
+use crate::engine::{Clock, Engine, GrantPreparer};
+use crate::node::NodeName;
+use crate::policy::{GrantGuard, Waiter};
+use crate::state::LeaseState;
+
+/// The guard's settings.
+#[derive(Clone, Debug)]
+pub struct GuardSettings {
+    /// Node → member mapping and exemptions.
+    pub map: MemberMap,
+    /// The quorum rule's settings.
+    pub quorum: QuorumSettings,
+    /// How often etcd is probed.
+    pub probe_interval: Duration,
+    /// Where snapshots go.
+    pub snapshots: SnapshotSettings,
+    /// Healthy rounds in a row before a node that went out counts as back.
+    pub back_after: u32,
+}
+
+/// The etcd quorum guard and grant preparer.
+pub struct EtcdGuard {
+    settings: GuardSettings,
+    prober: Prober,
+    health: RwLock<Arc<HealthSnapshot>>,
+    returns: Mutex<Returns>,
+    engine: OnceLock<Weak<Engine>>,
+    clock: Clock,
+}
+
+impl EtcdGuard {
+    /// A guard that knows nothing yet (so it answers no until the first
+    /// probe round).
+    pub fn new(settings: GuardSettings, prober: Prober, clock: Clock) -> Arc<Self> {
+        let never = HealthSnapshot::unreadable(DateTime::<Utc>::MIN_UTC, "not probed yet");
+        Arc::new(Self {
+            settings,
+            prober,
+            health: RwLock::new(Arc::new(never)),
+            returns: Mutex::new(Returns::default()),
+            engine: OnceLock::new(),
+            clock,
+        })
+    }
+
+    /// Connects the guard to the engine it guards (to read holders and to
+    /// wake the granter). Call once, before [`EtcdGuard::run`].
+    pub fn attach(&self, engine: &Arc<Engine>) {
+        let _ = self.engine.set(Arc::downgrade(engine));
+    }
+
+    /// The last health snapshot.
+    pub fn health(&self) -> Arc<HealthSnapshot> {
+        self.health
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Probes etcd every interval until the engine is gone.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_summary = String::new();
+        loop {
+            tick.tick().await;
+            let clock = self.clock.clone();
+            let health = Arc::new(self.prober.probe(move || clock()).await);
+            let summary = summarize(&health);
+            if summary != last_summary {
+                info!(health = %summary, "etcd health changed");
+                last_summary = summary;
+            }
+            *self.health.write().unwrap_or_else(|e| e.into_inner()) = health.clone();
+            let engine = match self.engine.get().map(Weak::upgrade) {
+                Some(Some(engine)) => engine,
+                Some(None) => return,
+                None => continue,
+            };
+            let state = engine.snapshot().await.state;
+            let holders: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
+            self.track(&holders, &health, &state);
+            engine.poke();
+        }
+    }
+
+    /// Adds etcd holders not yet tracked (e.g. after a failover) and advances
+    /// the "counts as back" bookkeeping.
+    fn track(&self, holders: &BTreeSet<NodeName>, health: &HealthSnapshot, state: &LeaseState) {
+        let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        for (node, holding) in &state.holders {
+            if returns.contains(node) {
+                continue;
+            }
+            if let Ok(EtcdRole::Member(member)) =
+                self.settings.map.role(node, holding.control_plane, health)
+                && let Some(m) = health.member(&member)
+            {
+                returns.going_out(node, &member, m.id);
+            }
+        }
+        for node in returns.advance(holders, health, self.settings.back_after) {
+            info!(node = %node, passes = self.settings.back_after, "etcd node counts as back: its member is voting and healthy again");
+        }
+    }
+
+    async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
+        let health = self.health();
+        let member =
+            match self
+                .settings
+                .map
+                .role(&candidate.node, candidate.control_plane, &health)?
+            {
+                EtcdRole::Member(m) => m,
+                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+            };
+        let target = health
+            .member(&member)
+            .cloned()
+            .ok_or_else(|| format!("etcd: member {member} is not in the member list"))?;
+        // Out from now on: a failure below still leaves it tracked, which
+        // only delays other etcd nodes until it is verified healthy.
+        self.returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .going_out(&candidate.node, &member, target.id);
+
+        let voting: Vec<_> = health.members.iter().filter(|m| m.voting()).collect();
+        let leader = health.agreed_leader().ok().map(|m| m.id);
+        let source = if voting.len() == 1 {
+            Some(&target)
+        } else {
+            voting
+                .iter()
+                .filter(|m| m.id != target.id && m.healthy())
+                .max_by_key(|m| (Some(m.id) == leader, m.applied_index))
+                .copied()
+        }
+        .ok_or_else(|| {
+            format!(
+                "etcd: no healthy member other than {member} to take a snapshot from; not granting"
+            )
+        })?;
+        let mut client = self.prober.client(&source.endpoint).await?;
+        let now = (self.clock)();
+        let taken = take(&mut client, &source.name, &self.settings.snapshots, now)
+            .await
+            .map_err(|e| {
+                format!(
+                    "etcd: snapshot from member {} failed ({e}); not granting {}",
+                    source.name, candidate.node
+                )
+            })?;
+        info!(
+            node = %candidate.node,
+            source = %source.name,
+            path = %taken.path.display(),
+            size = taken.size,
+            sha256 = %taken.sha256,
+            "etcd snapshot taken and verified"
+        );
+        if voting.len() > 1 {
+            super::leader::move_away(&self.prober, &health, &target)
+                .await
+                .map_err(|e| format!("etcd: {e}; not granting {}", candidate.node))?;
+        }
+        Ok(())
+    }
+}
+
+/// One line for logs: "n1 ok, n2 connection refused; alarms: none".
+fn summarize(health: &HealthSnapshot) -> String {
+    if let Some(reason) = &health.unreadable {
+        return format!("unreadable: {reason}");
+    }
+    let members: Vec<String> = health
+        .members
+        .iter()
+        .map(|m| format!("{} {}", m.label(), m.problem.as_deref().unwrap_or("ok")))
+        .collect();
+    let alarms: Vec<&str> = health.alarms.iter().map(|a| a.kind.as_str()).collect();
+    format!(
+        "{}; alarms: {}",
+        members.join(", "),
+        if alarms.is_empty() {
+            "none".to_string()
+        } else {
+            alarms.join(", ")
+        }
+    )
+}
+
+impl GrantGuard for EtcdGuard {
+    fn check(
+        &self,
+        candidate: &Waiter,
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let health = self.health();
+        let member =
+            match self
+                .settings
+                .map
+                .role(&candidate.node, candidate.control_plane, &health)?
+            {
+                EtcdRole::Member(m) => m,
+                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+            };
+        let mut out = self
+            .returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .out(&health, self.settings.back_after);
+        for (node, holding) in &state.holders {
+            if out.iter().any(|o| o.node == node.as_str()) {
+                continue;
+            }
+            if let Ok(EtcdRole::Member(m)) =
+                self.settings.map.role(node, holding.control_plane, &health)
+            {
+                out.push(super::rule::OutNode {
+                    node: node.to_string(),
+                    member: m,
+                    why: "holds the baton".to_string(),
+                });
+            }
+        }
+        may_take_down(
+            &health,
+            candidate.node.as_str(),
+            &member,
+            &out,
+            &self.settings.quorum,
+            now,
+        )
+    }
+}
+
+impl GrantPreparer for EtcdGuard {
+    fn prepare<'a>(&'a self, candidate: &'a Waiter) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let result = self.prepare_member(candidate).await;
+            if let Err(reason) = &result {
+                warn!(node = %candidate.node, reason = %reason, "etcd preparation failed");
+            }
+            result
+        })
+    }
+}

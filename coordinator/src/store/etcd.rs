@@ -1,0 +1,337 @@
+//! The etcd store: the lease state as one JSON document under
+//! `<prefix>/state`, and leader election with etcd's election API under
+//! `<prefix>/election`, on a lease with a short TTL.
+//!
+//! Guarantees:
+//! - Every save is one transaction that writes the state only if this
+//!   replica's election key still exists with the create revision it was
+//!   elected with. The election key lives on this replica's lease, so once
+//!   the lease is gone (expired while the replica was partitioned or frozen,
+//!   or revoked) the key is gone and the save is refused, even if the old
+//!   leader has not noticed yet. Keys under an election name are ordered by
+//!   create revision and the lowest one leads, so a key that still exists
+//!   with its original revision means this replica still leads.
+//! - A save that fails for any reason makes the replica step down (its
+//!   in-memory state may no longer match etcd); it campaigns again and, once
+//!   elected, reloads the state from etcd. A new leader therefore always
+//!   resumes from what etcd holds: the same holders, the same last token.
+//! - [`Leadership::term`] is the create revision of the leader's election
+//!   key, which grows with every new leader.
+//! - Followers keep [`Leadership::leader`] current (the leader's id), so
+//!   their calls are refused with UNAVAILABLE naming the leader.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ElectionClient, TlsOptions, Txn, TxnOp};
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::{Leadership, StateStore, StoreError, decode, encode};
+use crate::etcd::within;
+use crate::state::LeaseState;
+
+/// How to reach etcd and where to keep the state.
+#[derive(Clone, Debug)]
+pub struct EtcdStoreSettings {
+    /// Client endpoints.
+    pub endpoints: Vec<String>,
+    /// TLS, if any.
+    pub tls: Option<TlsOptions>,
+    /// Key prefix, e.g. `/baton`.
+    pub prefix: String,
+    /// This replica's id (the election value).
+    pub id: String,
+    /// The election lease's TTL.
+    pub election_ttl: Duration,
+    /// The timeout of every single call.
+    pub timeout: Duration,
+}
+
+/// This replica's claim while it leads.
+#[derive(Clone, Debug)]
+struct Claim {
+    key: Vec<u8>,
+    create_revision: i64,
+    lease: i64,
+}
+
+struct Shared {
+    client: Client,
+    settings: EtcdStoreSettings,
+    claim: Mutex<Option<Claim>>,
+    leadership: watch::Sender<Leadership>,
+    /// Wakes the election task when a save found the claim gone.
+    lost: Notify,
+}
+
+/// The etcd-backed store; campaigns for leadership as soon as it opens.
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    election: JoinHandle<()>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.election.abort();
+    }
+}
+
+impl EtcdStore {
+    /// Connects and starts campaigning (in the background).
+    pub async fn open(settings: EtcdStoreSettings) -> Result<Self, StoreError> {
+        let endpoint_list = settings.endpoints.join(",");
+        // No per-request timeout on this client: a campaign waits as long as
+        // another replica leads. Each other call gets its own deadline.
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(settings.timeout)
+            .with_keep_alive(Duration::from_secs(2), settings.timeout);
+        if let Some(tls) = &settings.tls {
+            options = options.with_tls(tls.clone());
+        }
+        let client = Client::connect(&settings.endpoints, Some(options))
+            .await
+            .map_err(|e| {
+                StoreError::Backend(format!(
+                    "connecting to etcd at {endpoint_list}: {}",
+                    crate::etcd::describe(&e)
+                ))
+            })?;
+        let shared = Arc::new(Shared {
+            client,
+            settings,
+            claim: Mutex::new(None),
+            leadership: watch::channel(Leadership::default()).0,
+            lost: Notify::new(),
+        });
+        let election = tokio::spawn(shared.clone().run_election());
+        Ok(Self { shared, election })
+    }
+
+    fn state_key(&self) -> String {
+        format!("{}/state", self.shared.settings.prefix)
+    }
+
+    /// The election lease of this replica while it leads (for tests and
+    /// operators: revoking it deposes this replica).
+    pub fn election_lease(&self) -> Option<i64> {
+        self.shared
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.lease)
+    }
+}
+
+impl Shared {
+    fn election_name(&self) -> String {
+        format!("{}/election", self.settings.prefix)
+    }
+
+    /// Gives up the claim and wakes the election task to start over.
+    fn step_down(&self, reason: &str) {
+        self.give_up(reason);
+        self.lost.notify_one();
+    }
+
+    /// Gives up the claim (the election task is already starting over).
+    fn give_up(&self, reason: &str) {
+        let had = self
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some();
+        if had {
+            warn!(reason, "stepping down as coordinator leader");
+        }
+        self.leadership.send_if_modified(|l| {
+            let changed = l.is_leader;
+            l.is_leader = false;
+            changed
+        });
+    }
+
+    /// Campaign, lead while the lease lives, step down, repeat.
+    async fn run_election(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.clone().one_term().await {
+                warn!(error = %e, "coordinator election: retrying");
+            }
+            self.give_up("election lease lost");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn one_term(self: Arc<Self>) -> Result<(), String> {
+        let t = self.settings.timeout;
+        let ttl = self.settings.election_ttl.as_secs().max(1) as i64;
+        let mut client = self.client.clone();
+        let lease = within(t, client.lease_grant(ttl, None)).await?.id();
+        let result = self.clone().campaign_and_lead(lease).await;
+        // Best effort: free the election key at once instead of after the TTL.
+        let _ = within(t, client.lease_revoke(lease)).await;
+        result
+    }
+
+    async fn campaign_and_lead(self: Arc<Self>, lease: i64) -> Result<(), String> {
+        // A wake-up left over from an earlier term must not depose this one.
+        let _ = futures::FutureExt::now_or_never(self.lost.notified());
+        let keepalive = self.clone().keep_alive(lease);
+        tokio::pin!(keepalive);
+        let mut election = self.client.election_client();
+        let campaign = {
+            let mut election = election.clone();
+            let name = self.election_name();
+            let id = self.settings.id.clone();
+            async move { election.campaign(name, id, lease).await }
+        };
+        let won = tokio::select! {
+            r = campaign => r.map_err(|e| format!("campaign: {}", crate::etcd::describe(&e)))?,
+            r = &mut keepalive => return r,
+            _ = self.follow(&mut election) => return Err("following stopped".to_string()),
+        };
+        let key = won
+            .leader()
+            .ok_or("campaign answered without a leader key")?;
+        let claim = Claim {
+            key: key.key().to_vec(),
+            create_revision: key.rev(),
+            lease,
+        };
+        info!(id = %self.settings.id, term = claim.create_revision, lease, "elected coordinator leader");
+        *self.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(claim.clone());
+        self.leadership.send_replace(Leadership {
+            is_leader: true,
+            leader: Some(self.settings.id.clone()),
+            term: claim.create_revision as u64,
+        });
+        tokio::select! {
+            r = &mut keepalive => r,
+            _ = self.lost.notified() => Err("a save found the election key gone".to_string()),
+        }
+    }
+
+    /// Keeps the lease alive; returns when it is lost (or cannot be renewed
+    /// for 2/3 of its TTL, after which it may have expired).
+    async fn keep_alive(self: Arc<Self>, lease: i64) -> Result<(), String> {
+        let ttl = self.settings.election_ttl;
+        let every = ttl / 3;
+        let mut client = self.client.clone();
+        let mut last_ok = tokio::time::Instant::now();
+        let mut channel = None;
+        loop {
+            if last_ok.elapsed() > ttl * 2 / 3 {
+                return Err(format!(
+                    "election lease not renewed for {}ms",
+                    last_ok.elapsed().as_millis()
+                ));
+            }
+            if channel.is_none() {
+                channel = within(self.settings.timeout, client.lease_keep_alive(lease))
+                    .await
+                    .ok();
+            }
+            if let Some((keeper, stream)) = channel.as_mut() {
+                let renewed = async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                match within(self.settings.timeout, renewed).await {
+                    Ok(Some(resp)) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                    Ok(Some(_)) => return Err("election lease expired".to_string()),
+                    Ok(None) | Err(_) => channel = None,
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// While not leading: keeps `leader` current with the elected id.
+    async fn follow(&self, election: &mut ElectionClient) {
+        loop {
+            if let Ok(resp) =
+                within(self.settings.timeout, election.leader(self.election_name())).await
+                && let Some(kv) = resp.kv()
+            {
+                let next = Leadership {
+                    is_leader: false,
+                    leader: Some(String::from_utf8_lossy(kv.value()).to_string()),
+                    term: kv.create_revision() as u64,
+                };
+                self.leadership.send_if_modified(|l| {
+                    let changed = *l != next;
+                    *l = next.clone();
+                    changed
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl StateStore for EtcdStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<LeaseState>, StoreError>> {
+        Box::pin(async move {
+            let key = self.state_key();
+            let mut client = self.shared.client.clone();
+            let resp = within(self.shared.settings.timeout, client.get(key.as_str(), None))
+                .await
+                .map_err(|e| StoreError::Backend(format!("reading {key}: {e}")))?;
+            match resp.kvs().first() {
+                Some(kv) => decode(&format!("etcd key {key}"), kv.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn save<'a>(&'a self, state: &'a LeaseState) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let claim = self
+                .shared
+                .claim
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| {
+                    StoreError::NotLeader("this replica holds no election key".to_string())
+                })?;
+            let key = self.state_key();
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    claim.key.clone(),
+                    CompareOp::Equal,
+                    claim.create_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(state), None)]);
+            let mut client = self.shared.client.clone();
+            match within(self.shared.settings.timeout, client.txn(txn)).await {
+                Ok(resp) if resp.succeeded() => Ok(()),
+                Ok(_) => {
+                    self.shared
+                        .step_down("the election key is gone; another replica may lead");
+                    Err(StoreError::NotLeader(
+                        "the election key is gone (lease expired or revoked): this replica was deposed".to_string(),
+                    ))
+                }
+                Err(e) => {
+                    // The write may or may not have happened: reload after re-election.
+                    self.shared
+                        .step_down("a state write had an unknown outcome");
+                    Err(StoreError::Backend(format!("writing {key}: {e}")))
+                }
+            }
+        })
+    }
+
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.shared.leadership.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}

@@ -1,0 +1,207 @@
+//! A highly available coordinator on etcd: two real coordinator processes
+//! share one etcd; one leads, the other refuses calls naming the leader,
+//! takes over when the leader dies with holders and tokens intact, and a
+//! deposed leader cannot write.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use baton_proto::v1::{ReleaseRequest, RenewRequest};
+use baton_tests::etcd::coordinator::{
+    Coordinator, acquire, assert_still_waiting, wait_for_reason, wait_granted,
+};
+use baton_tests::etcd::{EtcdCluster, serial};
+use etcd_client::GetOptions;
+
+fn replica(cluster: &EtcdCluster, id: &str, ttl: &str) -> Result<Coordinator> {
+    let endpoints = cluster.endpoints();
+    Coordinator::start(
+        id,
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+            "--etcd-election-ttl",
+            ttl,
+            "--etcd-probe-interval",
+            "500ms",
+        ],
+    )
+}
+
+/// (holders, last_token) as stored in etcd.
+async fn stored(cluster: &EtcdCluster) -> Result<(Vec<String>, u64)> {
+    let mut c = cluster.client().await?;
+    let resp = c.get("/baton/state", None).await?;
+    let kv = resp.kvs().first().context("no state in etcd")?;
+    let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
+    let holders = doc["state"]["holders"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
+}
+
+/// Waits until an Acquire on `follower` is refused naming `leader`.
+async fn refused_naming(follower: &Coordinator, leader: &str) -> Result<()> {
+    let mut client = follower.client().await?;
+    for _ in 0..100 {
+        match acquire(&mut client, "w9", false).await {
+            Err(e) => {
+                let status = e
+                    .downcast_ref::<tonic::Status>()
+                    .context("not a gRPC status")?;
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                if status
+                    .message()
+                    .contains(&format!("the leader is {leader}"))
+                {
+                    return Ok(());
+                }
+            }
+            Ok(_) => bail!("follower {} accepted an Acquire", follower.id),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("follower {} never named leader {leader}", follower.id)
+}
+
+/// Retries `call` while it answers UNAVAILABLE (a new leader's engine may
+/// still be loading the state right after /readyz turned ready), bounded.
+async fn retry_unavailable<T, F, Fut>(mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for _ in 0..100 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return Ok(other?),
+        }
+    }
+    bail!("still unavailable")
+}
+
+#[tokio::test]
+async fn the_follower_takes_over_with_holders_and_tokens_intact_and_no_double_grant() -> Result<()>
+{
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut a = replica(&cluster, "a", "2s")?;
+    a.wait_ready().await?;
+    let b = replica(&cluster, "b", "2s")?;
+    refused_naming(&b, "a").await?;
+    assert!(!b.ready(), "a follower must not be ready");
+
+    // Mid-rollout: w1 holds the baton, w2 waits.
+    let mut ca = a.client().await?;
+    let mut w1 = acquire(&mut ca, "w1", false).await?;
+    let (t1, _) = wait_granted(&mut w1).await?;
+    let mut w2 = acquire(&mut ca, "w2", false).await?;
+    wait_for_reason(&mut w2, "concurrency limit").await?;
+
+    a.kill();
+    b.wait_ready().await?;
+    let mut cb = b.client().await?;
+    // The holder and its token survived: renewing with t1 works on b.
+    retry_unavailable(|| {
+        let mut cb = cb.clone();
+        async move {
+            cb.renew(RenewRequest {
+                node: "w1".into(),
+                fencing_token: t1,
+            })
+            .await
+        }
+    })
+    .await?;
+    // w2 reconnects to the new leader and still waits: no double grant.
+    let mut w2 = acquire(&mut cb, "w2", false).await?;
+    let reason = wait_for_reason(&mut w2, "concurrency limit").await?;
+    assert!(reason.contains("w1 holds it"), "{reason}");
+    assert_still_waiting(&mut w2, Duration::from_secs(2)).await?;
+    assert_eq!(stored(&cluster).await?, (vec!["w1".to_string()], t1));
+
+    cb.release(ReleaseRequest {
+        node: "w1".into(),
+        fencing_token: t1,
+        reason: "done".into(),
+    })
+    .await?;
+    let (t2, _) = wait_granted(&mut w2).await?;
+    assert_eq!(
+        t2,
+        t1 + 1,
+        "tokens continue where the old leader stopped; none is reused"
+    );
+    assert_eq!(stored(&cluster).await?, (vec!["w2".to_string()], t2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    // a renews its election lease rarely (every 10s), so it does not notice
+    // the loss by itself before it tries to write.
+    let a = replica(&cluster, "a", "30s")?;
+    a.wait_ready().await?;
+    let b = replica(&cluster, "b", "2s")?;
+    refused_naming(&b, "a").await?;
+    let mut ca = a.client().await?;
+    let mut w1 = acquire(&mut ca, "w1", false).await?;
+    let (t1, _) = wait_granted(&mut w1).await?;
+
+    // Partition a: freeze it and let its election lease go (revoked here,
+    // as if it had expired while a could not reach etcd).
+    a.stop();
+    let mut etcd = cluster.client().await?;
+    let keys = etcd
+        .get("/baton/election", Some(GetOptions::new().with_prefix()))
+        .await?;
+    let a_key = keys
+        .kvs()
+        .iter()
+        .find(|kv| kv.value() == b"a")
+        .context("a's election key")?;
+    etcd.lease_revoke(a_key.lease()).await?;
+    b.wait_ready().await?;
+    let mut cb = b.client().await?;
+    retry_unavailable(|| {
+        let mut cb = cb.clone();
+        async move {
+            cb.release(ReleaseRequest {
+                node: "w1".into(),
+                fencing_token: t1,
+                reason: "done".into(),
+            })
+            .await
+        }
+    })
+    .await?;
+    let mut w2 = acquire(&mut cb, "w2", false).await?;
+    let (t2, _) = wait_granted(&mut w2).await?;
+
+    // a wakes up still believing it leads and that w1 holds t1.
+    a.cont();
+    let refused = ca
+        .release(ReleaseRequest {
+            node: "w1".into(),
+            fencing_token: t1,
+            reason: "stale".into(),
+        })
+        .await
+        .expect_err("the deposed leader's write must be refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Nothing a wrote reached etcd: b's state stands.
+    assert_eq!(stored(&cluster).await?, (vec!["w2".to_string()], t2));
+    assert!(
+        a.log().contains("stepping down") || !a.ready(),
+        "{}",
+        a.log()
+    );
+    Ok(())
+}
