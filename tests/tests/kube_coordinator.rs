@@ -500,3 +500,28 @@ async fn not_ready_node_holds_the_rollout_and_control_plane_goes_one_at_a_time()
     assert!(reason.contains("cp-1"), "{reason}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_notready_nodes_lets_the_rollout_go_on() -> Result<()> {
+    let fake = cluster(&[node("w1").build(), node("w2").ready(false).build()]);
+    agent_token(&fake, "agent-w1", "w1");
+    agent_token(&fake, "agent-ghost", "ghost");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &["--ignore-notready-nodes"]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    // A node the cluster does not know waits, whatever its token says.
+    let mut ghost = acquire(&a, "agent-ghost", "ghost", false).await?;
+    loop {
+        match next(&mut ghost).await? {
+            Event::Queued(q) if q.reason.contains("not a Node") => break,
+            // Before the first node list every node waits.
+            Event::Queued(q) if q.reason.contains("has not been read") => continue,
+            Event::Queued(q) => anyhow::bail!("unexpected reason: {}", q.reason),
+            Event::Granted(_) => anyhow::bail!("a node unknown to the cluster was granted"),
+        }
+    }
+    drop(ghost);
+    let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
+    granted(&mut w1).await?;
+    Ok(())
+}
