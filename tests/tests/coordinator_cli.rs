@@ -227,7 +227,9 @@ fn status_watch_prints_every_change_as_json_lines() {
     let next = || rx.recv_timeout(std::time::Duration::from_secs(30)).ok();
     let first = next().expect("watch prints the state at once");
     assert!(first["holders"].as_array().unwrap().is_empty());
-    let token: u64 = stdout(&coordinator.ctl(&["acquire", "w1"])).parse().unwrap();
+    let token: u64 = stdout(&coordinator.ctl(&["acquire", "w1"]))
+        .parse()
+        .unwrap();
     // Some later line shows w1 holding with the printed token.
     let seen = std::iter::from_fn(next).any(|v| {
         v["holders"]
