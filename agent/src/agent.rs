@@ -153,13 +153,17 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             Loaded::Corrupt { moved_to, error } => {
                 tracing::error!(moved_to = %moved_to.display(), %error, "state file corrupt; kept aside, asking the coordinator what this node holds");
                 self.state = AgentState::idle();
-                self.recover_from_coordinator().await?;
+                self.recover_from_coordinator(&format!(
+                    "state file was corrupt ({error}); kept at {}",
+                    moved_to.display()
+                ))
+                .await?;
             }
         }
         Ok(())
     }
 
-    async fn recover_from_coordinator(&mut self) -> Result<(), AgentError> {
+    async fn recover_from_coordinator(&mut self, note: &str) -> Result<(), AgentError> {
         loop {
             let ask = self
                 .coordinator
@@ -179,7 +183,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                         "coordinator: this node holds the baton; restarting maintenance from the grant"
                     );
                     self.state.reason = "resumed after state loss".into();
-                    return self.granted(grant).await;
+                    return self.granted(grant, &format!("resumed: {note}")).await;
                 }
                 Ok(Some(grant)) => {
                     // The queue was empty, so asking got us a fresh grant.
@@ -344,7 +348,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
         };
         match answer {
-            Ok(Some(grant)) => self.granted(grant).await.map_err(fatal),
+            Ok(Some(grant)) => self.granted(grant, "baton granted").await.map_err(fatal),
             Ok(None) => Ok(()),
             Err(error) => {
                 tracing::warn!(%error, "acquire failed; retrying");
@@ -354,7 +358,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         }
     }
 
-    async fn granted(&mut self, grant: Grant) -> Result<(), AgentError> {
+    async fn granted(&mut self, grant: Grant, message: &str) -> Result<(), AgentError> {
         tracing::info!(
             token = grant.fencing_token,
             resumed = grant.resumed,
@@ -367,7 +371,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             self.settings.renew_interval = interval;
         }
         self.state.fencing_token = Some(grant.fencing_token);
-        self.advance(Event::Granted, "baton granted").await
+        self.advance(Event::Granted, message).await
     }
 
     async fn preparing(&mut self, token: u64) -> Result<(), Interrupted> {

@@ -245,6 +245,54 @@ fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()>
 }
 
 #[test]
+fn corrupt_state_file_is_kept_aside_and_the_coordinator_asked() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("corrupt-1", &c.url())
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
+            .env("BATON_UPDATE_COMMAND", "exit 7")
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    let before = c.wait_phase(&node, "failed")?;
+    let state = node.rootfs().join("var/lib/baton/state.json");
+    std::fs::write(&state, b"{\"phase\": \"rebo")?;
+    let old = wait_agent_running(&node)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    // The restarted agent keeps the corrupt file, learns from the
+    // coordinator that it holds the baton (same token, no new grant), goes
+    // through the maintenance again and reports Failed anew.
+    let kept = node.rootfs().join("var/lib/baton/state.json.corrupt-0");
+    wait_for("the corrupt file to be kept aside", MAINTENANCE, || {
+        kept.exists().then_some(())
+    })
+    .with_context(|| node.diagnostics())?;
+    ensure!(
+        std::fs::read(&kept)? == b"{\"phase\": \"rebo",
+        "corrupt file changed"
+    );
+    let since = |h: &Value| -> Option<DateTime<Utc>> { h["phase_since"].as_str()?.parse().ok() };
+    let after = wait_for("a new Failed report", MAINTENANCE, || {
+        c.holder("corrupt-1")
+            .filter(|h| h["phase"] == "failed" && since(h) > since(&before))
+    })
+    .with_context(|| node.diagnostics())?;
+    ensure!(after["token"] == before["token"], "{before} vs {after}");
+    ensure!(c.records("corrupt-1", "grant").len() == 1, "granted again");
+    ensure!(
+        node.agent_state().is_some_and(|s| s["phase"] == "failed"),
+        "new state file"
+    );
+    ensure!(node.boots().len() == 1, "rebooted");
+    Ok(())
+}
+
+#[test]
 fn agent_killed_mid_update_resumes_and_finishes() -> Result<()> {
     let c = cluster()?;
     let node = Node::boot(
