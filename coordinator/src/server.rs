@@ -185,6 +185,11 @@ pub async fn start(
     )
     .await?;
     if let Some(guard) = etcd_guard {
+        // With the node watch, etcd members also map to nodes by the
+        // InternalIPs in their peer and client URLs.
+        if let Some(facts) = kube.as_ref().and_then(KubeWiring::node_facts) {
+            guard.map_by_internal_ip(facts);
+        }
         guard.attach(&engine);
         tokio::spawn(guard.run());
     }

@@ -7,6 +7,8 @@
 //!   the node as out, takes and verifies a snapshot from a healthy member
 //!   other than the candidate (the leader by preference), and moves etcd
 //!   leadership away if the candidate leads. Any failure refuses the grant.
+//! - With the Kubernetes node watch ([`EtcdGuard::map_by_internal_ip`]) it
+//!   also maps nodes to members by InternalIP ([`super::mapping`]).
 //! - After each probe round it advances the "counts as back" tracking
 //!   ([`super::back`]) with the engine's current holders, and pokes the
 //!   engine so waiters see fresh reasons at once.
@@ -21,7 +23,7 @@ use tracing::{info, warn};
 
 use super::back::Returns;
 use super::health::HealthSnapshot;
-use super::mapping::{EtcdRole, MemberMap};
+use super::mapping::{EtcdRole, InternalIps, MemberMap, NodeAddresses};
 use super::probe::Prober;
 use super::rule::{QuorumSettings, may_take_down};
 use super::snapshot::{SnapshotSettings, take};
@@ -52,6 +54,8 @@ pub struct EtcdGuard {
     health: RwLock<Arc<HealthSnapshot>>,
     returns: Mutex<Returns>,
     engine: OnceLock<Weak<Engine>>,
+    /// Nodes' InternalIPs, when nodes are watched (Kubernetes).
+    addresses: OnceLock<Arc<dyn NodeAddresses>>,
     clock: Clock,
 }
 
@@ -66,6 +70,7 @@ impl EtcdGuard {
             health: RwLock::new(Arc::new(never)),
             returns: Mutex::new(Returns::default()),
             engine: OnceLock::new(),
+            addresses: OnceLock::new(),
             clock,
         })
     }
@@ -74,6 +79,33 @@ impl EtcdGuard {
     /// wake the granter). Call once, before [`EtcdGuard::run`].
     pub fn attach(&self, engine: &Arc<Engine>) {
         let _ = self.engine.set(Arc::downgrade(engine));
+    }
+
+    /// Also maps nodes to members by the InternalIPs `addresses` knows (the
+    /// Kubernetes node watch). Call once, before the engine first asks;
+    /// later calls are ignored.
+    pub fn map_by_internal_ip(&self, addresses: Arc<dyn NodeAddresses>) {
+        let _ = self.addresses.set(addresses);
+    }
+
+    /// What `node` is to etcd in `health`; `Err` is why it waits.
+    fn role(
+        &self,
+        node: &NodeName,
+        control_plane: bool,
+        health: &HealthSnapshot,
+    ) -> Result<EtcdRole, String> {
+        let ips = match self.addresses.get() {
+            Some(addresses) => addresses.internal_ips(node),
+            None => InternalIps::NotWatched,
+        };
+        self.settings.map.role(node, control_plane, &ips, health)
+    }
+
+    /// Replaces the last health snapshot (tests stand in for a probe round).
+    #[cfg(test)]
+    fn set_health(&self, health: HealthSnapshot) {
+        *self.health.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(health);
     }
 
     /// The last health snapshot.
@@ -119,8 +151,7 @@ impl EtcdGuard {
             if returns.contains(node) {
                 continue;
             }
-            if let Ok(EtcdRole::Member(member)) =
-                self.settings.map.role(node, holding.control_plane, health)
+            if let Ok(EtcdRole::Member(member)) = self.role(node, holding.control_plane, health)
                 && let Some(m) = health.member(&member)
             {
                 returns.going_out(node, &member, m.id);
@@ -133,15 +164,10 @@ impl EtcdGuard {
 
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
         let health = self.health();
-        let member =
-            match self
-                .settings
-                .map
-                .role(&candidate.node, candidate.control_plane, &health)?
-            {
-                EtcdRole::Member(m) => m,
-                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
-            };
+        let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
+            EtcdRole::Member(m) => m,
+            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+        };
         let target = health
             .member(&member)
             .cloned()
@@ -226,15 +252,10 @@ impl GrantGuard for EtcdGuard {
         now: DateTime<Utc>,
     ) -> Result<(), String> {
         let health = self.health();
-        let member =
-            match self
-                .settings
-                .map
-                .role(&candidate.node, candidate.control_plane, &health)?
-            {
-                EtcdRole::Member(m) => m,
-                EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
-            };
+        let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
+            EtcdRole::Member(m) => m,
+            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+        };
         let mut out = self
             .returns
             .lock()
@@ -244,9 +265,7 @@ impl GrantGuard for EtcdGuard {
             if out.iter().any(|o| o.node == node.as_str()) {
                 continue;
             }
-            if let Ok(EtcdRole::Member(m)) =
-                self.settings.map.role(node, holding.control_plane, &health)
-            {
+            if let Ok(EtcdRole::Member(m)) = self.role(node, holding.control_plane, &health) {
                 out.push(super::rule::OutNode {
                     node: node.to_string(),
                     member: m,
@@ -274,5 +293,103 @@ impl GrantPreparer for EtcdGuard {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::etcd::health::fixtures::{cluster, member};
+    use crate::etcd::probe::ProbeSettings;
+
+    /// Node addresses as the Kubernetes node watch would report them.
+    struct Addresses(BTreeMap<&'static str, IpAddr>);
+
+    impl NodeAddresses for Addresses {
+        fn internal_ips(&self, node: &NodeName) -> InternalIps {
+            InternalIps::Known(self.0.get(node.as_str()).copied().into_iter().collect())
+        }
+    }
+
+    fn guard(now: DateTime<Utc>) -> Arc<EtcdGuard> {
+        let settings = GuardSettings {
+            map: MemberMap::default(),
+            quorum: Default::default(),
+            probe_interval: Duration::from_secs(1),
+            snapshots: SnapshotSettings {
+                dir: std::env::temp_dir(),
+                keep: 1,
+                stall_timeout: Duration::from_secs(1),
+            },
+            back_after: 1,
+        };
+        let prober = Prober::new(ProbeSettings {
+            endpoints: Vec::new(),
+            tls: None,
+            timeout: Duration::from_secs(1),
+            max_apply_lag: 10,
+            read_key: "probe".to_string(),
+        });
+        EtcdGuard::new(settings, prober, Arc::new(move || now))
+    }
+
+    fn waiter(node: &str) -> Waiter {
+        Waiter {
+            node: NodeName::new(node).unwrap(),
+            control_plane: false,
+        }
+    }
+
+    #[test]
+    fn workers_carrying_a_member_by_internal_ip_are_guarded() {
+        let now = Utc::now();
+        let health = |third_down: bool| {
+            let third = member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]);
+            cluster(
+                now,
+                vec![
+                    member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
+                    member(2, "etcd-2").advertising(&[], &["https://[fd00::2]:2379"]),
+                    if third_down {
+                        third.down("connection refused")
+                    } else {
+                        third
+                    },
+                ],
+            )
+        };
+        let addresses = Addresses(
+            [
+                ("w1", "10.0.0.1".parse().unwrap()),
+                ("w2", "fd00::2".parse().unwrap()),
+                ("w9", "10.0.0.9".parse().unwrap()),
+            ]
+            .into(),
+        );
+        let guard = guard(now);
+        guard.set_health(health(true));
+        let state = LeaseState::default();
+        // Without node addresses, w1 looks like a plain worker.
+        assert_eq!(guard.check(&waiter("w1"), &state, now), Ok(()));
+
+        guard.map_by_internal_ip(Arc::new(addresses));
+        let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
+        assert!(reason.contains("etcd-3"), "{reason}");
+        assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
+
+        // All healthy: w1 may go; while it holds the baton, w2 (etcd-2 by
+        // its IPv6 address) is held back, and w9 (no member) is not.
+        guard.set_health(health(false));
+        assert_eq!(guard.check(&waiter("w1"), &state, now), Ok(()));
+        let mut state = LeaseState::default();
+        state
+            .grant(&NodeName::new("w1").unwrap(), false, false, "test", now)
+            .unwrap();
+        let reason = guard.check(&waiter("w2"), &state, now).unwrap_err();
+        assert!(reason.contains("w1"), "{reason}");
+        assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
     }
 }

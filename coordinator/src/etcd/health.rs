@@ -16,6 +16,12 @@ pub struct MemberHealth {
     pub is_learner: bool,
     /// The client endpoint the member was probed through.
     pub endpoint: String,
+    /// The peer URLs the member list gives for it (an unstarted member has
+    /// these but no client URLs); the mapping matches node InternalIPs
+    /// against these and [`MemberHealth::client_urls`].
+    pub peer_urls: Vec<String>,
+    /// The client URLs the member advertises.
+    pub client_urls: Vec<String>,
     /// `None` when every check passed, else why the member is unhealthy.
     pub problem: Option<String>,
     /// The leader this member reports (0 = none or unknown).
@@ -40,6 +46,14 @@ impl MemberHealth {
     /// True when every check passed.
     pub fn healthy(&self) -> bool {
         self.problem.is_none()
+    }
+
+    /// Every URL the member list gives for it, peer URLs first.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.peer_urls
+            .iter()
+            .chain(&self.client_urls)
+            .map(String::as_str)
     }
 
     /// The name used in messages: the name, or the ID of an unstarted member.
@@ -139,6 +153,8 @@ pub mod fixtures {
             name: name.to_string(),
             is_learner: false,
             endpoint: format!("http://{name}:2379"),
+            peer_urls: vec![format!("http://{name}:2380")],
+            client_urls: vec![format!("http://{name}:2379")],
             problem: None,
             leader: 1,
             term: 2,
@@ -150,6 +166,20 @@ pub mod fixtures {
         /// Marks it unhealthy.
         pub fn down(mut self, why: &str) -> Self {
             self.problem = Some(why.to_string());
+            self
+        }
+        /// Replaces the URLs the member list gives for it.
+        pub fn advertising(mut self, peer: &[&str], client: &[&str]) -> Self {
+            self.peer_urls = peer.iter().map(|u| u.to_string()).collect();
+            self.client_urls = client.iter().map(|u| u.to_string()).collect();
+            self
+        }
+        /// Makes it a member that was added but never started (no name, no
+        /// client URLs).
+        pub fn unstarted(mut self) -> Self {
+            self.name.clear();
+            self.client_urls.clear();
+            self.problem = Some("not started".to_string());
             self
         }
         /// Marks it a learner.

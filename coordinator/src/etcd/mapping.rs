@@ -1,21 +1,37 @@
 //! Which etcd member a node carries.
 //!
-//! A node's member is the member named like the node, unless
-//! `--etcd-member-map node=member` says otherwise. A node is exempt from the
-//! guard only when `--etcd-exempt-node` names it; a node for which no member
-//! is found is never exempt by accident:
+//! A node's member is found by, in this order (the first that applies
+//! decides):
+//! 1. an explicit `--etcd-member-map node=member` entry;
+//! 2. the member named like the node;
+//! 3. with the Kubernetes node watch, the member whose peer or client URLs
+//!    use one of the node's InternalIPs as their host. Only IP literals
+//!    count (`https://10.0.0.5:2380`, `https://[fd00::5]:2379`); host names
+//!    are never resolved, and IPv4-mapped IPv6 addresses equal their IPv4
+//!    form. If the node's InternalIPs appear in the URLs of more than one
+//!    member, nobody can tell which one it carries, so the node waits until
+//!    it is mapped explicitly.
+//!
+//! A node is exempt from the guard only when `--etcd-exempt-node` names it;
+//! a node for which no member is found is never exempt by accident:
 //! - a node explicitly mapped to a member that is not in the member list
 //!   waits (the map is wrong or the member was removed);
+//! - a node whose InternalIP is in the URLs of a member that was added but
+//!   has not started waits (it is joining the cluster);
 //! - a control-plane node with no member found waits, with a reason that
 //!   says how to map or exempt it (control-plane nodes are where etcd runs);
 //! - a worker with no member found is not an etcd node, and etcd does not
-//!   hold it back;
-//! - while etcd cannot be read, nobody can tell whether a node carries a
-//!   member, so every node that is not exempt waits (fail closed).
+//!   hold it back (a worker whose InternalIP matches a member is an etcd
+//!   node, and is held back like one);
+//! - while etcd cannot be read, or while the node watch has not listed the
+//!   Nodes yet, nobody can tell whether a node carries a member, so every
+//!   node that is not exempt (or matched by override or name) waits (fail
+//!   closed).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::health::HealthSnapshot;
+use super::health::{HealthSnapshot, MemberHealth};
 use crate::node::NodeName;
 
 /// How nodes map to etcd members.
@@ -54,6 +70,59 @@ pub enum EtcdRole {
     Exempt,
 }
 
+/// A node's InternalIPs, as far as the mapping knows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InternalIps {
+    /// Nodes are not watched (no Kubernetes): members map by override and
+    /// name only.
+    NotWatched,
+    /// Nodes are watched but not listed yet, so a node's addresses are
+    /// unknown.
+    NotListed,
+    /// The node's InternalIPs (none for a node the watch does not know).
+    Known(Vec<IpAddr>),
+}
+
+/// Where the etcd guard learns a node's InternalIPs: the Kubernetes node
+/// watch. Read synchronously on every decision, so implementations answer
+/// from memory.
+pub trait NodeAddresses: Send + Sync {
+    /// The InternalIPs of `node`.
+    fn internal_ips(&self, node: &NodeName) -> InternalIps;
+}
+
+/// The IP address a URL's host names, when the host is an IP literal:
+/// `http://10.0.0.5:2380` and `https://[fd00::5]:2379` give an address;
+/// host names, unix sockets, IPv6 addresses with a zone and anything
+/// malformed give `None`.
+pub fn url_ip(url: &str) -> Option<IpAddr> {
+    let (_scheme, rest) = url.trim().split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_userinfo, host)| host);
+    if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']')?;
+        if !(after.is_empty() || after.starts_with(':')) {
+            return None;
+        }
+        return host.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let host = host_port
+        .split_once(':')
+        .map_or(host_port, |(host, _port)| host);
+    host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// The first of `ips` that `member` advertises in a peer or client URL.
+fn advertised_ip(member: &MemberHealth, ips: &[IpAddr]) -> Option<IpAddr> {
+    member
+        .urls()
+        .filter_map(url_ip)
+        .map(|ip| ip.to_canonical())
+        .find(|ip| ips.iter().any(|n| n.to_canonical() == *ip))
+}
+
 impl MemberMap {
     /// Builds a map from `node=member` entries and exempt node names.
     pub fn new(entries: &[String], exempt: &[NodeName]) -> Result<Self, MemberMapError> {
@@ -83,12 +152,21 @@ impl MemberMap {
             .unwrap_or(node.as_str())
     }
 
-    /// What `node` is, given the member list in `health`; `Err` is the
-    /// reason it must wait.
+    /// What `node` is, given its InternalIPs `ips` and the member list in
+    /// `health`; `Err` is the reason it must wait.
+    ///
+    /// Safety: an etcd node must never be taken for a worker, so every case
+    /// in which the member cannot be told for sure (etcd unreadable, node
+    /// addresses not listed yet, an explicit mapping to a missing member, an
+    /// InternalIP in the URLs of several members or of an unstarted member,
+    /// a control-plane node without a member) is an `Err`, never
+    /// [`EtcdRole::NotEtcd`]. See the module docs for the order of the
+    /// matches.
     pub fn role(
         &self,
         node: &NodeName,
         control_plane: bool,
+        ips: &InternalIps,
         health: &HealthSnapshot,
     ) -> Result<EtcdRole, String> {
         if self.exempt.contains(node) {
@@ -108,9 +186,58 @@ impl MemberMap {
                 "etcd: node {node} is mapped to member {name}, which is not in the member list"
             ));
         }
+        let ips = match ips {
+            InternalIps::NotWatched => None,
+            InternalIps::NotListed => {
+                return Err(format!(
+                    "etcd: the Kubernetes Node list has not been read yet, so cannot tell whether node {node} carries a member by its InternalIP"
+                ));
+            }
+            InternalIps::Known(ips) => Some(ips.as_slice()),
+        };
+        if let Some(ips) = ips {
+            let matched: Vec<(&MemberHealth, IpAddr)> = health
+                .members
+                .iter()
+                .filter_map(|m| advertised_ip(m, ips).map(|ip| (m, ip)))
+                .collect();
+            match matched.as_slice() {
+                [] => {}
+                [(member, _)] if member.started() => {
+                    return Ok(EtcdRole::Member(member.name.clone()));
+                }
+                [(member, ip)] => {
+                    return Err(format!(
+                        "etcd: node {node}'s InternalIP {ip} is in the URLs of member {}, which has not started yet",
+                        member.label()
+                    ));
+                }
+                several => {
+                    let found: Vec<String> = several
+                        .iter()
+                        .map(|(m, ip)| format!("{} ({ip})", m.label()))
+                        .collect();
+                    return Err(format!(
+                        "etcd: node {node}'s InternalIPs are in the URLs of several members: {}; cannot tell which it carries, map it with --etcd-member-map {node}=MEMBER",
+                        found.join(", ")
+                    ));
+                }
+            }
+        }
         if control_plane {
+            let by_ip = match ips {
+                Some([]) => " (and it has no InternalIP)".to_string(),
+                Some(ips) => format!(
+                    " (nor one whose URLs use its InternalIP {})",
+                    ips.iter()
+                        .map(IpAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+                None => String::new(),
+            };
             return Err(format!(
-                "etcd: no member named {name} found for control-plane node {node}; map it with --etcd-member-map {node}=MEMBER or exempt it with --etcd-exempt-node {node}"
+                "etcd: no member named {name} found for control-plane node {node}{by_ip}; map it with --etcd-member-map {node}=MEMBER or exempt it with --etcd-exempt-node {node}"
             ));
         }
         Ok(EtcdRole::NotEtcd)
@@ -124,8 +251,14 @@ mod tests {
     use super::*;
     use crate::etcd::health::fixtures::{cluster, member};
 
+    const NONE: InternalIps = InternalIps::NotWatched;
+
     fn n(s: &str) -> NodeName {
         NodeName::new(s).unwrap()
+    }
+
+    fn ips(list: &[&str]) -> InternalIps {
+        InternalIps::Known(list.iter().map(|ip| ip.parse().unwrap()).collect())
     }
 
     #[test]
@@ -133,23 +266,29 @@ mod tests {
         let map = MemberMap::new(&["cp-a=etcd-1".to_string()], &[n("cp-x")]).unwrap();
         let health = cluster(Utc::now(), vec![member(1, "etcd-1"), member(2, "cp-b")]);
         assert_eq!(
-            map.role(&n("cp-a"), true, &health),
+            map.role(&n("cp-a"), true, &NONE, &health),
             Ok(EtcdRole::Member("etcd-1".into()))
         );
         assert_eq!(
-            map.role(&n("cp-b"), true, &health),
+            map.role(&n("cp-b"), true, &NONE, &health),
             Ok(EtcdRole::Member("cp-b".into()))
         );
-        assert_eq!(map.role(&n("cp-x"), true, &health), Ok(EtcdRole::Exempt));
-        assert_eq!(map.role(&n("w1"), false, &health), Ok(EtcdRole::NotEtcd));
+        assert_eq!(
+            map.role(&n("cp-x"), true, &NONE, &health),
+            Ok(EtcdRole::Exempt)
+        );
+        assert_eq!(
+            map.role(&n("w1"), false, &NONE, &health),
+            Ok(EtcdRole::NotEtcd)
+        );
         assert!(
-            map.role(&n("cp-c"), true, &health)
+            map.role(&n("cp-c"), true, &NONE, &health)
                 .unwrap_err()
                 .contains("no member named cp-c")
         );
         let bad = MemberMap::new(&["w1=gone".to_string()], &[]).unwrap();
         assert!(
-            bad.role(&n("w1"), false, &health)
+            bad.role(&n("w1"), false, &NONE, &health)
                 .unwrap_err()
                 .contains("mapped to member gone")
         );
@@ -159,8 +298,11 @@ mod tests {
     fn unreadable_etcd_holds_back_everyone_not_exempt() {
         let map = MemberMap::new(&[], &[n("cp-x")]).unwrap();
         let health = HealthSnapshot::unreadable(Utc::now(), "connection refused");
-        assert!(map.role(&n("w1"), false, &health).is_err());
-        assert_eq!(map.role(&n("cp-x"), true, &health), Ok(EtcdRole::Exempt));
+        assert!(map.role(&n("w1"), false, &NONE, &health).is_err());
+        assert_eq!(
+            map.role(&n("cp-x"), true, &NONE, &health),
+            Ok(EtcdRole::Exempt)
+        );
     }
 
     #[test]
@@ -168,5 +310,191 @@ mod tests {
         for bad in ["x", "=m", "n=", "N=m"] {
             assert!(MemberMap::new(&[bad.to_string()], &[]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn url_ip_reads_ip_literals_only() {
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        for (url, want) in [
+            ("http://10.0.0.5:2380", Some(v4)),
+            ("https://10.0.0.5", Some(v4)),
+            ("https://10.0.0.5:2379/", Some(v4)),
+            ("https://user@10.0.0.5:2379/x?y#z", Some(v4)),
+            (" https://10.0.0.5:2379 ", Some(v4)),
+            ("https://[fd00::5]:2379", Some(v6)),
+            ("https://[FD00:0::5]", Some(v6)),
+            ("https://[fd00::5]x", None),
+            ("https://[fe80::1%25eth0]:2380", None),
+            ("https://fd00::5:2379", None),
+            ("https://cp-1.example.com:2380", None),
+            ("unix://localhost:2379", None),
+            ("10.0.0.5:2379", None),
+            ("http://10.0.0.500:2379", None),
+            ("", None),
+        ] {
+            assert_eq!(url_ip(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn maps_by_internal_ip_in_peer_or_client_urls() {
+        let map = MemberMap::new(&[], &[]).unwrap();
+        let health = cluster(
+            Utc::now(),
+            vec![
+                member(1, "etcd-a")
+                    .advertising(&["https://10.0.0.1:2380"], &["https://10.0.0.1:2379"]),
+                // Only the client URL names the address.
+                member(2, "etcd-b")
+                    .advertising(&["https://etcd-b:2380"], &["https://10.0.0.2:2379"]),
+                member(3, "etcd-c").advertising(&["https://[fd00::3]:2380"], &[]),
+                member(4, "etcd-d").advertising(&["https://[::ffff:10.0.0.4]:2380"], &[]),
+            ],
+        );
+        for (node, ip, want) in [
+            ("cp-1", "10.0.0.1", "etcd-a"),
+            ("cp-2", "10.0.0.2", "etcd-b"),
+            ("cp-3", "fd00::3", "etcd-c"),
+            ("cp-4", "10.0.0.4", "etcd-d"),
+        ] {
+            assert_eq!(
+                map.role(&n(node), true, &ips(&[ip]), &health),
+                Ok(EtcdRole::Member(want.into())),
+                "{node}"
+            );
+        }
+        // Dual stack: either address may be the one etcd advertises.
+        assert_eq!(
+            map.role(&n("cp-3"), true, &ips(&["10.9.9.9", "fd00::3"]), &health),
+            Ok(EtcdRole::Member("etcd-c".into()))
+        );
+        // Nothing matches: a control-plane node waits, a worker is no etcd node.
+        let reason = map
+            .role(&n("cp-9"), true, &ips(&["10.0.0.9"]), &health)
+            .unwrap_err();
+        assert!(reason.contains("no member named cp-9"), "{reason}");
+        assert!(reason.contains("10.0.0.9"), "{reason}");
+        assert_eq!(
+            map.role(&n("w9"), false, &ips(&["10.0.0.9"]), &health),
+            Ok(EtcdRole::NotEtcd)
+        );
+        // Without the node watch the addresses are not used.
+        assert_eq!(
+            map.role(&n("w1"), false, &NONE, &health),
+            Ok(EtcdRole::NotEtcd)
+        );
+    }
+
+    #[test]
+    fn override_beats_name_beats_internal_ip() {
+        let health = cluster(
+            Utc::now(),
+            vec![
+                member(1, "cp-1").advertising(&["https://10.0.0.2:2380"], &[]),
+                member(2, "etcd-2").advertising(&["https://10.0.0.1:2380"], &[]),
+                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
+            ],
+        );
+        let plain = MemberMap::new(&[], &[]).unwrap();
+        // cp-1's address is in etcd-2's URLs, but the name wins.
+        assert_eq!(
+            plain.role(&n("cp-1"), true, &ips(&["10.0.0.1"]), &health),
+            Ok(EtcdRole::Member("cp-1".into()))
+        );
+        let mapped = MemberMap::new(&["cp-1=etcd-3".to_string()], &[]).unwrap();
+        assert_eq!(
+            mapped.role(&n("cp-1"), true, &ips(&["10.0.0.1"]), &health),
+            Ok(EtcdRole::Member("etcd-3".into()))
+        );
+        // An override to a missing member waits even if the address matches.
+        let wrong = MemberMap::new(&["cp-1=gone".to_string()], &[]).unwrap();
+        assert!(
+            wrong
+                .role(&n("cp-1"), true, &ips(&["10.0.0.1"]), &health)
+                .unwrap_err()
+                .contains("mapped to member gone")
+        );
+    }
+
+    #[test]
+    fn an_address_in_several_members_urls_waits() {
+        let map = MemberMap::new(&[], &[]).unwrap();
+        let health = cluster(
+            Utc::now(),
+            vec![
+                member(1, "etcd-a").advertising(&["https://10.0.0.1:2380"], &[]),
+                member(2, "etcd-b").advertising(&[], &["https://[fd00::1]:2379"]),
+            ],
+        );
+        for control_plane in [true, false] {
+            let reason = map
+                .role(
+                    &n("n1"),
+                    control_plane,
+                    &ips(&["10.0.0.1", "fd00::1"]),
+                    &health,
+                )
+                .unwrap_err();
+            assert!(reason.contains("several members"), "{reason}");
+            assert!(reason.contains("etcd-a (10.0.0.1)"), "{reason}");
+            assert!(reason.contains("etcd-b (fd00::1)"), "{reason}");
+            assert!(reason.contains("--etcd-member-map n1=MEMBER"), "{reason}");
+        }
+        // An explicit mapping settles it.
+        let mapped = MemberMap::new(&["n1=etcd-b".to_string()], &[]).unwrap();
+        assert_eq!(
+            mapped.role(&n("n1"), false, &ips(&["10.0.0.1", "fd00::1"]), &health),
+            Ok(EtcdRole::Member("etcd-b".into()))
+        );
+    }
+
+    #[test]
+    fn unknown_addresses_and_unstarted_members_hold_back() {
+        let map = MemberMap::new(&[], &[n("w-x")]).unwrap();
+        let health = cluster(
+            Utc::now(),
+            vec![
+                member(1, "cp-1"),
+                member(2, "etcd-new")
+                    .advertising(&["https://10.0.0.7:2380"], &[])
+                    .unstarted(),
+            ],
+        );
+        let not_listed = InternalIps::NotListed;
+        assert!(
+            map.role(&n("w1"), false, &not_listed, &health)
+                .unwrap_err()
+                .contains("has not been read yet")
+        );
+        // Name matches and exemptions need no addresses.
+        assert_eq!(
+            map.role(&n("cp-1"), true, &not_listed, &health),
+            Ok(EtcdRole::Member("cp-1".into()))
+        );
+        assert_eq!(
+            map.role(&n("w-x"), false, &not_listed, &health),
+            Ok(EtcdRole::Exempt)
+        );
+        // A worker joining etcd (its member added, not started) waits.
+        let reason = map
+            .role(&n("w7"), false, &ips(&["10.0.0.7"]), &health)
+            .unwrap_err();
+        assert!(reason.contains("has not started"), "{reason}");
+    }
+
+    #[test]
+    fn a_worker_whose_address_matches_a_member_is_an_etcd_node() {
+        let map = MemberMap::new(&[], &[]).unwrap();
+        let health = cluster(
+            Utc::now(),
+            vec![member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[])],
+        );
+        // Not labelled control-plane, yet its address says it runs etcd-1
+        // (the guard then applies the quorum rule to it).
+        assert_eq!(
+            map.role(&n("w1"), false, &ips(&["10.0.0.1"]), &health),
+            Ok(EtcdRole::Member("etcd-1".into()))
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! Layout (pure first, I/O at the edge):
 //! - [`health`]: the health snapshot, plain data the prober fills in;
 //! - [`rule`]: the pure quorum rule over a health snapshot (property-tested);
-//! - [`mapping`]: which etcd member (if any) a node carries;
+//! - [`mapping`]: which etcd member (if any) a node carries (by explicit
+//!   map, by name, or by InternalIP with the Kubernetes node watch);
 //! - [`verify`]: the pure check of a snapshot file's SHA-256 trailer;
 //! - [`probe`]: probes every member through its own client (I/O);
 //! - [`snapshot`]: takes, verifies, stores and rotates snapshots (I/O);

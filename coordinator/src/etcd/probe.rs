@@ -148,6 +148,12 @@ impl Prober {
                 )
             })
             .collect();
+        // Kept as listed, for the mapping of nodes to members by InternalIP.
+        let urls: Vec<(Vec<String>, Vec<String>)> = list
+            .members()
+            .iter()
+            .map(|m| (m.peer_urls().to_vec(), m.client_urls().to_vec()))
+            .collect();
         let probes =
             futures::future::join_all(members.iter().map(|(_, name, _, endpoint)| async move {
                 match (name.is_empty(), endpoint) {
@@ -175,12 +181,16 @@ impl Prober {
         let leader_second = leader_index(|p| &p.second);
 
         let mut out = Vec::new();
-        for ((id, name, is_learner, endpoint), probe) in members.iter().zip(probes) {
+        for (((id, name, is_learner, endpoint), probe), (peer_urls, client_urls)) in
+            members.iter().zip(probes).zip(urls)
+        {
             let mut m = MemberHealth {
                 id: *id,
                 name: name.clone(),
                 is_learner: *is_learner,
                 endpoint: endpoint.clone().unwrap_or_default(),
+                peer_urls,
+                client_urls,
                 problem: None,
                 leader: 0,
                 term: 0,

@@ -193,8 +193,8 @@ impl KubeWiring {
         })
     }
 
-    /// The node facts the watch keeps (e.g. to map etcd members to nodes
-    /// by InternalIP), when nodes are watched.
+    /// The node facts the watch keeps (the etcd guard maps members to
+    /// nodes by their InternalIPs), when nodes are watched.
     pub fn node_facts(&self) -> Option<Arc<nodes::NodeFacts>> {
         self.facts.clone()
     }

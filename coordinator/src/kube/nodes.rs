@@ -9,11 +9,13 @@
 //!   holds the baton at a time ([`NodeGuard`]).
 //! - A node the API does not know, or any node before the first list, is
 //!   not granted (fail closed).
-//! - InternalIPs are kept so etcd members can be mapped to nodes.
+//! - InternalIPs are kept so the etcd guard can map members to nodes by the
+//!   addresses in their peer and client URLs ([`NodeAddresses`]).
 //!
 //! [`fact_of`] and [`unavailable`] are pure; [`watch_nodes`] does the I/O.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use k8s_openapi::api::core::v1::Node;
 use tracing::{info, warn};
 
 use crate::engine::Engine;
+use crate::etcd::mapping::{InternalIps, NodeAddresses};
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Waiter};
 use crate::state::LeaseState;
@@ -42,8 +45,9 @@ pub struct NodeFact {
     pub ready: bool,
     /// Carries a control-plane role label.
     pub control_plane: bool,
-    /// The first InternalIP address.
-    pub internal_ip: Option<String>,
+    /// Every InternalIP address (two on a dual-stack node), in the order
+    /// the Node lists them.
+    pub internal_ips: Vec<IpAddr>,
 }
 
 /// The facts of every node; `None` until the first list succeeded.
@@ -67,15 +71,22 @@ impl NodeFacts {
     pub fn snapshot(&self) -> Option<BTreeMap<String, NodeFact>> {
         self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
 
-    /// The node with InternalIP `ip`, if any (maps etcd members to nodes).
-    pub fn node_by_internal_ip(&self, ip: &str) -> Option<String> {
+impl NodeAddresses for NodeFacts {
+    /// Not listed before the first list; no addresses for a node the API
+    /// does not know.
+    fn internal_ips(&self, node: &NodeName) -> InternalIps {
         let guard = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        guard
-            .as_ref()?
-            .iter()
-            .find(|(_, f)| f.internal_ip.as_deref() == Some(ip))
-            .map(|(n, _)| n.clone())
+        match guard.as_ref() {
+            None => InternalIps::NotListed,
+            Some(nodes) => InternalIps::Known(
+                nodes
+                    .get(node.as_str())
+                    .map(|f| f.internal_ips.clone())
+                    .unwrap_or_default(),
+            ),
+        }
     }
 }
 
@@ -90,10 +101,15 @@ pub fn fact_of(node: &Node) -> NodeFact {
             .is_some_and(|c| c.status == "True"),
         control_plane: labels
             .is_some_and(|l| CONTROL_PLANE_LABELS.iter().any(|k| l.contains_key(*k))),
-        internal_ip: status
+        // The API server validates InternalIPs; anything unparsable is
+        // skipped rather than trusted.
+        internal_ips: status
             .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-            .map(|a| a.address.clone()),
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect(),
     }
 }
 
@@ -261,7 +277,11 @@ mod tests {
             "metadata": {"name": name, "labels": labels},
             "status": {
                 "conditions": [{"type": "Ready", "status": ready}],
-                "addresses": [{"type": "InternalIP", "address": "10.1.0.7"}],
+                "addresses": [
+                    {"type": "Hostname", "address": name},
+                    {"type": "InternalIP", "address": "10.1.0.7"},
+                    {"type": "InternalIP", "address": "fd00::7"},
+                ],
             },
         }))
         .expect("valid node")
@@ -275,7 +295,7 @@ mod tests {
             NodeFact {
                 ready: true,
                 control_plane: true,
-                internal_ip: Some("10.1.0.7".to_string())
+                internal_ips: vec!["10.1.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
             }
         );
         assert!(!fact_of(&node("w", "Unknown", false)).ready);
@@ -308,6 +328,8 @@ mod tests {
             guard.check(&waiter("cp-2"), &state, Utc::now()).is_err(),
             "no list yet"
         );
+        let cp_1 = NodeName::new("cp-1").unwrap();
+        assert_eq!(facts.internal_ips(&cp_1), InternalIps::NotListed);
         facts.write(|m| {
             m.insert("cp-1".into(), fact_of(&node("cp-1", "True", true)));
             m.insert("cp-2".into(), fact_of(&node("cp-2", "True", true)));
@@ -335,8 +357,15 @@ mod tests {
             .unwrap_err();
         assert!(reason.contains("cp-1"), "{reason}");
         assert_eq!(
-            facts.node_by_internal_ip("10.1.0.7").as_deref(),
-            Some("cp-1")
+            facts.internal_ips(&cp_1),
+            InternalIps::Known(vec![
+                "10.1.0.7".parse().unwrap(),
+                "fd00::7".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            facts.internal_ips(&NodeName::new("ghost").unwrap()),
+            InternalIps::Known(Vec::new())
         );
     }
 }
