@@ -4,8 +4,10 @@
 //! - `test`: deps, build every binary, run the whole test suite;
 //! - `serve`: deps, build, run a local coordinator (the quick start);
 //! - `bench coordinator [--store etcd]`: handoff latency and throughput with
-//!   1,000 waiters; on etcd also the raw txn rate and failover time.
+//!   1,000 waiters; on etcd also the raw txn rate and failover time;
+//! - `bench agent`: the agent's idle footprint and reaction time.
 
+mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;
 mod deps;
@@ -31,7 +33,8 @@ fn main() -> Result<()> {
                 bench_etcd::run(rest)
             }
             Some((what, rest)) if what == "coordinator" => bench_coordinator::run(rest),
-            _ => bail!("usage: cargo xtask bench coordinator [--waiters N] [--store etcd]"),
+            Some((what, rest)) if what == "agent" => bench_agent::run(rest),
+            _ => bail!("usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"),
         },
         _ => {
             eprintln!(
@@ -41,7 +44,8 @@ fn main() -> Result<()> {
                  test [ARGS]           install deps, build, run every test (ARGS go to cargo test)\n  \
                  serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)\n  \
                  bench coordinator     handoff latency and throughput (target/bench/coordinator.json)\n  \
-                 bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover"
+                 bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover\n  \
+                 bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency"
             );
             Ok(())
         }

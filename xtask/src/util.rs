@@ -16,9 +16,13 @@ pub fn workspace_root() -> PathBuf {
 /// Runs cargo with `args` in the workspace root; fails on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(workspace_root())
+    let mut command = Command::new(&cargo);
+    command.args(args).current_dir(workspace_root());
+    if std::env::var_os("CI").is_some() {
+        // A fresh clone builds once: incremental artifacts only cost disk.
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    let status = command
         .status()
         .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
     if !status.success() {
