@@ -1,9 +1,10 @@
 //! The agent binary the nodes run, and where the harness keeps its files.
 //!
 //! `crate::binary` only builds a binary when it is missing. The nodes must
-//! never run a stale agent, so the harness runs `cargo build -p baton-agent
-//! --bins` once per test process (a no-op when it is fresh; `cargo xtask
-//! test` builds every binary before the tests anyway).
+//! never run a stale agent, so the harness runs `cargo build --workspace
+//! --bins` once per test process: the same command `cargo xtask test` runs
+//! before the tests, so it is a no-op there (a `-p baton-agent` build would
+//! unify features differently and rebuild half the dependency tree).
 
 use anyhow::{Result, bail};
 use std::path::PathBuf;
@@ -34,13 +35,13 @@ pub fn agent_binary() -> Result<PathBuf> {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             cmd.current_dir(workspace_root())
-                .args(["build", "-p", "baton-agent", "--bins"]);
+                .args(["build", "--workspace", "--bins"]);
             if path.parent().is_some_and(|p| p.ends_with("release")) {
                 cmd.arg("--release");
             }
             match cmd.status() {
                 Ok(s) if s.success() => Ok(()),
-                Ok(s) => Err(format!("cargo build -p baton-agent failed: {s}")),
+                Ok(s) => Err(format!("cargo build --workspace --bins failed: {s}")),
                 Err(e) => Err(format!("running cargo: {e}")),
             }
         })
