@@ -34,7 +34,9 @@ fn main() -> Result<()> {
             }
             Some((what, rest)) if what == "coordinator" => bench_coordinator::run(rest),
             Some((what, rest)) if what == "agent" => bench_agent::run(rest),
-            _ => bail!("usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"),
+            _ => bail!(
+                "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"
+            ),
         },
         _ => {
             eprintln!(
