@@ -645,9 +645,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         let hold_off = abort_backoff(self.settings.abort_backoff, self.aborts_in_a_row);
         self.hold_off = Some(hold_off);
         tracing::warn!(token, reason, hold_off = %humantime::format_duration(hold_off), "baton released after an aborted maintenance");
-        self.advance(Event::Released, &reason)
-            .await
-            .map_err(fatal)
+        self.advance(Event::Released, &reason).await.map_err(fatal)
     }
 
     /// Release, retrying until the coordinator answers. A refused token
@@ -988,7 +986,10 @@ mod tests {
         let (result, ()) = tokio::join!(agent.run(wakes), driver);
         result.unwrap();
         assert_eq!(*w.coordinator.acquires.lock().unwrap(), 1);
-        assert_eq!(w.node_ops.waiting_shown.lock().unwrap().last().unwrap(), &Vec::<String>::new());
+        assert_eq!(
+            w.node_ops.waiting_shown.lock().unwrap().last().unwrap(),
+            &Vec::<String>::new()
+        );
     }
 
     #[test]

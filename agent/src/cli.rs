@@ -321,10 +321,7 @@ mod tests {
         .unwrap();
         let Command::Run(args) = cli.command;
         assert_eq!(args.mode, Mode::Kubernetes);
-        assert_eq!(
-            args.kubernetes.drain_timeout,
-            Duration::from_secs(600)
-        );
+        assert_eq!(args.kubernetes.drain_timeout, Duration::from_secs(600));
         assert_eq!(
             args.coordinator.auth(),
             Ok(Auth::Token {

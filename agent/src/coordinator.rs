@@ -149,7 +149,10 @@ impl TokenFile {
             tonic::Status::unavailable(format!("token file {}: {what}", self.path.display()))
         };
         let meta = std::fs::metadata(&self.path).map_err(|e| unavailable(&e.to_string()))?;
-        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((seen, value)) = cache.as_ref()
             && *seen == stamp
@@ -339,7 +342,10 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "first-token\n").unwrap();
         let mut token = BearerToken::from_file(&path);
-        assert_eq!(auth_of(&mut token).unwrap().as_deref(), Some("Bearer first-token"));
+        assert_eq!(
+            auth_of(&mut token).unwrap().as_deref(),
+            Some("Bearer first-token")
+        );
         // Kubelet rotates the projected token: a new file (longer here, so
         // the change shows even where mtimes are coarse).
         let rotated = dir.path().join("token.new");
@@ -360,7 +366,10 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("token"));
         std::fs::write(&path, "  \n").unwrap();
-        assert_eq!(auth_of(&mut token).unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(
+            auth_of(&mut token).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
         // Retryable, not a fencing refusal.
         assert!(matches!(
             CoordinatorError::from(status),

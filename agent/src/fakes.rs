@@ -115,7 +115,10 @@ impl Coordinator for Arc<FakeCoordinator> {
     }
     async fn release(&self, token: u64, reason: &str) -> Result<(), CoordinatorError> {
         self.releases.lock().unwrap().push(token);
-        self.release_reasons.lock().unwrap().push(reason.to_string());
+        self.release_reasons
+            .lock()
+            .unwrap()
+            .push(reason.to_string());
         *self.held.lock().unwrap() = None;
         Ok(())
     }

@@ -146,7 +146,9 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
             if args.maintenance.pre_maintenance_unit.is_some()
                 || args.maintenance.post_maintenance_unit.is_some()
             {
-                tracing::warn!("--pre/--post-maintenance-unit are for standalone mode; ignored with --mode kubernetes");
+                tracing::warn!(
+                    "--pre/--post-maintenance-unit are for standalone mode; ignored with --mode kubernetes"
+                );
             }
             let client = args.kubernetes.client().await?;
             AnyNodeOps::Kubernetes(KubeNodeOps::new(

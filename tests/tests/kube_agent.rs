@@ -237,7 +237,10 @@ async fn drain_blocked_by_a_budget_past_the_timeout_aborts_and_releases() -> Res
     })
     .await;
     let snapshot = engine.snapshot().await;
-    assert!(snapshot.state.holders.is_empty(), "no holder after the abort");
+    assert!(
+        snapshot.state.holders.is_empty(),
+        "no holder after the abort"
+    );
     let release = snapshot
         .state
         .audit
@@ -255,7 +258,10 @@ async fn drain_blocked_by_a_budget_past_the_timeout_aborts_and_releases() -> Res
     assert!(last_error.contains("drain timed out"), "{last_error}");
     let reasons = event_reasons(&fake);
     for reason in ["BatonGranted", "BatonAborting", "BatonReleased"] {
-        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
     }
     // The pod the budget protects still runs; nothing was updated or rebooted.
     assert!(fake.get("v1/pods", "apps", "web-1").is_some());

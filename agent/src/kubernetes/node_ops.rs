@@ -164,10 +164,9 @@ impl NodeOps for KubeNodeOps {
             warn!(node = %self.node, %error, "could not annotate the node");
         }
         let event = match &reason {
-            Some(why) => Transition::normal(
-                "BatonBlocked",
-                format!("not asking for the baton: {why}"),
-            ),
+            Some(why) => {
+                Transition::normal("BatonBlocked", format!("not asking for the baton: {why}"))
+            }
             None => Transition::normal("BatonUnblocked", "no blocking pods any more"),
         };
         if let Err(error) = self.record_event(&event).await {

@@ -58,9 +58,10 @@ pub fn transition(change: &PhaseChange) -> Transition {
         (Phase::Finishing, Phase::Idle) => {
             Transition::normal("BatonReleased", "maintenance done; baton released")
         }
-        (Phase::Aborting, Phase::Idle) => {
-            Transition::warning("BatonReleased", with_error("maintenance aborted; baton released"))
-        }
+        (Phase::Aborting, Phase::Idle) => Transition::warning(
+            "BatonReleased",
+            with_error("maintenance aborted; baton released"),
+        ),
         (from, Phase::Idle) if from.holds_baton() => Transition::warning(
             "BatonLost",
             "the baton is no longer this node's; node given back",
@@ -106,11 +107,18 @@ mod tests {
         assert!(t.message.contains("token 7"));
         let t = transition(&change(Phase::Finishing, Phase::Idle, None));
         assert_eq!((t.reason.as_str(), t.warning), ("BatonReleased", false));
-        let t = transition(&change(Phase::Aborting, Phase::Idle, Some("drain timed out")));
+        let t = transition(&change(
+            Phase::Aborting,
+            Phase::Idle,
+            Some("drain timed out"),
+        ));
         assert_eq!((t.reason.as_str(), t.warning), ("BatonReleased", true));
         assert!(t.message.contains("drain timed out"));
         let t = transition(&change(Phase::Updating, Phase::Failed, Some("boom")));
-        assert_eq!((t.reason.as_str(), t.warning), ("BatonMaintenanceFailed", true));
+        assert_eq!(
+            (t.reason.as_str(), t.warning),
+            ("BatonMaintenanceFailed", true)
+        );
         let t = transition(&change(Phase::Failed, Phase::Idle, None));
         assert_eq!(t.reason, "BatonLost");
         let t = transition(&change(Phase::Preparing, Phase::Updating, None));
