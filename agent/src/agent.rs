@@ -632,7 +632,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             .error
             .clone()
             .unwrap_or_else(|| "preparing gave up".to_string());
-        if let Err(undo) = self.holding(token, self.node_ops.abort()).await? {
+        if let Err(undo) = self.holding(token, self.node_ops.abort(&error)).await? {
             // The node may still be cordoned: keep the baton (fail closed)
             // rather than let another node go down as well.
             return self
@@ -678,7 +678,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
         tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
-        if let Err(error) = self.node_ops.abort().await {
+        if let Err(error) = self
+            .node_ops
+            .abort("the baton was lost during maintenance")
+            .await
+        {
             tracing::warn!(%error, "abort failed");
         }
         self.state.fencing_token = None;

@@ -166,7 +166,7 @@ impl NodeOps for Arc<FakeNodeOps> {
         self.calls.lock().unwrap().push("finish");
         Ok(())
     }
-    async fn abort(&self) -> Result<(), NodeOpsError> {
+    async fn abort(&self, _reason: &str) -> Result<(), NodeOpsError> {
         self.calls.lock().unwrap().push("abort");
         Ok(())
     }

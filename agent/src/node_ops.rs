@@ -70,8 +70,10 @@ pub trait NodeOps {
     async fn wait_ready_after_boot(&self) -> Result<(), NodeOpsError>;
     /// Undo `prepare` (uncordon, or the post-maintenance unit).
     async fn finish(&self) -> Result<(), NodeOpsError>;
-    /// The baton was lost mid-maintenance: undo what can be undone.
-    async fn abort(&self) -> Result<(), NodeOpsError>;
+    /// The maintenance ends early (the baton was lost, or preparing gave
+    /// up): undo what can be undone. `reason` is recorded where the
+    /// implementation shows errors.
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError>;
     /// Make a phase change visible where operators look (Kubernetes:
     /// annotations, the holding label, an Event). Best effort: failures are
     /// logged by the implementation and never fail the maintenance.
@@ -149,7 +151,7 @@ impl<H: HostOs> NodeOps for StandaloneNodeOps<H> {
         self.run_unit(&self.post_unit).await
     }
 
-    async fn abort(&self) -> Result<(), NodeOpsError> {
+    async fn abort(&self, _reason: &str) -> Result<(), NodeOpsError> {
         // The post-maintenance unit is what brings the node back into
         // service, whether the maintenance finished or not.
         self.run_unit(&self.post_unit).await
@@ -188,10 +190,10 @@ impl<H: HostOs> NodeOps for AnyNodeOps<H> {
         }
     }
 
-    async fn abort(&self) -> Result<(), NodeOpsError> {
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError> {
         match self {
-            AnyNodeOps::Standalone(ops) => ops.abort().await,
-            AnyNodeOps::Kubernetes(ops) => NodeOps::abort(ops).await,
+            AnyNodeOps::Standalone(ops) => ops.abort(reason).await,
+            AnyNodeOps::Kubernetes(ops) => NodeOps::abort(ops, reason).await,
         }
     }
 

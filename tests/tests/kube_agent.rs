@@ -16,7 +16,7 @@ use anyhow::Result;
 use baton_agent::agent::{Action, Agent, Settings};
 use baton_agent::coordinator::{BearerToken, GrpcCoordinator};
 use baton_agent::host::{HostError, HostOs, Job, UnitOutcome};
-use baton_agent::kubernetes::visibility::WAITING_ANNOTATION;
+use baton_agent::kubernetes::visibility::{WAITING_ANNOTATION, phase_name};
 use baton_agent::kubernetes::{KubeNodeOps, KubernetesArgs};
 use baton_agent::phase::Phase;
 use baton_agent::state::StateFile;
@@ -31,13 +31,13 @@ use tokio_util::sync::CancellationToken;
 
 /// A host that always needs maintenance, whose updates succeed, and that
 /// counts reboot requests instead of rebooting.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct StubHost {
-    jobs: Mutex<Vec<Job>>,
-    reboots: Mutex<u32>,
+    jobs: Arc<Mutex<Vec<Job>>>,
+    reboots: Arc<Mutex<u32>>,
 }
 
-impl HostOs for Arc<StubHost> {
+impl HostOs for StubHost {
     async fn boot_id(&self) -> Result<String, HostError> {
         Ok(this_boot_id())
     }
@@ -119,7 +119,7 @@ fn settings() -> Settings {
 
 /// A running agent for node n1 and the handles to drive it.
 struct RunningAgent {
-    host: Arc<StubHost>,
+    host: StubHost,
     tick: watch::Sender<u64>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<Result<(), baton_agent::agent::AgentError>>,
@@ -127,7 +127,7 @@ struct RunningAgent {
 }
 
 async fn agent(fake: &FakeApi, coordinator: &Coordinator, args: KubernetesArgs) -> RunningAgent {
-    let host = Arc::new(StubHost::default());
+    let host = StubHost::default();
     let url = format!("http://{}", coordinator.running.grpc_addr);
     let grpc = GrpcCoordinator::new(&url, None, BearerToken::none(), "n1", false).unwrap();
     let ops = KubeNodeOps::new(fake.client().await, "n1", args);
@@ -236,6 +236,11 @@ async fn drain_blocked_by_a_budget_past_the_timeout_aborts_and_releases() -> Res
             .any(|a| a.action == "release" && a.node == "n1")
     })
     .await;
+    // The release is followed by the node showing the agent idle again.
+    eventually("the node shows the agent idle", async || {
+        annotation(&fake, "baton.dev/phase").as_deref() == Some(phase_name(Phase::Idle))
+    })
+    .await;
     let snapshot = engine.snapshot().await;
     assert!(
         snapshot.state.holders.is_empty(),
@@ -337,7 +342,7 @@ async fn a_blocking_pod_keeps_the_agent_from_asking_until_it_is_gone() -> Result
     assert_eq!(agent.host.jobs.lock().unwrap().len(), 1, "the update ran");
     assert_eq!(
         annotation(&fake, "baton.dev/phase").as_deref(),
-        Some(baton_agent::kubernetes::visibility::phase_name(Phase::Idle))
+        Some(phase_name(Phase::Idle))
     );
     agent.stop().await;
     Ok(())

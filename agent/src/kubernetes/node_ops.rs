@@ -129,8 +129,8 @@ impl NodeOps for KubeNodeOps {
         Ok(())
     }
 
-    async fn abort(&self) -> Result<(), NodeOpsError> {
-        KubeNodeOps::abort(self, "the baton was lost during maintenance").await?;
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError> {
+        KubeNodeOps::abort(self, reason).await?;
         self.set_holding(false).await?;
         Ok(())
     }
