@@ -111,9 +111,15 @@ pub struct BearerToken {
 #[derive(Debug)]
 struct TokenFile {
     path: PathBuf,
-    /// The last token read and the (mtime, len) it was read at.
-    cache: Mutex<Option<((SystemTime, u64), MetadataValue<tonic::metadata::Ascii>)>>,
+    /// The last token read and the file's (mtime, len) when it was read.
+    cache: Mutex<Option<CachedToken>>,
 }
+
+/// A header value and the file stamp it was read at.
+type CachedToken = ((SystemTime, u64), AuthHeader);
+
+/// The `authorization` header value.
+type AuthHeader = MetadataValue<tonic::metadata::Ascii>;
 
 impl BearerToken {
     /// No token: calls go out as they are (mutual TLS, or a lab).

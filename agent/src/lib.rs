@@ -151,11 +151,11 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
                 );
             }
             let client = args.kubernetes.client().await?;
-            AnyNodeOps::Kubernetes(KubeNodeOps::new(
+            AnyNodeOps::Kubernetes(Box::new(KubeNodeOps::new(
                 client,
                 &args.node,
                 args.kubernetes.clone(),
-            ))
+            )))
         }
     };
     let m = &args.maintenance;

@@ -164,8 +164,9 @@ impl<H: HostOs> NodeOps for StandaloneNodeOps<H> {
 pub enum AnyNodeOps<H> {
     /// `--mode standalone`.
     Standalone(StandaloneNodeOps<H>),
-    /// `--mode kubernetes`.
-    Kubernetes(KubeNodeOps),
+    /// `--mode kubernetes` (boxed: the client and flags are large, and the
+    /// value is made once).
+    Kubernetes(Box<KubeNodeOps>),
 }
 
 impl<H: HostOs> NodeOps for AnyNodeOps<H> {
@@ -193,7 +194,7 @@ impl<H: HostOs> NodeOps for AnyNodeOps<H> {
     async fn abort(&self, reason: &str) -> Result<(), NodeOpsError> {
         match self {
             AnyNodeOps::Standalone(ops) => ops.abort(reason).await,
-            AnyNodeOps::Kubernetes(ops) => NodeOps::abort(ops, reason).await,
+            AnyNodeOps::Kubernetes(ops) => NodeOps::abort(ops.as_ref(), reason).await,
         }
     }
 
