@@ -10,7 +10,7 @@
 
 use crate::coordinator::{Coordinator, CoordinatorError, Grant, Report};
 use crate::host::{HostOs, Job};
-use crate::node_ops::NodeOps;
+use crate::node_ops::{NodeOps, PhaseChange};
 use crate::phase::{Event, Phase, transition};
 use crate::state::{AgentState, Loaded, StateError, StateFile};
 use std::future::Future;
@@ -44,6 +44,24 @@ pub struct Settings {
     pub renew_interval: Duration,
     /// How long to wait before retrying a failed coordinator call.
     pub retry_interval: Duration,
+    /// How long to hold back after an aborted maintenance before asking
+    /// again (doubles with every abort in a row, see [`abort_backoff`]).
+    pub abort_backoff: Duration,
+}
+
+/// The longest hold-back after aborted maintenances, unless the base
+/// backoff itself is longer.
+pub const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// How long to hold back after the `aborts`-th aborted maintenance in a
+/// row: `base`, doubling each time, at most [`MAX_ABORT_BACKOFF`] (or
+/// `base` when that is longer). A drain blocked by a disruption budget is
+/// likely to be blocked again at once, so asking again at the next check
+/// would only take the node out of service and back over and over.
+pub fn abort_backoff(base: Duration, aborts: u32) -> Duration {
+    let doublings = aborts.saturating_sub(1).min(16);
+    base.saturating_mul(1 << doublings)
+        .min(MAX_ABORT_BACKOFF.max(base))
 }
 
 /// Errors that stop the agent (it exits, and systemd restarts it).
@@ -79,6 +97,14 @@ pub struct Agent<H, C, N> {
     /// update check that keeps saying yes) cannot chain maintenances back
     /// to back.
     cooldown: bool,
+    /// Aborted maintenances in a row (reset by one that finishes).
+    aborts_in_a_row: u32,
+    /// Set after an aborted maintenance: how long to hold back before
+    /// checking the need (and asking) again.
+    hold_off: Option<Duration>,
+    /// What blocked the last request for the baton (shown on the node
+    /// while non-empty).
+    blockers: Vec<String>,
 }
 
 impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
@@ -101,6 +127,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             state: AgentState::idle(),
             shutdown,
             cooldown: false,
+            aborts_in_a_row: 0,
+            hold_off: None,
+            blockers: Vec::new(),
         }
     }
 
@@ -128,6 +157,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 Phase::Rebooting => self.after_boot().await,
                 Phase::Verifying => self.verifying(token).await,
                 Phase::Finishing => self.finishing(token).await,
+                Phase::Aborting => self.aborting(token).await,
                 Phase::Failed => self.failed(token).await,
             };
             match result {
@@ -219,6 +249,8 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// Apply `event`, persist and report the new phase. An illegal transition
     /// (a bug) fails the maintenance instead of panicking.
     async fn advance(&mut self, event: Event, message: &str) -> Result<(), AgentError> {
+        let from = self.state.phase;
+        let error = self.state.error.clone();
         match transition(self.state.phase, &event) {
             Ok(next) => self.state.phase = next,
             Err(illegal) => {
@@ -237,6 +269,17 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         self.state_file.save(&self.state)?;
         tracing::info!(phase = %self.state.phase, token = ?self.state.fencing_token, message, "phase");
         self.report(message).await;
+        let to = self.state.phase;
+        let change = PhaseChange {
+            from,
+            to,
+            fencing_token: self.state.fencing_token,
+            message: message.to_string(),
+            error: error.filter(|_| {
+                matches!(to, Phase::Failed | Phase::Aborting) || from == Phase::Aborting
+            }),
+        };
+        self.node_ops.show_phase(&change).await;
         Ok(())
     }
 
@@ -303,6 +346,17 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     }
 
     async fn idle(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
+        if let Some(hold_off) = self.hold_off.take() {
+            tracing::info!(
+                hold_off = %humantime::format_duration(hold_off),
+                aborts_in_a_row = self.aborts_in_a_row,
+                "maintenance was aborted; holding back before asking again"
+            );
+            self.pause(hold_off).await;
+            if self.shutdown.is_cancelled() {
+                return Err(Interrupted::Shutdown);
+            }
+        }
         if std::mem::take(&mut self.cooldown) {
             wakes.borrow_and_update();
             tokio::select! {
@@ -312,7 +366,15 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         }
         loop {
             wakes.borrow_and_update();
-            if let Some(reason) = self.host.maintenance_needed().await {
+            let need = self.host.maintenance_needed().await;
+            let blockers = match &need {
+                Some(_) => self.blockers().await,
+                None => Vec::new(),
+            };
+            self.show_blockers(blockers).await;
+            if let Some(reason) = need
+                && self.blockers.is_empty()
+            {
                 tracing::info!(reason, "maintenance needed");
                 self.state.reason = reason;
                 self.state.phase =
@@ -324,6 +386,29 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
             }
         }
+    }
+
+    /// What keeps the node from asking for the baton now. A check that
+    /// fails counts as blocked: a blocking pod may be running.
+    async fn blockers(&self) -> Vec<String> {
+        match self.node_ops.blockers().await {
+            Ok(blockers) => blockers,
+            Err(error) => vec![format!("cannot check for blocking pods: {error}")],
+        }
+    }
+
+    /// Log and show the blockers when they changed since the last check.
+    async fn show_blockers(&mut self, blockers: Vec<String>) {
+        if blockers == self.blockers {
+            return;
+        }
+        if blockers.is_empty() {
+            tracing::info!("nothing blocks the request for the baton any more");
+        } else {
+            tracing::warn!(blockers = ?blockers, "maintenance held back: not asking for the baton while these run");
+        }
+        self.node_ops.show_waiting(&blockers).await;
+        self.blockers = blockers;
     }
 
     async fn waiting(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
@@ -380,6 +465,13 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 .advance(Event::Prepared, "node prepared")
                 .await
                 .map_err(fatal),
+            Err(error) if error.aborts_maintenance() => {
+                tracing::warn!(%error, "preparing gave up and left the node in service; aborting the maintenance");
+                self.state.error = Some(format!("prepare: {error}"));
+                self.advance(Event::PrepareAborted, "maintenance aborted")
+                    .await
+                    .map_err(fatal)
+            }
             Err(error) => self.fail(format!("prepare: {error}"), "").await,
         }
     }
@@ -520,16 +612,51 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         if let Err(error) = self.holding(token, self.node_ops.finish()).await? {
             return self.fail(format!("finish: {error}"), "").await;
         }
+        self.release_with_retry(token, "maintenance complete")
+            .await?;
+        tracing::info!(token, "baton released");
+        self.cooldown = true;
+        self.aborts_in_a_row = 0;
+        self.advance(Event::Released, "released")
+            .await
+            .map_err(fatal)
+    }
+
+    /// Aborting: give the node back (again: idempotent, a restarted agent
+    /// comes here too), release the baton with the reason, and hold back
+    /// before asking again. Guarantee: reached only from Preparing, so
+    /// nothing was updated and no reboot was asked for.
+    async fn aborting(&mut self, token: u64) -> Result<(), Interrupted> {
+        let error = self
+            .state
+            .error
+            .clone()
+            .unwrap_or_else(|| "preparing gave up".to_string());
+        if let Err(undo) = self.holding(token, self.node_ops.abort(&error)).await? {
+            // The node may still be cordoned: keep the baton (fail closed)
+            // rather than let another node go down as well.
+            return self
+                .fail(format!("{error}; giving the node back failed: {undo}"), "")
+                .await;
+        }
+        let reason = format!("maintenance aborted: {error}");
+        self.release_with_retry(token, &reason).await?;
+        self.aborts_in_a_row = self.aborts_in_a_row.saturating_add(1);
+        let hold_off = abort_backoff(self.settings.abort_backoff, self.aborts_in_a_row);
+        self.hold_off = Some(hold_off);
+        tracing::warn!(token, reason, hold_off = %humantime::format_duration(hold_off), "baton released after an aborted maintenance");
+        self.advance(Event::Released, &reason).await.map_err(fatal)
+    }
+
+    /// Release, retrying until the coordinator answers. A refused token
+    /// means the baton is not ours any more, which is what we wanted.
+    async fn release_with_retry(&self, token: u64, reason: &str) -> Result<(), Interrupted> {
         loop {
-            match self
-                .coordinator
-                .release(token, "maintenance complete")
-                .await
-            {
-                Ok(()) => break,
+            match self.coordinator.release(token, reason).await {
+                Ok(()) => return Ok(()),
                 Err(CoordinatorError::Fenced(why)) => {
                     tracing::warn!(why, "release refused: the baton was no longer ours");
-                    break;
+                    return Ok(());
                 }
                 Err(error) => {
                     tracing::warn!(%error, "release failed; retrying");
@@ -540,11 +667,6 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 }
             }
         }
-        tracing::info!(token, "baton released");
-        self.cooldown = true;
-        self.advance(Event::Released, "released")
-            .await
-            .map_err(fatal)
     }
 
     /// Failed: keep the baton (renewing it) until an operator force-releases
@@ -556,7 +678,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
         tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
-        if let Err(error) = self.node_ops.abort().await {
+        if let Err(error) = self
+            .node_ops
+            .abort("the baton was lost during maintenance")
+            .await
+        {
             tracing::warn!(%error, "abort failed");
         }
         self.state.fencing_token = None;
@@ -574,7 +700,7 @@ fn fatal(error: AgentError) -> Interrupted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fakes::{FakeCoordinator, FakeHost, FakeNodeOps};
+    use crate::fakes::{FakeCoordinator, FakeHost, FakeNodeOps, PrepareOutcome};
     use std::sync::Arc;
 
     struct World {
@@ -605,6 +731,7 @@ mod tests {
             reboot_timeout: Duration::from_secs(600),
             renew_interval: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
+            abort_backoff: Duration::from_secs(300),
         }
     }
 
@@ -767,5 +894,116 @@ mod tests {
                 | Phase::Failed
         ));
         assert!(w.node_ops.calls.lock().unwrap().contains(&"abort"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_timeout_aborts_releases_with_the_reason_and_holds_back() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("/run/reboot-required exists".into());
+        *w.host.reboot_required.lock().unwrap() = true;
+        *w.node_ops.prepare.lock().unwrap() = PrepareOutcome::DrainTimeout;
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || !c.releases.lock().unwrap().is_empty()).await;
+        assert_eq!(state.phase, Phase::Idle);
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+        assert!(w.host.jobs.lock().unwrap().is_empty(), "no update ran");
+        assert_eq!(*w.coordinator.releases.lock().unwrap(), vec![1]);
+        let reasons = w.coordinator.release_reasons.lock().unwrap().clone();
+        assert!(reasons[0].contains("drain timed out"), "{reasons:?}");
+        // The error was reported while aborting.
+        let reports = w.coordinator.reports.lock().unwrap().clone();
+        let (_, aborting) = reports
+            .iter()
+            .find(|(_, r)| r.phase == Phase::Aborting)
+            .expect("an Aborting report");
+        assert!(aborting.error.contains("drain timed out"));
+        assert_eq!(*w.node_ops.calls.lock().unwrap(), vec!["prepare", "abort"]);
+        // Every phase change was shown on the node, the release with the error.
+        let shown = w.node_ops.shown.lock().unwrap().clone();
+        let last = shown.last().unwrap();
+        assert_eq!((last.from, last.to), (Phase::Aborting, Phase::Idle));
+        assert!(last.error.as_deref().unwrap().contains("drain timed out"));
+        assert!(shown.iter().any(|c| c.to == Phase::Granted));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_abort_the_agent_holds_back_before_asking_again() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        *w.node_ops.prepare.lock().unwrap() = PrepareOutcome::DrainTimeout;
+        let c = w.coordinator.clone();
+        let started = tokio::time::Instant::now();
+        run_until(&w, move || c.releases.lock().unwrap().len() >= 2).await;
+        // The second request came only after the backoff (paused clock:
+        // this measures virtual time, not the machine's speed).
+        assert!(started.elapsed() >= settings().abort_backoff);
+        assert_eq!(*w.coordinator.acquires.lock().unwrap(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_prepare_errors_still_fail_closed() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        *w.node_ops.prepare.lock().unwrap() = PrepareOutcome::Error;
+        let c = w.coordinator.clone();
+        let state = run_until(&w, move || c.phases().contains(&Phase::Failed)).await;
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(w.coordinator.releases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blockers_keep_the_agent_from_asking_until_they_are_gone() {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("updates available".into());
+        *w.node_ops.blockers.lock().unwrap() = vec!["ci/job-1 (matches app=ci)".into()];
+        let shutdown = CancellationToken::new();
+        let mut agent = Agent::new(
+            w.host.clone(),
+            w.coordinator.clone(),
+            w.node_ops.clone(),
+            StateFile::new(w.dir.path()),
+            settings(),
+            shutdown.clone(),
+        );
+        let (tick, wakes) = watch::channel(0);
+        let driver = async {
+            // Several periodic ticks while blocked: no request.
+            for n in 1..=3 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                tick.send(n).unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(*w.coordinator.acquires.lock().unwrap(), 0);
+            assert_eq!(
+                *w.node_ops.waiting_shown.lock().unwrap(),
+                vec![vec!["ci/job-1 (matches app=ci)".to_string()]],
+                "shown once, not on every tick"
+            );
+            // The pod is gone: the next tick asks.
+            w.node_ops.blockers.lock().unwrap().clear();
+            tick.send(4).unwrap();
+            while w.coordinator.releases.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(agent.run(wakes), driver);
+        result.unwrap();
+        assert_eq!(*w.coordinator.acquires.lock().unwrap(), 1);
+        assert_eq!(
+            w.node_ops.waiting_shown.lock().unwrap().last().unwrap(),
+            &Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn abort_backoff_doubles_up_to_the_cap() {
+        let base = Duration::from_secs(300);
+        assert_eq!(abort_backoff(base, 1), base);
+        assert_eq!(abort_backoff(base, 2), base * 2);
+        assert_eq!(abort_backoff(base, 3), base * 4);
+        assert_eq!(abort_backoff(base, 50), MAX_ABORT_BACKOFF);
+        let long = Duration::from_secs(7200);
+        assert_eq!(abort_backoff(long, 5), long);
     }
 }

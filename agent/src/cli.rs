@@ -1,6 +1,7 @@
 //! Command line and environment: every flag also reads a `BATON_*`
 //! variable, so a systemd `EnvironmentFile=` serves as the config file.
 
+use crate::kubernetes::KubernetesArgs;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +27,9 @@ pub enum Command {
 pub enum Mode {
     /// No Kubernetes: pre- and post-maintenance systemd units.
     Standalone,
+    /// A Kubernetes node: cordon and drain before, Ready and uncordon after,
+    /// annotations and Events on the Node, blocking pods respected.
+    Kubernetes,
 }
 
 /// Log output format.
@@ -70,6 +74,9 @@ pub struct RunArgs {
     /// Timeouts and intervals.
     #[command(flatten)]
     pub timing: TimingArgs,
+    /// `--mode kubernetes` (ignored in standalone mode).
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
 }
 
 /// The coordinator connection.
@@ -78,18 +85,92 @@ pub struct CoordinatorArgs {
     /// The coordinator's URL (http://... with --insecure, https://... with TLS).
     #[arg(long = "coordinator", env = "BATON_COORDINATOR")]
     pub url: String,
-    /// Talk plain text without authentication (local labs only).
+    /// Talk plain text (local labs only): without authentication, or with
+    /// --token-file.
     #[arg(long, env = "BATON_INSECURE", conflicts_with_all = ["ca", "cert", "key"])]
     pub insecure: bool,
     /// CA certificate (PEM) that signed the coordinator's certificate.
-    #[arg(long, env = "BATON_CA", requires_all = ["cert", "key"])]
+    #[arg(long, env = "BATON_CA")]
     pub ca: Option<PathBuf>,
-    /// This agent's client certificate (PEM).
-    #[arg(long, env = "BATON_CERT")]
+    /// This agent's client certificate (PEM), for mutual TLS.
+    #[arg(long, env = "BATON_CERT", requires_all = ["ca", "key"])]
     pub cert: Option<PathBuf>,
-    /// This agent's private key (PEM).
-    #[arg(long, env = "BATON_KEY")]
+    /// This agent's private key (PEM), for mutual TLS.
+    #[arg(long, env = "BATON_KEY", requires_all = ["ca", "cert"])]
     pub key: Option<PathBuf>,
+    /// A file holding a bearer token sent on every call (a projected
+    /// ServiceAccount token with audience `baton`); re-read when it changes.
+    /// With --ca (server TLS) or --insecure; not with a client certificate.
+    #[arg(long, env = "BATON_TOKEN_FILE", conflicts_with_all = ["cert", "key"])]
+    pub token_file: Option<PathBuf>,
+}
+
+/// How the agent talks to the coordinator, from [`CoordinatorArgs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// Plain text; a bearer token if given (labs only).
+    Insecure {
+        /// The token file, if any.
+        token_file: Option<PathBuf>,
+    },
+    /// Mutual TLS (standalone hosts).
+    MutualTls {
+        /// The coordinator's CA.
+        ca: PathBuf,
+        /// The agent's certificate.
+        cert: PathBuf,
+        /// The agent's key.
+        key: PathBuf,
+    },
+    /// Server TLS and a bearer token (in a cluster).
+    Token {
+        /// The coordinator's CA.
+        ca: PathBuf,
+        /// The token file.
+        token_file: PathBuf,
+    },
+}
+
+impl CoordinatorArgs {
+    /// The one authentication these flags describe, or a sentence saying
+    /// which flags are missing or do not go together.
+    pub fn auth(&self) -> Result<Auth, String> {
+        match (
+            self.insecure,
+            &self.ca,
+            &self.cert,
+            &self.key,
+            &self.token_file,
+        ) {
+            (true, None, None, None, token_file) => Ok(Auth::Insecure {
+                token_file: token_file.clone(),
+            }),
+            (true, ..) => Err("--insecure does not go with --ca, --cert or --key".into()),
+            (false, Some(ca), Some(cert), Some(key), None) => Ok(Auth::MutualTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (false, Some(ca), None, None, Some(token_file)) => Ok(Auth::Token {
+                ca: ca.clone(),
+                token_file: token_file.clone(),
+            }),
+            (false, _, Some(_), _, Some(_)) | (false, _, _, Some(_), Some(_)) => Err(
+                "--token-file goes with --ca only (server TLS), not with a client certificate"
+                    .into(),
+            ),
+            (false, None, _, _, Some(_)) => {
+                Err("--token-file needs --ca (the coordinator's CA), or --insecure in a lab".into())
+            }
+            (false, Some(_), None, None, None) => Err(
+                "--ca needs either --token-file, or --cert and --key for mutual TLS".into(),
+            ),
+            _ => Err(
+                "authenticate with --ca and --token-file, with --ca, --cert and --key, or use --insecure"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// When maintenance is needed.
@@ -165,6 +246,11 @@ pub struct TimingArgs {
     /// How long to wait before retrying a failed coordinator call.
     #[arg(long, env = "BATON_RETRY_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub retry_interval: Duration,
+    /// How long to hold back after an aborted maintenance (a drain that
+    /// timed out) before asking again; doubles with each abort in a row, up
+    /// to an hour.
+    #[arg(long, env = "BATON_ABORT_BACKOFF", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub abort_backoff: Duration,
     /// How long a sentinel or update-check command may run.
     #[arg(long, env = "BATON_CHECK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
     pub check_timeout: Duration,
@@ -201,5 +287,78 @@ mod tests {
             ]
         );
         assert_eq!(args.mode, Mode::Standalone);
+    }
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec![
+            "baton-agent",
+            "run",
+            "--node",
+            "n1",
+            "--coordinator",
+            "https://c:7443",
+        ];
+        argv.extend_from_slice(extra);
+        let Command::Run(args) = Cli::try_parse_from(argv)?.command;
+        Ok(args)
+    }
+
+    /// The exact arguments of manifests/agent-daemonset.yaml.
+    #[test]
+    fn the_daemonset_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "baton-agent",
+            "run",
+            "--mode=kubernetes",
+            "--coordinator=https://baton-coordinator.baton-system.svc:7443",
+            "--ca=/etc/baton/coordinator-ca/ca.crt",
+            "--token-file=/var/run/secrets/baton/token",
+            "--state-dir=/var/lib/baton",
+            "--reboot-sentinel=/host/run/reboot-required",
+            "--drain-timeout=10m",
+            "--node=n1",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.mode, Mode::Kubernetes);
+        assert_eq!(args.kubernetes.drain_timeout, Duration::from_secs(600));
+        assert_eq!(
+            args.coordinator.auth(),
+            Ok(Auth::Token {
+                ca: "/etc/baton/coordinator-ca/ca.crt".into(),
+                token_file: "/var/run/secrets/baton/token".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn authentication_combinations() {
+        let auth = |extra: &[&str]| run_args(extra).map(|a| a.coordinator.auth());
+        assert!(matches!(
+            auth(&["--ca=ca", "--cert=c", "--key=k"]),
+            Ok(Ok(Auth::MutualTls { .. }))
+        ));
+        assert!(matches!(
+            auth(&["--insecure", "--token-file=t"]),
+            Ok(Ok(Auth::Insecure {
+                token_file: Some(_)
+            }))
+        ));
+        assert!(matches!(
+            auth(&["--insecure"]),
+            Ok(Ok(Auth::Insecure { token_file: None }))
+        ));
+        // Rejected by clap: a client certificate and a token together, a
+        // certificate without its key, plain text with TLS files.
+        assert!(auth(&["--ca=ca", "--cert=c", "--key=k", "--token-file=t"]).is_err());
+        assert!(auth(&["--ca=ca", "--cert=c"]).is_err());
+        assert!(auth(&["--insecure", "--ca=ca"]).is_err());
+        // Rejected with a sentence: a token without a CA, a CA alone,
+        // nothing at all.
+        let err = auth(&["--token-file=t"]).unwrap().unwrap_err();
+        assert!(err.contains("--token-file needs --ca"), "{err}");
+        let err = auth(&["--ca=ca"]).unwrap().unwrap_err();
+        assert!(err.contains("--token-file"), "{err}");
+        assert!(auth(&[]).unwrap().is_err());
     }
 }

@@ -4,13 +4,23 @@
 //! status codes become [`CoordinatorError`] variants: FAILED_PRECONDITION
 //! means the fencing token is stale ([`CoordinatorError::Fenced`]), everything
 //! else is worth retrying.
+//!
+//! Authentication is mutual TLS ([`Tls`] with a client identity) or a
+//! bearer token read from a file ([`BearerToken`], a tonic interceptor that
+//! re-reads the file when it changes, since projected ServiceAccount tokens
+//! rotate) over server-authenticated TLS or, in labs, plain text.
 
 use crate::phase::Phase;
 use baton_proto::v1::{
     AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest, acquire_event,
     coordinator_client::CoordinatorClient,
 };
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tonic::codegen::InterceptedService;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Errors of coordinator calls.
@@ -77,15 +87,113 @@ pub trait Coordinator {
     async fn release(&self, fencing_token: u64, reason: &str) -> Result<(), CoordinatorError>;
 }
 
-/// TLS material for mutual TLS (PEM file contents).
+/// TLS material (PEM file contents): the coordinator's CA, and the agent's
+/// own certificate and key for mutual TLS.
 #[derive(Debug, Clone)]
 pub struct Tls {
     /// The CA that signed the coordinator's certificate.
     pub ca: Vec<u8>,
-    /// The agent's certificate.
-    pub cert: Vec<u8>,
-    /// The agent's key.
-    pub key: Vec<u8>,
+    /// The agent's certificate and key (None: server TLS only, the agent
+    /// authenticates with a bearer token).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call, the token read from
+/// a file. The file is re-read whenever its modification time or length
+/// changes (kubelet rewrites a projected token well before it expires), so
+/// a rotated token is used from the next call on. Without a file the
+/// interceptor passes calls through unchanged.
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken {
+    file: Option<Arc<TokenFile>>,
+}
+
+#[derive(Debug)]
+struct TokenFile {
+    path: PathBuf,
+    /// The last token read and the file's (mtime, len) when it was read.
+    cache: Mutex<Option<CachedToken>>,
+}
+
+/// A header value and the file stamp it was read at.
+type CachedToken = ((SystemTime, u64), AuthHeader);
+
+/// The `authorization` header value.
+type AuthHeader = MetadataValue<tonic::metadata::Ascii>;
+
+impl BearerToken {
+    /// No token: calls go out as they are (mutual TLS, or a lab).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The token in `path`, read on first use and again when it changes.
+    pub fn from_file(path: impl Into<PathBuf>) -> Self {
+        BearerToken {
+            file: Some(Arc::new(TokenFile {
+                path: path.into(),
+                cache: Mutex::new(None),
+            })),
+        }
+    }
+
+    /// The header value to send now (None without a file). A missing,
+    /// empty or unreadable file is an UNAVAILABLE status: the call fails
+    /// and is retried like any other, by which time kubelet may have
+    /// written the token.
+    pub fn header(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, tonic::Status> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        file.header().map(Some)
+    }
+}
+
+impl TokenFile {
+    fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, tonic::Status> {
+        let unavailable = |what: &str| {
+            tonic::Status::unavailable(format!("token file {}: {what}", self.path.display()))
+        };
+        let meta = std::fs::metadata(&self.path).map_err(|e| unavailable(&e.to_string()))?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, value)) = cache.as_ref()
+            && *seen == stamp
+        {
+            return Ok(value.clone());
+        }
+        let token = read_token(&self.path).map_err(|e| unavailable(&e))?;
+        let value: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| unavailable("the token is not a valid header value"))?;
+        tracing::debug!(path = %self.path.display(), "bearer token (re)read");
+        *cache = Some((stamp, value.clone()));
+        Ok(value)
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(token.to_string())
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = self.header()? {
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
 }
 
 /// The gRPC client.
@@ -93,15 +201,16 @@ pub struct Tls {
 pub struct GrpcCoordinator {
     node: String,
     control_plane: bool,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
 impl GrpcCoordinator {
     /// A lazily connecting client for `node` (connections are made, and
-    /// remade, on use).
+    /// remade, on use) that sends `token` (if any) on every call.
     pub fn new(
         url: &str,
         tls: Option<Tls>,
+        token: BearerToken,
         node: &str,
         control_plane: bool,
     ) -> Result<Self, CoordinatorError> {
@@ -111,9 +220,10 @@ impl GrpcCoordinator {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if let Some(tls) = tls {
-            let config = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(tls.ca))
-                .identity(Identity::from_pem(tls.cert, tls.key));
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca));
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|e| CoordinatorError::Config(e.to_string()))?;
@@ -121,7 +231,7 @@ impl GrpcCoordinator {
         Ok(GrpcCoordinator {
             node: node.to_string(),
             control_plane,
-            client: CoordinatorClient::new(endpoint.connect_lazy()),
+            client: CoordinatorClient::with_interceptor(endpoint.connect_lazy(), token),
         })
     }
 }
@@ -212,5 +322,64 @@ impl Coordinator for GrpcCoordinator {
             .await
             .map_err(call_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_of(token: &mut BearerToken) -> Result<Option<String>, tonic::Status> {
+        let request = token.call(tonic::Request::new(()))?;
+        Ok(request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string()))
+    }
+
+    #[test]
+    fn without_a_file_calls_pass_unchanged() {
+        assert_eq!(auth_of(&mut BearerToken::none()).unwrap(), None);
+    }
+
+    #[test]
+    fn sends_the_token_and_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let mut token = BearerToken::from_file(&path);
+        assert_eq!(
+            auth_of(&mut token).unwrap().as_deref(),
+            Some("Bearer first-token")
+        );
+        // Kubelet rotates the projected token: a new file (longer here, so
+        // the change shows even where mtimes are coarse).
+        let rotated = dir.path().join("token.new");
+        std::fs::write(&rotated, "second-token-longer").unwrap();
+        std::fs::rename(&rotated, &path).unwrap();
+        assert_eq!(
+            auth_of(&mut token).unwrap().as_deref(),
+            Some("Bearer second-token-longer")
+        );
+    }
+
+    #[test]
+    fn a_missing_or_empty_token_fails_the_call_as_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let mut token = BearerToken::from_file(&path);
+        let status = auth_of(&mut token).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("token"));
+        std::fs::write(&path, "  \n").unwrap();
+        assert_eq!(
+            auth_of(&mut token).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        // Retryable, not a fencing refusal.
+        assert!(matches!(
+            CoordinatorError::from(status),
+            CoordinatorError::Call(_)
+        ));
     }
 }

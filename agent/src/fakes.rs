@@ -3,7 +3,8 @@
 
 use crate::coordinator::{Coordinator, CoordinatorError, Grant, Report};
 use crate::host::{HostError, HostOs, Job, UnitOutcome};
-use crate::node_ops::{NodeOps, NodeOpsError};
+use crate::kubernetes::KubeError;
+use crate::node_ops::{NodeOps, NodeOpsError, PhaseChange};
 use crate::phase::Phase;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +66,7 @@ pub struct FakeCoordinator {
     pub renews: Mutex<u32>,
     pub reports: Mutex<Vec<(u64, Report)>>,
     pub releases: Mutex<Vec<u64>>,
+    pub release_reasons: Mutex<Vec<String>>,
 }
 
 impl FakeCoordinator {
@@ -111,23 +113,50 @@ impl Coordinator for Arc<FakeCoordinator> {
         self.reports.lock().unwrap().push((token, report.clone()));
         Ok(())
     }
-    async fn release(&self, token: u64, _reason: &str) -> Result<(), CoordinatorError> {
+    async fn release(&self, token: u64, reason: &str) -> Result<(), CoordinatorError> {
         self.releases.lock().unwrap().push(token);
+        self.release_reasons
+            .lock()
+            .unwrap()
+            .push(reason.to_string());
         *self.held.lock().unwrap() = None;
         Ok(())
     }
+}
+
+/// How the fake's `prepare` ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum PrepareOutcome {
+    #[default]
+    Ok,
+    /// A drain timeout (the node was given back).
+    DrainTimeout,
+    /// Any other error.
+    Error,
 }
 
 /// Node operations that record what they were asked.
 #[derive(Debug, Default)]
 pub struct FakeNodeOps {
     pub calls: Mutex<Vec<&'static str>>,
+    pub prepare: Mutex<PrepareOutcome>,
+    pub shown: Mutex<Vec<PhaseChange>>,
+    pub blockers: Mutex<Vec<String>>,
+    pub waiting_shown: Mutex<Vec<Vec<String>>>,
 }
 
 impl NodeOps for Arc<FakeNodeOps> {
     async fn prepare(&self) -> Result<(), NodeOpsError> {
         self.calls.lock().unwrap().push("prepare");
-        Ok(())
+        match *self.prepare.lock().unwrap() {
+            PrepareOutcome::Ok => Ok(()),
+            PrepareOutcome::DrainTimeout => Err(KubeError::DrainTimeout {
+                timeout: Duration::from_secs(60),
+                pending: vec!["apps/web-1 (disruption budget)".into()],
+            }
+            .into()),
+            PrepareOutcome::Error => Err(KubeError::NodeMissing("n1".into()).into()),
+        }
     }
     async fn wait_ready_after_boot(&self) -> Result<(), NodeOpsError> {
         self.calls.lock().unwrap().push("ready");
@@ -137,8 +166,17 @@ impl NodeOps for Arc<FakeNodeOps> {
         self.calls.lock().unwrap().push("finish");
         Ok(())
     }
-    async fn abort(&self) -> Result<(), NodeOpsError> {
+    async fn abort(&self, _reason: &str) -> Result<(), NodeOpsError> {
         self.calls.lock().unwrap().push("abort");
         Ok(())
+    }
+    async fn show_phase(&self, change: &PhaseChange) {
+        self.shown.lock().unwrap().push(change.clone());
+    }
+    async fn blockers(&self) -> Result<Vec<String>, NodeOpsError> {
+        Ok(self.blockers.lock().unwrap().clone())
+    }
+    async fn show_waiting(&self, blockers: &[String]) {
+        self.waiting_shown.lock().unwrap().push(blockers.to_vec());
     }
 }

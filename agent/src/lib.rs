@@ -34,10 +34,11 @@ pub mod systemd;
 mod fakes;
 
 use agent::{Action, Agent, AgentError, Settings};
-use cli::{Command, LogFormat, RunArgs};
-use coordinator::{CoordinatorError, GrpcCoordinator, Tls};
+use cli::{Auth, Command, LogFormat, Mode, RunArgs};
+use coordinator::{BearerToken, CoordinatorError, GrpcCoordinator, Tls};
 use host::HostError;
-use node_ops::StandaloneNodeOps;
+use kubernetes::{KubeError, KubeNodeOps};
+use node_ops::{AnyNodeOps, StandaloneNodeOps};
 use sentinel::Sentinels;
 use state::StateFile;
 use systemd::SystemdHost;
@@ -55,6 +56,9 @@ pub enum RunError {
     /// The agent stopped on an error.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The Kubernetes client could not be set up (`--mode kubernetes`).
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
     /// A TLS file could not be read, or signals could not be installed.
     #[error("{what}: {source}")]
     Io {
@@ -93,26 +97,37 @@ fn init_logging(format: LogFormat) {
 
 async fn run_agent(args: RunArgs) -> Result<(), RunError> {
     init_logging(args.log_format);
-    let tls = match (
-        &args.coordinator.ca,
-        &args.coordinator.cert,
-        &args.coordinator.key,
-    ) {
-        (Some(ca), Some(cert), Some(key)) => Some(Tls {
-            ca: read(ca)?,
-            cert: read(cert)?,
-            key: read(key)?,
-        }),
-        _ if args.coordinator.insecure => None,
-        _ => {
-            return Err(CoordinatorError::Config(
-                "either --insecure or all of --ca, --cert and --key are required".into(),
-            )
-            .into());
-        }
+    let auth = args.coordinator.auth().map_err(CoordinatorError::Config)?;
+    let (tls, token) = match &auth {
+        Auth::Insecure { token_file } => (
+            None,
+            token_file
+                .as_ref()
+                .map(BearerToken::from_file)
+                .unwrap_or_default(),
+        ),
+        Auth::MutualTls { ca, cert, key } => (
+            Some(Tls {
+                ca: read(ca)?,
+                identity: Some((read(cert)?, read(key)?)),
+            }),
+            BearerToken::none(),
+        ),
+        Auth::Token { ca, token_file } => (
+            Some(Tls {
+                ca: read(ca)?,
+                identity: None,
+            }),
+            BearerToken::from_file(token_file),
+        ),
     };
-    let coordinator =
-        GrpcCoordinator::new(&args.coordinator.url, tls, &args.node, args.control_plane)?;
+    let coordinator = GrpcCoordinator::new(
+        &args.coordinator.url,
+        tls,
+        token,
+        &args.node,
+        args.control_plane,
+    )?;
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),
@@ -120,12 +135,29 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         command_timeout: args.timing.check_timeout,
     };
     let host = SystemdHost::connect(args.dbus_address.as_deref(), sentinels).await?;
-    let node_ops = StandaloneNodeOps::new(
-        host.clone(),
-        args.maintenance.pre_maintenance_unit.clone(),
-        args.maintenance.post_maintenance_unit.clone(),
-        args.timing.node_ops_timeout,
-    );
+    let node_ops = match args.mode {
+        Mode::Standalone => AnyNodeOps::Standalone(StandaloneNodeOps::new(
+            host.clone(),
+            args.maintenance.pre_maintenance_unit.clone(),
+            args.maintenance.post_maintenance_unit.clone(),
+            args.timing.node_ops_timeout,
+        )),
+        Mode::Kubernetes => {
+            if args.maintenance.pre_maintenance_unit.is_some()
+                || args.maintenance.post_maintenance_unit.is_some()
+            {
+                tracing::warn!(
+                    "--pre/--post-maintenance-unit are for standalone mode; ignored with --mode kubernetes"
+                );
+            }
+            let client = args.kubernetes.client().await?;
+            AnyNodeOps::Kubernetes(Box::new(KubeNodeOps::new(
+                client,
+                &args.node,
+                args.kubernetes.clone(),
+            )))
+        }
+    };
     let m = &args.maintenance;
     let settings = Settings {
         update: match (&m.update_unit, &m.update_command) {
@@ -143,10 +175,11 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         reboot_timeout: args.timing.reboot_timeout,
         renew_interval: args.timing.renew_interval,
         retry_interval: args.timing.retry_interval,
+        abort_backoff: args.timing.abort_backoff,
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(node = %args.node, coordinator = %args.coordinator.url, state_dir = %args.state_dir.display(), "baton-agent starting");
+    tracing::info!(node = %args.node, mode = ?args.mode, coordinator = %args.coordinator.url, state_dir = %args.state_dir.display(), "baton-agent starting");
     let wakes = sentinel::watch(
         &args.sentinels.reboot_sentinels,
         args.sentinels.check_interval,

@@ -1,12 +1,15 @@
 //! The `NodeOps` boundary: what happens to the node around the update.
 //!
-//! In Kubernetes mode this is cordon, drain, readiness and uncordon (a later
-//! issue plugs that implementation in here). Standalone mode
+//! In Kubernetes mode this is cordon, drain, readiness and uncordon
+//! ([`crate::kubernetes::KubeNodeOps`]); [`AnyNodeOps`] picks one of the two
+//! at startup. Standalone mode
 //! ([`StandaloneNodeOps`]) runs the configured pre- and post-maintenance
 //! units instead. Every operation must be idempotent: a restarted agent
 //! repeats the operation of the phase it was in.
 
 use crate::host::{HostError, HostOs, Job};
+use crate::kubernetes::{KubeError, KubeNodeOps};
+use crate::phase::Phase;
 use std::time::Duration;
 
 /// Errors of node operations.
@@ -25,7 +28,35 @@ pub enum NodeOpsError {
     },
     /// A Kubernetes node operation failed (`--mode kubernetes`).
     #[error(transparent)]
-    Kubernetes(#[from] crate::kubernetes::KubeError),
+    Kubernetes(#[from] KubeError),
+}
+
+impl NodeOpsError {
+    /// True when preparing gave up *and left the node in service* (a drain
+    /// that timed out or was refused; the node was uncordoned unless it was
+    /// cordoned before): the maintenance is aborted and the baton released
+    /// instead of failing closed. See [`crate::phase::Event::PrepareAborted`].
+    pub fn aborts_maintenance(&self) -> bool {
+        matches!(
+            self,
+            NodeOpsError::Kubernetes(KubeError::DrainTimeout { .. } | KubeError::DrainRefused(_))
+        )
+    }
+}
+
+/// A phase change of the agent, as shown on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseChange {
+    /// The phase before.
+    pub from: Phase,
+    /// The phase now.
+    pub to: Phase,
+    /// The fencing token held (None once the baton is given up).
+    pub fencing_token: Option<u64>,
+    /// What happened, as reported to the coordinator.
+    pub message: String,
+    /// The error, when the change is a failure or an abort.
+    pub error: Option<String>,
 }
 
 /// Operations on the node around its maintenance.
@@ -39,8 +70,27 @@ pub trait NodeOps {
     async fn wait_ready_after_boot(&self) -> Result<(), NodeOpsError>;
     /// Undo `prepare` (uncordon, or the post-maintenance unit).
     async fn finish(&self) -> Result<(), NodeOpsError>;
-    /// The baton was lost mid-maintenance: undo what can be undone.
-    async fn abort(&self) -> Result<(), NodeOpsError>;
+    /// The maintenance ends early (the baton was lost, or preparing gave
+    /// up): undo what can be undone. `reason` is recorded where the
+    /// implementation shows errors.
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError>;
+    /// Make a phase change visible where operators look (Kubernetes:
+    /// annotations, the holding label, an Event). Best effort: failures are
+    /// logged by the implementation and never fail the maintenance.
+    async fn show_phase(&self, change: &PhaseChange) {
+        let _ = change;
+    }
+    /// Reasons not to ask for the baton right now (Kubernetes: pods matching
+    /// `--blocking-pod-selector` running on the node). Empty: nothing
+    /// blocks. An error counts as blocked (fail closed).
+    async fn blockers(&self) -> Result<Vec<String>, NodeOpsError> {
+        Ok(Vec::new())
+    }
+    /// Show that the agent holds back its request because of `blockers`
+    /// (empty: it no longer does). Best effort, like [`NodeOps::show_phase`].
+    async fn show_waiting(&self, blockers: &[String]) {
+        let _ = blockers;
+    }
 }
 
 /// Standalone mode: pre- and post-maintenance systemd units.
@@ -101,9 +151,71 @@ impl<H: HostOs> NodeOps for StandaloneNodeOps<H> {
         self.run_unit(&self.post_unit).await
     }
 
-    async fn abort(&self) -> Result<(), NodeOpsError> {
+    async fn abort(&self, _reason: &str) -> Result<(), NodeOpsError> {
         // The post-maintenance unit is what brings the node back into
         // service, whether the maintenance finished or not.
         self.run_unit(&self.post_unit).await
+    }
+}
+
+/// The node operations chosen by `--mode` (enum dispatch keeps the agent
+/// generic code monomorphic over one type).
+#[derive(Clone)]
+pub enum AnyNodeOps<H> {
+    /// `--mode standalone`.
+    Standalone(StandaloneNodeOps<H>),
+    /// `--mode kubernetes` (boxed: the client and flags are large, and the
+    /// value is made once).
+    Kubernetes(Box<KubeNodeOps>),
+}
+
+impl<H: HostOs> NodeOps for AnyNodeOps<H> {
+    async fn prepare(&self) -> Result<(), NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.prepare().await,
+            AnyNodeOps::Kubernetes(ops) => ops.prepare().await,
+        }
+    }
+
+    async fn wait_ready_after_boot(&self) -> Result<(), NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.wait_ready_after_boot().await,
+            AnyNodeOps::Kubernetes(ops) => ops.wait_ready_after_boot().await,
+        }
+    }
+
+    async fn finish(&self) -> Result<(), NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.finish().await,
+            AnyNodeOps::Kubernetes(ops) => ops.finish().await,
+        }
+    }
+
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.abort(reason).await,
+            AnyNodeOps::Kubernetes(ops) => NodeOps::abort(ops.as_ref(), reason).await,
+        }
+    }
+
+    async fn show_phase(&self, change: &PhaseChange) {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.show_phase(change).await,
+            AnyNodeOps::Kubernetes(ops) => ops.show_phase(change).await,
+        }
+    }
+
+    async fn blockers(&self) -> Result<Vec<String>, NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.blockers().await,
+            AnyNodeOps::Kubernetes(ops) => ops.blockers().await,
+        }
+    }
+
+    async fn show_waiting(&self, blockers: &[String]) {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.show_waiting(blockers).await,
+            AnyNodeOps::Kubernetes(ops) => ops.show_waiting(blockers).await,
+        }
     }
 }

@@ -22,8 +22,16 @@
 //!   |     Rebooting   Finishing --Released--> Idle                   Rebooting
 //!   |
 //!   +--Fenced-- (any phase holding the baton, including Failed)
+//!   +--Released-- Aborting <--PrepareAborted-- Preparing
 //! any holding phase --StepFailed--> Failed (keeps the baton: fail closed)
 //! ```
+//!
+//! `PrepareAborted` is the one way a maintenance ends early *and* gives the
+//! baton back: node operations gave up preparing in a way that left the node
+//! serving as before (a Kubernetes drain that timed out or was refused, after
+//! which the node was uncordoned). Nothing was taken down, so holding on to
+//! the baton would stop the rollout for no safety gain; the agent releases it
+//! with the reason and asks again later. Every other failure is `StepFailed`.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +56,10 @@ pub enum Phase {
     /// Node operations undo the preparation (uncordon, post units); the
     /// release follows.
     Finishing,
+    /// Preparing gave up without taking the node down (a drain timed out
+    /// or was refused): the node is given back to service and the baton
+    /// released with the reason; no update, no reboot.
+    Aborting,
     /// A step failed. The baton stays held so that the rollout stops.
     Failed,
 }
@@ -60,7 +72,7 @@ impl Phase {
     }
 
     /// Every phase, for exhaustive tests.
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Idle,
         Phase::Waiting,
         Phase::Granted,
@@ -69,6 +81,7 @@ impl Phase {
         Phase::Rebooting,
         Phase::Verifying,
         Phase::Finishing,
+        Phase::Aborting,
         Phase::Failed,
     ];
 
@@ -83,7 +96,9 @@ impl Phase {
             Phase::Updating => P::Updating,
             Phase::Rebooting => P::Rebooting,
             Phase::Verifying => P::Verifying,
-            Phase::Finishing => P::Uncordoning,
+            // Giving the node back is an uncordon, as at the end of a
+            // maintenance; the reason travels in the report's error.
+            Phase::Finishing | Phase::Aborting => P::Uncordoning,
             Phase::Failed => P::Failed,
         }
     }
@@ -100,6 +115,7 @@ impl std::fmt::Display for Phase {
             Phase::Rebooting => "rebooting",
             Phase::Verifying => "verifying",
             Phase::Finishing => "finishing",
+            Phase::Aborting => "aborting",
             Phase::Failed => "failed",
         };
         f.write_str(name)
@@ -120,6 +136,10 @@ pub enum Event {
     Started,
     /// Node operations finished preparing the node.
     Prepared,
+    /// Node operations gave up preparing and left the node in service (a
+    /// drain that timed out or was refused, without
+    /// `--force-reboot-on-drain-timeout`).
+    PrepareAborted,
     /// The update finished; `reboot_required` is what the sentinels say now.
     Updated {
         /// True when a reboot sentinel is present after the update.
@@ -163,8 +183,9 @@ pub struct IllegalTransition {
 ///   `Verifying`;
 /// - `Failed` is left only by losing the baton (`Fenced`): a broken node keeps
 ///   the baton and stops the rollout;
-/// - the baton is given up (`Idle`) only after `Finishing`, or when the
-///   coordinator says it is no longer ours.
+/// - the baton is given up (`Idle`) only after `Finishing`, after
+///   `Aborting` (reached only from `Preparing`, so before any update or
+///   reboot), or when the coordinator says it is no longer ours.
 pub fn transition(phase: Phase, event: &Event) -> Result<Phase, IllegalTransition> {
     use Event as E;
     use Phase as P;
@@ -176,6 +197,7 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, IllegalTransitio
         (P::Idle | P::Waiting, E::Granted) => P::Granted,
         (P::Granted, E::Started) => P::Preparing,
         (P::Preparing, E::Prepared) => P::Updating,
+        (P::Preparing, E::PrepareAborted) => P::Aborting,
         (
             P::Updating,
             E::Updated {
@@ -196,9 +218,15 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, IllegalTransitio
             },
         ) => P::Failed,
         (P::Verifying, E::Verified) => P::Finishing,
-        (P::Finishing, E::Released) => P::Idle,
+        (P::Finishing | P::Aborting, E::Released) => P::Idle,
         (
-            P::Granted | P::Preparing | P::Updating | P::Rebooting | P::Verifying | P::Finishing,
+            P::Granted
+            | P::Preparing
+            | P::Updating
+            | P::Rebooting
+            | P::Verifying
+            | P::Finishing
+            | P::Aborting,
             E::StepFailed,
         ) => P::Failed,
         (p, E::Fenced) if p.holds_baton() => P::Idle,
@@ -224,6 +252,7 @@ mod tests {
             Just(Event::Granted),
             Just(Event::Started),
             Just(Event::Prepared),
+            Just(Event::PrepareAborted),
             any::<bool>().prop_map(|r| Event::Updated { reboot_required: r }),
             any::<bool>().prop_map(|b| Event::Booted { boot_changed: b }),
             Just(Event::Verified),
@@ -293,6 +322,39 @@ mod tests {
     }
 
     #[test]
+    fn an_aborted_drain_releases_without_update_or_reboot() {
+        let events = [
+            Event::MaintenanceNeeded,
+            Event::Granted,
+            Event::Started,
+            Event::PrepareAborted,
+        ];
+        let end = events.iter().try_fold(Phase::Idle, transition).unwrap();
+        assert_eq!(end, Phase::Aborting);
+        assert!(end.holds_baton(), "the release is still to be done");
+        assert_eq!(transition(end, &Event::Released), Ok(Phase::Idle));
+        // Nothing but the release (or failing it, or losing the baton)
+        // leaves Aborting: no update, no reboot.
+        for e in [
+            Event::Prepared,
+            Event::Updated {
+                reboot_required: true,
+            },
+            Event::Verified,
+        ] {
+            assert!(transition(Phase::Aborting, &e).is_err(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn only_preparing_can_abort() {
+        for p in Phase::ALL {
+            let r = transition(p, &Event::PrepareAborted);
+            assert_eq!(r.is_ok(), p == Phase::Preparing, "{p}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_phase_and_event() {
         let err = transition(Phase::Idle, &Event::Verified).unwrap_err();
         assert_eq!(err.phase, Phase::Idle);
@@ -321,8 +383,12 @@ mod tests {
                         if phase.holds_baton() && !next.holds_baton() {
                             prop_assert!(
                                 matches!(event, Event::Fenced)
-                                    || (phase == Phase::Finishing && event == &Event::Released)
+                                    || (matches!(phase, Phase::Finishing | Phase::Aborting)
+                                        && event == &Event::Released)
                             );
+                        }
+                        if next == Phase::Aborting {
+                            prop_assert_eq!(phase, Phase::Preparing);
                         }
                         if !phase.holds_baton() && next.holds_baton() {
                             prop_assert_eq!(event, &Event::Granted);

@@ -14,7 +14,8 @@
 //! - [`events`]: a Kubernetes Event on the Node per transition, and the
 //!   blocking-pod check;
 //! - [`node_ops`]: all of it as the agent's `NodeOps` (prepare, wait ready,
-//!   finish, abort).
+//!   finish, abort, phase changes shown, blocking pods);
+//! - [`visibility`]: pure: the annotations and Event of each phase change.
 //!
 //! Every operation is idempotent, so an agent restarted at any point can
 //! repeat the step it was in.
@@ -24,6 +25,7 @@ pub mod events;
 pub mod node;
 pub mod node_ops;
 pub mod plan;
+pub mod visibility;
 
 use std::time::Duration;
 

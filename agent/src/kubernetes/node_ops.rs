@@ -13,8 +13,12 @@
 
 use tracing::warn;
 
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use super::visibility::{self, WAITING_ANNOTATION};
 use super::{KubeError, KubeNodeOps, NodeAnnotations, Transition};
-use crate::node_ops::{NodeOps, NodeOpsError};
+use crate::node_ops::{NodeOps, NodeOpsError, PhaseChange};
 
 /// Where the kernel publishes this boot's id (the kubelet reports the same).
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -125,9 +129,48 @@ impl NodeOps for KubeNodeOps {
         Ok(())
     }
 
-    async fn abort(&self) -> Result<(), NodeOpsError> {
-        KubeNodeOps::abort(self, "the baton was lost during maintenance").await?;
+    async fn abort(&self, reason: &str) -> Result<(), NodeOpsError> {
+        KubeNodeOps::abort(self, reason).await?;
         self.set_holding(false).await?;
         Ok(())
+    }
+
+    async fn show_phase(&self, change: &PhaseChange) {
+        if change.from.holds_baton() != change.to.holds_baton()
+            && let Err(error) = self.set_holding(change.to.holds_baton()).await
+        {
+            warn!(node = %self.node, %error, "could not set the holding label");
+        }
+        if let Err(error) = self.annotate(&visibility::annotations(change)).await {
+            warn!(node = %self.node, %error, "could not annotate the node");
+        }
+        if let Err(error) = self.record_event(&visibility::transition(change)).await {
+            warn!(node = %self.node, %error, "could not record an event");
+        }
+    }
+
+    async fn blockers(&self) -> Result<Vec<String>, NodeOpsError> {
+        Ok(self.blocking_pods().await?)
+    }
+
+    async fn show_waiting(&self, blockers: &[String]) {
+        let reason = visibility::waiting_reason(blockers);
+        let patch = json!({ "metadata": { "annotations": { WAITING_ANNOTATION: reason } } });
+        if let Err(error) = self
+            .nodes
+            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(node = %self.node, %error, "could not annotate the node");
+        }
+        let event = match &reason {
+            Some(why) => {
+                Transition::normal("BatonBlocked", format!("not asking for the baton: {why}"))
+            }
+            None => Transition::normal("BatonUnblocked", "no blocking pods any more"),
+        };
+        if let Err(error) = self.record_event(&event).await {
+            warn!(node = %self.node, %error, "could not record an event");
+        }
     }
 }

@@ -1,0 +1,349 @@
+//! The agent's maintenance flow in Kubernetes mode, end to end inside one
+//! process: the real `Agent` loop with `KubeNodeOps` against the fake
+//! Kubernetes API, a real coordinator (`baton_coordinator::server::start`,
+//! `--insecure`, embedded store) over gRPC, and a stub host OS (no systemd
+//! here; it records updates and reboots instead of doing them).
+//!
+//! Scenarios: a drain held up by a PodDisruptionBudget past
+//! `--drain-timeout` aborts the maintenance (node uncordoned, baton released
+//! with the reason, no update, no reboot); a blocking pod keeps the agent
+//! from asking for the baton until it is gone.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use baton_agent::agent::{Action, Agent, Settings};
+use baton_agent::coordinator::{BearerToken, GrpcCoordinator};
+use baton_agent::host::{HostError, HostOs, Job, UnitOutcome};
+use baton_agent::kubernetes::visibility::{WAITING_ANNOTATION, phase_name};
+use baton_agent::kubernetes::{KubeNodeOps, KubernetesArgs};
+use baton_agent::phase::Phase;
+use baton_agent::state::StateFile;
+use baton_coordinator::config::{Cli, Command};
+use baton_coordinator::server::{self, Running};
+use baton_tests::kube_fake::FakeApi;
+use baton_tests::kube_fake::fixtures::{node, pdb, pod};
+use clap::Parser;
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// A host that always needs maintenance, whose updates succeed, and that
+/// counts reboot requests instead of rebooting.
+#[derive(Clone, Default)]
+struct StubHost {
+    jobs: Arc<Mutex<Vec<Job>>>,
+    reboots: Arc<Mutex<u32>>,
+}
+
+impl HostOs for StubHost {
+    async fn boot_id(&self) -> Result<String, HostError> {
+        Ok(this_boot_id())
+    }
+    async fn maintenance_needed(&self) -> Option<String> {
+        Some("updates available".into())
+    }
+    async fn reboot_required(&self) -> bool {
+        false
+    }
+    async fn run(&self, job: &Job, _timeout: Duration) -> Result<UnitOutcome, HostError> {
+        self.jobs.lock().unwrap().push(job.clone());
+        Ok(UnitOutcome {
+            success: true,
+            detail: "done".into(),
+            output_tail: String::new(),
+        })
+    }
+    async fn reboot(&self) -> Result<(), HostError> {
+        *self.reboots.lock().unwrap() += 1;
+        Ok(())
+    }
+}
+
+/// The kubelet of the fake node reports this machine's boot (the agent
+/// checks it after maintenance).
+fn this_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A coordinator on 127.0.0.1 with an embedded store; stops when dropped.
+struct Coordinator {
+    running: Running,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn coordinator() -> Result<Coordinator> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().display().to_string();
+    let argv = [
+        "baton-coordinator",
+        "serve",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir,
+    ];
+    let Command::Serve(args) = Cli::try_parse_from(argv)?.command;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = server::start(*args, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    Ok(Coordinator {
+        running,
+        _stop: stop,
+        _dir: dir,
+    })
+}
+
+fn settings() -> Settings {
+    Settings {
+        update: Some(Action::Command("apt-get -y upgrade".into())),
+        post_check: None,
+        update_timeout: Duration::from_secs(60),
+        post_check_timeout: Duration::from_secs(60),
+        reboot_timeout: Duration::from_secs(60),
+        renew_interval: Duration::from_secs(1),
+        retry_interval: Duration::from_millis(200),
+        // Long enough that the agent does not ask again during the test.
+        abort_backoff: Duration::from_secs(3600),
+    }
+}
+
+/// A running agent for node n1 and the handles to drive it.
+struct RunningAgent {
+    host: StubHost,
+    tick: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<Result<(), baton_agent::agent::AgentError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn agent(fake: &FakeApi, coordinator: &Coordinator, args: KubernetesArgs) -> RunningAgent {
+    let host = StubHost::default();
+    let url = format!("http://{}", coordinator.running.grpc_addr);
+    let grpc = GrpcCoordinator::new(&url, None, BearerToken::none(), "n1", false).unwrap();
+    let ops = KubeNodeOps::new(fake.client().await, "n1", args);
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut agent = Agent::new(
+        host.clone(),
+        grpc,
+        ops,
+        StateFile::new(dir.path()),
+        settings(),
+        shutdown.clone(),
+    );
+    let (tick, wakes) = watch::channel(0);
+    let done = tokio::spawn(async move { agent.run(wakes).await });
+    RunningAgent {
+        host,
+        tick,
+        shutdown,
+        done,
+        _dir: dir,
+    }
+}
+
+impl RunningAgent {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+/// Waits (bounded, so a broken build fails instead of hanging) until `cond`.
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gave up waiting for: {what}");
+}
+
+fn node_obj(fake: &FakeApi) -> Value {
+    fake.get("v1/nodes", "", "n1").expect("node exists")
+}
+
+fn unschedulable(fake: &FakeApi) -> bool {
+    node_obj(fake)["spec"]["unschedulable"]
+        .as_bool()
+        .unwrap_or(false)
+}
+
+fn annotation(fake: &FakeApi, key: &str) -> Option<String> {
+    node_obj(fake)["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn event_reasons(fake: &FakeApi) -> Vec<String> {
+    fake.list("v1/events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Lists of all pods the fake answered (the blocking-pod check).
+fn pod_lists(fake: &FakeApi) -> usize {
+    fake.served()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path == "/api/v1/pods")
+        .count()
+}
+
+#[tokio::test]
+async fn drain_blocked_by_a_budget_past_the_timeout_aborts_and_releases() -> Result<()> {
+    let fake = FakeApi::new();
+    fake.put(node("n1").boot_id(&this_boot_id()).build());
+    fake.put(
+        pod("apps", "web-1")
+            .on("n1")
+            .owned_by("ReplicaSet")
+            .label("app", "web")
+            .build(),
+    );
+    fake.put(
+        pdb("apps", "web")
+            .min_available(1)
+            .selecting("app", "web")
+            .build(),
+    );
+    let coordinator = coordinator().await?;
+    let args = KubernetesArgs {
+        drain_timeout: Duration::from_secs(2),
+        ..KubernetesArgs::default()
+    };
+    let agent = agent(&fake, &coordinator, args).await;
+    let engine = coordinator.running.engine.clone();
+
+    eventually("the baton released after the aborted drain", async || {
+        engine
+            .snapshot()
+            .await
+            .state
+            .audit
+            .iter()
+            .any(|a| a.action == "release" && a.node == "n1")
+    })
+    .await;
+    // The release is followed by the node showing the agent idle again.
+    eventually("the node shows the agent idle", async || {
+        annotation(&fake, "baton.dev/phase").as_deref() == Some(phase_name(Phase::Idle))
+    })
+    .await;
+    let snapshot = engine.snapshot().await;
+    assert!(
+        snapshot.state.holders.is_empty(),
+        "no holder after the abort"
+    );
+    let release = snapshot
+        .state
+        .audit
+        .iter()
+        .find(|a| a.action == "release" && a.node == "n1")
+        .unwrap();
+    assert!(
+        release.reason.contains("drain timed out"),
+        "the release says why: {release:?}"
+    );
+    // The node is back in service, not marked as holding, and says why.
+    assert!(!unschedulable(&fake), "uncordoned");
+    assert!(node_obj(&fake)["metadata"]["labels"]["baton.dev/holding"].is_null());
+    let last_error = annotation(&fake, "baton.dev/last-error").unwrap_or_default();
+    assert!(last_error.contains("drain timed out"), "{last_error}");
+    let reasons = event_reasons(&fake);
+    for reason in ["BatonGranted", "BatonAborting", "BatonReleased"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+    // The pod the budget protects still runs; nothing was updated or rebooted.
+    assert!(fake.get("v1/pods", "apps", "web-1").is_some());
+    assert!(agent.host.jobs.lock().unwrap().is_empty());
+    assert_eq!(*agent.host.reboots.lock().unwrap(), 0);
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_blocking_pod_keeps_the_agent_from_asking_until_it_is_gone() -> Result<()> {
+    let fake = FakeApi::new();
+    fake.put(node("n1").boot_id(&this_boot_id()).build());
+    fake.put(
+        pod("ci", "job-1")
+            .on("n1")
+            .owned_by("Job")
+            .label("app", "ci")
+            .build(),
+    );
+    let coordinator = coordinator().await?;
+    let args = KubernetesArgs {
+        blocking_pod_selectors: vec!["app=ci".into()],
+        ..KubernetesArgs::default()
+    };
+    let agent = agent(&fake, &coordinator, args).await;
+    let engine = coordinator.running.engine.clone();
+
+    eventually("the waiting annotation", async || {
+        annotation(&fake, WAITING_ANNOTATION).is_some()
+    })
+    .await;
+    let waiting = annotation(&fake, WAITING_ANNOTATION).unwrap();
+    assert!(waiting.contains("ci/job-1"), "{waiting}");
+    assert!(event_reasons(&fake).iter().any(|r| r == "BatonBlocked"));
+    // Periodic ticks re-check; while the pod runs the agent never asks.
+    for n in 1..=3 {
+        let before = pod_lists(&fake);
+        agent.tick.send(n)?;
+        eventually("the blocking pods re-checked", async || {
+            pod_lists(&fake) > before
+        })
+        .await;
+        let snapshot = engine.snapshot().await;
+        assert!(snapshot.queue.is_empty(), "no request while blocked");
+        assert!(snapshot.state.holders.is_empty());
+    }
+    assert!(
+        !engine
+            .snapshot()
+            .await
+            .state
+            .audit
+            .iter()
+            .any(|a| a.action == "grant"),
+        "never granted while blocked"
+    );
+
+    // The pod finishes: the next tick asks, and the maintenance runs.
+    fake.remove("v1/pods", "ci", "job-1");
+    agent.tick.send(4)?;
+    eventually("the maintenance done and the baton released", async || {
+        engine
+            .snapshot()
+            .await
+            .state
+            .audit
+            .iter()
+            .any(|a| a.action == "release" && a.node == "n1")
+    })
+    .await;
+    assert_eq!(annotation(&fake, WAITING_ANNOTATION), None);
+    assert_eq!(agent.host.jobs.lock().unwrap().len(), 1, "the update ran");
+    assert_eq!(
+        annotation(&fake, "baton.dev/phase").as_deref(),
+        Some(phase_name(Phase::Idle))
+    );
+    agent.stop().await;
+    Ok(())
+}
