@@ -15,13 +15,12 @@
 //!
 //! Writes target/bench/agent.json and prints a table.
 
-use crate::util::{cargo, workspace_root};
+use crate::util::{Proc, cargo, free_port, workspace_root};
 use anyhow::{Context, Result, bail};
 use baton_proto::v1::admin_client::AdminClient;
 use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Options {
@@ -46,20 +45,6 @@ fn parse(args: &[String]) -> Result<Options> {
         }
     }
     Ok(opts)
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Runs the bench.

@@ -14,8 +14,7 @@
 //! Results go to target/bench/coordinator.json and a table on stdout.
 
 use std::io::Write;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::util::{cargo, workspace_root};
+use crate::util::{Proc, cargo, free_port, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -55,20 +54,6 @@ fn parse(args: &[String]) -> Result<Options> {
     Ok(opts)
 }
 
-/// Kills the coordinator when the bench ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Runs the bench.
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
@@ -81,7 +66,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let port = free_port()?;
     let metrics_port = free_port()?;
     let log = std::fs::File::create(root.join("target/bench/coordinator.log"))?;
-    let server = Server(
+    let server = Proc(
         Command::new(root.join("target/release/baton-coordinator"))
             .args(["serve", "--insecure"])
             .arg(format!("--listen=127.0.0.1:{port}"))
