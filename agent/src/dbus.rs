@@ -58,6 +58,11 @@ pub trait SystemdUnit {
     /// "deactivating".
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+
+    /// The ID of the unit's current (or last) run, 16 bytes; its journal
+    /// entries carry it as `_SYSTEMD_INVOCATION_ID`.
+    #[zbus(property, name = "InvocationID")]
+    fn invocation_id(&self) -> zbus::Result<Vec<u8>>;
 }
 
 /// `org.freedesktop.systemd1.Service`: how a service's main process ended.

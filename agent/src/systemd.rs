@@ -35,6 +35,48 @@ impl SystemdHost {
         Ok(SystemdHost { bus, sentinels })
     }
 
+    /// The last lines a unit's latest run wrote to the journal (empty when
+    /// the journal cannot be read). systemd has no D-Bus API for reading the
+    /// journal, so this asks `journalctl` for the entries of the run's
+    /// invocation ID; the unit itself is only ever driven over D-Bus.
+    async fn journal_tail(&self, manager: &SystemdManagerProxy<'_>, unit: &str) -> String {
+        let invocation = async {
+            let path = manager.get_unit(unit).await.ok()?;
+            let proxy = SystemdUnitProxy::builder(&self.bus)
+                .path(path)
+                .ok()?
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .ok()?;
+            let id = proxy.invocation_id().await.ok()?;
+            (!id.is_empty()).then(|| id.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        };
+        let Some(id) = invocation.await else {
+            return String::new();
+        };
+        let lines = OUTPUT_TAIL_LINES.to_string();
+        let read = tokio::process::Command::new("journalctl")
+            .args(["--no-pager", "--quiet", "--output=cat", "--lines", &lines])
+            .arg(format!("_SYSTEMD_INVOCATION_ID={id}"))
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(out)) if out.status.success() => {
+                String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+            }
+            Ok(Ok(out)) => {
+                tracing::debug!(unit, status = %out.status, "journalctl could not read the unit's output");
+                String::new()
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(unit, %error, "journalctl unavailable; no output in the report");
+                String::new()
+            }
+            Err(_) => String::new(),
+        }
+    }
+
     async fn outcome_of(&self, unit_path: &OwnedObjectPath, job_result: &str) -> UnitOutcome {
         let mut detail = format!("job {job_result}");
         let mut success = job_result == "done";
@@ -179,9 +221,10 @@ impl HostOs for SystemdHost {
                     what: job.unit_name().to_string(),
                     timeout,
                 })??;
-        if let Job::Command { output, .. } = job {
-            outcome.output_tail = tail(output, OUTPUT_TAIL_LINES);
-        }
+        outcome.output_tail = match job {
+            Job::Command { output, .. } => tail(output, OUTPUT_TAIL_LINES),
+            Job::Unit(name) => self.journal_tail(&manager, name).await,
+        };
         Ok(outcome)
     }
 

@@ -245,6 +245,38 @@ fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()>
 }
 
 #[test]
+fn failing_update_unit_reports_its_journal_lines() -> Result<()> {
+    // --update-unit starts an existing unit with StartUnit; its output is
+    // read back from the journal by the run's invocation ID.
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("unitfail-1", &c.url())
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
+            .env("BATON_UPDATE_UNIT", "site-upgrade.service")
+            .file(
+                "/etc/systemd/system/site-upgrade.service",
+                "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo unpacking; echo dpkg: error processing linux-image >&2; exit 4'\n",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    let holder = c.wait_phase(&node, "failed")?;
+    let error = holder["error"].as_str().unwrap_or_default();
+    ensure!(error.contains("exit status 4"), "error: {holder}");
+    let message = holder["message"].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("dpkg: error processing linux-image"),
+        "the unit's journal lines are not in the report: {holder}\n{}",
+        node.diagnostics()
+    );
+    ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
+    ensure!(c.records("unitfail-1", "release").is_empty(), "released");
+    Ok(())
+}
+
+#[test]
 fn corrupt_state_file_is_kept_aside_and_the_coordinator_asked() -> Result<()> {
     let c = cluster()?;
     let node = Node::boot(
