@@ -211,7 +211,7 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
 
     Ok(serde_json::json!({
         "etcd_members": 3,
-        "coordinator_profile": "debug",
+        "coordinator_profile": "release",
         "election_ttl": s.election_ttl,
         "raw_etcd_txn_per_s": txn_rate,
         "grant_cycles": s.cycles,
