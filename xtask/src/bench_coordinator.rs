@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::util::{Proc, cargo, free_port, workspace_root};
+use crate::util::{Proc, build_release_bins, free_port, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -58,7 +58,7 @@ fn parse(args: &[String]) -> Result<Options> {
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     crate::deps::ensure(crate::deps::BUILD)?;
-    cargo(&["build", "--release", "-p", "baton-coordinator", "--bins"])?;
+    build_release_bins()?;
     let root = workspace_root();
     let data = root.join("target/bench/coordinator-data");
     let _ = std::fs::remove_dir_all(&data);

@@ -12,8 +12,6 @@
 //!
 //! Writes `target/bench/coordinator-etcd.json` and prints a table.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -63,24 +61,8 @@ fn parse(args: &[String]) -> Result<Settings> {
 /// Runs the bench; `args` are the words after `cargo xtask bench`.
 pub fn run(args: &[String]) -> Result<()> {
     let settings = parse(args)?;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "baton-coordinator",
-            "--bin",
-            "baton-coordinator",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building baton-coordinator failed");
-    }
+    let root = crate::util::workspace_root();
+    crate::util::build_release_bins()?;
     let binary = root.join("target/release/baton-coordinator");
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(measure(&settings, &binary))?;

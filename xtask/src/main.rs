@@ -67,7 +67,7 @@ fn test(extra: &[String]) -> Result<()> {
 /// unauthenticated: a lab), state under target/baton-data.
 fn serve(extra: &[String]) -> Result<()> {
     deps::ensure(deps::BUILD)?;
-    util::cargo(&["build", "--release", "--bins"])?;
+    util::build_release_bins()?;
     let root = util::workspace_root();
     let mut cmd = std::process::Command::new(root.join("target/release/baton-coordinator"));
     cmd.args([

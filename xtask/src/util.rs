@@ -46,3 +46,10 @@ impl Drop for Proc {
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Builds every release binary. Benches and `serve` all use this one
+/// command, so cargo resolves features once and nothing is rebuilt between
+/// them.
+pub fn build_release_bins() -> Result<()> {
+    cargo(&["build", "--release", "--workspace", "--bins"])
+}
