@@ -735,19 +735,27 @@ mod tests {
         }
     }
 
-    /// Run an agent until `done` holds (then stop it like SIGTERM would) or
-    /// until it stops by itself (a reboot cancels it).
-    async fn run_until(w: &World, done: impl Fn() -> bool) -> AgentState {
-        let shutdown = CancellationToken::new();
-        *w.host.on_reboot.lock().unwrap() = Some(shutdown.clone());
-        let mut agent = Agent::new(
+    /// An agent over the world's fakes with the test settings.
+    fn agent_in(
+        w: &World,
+        shutdown: &CancellationToken,
+    ) -> Agent<Arc<FakeHost>, Arc<FakeCoordinator>, Arc<FakeNodeOps>> {
+        Agent::new(
             w.host.clone(),
             w.coordinator.clone(),
             w.node_ops.clone(),
             StateFile::new(w.dir.path()),
             settings(),
             shutdown.clone(),
-        );
+        )
+    }
+
+    /// Run an agent until `done` holds (then stop it like SIGTERM would) or
+    /// until it stops by itself (a reboot cancels it).
+    async fn run_until(w: &World, done: impl Fn() -> bool) -> AgentState {
+        let shutdown = CancellationToken::new();
+        *w.host.on_reboot.lock().unwrap() = Some(shutdown.clone());
+        let mut agent = agent_in(w, &shutdown);
         let (_tx, wakes) = watch::channel(0);
         let stop = async {
             while !done() && !shutdown.is_cancelled() {
@@ -957,14 +965,7 @@ mod tests {
         *w.host.need.lock().unwrap() = Some("updates available".into());
         *w.node_ops.blockers.lock().unwrap() = vec!["ci/job-1 (matches app=ci)".into()];
         let shutdown = CancellationToken::new();
-        let mut agent = Agent::new(
-            w.host.clone(),
-            w.coordinator.clone(),
-            w.node_ops.clone(),
-            StateFile::new(w.dir.path()),
-            settings(),
-            shutdown.clone(),
-        );
+        let mut agent = agent_in(&w, &shutdown);
         let (tick, wakes) = watch::channel(0);
         let driver = async {
             // Several periodic ticks while blocked: no request.

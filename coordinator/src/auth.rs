@@ -112,9 +112,7 @@ impl Authenticator for MutualTls {
         credentials: Credentials<'a>,
     ) -> BoxFuture<'a, Result<Identity, Status>> {
         Box::pin(async move {
-            let certs = credentials.peer_certs.ok_or_else(|| {
-                Status::unauthenticated("a client certificate is required (mutual TLS)")
-            })?;
+            let certs = credentials.peer_certs.unwrap_or_default();
             let leaf = certs.first().ok_or_else(|| {
                 Status::unauthenticated("a client certificate is required (mutual TLS)")
             })?;
