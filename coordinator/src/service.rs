@@ -348,6 +348,19 @@ impl Coordinator for Services {
             .await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
+
+    async fn confirm(
+        &self,
+        request: Request<pb::ConfirmRequest>,
+    ) -> Result<Response<pb::ConfirmResponse>, Status> {
+        self.for_node(&request, &request.get_ref().node).await?;
+        // Answering "proceed" without re-running the guards would be a
+        // promise this build cannot keep; agents treat UNIMPLEMENTED as
+        // "this coordinator cannot confirm" and fall back to Renew.
+        Err(Status::unimplemented(
+            "Confirm is not implemented by this coordinator yet",
+        ))
+    }
 }
 
 #[tonic::async_trait]
