@@ -1,19 +1,31 @@
 //! `cargo xtask`: the project's automation, one module per task.
 //!
+//! xtask builds with nothing but the Rust toolchain (its only dependency is
+//! anyhow), so it can install what the rest of the workspace needs before
+//! anything else is built. `.ci/run` proves it on every run by building
+//! xtask into an empty target directory with `PROTOC` pointing nowhere.
+//! The heavy tasks (benches) live in `baton-devtools`, which xtask builds
+//! and starts only after the packages are installed.
+//!
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
-//! - `serve`: deps, build, run a local coordinator (the quick start);
-//! - `bench coordinator [--store etcd]`: handoff latency and throughput with
-//!   1,000 waiters; on etcd also the raw txn rate and failover time;
-//! - `bench agent`: the agent's idle footprint and reaction time.
+//! - `serve`: deps, build, run a local coordinator;
+//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools.
 
-mod bench_agent;
-mod bench_coordinator;
-mod bench_etcd;
 mod deps;
 mod util;
 
 use anyhow::{Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  deps                  install the Debian packages the build and tests need (root)
+  test [ARGS]           install deps, build, run every test (ARGS go to cargo test)
+  serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
+  bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
+  bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
+  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,45 +34,45 @@ fn main() -> Result<()> {
         .map(|(t, r)| (t.as_str(), r))
         .unwrap_or(("help", &[]));
     match task {
-        "deps" => deps::ensure(deps::ALL),
+        "deps" => deps::ensure(&deps::all()),
         "test" => test(rest),
         "serve" => serve(rest),
-        "bench" => match rest.split_first() {
-            Some((what, rest))
-                if what == "coordinator"
-                    && rest.iter().any(|a| a == "etcd" || a == "--store=etcd") =>
-            {
-                bench_etcd::run(rest)
-            }
-            Some((what, rest)) if what == "coordinator" => bench_coordinator::run(rest),
-            Some((what, rest)) if what == "agent" => bench_agent::run(rest),
-            _ => bail!(
-                "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"
-            ),
-        },
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <task>\n\n\
-                 tasks:\n  \
-                 deps                  install the Debian packages the build and tests need (root)\n  \
-                 test [ARGS]           install deps, build, run every test (ARGS go to cargo test)\n  \
-                 serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)\n  \
-                 bench coordinator     handoff latency and throughput (target/bench/coordinator.json)\n  \
-                 bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover\n  \
-                 bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency"
-            );
+        "bench" => bench(rest),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
             Ok(())
         }
+        other => bail!("unknown task {other:?}\n\n{USAGE}"),
     }
 }
 
 /// `cargo xtask test`: everything the suite needs, then the suite.
 fn test(extra: &[String]) -> Result<()> {
-    deps::ensure(deps::ALL)?;
+    deps::ensure(&deps::all())?;
     util::cargo(&["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     util::cargo(&args)
+}
+
+/// `cargo xtask bench ...`: installs what the bench starts, builds every
+/// release binary and hands over to `baton-devtools bench ...`.
+fn bench(rest: &[String]) -> Result<()> {
+    let needs = match rest.first().map(String::as_str) {
+        Some("coordinator") if rest.iter().any(|a| a == "etcd" || a == "--store=etcd") => {
+            [deps::BUILD, deps::ETCD].concat()
+        }
+        Some("coordinator") => deps::BUILD.to_vec(),
+        Some("agent") => [deps::BUILD, deps::NODES].concat(),
+        _ => bail!(
+            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"
+        ),
+    };
+    deps::ensure(&needs)?;
+    util::build_release_bins()?;
+    let mut args = vec!["bench".to_string()];
+    args.extend(rest.iter().cloned());
+    util::run_release_bin("baton-devtools", &args)
 }
 
 /// `cargo xtask serve`: a local coordinator on 127.0.0.1:7443 (plaintext,
@@ -68,25 +80,17 @@ fn test(extra: &[String]) -> Result<()> {
 fn serve(extra: &[String]) -> Result<()> {
     deps::ensure(deps::BUILD)?;
     util::build_release_bins()?;
-    let root = util::workspace_root();
-    let mut cmd = std::process::Command::new(root.join("target/release/baton-coordinator"));
-    cmd.args([
-        "serve",
-        "--insecure",
-        "--listen=127.0.0.1:7443",
-        "--metrics-listen=127.0.0.1:9443",
-    ])
-    .arg(format!(
-        "--data-dir={}",
-        root.join("target/baton-data").display()
-    ))
-    .args(extra);
+    let data = util::target_dir().join("baton-data");
+    let mut args = vec![
+        "serve".to_string(),
+        "--insecure".to_string(),
+        "--listen=127.0.0.1:7443".to_string(),
+        "--metrics-listen=127.0.0.1:9443".to_string(),
+        format!("--data-dir={}", data.display()),
+    ];
+    args.extend(extra.iter().cloned());
     eprintln!(
         "coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status"
     );
-    let status = cmd.status()?;
-    if !status.success() {
-        bail!("baton-coordinator exited with {status}");
-    }
-    Ok(())
+    util::run_release_bin("baton-coordinator", &args)
 }

@@ -1,8 +1,7 @@
 //! Small helpers shared by tasks.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -14,6 +13,21 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The target directory cargo builds into (`CARGO_TARGET_DIR` or
+/// `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// Runs cargo with `args` in the workspace root; fails on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
@@ -23,33 +37,30 @@ pub fn cargo(args: &[&str]) -> Result<()> {
         // A fresh clone builds once: incremental artifacts only cost disk.
         command.env("CARGO_INCREMENTAL", "0");
     }
-    let status = command
-        .status()
-        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
-    }
-    Ok(())
+    run(&mut command, &format!("{cargo} {}", args.join(" ")))
 }
 
-/// A child process killed when dropped, however the task ends.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Builds every release binary. Benches and `serve` all use this one
-/// command, so cargo resolves features once and nothing is rebuilt between
-/// them.
+/// Builds every release binary, baton-devtools included. `serve`, the
+/// benches and the lab all use this one command, so cargo resolves features
+/// once and nothing is rebuilt between them.
 pub fn build_release_bins() -> Result<()> {
     cargo(&["build", "--release", "--workspace", "--bins"])
+}
+
+/// Runs the release binary `name` with `args` (after [`build_release_bins`]).
+pub fn run_release_bin(name: &str, args: &[String]) -> Result<()> {
+    let path = target_dir().join("release").join(name);
+    let mut command = Command::new(&path);
+    command.args(args).current_dir(workspace_root());
+    run(&mut command, &path.display().to_string())
+}
+
+fn run(command: &mut Command, what: &str) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
 }

@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::util::{Proc, build_release_bins, free_port, workspace_root};
+use crate::util::{Proc, free_port, release_dir, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -57,8 +57,6 @@ fn parse(args: &[String]) -> Result<Options> {
 /// Runs the bench.
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
-    crate::deps::ensure(crate::deps::BUILD)?;
-    build_release_bins()?;
     let root = workspace_root();
     let data = root.join("target/bench/coordinator-data");
     let _ = std::fs::remove_dir_all(&data);
@@ -67,7 +65,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let metrics_port = free_port()?;
     let log = std::fs::File::create(root.join("target/bench/coordinator.log"))?;
     let server = Proc(
-        Command::new(root.join("target/release/baton-coordinator"))
+        Command::new(release_dir().join("baton-coordinator"))
             .args(["serve", "--insecure"])
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))

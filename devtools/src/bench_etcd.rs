@@ -20,6 +20,8 @@ use baton_tests::etcd::EtcdCluster;
 use baton_tests::etcd::coordinator::{Coordinator, acquire, wait_granted};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
+use crate::util::release_dir;
+
 /// Bench settings (from the command line).
 struct Settings {
     txns: usize,
@@ -62,8 +64,7 @@ fn parse(args: &[String]) -> Result<Settings> {
 pub fn run(args: &[String]) -> Result<()> {
     let settings = parse(args)?;
     let root = crate::util::workspace_root();
-    crate::util::build_release_bins()?;
-    let binary = root.join("target/release/baton-coordinator");
+    let binary = release_dir().join("baton-coordinator");
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(measure(&settings, &binary))?;
     let out_dir = root.join("target/bench");

@@ -15,7 +15,7 @@
 //!
 //! Writes target/bench/agent.json and prints a table.
 
-use crate::util::{Proc, build_release_bins, free_port, workspace_root};
+use crate::util::{Proc, free_port, release_dir, workspace_root};
 use anyhow::{Context, Result, bail};
 use baton_proto::v1::admin_client::AdminClient;
 use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
@@ -50,12 +50,11 @@ fn parse(args: &[String]) -> Result<Options> {
 /// Runs the bench.
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
-    build_release_bins()?;
     let root = workspace_root();
     let work = root.join("target/bench/agent-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("run"))?;
-    let release = root.join("target/release");
+    let release = release_dir();
 
     // A private bus, so the bench needs neither root nor a system bus.
     let bus_path = work.join("bus");

@@ -1,0 +1,39 @@
+//! `baton-devtools`: the heavy half of `cargo xtask`.
+//!
+//! xtask must build on a bare machine (only the Rust toolchain), so it has
+//! no dependency that needs protoc or a C library. Everything that talks to
+//! a coordinator, etcd or an agent lives here instead, and xtask builds and
+//! starts this binary only after it has installed what the build needs
+//! (protobuf-compiler for etcd-client) and built every release binary.
+//!
+//! - `bench coordinator [--waiters N]`: handoff latency and throughput on
+//!   the embedded store (`bench_coordinator`);
+//! - `bench coordinator --store etcd`: the same on a real 3-member etcd
+//!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
+//! - `bench agent [--duration S]`: the agent's idle footprint and reaction
+//!   time (`bench_agent`).
+
+mod bench_agent;
+mod bench_coordinator;
+mod bench_etcd;
+mod util;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S]\n\
+     (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["bench", "coordinator", rest @ ..]
+            if rest.iter().any(|a| *a == "etcd" || *a == "--store=etcd") =>
+        {
+            bench_etcd::run(&args[2..])
+        }
+        ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
+        ["bench", "agent", ..] => bench_agent::run(&args[2..]),
+        _ => bail!("{USAGE}"),
+    }
+}

@@ -1,0 +1,40 @@
+//! Small helpers shared by the benches.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Child;
+
+use anyhow::Result;
+
+/// The workspace root (this crate's manifest dir is `<root>/devtools`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("devtools lives in the workspace")
+        .to_path_buf()
+}
+
+/// The directory of the release binaries: this tool's own directory, since
+/// `cargo xtask` builds every release binary with one command before it
+/// starts this tool (and so honours `CARGO_TARGET_DIR`).
+pub fn release_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(PathBuf::from))
+        .unwrap_or_else(|| workspace_root().join("target/release"))
+}
+
+/// A child process killed when dropped, however the task ends.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
