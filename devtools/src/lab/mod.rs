@@ -158,8 +158,34 @@ struct Cluster {
 }
 
 impl Drop for Cluster {
+    /// Stops everything: the tasks, the coordinators, every container at
+    /// once, then each node's clean-up (removing its root directory takes a
+    /// while) in parallel.
     fn drop(&mut self) {
         self.cancel.cancel();
+        for c in self
+            .coordinators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            c.kill();
+        }
+        for node in self.nodes.iter() {
+            node.kill();
+        }
+        let nodes = std::mem::replace(&mut self.nodes, Arc::new(Vec::new()));
+        // Tasks still winding down may hold the nodes for a moment longer;
+        // then the last of them drops them (already killed).
+        if let Ok(nodes) = Arc::try_unwrap(nodes) {
+            let cleanups: Vec<_> = nodes
+                .into_iter()
+                .map(|node| std::thread::spawn(move || drop(node)))
+                .collect();
+            for cleanup in cleanups {
+                let _ = cleanup.join();
+            }
+        }
     }
 }
 
@@ -254,10 +280,9 @@ async fn run(opts: LabArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let booted = tokio::task::spawn_blocking(move || nodes::boot_all(specs)).await??;
-    let nodes = Arc::new(booted);
     let cluster = Cluster {
         coordinators: Arc::default(),
-        nodes: nodes.clone(),
+        nodes: Arc::new(booted),
         front_url: front_url.clone(),
         ca: ca.ca.clone(),
         admin: admin.clone(),
@@ -331,7 +356,7 @@ async fn run(opts: LabArgs) -> Result<()> {
         cancel.clone(),
     )));
     tasks.push(tokio::spawn(monitors::hosts(
-        nodes.clone(),
+        cluster.nodes.clone(),
         plans.clone(),
         opts.max_concurrent as usize,
         shared.clone(),
@@ -360,7 +385,7 @@ async fn run(opts: LabArgs) -> Result<()> {
     if let Err(e) = agents_up {
         display_cancel.cancel();
         let _ = display.await;
-        return Err(e.context(diagnostics(&nodes)));
+        return Err(e.context(diagnostics(&cluster.nodes)));
     }
 
     // The update.
@@ -390,7 +415,7 @@ async fn run(opts: LabArgs) -> Result<()> {
             plan,
             chaos::Targets {
                 coordinators: cluster.coordinators.clone(),
-                nodes: nodes.clone(),
+                nodes: cluster.nodes.clone(),
                 plans: plans.clone(),
                 election_ttl: ttl,
             },
@@ -474,7 +499,7 @@ async fn run(opts: LabArgs) -> Result<()> {
             .lock()
             .violation("rollout", Utc::now(), format!("no final status: {e:#}")),
     }
-    for node in nodes.iter() {
+    for node in cluster.nodes.iter() {
         let version = node
             .exec(&["dpkg-query", "-W", "-f", "${Version}", nodes::PACKAGE])
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -495,15 +520,17 @@ async fn run(opts: LabArgs) -> Result<()> {
         election_ttl_seconds: ttl.as_secs_f64(),
         probe_deadline_seconds: probe_deadline.as_secs_f64(),
     };
+    let observations = observations(&cluster);
     let (figures, verdicts) = {
         let mut seen = shared.lock();
+        seen.observations = observations.clone();
         chaos::describe_effects(&mut seen);
         let figures = verdicts::figures(&seen, &facts);
         let verdicts = verdicts::verdicts(&seen, &facts, &figures);
         report::write(&out, &settings, &seen, &figures, &verdicts)?;
         (figures, verdicts)
     };
-    println!("{}", verdicts::table(&figures, &verdicts));
+    println!("{}", verdicts::table(&figures, &verdicts, &observations));
     println!(
         "report: {} and {}",
         out.join("report.html").display(),
@@ -535,6 +562,71 @@ async fn run(opts: LabArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the logs say that no verdict covers: agent reports the coordinator
+/// refused, and coordinators that stepped down (leadership changes).
+fn observations(cluster: &Cluster) -> Vec<String> {
+    let mut out = Vec::new();
+    for node in cluster.nodes.iter() {
+        let log = node.agent_log();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("report failed")).collect();
+        if let Some(first) = refused.first() {
+            let why = first.split("error=").nth(1).unwrap_or(first);
+            out.push(format!(
+                "agent on {}: {} progress report(s) refused by the coordinator, e.g. {}",
+                node.name(),
+                refused.len(),
+                strip_ansi(why)
+            ));
+        }
+    }
+    for c in cluster
+        .coordinators
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let log = c.log();
+        let downs: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("stepping down as coordinator leader"))
+            .collect();
+        if !downs.is_empty() {
+            let why: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("coordinator election: retrying"))
+                .filter_map(|l| l.split("error=").nth(1))
+                .map(strip_ansi)
+                .take(2)
+                .collect();
+            out.push(format!(
+                "coordinator {} stepped down {} time(s) while leading ({})",
+                c.id,
+                downs.len(),
+                why.join("; ")
+            ));
+        }
+    }
+    out
+}
+
+/// Log lines without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.trim().to_string()
 }
 
 /// Waits until every etcd member answers Status with a leader.

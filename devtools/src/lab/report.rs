@@ -154,6 +154,13 @@ pub fn html(settings: &Settings, seen: &Seen, figures: &Figures, verdicts: &[Ver
         figures.probe_longest_gap,
         figures.probe_max_latency_ms
     );
+    if !seen.observations.is_empty() {
+        page.push_str("<h2>Observations</h2><ul>");
+        for o in &seen.observations {
+            let _ = write!(page, "<li>{}</li>", esc(o));
+        }
+        page.push_str("</ul>");
+    }
     if !seen.faults.is_empty() {
         page.push_str("<h2>Faults</h2><table><tr><th>at</th><th class=l>fault</th><th class=l>what</th><th class=l>what Baton did</th></tr>");
         for f in &seen.faults {

@@ -45,6 +45,8 @@ pub struct Seen {
     pub faults: Vec<Fault>,
     /// Every violation a monitor found, as it found it.
     pub violations: Vec<Violation>,
+    /// What the logs showed that no verdict covers (read at the end).
+    pub observations: Vec<String>,
     /// Lines for the plain progress output and the report's log, in order.
     pub log: Vec<(Time, String)>,
 }

@@ -165,24 +165,30 @@ pub fn figures(seen: &Seen, facts: &FinalFacts) -> Figures {
             .iter()
             .find(|(_, t, ..)| *t == token)
             .map(|(t, ..)| *t);
+        let timing = facts.timings.get(name).cloned().unwrap_or_default();
+        let record = |what: &str| {
+            timing
+                .iter()
+                .rfind(|(w, _)| w == what)
+                .map(|(_, t)| *t)
+        };
         let updating = phase_at(seen, name, token, "updating");
-        let rebooting = phase_at(seen, name, token, "rebooting");
+        // When the agent's Rebooting report is missing (refused or lost),
+        // the reboot is taken to start when the update ended (the node's
+        // own record): the agent asks for the reboot right after.
+        let rebooting = phase_at(seen, name, token, "rebooting").or_else(|| {
+            record("update-end").map(|t| {
+                chrono::DateTime::<Utc>::from_timestamp_millis((t * 1000.0) as i64)
+                    .unwrap_or_default()
+            })
+        });
         let verifying = phase_at(seen, name, token, "verifying");
         let span = |a: Option<Time>, b: Option<Time>| match (a, b) {
             (Some(a), Some(b)) if b >= a => seconds(b - a),
             _ => 0.0,
         };
-        let timing = facts.timings.get(name).cloned().unwrap_or_default();
         let run = |what: &str| {
-            let s = timing
-                .iter()
-                .rfind(|(w, _)| w == &format!("{what}-start"))
-                .map(|(_, t)| *t);
-            let e = timing
-                .iter()
-                .rfind(|(w, _)| w == &format!("{what}-end"))
-                .map(|(_, t)| *t);
-            match (s, e) {
+            match (record(&format!("{what}-start")), record(&format!("{what}-end"))) {
                 (Some(s), Some(e)) if e >= s => e - s,
                 _ => 0.0,
             }
@@ -542,7 +548,7 @@ fn chaos_verdict(seen: &Seen) -> Verdict {
 }
 
 /// The summary table printed at the end.
-pub fn table(figures: &Figures, verdicts: &[Verdict]) -> String {
+pub fn table(figures: &Figures, verdicts: &[Verdict], observations: &[String]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "\n{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
@@ -571,11 +577,15 @@ pub fn table(figures: &Figures, verdicts: &[Verdict]) -> String {
         figures.mean_handoff_etcd
     ));
     out.push_str(&format!(
-        "etcd probe: {} writes, {:.2}% within the deadline, longest gap {:.2} s\n\n",
+        "etcd probe: {} writes, {:.2}% within the deadline, longest gap {:.2} s\n",
         figures.probe_writes,
         figures.probe_success_rate * 100.0,
         figures.probe_longest_gap
     ));
+    for o in observations {
+        out.push_str(&format!("note: {o}\n"));
+    }
+    out.push('\n');
     for v in verdicts {
         out.push_str(&format!(
             "{} {:<20} {}\n",
