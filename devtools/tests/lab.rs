@@ -60,7 +60,10 @@ fn chaos_lab_rolls_the_update_through_every_node_with_every_monitor_green() {
         "rollout",
         "chaos",
     ] {
-        assert!(monitors.contains(&monitor), "no {monitor} verdict: {monitors:?}");
+        assert!(
+            monitors.contains(&monitor),
+            "no {monitor} verdict: {monitors:?}"
+        );
     }
     let faults: Vec<&str> = report["seen"]["faults"]
         .as_array()
@@ -77,5 +80,8 @@ fn chaos_lab_rolls_the_update_through_every_node_with_every_monitor_green() {
         assert!(faults.contains(&kind), "{kind} not injected: {faults:?}");
     }
     let html = std::fs::read_to_string(out.path().join("report.html")).expect("report.html");
-    assert!(html.contains("<svg") && !html.contains("http://") || html.contains("xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(
+        html.contains("<svg") && !html.contains("http://")
+            || html.contains("xmlns=\"http://www.w3.org/2000/svg\"")
+    );
 }

@@ -446,7 +446,8 @@ fn prepare_rootfs(rootfs: &Path, spec: &NodeSpec) -> Result<()> {
     )?;
     let wants = rootfs.join("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants)?;
-    for unit in std::iter::once("baton-agent.service").chain(spec.units.iter().map(String::as_str)) {
+    for unit in std::iter::once("baton-agent.service").chain(spec.units.iter().map(String::as_str))
+    {
         std::os::unix::fs::symlink(format!("../{unit}"), wants.join(unit))?;
     }
     // apt's timers would run apt behind the tests' back.

@@ -115,6 +115,10 @@ mod tests {
             let key = std::fs::read_to_string(&pair.key).unwrap();
             assert!(key.contains("PRIVATE KEY"), "{key}");
         }
-        assert!(std::fs::read_to_string(&ca.ca).unwrap().contains("CERTIFICATE"));
+        assert!(
+            std::fs::read_to_string(&ca.ca)
+                .unwrap()
+                .contains("CERTIFICATE")
+        );
     }
 }

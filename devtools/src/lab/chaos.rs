@@ -57,7 +57,7 @@ impl ChaosPlan {
         Self {
             kill_leader_at,
             agent_victim,
-            member_pause: Duration::from_millis(rng.gen_range(4000..7000)),
+            member_pause: Duration::from_millis(rng.gen_range(6000..9000)),
             freeze_extra: Duration::from_millis(rng.gen_range(2000..4000)),
         }
     }
@@ -83,10 +83,7 @@ async fn sleep(d: Duration, cancel: &CancellationToken) -> bool {
 }
 
 /// Waits (polling every 100 ms) until `check` is Some; None on cancel.
-async fn until<T>(
-    cancel: &CancellationToken,
-    mut check: impl FnMut() -> Option<T>,
-) -> Option<T> {
+async fn until<T>(cancel: &CancellationToken, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     loop {
         if let Some(v) = check() {
             return Some(v);
@@ -101,12 +98,13 @@ fn signal(pid: i32, signal: Signal) -> bool {
     kill(Pid::from_raw(pid), signal).is_ok()
 }
 
-fn push_fault(seen: &mut Seen, kind: &str, detail: String) -> usize {
+fn push_fault(seen: &mut Seen, kind: &str, target: &str, detail: String) -> usize {
     seen.note(format!("CHAOS {kind}: {detail}"));
     seen.faults.push(Fault {
         at: Utc::now(),
         until: None,
         kind: kind.into(),
+        target: target.into(),
         detail,
         effect: String::new(),
     });
@@ -130,11 +128,19 @@ pub async fn run(plan: ChaosPlan, targets: Targets, shared: Shared, cancel: Canc
 /// The lab's current leader's index among the coordinators.
 fn leader_index(targets: &Targets, shared: &Shared) -> Option<usize> {
     let leader = shared.lock().leader()?.to_string();
-    let coordinators = targets.coordinators.lock().unwrap_or_else(|e| e.into_inner());
+    let coordinators = targets
+        .coordinators
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     coordinators.iter().position(|c| c.id == leader)
 }
 
-async fn kill_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, cancel: &CancellationToken) {
+async fn kill_leader(
+    plan: &ChaosPlan,
+    targets: &Targets,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) {
     let phase = plan.kill_leader_at;
     let Some(index) = until(cancel, || {
         let reached = shared
@@ -142,27 +148,38 @@ async fn kill_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, cance
             .nodes
             .values()
             .any(|n| n.phases.iter().any(|(_, p, _)| p == phase));
-        if reached { leader_index(targets, shared) } else { None }
+        if reached {
+            leader_index(targets, shared)
+        } else {
+            None
+        }
     })
     .await
     else {
         return;
     };
     let id = {
-        let mut coordinators = targets.coordinators.lock().unwrap_or_else(|e| e.into_inner());
+        let mut coordinators = targets
+            .coordinators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         coordinators[index].kill();
         coordinators[index].id.clone()
     };
     let at = push_fault(
         &mut shared.lock(),
         "kill-coordinator",
+        &id,
         format!("SIGKILL the leading coordinator {id} when the first node reached {phase}"),
     );
     if !sleep(Duration::from_secs(1), cancel).await {
         return;
     }
     let restarted = {
-        let mut coordinators = targets.coordinators.lock().unwrap_or_else(|e| e.into_inner());
+        let mut coordinators = targets
+            .coordinators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         coordinators[index].restart()
     };
     let mut seen = shared.lock();
@@ -173,14 +190,21 @@ async fn kill_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, cance
     }
 }
 
-async fn kill_agent(plan: ChaosPlan, nodes: Arc<Vec<Node>>, shared: Shared, cancel: CancellationToken) {
+async fn kill_agent(
+    plan: ChaosPlan,
+    nodes: Arc<Vec<Node>>,
+    shared: Shared,
+    cancel: CancellationToken,
+) {
     let Some(node) = nodes.iter().find(|n| n.name() == plan.agent_victim) else {
         return;
     };
     let rootfs = node.rootfs();
     let name = node.name().to_string();
     let Some(pid) = until(&cancel, || {
-        let started = timings(&rootfs).iter().any(|(what, _)| what == "update-start");
+        let started = timings(&rootfs)
+            .iter()
+            .any(|(what, _)| what == "update-start");
         if started {
             scan_processes().agents.get(&name).copied()
         } else {
@@ -197,12 +221,19 @@ async fn kill_agent(plan: ChaosPlan, nodes: Arc<Vec<Node>>, shared: Shared, canc
     let at = push_fault(
         &mut shared.lock(),
         "kill-agent",
+        &name,
         format!("SIGKILL the agent of {name} (pid {pid}) while its update runs"),
     );
     let killed_at = tokio::time::Instant::now();
     let back = tokio::time::timeout(
         Duration::from_secs(30),
-        until(&cancel, || scan_processes().agents.get(&name).copied().filter(|p| *p != pid)),
+        until(&cancel, || {
+            scan_processes()
+                .agents
+                .get(&name)
+                .copied()
+                .filter(|p| *p != pid)
+        }),
     )
     .await;
     let mut seen = shared.lock();
@@ -216,11 +247,16 @@ async fn kill_agent(plan: ChaosPlan, nodes: Arc<Vec<Node>>, shared: Shared, canc
 }
 
 /// The pause: right after an etcd node released while another etcd node
-/// waits, pause the member of a third etcd node (neither the one that just
+/// waits for the guard (its reason starts with "etcd:"), pause the member of a third etcd node (neither the one that just
 /// came back nor the one waiting). If an etcd node turns out to hold the
 /// baton already (the lab was too slow), the member is let go at once and
 /// the lab tries again at the next etcd release.
-async fn pause_member(plan: &ChaosPlan, targets: &Targets, shared: &Shared, cancel: &CancellationToken) {
+async fn pause_member(
+    plan: &ChaosPlan,
+    targets: &Targets,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) {
     let etcd: Vec<&Plan> = targets.plans.iter().filter(|p| p.is_etcd()).collect();
     if etcd.len() < 3 {
         shared
@@ -248,9 +284,13 @@ async fn pause_member(plan: &ChaosPlan, targets: &Targets, shared: &Shared, canc
                 return None;
             }
             let (released, _) = releases.iter().max_by_key(|(_, t)| *t)?;
-            let waiting = etcd
-                .iter()
-                .find(|p| seen.nodes.get(&p.name).is_some_and(|n| n.phase == "waiting"))?;
+            // The guard itself must be what holds the waiting etcd node
+            // (not the concurrency limit), so its reason can show the pause.
+            let waiting = etcd.iter().find(|p| {
+                seen.nodes
+                    .get(&p.name)
+                    .is_some_and(|n| n.phase == "waiting" && n.reason.starts_with("etcd:"))
+            })?;
             let holding = etcd
                 .iter()
                 .any(|p| seen.nodes.get(&p.name).is_some_and(|n| n.token != 0));
@@ -280,6 +320,7 @@ async fn pause_member(plan: &ChaosPlan, targets: &Targets, shared: &Shared, canc
         let index = push_fault(
             &mut shared.lock(),
             "pause-etcd-member",
+            &victim,
             format!(
                 "SIGSTOP etcd member {victim} (pid {pid}) for {:.1} s, right after {released} released, while {waiting} waits",
                 plan.member_pause.as_secs_f64()
@@ -324,14 +365,22 @@ async fn pause_member(plan: &ChaosPlan, targets: &Targets, shared: &Shared, canc
     }
 }
 
-async fn freeze_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, cancel: &CancellationToken) {
+async fn freeze_leader(
+    plan: &ChaosPlan,
+    targets: &Targets,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) {
     let Some((index, pid)) = until(cancel, || {
         let holding = shared.lock().nodes.values().any(|n| n.token != 0);
         if !holding {
             return None;
         }
         let index = leader_index(targets, shared)?;
-        let coordinators = targets.coordinators.lock().unwrap_or_else(|e| e.into_inner());
+        let coordinators = targets
+            .coordinators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let c = &coordinators[index];
         c.running().then(|| (index, c.pid().as_raw()))
     })
@@ -339,7 +388,10 @@ async fn freeze_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, can
     else {
         return;
     };
-    let id = targets.coordinators.lock().unwrap_or_else(|e| e.into_inner())[index]
+    let id = targets
+        .coordinators
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())[index]
         .id
         .clone();
     let freeze = targets.election_ttl + plan.freeze_extra;
@@ -347,6 +399,7 @@ async fn freeze_leader(plan: &ChaosPlan, targets: &Targets, shared: &Shared, can
     let at = push_fault(
         &mut shared.lock(),
         "freeze-coordinator",
+        &id,
         format!(
             "SIGSTOP the leading coordinator {id} for {:.1} s (election TTL {:.0} s) while a node holds the baton",
             freeze.as_secs_f64(),
@@ -368,7 +421,7 @@ pub fn describe_effects(seen: &mut Seen) {
         let next = leaders
             .iter()
             .filter(|(t, l)| *t > fault.at && l.is_some())
-            .find(|(_, l)| !fault.detail.contains(&format!("coordinator {} ", l.as_deref().unwrap_or_default())));
+            .find(|(_, l)| l.as_deref() != Some(fault.target.as_str()));
         fault.effect = match next {
             Some((t, Some(l))) => format!(
                 "{l} took over after {:.1} s",

@@ -91,7 +91,11 @@ fn snapshot(nodes: &[Node], coordinators: &Mutex<Vec<Coordinator>>) -> Started {
             started.dirs.push(root.to_path_buf());
         }
     }
-    for c in coordinators.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for c in coordinators
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
         if c.running() {
             add(c.pid().as_raw(), false);
         }

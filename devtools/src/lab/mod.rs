@@ -49,7 +49,10 @@ use seen::{NodeSeen, Shared};
 
 /// `baton-devtools lab`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "baton-devtools lab", about = "Roll an OS update through a lab cluster of real systemd nodes carrying a real etcd cluster, and watch it from outside.")]
+#[command(
+    name = "baton-devtools lab",
+    about = "Roll an OS update through a lab cluster of real systemd nodes carrying a real etcd cluster, and watch it from outside."
+)]
 pub struct LabArgs {
     /// etcd nodes (each carries a member of the cluster; at least 3, so one
     /// can go down without losing quorum).
@@ -211,7 +214,11 @@ async fn run(opts: LabArgs) -> Result<()> {
     let agent = bin.join("baton-agent");
     let coordinator_bin = bin.join("baton-coordinator");
     for b in [&agent, &coordinator_bin, &bin.join("batonctl")] {
-        ensure!(b.exists(), "{} is missing (cargo xtask lab builds it)", b.display());
+        ensure!(
+            b.exists(),
+            "{} is missing (cargo xtask lab builds it)",
+            b.display()
+        );
     }
     let (etcd, etcdctl) = (program("etcd")?, program("etcdctl")?);
 
@@ -251,7 +258,10 @@ async fn run(opts: LabArgs) -> Result<()> {
     // The front first: the agents' settings carry its address.
     let (ready_tx, ready_rx) = watch::channel(vec![false, false]);
 
-    println!("lab: booting {} nodes (the first run builds a Debian rootfs with debootstrap) ...", plans.len());
+    println!(
+        "lab: booting {} nodes (the first run builds a Debian rootfs with debootstrap) ...",
+        plans.len()
+    );
     let node_files = dir.join("nodes");
     // The coordinators listen on ports chosen when they start, so the front
     // is started first on its own port and told the backends later.
@@ -294,7 +304,9 @@ async fn run(opts: LabArgs) -> Result<()> {
         cluster.coordinators.clone(),
         cancel.clone(),
     ));
-    shared.lock().note("nodes booted; waiting for the etcd cluster");
+    shared
+        .lock()
+        .note("nodes booted; waiting for the etcd cluster");
     let endpoints: Vec<String> = plans.iter().filter_map(|p| p.client_url()).collect();
     wait_etcd(&endpoints).await?;
 
@@ -320,7 +332,10 @@ async fn run(opts: LabArgs) -> Result<()> {
             .trim_start_matches("http://")
             .parse()
             .context("coordinator address")?;
-        backends.lock().unwrap_or_else(|e| e.into_inner()).push(grpc);
+        backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(grpc);
         cluster
             .coordinators
             .lock()
@@ -393,7 +408,9 @@ async fn run(opts: LabArgs) -> Result<()> {
         &repo,
         nodes::PACKAGE,
         "2",
-        Some("# Like a kernel package: some work, then ask for a reboot.\nsleep 2\ntouch /var/run/reboot-required"),
+        Some(
+            "# Like a kernel package: some work, then ask for a reboot.\nsleep 2\ntouch /var/run/reboot-required",
+        ),
     )?;
     apt::write_packages_index(&repo)?;
     {
@@ -456,7 +473,11 @@ async fn run(opts: LabArgs) -> Result<()> {
             .values()
             .flat_map(|n| n.releases.iter().map(|(t, ..)| *t))
             .max();
-        seen.finished = Some(last_release.unwrap_or_else(Utc::now).max(seen.started.unwrap_or_default()));
+        seen.finished = Some(
+            last_release
+                .unwrap_or_else(Utc::now)
+                .max(seen.started.unwrap_or_default()),
+        );
         seen.note("every node is done; watching a few more seconds for late surprises");
     }
     // Late reboots or lost writes after the last release still count.
@@ -570,14 +591,23 @@ fn observations(cluster: &Cluster) -> Vec<String> {
     let mut out = Vec::new();
     for node in cluster.nodes.iter() {
         let log = node.agent_log();
-        let refused: Vec<&str> = log.lines().filter(|l| l.contains("report failed")).collect();
-        if let Some(first) = refused.first() {
-            let why = first.split("error=").nth(1).unwrap_or(first);
+        let failed: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("report failed"))
+            .map(strip_ansi)
+            .collect();
+        if !failed.is_empty() {
+            let mut why: Vec<&str> = failed
+                .iter()
+                .filter_map(|l| l.split("error=").nth(1))
+                .collect();
+            why.sort_unstable();
+            why.dedup();
             out.push(format!(
-                "agent on {}: {} progress report(s) refused by the coordinator, e.g. {}",
+                "agent on {}: {} progress report(s) failed: {}",
                 node.name(),
-                refused.len(),
-                strip_ansi(why)
+                failed.len(),
+                why.join("; ")
             ));
         }
     }
@@ -593,13 +623,15 @@ fn observations(cluster: &Cluster) -> Vec<String> {
             .filter(|l| l.contains("stepping down as coordinator leader"))
             .collect();
         if !downs.is_empty() {
-            let why: Vec<String> = log
+            let mut why: Vec<String> = log
                 .lines()
-                .filter(|l| l.contains("coordinator election: retrying"))
-                .filter_map(|l| l.split("error=").nth(1))
                 .map(strip_ansi)
-                .take(2)
+                .filter(|l| l.contains("coordinator election: retrying"))
+                .filter_map(|l| l.split("error=").nth(1).map(str::to_string))
                 .collect();
+            why.sort_unstable();
+            why.dedup();
+            why.truncate(3);
             out.push(format!(
                 "coordinator {} stepped down {} time(s) while leading ({})",
                 c.id,
@@ -686,7 +718,9 @@ fn keep(cluster: &Cluster, dir: &Path, bin: &Path) -> Result<()> {
         ),
     )?;
     let ctl = bin.join("batonctl");
-    println!("\nthe cluster keeps running until Ctrl-C. Explore it with batonctl (admin certificate):\n");
+    println!(
+        "\nthe cluster keeps running until Ctrl-C. Explore it with batonctl (admin certificate):\n"
+    );
     println!("    set -a; . {}; set +a", env.display());
     println!("    {} status", ctl.display());
     println!("    {} status --watch", ctl.display());

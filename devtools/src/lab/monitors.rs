@@ -197,9 +197,10 @@ fn writable(shared: &Shared, plans: &[Plan]) -> Vec<(String, String)> {
                 .nodes
                 .get(&p.name)
                 .is_none_or(|n| n.down.last().is_none_or(|d| d.1.is_some()));
-            let paused = seen.faults.iter().any(|f| {
-                f.kind == "pause-etcd-member" && f.until.is_none() && f.detail.contains(&p.name)
-            });
+            let paused = seen
+                .faults
+                .iter()
+                .any(|f| f.kind == "pause-etcd-member" && f.until.is_none() && f.target == p.name);
             node_up && !paused
         })
         .filter_map(|p| Some((p.name.clone(), p.client_url()?)))
@@ -366,7 +367,7 @@ async fn futures_join(replicas: &[(String, String)]) -> Vec<bool> {
         .map(|(_, metrics)| {
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                super::front::probe_ready(&metrics, Duration::from_millis(400)).await
+                super::front::probe_ready(&metrics, Duration::from_secs(1)).await
             })
         })
         .collect();

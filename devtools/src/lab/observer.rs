@@ -53,8 +53,10 @@ pub async fn status(channel: &Channel) -> Result<pb::StatusResponse> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no status")))
-        .context("no coordinator answered Status")
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no status")))
+    .context("no coordinator answered Status")
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Option<Time> {
@@ -92,7 +94,10 @@ pub fn record(shared: &Shared, status: &pb::StatusResponse) {
         match audit.action.as_str() {
             "grant" if !node.grants.iter().any(|(_, t)| *t == audit.fencing_token) => {
                 node.grants.push((at, audit.fencing_token));
-                lines.push(format!("{} granted (token {})", audit.node, audit.fencing_token));
+                lines.push(format!(
+                    "{} granted (token {})",
+                    audit.node, audit.fencing_token
+                ));
             }
             "release" | "force-release"
                 if !node
@@ -152,7 +157,9 @@ pub fn record(shared: &Shared, status: &pb::StatusResponse) {
                 }
                 if node.reason != q.reason {
                     node.reason = q.reason.clone();
-                    if node.reasons.last().is_none_or(|(_, r)| *r != q.reason) {
+                    if !q.reason.is_empty()
+                        && node.reasons.last().is_none_or(|(_, r)| *r != q.reason)
+                    {
                         node.reasons.push((Utc::now(), q.reason.clone()));
                         lines.push(format!("{name} waits: {}", q.reason));
                     }

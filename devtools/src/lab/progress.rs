@@ -60,7 +60,14 @@ fn node_line(name: &str, seen: &Seen) -> String {
         }
     );
     if !n.reason.is_empty() {
-        let reason: String = n.reason.lines().next().unwrap_or_default().chars().take(110).collect();
+        let reason: String = n
+            .reason
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(110)
+            .collect();
         line.push_str(&format!("  ({reason})"));
     }
     line
@@ -104,10 +111,14 @@ async fn bars(shared: Shared, cancel: CancellationToken) {
         .iter()
         .map(|_| multi.add(ProgressBar::new_spinner().with_style(style.clone())))
         .collect();
-    let overall = multi.add(ProgressBar::new(names.len() as u64).with_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} nodes done  {msg}")
+    let overall = multi.add(
+        ProgressBar::new(names.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:40} {pos}/{len} nodes done  {msg}",
+            )
             .expect("static template"),
-    ));
+        ),
+    );
     let mut printed = shared.lock().log.len();
     loop {
         let stop = tokio::select! {

@@ -95,9 +95,17 @@ pub fn html(settings: &Settings, seen: &Seen, figures: &Figures, verdicts: &[Ver
         page,
         "<h1>Baton lab: {} <span class=\"{}\">{}</span></h1><div class=\"muted\">{} etcd nodes (stacked etcd) + {} workers, \
          2 coordinators (etcd store, mutual TLS), max concurrent {}, {}; rollout {:.1} s</div>",
-        if settings.chaos_seed.is_some() { "chaos run" } else { "plain run" },
+        if settings.chaos_seed.is_some() {
+            "chaos run"
+        } else {
+            "plain run"
+        },
         if passed { "ok" } else { "bad" },
-        if passed { "every monitor green" } else { "VIOLATIONS" },
+        if passed {
+            "every monitor green"
+        } else {
+            "VIOLATIONS"
+        },
         settings.etcd_nodes,
         settings.workers,
         settings.max_concurrent,
@@ -189,7 +197,9 @@ fn svg(seen: &Seen, settings: &Settings) -> String {
     let end = seen.finished.unwrap_or_else(chrono::Utc::now) + Duration::seconds(2);
     let span = ((end - start).num_milliseconds().max(1)) as f64 / 1000.0;
     let (left, width, lane) = (120.0, 1140.0, 26.0);
-    let x = |t: Time| left + ((t - start).num_milliseconds() as f64 / 1000.0 / span * width).clamp(0.0, width);
+    let x = |t: Time| {
+        left + ((t - start).num_milliseconds() as f64 / 1000.0 / span * width).clamp(0.0, width)
+    };
     let top = 34.0;
     let lanes_h = lane * seen.nodes.len() as f64;
     let probe_top = top + lanes_h + 24.0;
@@ -202,7 +212,13 @@ fn svg(seen: &Seen, settings: &Settings) -> String {
         left + width + 20.0
     );
     // Time axis.
-    let step = if span > 240.0 { 30 } else if span > 90.0 { 10 } else { 5 };
+    let step = if span > 240.0 {
+        30
+    } else if span > 90.0 {
+        10
+    } else {
+        5
+    };
     let mut tick = 0;
     while (tick as f64) <= span {
         let tx = left + tick as f64 / span * width;
@@ -288,11 +304,18 @@ fn svg(seen: &Seen, settings: &Settings) -> String {
         max_ms
     );
     let mut path = String::new();
-    for p in &seen.probes {
+    // Writes are recorded as they finish; draw them in the order they began.
+    let mut probes: Vec<_> = seen.probes.iter().collect();
+    probes.sort_by_key(|p| p.at);
+    for p in probes {
         let px = x(p.at);
         let py = probe_top + probe_h - (p.latency_ms.min(max_ms) / max_ms) * (probe_h - 4.0);
         if p.ok {
-            let _ = write!(path, "{}{px:.1},{py:.1} ", if path.is_empty() { "M" } else { "L" });
+            let _ = write!(
+                path,
+                "{}{px:.1},{py:.1} ",
+                if path.is_empty() { "M" } else { "L" }
+            );
         } else {
             let _ = write!(
                 s,
@@ -345,7 +368,14 @@ fn svg(seen: &Seen, settings: &Settings) -> String {
     // Legend.
     let mut lx = left;
     let ly = height - 8.0;
-    for phase in ["waiting", "preparing", "updating", "rebooting", "verifying", "finishing"] {
+    for phase in [
+        "waiting",
+        "preparing",
+        "updating",
+        "rebooting",
+        "verifying",
+        "finishing",
+    ] {
         let _ = write!(
             s,
             "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{phase}</text>",

@@ -127,6 +127,8 @@ pub struct Fault {
     /// What: "kill-coordinator", "freeze-coordinator", "kill-agent",
     /// "pause-etcd-member".
     pub kind: String,
+    /// Whom: the coordinator, node or etcd member acted on.
+    pub target: String,
     /// Whom and how.
     pub detail: String,
     /// What Baton did about it, as seen from outside.

@@ -166,32 +166,31 @@ pub fn figures(seen: &Seen, facts: &FinalFacts) -> Figures {
             .find(|(_, t, ..)| *t == token)
             .map(|(t, ..)| *t);
         let timing = facts.timings.get(name).cloned().unwrap_or_default();
-        let record = |what: &str| {
-            timing
-                .iter()
-                .rfind(|(w, _)| w == what)
-                .map(|(_, t)| *t)
-        };
-        let updating = phase_at(seen, name, token, "updating");
-        // When the agent's Rebooting report is missing (refused or lost),
-        // the reboot is taken to start when the update ended (the node's
-        // own record): the agent asks for the reboot right after.
-        let rebooting = phase_at(seen, name, token, "rebooting").or_else(|| {
-            record("update-end").map(|t| {
+        let record = |what: &str| timing.iter().rfind(|(w, _)| w == what).map(|(_, t)| *t);
+        let at = |what: &str| {
+            record(what).map(|t| {
                 chrono::DateTime::<Utc>::from_timestamp_millis((t * 1000.0) as i64)
                     .unwrap_or_default()
             })
-        });
+        };
+        // A phase whose report is missing (refused, or lost in a failover)
+        // is taken from the node's own record of the update.
+        let updating = phase_at(seen, name, token, "updating").or_else(|| at("update-start"));
+        // When the agent's Rebooting report is missing (refused or lost),
+        // the reboot is taken to start when the update ended (the node's
+        // own record): the agent asks for the reboot right after.
+        let rebooting = phase_at(seen, name, token, "rebooting").or_else(|| at("update-end"));
         let verifying = phase_at(seen, name, token, "verifying");
         let span = |a: Option<Time>, b: Option<Time>| match (a, b) {
             (Some(a), Some(b)) if b >= a => seconds(b - a),
             _ => 0.0,
         };
-        let run = |what: &str| {
-            match (record(&format!("{what}-start")), record(&format!("{what}-end"))) {
-                (Some(s), Some(e)) if e >= s => e - s,
-                _ => 0.0,
-            }
+        let run = |what: &str| match (
+            record(&format!("{what}-start")),
+            record(&format!("{what}-end")),
+        ) {
+            (Some(s), Some(e)) if e >= s => e - s,
+            _ => 0.0,
         };
         let down = node
             .down
@@ -330,7 +329,9 @@ pub fn verdicts(seen: &Seen, facts: &FinalFacts, figures: &Figures) -> Vec<Verdi
             facts.probe_deadline.as_secs_f64(),
             figures.probe_longest_gap,
             figures.probe_max_latency_ms,
-            v.first().map(|s| format!("; first failure {s}")).unwrap_or_default()
+            v.first()
+                .map(|s| format!("; first failure {s}"))
+                .unwrap_or_default()
         ),
     ));
 
@@ -341,7 +342,11 @@ pub fn verdicts(seen: &Seen, facts: &FinalFacts, figures: &Figures) -> Vec<Verdi
         format!(
             "at most {} etcd member(s) down at once by etcd's own view (limit 1){}",
             figures.max_members_down,
-            if v.is_empty() { String::new() } else { format!("; {}", v.join("; ")) }
+            if v.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", v.join("; "))
+            }
         ),
     ));
 

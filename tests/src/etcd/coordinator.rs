@@ -65,13 +65,18 @@ impl Coordinator {
             command: Vec::new(),
         };
         let data = me.dir.path().join("data");
-        me.command = [binary.display().to_string(), "serve".into(), "--id".into(), id.into()]
-            .into_iter()
-            .chain(["--listen".into(), format!("127.0.0.1:{grpc}")])
-            .chain(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")])
-            .chain(["--data-dir".into(), data.display().to_string()])
-            .chain(args.iter().map(|a| a.to_string()))
-            .collect();
+        me.command = [
+            binary.display().to_string(),
+            "serve".into(),
+            "--id".into(),
+            id.into(),
+        ]
+        .into_iter()
+        .chain(["--listen".into(), format!("127.0.0.1:{grpc}")])
+        .chain(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")])
+        .chain(["--data-dir".into(), data.display().to_string()])
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
         me.spawn()?;
         Ok(me)
     }
