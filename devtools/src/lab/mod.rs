@@ -139,17 +139,6 @@ fn program(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} not found (cargo xtask lab installs it)"))
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// The lab's running parts; dropping it stops them all.
 struct Cluster {
     coordinators: Arc<Mutex<Vec<Coordinator>>>,
@@ -194,7 +183,7 @@ impl Drop for Cluster {
 
 async fn run(opts: LabArgs) -> Result<()> {
     ensure!(
-        is_root(),
+        baton_tests::is_root(),
         "the lab boots systemd-nspawn containers: run it as root (cargo xtask lab)"
     );
     let out = opts
