@@ -9,6 +9,8 @@
 //!
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
+//! - `lab`: deps, build, roll an update through a lab cluster of real
+//!   systemd nodes and real etcd (the main job; see baton-devtools);
 //! - `serve`: deps, build, run a local coordinator;
 //! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools.
 
@@ -20,6 +22,8 @@ use anyhow::{Result, bail};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  lab [ARGS]            the main job: roll an OS update through a lab cluster (root;
+                        --nodes N --workers M --chaos [--seed S] --keep; target/lab/report.html)
   deps                  install the Debian packages the build and tests need (root)
   test [ARGS]           install deps, build, run every test (ARGS go to cargo test)
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
@@ -36,6 +40,7 @@ fn main() -> Result<()> {
     match task {
         "deps" => deps::ensure(&deps::all()),
         "test" => test(rest),
+        "lab" => lab(rest),
         "serve" => serve(rest),
         "bench" => bench(rest),
         "help" | "--help" | "-h" => {
@@ -71,6 +76,17 @@ fn bench(rest: &[String]) -> Result<()> {
     deps::ensure(&needs)?;
     util::build_release_bins()?;
     let mut args = vec!["bench".to_string()];
+    args.extend(rest.iter().cloned());
+    util::run_release_bin("baton-devtools", &args)
+}
+
+/// `cargo xtask lab`: installs what the lab starts (etcd, systemd-nspawn,
+/// debootstrap), builds every release binary and hands over to
+/// `baton-devtools lab ...`.
+fn lab(rest: &[String]) -> Result<()> {
+    deps::ensure(&[deps::BUILD, deps::ETCD, deps::NODES, deps::ESSENTIAL].concat())?;
+    util::build_release_bins()?;
+    let mut args = vec!["lab".to_string()];
     args.extend(rest.iter().cloned());
     util::run_release_bin("baton-devtools", &args)
 }

@@ -33,6 +33,8 @@ pub struct Coordinator {
     pub metrics_addr: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The program and its arguments, for [`Coordinator::restart`].
+    command: Vec<String>,
 }
 
 impl Coordinator {
@@ -44,31 +46,75 @@ impl Coordinator {
     /// Like [`Coordinator::start`], with the binary at `binary` (for callers
     /// outside test executables, e.g. the bench).
     pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let mut all = vec!["--insecure"];
+        all.extend_from_slice(args);
+        Self::start_with_auth(binary, id, &all)
+    }
+
+    /// Starts `binary serve` with `args` and no `--insecure`: the caller
+    /// passes the authentication flags (the lab's mutual TLS).
+    pub fn start_with_auth(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
         let grpc = free_port();
         let metrics = free_port();
-        let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .args(["--insecure", "--id", id])
-            .args(["--listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(args)
+        let mut me = Self {
+            id: id.to_string(),
+            grpc_url: format!("http://127.0.0.1:{grpc}"),
+            metrics_addr: format!("127.0.0.1:{metrics}"),
+            dir: tempfile::tempdir()?,
+            child: None,
+            command: Vec::new(),
+        };
+        let data = me.dir.path().join("data");
+        me.command = [
+            binary.display().to_string(),
+            "serve".into(),
+            "--id".into(),
+            id.into(),
+        ]
+        .into_iter()
+        .chain(["--listen".into(), format!("127.0.0.1:{grpc}")])
+        .chain(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")])
+        .chain(["--data-dir".into(), data.display().to_string()])
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting baton-coordinator")?;
-        Ok(Self {
-            id: id.to_string(),
-            grpc_url: format!("http://127.0.0.1:{grpc}"),
-            metrics_addr: format!("127.0.0.1:{metrics}"),
-            dir,
-            child: Some(child),
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts the process again after [`Coordinator::kill`], with the same
+    /// ports, data directory and arguments (what a supervisor does).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("coordinator {} still runs", self.id);
+        }
+        self.spawn()
+    }
+
+    /// True while the process has not been killed.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Where its log goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.log")
     }
 
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
@@ -78,7 +124,7 @@ impl Coordinator {
 
     /// The process's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// A gRPC client (retries while the process starts).
