@@ -14,7 +14,11 @@
 //!   Ready after reboot, annotations, Events) for `--mode kubernetes`;
 //! - [`sentinel`]: reboot sentinels, check commands, inotify watching;
 //! - [`state`]: the atomically written state file;
+//! - [`text`]: text cut to the API's limits before it is sent;
 //! - [`cli`]: flags and environment.
+//!
+//! The agent's tests run it over a simulated node (`fakes`, test only),
+//! also with faults at every crash point (`crash_points`, test only).
 
 pub mod agent;
 pub mod cli;
@@ -29,7 +33,10 @@ pub mod phase;
 pub mod sentinel;
 pub mod state;
 pub mod systemd;
+pub mod text;
 
+#[cfg(test)]
+mod crash_points;
 #[cfg(test)]
 mod fakes;
 
@@ -127,7 +134,8 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         token,
         &args.node,
         args.control_plane,
-    )?;
+    )?
+    .with_call_timeout(args.timing.call_timeout);
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),
@@ -176,6 +184,7 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         renew_interval: args.timing.renew_interval,
         retry_interval: args.timing.retry_interval,
         abort_backoff: args.timing.abort_backoff,
+        call_timeout: args.timing.call_timeout,
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
