@@ -359,20 +359,24 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         {
             return self.fail(format!("readiness: {error}"), "").await;
         }
-        if self.state.boot_id_before_reboot.is_some() && self.host.reboot_required().await {
+        // The sentinel is checked again before the baton goes: after a
+        // reboot it must be gone; without one it must still be absent (the
+        // check after the update may have failed, and a failed check reads
+        // as "no reboot needed").
+        if self.host.reboot_required().await {
             let need = self
                 .host
                 .maintenance_needed()
                 .await
                 .unwrap_or_else(|| "a reboot sentinel".to_string());
-            return self
-                .fail(
-                    format!(
-                        "still needs a reboot after a verified reboot ({need}): the update is not live (held or phased packages, or the bootloader boots the old kernel?)"
-                    ),
-                    "",
+            let error = if self.state.boot_id_before_reboot.is_some() {
+                format!(
+                    "still needs a reboot after a verified reboot ({need}): the update is not live (held or phased packages, or the bootloader boots the old kernel?)"
                 )
-                .await;
+            } else {
+                format!("needs a reboot after the update after all ({need}); not releasing without one")
+            };
+            return self.fail(error, "").await;
         }
         if let Some(action) = self.settings.post_check.clone() {
             let job = self.job(&action, "post-check", token);
