@@ -514,6 +514,124 @@ mod tests {
     }
 
     #[test]
+    fn status_codes_map_to_what_the_agent_does_next() {
+        use tonic::Status;
+        let of = |s: Status| CoordinatorError::from(s);
+        assert!(matches!(
+            of(Status::failed_precondition("stale")),
+            CoordinatorError::Fenced(_)
+        ));
+        assert!(matches!(
+            of(Status::invalid_argument("too long")),
+            CoordinatorError::Refused(_)
+        ));
+        assert!(matches!(
+            of(Status::permission_denied("not yours")),
+            CoordinatorError::Refused(_)
+        ));
+        assert!(matches!(
+            of(Status::unimplemented("Confirm")),
+            CoordinatorError::Unimplemented(_)
+        ));
+        assert!(matches!(
+            of(Status::unavailable("follower")),
+            CoordinatorError::Call(_)
+        ));
+        assert!(matches!(
+            of(Status::unauthenticated("token rotating")),
+            CoordinatorError::Call(_)
+        ));
+    }
+
+    /// A coordinator that accepts connections and never answers.
+    struct Silent;
+
+    type Events = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<baton_proto::v1::AcquireEvent, tonic::Status>> + Send>,
+    >;
+
+    #[tonic::async_trait]
+    impl baton_proto::v1::coordinator_server::Coordinator for Silent {
+        type AcquireStream = Events;
+        async fn acquire(
+            &self,
+            _: tonic::Request<AcquireRequest>,
+        ) -> Result<tonic::Response<Events>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn renew(
+            &self,
+            _: tonic::Request<RenewRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::RenewResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn report(
+            &self,
+            _: tonic::Request<ReportRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ReportResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn release(
+            &self,
+            _: tonic::Request<ReleaseRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ReleaseResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn confirm(
+            &self,
+            _: tonic::Request<ConfirmRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ConfirmResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+    }
+
+    /// Finding 7: every call has a deadline; a coordinator that hangs
+    /// makes the call fail (retryable), it never hangs the agent.
+    #[tokio::test]
+    async fn calls_to_a_hung_coordinator_fail_at_their_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(baton_proto::v1::coordinator_server::CoordinatorServer::new(Silent))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let client = GrpcCoordinator::new(
+            &format!("http://{addr}"),
+            None,
+            BearerToken::none(),
+            "n1",
+            false,
+        )
+        .unwrap()
+        .with_call_timeout(Duration::from_millis(300));
+        let report = Report {
+            phase: Phase::Updating,
+            boot_id: String::new(),
+            message: String::new(),
+            error: String::new(),
+        };
+        // The outer bound only keeps a broken build from hanging the suite.
+        let bound = Duration::from_secs(60);
+        let calls = async {
+            assert!(matches!(client.renew(1).await, Err(CoordinatorError::Call(_))));
+            assert!(matches!(client.report(1, &report).await, Err(CoordinatorError::Call(_))));
+            assert!(matches!(client.release(1, "r").await, Err(CoordinatorError::Call(_))));
+            assert!(matches!(
+                client.confirm(1, Step::Reboot).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.acquire("r", false).await,
+                Err(CoordinatorError::Call(_))
+            ));
+        };
+        tokio::time::timeout(bound, calls)
+            .await
+            .expect("a call without a deadline hung");
+    }
+
+    #[test]
     fn a_missing_or_empty_token_fails_the_call_as_unavailable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
