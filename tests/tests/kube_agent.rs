@@ -178,7 +178,7 @@ async fn start_agent(
     coordinator: &Coordinator,
     args: KubernetesArgs,
     host: StubHost,
-    _dir: Arc<tempfile::TempDir>,
+    dir: Arc<tempfile::TempDir>,
 ) -> RunningAgent {
     let url = format!("http://{}", coordinator.running.grpc_addr);
     let grpc = GrpcCoordinator::new(&url, None, BearerToken::none(), "n1", false).unwrap();
@@ -305,7 +305,7 @@ async fn an_update_that_needs_a_reboot_drains_reboots_and_gives_the_node_back() 
         &coordinator,
         KubernetesArgs::default(),
         host.clone(),
-        _dir: dir,
+        dir,
     )
     .await;
     eventually("the baton released after the reboot", async || {
