@@ -19,12 +19,21 @@
 //!   |        ^   |                                                        |
 //!   |   Booted{new}  Verified                           Updated{reboot_required: true}
 //!   |        |   v                                                        v
-//!   |     Rebooting   Finishing --Released--> Idle                   Rebooting
+//!   |     Rebooting   Finishing --Released--> Idle                   Rebooting <-+
+//!   |                                                                     |      |
+//!   |                                                                     +------+
+//!   |                                                                   Booted{same}
 //!   |
 //!   +--Fenced-- (any phase holding the baton, including Failed)
 //!   +--Released-- Aborting <--PrepareAborted-- Preparing
 //! any holding phase --StepFailed--> Failed (keeps the baton: fail closed)
 //! ```
+//!
+//! `Booted{same}` keeps `Rebooting`: the reboot did not happen (yet), and
+//! the agent asks for it again, a bounded number of times before it fails
+//! the step. `Waiting` is persisted too, so that an agent restarted while
+//! queued asks again (or withdraws) instead of leaving a grant it does not
+//! know about.
 //!
 //! `PrepareAborted` is the one way a maintenance ends early *and* gives the
 //! baton back: node operations gave up preparing in a way that left the node
