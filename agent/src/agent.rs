@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod inhibitors;
+
 /// What to run for the update or the post-check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -47,6 +49,11 @@ pub struct Settings {
     /// How long to hold back after an aborted maintenance before asking
     /// again (doubles with every abort in a row, see [`abort_backoff`]).
     pub abort_backoff: Duration,
+    /// How long to wait for logind's block inhibitors on shutdown to go
+    /// before the reboot; then the maintenance fails.
+    pub inhibitor_timeout: Duration,
+    /// Reboot even while block inhibitors are held.
+    pub ignore_inhibitors: bool,
 }
 
 /// The longest hold-back after aborted maintenances, unless the base
@@ -492,7 +499,14 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         if let Some(action) = self.settings.update.clone() {
             let job = self.job(&action, "update", token);
             let run = self.host.run(&job, self.settings.update_timeout);
-            match self.holding(token, run).await? {
+            let ran = self.holding(token, run).await;
+            if let Err(Interrupted::Fenced(_)) = &ran
+                && let Err(error) = self.host.stop(&job).await
+            {
+                // The update must not go on once the baton is someone else's.
+                tracing::error!(unit = job.unit_name(), %error, "the baton was lost; stopping the update failed");
+            }
+            match ran? {
                 Ok(outcome) if outcome.success => {
                     self.state.update_output = outcome.output_tail.clone();
                     message = format!("update done ({})", outcome.detail);
@@ -534,6 +548,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         self.state_file
             .save(&self.state)
             .map_err(|e| fatal(e.into()))?;
+        if let Err(why) = self.wait_for_inhibitors(token).await? {
+            return self.fail(why, "").await;
+        }
         loop {
             match self.coordinator.renew(token).await {
                 Ok(()) => break,
@@ -732,6 +749,8 @@ mod tests {
             renew_interval: Duration::from_secs(5),
             retry_interval: Duration::from_secs(1),
             abort_backoff: Duration::from_secs(300),
+            inhibitor_timeout: Duration::from_secs(1800),
+            ignore_inhibitors: false,
         }
     }
 
