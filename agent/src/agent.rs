@@ -1016,6 +1016,164 @@ mod tests {
         );
     }
 
+    // ---- The host layer's contract as the agent uses it: inhibitors,
+    // ---- stopping an update that lost its baton or its time.
+
+    /// Run an agent with `settings` until `done` holds or it stops itself;
+    /// panics after four hours of (virtual) time, so a wrong agent fails the
+    /// test instead of hanging it.
+    async fn run_with(w: &World, settings: Settings, done: impl Fn() -> bool) -> AgentState {
+        let shutdown = CancellationToken::new();
+        *w.host.on_reboot.lock().unwrap() = Some(shutdown.clone());
+        let mut agent = Agent::new(
+            w.host.clone(),
+            w.coordinator.clone(),
+            w.node_ops.clone(),
+            StateFile::new(w.dir.path()),
+            settings,
+            shutdown.clone(),
+        );
+        let (_tx, wakes) = watch::channel(0);
+        let limit = tokio::time::Instant::now() + Duration::from_secs(4 * 3600);
+        let stop = async {
+            while !done() && !shutdown.is_cancelled() {
+                assert!(
+                    tokio::time::Instant::now() < limit,
+                    "the agent never got there"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(agent.run(wakes), stop);
+        result.unwrap();
+        agent.state().clone()
+    }
+
+    fn needs_reboot() -> World {
+        let w = world();
+        *w.host.need.lock().unwrap() = Some("/run/reboot-required exists".into());
+        *w.host.reboot_required.lock().unwrap() = true;
+        w
+    }
+
+    fn reported(w: &World, text: &str) -> bool {
+        let reports = w.coordinator.reports.lock().unwrap();
+        reports.iter().any(|(_, r)| r.message.contains(text))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_block_inhibitor_holds_the_reboot_back_with_its_reason_reported() {
+        let w = needs_reboot();
+        w.host.inhibit("nightly-backup", "copying /srv to tape");
+        let host = w.host.clone();
+        let coordinator = w.coordinator.clone();
+        let lifted = std::sync::Mutex::new(None);
+        run_with(&w, settings(), || {
+            // Lift the lock ten minutes after the reason was reported.
+            if reported(&w, "copying /srv to tape") && lifted.lock().unwrap().is_none() {
+                *lifted.lock().unwrap() = Some(tokio::time::Instant::now());
+            }
+            if let Some(at) = *lifted.lock().unwrap()
+                && at.elapsed() >= Duration::from_secs(600)
+            {
+                host.inhibitors.lock().unwrap().clear();
+            }
+            false
+        })
+        .await;
+        let lifted = lifted.lock().unwrap().expect("the reason was reported");
+        assert!(lifted.elapsed() >= Duration::from_secs(600));
+        assert_eq!(*w.host.reboots.lock().unwrap(), 1);
+        assert_eq!(*w.host.reboots_while_inhibited.lock().unwrap(), 0);
+        // The wait was reported while Rebooting, with who and why.
+        let reports = coordinator.reports.lock().unwrap();
+        let (_, held) = reports
+            .iter()
+            .find(|(_, r)| r.message.contains("nightly-backup"))
+            .unwrap();
+        assert_eq!(held.phase, Phase::Rebooting);
+        assert!(
+            held.message.contains("reboot held back by inhibitor locks"),
+            "{held:?}"
+        );
+        // The baton was renewed while waiting.
+        assert!(*coordinator.renews.lock().unwrap() >= 600 / 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inhibitor_past_the_timeout_fails_without_a_reboot() {
+        let w = needs_reboot();
+        w.host.inhibit("nightly-backup", "copying /srv to tape");
+        let c = w.coordinator.clone();
+        let state = run_with(&w, settings(), move || c.phases().contains(&Phase::Failed)).await;
+        assert_eq!(state.phase, Phase::Failed);
+        let error = state.error.unwrap();
+        assert!(error.contains("nightly-backup"), "{error}");
+        assert!(error.contains("--inhibitor-timeout"), "{error}");
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+        assert!(w.coordinator.releases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ignore_inhibitors_reboots_through_them() {
+        let w = needs_reboot();
+        w.host.inhibit("nightly-backup", "copying /srv to tape");
+        let settings = Settings {
+            ignore_inhibitors: true,
+            ..settings()
+        };
+        let state = run_with(&w, settings, || false).await;
+        assert_eq!(state.phase, Phase::Rebooting);
+        assert_eq!(*w.host.reboots_while_inhibited.lock().unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_whose_baton_is_lost_is_stopped() {
+        let w = needs_reboot();
+        w.host.runs_take(Duration::from_secs(3600));
+        let c = w.coordinator.clone();
+        let host = w.host.clone();
+        run_with(&w, settings(), move || {
+            if c.phases().contains(&Phase::Updating) {
+                *c.fenced.lock().unwrap() = true;
+            }
+            !host.stops.lock().unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(
+            *w.host.stops.lock().unwrap(),
+            vec!["baton-update-1.service".to_string()]
+        );
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_past_its_timeout_is_stopped_and_fails() {
+        let w = needs_reboot();
+        w.host.runs_take(Duration::from_secs(3600));
+        let c = w.coordinator.clone();
+        let state = run_with(&w, settings(), move || c.phases().contains(&Phase::Failed)).await;
+        assert!(state.error.unwrap().contains("did not finish within 1m"));
+        assert_eq!(
+            *w.host.stops.lock().unwrap(),
+            vec!["baton-update-1.service".to_string()]
+        );
+        assert_eq!(*w.host.reboots.lock().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
+        let w = needs_reboot();
+        let settings = Settings {
+            update: Some(Action::Unit("apt-daily-upgrade.timer".into())),
+            ..settings()
+        };
+        let c = w.coordinator.clone();
+        let state = run_with(&w, settings, move || c.phases().contains(&Phase::Failed)).await;
+        assert!(state.error.unwrap().contains("only .service units"));
+    }
+
     #[test]
     fn abort_backoff_doubles_up_to_the_cap() {
         let base = Duration::from_secs(300);

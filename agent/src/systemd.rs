@@ -105,6 +105,24 @@ impl SystemdHost {
                 what: what.to_string(),
                 timeout,
             })?
+            .map_err(|e| self.explain(e))
+    }
+
+    /// A D-Bus call that hit the connection's method timeout, as a
+    /// [`HostError::Timeout`] that says which deadline (zbus only says
+    /// "timed out").
+    fn explain(&self, error: HostError) -> HostError {
+        match error {
+            HostError::Dbus(zbus::Error::InputOutput(io))
+                if io.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                HostError::Timeout {
+                    what: "a D-Bus call to systemd or logind".into(),
+                    timeout: self.settings.dbus_timeout,
+                }
+            }
+            other => other,
+        }
     }
 
     async fn manager(&self) -> Result<SystemdManagerProxy<'static>, HostError> {
@@ -413,6 +431,7 @@ impl HostOs for SystemdHost {
                 what: format!("stopping {name}"),
                 timeout: STOP_TIMEOUT,
             })?
+            .map_err(|e| self.explain(e))
     }
 
     async fn reboot_inhibitors(&self) -> Result<Vec<Inhibitor>, HostError> {
