@@ -31,6 +31,7 @@
 //!   loop.
 
 mod hold_back;
+mod inhibitors;
 mod lease;
 mod steps;
 #[cfg(test)]
@@ -83,6 +84,11 @@ pub struct Settings {
     pub abort_backoff: Duration,
     /// The deadline of every coordinator call (the waiting Acquire aside).
     pub call_timeout: Duration,
+    /// How long to wait for logind's block inhibitors on shutdown to go
+    /// before the reboot; then the maintenance fails.
+    pub inhibitor_timeout: Duration,
+    /// Reboot even while block inhibitors are held.
+    pub ignore_inhibitors: bool,
 }
 
 impl Default for Settings {
@@ -98,6 +104,8 @@ impl Default for Settings {
             retry_interval: Duration::from_secs(2),
             abort_backoff: Duration::from_secs(300),
             call_timeout: crate::coordinator::DEFAULT_CALL_TIMEOUT,
+            inhibitor_timeout: Duration::from_secs(1800),
+            ignore_inhibitors: false,
         }
     }
 }
@@ -474,6 +482,18 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// asking again, and go idle.
     async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
         tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
+        // The update must not go on once the baton is someone else's.
+        if let (Phase::Updating, Some(token), Some(action)) = (
+            self.state.phase,
+            self.state.fencing_token,
+            self.settings.update.clone(),
+        ) && self.state.update_started == Some(token)
+        {
+            let job = self.job(&action, "update", token);
+            if let Err(error) = self.host.stop(&job).await {
+                tracing::error!(unit = job.unit_name(), %error, "the baton was lost; stopping the update failed");
+            }
+        }
         let mut failures = 0u32;
         loop {
             match self

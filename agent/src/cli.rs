@@ -234,6 +234,15 @@ pub struct MaintenanceArgs {
     /// A shell command that checks the node after boot (transient unit).
     #[arg(long, env = "BATON_POST_CHECK_COMMAND")]
     pub post_check_command: Option<String>,
+    /// Reboot even while logind inhibitor locks (mode "block", what
+    /// "shutdown") are held. By default the agent waits for them to go, up
+    /// to --inhibitor-timeout, and then fails.
+    #[arg(long, env = "BATON_IGNORE_INHIBITORS")]
+    pub ignore_inhibitors: bool,
+    /// When logind refuses the reboot, start reboot.target instead. That
+    /// bypasses logind (and every inhibitor), so it is off by default.
+    #[arg(long, env = "BATON_REBOOT_FALLBACK_TARGET")]
+    pub reboot_fallback_target: bool,
 }
 
 /// Timeouts and intervals.
@@ -268,6 +277,13 @@ pub struct TimingArgs {
     /// aside).
     #[arg(long, env = "BATON_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub call_timeout: Duration,
+    /// How long to wait for logind's block inhibitors on shutdown to go
+    /// before the reboot; then the maintenance fails (the baton stays held).
+    #[arg(long, env = "BATON_INHIBITOR_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub inhibitor_timeout: Duration,
+    /// The deadline of every D-Bus call to systemd and logind.
+    #[arg(long, env = "BATON_DBUS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub dbus_timeout: Duration,
     /// How long a sentinel or update-check command may run.
     #[arg(long, env = "BATON_CHECK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
     pub check_timeout: Duration,

@@ -307,6 +307,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 )
                 .await;
         }
+        if let Err(why) = self.wait_for_inhibitors(token).await? {
+            return self.fail(why, "").await;
+        }
+        // The last check, right before the step.
         self.confirm_step(token, Step::Reboot).await?;
         self.state.reboot_requests += 1;
         self.save()?;

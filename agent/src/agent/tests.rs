@@ -737,3 +737,138 @@ async fn an_update_unit_is_never_started_twice_for_a_grant() {
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("not starting it a second time"), "{error}");
 }
+
+// ---- The host layer's contract as the agent uses it (ported from the
+// ---- host-layer branch onto the simulated node): inhibitors, stopping an
+// ---- update that lost its baton or its time.
+
+/// Finding 6: a block inhibitor holds the reboot back, with who and why
+/// reported, the baton renewed meanwhile; once it goes, the reboot comes.
+#[tokio::test(start_paused = true)]
+async fn a_block_inhibitor_holds_the_reboot_back_with_its_reason_reported() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        settings(),
+    );
+    let reported = |s: &SimState| {
+        s.reports
+            .iter()
+            .any(|(_, r)| r.message.contains("copying /srv to tape"))
+    };
+    assert!(d.run(HOUR, |s, _| reported(s)).await);
+    let renews = d.sim.state().renews;
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    {
+        let s = d.sim.state();
+        assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+        assert!(s.renews >= renews + 600 / 5 - 1, "renewed while waiting");
+        let (_, held) = s
+            .reports
+            .iter()
+            .find(|(_, r)| r.message.contains("nightly-backup"))
+            .unwrap();
+        assert_eq!(held.phase, Phase::Rebooting);
+        assert!(held.message.contains("reboot held back by inhibitor locks"));
+    }
+    d.sim.state().inhibitors.clear();
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 2);
+    assert_eq!(s.reboots_while_inhibited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inhibitor_past_the_timeout_fails_without_a_reboot() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        settings(),
+    );
+    assert!(d.run(2 * HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("nightly-backup"), "{error}");
+    assert!(error.contains("--inhibitor-timeout"), "{error}");
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+    assert!(s.releases().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignore_inhibitors_reboots_through_them() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        Settings {
+            ignore_inhibitors: true,
+            ..settings()
+        },
+    );
+    assert!(d.run(HOUR, done).await);
+    assert_eq!(d.sim.state().reboots_while_inhibited, 1);
+}
+
+/// Finding 7: an update whose baton is lost is stopped.
+#[tokio::test(start_paused = true)]
+async fn an_update_whose_baton_is_lost_is_stopped() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = HOUR;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, _| s.count(|r| matches!(r, Rec::UpdateStart { .. })) == 1)
+            .await
+    );
+    d.sim.state().force_release();
+    assert!(d.run(HOUR, |s, _| !s.stops.is_empty()).await);
+    let s = d.sim.state();
+    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert!(
+        s.log.contains(&Rec::UpdateEnd {
+            unit: "baton-update-1.service".into(),
+            success: false
+        }),
+        "the run ended when it was stopped"
+    );
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_past_its_timeout_is_stopped_and_fails() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = 10 * HOUR;
+        }),
+        settings(),
+    );
+    assert!(d.run(2 * HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("did not finish within 10m"), "{error}");
+    let s = d.sim.state();
+    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
+    let d = Driver::new(
+        sim(kernel_update),
+        Settings {
+            update: Some(Action::Unit("apt-daily-upgrade.timer".into())),
+            ..settings()
+        },
+    );
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("only .service units"), "{error}");
+}

@@ -51,6 +51,7 @@ pub fn settings() -> Settings {
         retry_interval: Duration::from_secs(1),
         abort_backoff: Duration::from_secs(300),
         call_timeout: Duration::from_secs(10),
+        ..Settings::default()
     }
 }
 

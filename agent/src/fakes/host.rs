@@ -2,7 +2,7 @@
 //! reboot that takes time, sentinels.
 
 use super::{Injected, Point, Rec, Sim, UnitRun, is_update};
-use crate::host::{HostError, HostOs, Job, UnitOutcome};
+use crate::host::{HostError, HostOs, Inhibitor, Job, UnitOutcome, check_runnable_unit};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -134,10 +134,14 @@ impl HostOs for SimHost {
             .enter(Point::Run(job.unit_name().to_string()), timeout)
             .await
             .map_err(|e| host_error(job.unit_name(), e))?;
+        // Only a service has a run whose end can be waited for.
+        check_runnable_unit(job.unit_name())?;
         let (ends_at, success) = self.start_or_follow(job)?;
         let output = self.0.state().update_output.clone();
         if ends_at > Instant::now() + timeout {
             tokio::time::sleep(timeout).await;
+            // A run past its timeout is stopped (the host's contract).
+            self.0.state().stop_unit(job.unit_name(), Instant::now());
             return Err(HostError::Timeout {
                 what: job.unit_name().to_string(),
                 timeout,
@@ -156,6 +160,27 @@ impl HostOs for SimHost {
         self.0.leave(fault, answer, lost(job.unit_name())).await
     }
 
+    async fn stop(&self, job: &Job) -> Result<(), HostError> {
+        let fault = self
+            .0
+            .enter(Point::Stop, HANG)
+            .await
+            .map_err(|e| host_error("stop", e))?;
+        self.0.state().stop_unit(job.unit_name(), Instant::now());
+        self.0.leave(fault, Ok(()), lost("stop")).await
+    }
+
+    async fn reboot_inhibitors(&self) -> Result<Vec<Inhibitor>, HostError> {
+        let fault = self
+            .0
+            .enter(Point::Inhibitors, HANG)
+            .await
+            .map_err(|e| host_error("inhibitors", e))?;
+        let locks = self.0.state().inhibitors.clone();
+        let answer = Ok(locks.into_iter().filter(Inhibitor::blocks_shutdown).collect());
+        self.0.leave(fault, answer, lost("inhibitors")).await
+    }
+
     async fn reboot(&self) -> Result<(), HostError> {
         let fault = self
             .0
@@ -166,6 +191,10 @@ impl HostOs for SimHost {
             let mut state = self.0.state();
             let inc = state.incarnation;
             state.log.push(Rec::RebootRequest(inc));
+            // logind lets root reboot through block locks: only counted.
+            if state.inhibitors.iter().any(Inhibitor::blocks_shutdown) {
+                state.reboots_while_inhibited += 1;
+            }
             if state.reboot_at.is_none() {
                 state.reboot_at = Some(Instant::now() + state.reboot_delay);
             }

@@ -64,6 +64,10 @@ pub enum Point {
     Run(String),
     /// Asking for the reboot.
     Reboot,
+    /// Stopping a unit.
+    Stop,
+    /// Listing logind's inhibitor locks.
+    Inhibitors,
     /// Node operations.
     Prepare,
     /// Waiting for Ready.
@@ -329,6 +333,12 @@ pub struct SimState {
     pub reboot_at: Option<Instant>,
     /// How long a reboot takes to take the machine down.
     pub reboot_delay: Duration,
+    /// logind's inhibitor locks held now.
+    pub inhibitors: Vec<crate::host::Inhibitor>,
+    /// Reboots asked for while a lock blocked shutdown.
+    pub reboots_while_inhibited: u32,
+    /// Units stopped (by the agent, or by a run past its timeout).
+    pub stops: Vec<String>,
     // Coordinator.
     /// The last token handed out.
     pub last_token: u64,
@@ -402,6 +412,9 @@ impl Default for SimState {
             units: BTreeMap::new(),
             reboot_at: None,
             reboot_delay: Duration::from_secs(5),
+            inhibitors: Vec::new(),
+            reboots_while_inhibited: 0,
+            stops: Vec::new(),
             last_token: 0,
             holder: None,
             confirm_waits: Vec::new(),
@@ -486,6 +499,31 @@ impl SimState {
     /// How many times `rec` matches.
     pub fn count(&self, rec: impl Fn(&Rec) -> bool) -> usize {
         self.log.iter().filter(|r| rec(r)).count()
+    }
+
+    /// A process holds a lock that blocks shutdown, like `systemd-inhibit
+    /// --what=shutdown --mode=block`.
+    pub fn inhibit(&mut self, who: &str, why: &str) {
+        self.inhibitors.push(crate::host::Inhibitor {
+            what: "shutdown".into(),
+            who: who.into(),
+            why: why.into(),
+            mode: "block".into(),
+            uid: 0,
+            pid: 4242,
+        });
+    }
+
+    /// Stop the unit `name` if it runs: its run ends now, failed.
+    pub fn stop_unit(&mut self, name: &str, now: Instant) {
+        if let Some(run) = self.units.get_mut(name)
+            && !run.ended
+        {
+            run.ends_at = now;
+            run.success = false;
+        }
+        self.stops.push(name.to_string());
+        self.settle(now);
     }
 
     /// Force-release the holder, as an operator would.
