@@ -8,149 +8,20 @@
 //! come from `batonctl status`, installed versions from the node's dpkg.
 
 use anyhow::{Context, Result, bail, ensure};
-use baton_tests::coordinator::CoordinatorProcess;
-use baton_tests::nspawn::{Boot, Node, NodeSpec, apt, require_root, wait_for};
+use baton_tests::nspawn::cluster::{
+    Cluster, MAINTENANCE, check_one_real_reboot, touch_sentinel, wait_agent_running,
+};
+use baton_tests::nspawn::{Node, NodeSpec, apt, wait_for};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::Duration;
 
-/// Generous bound for a whole maintenance (only to avoid hanging forever).
-const MAINTENANCE: Duration = Duration::from_secs(240);
-
-struct Cluster {
-    coordinator: CoordinatorProcess,
-    _data: tempfile::TempDir,
-}
-
 fn cluster() -> Result<Cluster> {
-    require_root();
-    let data = tempfile::tempdir()?;
-    let coordinator = CoordinatorProcess::start(&data.path().join("coordinator"), &[]);
-    Ok(Cluster {
-        coordinator,
-        _data: data,
-    })
-}
-
-/// One audit record.
-#[derive(Debug, Clone)]
-struct Audit {
-    time: DateTime<Utc>,
-    action: String,
-    node: String,
-}
-
-impl Cluster {
-    fn url(&self) -> String {
-        self.coordinator.url.clone()
-    }
-
-    fn holder(&self, node: &str) -> Option<Value> {
-        let status = self.coordinator.status();
-        status["holders"]
-            .as_array()?
-            .iter()
-            .find(|h| h["node"] == node)
-            .cloned()
-    }
-
-    fn audit(&self) -> Vec<Audit> {
-        let status = self.coordinator.status();
-        status["audit"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| {
-                Some(Audit {
-                    time: a["time"].as_str()?.parse().ok()?,
-                    action: a["action"].as_str()?.to_string(),
-                    node: a["node"].as_str()?.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    fn records(&self, node: &str, action: &str) -> Vec<Audit> {
-        self.audit()
-            .into_iter()
-            .filter(|a| a.node == node && a.action == action)
-            .collect()
-    }
-
-    /// Wait until `node` has released the baton `n` times in total. Fails
-    /// early if the node reports Failed instead.
-    fn wait_released(&self, node: &Node, n: usize) -> Result<()> {
-        wait_for(&format!("{} to release", node.name()), MAINTENANCE, || {
-            if self.records(node.name(), "release").len() >= n {
-                return Some(Ok(()));
-            }
-            self.holder(node.name())
-                .filter(|h| h["phase"] == "failed")
-                .map(|h| Err(anyhow::anyhow!("{} failed: {h}", node.name())))
-        })
-        .and_then(|r| r)
-        .with_context(|| {
-            format!(
-                "{}\ncoordinator status: {}",
-                node.diagnostics(),
-                self.coordinator.status()
-            )
-        })
-    }
-
-    /// Wait until `node` holds the baton in `phase`.
-    fn wait_phase(&self, node: &Node, phase: &str) -> Result<Value> {
-        wait_for(
-            &format!("{} to report {phase}", node.name()),
-            MAINTENANCE,
-            || self.holder(node.name()).filter(|h| h["phase"] == phase),
-        )
-        .with_context(|| {
-            format!(
-                "{}\ncoordinator status: {}",
-                node.diagnostics(),
-                self.coordinator.status()
-            )
-        })
-    }
-}
-
-fn wait_agent_running(node: &Node) -> Result<i32> {
-    wait_for("the agent to start", Duration::from_secs(60), || {
-        node.agent_pid()
-    })
-    .with_context(|| node.diagnostics())
-}
-
-fn touch_sentinel(node: &Node) -> Result<()> {
-    let out = node.exec(&["touch", "/run/reboot-required"])?;
-    ensure!(out.status.success(), "touch in {}: {:?}", node.name(), out);
-    Ok(())
+    Cluster::start()
 }
 
 fn time(t: std::time::SystemTime) -> DateTime<Utc> {
     t.into()
-}
-
-/// The node rebooted exactly once, for real: two boots, the first ended
-/// with exit 133, and the boot_ids differ.
-fn check_one_real_reboot(node: &Node) -> Result<Vec<Boot>> {
-    let boots = node.boots();
-    ensure!(
-        boots.len() == 2,
-        "{} booted {} times: {boots:?}",
-        node.name(),
-        boots.len()
-    );
-    ensure!(
-        boots[0].exit_code == Some(133),
-        "first boot did not end in a reboot: {boots:?}"
-    );
-    ensure!(
-        boots[0].boot_id != boots[1].boot_id,
-        "boot_id unchanged: {boots:?}"
-    );
-    Ok(boots)
 }
 
 #[test]

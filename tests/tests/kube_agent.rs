@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use baton_agent::agent::{Action, Agent, Settings};
 use baton_agent::coordinator::{BearerToken, GrpcCoordinator};
-use baton_agent::host::{HostError, HostOs, Job, UnitOutcome};
+use baton_agent::host::{HostError, HostOs, Inhibitor, Job, UnitOutcome};
 use baton_agent::kubernetes::visibility::{WAITING_ANNOTATION, phase_name};
 use baton_agent::kubernetes::{KubeNodeOps, KubernetesArgs};
 use baton_agent::phase::Phase;
@@ -91,6 +91,13 @@ impl HostOs for StubHost {
             detail: "done".into(),
             output_tail: String::new(),
         })
+    }
+    async fn stop(&self, _job: &Job) -> Result<(), HostError> {
+        // Runs end at once here: nothing is ever left running to stop.
+        Ok(())
+    }
+    async fn reboot_inhibitors(&self) -> Result<Vec<Inhibitor>, HostError> {
+        Ok(Vec::new())
     }
     async fn reboot(&self) -> Result<(), HostError> {
         *self.reboots.lock().unwrap() += 1;
@@ -423,7 +430,11 @@ async fn a_blocking_pod_keeps_the_agent_from_asking_until_it_is_gone() -> Result
     .await;
     let waiting = annotation(&fake, WAITING_ANNOTATION).unwrap();
     assert!(waiting.contains("ci/job-1"), "{waiting}");
-    assert!(event_reasons(&fake).iter().any(|r| r == "BatonBlocked"));
+    // The Event is written after the annotation, best effort.
+    eventually("the BatonBlocked event", async || {
+        event_reasons(&fake).iter().any(|r| r == "BatonBlocked")
+    })
+    .await;
     // Periodic ticks re-check; while the pod runs the agent never asks.
     for n in 1..=3 {
         let before = pod_lists(&fake);
