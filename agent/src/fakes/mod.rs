@@ -352,6 +352,8 @@ pub struct SimState {
     pub queue_blocked: bool,
     /// Every coordinator call fails (unreachable).
     pub coordinator_down: bool,
+    /// The coordinator becomes unreachable as soon as a drain starts.
+    pub outage_on_drain: bool,
     /// Releases are refused for good (PERMISSION_DENIED).
     pub refuse_release: bool,
     /// Confirm calls answered.
@@ -421,6 +423,7 @@ impl Default for SimState {
             confirm_unimplemented: false,
             queue_blocked: false,
             coordinator_down: false,
+            outage_on_drain: false,
             refuse_release: false,
             confirms: 0,
             renew_interval: Duration::from_secs(5),

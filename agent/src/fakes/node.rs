@@ -63,6 +63,9 @@ impl NodeOps for SimNode {
             let mut state = self.0.state();
             let inc = state.incarnation;
             state.log.push(Rec::Prepare(inc));
+            if state.outage_on_drain {
+                state.coordinator_down = true;
+            }
             (state.prepare, state.drain_duration, state.drain_pending.clone())
         };
         self.cordon(true);
