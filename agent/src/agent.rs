@@ -351,7 +351,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Persist the state as it is now.
     fn save(&self) -> Result<(), Interrupted> {
-        self.state_file.save(&self.state).map_err(|e| fatal(e.into()))
+        self.state_file
+            .save(&self.state)
+            .map_err(|e| fatal(e.into()))
     }
 
     /// Apply `event`, persist and report the new phase. An illegal transition
@@ -396,7 +398,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Run a best-effort visibility call, bounded.
     async fn show(&self, call: impl Future<Output = ()>) {
-        if tokio::time::timeout(VISIBILITY_TIMEOUT, call).await.is_err() {
+        if tokio::time::timeout(VISIBILITY_TIMEOUT, call)
+            .await
+            .is_err()
+        {
             tracing::warn!("showing the phase on the node took too long; skipped");
         }
     }
@@ -529,7 +534,12 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             self.settings.abort_backoff,
             self.now_ms(),
         );
-        tracing::info!(streak = next.streak, hold_back_ms = next.until_ms.saturating_sub(self.now_ms()), why = next.why, "holding back before the next request");
+        tracing::info!(
+            streak = next.streak,
+            hold_back_ms = next.until_ms.saturating_sub(self.now_ms()),
+            why = next.why,
+            "holding back before the next request"
+        );
         self.state.hold_back = Some(next);
     }
 }

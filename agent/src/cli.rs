@@ -136,7 +136,11 @@ impl CoordinatorArgs {
     /// which flags are missing or do not go together.
     pub fn auth(&self) -> Result<Auth, String> {
         let auth = self.auth_from_flags()?;
-        let plain = self.url.trim_start().to_ascii_lowercase().starts_with("http://");
+        let plain = self
+            .url
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("http://");
         match &auth {
             Auth::MutualTls { .. } | Auth::Token { .. } if plain => Err(format!(
                 "--coordinator {} is plain http://, but --ca/--cert/--token-file ask for TLS: the bearer token or certificate would not protect anything (use https://, or --insecure in a lab)",

@@ -547,7 +547,9 @@ mod tests {
     struct Silent;
 
     type Events = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<baton_proto::v1::AcquireEvent, tonic::Status>> + Send>,
+        Box<
+            dyn futures::Stream<Item = Result<baton_proto::v1::AcquireEvent, tonic::Status>> + Send,
+        >,
     >;
 
     #[tonic::async_trait]
@@ -593,7 +595,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(baton_proto::v1::coordinator_server::CoordinatorServer::new(Silent))
+                .add_service(baton_proto::v1::coordinator_server::CoordinatorServer::new(
+                    Silent,
+                ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let client = GrpcCoordinator::new(
@@ -614,9 +618,18 @@ mod tests {
         // The outer bound only keeps a broken build from hanging the suite.
         let bound = Duration::from_secs(60);
         let calls = async {
-            assert!(matches!(client.renew(1).await, Err(CoordinatorError::Call(_))));
-            assert!(matches!(client.report(1, &report).await, Err(CoordinatorError::Call(_))));
-            assert!(matches!(client.release(1, "r").await, Err(CoordinatorError::Call(_))));
+            assert!(matches!(
+                client.renew(1).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.report(1, &report).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.release(1, "r").await,
+                Err(CoordinatorError::Call(_))
+            ));
             assert!(matches!(
                 client.confirm(1, Step::Reboot).await,
                 Err(CoordinatorError::Call(_))

@@ -243,7 +243,12 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
 fn exhaust(scenario: &Scenario) {
     let started = Instant::now();
     let (end, points) = run(scenario, Faults::None).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(end, End::Done, "{}: the clean run must finish", scenario.name);
+    assert_eq!(
+        end,
+        End::Done,
+        "{}: the clean run must finish",
+        scenario.name
+    );
     let mut runs = 1;
     for index in 0..points {
         for fault in Fault::ALL {

@@ -191,8 +191,7 @@ impl StateFile {
     /// Create the directory if needed and make it private (0700).
     pub fn ensure_dir(&self) -> Result<(), StateError> {
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&self.dir))
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))
     }
 
     /// Create (or truncate nothing of) a log file in the state directory,

@@ -138,7 +138,10 @@ mod tests {
     #[test]
     fn control_characters_never_reach_the_coordinator() {
         assert_eq!(message("a\nb\tc\u{7}d"), "a b c d");
-        assert_eq!(error("a\nb\tc\u{7}d\u{1b}[0m"), "a\nb\tc\u{FFFD}d\u{FFFD}[0m");
+        assert_eq!(
+            error("a\nb\tc\u{7}d\u{1b}[0m"),
+            "a\nb\tc\u{FFFD}d\u{FFFD}[0m"
+        );
     }
 
     #[test]

@@ -434,17 +434,17 @@ fn a_sentinel_that_survives_the_reboot_ends_in_failed_not_a_loop() -> Result<()>
     let c = cluster()?;
     let node = Node::boot(
         NodeSpec::new("stuck-1", &c.url())
-            .env("BATON_REBOOT_SENTINEL", "/var/lib/baton-test/reboot-required")
+            .env(
+                "BATON_REBOOT_SENTINEL",
+                "/var/lib/baton-test/reboot-required",
+            )
             .env("BATON_CHECK_INTERVAL", "2s")
             .env("BATON_ABORT_BACKOFF", "1h")
             .file("/var/lib/baton-test/reboot-required", ""),
     )?;
     let holder = c.wait_phase(&node, "failed")?;
     let error = holder["error"].as_str().unwrap_or_default();
-    ensure!(
-        error.contains("after a verified reboot"),
-        "error: {holder}"
-    );
+    ensure!(error.contains("after a verified reboot"), "error: {holder}");
     check_one_real_reboot(&node)?;
     // A while later: still one reboot, one grant, the baton kept.
     std::thread::sleep(Duration::from_secs(8));

@@ -465,7 +465,10 @@ async fn transient_api_errors_are_retried_not_fatal() {
                     "cordon" => ops.cordon().await.map(|_| ()),
                     "drain" => ops.drain().await.map(|_| ()),
                     "uncordon" => ops.uncordon().await.map(|_| ()),
-                    _ => ops.wait_ready(Some("boot-2"), Duration::from_secs(60)).await,
+                    _ => {
+                        ops.wait_ready(Some("boot-2"), Duration::from_secs(60))
+                            .await
+                    }
                 }
             }
         });

@@ -84,7 +84,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     fn note_renewed(&self, sent_at: Instant, overdue_at: Option<SystemTime>) {
         let until = sent_at + self.allowance(overdue_at);
-        self.lease.lock().unwrap_or_else(|e| e.into_inner()).valid_until = Some(until);
+        self.lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .valid_until = Some(until);
     }
 
     /// True when no renewal in this process counts any more (or none was
@@ -220,7 +223,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                     self.pause(again).await;
                 }
                 Err(CoordinatorError::Unimplemented(why)) => {
-                    tracing::warn!(why, "the coordinator cannot confirm steps (an older version); confirming the token with Renew instead");
+                    tracing::warn!(
+                        why,
+                        "the coordinator cannot confirm steps (an older version); confirming the token with Renew instead"
+                    );
                     self.confirm_unimplemented.store(true, Ordering::Relaxed);
                 }
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
@@ -246,9 +252,6 @@ mod tests {
         assert_eq!(backoff(base, 1), base);
         assert_eq!(backoff(base, 3), base * 4);
         assert_eq!(backoff(base, 40), MAX_RETRY_PAUSE);
-        assert_eq!(
-            backoff(Duration::from_secs(60), 5),
-            Duration::from_secs(60)
-        );
+        assert_eq!(backoff(Duration::from_secs(60), 5), Duration::from_secs(60));
     }
 }

@@ -22,7 +22,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Idle: check the need on every wake; ask for the baton when it is
     /// there, nothing blocks and no hold-back applies.
-    pub(super) async fn idle(&mut self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
+    pub(super) async fn idle(
+        &mut self,
+        wakes: &mut watch::Receiver<u64>,
+    ) -> Result<(), Interrupted> {
         loop {
             wakes.borrow_and_update();
             let Some(reason) = self.host.maintenance_needed().await else {
@@ -118,7 +121,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             Ok(Some(grant)) => self.granted(grant, "baton granted").await.map_err(fatal),
             Ok(None) => Ok(()),
             Err(CoordinatorError::Refused(why)) => {
-                tracing::error!(why, "the coordinator refuses this node's request; holding back");
+                tracing::error!(
+                    why,
+                    "the coordinator refuses this node's request; holding back"
+                );
                 self.hold_back(Ending::Aborted);
                 self.advance(Event::NeedCleared, "request refused")
                     .await
@@ -314,7 +320,12 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         self.confirm_step(token, Step::Reboot).await?;
         self.state.reboot_requests += 1;
         self.save()?;
-        tracing::info!(boot_id = before, token, attempt = self.state.reboot_requests, "rebooting");
+        tracing::info!(
+            boot_id = before,
+            token,
+            attempt = self.state.reboot_requests,
+            "rebooting"
+        );
         let wait = match self.host.reboot().await {
             Ok(()) => self.settings.reboot_timeout,
             Err(error) => {
@@ -346,7 +357,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             return self.reboot(token).await;
         };
         if before == now {
-            tracing::warn!(now, requests = self.state.reboot_requests, "still the same boot: the reboot did not happen yet");
+            tracing::warn!(
+                now,
+                requests = self.state.reboot_requests,
+                "still the same boot: the reboot did not happen yet"
+            );
             return self.reboot(token).await;
         }
         tracing::info!(before, now, "back after the reboot");
@@ -378,7 +393,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                     "still needs a reboot after a verified reboot ({need}): the update is not live (held or phased packages, or the bootloader boots the old kernel?)"
                 )
             } else {
-                format!("needs a reboot after the update after all ({need}); not releasing without one")
+                format!(
+                    "needs a reboot after the update after all ({need}); not releasing without one"
+                )
             };
             return self.fail(error, "").await;
         }

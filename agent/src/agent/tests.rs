@@ -388,7 +388,10 @@ async fn a_sentinel_that_survives_the_reboot_ends_in_failed() {
     assert!(!d.run(5 * HOUR, |_, _| false).await);
     let s = d.sim.state();
     assert_eq!(s.boot, 2);
-    assert_eq!(s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })), 1);
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })),
+        1
+    );
     assert!(s.releases().is_empty());
 }
 
@@ -612,7 +615,11 @@ async fn a_blocking_pod_that_appears_after_the_grant_gives_the_baton_back() {
     assert!(d.run(HOUR, |s, _| !s.releases().is_empty()).await);
     let s = d.sim.state();
     assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0, "not drained");
-    assert!(s.release_reasons[0].contains("ci/job-1"), "{:?}", s.release_reasons);
+    assert!(
+        s.release_reasons[0].contains("ci/job-1"),
+        "{:?}",
+        s.release_reasons
+    );
 }
 
 /// Finding 8: Confirm says "wait": the update waits, the reason is
@@ -698,7 +705,10 @@ fn a_tiny_renew_interval_from_the_coordinator_is_raised() {
         overdue_after: None,
     };
     let terms = lease_terms(&grant, &settings());
-    assert_eq!(terms.renew_interval_ms, MIN_RENEW_INTERVAL.as_millis() as u64);
+    assert_eq!(
+        terms.renew_interval_ms,
+        MIN_RENEW_INTERVAL.as_millis() as u64
+    );
     let grant = Grant {
         renew_interval: Some(Duration::from_secs(2)),
         ..grant
@@ -825,7 +835,9 @@ async fn an_update_whose_baton_is_lost_is_stopped() {
         settings(),
     );
     assert!(
-        d.run(HOUR, |s, _| s.count(|r| matches!(r, Rec::UpdateStart { .. })) == 1)
+        d.run(HOUR, |s, _| s
+            .count(|r| matches!(r, Rec::UpdateStart { .. }))
+            == 1)
             .await
     );
     d.sim.state().force_release();

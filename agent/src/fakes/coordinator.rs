@@ -52,9 +52,15 @@ impl SimCoordinator {
     /// Enter a call; an unreachable coordinator fails it.
     async fn enter(&self, point: Point) -> Result<super::Fault, CoordinatorError> {
         let what = format!("{point:?}");
-        let fault = self.0.enter(point, HANG).await.map_err(|e| injected(&what, e))?;
+        let fault = self
+            .0
+            .enter(point, HANG)
+            .await
+            .map_err(|e| injected(&what, e))?;
         if self.0.state().coordinator_down {
-            return Err(CoordinatorError::Call("Unavailable: coordinator unreachable".into()));
+            return Err(CoordinatorError::Call(
+                "Unavailable: coordinator unreachable".into(),
+            ));
         }
         Ok(fault)
     }
@@ -190,7 +196,7 @@ impl Coordinator for SimCoordinator {
             let mut state = self.0.state();
             let inc = state.incarnation;
             let overdue_at = Some(self.0.now_wall() + state.overdue_after);
-            if !state.holder.as_ref().is_some_and(|h| h.token == token) {
+            if state.holder.as_ref().is_none_or(|h| h.token != token) {
                 state.log.push(Rec::TokenRefused { inc, token });
                 Err(fenced(token))
             } else if state.confirm_waits.is_empty() {

@@ -155,7 +155,11 @@ impl HostOs for SimHost {
             } else {
                 "job done, result exit-code, exit status 3".into()
             },
-            output_tail: if success { output } else { format!("{output}\nE: boom") },
+            output_tail: if success {
+                output
+            } else {
+                format!("{output}\nE: boom")
+            },
         });
         self.0.leave(fault, answer, lost(job.unit_name())).await
     }
@@ -177,7 +181,10 @@ impl HostOs for SimHost {
             .await
             .map_err(|e| host_error("inhibitors", e))?;
         let locks = self.0.state().inhibitors.clone();
-        let answer = Ok(locks.into_iter().filter(Inhibitor::blocks_shutdown).collect());
+        let answer = Ok(locks
+            .into_iter()
+            .filter(Inhibitor::blocks_shutdown)
+            .collect());
         self.0.leave(fault, answer, lost("inhibitors")).await
     }
 

@@ -649,7 +649,11 @@ impl Sim {
                 seen,
             } if at == point => {
                 *seen += 1;
-                if *seen == *nth + 1 { *fault } else { Fault::None }
+                if *seen == *nth + 1 {
+                    *fault
+                } else {
+                    Fault::None
+                }
             }
             Faults::OnPoint { .. } => Fault::None,
             Faults::Random { rng, percent, max } => {

@@ -46,7 +46,9 @@ impl SimNode {
         let mut state = self.0.state();
         if state.cordoned != cordoned {
             state.cordoned = cordoned;
-            state.log.push(if cordoned { Rec::Cordon } else { Rec::Uncordon });
+            state
+                .log
+                .push(if cordoned { Rec::Cordon } else { Rec::Uncordon });
         }
     }
 }
@@ -66,7 +68,11 @@ impl NodeOps for SimNode {
             if state.outage_on_drain {
                 state.coordinator_down = true;
             }
-            (state.prepare, state.drain_duration, state.drain_pending.clone())
+            (
+                state.prepare,
+                state.drain_duration,
+                state.drain_pending.clone(),
+            )
         };
         self.cordon(true);
         tokio::time::sleep(drain).await;

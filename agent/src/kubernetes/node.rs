@@ -123,10 +123,12 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 impl KubeNodeOps {
     async fn get_node(&self) -> Result<Node, KubeError> {
-        retrying(&self.node, "reading the node", || self.nodes.get_opt(&self.node))
-            .await
-            .map_err(KubeError::api(format!("reading node {}", self.node)))?
-            .ok_or_else(|| KubeError::NodeMissing(self.node.clone()))
+        retrying(&self.node, "reading the node", || {
+            self.nodes.get_opt(&self.node)
+        })
+        .await
+        .map_err(KubeError::api(format!("reading node {}", self.node)))?
+        .ok_or_else(|| KubeError::NodeMissing(self.node.clone()))
     }
 
     /// Reads the node, computes a patch from it and applies it guarded by
