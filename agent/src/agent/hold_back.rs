@@ -22,9 +22,14 @@ pub const MAX_ABORT_BACKOFF: Duration = Duration::from_secs(3600);
 /// again at the next check would only take the node out of service and
 /// back over and over.
 pub fn abort_backoff(base: Duration, aborts: u32) -> Duration {
-    let doublings = aborts.saturating_sub(1).min(16);
-    base.saturating_mul(1 << doublings)
-        .min(MAX_ABORT_BACKOFF.max(base))
+    doubling(base, aborts, MAX_ABORT_BACKOFF)
+}
+
+/// `base` doubled for every time after the first of `n`, at most `cap`
+/// (or `base` when that is longer).
+pub(super) fn doubling(base: Duration, n: u32, cap: Duration) -> Duration {
+    let doublings = n.saturating_sub(1).min(16);
+    base.saturating_mul(1 << doublings).min(cap.max(base))
 }
 
 /// How a maintenance ended.

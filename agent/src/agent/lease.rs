@@ -53,9 +53,7 @@ pub(super) enum OnStale {
 /// The pause before attempt `failures + 1` of a failing call: `base`,
 /// doubling, at most [`MAX_RETRY_PAUSE`] (or `base` when that is longer).
 pub(super) fn backoff(base: Duration, failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    base.saturating_mul(1 << doublings)
-        .min(MAX_RETRY_PAUSE.max(base))
+    super::hold_back::doubling(base, failures, MAX_RETRY_PAUSE)
 }
 
 impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {

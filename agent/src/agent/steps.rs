@@ -259,21 +259,15 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 self.state.update_started = Some(token);
                 self.save()?;
             }
-            let run = self.host.run(&job, self.settings.update_timeout);
-            match self.holding(token, OnStale::Continue, run).await? {
-                Ok(outcome) if outcome.success => {
+            match self
+                .run_job(token, &job, self.settings.update_timeout, "update")
+                .await?
+            {
+                Ok(outcome) => {
                     self.state.update_output = outcome.output_tail.clone();
                     message = format!("update done ({})", outcome.detail);
                 }
-                Ok(outcome) => {
-                    return self
-                        .fail(
-                            format!("update {} failed: {}", job.unit_name(), outcome.detail),
-                            &outcome.output_tail,
-                        )
-                        .await;
-                }
-                Err(error) => return self.fail(format!("update: {error}"), "").await,
+                Err((error, output)) => return self.fail(error, &output).await,
             }
         }
         let reboot_required = self.host.reboot_required().await;
@@ -294,6 +288,27 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             self.reboot(token).await?;
         }
         Ok(())
+    }
+
+    /// Run `job` with the baton (a slow coordinator does not stop a unit
+    /// that runs). The outcome when it succeeded, else the error and the
+    /// output for the report.
+    async fn run_job(
+        &self,
+        token: u64,
+        job: &Job,
+        timeout: std::time::Duration,
+        what: &str,
+    ) -> Result<Result<crate::host::UnitOutcome, (String, String)>, Interrupted> {
+        let run = self.host.run(job, timeout);
+        Ok(match self.holding(token, OnStale::Continue, run).await? {
+            Ok(outcome) if outcome.success => Ok(outcome),
+            Ok(outcome) => Err((
+                format!("{what} {} failed: {}", job.unit_name(), outcome.detail),
+                outcome.output_tail,
+            )),
+            Err(error) => Err((format!("{what}: {error}"), String::new())),
+        })
     }
 
     /// Rebooting, on the boot the reboot was asked from: ask (again). The
@@ -401,18 +416,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         }
         if let Some(action) = self.settings.post_check.clone() {
             let job = self.job(&action, "post-check", token);
-            let run = self.host.run(&job, self.settings.post_check_timeout);
-            match self.holding(token, OnStale::Continue, run).await? {
-                Ok(outcome) if outcome.success => {}
-                Ok(outcome) => {
-                    return self
-                        .fail(
-                            format!("post-check failed: {}", outcome.detail),
-                            &outcome.output_tail,
-                        )
-                        .await;
-                }
-                Err(error) => return self.fail(format!("post-check: {error}"), "").await,
+            let timeout = self.settings.post_check_timeout;
+            if let Err((error, output)) = self.run_job(token, &job, timeout, "post-check").await? {
+                return self.fail(error, &output).await;
             }
         }
         self.advance(Event::Verified, "verified")

@@ -151,14 +151,7 @@ async fn rebooting_without_a_boot_id_reboots_before_releasing() {
     let d = Driver::new(
         sim(|s| {
             s.sentinel = true;
-            s.last_token = 4;
-            s.holder = Some(crate::fakes::Holder {
-                token: 4,
-                phase: Some(Phase::Rebooting),
-                message: String::new(),
-                error: String::new(),
-                updated: true,
-            });
+            s.hold(4, Phase::Rebooting);
             s.cordoned = true;
         }),
         settings(),
@@ -190,14 +183,7 @@ async fn same_boot_id_after_restart_asks_for_the_reboot_again() {
     let d = Driver::new(
         sim(|s| {
             s.sentinel = true;
-            s.last_token = 4;
-            s.holder = Some(crate::fakes::Holder {
-                token: 4,
-                phase: Some(Phase::Rebooting),
-                message: String::new(),
-                error: String::new(),
-                updated: true,
-            });
+            s.hold(4, Phase::Rebooting);
         }),
         settings(),
     );
@@ -490,14 +476,7 @@ async fn corrupt_state_asks_the_coordinator_and_resumes_the_grant() {
     let d = Driver::new(
         sim(|s| {
             s.updates_pending = true;
-            s.last_token = 9;
-            s.holder = Some(crate::fakes::Holder {
-                token: 9,
-                phase: Some(Phase::Failed),
-                message: String::new(),
-                error: String::new(),
-                updated: false,
-            });
+            s.hold(9, Phase::Failed);
         }),
         settings(),
     );

@@ -504,6 +504,19 @@ impl SimState {
         self.log.iter().filter(|r| rec(r)).count()
     }
 
+    /// The node already holds the baton with `token`, last reported in
+    /// `phase` (a state from before the test).
+    pub fn hold(&mut self, token: u64, phase: Phase) {
+        self.last_token = self.last_token.max(token);
+        self.holder = Some(Holder {
+            token,
+            phase: Some(phase),
+            message: String::new(),
+            error: String::new(),
+            updated: false,
+        });
+    }
+
     /// A process holds a lock that blocks shutdown, like `systemd-inhibit
     /// --what=shutdown --mode=block`.
     pub fn inhibit(&mut self, who: &str, why: &str) {
