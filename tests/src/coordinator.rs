@@ -125,6 +125,19 @@ impl CoordinatorProcess {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Sends `signal` without waiting (SIGSTOP / SIGCONT to freeze and
+    /// thaw it).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.pid() {
+            kill(Pid::from_raw(pid), signal).unwrap();
+        }
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its status.
     pub fn signal_and_wait(&mut self, signal: Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -13,10 +13,12 @@
 //!
 //! The coordinator runs on the host ([`crate::coordinator`]); the nodes
 //! share its loopback (no private network). Submodules: [`apt`] builds .deb
-//! packages and a flat local apt repository; [`bins`] builds the agent.
+//! packages and a flat local apt repository; [`bins`] builds the agent;
+//! [`cluster`] runs that coordinator and reads its view (holders, audit).
 
 pub mod apt;
 pub mod bins;
+pub mod cluster;
 
 use anyhow::{Context, Result, bail};
 use std::fs;
