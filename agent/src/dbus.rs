@@ -107,6 +107,11 @@ pub trait SystemdService {
     #[zbus(property)]
     fn exec_main_status(&self) -> zbus::Result<i32>;
 
+    /// When the main process of the current (or last) run started,
+    /// microseconds since the epoch (0: never).
+    #[zbus(property)]
+    fn exec_main_start_timestamp(&self) -> zbus::Result<u64>;
+
     /// How the main process ended: 1 exited (ExecMainStatus is its exit
     /// status), 2 killed, 3 dumped core (ExecMainStatus is the signal).
     #[zbus(property)]

@@ -163,6 +163,10 @@ impl SystemdHost {
             result: service.result().await.unwrap_or_default(),
             exec_main_code: service.exec_main_code().await.unwrap_or_default(),
             exec_main_status: service.exec_main_status().await.unwrap_or_default(),
+            main_started_usec: service
+                .exec_main_start_timestamp()
+                .await
+                .unwrap_or_default(),
         })
     }
 
@@ -181,34 +185,58 @@ impl SystemdHost {
         Ok(properties.receive_properties_changed().await?)
     }
 
-    /// The last lines run `invocation` wrote to the journal (empty when the
-    /// journal cannot be read). systemd has no D-Bus API for reading the
-    /// journal, so this asks `journalctl` for the entries of the run's
-    /// invocation ID; the unit itself is only ever driven over D-Bus.
-    async fn journal_tail(&self, unit: &str, invocation: &str) -> String {
-        if invocation.is_empty() {
+    /// The last lines `run` wrote to the journal (empty when the journal
+    /// cannot be read). systemd has no D-Bus API for reading the journal,
+    /// so this asks `journalctl`; the unit itself is only ever driven over
+    /// D-Bus.
+    ///
+    /// The entries are those of the run's invocation ID, or the unit's own
+    /// entries since the run's main process started: journald tags a line
+    /// with the invocation ID only if it reads it while the process still
+    /// lives, and a busy journald reads a run's last lines (the error, as a
+    /// rule) after the process exited. Those lines can also still sit in
+    /// journald's stream buffers when systemd already says the run ended,
+    /// so journald is asked to flush first (`--sync` is handled after
+    /// pending log data), and an empty answer is asked again a few times.
+    /// All of it within 10 s.
+    async fn journal_tail(&self, unit: &str, run: &RunId) -> String {
+        if run.invocation.is_empty() {
             return String::new();
         }
-        let lines = OUTPUT_TAIL_LINES.to_string();
-        let read = tokio::process::Command::new("journalctl")
-            .args(["--no-pager", "--quiet", "--output=cat", "--lines", &lines])
-            .arg(format!("_SYSTEMD_INVOCATION_ID={invocation}"))
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(Duration::from_secs(10), read).await {
-            Ok(Ok(out)) if out.status.success() => {
-                String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+        let read = async {
+            let _ = journalctl(&["--sync"]).await;
+            let mut query: Vec<String> =
+                vec!["--no-pager".into(), "--quiet".into(), "--output=cat".into()];
+            query.push(format!("--lines={OUTPUT_TAIL_LINES}"));
+            if run.main_started_usec > 0 {
+                // Whole seconds: at worst a line or two of the same unit's
+                // previous run, in the same second, comes along.
+                query.push(format!("--since=@{}", run.main_started_usec / 1_000_000));
             }
-            Ok(Ok(out)) => {
-                tracing::debug!(unit, status = %out.status, "journalctl could not read the unit's output");
-                String::new()
+            query.push(format!("_SYSTEMD_INVOCATION_ID={}", run.invocation));
+            if run.main_started_usec > 0 {
+                query.push("+".into());
+                query.push(format!("_SYSTEMD_UNIT={unit}"));
             }
-            Ok(Err(error)) => {
-                tracing::debug!(unit, %error, "journalctl unavailable; no output in the report");
-                String::new()
+            let query: Vec<&str> = query.iter().map(String::as_str).collect();
+            for attempt in 0..4 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                match journalctl(&query).await {
+                    Ok(text) if text.is_empty() => continue,
+                    Ok(text) => return text,
+                    Err(why) => {
+                        tracing::debug!(unit, why, "no output in the report");
+                        return String::new();
+                    }
+                }
             }
-            Err(_) => String::new(),
-        }
+            String::new()
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap_or_default()
     }
 
     /// Wait until run `ours` of the unit at `path` has ended. `changes`
@@ -275,21 +303,22 @@ impl SystemdHost {
         &self,
         unit: &str,
         path: &OwnedObjectPath,
-    ) -> Result<(UnitOutcome, String), HostError> {
+    ) -> Result<(UnitOutcome, RunId), HostError> {
         let changes = self.property_changes(path).await?;
         self.reference(unit, path).await;
         let state = self.unit_state(path).await?;
         tracing::info!(unit, state = %state.active_state, "found the unit started before this agent restarted");
-        let ours = state.invocation.clone();
-        let outcome = self.wait_run_end(unit, path, &ours, changes).await?;
+        let outcome = self
+            .wait_run_end(unit, path, &state.invocation, changes)
+            .await?;
         self.unreference(path).await;
-        Ok((outcome, ours))
+        Ok((outcome, RunId::of(&state)))
     }
 
     /// Start `job` (or find the run an earlier agent started) and wait for
-    /// its run to end. Returns the outcome and the run's InvocationID
-    /// (empty when nothing ran).
-    async fn run_to_end(&self, job: &Job) -> Result<(UnitOutcome, String), HostError> {
+    /// its run to end. Returns the outcome and the run (no InvocationID
+    /// when nothing ran).
+    async fn run_to_end(&self, job: &Job) -> Result<(UnitOutcome, RunId), HostError> {
         let name = job.unit_name();
         let manager = self.manager().await?;
         // Listen before starting, so that a fast job's JobRemoved is not lost.
@@ -349,7 +378,12 @@ impl SystemdHost {
             AfterStart::WaitFor(ours) => self.wait_run_end(name, &path, &ours, changes).await?,
         };
         self.unreference(&path).await;
-        Ok((outcome, if ran { after.invocation } else { String::new() }))
+        let run = if ran {
+            RunId::of(&after)
+        } else {
+            RunId::default()
+        };
+        Ok((outcome, run))
     }
 }
 
@@ -374,29 +408,28 @@ impl HostOs for SystemdHost {
 
     async fn run(&self, job: &Job, timeout: Duration) -> Result<UnitOutcome, HostError> {
         check_runnable_unit(job.unit_name())?;
-        let (mut outcome, invocation) =
-            match tokio::time::timeout(timeout, self.run_to_end(job)).await {
-                Ok(ended) => ended?,
-                Err(_) => {
-                    // A run the agent no longer waits for must not go on by
-                    // itself (an update still writing while the node reboots,
-                    // or after another node got the baton).
-                    tracing::warn!(
-                        unit = job.unit_name(),
-                        "the run did not end in time; stopping it"
-                    );
-                    if let Err(error) = self.stop(job).await {
-                        tracing::error!(unit = job.unit_name(), %error, "stopping the unit failed");
-                    }
-                    return Err(HostError::Timeout {
-                        what: job.unit_name().to_string(),
-                        timeout,
-                    });
+        let (mut outcome, run) = match tokio::time::timeout(timeout, self.run_to_end(job)).await {
+            Ok(ended) => ended?,
+            Err(_) => {
+                // A run the agent no longer waits for must not go on by
+                // itself (an update still writing while the node reboots,
+                // or after another node got the baton).
+                tracing::warn!(
+                    unit = job.unit_name(),
+                    "the run did not end in time; stopping it"
+                );
+                if let Err(error) = self.stop(job).await {
+                    tracing::error!(unit = job.unit_name(), %error, "stopping the unit failed");
                 }
-            };
+                return Err(HostError::Timeout {
+                    what: job.unit_name().to_string(),
+                    timeout,
+                });
+            }
+        };
         outcome.output_tail = match job {
             Job::Command { output, .. } => tail(output, OUTPUT_TAIL_LINES),
-            Job::Unit(name) => self.journal_tail(name, &invocation).await,
+            Job::Unit(name) => self.journal_tail(name, &run).await,
         };
         Ok(outcome)
     }
@@ -489,6 +522,38 @@ impl HostOs for SystemdHost {
         })
         .await
     }
+}
+
+/// One run of a unit, as the journal knows it.
+#[derive(Debug, Default)]
+struct RunId {
+    /// The InvocationID (hex; empty when nothing ran).
+    invocation: String,
+    /// When its main process started (µs since the epoch; 0: unknown).
+    main_started_usec: u64,
+}
+
+impl RunId {
+    fn of(state: &UnitState) -> Self {
+        RunId {
+            invocation: state.invocation.clone(),
+            main_started_usec: state.main_started_usec,
+        }
+    }
+}
+
+/// Run `journalctl` with `args`; its output, trimmed, or why not.
+async fn journalctl(args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new("journalctl")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("journalctl unavailable: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("journalctl {}", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
 }
 
 /// Wait for the JobRemoved signal of `job` and return its result ("done",

@@ -32,6 +32,9 @@ pub struct UnitState {
     pub exec_main_code: i32,
     /// ExecMainStatus: the exit status, or the signal.
     pub exec_main_status: i32,
+    /// ExecMainStartTimestamp: when the run's main process started, µs
+    /// since the epoch (0: unknown).
+    pub main_started_usec: u64,
 }
 
 impl UnitState {
@@ -170,6 +173,7 @@ mod tests {
             result: "success".into(),
             exec_main_code: 1,
             exec_main_status: 0,
+            main_started_usec: 0,
         }
     }
 

@@ -4,6 +4,8 @@
 //!   agent waits for the run to end, and sees its exit code;
 //! - a logind block inhibitor on shutdown holds the reboot back, with who
 //!   and why in the coordinator's view, until it goes;
+//! - an update that outlives its timeout, or whose baton is force-released,
+//!   is stopped (StopUnit), not left running;
 //! - a hung systemd (PID 1 frozen) fails the step after the D-Bus deadline
 //!   instead of hanging the agent.
 //!
@@ -105,7 +107,8 @@ fn simple_update_unit_that_exits_non_zero_is_a_failure() -> Result<()> {
     // The output travels in the report's error (the message is one line).
     ensure!(
         error.contains("dpkg was interrupted"),
-        "the run's journal lines are not in the report: {holder}"
+        "the run's journal lines are not in the report: {holder}\njournal: {:?}",
+        node.exec(&["journalctl", "-o", "verbose", "-u", "site-upgrade.service"])
     );
     ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
     ensure!(node.boots()[0].ended.is_none(), "node went down");
@@ -125,7 +128,8 @@ fn block_inhibitor_holds_the_reboot_back_with_its_reason_reported() -> Result<()
                  ExecStart=/usr/bin/systemd-inhibit --what=shutdown --mode=block \
                  --who=nightly-backup \"--why=copying /srv to tape\" \
                  /bin/sh -c 'while [ ! -e /var/lib/baton-test/backup-done ]; do sleep 0.2; done'\n",
-            ),
+            )
+            .file("/var/lib/baton-test/.keep", ""),
     )?;
     wait_agent_running(&node)?;
     let started = node.exec(&["systemctl", "start", "nightly-backup.service"])?;
@@ -162,6 +166,92 @@ fn block_inhibitor_holds_the_reboot_back_with_its_reason_reported() -> Result<()
         "went down at {down}, before the lock was lifted at {}",
         time(lifted)
     );
+    Ok(())
+}
+
+/// An update command that never ends by itself.
+const ENDLESS_UPDATE: &str =
+    "while true; do echo tick >> /var/lib/baton-test/ticks; sleep 0.2; done";
+
+/// The state of `unit` in `node` (`systemctl is-active`).
+fn unit_state(node: &Node, unit: &str) -> String {
+    node.exec(&["systemctl", "is-active", unit])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Wait until `unit` no longer runs in `node`.
+fn wait_stopped(node: &Node, unit: &str) -> Result<String> {
+    wait_for(
+        &format!("{unit} to be stopped"),
+        Duration::from_secs(60),
+        || {
+            let state = unit_state(node, unit);
+            matches!(state.as_str(), "inactive" | "failed").then_some(state)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "{unit} is {}\n{}",
+            unit_state(node, unit),
+            node.diagnostics()
+        )
+    })
+}
+
+#[test]
+fn update_past_its_timeout_is_stopped_and_fails() -> Result<()> {
+    let c = Cluster::start()?;
+    let node = Node::boot(
+        NodeSpec::new("timeout-1", &c.url())
+            .env("BATON_CHECK_INTERVAL", "1h")
+            .env("BATON_UPDATE_TIMEOUT", "3s")
+            .env("BATON_UPDATE_COMMAND", ENDLESS_UPDATE)
+            .file("/var/lib/baton-test/.keep", ""),
+    )?;
+    wait_agent_running(&node)?;
+    touch_sentinel(&node)?;
+    let holder = c.wait_phase(&node, "failed")?;
+    let error = holder["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("did not finish within 3s"),
+        "error: {holder}"
+    );
+    // Failed is reported after the stop: the unit is already down.
+    let state = unit_state(&node, "baton-update-1.service");
+    ensure!(
+        state == "inactive" || state == "failed",
+        "the timed-out update still runs ({state})\n{}",
+        node.diagnostics()
+    );
+    ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
+    Ok(())
+}
+
+#[test]
+fn update_whose_baton_is_force_released_is_stopped() -> Result<()> {
+    let c = Cluster::start()?;
+    let node = Node::boot(
+        NodeSpec::new("fenced-1", &c.url())
+            .env("BATON_CHECK_INTERVAL", "1h")
+            .env("BATON_UPDATE_COMMAND", ENDLESS_UPDATE)
+            .file("/var/lib/baton-test/.keep", ""),
+    )?;
+    wait_agent_running(&node)?;
+    touch_sentinel(&node)?;
+    c.wait_phase(&node, "updating")?;
+    let ticks = node.rootfs().join("var/lib/baton-test/ticks");
+    wait_for("the update to run", Duration::from_secs(60), || {
+        ticks.exists().then_some(())
+    })?;
+    let out = c
+        .coordinator
+        .ctl(&["force-release", "fenced-1", "--reason", "node replaced"]);
+    ensure!(out.status.success(), "force-release: {out:?}");
+    // At its next renewal the agent learns the baton is gone, and stops
+    // the update it started with it.
+    wait_stopped(&node, "baton-update-1.service")?;
+    ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
     Ok(())
 }
 
