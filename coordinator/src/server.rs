@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::auth::{Authenticator, MutualTls, Unauthenticated};
+use crate::auth::{Authenticator, CertificateOrToken, MutualTls, Unauthenticated};
 use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
@@ -109,24 +109,35 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ServeError> {
     let kube = KubeWiring::new(&args.kube, args.store == StoreKind::Kubernetes).await?;
-    // TokenReview (agents in a cluster) takes precedence when enabled.
+    // TokenReview (agents in a cluster) and mutual TLS (hosts outside it)
+    // can both be on: a caller with a client certificate is judged by it,
+    // any other by its token.
     let token_review = kube.as_ref().and_then(KubeWiring::authenticator);
-    let auth: Arc<dyn Authenticator> = match (token_review, &args.tls.client_ca, args.tls.insecure)
-    {
-        (Some(review), _, _) => review,
-        (None, Some(_), _) => Arc::new(MutualTls {
-            admin_names: args.tls.admin_names.clone(),
-        }),
-        (None, None, true) => {
-            warn!("--insecure: clients are not authenticated; every caller may act for every node");
-            Arc::new(Unauthenticated)
-        }
-        (None, None, false) => return Err(ServeError::NoAuthentication),
-    };
+    let auth: Arc<dyn Authenticator> =
+        match (token_review.clone(), &args.tls.client_ca, args.tls.insecure) {
+            (Some(review), Some(_), _) => Arc::new(CertificateOrToken {
+                certificates: MutualTls {
+                    admin_names: args.tls.admin_names.clone(),
+                },
+                tokens: review,
+            }),
+            (Some(review), None, _) => review,
+            (None, Some(_), _) => Arc::new(MutualTls {
+                admin_names: args.tls.admin_names.clone(),
+            }),
+            (None, None, true) => {
+                warn!(
+                    "--insecure: clients are not authenticated; every caller may act for every node"
+                );
+                Arc::new(Unauthenticated)
+            }
+            (None, None, false) => return Err(ServeError::NoAuthentication),
+        };
+    // An empty window string (`--window ""`, a trailing `;`) is a mistake,
+    // not "always": it is refused like any other malformed window.
     let windows = args
         .windows
         .iter()
-        .filter(|w| !w.trim().is_empty())
         .map(|w| w.parse::<MaintenanceWindow>())
         .collect::<Result<Vec<_>, _>>()?;
     let id = args.id.clone().unwrap_or_else(hostname);
@@ -152,7 +163,12 @@ pub async fn start(
             let mut tls =
                 ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
             if let Some(ca) = &args.tls.client_ca {
-                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+                // With TokenReview on, agents in the cluster come without a
+                // certificate; one that is presented must still chain to
+                // the CA.
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(token_review.is_some());
             }
             Some(tls)
         }

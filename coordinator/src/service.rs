@@ -1,6 +1,8 @@
 //! The gRPC services: `baton.v1.Coordinator` (agents) and `baton.v1.Admin`
 //! (operators). Each call is authenticated, validated, authorized for the
-//! node it names, then handed to the [`Engine`].
+//! node it names, then handed to the [`Engine`]. Every Admin call, reads
+//! included, needs an admin identity: Status and Watch show every node's
+//! errors and the whole audit trail, which agents have no need to read.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -371,7 +373,7 @@ impl Admin for Services {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.identity(&request).await?;
+        self.identity(&request).await?.may_administer()?;
         let snap = self.engine.snapshot().await;
         Ok(Response::new(status_response(&self.engine, &snap)))
     }
@@ -380,7 +382,7 @@ impl Admin for Services {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.identity(&request).await?;
+        self.identity(&request).await?.may_administer()?;
         Ok(Response::new(Box::pin(watch_stream(self.engine.clone()))))
     }
 
@@ -421,9 +423,23 @@ impl Admin for Services {
             ));
         }
         check_len("reason", &req.reason, MAX_TEXT)?;
+        let expected = match (req.fencing_token, req.any_token) {
+            (0, true) => None,
+            (0, false) => {
+                return Err(Status::invalid_argument(
+                    "fencing_token: name the token to take (see status), or set any_token to take whatever the node holds",
+                ));
+            }
+            (token, false) => Some(token),
+            (_, true) => {
+                return Err(Status::invalid_argument(
+                    "fencing_token and any_token: give one, not both",
+                ));
+            }
+        };
         let token = self
             .engine
-            .force_release(&node, &identity.name, &req.reason)
+            .force_release(&node, expected, &identity.name, &req.reason)
             .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,

@@ -299,6 +299,21 @@ impl LeaseState {
         Ok(())
     }
 
+    /// Takes the baton from `node` only if `expected` is its current token
+    /// (a late force-release must not drop a newer grant of the same node);
+    /// returns that token.
+    pub fn force_release_token(
+        &mut self,
+        node: &NodeName,
+        expected: u64,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, LeaseError> {
+        self.check_token(node, expected)?;
+        self.force_release(node, actor, reason, now)
+    }
+
     /// Takes the baton from `node` whatever its token; returns that token.
     pub fn force_release(
         &mut self,
@@ -405,6 +420,27 @@ mod tests {
             Err(LeaseError::AlreadyHolder { .. })
         ));
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_late_force_release_does_not_drop_a_newer_grant() {
+        let now = Utc::now();
+        let mut state = LeaseState::default();
+        let t1 = state.grant(&n("a"), false, false, "", now).unwrap();
+        state.release(&n("a"), t1, "a", "done", now).unwrap();
+        let t2 = state.grant(&n("a"), false, false, "", now).unwrap();
+        let before = state.clone();
+        // The operator looked at status while a held t1.
+        assert!(matches!(
+            state.force_release_token(&n("a"), t1, "op", "stuck", now),
+            Err(LeaseError::StaleToken { current, .. }) if current == t2
+        ));
+        assert_eq!(state, before);
+        assert_eq!(
+            state.force_release_token(&n("a"), t2, "op", "stuck", now),
+            Ok(t2)
+        );
+        assert!(state.holders.is_empty());
     }
 
     #[test]

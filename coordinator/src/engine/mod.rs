@@ -493,16 +493,23 @@ impl Engine {
     }
 
     /// Takes the baton from `node` (audited); returns the released token.
+    /// With `expected`, only if that is the node's current token (else
+    /// [`LeaseError::StaleToken`] and nothing changes); `None` takes
+    /// whatever it holds.
     pub async fn force_release(
         &self,
         node: &NodeName,
+        expected: Option<u64>,
         actor: &str,
         reason: &str,
     ) -> Result<u64, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
         let token = self
-            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+            .commit(&mut inner, |s| match expected {
+                Some(token) => s.force_release_token(node, token, actor, reason, now),
+                None => s.force_release(node, actor, reason, now),
+            })
             .await?;
         warn!(node = %node, token, actor, reason, "force-released by an operator");
         self.after_release(&mut inner, node);

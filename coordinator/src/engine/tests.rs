@@ -170,7 +170,7 @@ async fn overdue_holder_keeps_the_baton_until_force_released() {
     engine.renew(&n("a"), ga.fencing_token).await.unwrap();
     assert!(engine.snapshot().await.overdue.is_empty());
     let token = engine
-        .force_release(&n("a"), "op", "node died")
+        .force_release(&n("a"), Some(ga.fencing_token), "op", "node died")
         .await
         .unwrap();
     assert_eq!(token, ga.fencing_token);
