@@ -332,6 +332,50 @@ async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_state_write_is_bounded_and_the_state_re_read() -> Result<()> {
+    let fake = cluster(&[node("n1").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &[]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
+    let token = granted(&mut stream).await?;
+
+    // The API server stops answering writes to the state object (the
+    // Lease is still renewed). A save must not hold the engine, and with
+    // it every call, for as long as the HTTP client is willing to wait.
+    endpoint.stall_writes(Some("configmaps"));
+    let stuck = tokio::time::timeout(Duration::from_secs(30), renew(&a, "agent-n1", "n1", token))
+        .await
+        .context("a renew whose save hangs must be answered, not wait for the API server")?;
+    let err = stuck.expect_err("the save did not complete");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("no answer within"), "{err}");
+    // Whatever it answers (a replica that stepped down may refuse), it
+    // answers: nothing waits behind the hanging save any more.
+    let _ = tokio::time::timeout(Duration::from_secs(10), status(&a))
+        .await
+        .context("status must not wait behind a hanging save")?;
+
+    // Answered again: the leader re-reads (the write may have landed) and
+    // the holder keeps its token.
+    endpoint.stall_writes(None);
+    let mut renewed = false;
+    for _ in 0..200 {
+        if renew(&a, "agent-n1", "n1", token).await.is_ok() {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        renewed,
+        "the holder could not renew after the API answered again"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_foreign_and_cross_node_tokens_are_refused() -> Result<()> {
     let fake = cluster(&[node("n1").build(), node("n2").build()]);
     agent_token(&fake, "agent-n1", "n1");
@@ -522,6 +566,110 @@ async fn ignore_notready_nodes_lets_the_rollout_go_on() -> Result<()> {
     }
     drop(ghost);
     let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
+    granted(&mut w1).await?;
+    Ok(())
+}
+
+/// Reads Queued events until one's reason contains `needle`; a grant first
+/// fails the test.
+async fn wait_for_reason(stream: &mut Streaming<AcquireEvent>, needle: &str) -> Result<String> {
+    loop {
+        match next(stream).await? {
+            Event::Queued(q) if q.reason.contains(needle) => return Ok(q.reason),
+            Event::Queued(_) => continue,
+            Event::Granted(g) => anyhow::bail!(
+                "granted (token {}) while it must wait for {needle:?}",
+                g.fencing_token
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_ready_control_plane_node_holds_back_other_control_plane_nodes() -> Result<()> {
+    let fake = cluster(&[
+        node("cp-1").control_plane().build(),
+        node("cp-2").control_plane().ready(false).build(),
+        node("w1").build(),
+    ]);
+    for n in ["cp-1", "w1"] {
+        agent_token(&fake, &format!("agent-{n}"), n);
+    }
+    let endpoint = fake.serve().await;
+    // Room for three: the limit is not what holds cp-1 back.
+    let a = replica(&endpoint.url, "coord-a", &["--max-concurrent", "3"]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let mut cp1 = acquire(&a, "agent-cp-1", "cp-1", false).await?;
+    let reason = wait_for_reason(&mut cp1, "control-plane node cp-2 is NotReady").await?;
+    assert!(reason.contains("until it is Ready again"), "{reason}");
+    // A worker is not held back by it.
+    let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
+    granted(&mut w1).await?;
+    // cp-2 is back: cp-1 goes.
+    fake.put(node("cp-2").control_plane().build());
+    granted(&mut cp1).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_facts_that_cannot_be_refreshed_expire_and_hold_grants_back() -> Result<()> {
+    let fake = cluster(&[node("w1").build()]);
+    let endpoint = fake.serve().await;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().display().to_string();
+    // The node watch alone (embedded store, no TokenReview): a partition
+    // cuts off only the node facts.
+    let argv = [
+        "baton-coordinator",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--data-dir",
+        &data_dir,
+        "--watch-nodes",
+        "--kube-api-url",
+        &endpoint.url,
+        "--node-facts-max-age",
+        "2s",
+    ];
+    let Command::Serve(args) = Cli::try_parse_from(argv)?.command;
+    let (_stop, stopped) = oneshot::channel::<()>();
+    let running = server::start(*args, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    let mut client = CoordinatorClient::connect(format!("http://{}", running.grpc_addr)).await?;
+    let request = || AcquireRequest {
+        node: "w1".to_string(),
+        control_plane: false,
+        reason: "reboot required".to_string(),
+        manual: false,
+    };
+    let mut w1 = client.acquire(request()).await?.into_inner();
+    let token = granted(&mut w1).await?;
+    client
+        .release(baton_proto::v1::ReleaseRequest {
+            node: "w1".to_string(),
+            fencing_token: token,
+            reason: "done".to_string(),
+        })
+        .await?;
+
+    // The API server becomes unreachable: the last list is kept, but only
+    // for --node-facts-max-age; then nothing is known and nobody goes.
+    endpoint.partition(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut w1 = client.acquire(request()).await?.into_inner();
+    let reason = wait_for_reason(&mut w1, "node facts are unknown").await?;
+    assert!(reason.contains("(limit 2s)"), "{reason}");
+    assert!(
+        reason.contains("503") || reason.contains("partitioned"),
+        "{reason}"
+    );
+    endpoint.partition(false);
     granted(&mut w1).await?;
     Ok(())
 }

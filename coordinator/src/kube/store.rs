@@ -9,9 +9,16 @@
 //! leadership again, and the engine re-reads the state before it decides
 //! anything new. This also fences a deposed leader that has not noticed yet:
 //! its next save conflicts with the new leader's writes.
+//!
+//! Every read and write is bounded by `--lease-renew-deadline` (the engine
+//! waits for a save with its lock held, so an API server that hangs must
+//! not stall every call). A write that gets no answer in time may still
+//! land, so it is handled like a conflict: refused, the store marked stale,
+//! leadership dropped until the state is re-read.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use ::kube::api::PostParams;
 use ::kube::{Api, Client};
@@ -42,6 +49,8 @@ pub struct KubeStore {
     version: Mutex<Option<String>>,
     /// Set by a conflict until the next load.
     stale: AtomicBool,
+    /// The longest a read or write of the state may take.
+    timeout: Duration,
     /// Keeps the channel open (and the election running) while the store lives.
     _leadership_rx: watch::Receiver<Leadership>,
 }
@@ -73,6 +82,7 @@ impl KubeStore {
             leadership,
             version: Mutex::new(None),
             stale: AtomicBool::new(false),
+            timeout: args.lease_renew_deadline,
             _leadership_rx: leadership_rx,
         }
     }
@@ -94,12 +104,19 @@ impl KubeStore {
         ))
     }
 
+    fn no_answer(&self, what: &str) -> String {
+        format!(
+            "{what} {}: no answer within {}ms",
+            self.path,
+            self.timeout.as_millis()
+        )
+    }
+
     async fn load_now(&self) -> Result<Option<LeaseState>, StoreError> {
         let mut version = self.version.lock().await;
-        let object = self
-            .api
-            .get_opt(&self.name)
+        let object = tokio::time::timeout(self.timeout, self.api.get_opt(&self.name))
             .await
+            .map_err(|_| StoreError::Backend(self.no_answer("reading")))?
             .map_err(|e| self.backend("reading", e))?;
         self.stale.store(false, Ordering::SeqCst);
         let Some(object) = object else {
@@ -141,13 +158,21 @@ impl KubeStore {
             data: Some([(STATE_KEY.to_string(), text)].into()),
             ..ConfigMap::default()
         };
-        let written = match version.as_ref() {
-            None => self.api.create(&PostParams::default(), &object).await,
-            Some(_) => {
-                self.api
-                    .replace(&self.name, &PostParams::default(), &object)
-                    .await
+        let write = async {
+            match version.as_ref() {
+                None => self.api.create(&PostParams::default(), &object).await,
+                Some(_) => {
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &object)
+                        .await
+                }
             }
+        };
+        let Ok(written) = tokio::time::timeout(self.timeout, write).await else {
+            // The write may still land: treat it like a conflict, so
+            // nothing is decided again before the state is re-read.
+            self.conflict("the write got no answer in time");
+            return Err(StoreError::Backend(self.no_answer("writing")));
         };
         match written {
             Ok(object) => {

@@ -3,8 +3,8 @@
 //! TokenReviews on the shared store.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -24,12 +24,39 @@ use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 struct Ctx {
     api: FakeApi,
     partitioned: Arc<AtomicBool>,
+    stalled: Arc<Mutex<Option<String>>>,
 }
 
-pub(crate) fn router(api: FakeApi, partitioned: Arc<AtomicBool>) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(Ctx { api, partitioned })
+pub(crate) fn router(
+    api: FakeApi,
+    partitioned: Arc<AtomicBool>,
+    stalled: Arc<Mutex<Option<String>>>,
+) -> Router {
+    Router::new().fallback(handle).with_state(Ctx {
+        api,
+        partitioned,
+        stalled,
+    })
+}
+
+/// While writes to `target`'s resource are stalled, waits (re-checking
+/// every 50 ms) before answering, as an API server that hangs would.
+async fn wait_while_stalled(ctx: &Ctx, method: &Method, target: Option<&Target>) {
+    let Some(target) = target else { return };
+    if method == Method::GET {
+        return;
+    }
+    loop {
+        let stalled = ctx
+            .stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if stalled.as_deref() != Some(target.resource.as_str()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A parsed request path.
@@ -101,6 +128,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    wait_while_stalled(&ctx, &method, Target::parse(uri.path()).as_ref()).await;
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
         status(
             503,
