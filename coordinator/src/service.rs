@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Credentials, Identity};
-use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot};
+use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot, Step};
 use crate::node::NodeName;
 use crate::state::{Phase, Progress};
 use crate::status_map::invalid_node;
@@ -355,13 +355,30 @@ impl Coordinator for Services {
         &self,
         request: Request<pb::ConfirmRequest>,
     ) -> Result<Response<pb::ConfirmResponse>, Status> {
-        self.for_node(&request, &request.get_ref().node).await?;
-        // Answering "proceed" without re-running the guards would be a
-        // promise this build cannot keep; agents treat UNIMPLEMENTED as
-        // "this coordinator cannot confirm" and fall back to Renew.
-        Err(Status::unimplemented(
-            "Confirm is not implemented by this coordinator yet",
-        ))
+        let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let req = request.into_inner();
+        let step = match pb::Step::try_from(req.step) {
+            Ok(pb::Step::Drain) => Step::Drain,
+            Ok(pb::Step::Update) => Step::Update,
+            // Not given: the most destructive step.
+            Ok(pb::Step::Reboot | pb::Step::Unspecified) => Step::Reboot,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "step: {} is not a step",
+                    req.step
+                )));
+            }
+        };
+        let answer = self.engine.confirm(&node, req.fencing_token, step).await?;
+        Ok(Response::new(pb::ConfirmResponse {
+            proceed: answer.wait.is_none(),
+            reason: answer.wait.unwrap_or_default(),
+            overdue_at: Some(timestamp(answer.overdue_at)),
+            retry_after: Some(prost_types::Duration {
+                seconds: answer.retry_after.as_secs() as i64,
+                nanos: answer.retry_after.subsec_nanos() as i32,
+            }),
+        }))
     }
 }
 

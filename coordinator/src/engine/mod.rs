@@ -9,11 +9,17 @@
 //! Waiters hear about their position and reason, then their grant, over the
 //! channel behind their Acquire stream.
 //!
+//! Holders confirm right before a destructive step ([`Engine::confirm`],
+//! in `confirm.rs`): the guards run again for them as if granting now.
+//!
 //! The engine only grants while its store says this replica leads; on
 //! gaining leadership it reloads the state, on losing it drops its waiters
 //! (they reconnect to the new leader).
 
+mod confirm;
 mod granter;
+
+pub use confirm::{CONFIRM_RETRY, Confirmation, Step};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
