@@ -82,10 +82,23 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with a backend quota (tiny quotas
     /// provoke NOSPACE).
     pub async fn start_with(n: usize, quota_bytes: Option<u64>) -> Result<Self> {
+        let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        Self::start_members(&names, quota_bytes).await
+    }
+
+    /// Starts members with these names (e.g. one named unlike any node).
+    pub async fn start_named(names: &[&str]) -> Result<Self> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Self::start_members(&names, None).await
+    }
+
+    async fn start_members(names: &[String], quota_bytes: Option<u64>) -> Result<Self> {
+        let n = names.len();
         let dir = tempfile::tempdir()?;
-        let members: Vec<Member> = (1..=n)
-            .map(|i| {
-                let name = format!("n{i}");
+        let members: Vec<Member> = names
+            .iter()
+            .map(|name| {
+                let name = name.clone();
                 Member {
                     client_url: format!("http://127.0.0.1:{}", free_port()),
                     peer_url: format!("http://127.0.0.1:{}", free_port()),
