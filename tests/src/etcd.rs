@@ -8,9 +8,12 @@
 //! real processes take [`serial`] so that only one such scenario runs at a
 //! time on a small machine.
 //!
-//! [`coordinator`] starts `baton-coordinator` processes against a cluster.
+//! [`coordinator`] starts `baton-coordinator` processes against a cluster;
+//! [`history`] records what lease clients saw and checks Baton's promises
+//! over it.
 
 pub mod coordinator;
+pub mod history;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -33,6 +33,9 @@ pub struct Coordinator {
     pub metrics_addr: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// How it was started, to start it again the same way.
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl Coordinator {
@@ -47,28 +50,47 @@ impl Coordinator {
         let dir = tempfile::tempdir()?;
         let grpc = free_port();
         let metrics = free_port();
-        let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
-        let child = Command::new(binary)
+        let mut coordinator = Self {
+            id: id.to_string(),
+            grpc_url: format!("http://127.0.0.1:{grpc}"),
+            metrics_addr: format!("127.0.0.1:{metrics}"),
+            dir,
+            child: None,
+            binary: binary.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        coordinator.spawn()?;
+        Ok(coordinator)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))?;
+        let child = Command::new(&self.binary)
             .arg("serve")
-            .args(["--insecure", "--id", id])
-            .args(["--listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .args(["--insecure", "--id", &self.id])
+            .args(["--listen", self.grpc_url.trim_start_matches("http://")])
+            .args(["--metrics-listen", &self.metrics_addr])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(args)
+            .arg(self.dir.path().join("data"))
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting baton-coordinator")?;
-        Ok(Self {
-            id: id.to_string(),
-            grpc_url: format!("http://127.0.0.1:{grpc}"),
-            metrics_addr: format!("127.0.0.1:{metrics}"),
-            dir,
-            child: Some(child),
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts it again (after [`Coordinator::kill`]) with the same id,
+    /// flags, ports and data directory; its log continues.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
     }
 
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
@@ -101,18 +123,7 @@ impl Coordinator {
 
     /// True when /readyz answers 200 (this replica leads).
     pub fn ready(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(&self.metrics_addr) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+        ready_at(&self.metrics_addr)
     }
 
     /// Waits until this replica leads.
@@ -155,6 +166,25 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// True when the coordinator whose metrics listen on `metrics_addr`
+/// answers /readyz with 200 (it leads). Blocks for at most about 2 s (a
+/// frozen process accepts the connection but never answers).
+pub fn ready_at(metrics_addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(metrics_addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
 /// Opens an Acquire stream for `node`.
