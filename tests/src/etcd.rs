@@ -15,6 +15,7 @@
 pub mod coordinator;
 pub mod history;
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -328,6 +329,24 @@ impl EtcdCluster {
         });
         let i = self.members.len() - 1;
         self.spawn(i, &initial, "existing")
+    }
+
+    /// The coordinators' state as `--store etcd` keeps it under the default
+    /// prefix: holders (node → fencing token) and the last token.
+    pub async fn stored_state(&self) -> Result<(BTreeMap<String, u64>, u64)> {
+        let mut c = self.client().await?;
+        let resp = c.get("/baton/state", None).await?;
+        let kv = resp.kvs().first().context("no state in etcd")?;
+        let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
+        let holders = doc["state"]["holders"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(node, h)| (node.clone(), h["fencing_token"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
     }
 
     /// Fills the backend until etcd refuses writes (needs a tiny quota).

@@ -32,15 +32,8 @@ fn replica(cluster: &EtcdCluster, id: &str, ttl: &str) -> Result<Coordinator> {
 
 /// (holders, last_token) as stored in etcd.
 async fn stored(cluster: &EtcdCluster) -> Result<(Vec<String>, u64)> {
-    let mut c = cluster.client().await?;
-    let resp = c.get("/baton/state", None).await?;
-    let kv = resp.kvs().first().context("no state in etcd")?;
-    let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
-    let holders = doc["state"]["holders"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
-    Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
+    let (holders, last_token) = cluster.stored_state().await?;
+    Ok((holders.into_keys().collect(), last_token))
 }
 
 /// Waits until an Acquire on `follower` is refused naming `leader`.

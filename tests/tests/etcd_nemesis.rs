@@ -431,23 +431,6 @@ async fn nemesis(
     log
 }
 
-/// The stored state's holders (node → token) and last token.
-async fn stored(cluster: &EtcdCluster) -> Result<(BTreeMap<String, u64>, u64)> {
-    let mut c = cluster.client().await?;
-    let resp = c.get("/baton/state", None).await?;
-    let kv = resp.kvs().first().context("no state in etcd")?;
-    let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
-    let holders = doc["state"]["holders"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(node, h)| (node.clone(), h["fencing_token"].as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_hold_their_promises_under_a_nemesis() -> Result<()> {
     let _serial = serial().await;
@@ -552,7 +535,7 @@ async fn leases_hold_their_promises_under_a_nemesis() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("cluster still shared"))?
         .into_inner()
         .unwrap();
-    let (holders, last_token) = stored(&cluster).await?;
+    let (holders, last_token) = cluster.stored_state().await?;
 
     let ops = history.ops();
     let (summary, mut violations) = check(&ops, MAX_CONCURRENT, &holders);
