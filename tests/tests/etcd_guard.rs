@@ -50,7 +50,17 @@ async fn five_members_all_healthy_grant_an_etcd_node() -> Result<()> {
 async fn a_killed_member_holds_back_other_etcd_nodes_but_not_workers() -> Result<()> {
     let _serial = serial().await;
     let mut cluster = EtcdCluster::start(3).await?;
-    let coordinator = guarded(&cluster, &["--max-concurrent", "2"])?;
+    // The etcd nodes are declared, so a worker is known to carry no member
+    // (standalone, nothing else could say so before n2 and n3 ever asked).
+    let coordinator = guarded(
+        &cluster,
+        &[
+            "--max-concurrent",
+            "2",
+            "--etcd-member-map",
+            "n1=n1,n2=n2,n3=n3",
+        ],
+    )?;
     cluster.kill("n2");
     let mut client = coordinator.client().await?;
     let mut n1 = acquire(&mut client, "n1", true).await?;

@@ -26,6 +26,9 @@ fn replica(cluster: &EtcdCluster, id: &str, ttl: &str) -> Result<Coordinator> {
             ttl,
             "--etcd-probe-interval",
             "500ms",
+            // The etcd node is declared: the workers here carry no member.
+            "--etcd-member-map",
+            "n1=n1",
         ],
     )
 }

@@ -463,6 +463,10 @@ async fn leases_hold_their_promises_under_a_nemesis() -> Result<()> {
         "1s",
         "--overdue-after",
         "60s",
+        // Standalone: declare the etcd nodes, so workers are known to carry
+        // no member even before n1..n3 asked a freshly elected leader.
+        "--etcd-member-map",
+        "n1=n1,n2=n2,n3=n3",
     ];
     let coordinators: Vec<Coordinator> = ["c1", "c2", "c3"]
         .iter()

@@ -123,10 +123,10 @@ impl EtcdGuard {
             return match unplaced.as_slice() {
                 [] => role,
                 [one] => Err(format!(
-                    "etcd: voting member {one} is on no known node (no --etcd-member-map entry names it, and no node named {one} has asked), so node {node} might carry it; map it with --etcd-member-map NODE={one}, or exempt node {node} with --etcd-exempt-node {node} if it carries no member"
+                    "etcd: voting member {one} is on no known node (no --etcd-member-map entry names it, and no node named {one} has asked), so node {node} might carry it; map it with --etcd-member-map NODE={one} (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member"
                 )),
                 several => Err(format!(
-                    "etcd: voting members {} are on no known node (no --etcd-member-map entry names them, and no nodes so named have asked), so node {node} might carry one; map each with --etcd-member-map NODE=MEMBER, or exempt node {node} with --etcd-exempt-node {node} if it carries no member",
+                    "etcd: voting members {} are on no known node (no --etcd-member-map entry names them, and no nodes so named have asked), so node {node} might carry one; map each with --etcd-member-map NODE=MEMBER (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member",
                     several.join(", ")
                 )),
             };
