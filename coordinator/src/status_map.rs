@@ -16,7 +16,7 @@ impl From<EngineError> for Status {
                 | LeaseError::AlreadyHolder { .. },
             ) => Status::failed_precondition(message),
             EngineError::Store(_) => Status::unavailable(message),
-            EngineError::NotLeader { .. } | EngineError::ShuttingDown => {
+            EngineError::NotLeader { .. } | EngineError::ShuttingDown | EngineError::Refused(_) => {
                 Status::unavailable(message)
             }
             EngineError::Superseded(_) => Status::aborted(message),

@@ -13,21 +13,23 @@ use baton_tests::etcd::coordinator::{
 use baton_tests::etcd::{EtcdCluster, serial};
 use etcd_client::GetOptions;
 
-fn replica(cluster: &EtcdCluster, id: &str, ttl: &str) -> Result<Coordinator> {
+/// A replica on `cluster`; the first one (`initialize`) creates the state.
+fn replica(cluster: &EtcdCluster, id: &str, ttl: &str, initialize: bool) -> Result<Coordinator> {
     let endpoints = cluster.endpoints();
-    Coordinator::start(
-        id,
-        &[
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-            "--etcd-election-ttl",
-            ttl,
-            "--etcd-probe-interval",
-            "500ms",
-        ],
-    )
+    let mut args = vec![
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoints,
+        "--etcd-election-ttl",
+        ttl,
+        "--etcd-probe-interval",
+        "500ms",
+    ];
+    if initialize {
+        args.push("--initialize");
+    }
+    Coordinator::start(id, &args)
 }
 
 /// (holders, last_token) as stored in etcd.
@@ -90,9 +92,9 @@ async fn the_follower_takes_over_with_holders_and_tokens_intact_and_no_double_gr
 {
     let _serial = serial().await;
     let cluster = EtcdCluster::start(1).await?;
-    let mut a = replica(&cluster, "a", "2s")?;
+    let mut a = replica(&cluster, "a", "2s", true)?;
     a.wait_ready().await?;
-    let b = replica(&cluster, "b", "2s")?;
+    let b = replica(&cluster, "b", "2s", false)?;
     refused_naming(&b, "a").await?;
     assert!(!b.ready(), "a follower must not be ready");
 
@@ -147,9 +149,9 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
     let cluster = EtcdCluster::start(1).await?;
     // a renews its election lease rarely (every 10s), so it does not notice
     // the loss by itself before it tries to write.
-    let a = replica(&cluster, "a", "30s")?;
+    let a = replica(&cluster, "a", "30s", true)?;
     a.wait_ready().await?;
-    let b = replica(&cluster, "b", "2s")?;
+    let b = replica(&cluster, "b", "2s", false)?;
     refused_naming(&b, "a").await?;
     let mut ca = a.client().await?;
     let mut w1 = acquire(&mut ca, "w1", false).await?;

@@ -52,6 +52,15 @@ async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
         "--lease-retry-period",
         "250ms",
     ];
+    // A cluster without the state ConfigMap is a new installation: the
+    // operator initializes it (every replica started before it exists may
+    // carry the flag; the first leader creates it, the others load it).
+    let config = kube::Config::new(api_url.parse()?);
+    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(kube::Client::try_from(config)?, NS);
+    if configmaps.get_opt("baton-state").await?.is_none() {
+        argv.push("--initialize");
+    }
     // Short leases unless the test sets its own.
     if !extra.contains(&"--lease-duration") {
         argv.extend_from_slice(&["--lease-duration", "2s", "--lease-renew-deadline", "1500ms"]);

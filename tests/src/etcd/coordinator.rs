@@ -36,7 +36,10 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts `baton-coordinator serve --insecure` with `args` added.
+    /// Starts `baton-coordinator serve --insecure` with `args` added. With
+    /// the embedded store (no `--store` in `args`) its fresh data directory
+    /// is initialized (`--initialize`); with a shared store the caller says
+    /// which replica initializes.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
@@ -55,6 +58,7 @@ impl Coordinator {
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .args((!args.contains(&"--store")).then_some("--initialize"))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
