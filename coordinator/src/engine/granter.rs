@@ -46,7 +46,10 @@ impl Engine {
             self.follow_leadership().await;
             self.mark_overdue().await;
             self.grant_pass().await;
+            // Biased: the order of ready branches does not matter here, and
+            // a fixed order keeps seeded simulations replayable.
             tokio::select! {
+                biased;
                 _ = self.wake.notified() => {}
                 _ = tick.tick() => {}
                 changed = leadership.changed() => {

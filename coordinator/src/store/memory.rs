@@ -43,6 +43,8 @@ pub struct Faults {
 #[derive(Debug, Default)]
 struct Truth {
     document: Option<Vec<u8>>,
+    /// `document` decoded (for checkers, which read it after every step).
+    decoded: Option<LeaseState>,
     /// Grows with every write and delete (like etcd's revision).
     revision: u64,
     /// The revision of the current document (0 when there is none).
@@ -53,6 +55,44 @@ struct Truth {
     latency: Duration,
     budget: Option<usize>,
     views: BTreeMap<String, watch::Sender<Leadership>>,
+    oracle: Oracle,
+}
+
+/// What every write ever stored, for checkers: which node each token was
+/// stored for, and any write that broke the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Oracle {
+    /// Token → the node it was first stored for.
+    pub tokens: BTreeMap<u64, String>,
+    /// The highest `last_token` ever stored.
+    pub last_token: u64,
+    /// Broken rules, in the order they happened (a token stored for two
+    /// nodes, a `last_token` that went back).
+    pub violations: Vec<String>,
+}
+
+impl Oracle {
+    fn record(&mut self, revision: u64, state: &LeaseState) {
+        if state.last_token < self.last_token {
+            self.violations.push(format!(
+                "revision {revision}: last_token went back from {} to {}",
+                self.last_token, state.last_token
+            ));
+        }
+        self.last_token = self.last_token.max(state.last_token);
+        for (node, holding) in &state.holders {
+            let first = self
+                .tokens
+                .entry(holding.fencing_token)
+                .or_insert_with(|| node.to_string());
+            if first != node.as_str() {
+                self.violations.push(format!(
+                    "revision {revision}: token {} stored for {node}, earlier for {first}",
+                    holding.fencing_token
+                ));
+            }
+        }
+    }
 }
 
 impl Truth {
@@ -181,13 +221,14 @@ impl MemoryBackend {
         (truth.leader.clone(), truth.term)
     }
 
-    /// The stored state (decoded), if any.
+    /// The stored state, if any.
     pub fn stored(&self) -> Option<LeaseState> {
-        let truth = self.truth();
-        truth
-            .document
-            .as_ref()
-            .map(|d| decode("memory", d).expect("the memory store holds only valid documents"))
+        self.truth().decoded.clone()
+    }
+
+    /// Looks at the stored state without copying it.
+    pub fn inspect<T>(&self, look: impl FnOnce(Option<&LeaseState>) -> T) -> T {
+        look(self.truth().decoded.as_ref())
     }
 
     /// The stored document's size in bytes (0 when there is none).
@@ -201,6 +242,14 @@ impl MemoryBackend {
         truth.revision += 1;
         truth.document_revision = truth.revision;
         truth.document = Some(encode(state));
+        truth.decoded = Some(state.clone());
+        let revision = truth.revision;
+        truth.oracle.record(revision, state);
+    }
+
+    /// What every write stored so far.
+    pub fn oracle(&self) -> Oracle {
+        self.truth().oracle.clone()
     }
 
     /// Deletes the state (it is lost).
@@ -208,6 +257,7 @@ impl MemoryBackend {
         let mut truth = self.truth();
         truth.revision += 1;
         truth.document = None;
+        truth.decoded = None;
         truth.document_revision = 0;
     }
 
@@ -339,6 +389,9 @@ impl StateStore for MemoryStore {
             truth.revision += 1;
             truth.document_revision = truth.revision;
             truth.document = Some(document);
+            truth.decoded = Some(state.clone());
+            let revision = truth.revision;
+            truth.oracle.record(revision, state);
             if take(&mut truth.faults.lose_save_answers) {
                 return Err(StoreError::Backend(
                     "injected: the save happened but its answer was lost".to_string(),
