@@ -15,6 +15,16 @@ use etcd_client::GetOptions;
 
 /// A replica on `cluster`; the first one (`initialize`) creates the state.
 fn replica(cluster: &EtcdCluster, id: &str, ttl: &str, initialize: bool) -> Result<Coordinator> {
+    replica_with(cluster, id, ttl, initialize, &[])
+}
+
+fn replica_with(
+    cluster: &EtcdCluster,
+    id: &str,
+    ttl: &str,
+    initialize: bool,
+    extra: &[&str],
+) -> Result<Coordinator> {
     let endpoints = cluster.endpoints();
     let mut args = vec![
         "--store",
@@ -29,6 +39,7 @@ fn replica(cluster: &EtcdCluster, id: &str, ttl: &str, initialize: bool) -> Resu
     if initialize {
         args.push("--initialize");
     }
+    args.extend_from_slice(extra);
     Coordinator::start(id, &args)
 }
 
@@ -205,5 +216,38 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
         "{}",
         a.log()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_etcd_prefix_is_refused_not_started_empty() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut a = replica(&cluster, "a", "2s", true)?;
+    a.wait_ready().await?;
+    let mut ca = a.client().await?;
+    let mut w1 = acquire(&mut ca, "w1", false).await?;
+    let (t1, _) = wait_granted(&mut w1).await?;
+    a.kill();
+
+    // Restarted with another --etcd-prefix (a typo, a changed manifest):
+    // nothing there. It must not forget w1 and start again at token 1.
+    let mut b = replica_with(&cluster, "b", "2s", false, &["--etcd-prefix", "/baton-new"])?;
+    let status = b.wait_exit().await?;
+    assert!(!status.success(), "{status}");
+    let log = b.log();
+    assert!(
+        log.contains("no lease state in etcd key /baton-new/state"),
+        "{log}"
+    );
+    assert!(log.contains("--initialize"), "{log}");
+    let mut etcd = cluster.client().await?;
+    assert!(etcd.get("/baton-new/state", None).await?.kvs().is_empty());
+
+    // And --initialize over the real prefix is refused.
+    let mut c = replica(&cluster, "c", "2s", true)?;
+    assert!(!c.wait_exit().await?.success());
+    assert!(c.log().contains("remove --initialize"), "{}", c.log());
+    assert_eq!(stored(&cluster).await?, (vec!["w1".to_string()], t1));
     Ok(())
 }

@@ -144,6 +144,18 @@ impl Coordinator {
         }
     }
 
+    /// Waits (bounded) until the process exits on its own; its exit status.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        for _ in 0..(BOUND.as_millis() / 100) {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("coordinator {} did not exit\n{}", self.id, self.log())
+    }
+
     /// Freezes the process (a partitioned or hung replica).
     pub fn stop(&self) {
         let _ = kill(self.pid(), Signal::SIGSTOP);
