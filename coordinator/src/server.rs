@@ -64,6 +64,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The engine refused to run (missing state, `--initialize` on existing
+    /// state, corrupt state): the coordinator stopped.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A started coordinator.
@@ -103,7 +107,9 @@ async fn open_store(
 }
 
 /// Starts serving; `shutdown` completing starts a graceful stop (Acquire and
-/// Watch streams end, the state is saved, the listeners close).
+/// Watch streams end, the listeners close; every change was saved when it
+/// was made). An engine that refuses to run stops it too, and `done` then
+/// ends with [`ServeError::Refused`].
 pub async fn start(
     args: ServeArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -142,20 +148,23 @@ pub async fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let id = args.id.clone().unwrap_or_else(hostname);
     let config = EngineConfig {
-        policy: Policy {
-            max_concurrent: args.max_concurrent,
-            windows: WindowSet {
-                windows,
-                min_remaining: chrono::Duration::from_std(args.min_window_remaining)
-                    .unwrap_or(chrono::Duration::MAX),
-            },
-        },
         renew_interval: chrono::Duration::from_std(args.renew_interval)
             .unwrap_or(chrono::Duration::MAX),
         overdue_after: chrono::Duration::from_std(args.overdue_after)
             .unwrap_or(chrono::Duration::MAX),
-        coordinator_id: id.clone(),
-        prepare_retry: chrono::Duration::seconds(10),
+        prepare_timeout: args.prepare_timeout,
+        initialize: args.initialize,
+        ..EngineConfig::new(
+            Policy {
+                max_concurrent: args.max_concurrent,
+                windows: WindowSet {
+                    windows,
+                    min_remaining: chrono::Duration::from_std(args.min_window_remaining)
+                        .unwrap_or(chrono::Duration::MAX),
+                },
+            },
+            &id,
+        )
     };
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
@@ -239,19 +248,30 @@ pub async fn start(
         })?;
     info!(%grpc_addr, %metrics_addr, id = %id, tls = tls.is_some(), mutual_tls = args.tls.client_ca.is_some(), "coordinator serving");
 
-    // One shutdown signal fans out to the engine and both servers.
+    // One shutdown signal fans out to the engine and both servers. An
+    // engine that refuses to run (missing state, found only once this
+    // replica leads) stops the coordinator the same way, with its reason.
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
     {
         let engine = engine.clone();
         let lease = kube
             .as_ref()
             .and_then(|k| k.lease_release(args.store == StoreKind::Kubernetes, &id));
+        let refusal = refusal.clone();
+        let mut refused = engine.refused();
         tokio::spawn(async move {
-            shutdown.await;
-            info!("shutting down: ending streams, saving state");
+            tokio::select! {
+                _ = shutdown => info!("shutting down: ending streams"),
+                Ok(reason) = refused.wait_for(Option::is_some) => {
+                    let reason = reason.clone().unwrap_or_default();
+                    tracing::error!(reason = %reason, "stopping: the coordinator refuses to run");
+                    *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                }
+            }
             engine.shutdown().await;
             // Hand leadership over now rather than after the Lease expires.
             if let Some(lease) = lease {
@@ -286,7 +306,10 @@ pub async fn start(
         grpc_result?;
         http_result?;
         info!("coordinator stopped");
-        Ok(())
+        match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(reason) => Err(ServeError::Refused(reason)),
+            None => Ok(()),
+        }
     });
     Ok(Running {
         grpc_addr,

@@ -369,7 +369,10 @@ impl Coordinator for Services {
                 )));
             }
         };
-        let answer = self.engine.confirm(&node, req.fencing_token, step).await?;
+        let answer = self
+            .engine
+            .confirm_step(&node, req.fencing_token, step)
+            .await?;
         Ok(Response::new(pb::ConfirmResponse {
             proceed: answer.wait.is_none(),
             reason: answer.wait.unwrap_or_default(),
@@ -391,7 +394,7 @@ impl Admin for Services {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.identity(&request).await?.may_administer()?;
-        let snap = self.engine.snapshot().await;
+        let snap = self.engine.confirmed_snapshot().await?;
         Ok(Response::new(status_response(&self.engine, &snap)))
     }
 
@@ -466,14 +469,16 @@ impl Admin for Services {
 
 /// The Watch stream: the status now, then after every change (changes that
 /// come faster than the client reads are folded into one), until the engine
-/// shuts down or the client leaves.
+/// shuts down or the client leaves. Every status sent is confirmed as the
+/// leader's latest state; when it cannot be, the stream ends UNAVAILABLE.
 fn watch_stream(
     engine: Arc<Engine>,
 ) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
     let changes = engine.subscribe();
     futures::stream::unfold(
-        (engine, changes, true),
-        |(engine, mut changes, first)| async move {
+        (engine, changes, Some(true)),
+        |(engine, mut changes, state)| async move {
+            let first = state?;
             if !first && changes.changed().await.is_err() {
                 return None;
             }
@@ -481,9 +486,13 @@ fn watch_stream(
             if engine.is_shutting_down().await {
                 return None;
             }
-            let snap = engine.snapshot().await;
-            let response = status_response(&engine, &snap);
-            Some((Ok(response), (engine, changes, false)))
+            match engine.confirmed_snapshot().await {
+                Ok(snap) => {
+                    let response = status_response(&engine, &snap);
+                    Some((Ok(response), (engine, changes, Some(false))))
+                }
+                Err(e) => Some((Err(e.into()), (engine, changes, None))),
+            }
         },
     )
 }

@@ -187,6 +187,27 @@ pub struct Progress {
 }
 
 impl LeaseState {
+    /// The state of a new installation (`--initialize`). Its tokens start
+    /// at the current time in milliseconds since the Unix epoch rather than
+    /// at 1, so that a store initialized again after its state was lost still
+    /// hands out tokens above every token handed out before (a node that
+    /// kept a token from the lost state can never present a current one).
+    pub fn initial(now: DateTime<Utc>, actor: &str) -> Self {
+        let mut state = Self {
+            last_token: u64::try_from(now.timestamp_millis()).unwrap_or(0),
+            ..Self::default()
+        };
+        state.record(
+            now,
+            "initialize",
+            "",
+            0,
+            actor,
+            "--initialize: a new installation",
+        );
+        state
+    }
+
     /// Grants the baton to `node` with a new fencing token and returns it.
     /// The caller has decided (see [`crate::policy::decide`]) that the grant
     /// is allowed.

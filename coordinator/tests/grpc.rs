@@ -379,3 +379,42 @@ async fn http_get(url: &str) -> String {
     stream.read_to_string(&mut body).await.unwrap();
     body
 }
+
+#[tokio::test]
+async fn a_wrong_data_dir_is_refused_not_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(insecure_args(dir.path())).await;
+    let (mut lease, _) = server.clients().await;
+    let (g1, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    server.stop().await;
+
+    // Restarted with a typo in --data-dir: no state there. Starting empty
+    // would forget n1 (mid-reboot) and could grant n2 at once.
+    let wrong = tempfile::tempdir().unwrap();
+    let mut args = insecure_args(wrong.path());
+    args.initialize = false;
+    let err = baton_coordinator::server::start(args, std::future::pending())
+        .await
+        .err()
+        .expect("an empty store after the first start is refused");
+    let message = err.to_string();
+    assert!(message.contains("no lease state in"), "{message}");
+    assert!(message.contains("--initialize"), "{message}");
+    assert!(!wrong.path().join("state.json").exists());
+
+    // --initialize on the real directory is refused too: it holds state.
+    let mut args = insecure_args(dir.path());
+    args.initialize = true;
+    let err = baton_coordinator::server::start(args, std::future::pending())
+        .await
+        .err()
+        .expect("--initialize over existing state is refused");
+    assert!(err.to_string().contains("remove --initialize"), "{err}");
+
+    // The right directory, as usual: n1 still holds its token.
+    let server = TestServer::start(insecure_args(dir.path())).await;
+    let (mut lease, _) = server.clients().await;
+    let (resumed, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    assert_eq!(resumed.fencing_token, g1.fencing_token);
+    server.stop().await;
+}

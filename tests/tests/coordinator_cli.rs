@@ -124,8 +124,11 @@ fn batonctl_commands_do_what_they_say() {
         .iter()
         .map(|a| a["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["grant", "pause", "force-release", "resume"]);
-    assert_eq!(status["audit"][2]["reason"], "node replaced");
+    assert_eq!(
+        actions,
+        ["initialize", "grant", "pause", "force-release", "resume"]
+    );
+    assert_eq!(status["audit"][3]["reason"], "node replaced");
 
     // hold: waits, runs the command while holding, releases, exits with its status.
     let inner_status = dir.path().join("inside.json");

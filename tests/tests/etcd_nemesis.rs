@@ -468,11 +468,18 @@ async fn leases_hold_their_promises_under_a_nemesis() -> Result<()> {
         "--etcd-member-map",
         "n1=n1,n2=n2,n3=n3",
     ];
-    let coordinators: Vec<Coordinator> = ["c1", "c2", "c3"]
-        .iter()
-        .map(|id| Coordinator::start(id, &args))
-        .collect::<Result<_>>()?;
-    coordinators[0].client().await?;
+    // c1 creates the state (--initialize, on its first start only); the
+    // others join once it exists.
+    let mut first = args.to_vec();
+    first.push("--initialize");
+    let c1 = Coordinator::start("c1", &first)?;
+    c1.wait_ready().await?;
+    let coordinators = vec![
+        c1,
+        Coordinator::start("c2", &args)?,
+        Coordinator::start("c3", &args)?,
+    ];
+    coordinators[1].client().await?;
     let urls: Vec<String> = coordinators.iter().map(|c| c.grpc_url.clone()).collect();
     let addrs: Vec<String> = coordinators
         .iter()

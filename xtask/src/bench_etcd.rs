@@ -127,7 +127,9 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
         "--etcd-member-map",
         member_map.as_str(),
     ];
-    let mut a = Coordinator::start_binary(binary, "a", &args)?;
+    // a creates the state (a new installation); b finds it.
+    let first: Vec<&str> = args.iter().copied().chain(["--initialize"]).collect();
+    let mut a = Coordinator::start_binary(binary, "a", &first)?;
     a.wait_ready().await?;
     let b = Coordinator::start_binary(binary, "b", &args)?;
     let mut client = a.client().await?;

@@ -69,6 +69,7 @@ fn serve(extra: &[String]) -> Result<()> {
     deps::ensure(deps::BUILD)?;
     util::build_release_bins()?;
     let root = util::workspace_root();
+    let data = root.join("target/baton-data");
     let mut cmd = std::process::Command::new(root.join("target/release/baton-coordinator"));
     cmd.args([
         "serve",
@@ -76,10 +77,9 @@ fn serve(extra: &[String]) -> Result<()> {
         "--listen=127.0.0.1:7443",
         "--metrics-listen=127.0.0.1:9443",
     ])
-    .arg(format!(
-        "--data-dir={}",
-        root.join("target/baton-data").display()
-    ))
+    .arg(format!("--data-dir={}", data.display()))
+    // The lab's first run is a new installation; later runs keep its state.
+    .args((!data.join("state.json").exists()).then_some("--initialize"))
     .args(extra);
     eprintln!(
         "coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status"

@@ -77,7 +77,7 @@ impl Engine {
     /// Guarantee: `wait` is `None` only if, at this moment and on this
     /// leader's state, the grant rule (with pause and windows left out)
     /// would grant the node the baton if it did not hold it.
-    pub async fn confirm(
+    pub async fn confirm_step(
         &self,
         node: &NodeName,
         token: u64,
@@ -198,14 +198,14 @@ mod tests {
         let engine = Engine::new(
             store,
             EngineConfig {
-                policy: Policy {
-                    max_concurrent: max,
-                    windows: WindowSet::default(),
-                },
-                renew_interval: Duration::seconds(10),
                 overdue_after: Duration::seconds(60),
-                coordinator_id: "test".into(),
-                prepare_retry: Duration::seconds(10),
+                ..EngineConfig::new(
+                    Policy {
+                        max_concurrent: max,
+                        windows: WindowSet::default(),
+                    },
+                    "test",
+                )
             },
             vec![guard],
             Vec::new(),
@@ -240,7 +240,10 @@ mod tests {
         let guard = Arc::new(Switch::default());
         let engine = engine(2, guard.clone()).await;
         let t1 = grant(&engine, "n1", true).await;
-        let ok = engine.confirm(&n("n1"), t1, Step::Reboot).await.unwrap();
+        let ok = engine
+            .confirm_step(&n("n1"), t1, Step::Reboot)
+            .await
+            .unwrap();
         assert_eq!(ok.wait, None);
         // The holder is not in its own way: the guard saw no holders.
         assert_eq!(
@@ -249,7 +252,10 @@ mod tests {
         );
 
         *guard.refuse.lock().unwrap() = Some("etcd: member n2 unhealthy".into());
-        let wait = engine.confirm(&n("n1"), t1, Step::Reboot).await.unwrap();
+        let wait = engine
+            .confirm_step(&n("n1"), t1, Step::Reboot)
+            .await
+            .unwrap();
         assert_eq!(wait.wait.as_deref(), Some("etcd: member n2 unhealthy"));
         assert!(wait.retry_after <= CONFIRM_RETRY);
         // It was renewed all the same, and it still holds the baton.
@@ -264,7 +270,7 @@ mod tests {
         let engine = engine(1, Arc::default()).await;
         let t1 = grant(&engine, "n1", false).await;
         let err = engine
-            .confirm(&n("n1"), t1 + 1, Step::Update)
+            .confirm_step(&n("n1"), t1 + 1, Step::Update)
             .await
             .unwrap_err();
         assert!(
@@ -272,7 +278,7 @@ mod tests {
             "{err}"
         );
         let err = engine
-            .confirm(&n("n2"), t1, Step::Update)
+            .confirm_step(&n("n2"), t1, Step::Update)
             .await
             .unwrap_err();
         assert!(
@@ -289,7 +295,10 @@ mod tests {
         // A third node went down unexpectedly: with cp-1 and w1 that is
         // three out of a limit of two.
         engine.set_unavailable(vec![n("w9")]).await;
-        let wait = engine.confirm(&n("cp-1"), t1, Step::Reboot).await.unwrap();
+        let wait = engine
+            .confirm_step(&n("cp-1"), t1, Step::Reboot)
+            .await
+            .unwrap();
         let reason = wait.wait.expect("must wait");
         assert!(
             reason.contains("concurrency limit: 2 of 2 in use"),
@@ -300,7 +309,7 @@ mod tests {
         engine.set_unavailable(vec![n("cp-1")]).await;
         assert_eq!(
             engine
-                .confirm(&n("cp-1"), t1, Step::Reboot)
+                .confirm_step(&n("cp-1"), t1, Step::Reboot)
                 .await
                 .unwrap()
                 .wait,
@@ -310,7 +319,7 @@ mod tests {
         engine.pause("op", "freeze").await.unwrap();
         assert_eq!(
             engine
-                .confirm(&n("cp-1"), t1, Step::Reboot)
+                .confirm_step(&n("cp-1"), t1, Step::Reboot)
                 .await
                 .unwrap()
                 .wait,

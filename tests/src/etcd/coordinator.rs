@@ -39,7 +39,10 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts `baton-coordinator serve --insecure` with `args` added.
+    /// Starts `baton-coordinator serve --insecure` with `args` added. With
+    /// the embedded store (no `--store` in `args`) its fresh data directory
+    /// is initialized (`--initialize`); with a shared store the caller says
+    /// which replica initializes.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
@@ -59,11 +62,14 @@ impl Coordinator {
             binary: binary.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
-        coordinator.spawn()?;
+        // The embedded store's fresh data directory is initialized on the
+        // first start; with a shared store the caller says which replica
+        // initializes (in `args`).
+        coordinator.spawn(!args.contains(&"--store"))?;
         Ok(coordinator)
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    fn spawn(&mut self, initialize: bool) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,6 +81,7 @@ impl Coordinator {
             .args(["--metrics-listen", &self.metrics_addr])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .args(initialize.then_some("--initialize"))
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -87,10 +94,13 @@ impl Coordinator {
     }
 
     /// Starts it again (after [`Coordinator::kill`]) with the same id,
-    /// flags, ports and data directory; its log continues.
+    /// flags, ports and data directory, but never `--initialize` (the state
+    /// exists now, and a replica told to initialize refuses to start on it);
+    /// its log continues.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.spawn()
+        self.args.retain(|a| a != "--initialize");
+        self.spawn(false)
     }
 
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
@@ -149,6 +159,18 @@ impl Coordinator {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Waits (bounded) until the process exits on its own; its exit status.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        for _ in 0..(BOUND.as_millis() / 100) {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("coordinator {} did not exit\n{}", self.id, self.log())
     }
 
     /// Freezes the process (a partitioned or hung replica).
