@@ -566,7 +566,14 @@ async fn leases_hold_their_promises_under_a_nemesis() -> Result<()> {
             ops: Vec::new(),
         });
     }
+    let mut grants_by_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for op in &ops {
+        if matches!(op.outcome, Outcome::Granted { resumed: false, .. }) {
+            *grants_by_node.entry(op.node.as_str()).or_default() += 1;
+        }
+    }
     eprintln!("nemesis: faults injected:\n  {}", faults.join("\n  "));
+    eprintln!("nemesis: fresh grants by node: {grants_by_node:?}");
     eprintln!(
         "nemesis: {} ops, {} fresh grants, {} resumed, {} releases, {} without a definite answer, at most {} holders at once; clients at the end: {ends:?}; stored holders {holders:?}, last token {last_token}",
         ops.len(),
