@@ -19,11 +19,7 @@ use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot, Step};
 use crate::node::NodeName;
 use crate::state::{Phase, Progress};
 use crate::status_map::invalid_node;
-
-/// The longest reason or message accepted, in bytes.
-pub const MAX_TEXT: usize = 1024;
-/// The longest error report accepted, in bytes (room for a log tail).
-pub const MAX_ERROR: usize = 16 * 1024;
+use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES};
 
 /// Both services over one engine.
 #[derive(Clone)]
@@ -60,14 +56,10 @@ impl Services {
     }
 }
 
-fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
-    if value.len() > max {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes long, the limit is {max}",
-            value.len()
-        )));
-    }
-    Ok(())
+/// INVALID_ARGUMENT unless `value` is acceptable text for `field` (see
+/// [`crate::text`]).
+fn check_text(field: &'static str, value: &str, limit: usize) -> Result<(), Status> {
+    text::check(field, value, limit).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Converts a timestamp.
@@ -282,7 +274,7 @@ impl Coordinator for Services {
     ) -> Result<Response<Self::AcquireStream>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
         let (ticket, events) = self
             .engine
             .acquire(crate::engine::AcquireRequest {
@@ -323,9 +315,9 @@ impl Coordinator for Services {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         let phase = phase_from_proto(req.phase)?;
-        check_len("boot_id", &req.boot_id, 64)?;
-        check_len("message", &req.message, MAX_TEXT)?;
-        check_len("error", &req.error, MAX_ERROR)?;
+        check_text("boot_id", &req.boot_id, BOOT_ID_BYTES)?;
+        check_text("message", &req.message, MESSAGE_BYTES)?;
+        check_text("error", &req.error, ERROR_BYTES)?;
         let progress = Progress {
             phase,
             boot_id: req.boot_id,
@@ -344,7 +336,7 @@ impl Coordinator for Services {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
         self.engine
             .release(&node, req.fencing_token, &identity.name, &req.reason)
             .await?;
@@ -412,7 +404,7 @@ impl Admin for Services {
     ) -> Result<Response<pb::PauseResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
-        check_len("reason", &request.get_ref().reason, MAX_TEXT)?;
+        check_text("reason", &request.get_ref().reason, REASON_BYTES)?;
         self.engine
             .pause(&identity.name, &request.get_ref().reason)
             .await?;
@@ -442,7 +434,7 @@ impl Admin for Services {
                 "reason: a force-release needs a reason (it is audited)",
             ));
         }
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
         let expected = match (req.fencing_token, req.any_token) {
             (0, true) => None,
             (0, false) => {

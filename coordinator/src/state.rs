@@ -17,7 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::node::NodeName;
 
-/// How many audit records are kept (oldest dropped first).
+mod budget;
+
+pub use budget::{AUDIT_MAX_BYTES, CUT_MARK, DOCUMENT_MAX_BYTES, OverBudget};
+
+/// How many audit records are kept at most (oldest dropped first); the
+/// audit is also bounded in bytes ([`AUDIT_MAX_BYTES`]).
 pub const AUDIT_KEEP: usize = 500;
 
 /// Where a holder is in its maintenance (mirrors `baton.v1.Phase`).
@@ -381,7 +386,9 @@ impl LeaseState {
         true
     }
 
-    /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`].
+    /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`]. The
+    /// actor (from a certificate or a TokenReview) and the reason are cut to
+    /// their limits here too, whoever calls.
     pub fn record(
         &mut self,
         time: DateTime<Utc>,
@@ -391,13 +398,25 @@ impl LeaseState {
         actor: &str,
         reason: &str,
     ) {
+        let clean = |text: &str, limit: usize| -> String {
+            crate::text::truncate(text, limit)
+                .chars()
+                .map(|c| {
+                    if c.is_control() && !matches!(c, '\n' | '\t') {
+                        char::REPLACEMENT_CHARACTER
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
         self.audit.push_back(AuditEntry {
             time,
             action: action.to_string(),
             node: node.to_string(),
             fencing_token,
-            actor: actor.to_string(),
-            reason: reason.to_string(),
+            actor: clean(actor, crate::text::ACTOR_BYTES),
+            reason: clean(reason, crate::text::REASON_BYTES),
         });
         while self.audit.len() > AUDIT_KEEP {
             self.audit.pop_front();

@@ -740,3 +740,110 @@ async fn a_deleted_state_configmap_stops_the_coordinator_instead_of_starting_emp
     assert!(why.to_string().contains("no lease state"), "{why}");
     Ok(())
 }
+
+/// Issue 9, finding 8: whatever agents send, the state ConfigMap stays under
+/// the API server's 1 MiB and every call keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worst_case_texts_keep_the_state_configmap_under_one_mebibyte() -> Result<()> {
+    use baton_proto::v1::{ReleaseRequest, ReportRequest};
+    let fake = cluster(&[node("n1").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &[]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let mut client = CoordinatorClient::new(channel(&a, "agent-n1").await?);
+    // The largest text accepted, made of the character JSON escapes worst
+    // ('"' takes 2 bytes encoded).
+    let reason = "\"".repeat(1024);
+    let error = "\\".repeat(16 * 1024);
+    let size = |fake: &FakeApi| {
+        fake.get("v1/configmaps", NS, "baton-state")
+            .map_or(0, |cm| {
+                cm["data"]["state.json"].as_str().map_or(0, str::len)
+            })
+    };
+    // 84 cycles pushed the ConfigMap past 1 MiB before the state had a
+    // byte budget (with control characters; with these, 229 cycles).
+    for cycle in 0..84 {
+        let mut stream = client
+            .acquire(AcquireRequest {
+                node: "n1".into(),
+                reason: reason.clone(),
+                ..AcquireRequest::default()
+            })
+            .await
+            .with_context(|| format!("acquire in cycle {cycle}, state {} bytes", size(&fake)))?
+            .into_inner();
+        let token = granted(&mut stream)
+            .await
+            .with_context(|| format!("grant in cycle {cycle}, state {} bytes", size(&fake)))?;
+        if cycle % 7 == 0 {
+            client
+                .report(ReportRequest {
+                    node: "n1".into(),
+                    fencing_token: token,
+                    phase: baton_proto::v1::Phase::Failed as i32,
+                    message: reason.clone(),
+                    error: error.clone(),
+                    boot_id: "b".repeat(64),
+                })
+                .await
+                .with_context(|| format!("report in cycle {cycle}, state {} bytes", size(&fake)))?;
+        }
+        client
+            .release(ReleaseRequest {
+                node: "n1".into(),
+                fencing_token: token,
+                reason: reason.clone(),
+            })
+            .await
+            .with_context(|| format!("release in cycle {cycle}, state {} bytes", size(&fake)))?;
+    }
+    let stored = size(&fake);
+    assert!(stored < 1024 * 1024, "{stored} bytes");
+    let seen = status(&a).await?;
+    assert!(!seen.audit.is_empty());
+
+    // Control characters escape to 6 bytes each in JSON: refused, nothing
+    // stored.
+    let before = stored_state(&fake);
+    for text in ["a\u{1}b", "\u{7f}", "x\u{1b}[31m", "\u{85}"] {
+        let err = client
+            .acquire(AcquireRequest {
+                node: "n1".into(),
+                reason: text.to_string(),
+                ..AcquireRequest::default()
+            })
+            .await
+            .expect_err("a control character is refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{text:?}: {err}");
+        assert!(err.message().contains("control character"), "{err}");
+    }
+    // Newlines and tabs are fine in an error report; bytes count, not
+    // characters.
+    let mut stream = client
+        .acquire(AcquireRequest {
+            node: "n1".into(),
+            reason: "ok".into(),
+            ..AcquireRequest::default()
+        })
+        .await?
+        .into_inner();
+    let token = granted(&mut stream).await?;
+    let report = |error: String| ReportRequest {
+        node: "n1".into(),
+        fencing_token: token,
+        phase: baton_proto::v1::Phase::Failed as i32,
+        error,
+        ..ReportRequest::default()
+    };
+    client.report(report("line 1\n\tline 2".into())).await?;
+    let err = client
+        .report(report("é".repeat(8 * 1024 + 1)))
+        .await
+        .expect_err("16385 bytes of UTF-8");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("16386 bytes"), "{err}");
+    assert_ne!(stored_state(&fake), before, "the valid calls were stored");
+    Ok(())
+}

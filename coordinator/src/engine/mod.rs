@@ -551,6 +551,15 @@ impl Engine {
                 return Err(refusal.into());
             }
         };
+        // Whatever clients sent, the document stays within its budget.
+        if let Err(e) = next.fit_budget() {
+            warn!(error = %e, "the change would not fit the state budget; not applied");
+            return Err(StoreError::TooLarge {
+                size: e.size,
+                budget: e.budget,
+            }
+            .into());
+        }
         match self.timed(self.store.save(&next, &fence)).await {
             Ok(revision) => {
                 inner.state = next;

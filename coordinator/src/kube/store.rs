@@ -12,8 +12,9 @@
 //! leadership is time-based, as in client-go: a leader that could not renew
 //! within its renew deadline steps down before another may take over).
 //!
-//! A confirmation is a GET of the ConfigMap (served from etcd with a quorum
-//! read by the API server) compared against the fence's resourceVersion.
+//! A confirmation is a metadata-only GET of the ConfigMap (served from etcd
+//! with a quorum read by the API server) compared against the fence's
+//! resourceVersion.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -181,7 +182,13 @@ impl KubeStore {
 
     async fn confirm_now(&self, fence: &Fence) -> Result<(), StoreError> {
         self.check_leading(fence)?;
-        let now = match self.read().await? {
+        // Metadata only: the resourceVersion is all a confirmation needs.
+        let now = match self
+            .api
+            .get_metadata_opt(&self.name)
+            .await
+            .map_err(|e| self.backend("reading", e))?
+        {
             Some(object) => object
                 .metadata
                 .resource_version

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::semantics::{
-    disruptions_allowed, fields_match, label_selector_matches, labels_match, merge_patch,
+    disruptions_allowed, fields_match, invalid, label_selector_matches, labels_match, merge_patch,
     parse_query,
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
@@ -272,6 +272,9 @@ fn create(ctx: &Ctx, t: &Target, mut body: Value) -> Response {
     body["apiVersion"] = json!(t.api_version);
     body["kind"] = json!(kind_of(&t.resource));
     body["metadata"]["resourceVersion"] = Value::Null;
+    if let Some(message) = invalid(&body) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, body, "ADDED");
     drop(store);
     ctx.api.wake();
@@ -310,6 +313,9 @@ fn replace(ctx: &Ctx, t: &Target, name: &str, mut body: Value) -> Response {
     body["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
     body["apiVersion"] = json!(t.api_version);
     body["kind"] = json!(kind_of(&t.resource));
+    if let Some(message) = invalid(&body) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, body, "MODIFIED");
     drop(store);
     ctx.api.wake();
@@ -327,6 +333,9 @@ fn patch(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     }
     let mut object = current.clone();
     merge_patch(&mut object, body);
+    if let Some(message) = invalid(&object) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, object, "MODIFIED");
     drop(store);
     ctx.api.wake();

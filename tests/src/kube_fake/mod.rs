@@ -7,6 +7,8 @@
 //! - every write bumps a cluster-wide `resourceVersion`; a PUT or PATCH
 //!   carrying a stale one answers 409 Conflict, a create of an existing
 //!   name 409 AlreadyExists, a missing object 404;
+//! - a ConfigMap whose data exceeds 1 MiB is refused 422 Invalid, as the
+//!   API server's validation does;
 //! - `pods/eviction` answers 429 while a PodDisruptionBudget (integer
 //!   `minAvailable` or `maxUnavailable`, `matchLabels` selector) forbids the
 //!   disruption, and otherwise deletes the pod gracefully: it gets a
