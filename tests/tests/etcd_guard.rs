@@ -314,9 +314,11 @@ async fn standalone_a_member_on_no_known_node_holds_back_nodes_that_might_carry_
 
     // Mapped: w1 is the etcd node it is, and gets the quorum check (a
     // frozen member holds it back) and the snapshot.
+    // n3 is frozen before this coordinator's first probe, so no health
+    // data it ever has says all is well.
+    cluster.stop("n3");
     let coordinator = guarded(&cluster, &["--etcd-member-map", "w1=etcd-a"])?;
     let mut client = coordinator.client().await?;
-    cluster.stop("n3");
     let mut w1 = acquire(&mut client, "w1", false).await?;
     let reason = wait_for_reason(&mut w1, "member n3 unhealthy").await;
     cluster.cont("n3");
