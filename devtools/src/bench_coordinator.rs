@@ -66,7 +66,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let log = std::fs::File::create(root.join("target/bench/coordinator.log"))?;
     let server = Proc(
         Command::new(release_dir().join("baton-coordinator"))
-            .args(["serve", "--insecure"])
+            .args(["serve", "--insecure", "--initialize"])
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .arg(format!("--data-dir={}", data.display()))

@@ -130,6 +130,7 @@ async fn coordinator() -> Result<Coordinator> {
         "baton-coordinator",
         "serve",
         "--insecure",
+        "--initialize",
         "--listen",
         "127.0.0.1:0",
         "--metrics-listen",

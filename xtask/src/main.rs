@@ -104,6 +104,10 @@ fn serve(extra: &[String]) -> Result<()> {
         "--metrics-listen=127.0.0.1:9443".to_string(),
         format!("--data-dir={}", data.display()),
     ];
+    // The first run is a new installation; later runs keep its state.
+    if !data.join("state.json").exists() {
+        args.push("--initialize".to_string());
+    }
     args.extend(extra.iter().cloned());
     eprintln!(
         "coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status"

@@ -1,6 +1,7 @@
-//! The granter task: follows leadership, marks overdue holders and runs the
-//! grant rule whenever something changed (and once a second, so maintenance
-//! windows opening and guards' fresh data are noticed).
+//! The granter task: follows leadership (reloading the state in every new
+//! term), marks overdue holders and runs the grant rule whenever something
+//! changed (and once a second, so maintenance windows opening, guards' fresh
+//! data and a missed leadership notification are noticed).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,13 +46,17 @@ impl Engine {
             self.follow_leadership().await;
             self.mark_overdue().await;
             self.grant_pass().await;
+            // Biased: the order of ready branches does not matter here, and
+            // a fixed order keeps seeded simulations replayable.
             tokio::select! {
+                biased;
                 _ = self.wake.notified() => {}
                 _ = tick.tick() => {}
                 changed = leadership.changed() => {
                     if changed.is_err() {
                         // The store is gone: nothing can be granted any more.
-                        self.lose_leadership().await;
+                        let mut inner = self.inner.lock().await;
+                        self.step_down(&mut inner);
                         return;
                     }
                 }
@@ -59,16 +64,12 @@ impl Engine {
         }
     }
 
+    /// Loads the state when this replica leads in a term its memory is not
+    /// from (or after a failed save), drops waiters when it does not lead.
     async fn follow_leadership(&self) {
-        let claim = self.leadership.borrow().clone();
-        let leading = self.inner.lock().await.leading;
-        if claim.is_leader && !leading {
-            if let Err(e) = self.take_leadership().await {
-                warn!(error = %e, "won leadership but could not load the state; not granting");
-            }
-        } else if !claim.is_leader && leading {
-            self.lose_leadership().await;
-        }
+        let mut inner = self.inner.lock().await;
+        // Errors are logged where they happen (once per distinct error).
+        let _ = self.ensure_current(&mut inner).await;
     }
 
     /// Logs, audits and counts holders that just became overdue. They keep
@@ -76,7 +77,7 @@ impl Engine {
     async fn mark_overdue(&self) {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        if !inner.leading {
+        if inner.fence.is_none() {
             return;
         }
         let newly: Vec<(NodeName, u64)> = inner
@@ -129,7 +130,7 @@ impl Engine {
     async fn grant_pass(&self) {
         loop {
             let mut inner = self.inner.lock().await;
-            if !inner.leading || inner.shutting_down {
+            if inner.fence.is_none() || inner.shutting_down {
                 return;
             }
             inner.queue.retain(|q| !q.events.is_closed());
@@ -164,10 +165,16 @@ impl Engine {
                     continue;
                 }
                 inner = self.inner.lock().await;
-                if !inner.leading || inner.shutting_down {
+                // Leadership may have changed hands while preparing (another
+                // replica may have granted in between): make the memory
+                // current again (a new term reloads it) and decide again
+                // from it. The grant's save is a compare-and-swap on that
+                // memory's fence, so a decision from a stale view is never
+                // stored.
+                if self.ensure_current(&mut inner).await.is_err() {
                     return;
                 }
-                // The world may have moved while preparing: decide again.
+                inner.queue.retain(|q| !q.events.is_closed());
                 let now = self.now();
                 if self.decide_now(&inner, now).grant.as_ref() != Some(&candidate) {
                     continue;
@@ -179,11 +186,21 @@ impl Engine {
         }
     }
 
+    /// Runs every preparer for `waiter`, bounded by the prepare timeout.
     async fn prepare(&self, waiter: &Waiter) -> Result<(), String> {
-        for preparer in &self.preparers {
-            preparer.prepare(waiter).await?;
-        }
-        Ok(())
+        let all = async {
+            for preparer in &self.preparers {
+                preparer.prepare(waiter).await?;
+            }
+            Ok(())
+        };
+        let limit = self.config.prepare_timeout;
+        tokio::time::timeout(limit, all).await.unwrap_or_else(|_| {
+            Err(format!(
+                "preparing the grant took longer than {}s; not granting",
+                limit.as_secs()
+            ))
+        })
     }
 
     /// Grants `node` (which the rule just chose). False when the store

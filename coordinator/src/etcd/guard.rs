@@ -32,6 +32,9 @@ use crate::node::NodeName;
 use crate::policy::{GrantGuard, Waiter};
 use crate::state::LeaseState;
 
+/// The most node names the standalone guard remembers.
+pub const SEEN_MAX: usize = 10_000;
+
 /// The guard's settings.
 #[derive(Clone, Debug)]
 pub struct GuardSettings {
@@ -56,6 +59,11 @@ pub struct EtcdGuard {
     engine: OnceLock<Weak<Engine>>,
     /// Nodes' InternalIPs, when nodes are watched (Kubernetes).
     addresses: OnceLock<Arc<dyn NodeAddresses>>,
+    /// Standalone: the nodes known to exist (they asked for or held the
+    /// baton since this process started), which places the members named
+    /// like them. At most [`SEEN_MAX`]; past that, new names are not
+    /// remembered, which only holds more grants back.
+    seen: Mutex<BTreeSet<NodeName>>,
     clock: Clock,
 }
 
@@ -71,6 +79,7 @@ impl EtcdGuard {
             returns: Mutex::new(Returns::default()),
             engine: OnceLock::new(),
             addresses: OnceLock::new(),
+            seen: Mutex::new(BTreeSet::new()),
             clock,
         })
     }
@@ -88,18 +97,63 @@ impl EtcdGuard {
         let _ = self.addresses.set(addresses);
     }
 
-    /// What `node` is to etcd in `health`; `Err` is why it waits.
+    /// What `node` is to etcd in `health`; `Err` is why it waits. With the
+    /// node watch, the node's role label makes it a control-plane node; the
+    /// agent's `claimed_control_plane` can only add to that. Without it
+    /// (standalone), a node that matches no member is no etcd node only
+    /// while every voting member is placed on a known node.
     fn role(
         &self,
         node: &NodeName,
-        control_plane: bool,
+        claimed_control_plane: bool,
         health: &HealthSnapshot,
     ) -> Result<EtcdRole, String> {
-        let ips = match self.addresses.get() {
-            Some(addresses) => addresses.internal_ips(node),
-            None => InternalIps::NotWatched,
+        let Some(addresses) = self.addresses.get() else {
+            let role = self.settings.map.role(
+                node,
+                claimed_control_plane,
+                &InternalIps::NotWatched,
+                health,
+            );
+            if role != Ok(EtcdRole::NotEtcd) {
+                return role;
+            }
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let unplaced = self.settings.map.unplaced_members(health, &seen);
+            return match unplaced.as_slice() {
+                [] => role,
+                [one] => Err(format!(
+                    "etcd: voting member {one} is on no known node (no --etcd-member-map entry names it, and no node named {one} has asked), so node {node} might carry it; map it with --etcd-member-map NODE={one} (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member"
+                )),
+                several => Err(format!(
+                    "etcd: voting members {} are on no known node (no --etcd-member-map entry names them, and no nodes so named have asked), so node {node} might carry one; map each with --etcd-member-map NODE=MEMBER (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member",
+                    several.join(", ")
+                )),
+            };
         };
-        self.settings.map.role(node, control_plane, &ips, health)
+        let labelled = addresses.control_plane(node);
+        self.settings.map.role(
+            node,
+            claimed_control_plane || labelled,
+            &addresses.internal_ips(node),
+            health,
+        )
+    }
+
+    /// Remembers that these nodes exist (standalone member placement).
+    fn remember<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeName>) {
+        if self.addresses.get().is_some() {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for node in nodes {
+            if seen.len() >= SEEN_MAX {
+                return;
+            }
+            if !seen.contains(node) {
+                seen.insert(node.clone());
+            }
+        }
     }
 
     /// Replaces the last health snapshot (tests stand in for a probe round).
@@ -249,8 +303,9 @@ impl GrantGuard for EtcdGuard {
         &self,
         candidate: &Waiter,
         state: &LeaseState,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> Result<(), String> {
+        self.remember(std::iter::once(&candidate.node).chain(state.holders.keys()));
         let health = self.health();
         let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
             EtcdRole::Member(m) => m,
@@ -279,7 +334,7 @@ impl GrantGuard for EtcdGuard {
             &member,
             &out,
             &self.settings.quorum,
-            now,
+            health.age(),
         )
     }
 }
@@ -311,6 +366,11 @@ mod tests {
     impl NodeAddresses for Addresses {
         fn internal_ips(&self, node: &NodeName) -> InternalIps {
             InternalIps::Known(self.0.get(node.as_str()).copied().into_iter().collect())
+        }
+
+        /// Nodes named `cp-*` carry the control-plane label.
+        fn control_plane(&self, node: &NodeName) -> bool {
+            node.as_str().starts_with("cp-")
         }
     }
 
@@ -372,8 +432,13 @@ mod tests {
         let guard = guard(now);
         guard.set_health(health(true));
         let state = LeaseState::default();
-        // Without node addresses, w1 looks like a plain worker.
-        assert_eq!(guard.check(&waiter("w1"), &state, now), Ok(()));
+        // Without node addresses, nothing says which node carries etcd-1..3:
+        // w1 might, so it waits rather than pass for a plain worker.
+        let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("voting members etcd-1, etcd-2, etcd-3 are on no known node"),
+            "{reason}"
+        );
 
         guard.map_by_internal_ip(Arc::new(addresses));
         let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
@@ -391,5 +456,77 @@ mod tests {
         let reason = guard.check(&waiter("w2"), &state, now).unwrap_err();
         assert!(reason.contains("w1"), "{reason}");
         assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
+    }
+
+    #[test]
+    fn the_control_plane_label_decides_not_the_agents_claim() {
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![
+                member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
+                member(2, "etcd-2").advertising(&["https://10.0.0.2:2380"], &[]),
+                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
+            ],
+        ));
+        // cp-9's member advertises a host name, so no InternalIP matches.
+        guard.map_by_internal_ip(Arc::new(Addresses(
+            [("cp-9", "10.0.0.9".parse().unwrap())].into(),
+        )));
+        let state = LeaseState::default();
+        // Its agent does not say it is control-plane; the label does.
+        let reason = guard.check(&waiter("cp-9"), &state, now).unwrap_err();
+        assert!(reason.contains("control-plane node cp-9"), "{reason}");
+        assert!(reason.contains("--etcd-member-map cp-9=MEMBER"), "{reason}");
+        // A worker that claims control-plane is held back the same way.
+        let claimed = Waiter {
+            node: NodeName::new("w9").unwrap(),
+            control_plane: true,
+        };
+        assert!(guard.check(&claimed, &state, now).is_err());
+        assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_ages_on_the_monotonic_clock_whatever_the_wall_clock_says() {
+        // The wall clock stands still (or was set back): the data must
+        // still go stale as real time passes.
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        ));
+        let state = LeaseState::default();
+        assert_eq!(guard.check(&waiter("n1"), &state, now), Ok(()));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let reason = guard.check(&waiter("n1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("health data is 6.0s old (limit 5s)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn standalone_a_member_on_no_known_node_holds_back_every_node_that_might_carry_it() {
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![member(1, "etcd-a"), member(2, "n2"), member(3, "n3")],
+        ));
+        let state = LeaseState::default();
+        // n2 and n3 asked (their members are theirs); etcd-a is on nobody
+        // known, so a node that claims nothing might be carrying it.
+        assert_eq!(guard.check(&waiter("n2"), &state, now), Ok(()));
+        assert_eq!(guard.check(&waiter("n3"), &state, now), Ok(()));
+        let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("voting member etcd-a is on no known node"),
+            "{reason}"
+        );
+        assert!(reason.contains("--etcd-member-map NODE=etcd-a"), "{reason}");
+        assert!(reason.contains("--etcd-exempt-node w1"), "{reason}");
     }
 }

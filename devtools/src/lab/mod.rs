@@ -301,9 +301,16 @@ async fn run(opts: LabArgs) -> Result<()> {
 
     // Two coordinators on the etcd store of the cluster being rolled.
     let ttl = Duration::from_secs(opts.election_ttl);
+    // Every etcd node is declared with its member (they share names), so
+    // the guard never has to wait to learn which node carries which member.
+    let member_map: Vec<String> = plans
+        .iter()
+        .filter(|p| p.client_url().is_some())
+        .map(|p| format!("{0}={0}", p.name))
+        .collect();
     for id in ["coord-a", "coord-b"] {
         let snapshots = dir.join(id).join("snapshots");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--store=etcd".into(),
             format!("--etcd-endpoints={}", endpoints.join(",")),
             format!("--etcd-election-ttl={}s", opts.election_ttl),
@@ -313,9 +320,20 @@ async fn run(opts: LabArgs) -> Result<()> {
             format!("--tls-cert={}", server.cert.display()),
             format!("--tls-key={}", server.key.display()),
             format!("--client-ca={}", ca.ca.display()),
+            format!("--etcd-member-map={}", member_map.join(",")),
         ];
+        // The lab's etcd cluster is new: the first replica initializes the
+        // state, the second (and every restart) finds it.
+        if id == "coord-a" {
+            args.push("--initialize".into());
+        }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let c = Coordinator::start_with_auth(&coordinator_bin, id, &refs)?;
+        if id == "coord-a" {
+            // The second replica must not find the store before it exists:
+            // an empty store is refused without --initialize.
+            c.wait_ready().await?;
+        }
         let grpc: std::net::SocketAddr = c
             .grpc_url
             .trim_start_matches("http://")

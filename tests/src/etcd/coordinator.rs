@@ -38,7 +38,10 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts `baton-coordinator serve --insecure` with `args` added.
+    /// Starts `baton-coordinator serve --insecure` with `args` added. With
+    /// the embedded store (no `--store` in `args`) its fresh data directory
+    /// is initialized (`--initialize`); with a shared store the caller says
+    /// which replica initializes.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
@@ -75,6 +78,13 @@ impl Coordinator {
         .chain(["--listen".into(), format!("127.0.0.1:{grpc}")])
         .chain(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")])
         .chain(["--data-dir".into(), data.display().to_string()])
+        // The embedded store's fresh data directory is initialized on the
+        // first start; with a shared store the caller says which replica
+        // initializes (in `args`).
+        .chain(
+            (!args.iter().any(|a| *a == "--store" || a.starts_with("--store=")))
+                .then(|| "--initialize".to_string()),
+        )
         .chain(args.iter().map(|a| a.to_string()))
         .collect();
         me.spawn()?;
@@ -98,12 +108,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Starts the process again after [`Coordinator::kill`], with the same
-    /// ports, data directory and arguments (what a supervisor does).
+    /// Starts it again (after [`Coordinator::kill`], or killing it first)
+    /// with the same id, flags, ports and data directory, but never
+    /// `--initialize` (the state exists now, and a replica told to
+    /// initialize refuses to start on it); its log continues. What a
+    /// supervisor does.
     pub fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            bail!("coordinator {} still runs", self.id);
-        }
+        self.kill();
+        self.command.retain(|a| a != "--initialize");
         self.spawn()
     }
 
@@ -147,18 +159,7 @@ impl Coordinator {
 
     /// True when /readyz answers 200 (this replica leads).
     pub fn ready(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(&self.metrics_addr) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+        ready_at(&self.metrics_addr)
     }
 
     /// Waits until this replica leads.
@@ -186,6 +187,18 @@ impl Coordinator {
         }
     }
 
+    /// Waits (bounded) until the process exits on its own; its exit status.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        for _ in 0..(BOUND.as_millis() / 100) {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("coordinator {} did not exit\n{}", self.id, self.log())
+    }
+
     /// Freezes the process (a partitioned or hung replica).
     pub fn stop(&self) {
         let _ = kill(self.pid(), Signal::SIGSTOP);
@@ -201,6 +214,25 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// True when the coordinator whose metrics listen on `metrics_addr`
+/// answers /readyz with 200 (it leads). Blocks for at most about 2 s (a
+/// frozen process accepts the connection but never answers).
+pub fn ready_at(metrics_addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(metrics_addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
 /// Opens an Acquire stream for `node`.

@@ -1,6 +1,6 @@
 //! Examples and properties of the quorum rule.
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 
 use super::*;
@@ -9,6 +9,19 @@ use crate::etcd::health::{Alarm, MemberHealth};
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 5, 12, 0, 0).unwrap()
+}
+
+/// The rule with the snapshot's age taken from its wall-clock stamp, so
+/// the examples below can say "six seconds old" directly.
+fn may_take_down(
+    health: &HealthSnapshot,
+    node: &str,
+    member: &str,
+    out: &[OutNode],
+    settings: &QuorumSettings,
+    now: DateTime<Utc>,
+) -> Result<(), String> {
+    super::may_take_down(health, node, member, out, settings, now - health.taken_at)
 }
 
 fn three() -> Vec<MemberHealth> {
