@@ -283,3 +283,37 @@ async fn a_node_counts_back_only_after_its_member_is_healthy_again() -> Result<(
     assert!(t2 > t1);
     Ok(())
 }
+
+/// Issue 9, finding 6: "counts as back" survives a coordinator restart right
+/// after a release, so the next etcd node does not go on one healthy probe.
+#[tokio::test]
+async fn counts_as_back_survives_a_coordinator_restart() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(3).await?;
+    let mut coordinator = guarded(&cluster, &["--etcd-back-after", "6"])?;
+    let mut client = coordinator.client().await?;
+    let mut n1 = acquire(&mut client, "n1", true).await?;
+    let (t1, _) = wait_granted(&mut n1).await?;
+    use baton_proto::v1::ReleaseRequest;
+    client
+        .release(ReleaseRequest {
+            node: "n1".into(),
+            fencing_token: t1,
+            reason: "done".into(),
+        })
+        .await?;
+    // The coordinator crashes right after the release and comes back.
+    coordinator.restart()?;
+    let mut client = coordinator.client().await?;
+    let mut n2 = acquire(&mut client, "n2", true).await?;
+    // n1's member is healthy, but that alone is one probe: n1 must pass
+    // its rounds again before another etcd node goes down.
+    wait_for_reason(&mut n2, "node n1 (member n1) is not verified back yet (").await?;
+    let (t2, reasons) = wait_granted(&mut n2).await?;
+    assert!(t2 > t1);
+    assert!(
+        reasons.iter().any(|r| r.contains("(5 of 6")),
+        "every round counted: {reasons:#?}"
+    );
+    Ok(())
+}

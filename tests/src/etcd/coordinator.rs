@@ -33,13 +33,17 @@ pub struct Coordinator {
     pub metrics_addr: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    binary: PathBuf,
+    args: Vec<String>,
+    grpc_port: u16,
+    metrics_port: u16,
 }
 
 impl Coordinator {
     /// Starts `baton-coordinator serve --insecure` with `args` added. With
-    /// the embedded store (no `--store` in `args`) its fresh data directory
-    /// is initialized (`--initialize`); with a shared store the caller says
-    /// which replica initializes.
+    /// the embedded store (no `--store` in `args`) its data directory is
+    /// initialized (`--initialize`) while it holds no state; with a shared
+    /// store the caller says which replica initializes.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
@@ -47,32 +51,58 @@ impl Coordinator {
     /// Like [`Coordinator::start`], with the binary at `binary` (for callers
     /// outside test executables, e.g. the bench).
     pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let grpc = free_port();
-        let metrics = free_port();
-        let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
-        let child = Command::new(binary)
+        let grpc_port = free_port();
+        let metrics_port = free_port();
+        let mut me = Self {
+            id: id.to_string(),
+            grpc_url: format!("http://127.0.0.1:{grpc_port}"),
+            metrics_addr: format!("127.0.0.1:{metrics_port}"),
+            dir: tempfile::tempdir()?,
+            child: None,
+            binary: binary.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            grpc_port,
+            metrics_port,
+        };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))?;
+        let embedded = !self.args.iter().any(|a| a == "--store");
+        let new_installation = embedded && !data.join("state.json").exists();
+        let child = Command::new(&self.binary)
             .arg("serve")
-            .args(["--insecure", "--id", id])
-            .args(["--listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .args(["--insecure", "--id", &self.id])
+            .args(["--listen", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args((!args.contains(&"--store")).then_some("--initialize"))
-            .args(args)
+            .arg(&data)
+            .args(new_installation.then_some("--initialize"))
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting baton-coordinator")?;
-        Ok(Self {
-            id: id.to_string(),
-            grpc_url: format!("http://127.0.0.1:{grpc}"),
-            metrics_addr: format!("127.0.0.1:{metrics}"),
-            dir,
-            child: Some(child),
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs the process and starts it again with the same arguments,
+    /// ports and data directory (a crash and a restart).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
     }
 
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
