@@ -134,6 +134,19 @@ pub struct AuditEntry {
     pub reason: String,
 }
 
+/// An etcd node that went out (it was granted the baton) and does not
+/// count as back yet: the etcd guard holds other etcd nodes back until its
+/// member, with this ID, votes and is healthy for several probe rounds in a
+/// row after the release. Kept in the state so that a restart or a failover
+/// does not forget it (the new leader counts its rounds from zero).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Returning {
+    /// The node's etcd member's name.
+    pub member: String,
+    /// Its member ID when it went out.
+    pub member_id: u64,
+}
+
 /// The persisted lease state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseState {
@@ -143,6 +156,9 @@ pub struct LeaseState {
     pub last_token: u64,
     /// Current holders.
     pub holders: BTreeMap<NodeName, Holding>,
+    /// etcd nodes not verified back yet (see [`Returning`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub returning: BTreeMap<NodeName, Returning>,
     /// Recent audit records, oldest first.
     pub audit: VecDeque<AuditEntry>,
 }

@@ -353,6 +353,30 @@ impl Sim {
         }
     }
 
+    /// Checks an error answer to a call carrying `token` for `node`: a
+    /// refusal must come from the leader and be true of the store. Returns
+    /// whether it was a refusal (the agent then knows its token is gone).
+    fn refused_token(
+        &mut self,
+        replica: &str,
+        what: &str,
+        e: &EngineError,
+        node: &NodeName,
+        token: u64,
+    ) -> Result<bool, String> {
+        let c = self.refused(replica, what, e)?;
+        self.log(format!("{what} on {replica}: {c:?} {e}"));
+        if c != Code::FailedPrecondition {
+            return Ok(false);
+        }
+        if self.holds(node, token) {
+            return Err(format!(
+                "{what}: refused by {replica}, but it is current: {e}"
+            ));
+        }
+        Ok(true)
+    }
+
     async fn run_step(&mut self) -> Result<(), String> {
         self.step += 1;
         match self.rng.below(100) {
@@ -484,16 +508,11 @@ impl Sim {
                 self.log(format!("{what} on {id}: ok"));
             }
             Err(e) => {
-                let c = self.refused(&id, &what, &e)?;
-                if c == Code::FailedPrecondition {
-                    if self.holds(&node, token) {
-                        return Err(format!("{what}: refused by {id}, but it is current: {e}"));
-                    }
-                    if self.agents[i].holding == Some(token) {
-                        self.lost(i);
-                    }
+                if self.refused_token(&id, &what, &e, &node, token)?
+                    && self.agents[i].holding == Some(token)
+                {
+                    self.lost(i);
                 }
-                self.log(format!("{what} on {id}: {c:?} {e}"));
             }
         }
         Ok(())
@@ -522,14 +541,9 @@ impl Sim {
                 self.log(format!("{what} on {id}: ok"));
             }
             Err(e) => {
-                let c = self.refused(&id, &what, &e)?;
-                if c == Code::FailedPrecondition {
-                    if self.holds(&node, token) {
-                        return Err(format!("{what}: refused by {id}, but it is current: {e}"));
-                    }
+                if self.refused_token(&id, &what, &e, &node, token)? {
                     self.lost(i);
                 }
-                self.log(format!("{what} on {id}: {c:?} {e}"));
             }
         }
         Ok(())

@@ -200,18 +200,9 @@ async fn the_snapshot_is_verified_and_loads_with_etcdctl() -> Result<()> {
     kv.put("app/key", "value", None).await?;
     let coordinator = guarded(&cluster, &["--etcd-snapshot-keep", "1"])?;
     let mut client = coordinator.client().await?;
-    let mut n1 = acquire(&mut client, "n1", true).await?;
-    let (t1, _) = wait_granted(&mut n1).await?;
     // A second etcd node (after the first released and counted back) makes
     // a second snapshot; with --etcd-snapshot-keep 1 only it remains.
-    use baton_proto::v1::ReleaseRequest;
-    client
-        .release(ReleaseRequest {
-            node: "n1".into(),
-            fencing_token: t1,
-            reason: "done".into(),
-        })
-        .await?;
+    granted_and_released(&mut client, "n1").await?;
     let mut n2 = acquire(&mut client, "n2", true).await?;
     wait_granted(&mut n2).await?;
     let mut dbs: Vec<_> = std::fs::read_dir(coordinator.snapshot_dir())?
@@ -385,5 +376,48 @@ async fn confirm_says_wait_while_a_member_is_frozen_after_the_grant() -> Result<
     assert!(wait.retry_after.is_some() && wait.overdue_at.is_some());
     // n2 is back: n1 may reboot.
     until(&mut client, ask, |a| a.proceed).await?;
+    Ok(())
+}
+
+/// Acquires the baton for etcd node `node`, waits for the grant and
+/// releases it; returns the token.
+async fn granted_and_released(
+    client: &mut baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    node: &str,
+) -> Result<u64> {
+    let mut stream = acquire(client, node, true).await?;
+    let (token, _) = wait_granted(&mut stream).await?;
+    client
+        .release(baton_proto::v1::ReleaseRequest {
+            node: node.into(),
+            fencing_token: token,
+            reason: "done".into(),
+        })
+        .await?;
+    Ok(token)
+}
+
+/// Issue 9, finding 6: "counts as back" survives a coordinator restart right
+/// after a release, so the next etcd node does not go on one healthy probe.
+#[tokio::test]
+async fn counts_as_back_survives_a_coordinator_restart() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(3).await?;
+    let mut coordinator = guarded(&cluster, &["--etcd-back-after", "6"])?;
+    let mut client = coordinator.client().await?;
+    let t1 = granted_and_released(&mut client, "n1").await?;
+    // The coordinator crashes right after the release and comes back.
+    coordinator.restart()?;
+    let mut client = coordinator.client().await?;
+    let mut n2 = acquire(&mut client, "n2", true).await?;
+    // n1's member is healthy, but that alone is one probe: n1 must pass
+    // its rounds again before another etcd node goes down.
+    wait_for_reason(&mut n2, "node n1 (member n1) is not verified back yet (").await?;
+    let (t2, reasons) = wait_granted(&mut n2).await?;
+    assert!(t2 > t1);
+    assert!(
+        reasons.iter().any(|r| r.contains("(5 of 6")),
+        "every round counted: {reasons:#?}"
+    );
     Ok(())
 }

@@ -194,8 +194,30 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
     let mut w2 = acquire(&mut cb, "w2", false).await?;
     let (t2, _) = wait_granted(&mut w2).await?;
 
-    // a wakes up still believing it leads and that w1 holds t1.
+    // a wakes up still believing it leads and that w1 holds t1. Issue 9,
+    // finding 1: no answer from that memory, refusals and reads included
+    // (a "w2 does not hold the baton" or a resumed grant of t1 to w1 would
+    // be a lie a client acts on).
     a.cont();
+    let stale_refusal = ca
+        .renew(RenewRequest {
+            node: "w2".into(),
+            fencing_token: t2,
+        })
+        .await
+        .expect_err("a does not lead");
+    assert_eq!(
+        stale_refusal.code(),
+        tonic::Code::Unavailable,
+        "{stale_refusal:?}"
+    );
+    match acquire(&mut ca, "w1", false).await {
+        Err(e) => {
+            let status = e.downcast_ref::<tonic::Status>().context("a gRPC status")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        Ok(_) => bail!("the deposed leader answered an Acquire from its memory"),
+    }
     let refused = ca
         .release(ReleaseRequest {
             node: "w1".into(),

@@ -96,6 +96,17 @@ async fn start_replica(
     })
 }
 
+/// A cluster with node n1 (its agent's token is "agent-n1"), and replica
+/// "coord-a" leading it.
+async fn leading_over_n1() -> Result<(FakeApi, baton_tests::kube_fake::Endpoint, Replica)> {
+    let fake = cluster(&[node("n1").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &[]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    Ok((fake, endpoint, a))
+}
+
 /// Waits (bounded, so a broken build fails instead of hanging) until `cond`.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..400 {
@@ -316,11 +327,7 @@ async fn a_clean_shutdown_hands_the_lease_over() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
-    let fake = cluster(&[node("n1").build()]);
-    agent_token(&fake, "agent-n1", "n1");
-    let endpoint = fake.serve().await;
-    let a = replica(&endpoint.url, "coord-a", &[]).await?;
-    eventually("replica a to lead", || leads(&a)).await;
+    let (fake, _endpoint, a) = leading_over_n1().await?;
     let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
     let token = granted(&mut stream).await?;
 
@@ -704,11 +711,7 @@ async fn node_facts_that_cannot_be_refreshed_expire_and_hold_grants_back() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_state_configmap_stops_the_coordinator_instead_of_starting_empty() -> Result<()> {
-    let fake = cluster(&[node("n1").build(), node("n2").build()]);
-    agent_token(&fake, "agent-n1", "n1");
-    let endpoint = fake.serve().await;
-    let a = replica(&endpoint.url, "coord-a", &[]).await?;
-    eventually("replica a to lead", || leads(&a)).await;
+    let (fake, endpoint, a) = leading_over_n1().await?;
     let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
     let token = granted(&mut stream).await?;
 
@@ -746,11 +749,7 @@ async fn a_deleted_state_configmap_stops_the_coordinator_instead_of_starting_emp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worst_case_texts_keep_the_state_configmap_under_one_mebibyte() -> Result<()> {
     use baton_proto::v1::{ReleaseRequest, ReportRequest};
-    let fake = cluster(&[node("n1").build()]);
-    agent_token(&fake, "agent-n1", "n1");
-    let endpoint = fake.serve().await;
-    let a = replica(&endpoint.url, "coord-a", &[]).await?;
-    eventually("replica a to lead", || leads(&a)).await;
+    let (fake, _endpoint, a) = leading_over_n1().await?;
     let mut client = CoordinatorClient::new(channel(&a, "agent-n1").await?);
     // The largest text accepted, made of the character JSON escapes worst
     // ('"' takes 2 bytes encoded).

@@ -794,6 +794,54 @@ impl Engine {
         Ok(changed)
     }
 
+    /// Records that `node`'s etcd member `member` (ID `member_id`) goes out
+    /// (the etcd guard, before the grant): it stays out for the guard, across
+    /// restarts and failovers, until [`Engine::mark_returned`]. Nothing is
+    /// written when the same record exists.
+    pub async fn mark_returning(
+        &self,
+        node: &NodeName,
+        member: &str,
+        member_id: u64,
+    ) -> Result<(), EngineError> {
+        let record = crate::state::Returning {
+            member: member.to_string(),
+            member_id,
+        };
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        if inner.state.returning.get(node) == Some(&record) {
+            return Ok(());
+        }
+        self.commit(&mut inner, |s| {
+            s.returning.insert(node.clone(), record);
+            Ok(())
+        })
+        .await?;
+        drop(inner);
+        self.changed();
+        Ok(())
+    }
+
+    /// Records that `node` counts as back (its member passed the guard's
+    /// rounds).
+    pub async fn mark_returned(&self, node: &NodeName) -> Result<(), EngineError> {
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        if !inner.state.returning.contains_key(node) {
+            return Ok(());
+        }
+        self.commit(&mut inner, |s| {
+            s.returning.remove(node);
+            Ok(())
+        })
+        .await?;
+        drop(inner);
+        self.wake.notify_one();
+        self.changed();
+        Ok(())
+    }
+
     /// Sets the nodes that are down without holding the baton (from the
     /// Kubernetes node watch); they count against the concurrency limit.
     pub async fn set_unavailable(&self, nodes: Vec<NodeName>) {

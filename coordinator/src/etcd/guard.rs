@@ -11,7 +11,10 @@
 //!   also maps nodes to members by InternalIP ([`super::mapping`]).
 //! - After each probe round it advances the "counts as back" tracking
 //!   ([`super::back`]) with the engine's current holders, and pokes the
-//!   engine so waiters see fresh reasons at once.
+//!   engine so waiters see fresh reasons at once. Which nodes are out is
+//!   kept in the lease state ([`crate::state::Returning`]): recorded before
+//!   the grant, removed once the node counts as back, resumed (from zero
+//!   passes) by a restarted or new leader.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::back::Returns;
 use super::health::HealthSnapshot;
@@ -49,6 +52,9 @@ pub struct GuardSettings {
     /// Healthy rounds in a row before a node that went out counts as back.
     pub back_after: u32,
 }
+
+/// An etcd node going out: the node, its member's name and ID.
+type GoingOut = (NodeName, String, u64);
 
 /// The etcd quorum guard and grant preparer.
 pub struct EtcdGuard {
@@ -192,15 +198,43 @@ impl EtcdGuard {
             };
             let state = engine.snapshot().await.state;
             let holders: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
-            self.track(&holders, &health, &state);
+            let (going, back) = self.track(&holders, &health, &state);
+            // Persist what changed (only the leader can; a follower's calls
+            // are refused, and it resumes from the state once it leads).
+            for (node, member, id) in going {
+                if let Err(e) = engine.mark_returning(&node, &member, id).await {
+                    debug!(node = %node, error = %e, "could not record that an etcd node is out");
+                }
+            }
+            for node in back {
+                if let Err(e) = engine.mark_returned(&node).await {
+                    // The record stays: the node is resumed from zero passes
+                    // next round, which only delays other etcd nodes.
+                    debug!(node = %node, error = %e, "could not record that an etcd node is back");
+                }
+            }
             engine.poke();
         }
     }
 
-    /// Adds etcd holders not yet tracked (e.g. after a failover) and advances
-    /// the "counts as back" bookkeeping.
-    fn track(&self, holders: &BTreeSet<NodeName>, health: &HealthSnapshot, state: &LeaseState) {
+    /// Tracks etcd nodes that are out: holders not tracked yet, and records
+    /// in the state this replica did not know (after a restart or a
+    /// failover, from zero passes); advances the "counts as back"
+    /// bookkeeping. Returns the nodes to record as out and those back.
+    fn track(
+        &self,
+        holders: &BTreeSet<NodeName>,
+        health: &HealthSnapshot,
+        state: &LeaseState,
+    ) -> (Vec<GoingOut>, Vec<NodeName>) {
         let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        for (node, record) in &state.returning {
+            if !returns.contains(node) {
+                info!(node = %node, member = %record.member, "etcd node not verified back yet (from the lease state): counting its rounds from zero");
+                returns.resume(node, &record.member, record.member_id);
+            }
+        }
+        let mut going = Vec::new();
         for (node, holding) in &state.holders {
             if returns.contains(node) {
                 continue;
@@ -209,11 +243,14 @@ impl EtcdGuard {
                 && let Some(m) = health.member(&member)
             {
                 returns.going_out(node, &member, m.id);
+                going.push((node.clone(), member, m.id));
             }
         }
-        for node in returns.advance(holders, health, self.settings.back_after) {
+        let back = returns.advance(holders, health, self.settings.back_after);
+        for node in &back {
             info!(node = %node, passes = self.settings.back_after, "etcd node counts as back: its member is voting and healthy again");
         }
+        (going, back)
     }
 
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
@@ -227,11 +264,27 @@ impl EtcdGuard {
             .cloned()
             .ok_or_else(|| format!("etcd: member {member} is not in the member list"))?;
         // Out from now on: a failure below still leaves it tracked, which
-        // only delays other etcd nodes until it is verified healthy.
+        // only delays other etcd nodes until it is verified healthy. It is
+        // recorded in the lease state before the grant, so no restart or
+        // failover forgets it.
         self.returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .going_out(&candidate.node, &member, target.id);
+        let engine = self
+            .engine
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("etcd: the guard is not attached to the engine; not granting")?;
+        engine
+            .mark_returning(&candidate.node, &member, target.id)
+            .await
+            .map_err(|e| {
+                format!(
+                    "etcd: could not record that {} goes out ({e}); not granting",
+                    candidate.node
+                )
+            })?;
 
         let voting: Vec<_> = health.members.iter().filter(|m| m.voting()).collect();
         let leader = health.agreed_leader().ok().map(|m| m.id);
@@ -316,6 +369,20 @@ impl GrantGuard for EtcdGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .out(&health, self.settings.back_after);
+        // Out in the lease state but not tracked here yet (the first probe
+        // round after a restart or failover has not run): out, no pass yet.
+        for (node, record) in &state.returning {
+            if !out.iter().any(|o| o.node == node.as_str()) {
+                out.push(super::rule::OutNode {
+                    node: node.to_string(),
+                    member: record.member.clone(),
+                    why: format!(
+                        "is not verified back yet (0 of {} healthy checks in a row)",
+                        self.settings.back_after
+                    ),
+                });
+            }
+        }
         for (node, holding) in &state.holders {
             if out.iter().any(|o| o.node == node.as_str()) {
                 continue;
@@ -401,6 +468,32 @@ mod tests {
             node: NodeName::new(node).unwrap(),
             control_plane: false,
         }
+    }
+
+    #[test]
+    fn nodes_out_in_the_lease_state_hold_etcd_nodes_back_after_a_restart() {
+        let now = Utc::now();
+        let guard = guard(now);
+        let healthy = cluster(now, vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
+        guard.set_health(healthy.clone());
+        // A new process: nothing in memory, n1 out according to the state.
+        let mut state = LeaseState::default();
+        state.returning.insert(
+            NodeName::new("n1").unwrap(),
+            crate::state::Returning {
+                member: "n1".to_string(),
+                member_id: 1,
+            },
+        );
+        let reason = guard.check(&waiter("n2"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("n1 (member n1) is not verified back yet (0 of 1"),
+            "{reason}"
+        );
+        // The first round resumes it from zero passes and counts one.
+        let (going, back) = guard.track(&BTreeSet::new(), &healthy, &state);
+        assert!(going.is_empty());
+        assert_eq!(back, vec![NodeName::new("n1").unwrap()]);
     }
 
     #[test]
