@@ -140,8 +140,28 @@ fn check(
         _ => {}
     }
     if let Some(o) = out.iter().find(|o| o.node != node) {
+        // Name every unhealthy member too: an operator who sees only "not
+        // verified back yet" while another member is down would look in
+        // the wrong place.
+        let sick: Vec<String> = health
+            .members
+            .iter()
+            .filter(|m| m.voting() && m.id != target.id && !m.healthy())
+            .map(|m| {
+                format!(
+                    "{} unhealthy ({})",
+                    m.label(),
+                    m.problem.as_deref().unwrap_or("unknown")
+                )
+            })
+            .collect();
+        let also = if sick.is_empty() {
+            String::new()
+        } else {
+            format!("; also member {}", sick.join(", member "))
+        };
         return Err(format!(
-            "node {} (member {}) {}; only one etcd node at a time",
+            "node {} (member {}) {}; only one etcd node at a time{also}",
             o.node, o.member, o.why
         ));
     }

@@ -82,8 +82,10 @@ impl Coordinator {
         // first start; with a shared store the caller says which replica
         // initializes (in `args`).
         .chain(
-            (!args.iter().any(|a| *a == "--store" || a.starts_with("--store=")))
-                .then(|| "--initialize".to_string()),
+            (!args
+                .iter()
+                .any(|a| *a == "--store" || a.starts_with("--store=")))
+            .then(|| "--initialize".to_string()),
         )
         .chain(args.iter().map(|a| a.to_string()))
         .collect();

@@ -116,6 +116,30 @@ fn another_etcd_node_out_blocks() {
 }
 
 #[test]
+fn another_etcd_node_out_names_unhealthy_members_too() {
+    // The lab's chaos run: n2 is not verified back yet while n3's member is
+    // frozen; the reason must point at n3 as well, not only at n2.
+    let out = [OutNode {
+        node: "n2".into(),
+        member: "n2".into(),
+        why: "is not verified back yet (1 of 3 healthy checks in a row)".into(),
+    }];
+    let mut members = three();
+    members[2] = member(3, "n3").down("no answer within 1000ms");
+    let health = cluster(now(), members);
+    let reason =
+        may_take_down(&health, "n1", "n1", &out, &QuorumSettings::default(), now()).unwrap_err();
+    assert!(
+        reason.contains("n2 (member n2) is not verified back yet"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("also member n3 unhealthy (no answer within 1000ms)"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn degraded_is_allowed_only_from_five_members() {
     let degraded = QuorumSettings {
         allow_degraded: true,
