@@ -452,9 +452,18 @@ fn a_sentinel_that_survives_the_reboot_ends_in_failed_not_a_loop() -> Result<()>
     ensure!(c.records("stuck-1", "grant").len() == 1, "granted again");
     ensure!(c.records("stuck-1", "release").is_empty(), "released");
     // The operator force-releases: the node is given back and held back.
-    let out = c
-        .coordinator
-        .ctl(&["force-release", "stuck-1", "--reason", "looked at it"]);
+    let token = holder["token"]
+        .as_u64()
+        .with_context(|| format!("no token in {holder}"))?
+        .to_string();
+    let out = c.coordinator.ctl(&[
+        "force-release",
+        "stuck-1",
+        "--token",
+        &token,
+        "--reason",
+        "looked at it",
+    ]);
     ensure!(out.status.success(), "force-release: {out:?}");
     wait_for("the agent to go idle", MAINTENANCE, || {
         node.agent_state().filter(|s| s["phase"] == "idle")

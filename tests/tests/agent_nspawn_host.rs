@@ -239,14 +239,23 @@ fn update_whose_baton_is_force_released_is_stopped() -> Result<()> {
     )?;
     wait_agent_running(&node)?;
     touch_sentinel(&node)?;
-    c.wait_phase(&node, "updating")?;
+    let holder = c.wait_phase(&node, "updating")?;
     let ticks = node.rootfs().join("var/lib/baton-test/ticks");
     wait_for("the update to run", Duration::from_secs(60), || {
         ticks.exists().then_some(())
     })?;
-    let out = c
-        .coordinator
-        .ctl(&["force-release", "fenced-1", "--reason", "node replaced"]);
+    let token = holder["token"]
+        .as_u64()
+        .with_context(|| format!("no token in {holder}"))?
+        .to_string();
+    let out = c.coordinator.ctl(&[
+        "force-release",
+        "fenced-1",
+        "--token",
+        &token,
+        "--reason",
+        "node replaced",
+    ]);
     ensure!(out.status.success(), "force-release: {out:?}");
     // At its next renewal the agent learns the baton is gone, and stops
     // the update it started with it.
