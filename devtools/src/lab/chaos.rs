@@ -359,6 +359,13 @@ async fn pause_member(
             .unwrap_or_default();
         seen.faults[index].effect = match reasons.iter().find(|r| r.contains(&victim)) {
             Some(r) => format!("{waiting} was held: \"{r}\""),
+            // No coordinator answered Status during the whole pause (the
+            // leader was changing hands): nothing to read, so only the
+            // grant check (no etcd node granted during the pause) can
+            // judge; say so instead of passing silently.
+            None if reasons.is_empty() => format!(
+                "{waiting} was held, but no reason could be read during the pause (no coordinator answered Status)"
+            ),
             None => format!("{waiting} showed no reason naming {victim} (reasons: {reasons:?})"),
         };
         return;
