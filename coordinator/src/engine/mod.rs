@@ -418,6 +418,50 @@ impl Engine {
         result
     }
 
+    /// After a reload: a waiter whose node holds the baton in the stored
+    /// state is sent that grant (resumed, with the stored token and phase)
+    /// and leaves the queue. This happens when a grant's save landed but its
+    /// answer was lost (an error after the write, or the store timeout):
+    /// the waiter would otherwise stay queued, the grant rule would pick it
+    /// again and be refused (it already holds), and the node would never
+    /// learn it holds the baton while everybody else waits behind it.
+    /// Like every answer not from a fresh save, the grants go out only
+    /// after the store confirmed the reloaded memory.
+    async fn resume_stored_grants(
+        &self,
+        inner: &mut Inner,
+        fence: &Fence,
+    ) -> Result<(), EngineError> {
+        if !inner
+            .queue
+            .iter()
+            .any(|q| inner.state.holders.contains_key(&q.request.node))
+        {
+            return Ok(());
+        }
+        self.confirm(inner, fence).await?;
+        let Inner { state, queue, .. } = inner;
+        let before = queue.len();
+        queue.retain(|q| {
+            let Some(h) = state.holders.get(&q.request.node) else {
+                return true;
+            };
+            info!(node = %q.request.node, token = h.fencing_token, "the reloaded state holds a grant for a waiter (its save's answer was lost): resuming it");
+            let _ = q.events.send(Ok(AcquireUpdate::Granted(Grant {
+                fencing_token: h.fencing_token,
+                granted_at: h.granted_at,
+                resumed: true,
+                phase: h.phase,
+            })));
+            false
+        });
+        if queue.len() != before {
+            self.metrics.queue_length.set(queue.len() as i64);
+            self.changed();
+        }
+        Ok(())
+    }
+
     async fn load_fenced(&self, inner: &mut Inner, term: u64) -> Result<Fence, StoreError> {
         let loaded = self.timed(self.store.load()).await?;
         let location = || self.store.location();
@@ -506,7 +550,9 @@ impl Engine {
             }
         }
         inner.fence = None;
-        Ok(self.reload(inner, claim.term).await?)
+        let fence = self.reload(inner, claim.term).await?;
+        self.resume_stored_grants(inner, &fence).await?;
+        Ok(fence)
     }
 
     /// Proves with the store that the memory under `fence` is still the

@@ -11,6 +11,7 @@ use crate::store::memory::MemoryStore;
 
 mod failover;
 mod initialize;
+mod lost_answer;
 
 struct TestClock(Mutex<DateTime<Utc>>);
 
