@@ -110,7 +110,7 @@ impl Engine {
         self.refresh_gauges(&inner);
     }
 
-    fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
+    pub(super) fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
         let queue: Vec<Waiter> = inner.queue.iter().map(|q| q.waiter()).collect();
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();

@@ -888,10 +888,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Sets the nodes that are down without holding the baton (from the
-    /// Kubernetes node watch); they count against the concurrency limit.
+    /// Sets the nodes that are down without holding the baton; they count
+    /// against the concurrency limit. (The node watch goes through
+    /// [`Engine::update_node_facts`], so its facts and this set change
+    /// together.)
     pub async fn set_unavailable(&self, nodes: Vec<NodeName>) {
+        self.update_node_facts(|| nodes).await;
+    }
+
+    /// Changes node facts and the unavailable nodes they imply as one step
+    /// for the grant rule: `update` runs under the engine's lock (every
+    /// decision and confirmation runs under it too), writes the facts the
+    /// guards read and returns the nodes that are down without the baton.
+    /// So no decision sees new facts with the old unavailable set: fresh
+    /// facts after a stale spell lift the "facts unknown" hold only
+    /// together with the outages they report. `update` must not block.
+    pub async fn update_node_facts(&self, update: impl FnOnce() -> Vec<NodeName>) {
         let mut inner = self.inner.lock().await;
+        let nodes = update();
         if inner.unavailable != nodes {
             inner.unavailable = nodes;
             drop(inner);

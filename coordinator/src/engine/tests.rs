@@ -12,6 +12,7 @@ use crate::store::memory::MemoryStore;
 mod failover;
 mod initialize;
 mod lost_answer;
+mod node_facts;
 
 struct TestClock(Mutex<DateTime<Utc>>);
 
