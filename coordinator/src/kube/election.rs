@@ -149,9 +149,9 @@ impl Timings {
     /// in whole seconds). The leader checks its deadline after every round;
     /// two checks are at most one sleep (`retry_period`) plus one round
     /// (`round_timeout`) apart, so it steps down by S + renew_deadline +
-    /// retry_period + round_timeout at the latest. Hence: written duration
-    /// > renew_deadline + retry_period + round_timeout (with the defaults,
-    /// 15s > 10s + 2s + 2s).
+    /// retry_period + round_timeout at the latest. Hence the written
+    /// duration must exceed renew_deadline + retry_period + round_timeout
+    /// (with the defaults: 15s, more than 10s + 2s + 2s).
     pub fn validate(&self) -> Result<(), TimingsError> {
         if self.retry_period.is_zero() {
             return Err(TimingsError::ZeroRetry);

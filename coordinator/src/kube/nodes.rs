@@ -324,6 +324,9 @@ impl GrantGuard for NodeGuard {
     }
 }
 
+/// One change to the node facts, as a watch event brings it.
+type FactsChange = dyn FnOnce(&mut BTreeMap<String, NodeFact>) + Send;
+
 /// Keeps `facts` current from a list and watch of Nodes and feeds the
 /// unavailable nodes to `engine`. Runs until the process ends; errors are
 /// retried (a stale view only ever holds grants back: the guard and the
@@ -372,7 +375,7 @@ pub async fn watch_nodes(
         };
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            let change: Box<dyn FnOnce(&mut BTreeMap<String, NodeFact>) + Send> = match event {
+            let change: Box<FactsChange> = match event {
                 Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)) => {
                     let Some(name) = n.metadata.name.clone() else {
                         continue;
