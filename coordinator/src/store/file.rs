@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, watch};
@@ -61,8 +62,9 @@ pub struct FileStore {
     dir: PathBuf,
     leadership: watch::Sender<Leadership>,
     /// The generation and identity last read or written (outer `None`:
-    /// nothing read yet).
-    known: Mutex<Known>,
+    /// nothing read yet). Shared with the blocking task of a save, which
+    /// holds it until the write has ended (see [`FileStore::save`]).
+    known: Arc<Mutex<Known>>,
     /// Held open for the lock's lifetime.
     _lock: File,
 }
@@ -102,7 +104,7 @@ impl FileStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             leadership,
-            known: Mutex::new(None),
+            known: Arc::new(Mutex::new(None)),
             _lock: lock,
         })
     }
@@ -217,20 +219,34 @@ impl StateStore for FileStore {
         Box::pin(async move {
             // The lock is held across the write: one save at a time, and the
             // check and the write cannot interleave with another call.
-            let mut known = self.known.lock().await;
+            let mut known = self.known.clone().lock_owned().await;
             let current = self.check(&known, fence)?;
             let generation = current.map_or(1, |g| g + 1);
             let bytes = encode_generation(state, Some(generation));
-            // Whatever happens next, the file may have changed: forget it
-            // until the write is known to have completed.
-            *known = None;
             let dir = self.dir.clone();
-            let identity =
-                tokio::task::spawn_blocking(move || Self::write_atomically(&dir, &bytes))
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
-            *known = Some(Some((generation, identity)));
-            Ok(Revision::At(generation.to_string()))
+            // The write and the bookkeeping after it run in one blocking task
+            // that owns the lock. A caller that stops waiting (a timeout, a
+            // client that hung up) cannot cut it short: until the write has
+            // ended nothing else reads, confirms or saves, so a write that
+            // lands late can never land after a newer one, and what this
+            // store remembers is always what is on disk.
+            let write = tokio::task::spawn_blocking(move || {
+                match Self::write_atomically(&dir, &bytes) {
+                    Ok(identity) => {
+                        *known = Some(Some((generation, identity)));
+                        Ok(Revision::At(generation.to_string()))
+                    }
+                    Err(e) => {
+                        // The file may or may not have changed: forget it
+                        // until it is read again.
+                        *known = None;
+                        Err(e)
+                    }
+                }
+            });
+            write
+                .await
+                .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))?
         })
     }
 
@@ -366,5 +382,39 @@ mod tests {
             .save(&granted("n3"), &fence(loaded.revision))
             .await
             .unwrap();
+    }
+
+    /// A save whose caller stops waiting mid-write (a timeout, a client
+    /// that hung up) still completes, and the store still knows the file it
+    /// wrote: the next confirmation of the new generation succeeds and a
+    /// save from the older one is refused. Before, the store forgot the file
+    /// ("not read yet") and a late write could land after a newer save.
+    #[tokio::test]
+    async fn a_save_whose_caller_stops_waiting_completes_and_stays_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let first = store
+            .save(&granted("n1"), &fence(Revision::Absent))
+            .await
+            .unwrap();
+        let second = granted("n2");
+        let from_first = fence(first.clone());
+        {
+            let mut save = store.save(&second, &from_first);
+            // One poll starts the write; then the caller goes away.
+            let polled = futures::poll!(&mut save);
+            drop(save);
+            if polled.is_ready() {
+                eprintln!("the write finished within one poll; nothing was cut off");
+            }
+        }
+        let next = Revision::At("2".to_string());
+        store.confirm(&fence(next.clone())).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(second));
+        assert_eq!(loaded.revision, next);
+        let stale = store.save(&granted("n3"), &fence(first)).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
     }
 }
