@@ -466,10 +466,22 @@ impl Engine {
         let loaded = self.timed(self.store.load()).await?;
         let location = || self.store.location();
         match loaded.state {
-            Some(state) => {
+            Some(mut state) => {
                 // Under --initialize: another replica initialized the store
                 // after this one started (it was empty then, see `new`).
                 inner.initialize = false;
+                if inner.loaded_term.is_some() && state.last_token < inner.state.last_token {
+                    // The store went back (a restored backup, a rolled-back
+                    // volume): whatever else it forgot, tokens this process
+                    // saw handed out are never handed out again.
+                    warn!(
+                        stored = state.last_token,
+                        seen = inner.state.last_token,
+                        store = %location(),
+                        "the stored last fencing token is behind one this coordinator saw; tokens go on from the higher one"
+                    );
+                    state.last_token = inner.state.last_token;
+                }
                 inner.state = state;
                 Ok(Fence {
                     term,
@@ -932,7 +944,17 @@ impl Engine {
     pub async fn confirmed_snapshot(&self) -> Result<Snapshot, EngineError> {
         let mut inner = self.inner.lock().await;
         let fence = self.ensure_current(&mut inner).await?;
-        self.confirm(&mut inner, &fence).await?;
+        match self.confirm(&mut inner, &fence).await {
+            Ok(()) => {}
+            // The store has moved on from this memory (another writer, or a
+            // save whose answer was lost): a read may load the store's
+            // state afresh and answer from that, once it is confirmed too.
+            Err(EngineError::Store(StoreError::Conflict(_))) => {
+                let fence = self.ensure_current(&mut inner).await?;
+                self.confirm(&mut inner, &fence).await?;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(self.view(&inner))
     }
 
