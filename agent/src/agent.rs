@@ -45,7 +45,6 @@ use crate::node_ops::{NodeOps, PhaseChange};
 use crate::phase::{Event, Phase, transition};
 use crate::state::{AgentState, Loaded, StateError, StateFile};
 use crate::text;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -162,9 +161,6 @@ pub struct Agent<H, C, N> {
     clock: WallClock,
     /// What this process knows of its lease (see [`lease`]).
     lease: Mutex<lease::LeaseView>,
-    /// Set once an older coordinator answered Confirm with UNIMPLEMENTED
-    /// (logged once; the agent then confirms with Renew).
-    confirm_unimplemented: AtomicBool,
     /// What blocked the last request for the baton (shown on the node
     /// while non-empty); None until the first check of this process, so
     /// that a stale "waiting" left by an earlier process is cleared.
@@ -194,7 +190,6 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             shutdown,
             clock: Arc::new(SystemTime::now),
             lease: Mutex::default(),
-            confirm_unimplemented: AtomicBool::new(false),
             blockers: None,
             announced_hold_back: None,
         }

@@ -20,7 +20,6 @@ use super::{Agent, Interrupted};
 use crate::coordinator::{Confirmation, Coordinator, CoordinatorError, Step};
 use crate::host::HostOs;
 use crate::node_ops::NodeOps;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -180,16 +179,19 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// Ask the coordinator, right before `step`, whether it may be taken
     /// now. While it says "wait", report its reason and ask again (each
     /// answer renews the lease). An older coordinator (UNIMPLEMENTED): the
-    /// token is confirmed with Renew instead, logged once.
+    /// token is confirmed with Renew instead, for this step only: the
+    /// coordinators may be upgraded in the middle of a maintenance (a
+    /// rolling upgrade, a new leader), and the next step asks Confirm
+    /// again, so an upgraded coordinator's "wait" or refusal is never
+    /// skipped. The fallback is as strict as the rest of
+    /// [`Self::confirm_token`]: Ok only after the coordinator accepted the
+    /// token in this process; an error is retried, never taken as a yes.
     pub(super) async fn confirm_step(&self, token: u64, step: Step) -> Result<(), Interrupted> {
         let mut failures = 0u32;
         let mut shown: Option<String> = None;
         loop {
             if self.shutdown.is_cancelled() {
                 return Err(Interrupted::Shutdown);
-            }
-            if self.confirm_unimplemented.load(Ordering::Relaxed) {
-                return self.confirm_token(token).await;
             }
             let sent_at = Instant::now();
             match self.call(self.coordinator.confirm(token, step)).await {
@@ -223,9 +225,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 Err(CoordinatorError::Unimplemented(why)) => {
                     tracing::warn!(
                         why,
-                        "the coordinator cannot confirm steps (an older version); confirming the token with Renew instead"
+                        %step,
+                        "the coordinator cannot confirm steps (an older version); confirming the token with Renew for this step"
                     );
-                    self.confirm_unimplemented.store(true, Ordering::Relaxed);
+                    return self.confirm_token(token).await;
                 }
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
                 Err(CoordinatorError::Refused(why)) => return Err(Interrupted::Refused(why)),

@@ -863,3 +863,155 @@ async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("only .service units"), "{error}");
 }
+
+/// Red-team 1: a reboot check that fails after the update (here: the
+/// update leaves a directory where the sentinel file should be) is never
+/// read as "no reboot needed": the node reboots, and since the check still
+/// fails after the reboot, the baton is kept (Failed, with the reason).
+#[tokio::test(start_paused = true)]
+async fn a_failing_reboot_check_after_the_update_reboots_and_never_releases() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_breaks_sentinel = true;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| failed(s, a) || !s.releases().is_empty())
+            .await
+    );
+    let s = d.sim.state();
+    assert!(s.releases().is_empty(), "released: {:?}", s.log);
+    assert_eq!(s.boot, 2, "rebooted once");
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains("cannot check the reboot sentinel"),
+        "{error}"
+    );
+}
+
+/// Red-team 1: a need check that fails before asking neither asks for
+/// the baton nor reads as "nothing needed" (which would reset the
+/// persisted hold-back); the error is shown on the node.
+#[tokio::test(start_paused = true)]
+async fn a_failing_need_check_asks_for_nothing_and_keeps_the_hold_back() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    d.sim.state().force_release();
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    assert!(d.agent_state().unwrap().hold_back.is_some());
+    {
+        let mut s = d.sim.state();
+        // Only the (failing) sentinel check is left to say anything.
+        s.updates_pending = false;
+        s.sentinel_check_fails = true;
+    }
+    assert!(!d.run(2 * HOUR, |_, _| false).await);
+    let s = d.sim.state();
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })),
+        1,
+        "asked again on a failing check"
+    );
+    let shown = s.waiting_shown.last().cloned().unwrap_or_default();
+    assert!(
+        shown.iter().any(|b| b.contains("cannot check")),
+        "{:?}",
+        s.waiting_shown
+    );
+    drop(s);
+    assert!(
+        d.agent_state().unwrap().hold_back.is_some(),
+        "a failing check reset the hold-back"
+    );
+}
+
+/// Red-team 1: a need check that fails while waiting for the grant does
+/// not withdraw the request (the need was seen; a failing check does not
+/// show it is gone).
+#[tokio::test(start_paused = true)]
+async fn a_failing_need_check_while_waiting_keeps_the_request() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.queue_blocked = true;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Waiting))
+            .await
+    );
+    d.sim.state().sentinel_check_fails = true;
+    assert!(
+        !d.run(HOUR, |_, a| a.is_none_or(|a| a.phase != Phase::Waiting))
+            .await
+    );
+}
+
+/// Red-team 2: an UNIMPLEMENTED answer (a coordinator not upgraded yet)
+/// makes Renew the confirmation for that step only: the next step asks
+/// Confirm again, and the upgraded coordinator's "wait" is honoured.
+#[tokio::test(start_paused = true)]
+async fn confirm_is_asked_again_after_an_unimplemented_answer() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_unimplemented_calls = 1;
+            s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 3];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    // UNIMPLEMENTED before the update; three "wait" and one "go" before
+    // the reboot.
+    assert_eq!(s.confirms, 5);
+    let waited = s
+        .reports
+        .iter()
+        .position(|(_, r)| r.message.contains("unhealthy"))
+        .expect("the wait was reported");
+    assert_eq!(s.reports[waited].1.phase, Phase::Rebooting);
+    assert_eq!(s.boot, 2);
+}
+
+/// Red-team 2: after an UNIMPLEMENTED answer, a real Confirm that says
+/// the token is stale (force-released right then) stops the agent before
+/// the reboot.
+#[tokio::test(start_paused = true)]
+async fn a_stale_token_at_confirm_after_an_unimplemented_answer_stops_the_agent() {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state.confirm_unimplemented_calls = 1;
+    let sim = Sim::new(
+        state,
+        Faults::OnPoint {
+            point: Point::Confirm,
+            nth: 1,
+            fault: Fault::ForceRelease,
+            seen: 0,
+        },
+    );
+    let d = Driver::new(sim, settings());
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none()
+            && s.confirms == 2
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+    assert_eq!(s.boot, 1);
+    assert!(!s.cordoned);
+}

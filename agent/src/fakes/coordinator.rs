@@ -188,7 +188,13 @@ impl Coordinator for SimCoordinator {
     async fn confirm(&self, token: u64, step: Step) -> Result<Confirmation, CoordinatorError> {
         let fault = self.enter(Point::Confirm).await?;
         self.0.state().confirms += 1;
-        if self.0.state().confirm_unimplemented {
+        let unimplemented = {
+            let mut state = self.0.state();
+            let older = state.confirm_unimplemented || state.confirm_unimplemented_calls > 0;
+            state.confirm_unimplemented_calls = state.confirm_unimplemented_calls.saturating_sub(1);
+            older
+        };
+        if unimplemented {
             let answer = Err(CoordinatorError::Unimplemented("Confirm".into()));
             return self.0.leave(fault, answer, lost()).await;
         }

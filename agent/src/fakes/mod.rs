@@ -316,6 +316,12 @@ pub struct SimState {
     pub persistent_sentinel: bool,
     /// The update creates the sentinel (like a kernel package).
     pub update_sets_sentinel: bool,
+    /// Every need and reboot-required check fails (a directory where the
+    /// sentinel file should be, a check command that hangs).
+    pub sentinel_check_fails: bool,
+    /// A successful update leaves something odd at the sentinel path:
+    /// every check fails from then on (a reboot does not mend it).
+    pub update_breaks_sentinel: bool,
     /// The update succeeds.
     pub update_succeeds: bool,
     /// A successful update makes the update check say no (false: phased
@@ -348,6 +354,9 @@ pub struct SimState {
     pub confirm_waits: Vec<String>,
     /// Confirm is not implemented (an older coordinator).
     pub confirm_unimplemented: bool,
+    /// The first this many Confirm calls are answered UNIMPLEMENTED (an
+    /// older coordinator, upgraded afterwards).
+    pub confirm_unimplemented_calls: u32,
     /// Grants are held back (the node waits in the queue).
     pub queue_blocked: bool,
     /// Every coordinator call fails (unreachable).
@@ -406,6 +415,8 @@ impl Default for SimState {
             sentinel: false,
             persistent_sentinel: false,
             update_sets_sentinel: false,
+            sentinel_check_fails: false,
+            update_breaks_sentinel: false,
             update_succeeds: true,
             update_clears_need: true,
             update_output: "ok".into(),
@@ -421,6 +432,7 @@ impl Default for SimState {
             holder: None,
             confirm_waits: Vec::new(),
             confirm_unimplemented: false,
+            confirm_unimplemented_calls: 0,
             queue_blocked: false,
             coordinator_down: false,
             outage_on_drain: false,
@@ -475,6 +487,9 @@ impl SimState {
                 }
                 if self.update_sets_sentinel {
                     self.sentinel = true;
+                }
+                if self.update_breaks_sentinel {
+                    self.sentinel_check_fails = true;
                 }
             }
             if is_update(&unit) {
