@@ -416,10 +416,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     }
 
     /// Report the phase with `message` (best effort: the phase is already
-    /// persisted). The text is cut to the API's limits.
-    async fn report(&self, message: &str) {
+    /// persisted). The text is cut to the API's limits. True when the
+    /// coordinator took it.
+    async fn report(&self, message: &str) -> bool {
         let Some(token) = self.state.fencing_token else {
-            return;
+            return false;
         };
         let report = Report {
             phase: self.state.phase,
@@ -428,11 +429,15 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             error: text::error(&self.error_text()),
         };
         match self.call(self.coordinator.report(token, &report)).await {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(CoordinatorError::Refused(why)) => {
-                tracing::error!(why, "the coordinator refused the report")
+                tracing::error!(why, "the coordinator refused the report");
+                false
             }
-            Err(error) => tracing::warn!(%error, "report failed"),
+            Err(error) => {
+                tracing::warn!(%error, "report failed");
+                false
+            }
         }
     }
 

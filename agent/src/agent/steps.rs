@@ -579,11 +579,16 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Failed: keep the baton (renewing it) until an operator force-releases
     /// it or the agent is stopped. A renewal refused for good is only
-    /// logged: there is nothing left to fail.
+    /// logged: there is nothing left to fail. The failure is reported again
+    /// with every renewal until the coordinator took it: a lost report
+    /// would show the node as still at work.
     pub(super) async fn failed(&mut self, token: u64) -> Result<(), Interrupted> {
-        self.report(&self.failure_message()).await;
+        let mut reported = self.report(&self.failure_message()).await;
         loop {
             match self.renew(token).await {
+                Ok(()) if !reported => {
+                    reported = self.report(&self.failure_message()).await;
+                }
                 Ok(()) => {}
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
                 Err(error) => tracing::warn!(%error, "renew failed while failed; retrying"),

@@ -1048,3 +1048,27 @@ async fn a_renewal_that_hangs_stops_the_drain_when_the_lease_runs_out() {
         s.log
     );
 }
+
+/// Red-team 3: a Failed report that the coordinator did not get (it was
+/// unreachable right then) is sent again once it answers: a report error
+/// is not "reported".
+#[tokio::test(start_paused = true)]
+async fn a_failed_report_that_was_lost_is_sent_again() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+            // Unreachable from the failed update's end for two minutes:
+            // every report of the failure in that time is lost.
+            s.outage_after_update = Some(Duration::from_secs(120));
+        }),
+        settings(),
+    );
+    // One agent process throughout (a restart would report anew).
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    let s = d.sim.state();
+    assert_eq!(s.incarnation, 1);
+    let holder = s.holder.as_ref().expect("the baton is kept");
+    assert_eq!(holder.phase, Some(Phase::Failed), "{:?}", s.reports);
+    assert!(holder.message.contains("exit status 3"), "{}", holder.message);
+}

@@ -57,7 +57,13 @@ impl SimCoordinator {
             .enter(point, HANG)
             .await
             .map_err(|e| injected(&what, e))?;
-        if self.0.state().coordinator_down {
+        let state = self.0.state();
+        let down = state.coordinator_down
+            || state
+                .coordinator_down_until
+                .is_some_and(|until| tokio::time::Instant::now() < until);
+        drop(state);
+        if down {
             return Err(CoordinatorError::Call(
                 "Unavailable: coordinator unreachable".into(),
             ));

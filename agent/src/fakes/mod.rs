@@ -363,6 +363,11 @@ pub struct SimState {
     pub coordinator_down: bool,
     /// The coordinator becomes unreachable as soon as a drain starts.
     pub outage_on_drain: bool,
+    /// The coordinator is unreachable for this long from the end of the
+    /// update run (None: no such outage).
+    pub outage_after_update: Option<Duration>,
+    /// The coordinator is unreachable until then.
+    pub coordinator_down_until: Option<Instant>,
     /// Releases are refused for good (PERMISSION_DENIED).
     pub refuse_release: bool,
     /// Confirm calls answered.
@@ -436,6 +441,8 @@ impl Default for SimState {
             queue_blocked: false,
             coordinator_down: false,
             outage_on_drain: false,
+            outage_after_update: None,
+            coordinator_down_until: None,
             refuse_release: false,
             confirms: 0,
             renew_interval: Duration::from_secs(5),
@@ -494,6 +501,9 @@ impl SimState {
             }
             if is_update(&unit) {
                 self.log.push(Rec::UpdateEnd { unit, success });
+                if let Some(outage) = self.outage_after_update.take() {
+                    self.coordinator_down_until = Some(now + outage);
+                }
             }
         }
     }
