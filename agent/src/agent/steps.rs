@@ -280,8 +280,12 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                     )
                     .await;
             }
+            // Confirmed in this process even when resuming: a restarted
+            // agent may find the run never started (killed right after the
+            // save below), and then starts it now; following a run that
+            // goes on by itself after a "wait" loses nothing.
+            self.confirm_step(token, Step::Update).await?;
             if !resumed {
-                self.confirm_step(token, Step::Update).await?;
                 self.state.update_started = Some(token);
                 self.save()?;
             }

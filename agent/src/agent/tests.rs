@@ -1070,5 +1070,9 @@ async fn a_failed_report_that_was_lost_is_sent_again() {
     assert_eq!(s.incarnation, 1);
     let holder = s.holder.as_ref().expect("the baton is kept");
     assert_eq!(holder.phase, Some(Phase::Failed), "{:?}", s.reports);
-    assert!(holder.message.contains("exit status 3"), "{}", holder.message);
+    assert!(
+        holder.message.contains("exit status 3"),
+        "{}",
+        holder.message
+    );
 }

@@ -198,6 +198,13 @@ impl Coordinator for SimCoordinator {
             let mut state = self.0.state();
             let older = state.confirm_unimplemented || state.confirm_unimplemented_calls > 0;
             state.confirm_unimplemented_calls = state.confirm_unimplemented_calls.saturating_sub(1);
+            if older {
+                let inc = state.incarnation;
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    answer: "unimplemented",
+                });
+            }
             older
         };
         if unimplemented {
@@ -213,6 +220,7 @@ impl Coordinator for SimCoordinator {
                 Err(fenced(token))
             } else if state.confirm_waits.is_empty() {
                 state.log.push(Rec::TokenOk { inc, token });
+                state.log.push(Rec::Confirmed { inc, answer: "go" });
                 Ok(Confirmation {
                     proceed: true,
                     overdue_at,
@@ -221,6 +229,10 @@ impl Coordinator for SimCoordinator {
             } else {
                 // "Wait" renews the lease but confirms no step.
                 let reason = state.confirm_waits.remove(0);
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    answer: "wait",
+                });
                 Ok(Confirmation {
                     proceed: false,
                     reason: format!("{step}: {reason}"),

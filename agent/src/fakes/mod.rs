@@ -227,6 +227,14 @@ pub enum Rec {
         /// The token.
         token: u64,
     },
+    /// The coordinator answered Confirm (with a token it accepted, or
+    /// UNIMPLEMENTED).
+    Confirmed {
+        /// The agent incarnation.
+        inc: u32,
+        /// "go", "wait" or "unimplemented".
+        answer: &'static str,
+    },
     /// A drain started.
     Prepare(u32),
     /// The update unit was started.
