@@ -95,7 +95,10 @@ pub enum Entry {
 /// How sentinel paths are looked at: [`look`] on the real filesystem;
 /// tests pass a fake one. Runs on a thread of its own and may block.
 #[derive(Clone)]
-pub struct Probe(pub Arc<dyn Fn(&Path) -> io::Result<Entry> + Send + Sync>);
+pub struct Probe(pub Arc<LookFn>);
+
+/// A function that says what is at a path.
+pub type LookFn = dyn Fn(&Path) -> io::Result<Entry> + Send + Sync;
 
 impl Default for Probe {
     fn default() -> Self {
