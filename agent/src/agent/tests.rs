@@ -448,9 +448,9 @@ async fn force_release_while_failed_gives_the_node_back() {
     assert!(state.hold_back.is_some());
 }
 
-/// Finding 7: the hold-back after a force-release survives a restart.
-#[tokio::test(start_paused = true)]
-async fn the_hold_back_after_a_force_release_survives_a_restart() {
+/// A failing update keeps the baton (Failed) until an operator
+/// force-releases it; then the agent is idle, holding back.
+async fn idle_after_a_force_released_failure() -> Driver {
     let d = Driver::new(
         sim(|s| {
             kernel_update(s);
@@ -464,6 +464,13 @@ async fn the_hold_back_after_a_force_release_survives_a_restart() {
         d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
             .await
     );
+    d
+}
+
+/// Finding 7: the hold-back after a force-release survives a restart.
+#[tokio::test(start_paused = true)]
+async fn the_hold_back_after_a_force_release_survives_a_restart() {
+    let d = idle_after_a_force_released_failure().await;
     let idle_at = Instant::now();
     d.sim.kill();
     let grants = |s: &SimState| s.count(|r| matches!(r, Rec::Granted { resumed: false, .. }));
@@ -896,19 +903,7 @@ async fn a_failing_reboot_check_after_the_update_reboots_and_never_releases() {
 /// persisted hold-back); the error is shown on the node.
 #[tokio::test(start_paused = true)]
 async fn a_failing_need_check_asks_for_nothing_and_keeps_the_hold_back() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-        }),
-        settings(),
-    );
-    assert!(d.run(HOUR, failed).await);
-    d.sim.state().force_release();
-    assert!(
-        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
-            .await
-    );
+    let d = idle_after_a_force_released_failure().await;
     assert!(d.agent_state().unwrap().hold_back.is_some());
     {
         let mut s = d.sim.state();
