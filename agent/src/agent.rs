@@ -11,13 +11,19 @@
 //! and every external call):
 //! - **No step on an unconfirmed token.** Before every step (and when it
 //!   resumes from its state file) the token is confirmed with the
-//!   coordinator in this process; right before the update and the reboot
-//!   the coordinator is asked to confirm the step itself (`Confirm`) and
-//!   may answer "wait". While the lease is older than the coordinator
+//!   coordinator in this process; right before the update (also when a
+//!   restarted agent resumes it) and the reboot the coordinator is asked to
+//!   confirm the step itself (`Confirm`) and may answer "wait"; an older
+//!   coordinator's UNIMPLEMENTED makes Renew the confirmation for that one
+//!   step only. While the lease is older than the coordinator
 //!   allows, no new eviction or unit is started. See [`lease`].
 //! - **A reboot is proven.** `Rebooting` and the boot_id before the reboot
 //!   are one write; the baton is released only after the boot_id changed
-//!   and the reboot sentinel is gone. A restart in `Rebooting` on the same
+//!   and the reboot sentinel is gone. A sentinel check without an answer
+//!   is never "no reboot needed": after the update it means reboot; before
+//!   the release (asked a few times) it means Failed, keeping the baton;
+//!   before asking for the baton it means ask for nothing (shown on the
+//!   node, the hold-back kept); while waiting it keeps the request. A restart in `Rebooting` on the same
 //!   boot asks for the reboot again (a bounded number of times).
 //! - **The update runs at most once per grant.** The grant it was started
 //!   for is persisted before it starts; a restarted agent follows that run.
