@@ -24,7 +24,8 @@ static BUILD: Mutex<()> = Mutex::new(());
 /// `batonctl`, `baton-agent`) in this profile's target directory. Builds the
 /// workspace's binaries first when it is missing or older than this test
 /// executable (its sources changed since): a test run directly must never
-/// start a stale binary. `cargo xtask test` builds them all first.
+/// start a stale binary. `cargo xtask test` builds them all first and says
+/// so in `BATON_BINARIES_FRESH`.
 pub fn binary(name: &str) -> PathBuf {
     // The test executable lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test executable path");
@@ -36,8 +37,10 @@ pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    // `cargo xtask test` builds every binary right before the suite.
+    let fresh = std::env::var_os("BATON_BINARIES_FRESH").is_some();
     let stale = match (modified(&path), modified(&exe)) {
-        (Some(binary), Some(test)) => binary < test,
+        (Some(binary), Some(test)) => binary < test && !fresh,
         (None, _) => true,
         (Some(_), None) => false,
     };

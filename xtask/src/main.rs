@@ -57,7 +57,9 @@ fn test(extra: &[String]) -> Result<()> {
     util::cargo(&["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    // The binaries were just built: tests need not check them for
+    // staleness (each check would rebuild them with other features).
+    util::cargo_with_env(&args, &[("BATON_BINARIES_FRESH", "1")])
 }
 
 /// `cargo xtask bench ...`: installs what the bench starts, builds every

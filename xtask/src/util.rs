@@ -30,9 +30,15 @@ pub fn target_dir() -> PathBuf {
 
 /// Runs cargo with `args` in the workspace root; fails on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables for it and what it starts.
+pub fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut command = Command::new(&cargo);
     command.args(args).current_dir(workspace_root());
+    command.envs(env.iter().copied());
     if std::env::var_os("CI").is_some() {
         // A fresh clone builds once: incremental artifacts only cost disk.
         command.env("CARGO_INCREMENTAL", "0");
