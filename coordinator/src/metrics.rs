@@ -287,10 +287,7 @@ async fn metrics_page(
         .any(|v| v.contains("application/openmetrics-text"));
     let encoded = metrics.encode();
     if openmetrics {
-        (
-            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            encoded,
-        )
+        ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], encoded)
     } else {
         (
             [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
@@ -378,7 +375,10 @@ mod tests {
         let open = metrics.encode();
         assert!(open.contains("# TYPE baton_grants counter\n"), "{open}");
         let text = openmetrics_to_text(&open);
-        assert!(text.contains("# HELP baton_grants_total Grants given.\n"), "{text}");
+        assert!(
+            text.contains("# HELP baton_grants_total Grants given.\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE baton_grants_total counter\nbaton_grants_total 1\n"));
         assert!(text.contains("# TYPE baton_holders gauge\nbaton_holders 0\n"));
         assert!(text.contains("baton_holder_phase{node=\"n1\",phase=\"draining\"} 1"));

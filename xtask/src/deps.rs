@@ -66,6 +66,31 @@ pub const NODES: &[Program] = &[
     program("journalctl", "systemd", "the agent (update unit output)"),
 ];
 
+/// Monitoring: promtool checks the alert rules, their unit tests, the
+/// dashboard's queries and a real coordinator's /metrics.
+pub const MONITORING: &[Program] = &[program(
+    "promtool",
+    "prometheus",
+    "monitoring tests (promtool check/test rules, check metrics)",
+)];
+
+/// Images: podman builds them from a COPY-only Containerfile on a base
+/// imported from a debootstrap rootfs (no registry, no network).
+pub const IMAGES: &[Program] = &[
+    program("podman", "podman", "cargo xtask image, image tests"),
+    program("debootstrap", "debootstrap", "the images' root filesystem"),
+    program("ldd", "libc-bin", "the coordinator image's libraries"),
+];
+
+/// Shipped on these machine images (Google's `kubectl` package, not
+/// Debian's): the tests render the manifests with `kubectl kustomize`
+/// exactly as a user would.
+pub const KUBECTL: &[Program] = &[program(
+    "kubectl",
+    "kubectl",
+    "manifest tests (kubectl kustomize)",
+)];
+
 /// Programs of Debian's essential set (or of the packages apt itself needs):
 /// on every Debian 12 machine, so they are checked but never installed.
 pub const ESSENTIAL: &[Program] = &[
@@ -82,7 +107,7 @@ pub const ESSENTIAL: &[Program] = &[
 /// Everything the test command needs (the essential programs are checked
 /// too: a missing one is installed like any other).
 pub fn all() -> Vec<Program> {
-    [BUILD, ETCD, NODES, ESSENTIAL].concat()
+    [BUILD, ETCD, NODES, MONITORING, IMAGES, KUBECTL, ESSENTIAL].concat()
 }
 
 fn is_root() -> bool {

@@ -138,7 +138,9 @@ impl EtcdGuard {
             };
             let voting = health.members.iter().filter(|m| m.voting());
             let metrics = engine.metrics();
-            metrics.etcd_voting_members.set(voting.clone().count() as i64);
+            metrics
+                .etcd_voting_members
+                .set(voting.clone().count() as i64);
             metrics
                 .etcd_healthy_voting_members
                 .set(voting.filter(|m| m.healthy()).count() as i64);
