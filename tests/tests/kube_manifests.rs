@@ -237,7 +237,14 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
         .collect();
     assert_eq!(
         host_paths,
-        BTreeSet::from(["/run", "/run/dbus/system_bus_socket", "/var/lib/baton"])
+        BTreeSet::from([
+            "/run",
+            "/run/dbus/system_bus_socket",
+            "/var/lib/baton",
+            "/var/log",
+            "/run/log",
+            "/etc/machine-id",
+        ])
     );
     assert!(
         volumes

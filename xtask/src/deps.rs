@@ -45,6 +45,11 @@ pub const BUILD: &[Program] = &[
         "libprotobuf-dev",
         "the build (protoc's well-known types)",
     ),
+    program(
+        "git",
+        "git",
+        "the revision in --version and image labels (without it: \"unknown\")",
+    ),
 ];
 
 /// Real etcd for the guard, the etcd store, the nemesis and the etcd bench.
@@ -102,6 +107,7 @@ pub const ESSENTIAL: &[Program] = &[
     program("getconf", "libc-bin", "bench agent (clock ticks)"),
     program("dpkg-deb", "dpkg", "building the test packages"),
     program("apt-get", "apt", "this installer"),
+    program("tar", "tar", "importing the images' root filesystems"),
 ];
 
 /// Everything the test command needs (the essential programs are checked

@@ -10,9 +10,11 @@
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
 //! - `serve`: deps, build, run a local coordinator;
-//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools.
+//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools;
+//! - `image`: the agent and coordinator images (podman, no registry).
 
 mod deps;
+mod image;
 mod util;
 
 use anyhow::{Result, bail};
@@ -25,7 +27,9 @@ tasks:
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
   bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
-  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency";
+  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency
+  image [--tag T] [--repository R] [--bins-from DIR]
+                        build localhost/baton-agent and baton-coordinator images with podman (root)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +42,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "serve" => serve(rest),
         "bench" => bench(rest),
+        "image" => image::run(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
