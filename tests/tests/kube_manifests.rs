@@ -187,7 +187,11 @@ fn the_round_trip_check_catches_unknown_and_missing_fields() {
 
 #[test]
 fn every_rbac_rule_says_why() -> Result<()> {
-    for file in ["rbac-agent.yaml", "rbac-coordinator.yaml"] {
+    for file in [
+        "rbac-agent.yaml",
+        "rbac-coordinator.yaml",
+        "rbac-batonctl.yaml",
+    ] {
         let text = std::fs::read_to_string(manifests_dir().join(file))?;
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
@@ -288,6 +292,21 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
         names.contains(&"baton-coordinator") && names.contains(&"baton-state"),
         "{names:?}"
     );
+    // batonctl --kube: the coordinator admits the batonctl account, which
+    // operators reach through the baton-operator Role.
+    assert!(
+        args.contains(&"--kube-admin=system:serviceaccount:baton-system:batonctl"),
+        "{args:?}"
+    );
+    find(&objects, "ServiceAccount", "batonctl");
+    let operator = find(&objects, "Role", "baton-operator");
+    let token_rule = operator["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .find(|r| r["resources"][0] == "serviceaccounts/token")
+        .context("a serviceaccounts/token rule")?;
+    assert_eq!(token_rule["resourceNames"], serde_json::json!(["batonctl"]));
     find(&objects, "PodDisruptionBudget", "baton-coordinator");
     find(&objects, "NetworkPolicy", "baton-coordinator");
     find(&objects, "Service", "baton-coordinator");
