@@ -30,6 +30,15 @@ pub mod sentinel;
 pub mod state;
 pub mod systemd;
 
+/// The version `--version` shows: the package version and the git revision
+/// the binary was built from (see build-support/git_revision.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_REVISION"),
+    ")"
+);
+
 #[cfg(test)]
 mod fakes;
 

@@ -11,16 +11,19 @@
 //! - `bench coordinator --store etcd`: the same on a real 3-member etcd
 //!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
 //! - `bench agent [--duration S]`: the agent's idle footprint and reaction
-//!   time (`bench_agent`).
+//!   time (`bench_agent`);
+//! - `gen-cli DIR`: completions and man pages of the three programs
+//!   (`gen_cli`; `cargo xtask gen-cli` writes docs/cli).
 
 mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;
+mod gen_cli;
 mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S]\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | gen-cli DIR\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {
@@ -34,6 +37,7 @@ fn main() -> Result<()> {
         }
         ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
         ["bench", "agent", ..] => bench_agent::run(&args[2..]),
+        ["gen-cli", ..] => gen_cli::run(&args[1..]),
         _ => bail!("{USAGE}"),
     }
 }

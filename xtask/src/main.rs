@@ -11,7 +11,8 @@
 //! - `test`: deps, build every binary, run the whole test suite;
 //! - `serve`: deps, build, run a local coordinator;
 //! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools;
-//! - `image`: the agent and coordinator images (podman, no registry).
+//! - `image`: the agent and coordinator images (podman, no registry);
+//! - `gen-cli`: completions and man pages into docs/cli (baton-devtools).
 
 mod deps;
 mod image;
@@ -28,6 +29,7 @@ tasks:
   bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
   bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency
+  gen-cli               regenerate docs/cli (completions, man pages) from the CLIs
   image [--tag T] [--repository R] [--bins-from DIR]
                         build localhost/baton-agent and baton-coordinator images with podman (root)";
 
@@ -43,6 +45,7 @@ fn main() -> Result<()> {
         "serve" => serve(rest),
         "bench" => bench(rest),
         "image" => image::run(rest),
+        "gen-cli" => gen_cli(),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
@@ -78,6 +81,23 @@ fn bench(rest: &[String]) -> Result<()> {
     let mut args = vec!["bench".to_string()];
     args.extend(rest.iter().cloned());
     util::run_release_bin("baton-devtools", &args)
+}
+
+/// `cargo xtask gen-cli`: xtask cannot depend on the CLIs (they need the
+/// whole build), so baton-devtools renders them; a test in baton-devtools
+/// fails while docs/cli differs from what this writes.
+fn gen_cli() -> Result<()> {
+    deps::ensure(deps::BUILD)?;
+    let dir = util::workspace_root().join("docs/cli");
+    util::cargo(&[
+        "run",
+        "--quiet",
+        "--package",
+        "baton-devtools",
+        "--",
+        "gen-cli",
+        &dir.display().to_string(),
+    ])
 }
 
 /// `cargo xtask serve`: a local coordinator on 127.0.0.1:7443 (plaintext,

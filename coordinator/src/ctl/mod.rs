@@ -29,9 +29,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// Exit code when `acquire`/`hold` gave up waiting.
 pub const EXIT_TIMEOUT: i32 = 2;
 
-/// batonctl: operate a Baton rollout.
+/// Operate a Baton rollout: status, pause, resume, acquire, release, force-release, hold.
 #[derive(Debug, Parser)]
-#[command(name = "batonctl", version, about)]
+#[command(name = "batonctl", version = crate::VERSION)]
 pub struct Cli {
     /// How to reach the coordinator.
     #[command(flatten)]

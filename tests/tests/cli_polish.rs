@@ -1,6 +1,7 @@
-//! What an operator sees when a binary cannot start: one last line on
-//! stderr (after any log lines), prefixed with the program's name, naming what is wrong and what to do
-//! (the flag to fix, the thing to check), and a non-zero exit.
+//! The command lines as an operator meets them: `--version` names the git
+//! revision; a binary that cannot start prints one last line on stderr
+//! (after any log lines), prefixed with the program's name, naming what is
+//! wrong and what to do (the flag to fix, the thing to check), and exits 1.
 
 use std::process::Command;
 
@@ -165,4 +166,34 @@ fn the_agent_names_the_flag_or_the_fix() {
         &err,
         &["D-Bus", "--dbus-address", "/run/dbus/system_bus_socket"],
     );
+}
+
+#[test]
+fn every_binary_reports_its_version_and_git_revision() {
+    for program in [
+        "baton-coordinator",
+        "batonctl",
+        "kubectl-baton",
+        "baton-agent",
+    ] {
+        let out = Command::new(binary(program))
+            .arg("--version")
+            .output()
+            .expect("running --version");
+        assert!(out.status.success());
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let rest = line
+            .strip_prefix(&format!("{program} {} (", env!("CARGO_PKG_VERSION")))
+            .and_then(|r| r.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{program} --version: {line:?}"));
+        // Built from this checkout: the revision is a commit of it (the
+        // binary may predate the newest commit, so not necessarily HEAD).
+        assert_eq!(rest.len(), 12, "{line}");
+        let known = Command::new("git")
+            .args(["cat-file", "-e", &format!("{rest}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running git");
+        assert!(known.success(), "{program}: {rest} is not a commit here");
+    }
 }
