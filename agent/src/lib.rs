@@ -75,8 +75,8 @@ pub enum RunError {
     SystemBus {
         /// The bus address tried.
         address: String,
-        /// The error.
-        source: HostError,
+        /// The error (boxed: it is large, and this is the rare path).
+        source: Box<HostError>,
     },
     /// A TLS file could not be read, or signals could not be installed.
     #[error("{what}: {source}")]
@@ -161,7 +161,7 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
                 .dbus_address
                 .clone()
                 .unwrap_or_else(|| "the system bus".to_string()),
-            source,
+            source: Box::new(source),
         })?;
     let node_ops = match args.mode {
         Mode::Standalone => AnyNodeOps::Standalone(StandaloneNodeOps::new(
