@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-use baton_tests::{binary, require_root};
+use anyhow::{Context, Result};
+use baton_tests::{binary, require_root, run_checked};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -24,19 +24,7 @@ fn root() -> PathBuf {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (cargo xtask deps installs it)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}):\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = run_checked(Command::new(program).args(args))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

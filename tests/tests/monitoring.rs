@@ -10,8 +10,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use baton_tests::coordinator::CoordinatorProcess;
+use baton_tests::run_checked;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -49,21 +50,7 @@ fn yaml_file(path: &Path) -> Result<Value> {
 
 /// Runs `program` with `args` in `dir`; fails with its output when it fails.
 fn run(program: &str, args: &[&str], dir: &Path) -> Result<Output> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .with_context(|| format!("running {program} (cargo xtask deps installs it)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}):\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+    run_checked(Command::new(program).args(args).current_dir(dir))
 }
 
 fn promtool(args: &[&str], dir: &Path) -> Result<Output> {

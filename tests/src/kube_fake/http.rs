@@ -437,16 +437,21 @@ fn evict(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     }
 }
 
-fn token_review(ctx: &Ctx, body: Value) -> Response {
-    let token = body["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> = body["spec"]["audiences"]
+/// `spec.audiences` of a TokenReview or TokenRequest.
+fn audiences(body: &Value) -> Vec<String> {
+    body["spec"]["audiences"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|s| s.as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn token_review(ctx: &Ctx, body: Value) -> Response {
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let wanted = audiences(&body);
     let known = ctx.api.lock().tokens.get(token).cloned();
     let status = match known {
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
@@ -496,14 +501,7 @@ fn token_request(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
             "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
         );
     }
-    let mut audiences: Vec<String> = body["spec"]["audiences"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut audiences = audiences(body);
     if audiences.is_empty() {
         audiences.push("https://kubernetes.default.svc.cluster.local".to_string());
     }
