@@ -85,6 +85,11 @@ pub const IMAGES: &[Program] = &[
     program("podman", "podman", "cargo xtask image, image tests"),
     program("debootstrap", "debootstrap", "the images' root filesystem"),
     program("ldd", "libc-bin", "the coordinator image's libraries"),
+    program(
+        "strip",
+        "binutils",
+        "the images' binaries without debug info",
+    ),
 ];
 
 /// Shipped on these machine images (Google's `kubectl` package, not

@@ -15,6 +15,9 @@
 //!   names, with their symlinks as the rootfs has them; the CA bundle;
 //!   passwd and group naming uid 65532).
 //!
+//! The binaries are copied with `strip --strip-debug` (the release
+//! profile's line tables would be most of their size).
+//!
 //! Options: `--bins-from DIR` takes the binaries from DIR instead of
 //! building release binaries (the image test uses its debug binaries);
 //! `--tag TAG` (default: the workspace version); `--repository PREFIX`
@@ -93,12 +96,24 @@ pub fn run(args: &[String]) -> Result<()> {
     let context = tempdir_in(&work, "context")?;
     for binary in ["baton-agent", "baton-coordinator"] {
         let from = bins.join(binary);
-        fs::copy(&from, context.join(binary))
-            .with_context(|| format!("copying {} (built?)", from.display()))?;
+        let to = context.join(binary);
+        fs::copy(&from, &to).with_context(|| format!("copying {} (built?)", from.display()))?;
+        // The release profile keeps line tables (for backtraces on the
+        // developer's machine); in the image they would be ~80% of the
+        // binary. Symbols stay, so a panic's backtrace still names functions.
+        let status = Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&to)
+            .status()
+            .context("running strip")?;
+        if !status.success() {
+            bail!("strip --strip-debug {} failed ({status})", to.display());
+        }
     }
     let containerfile = util::workspace_root().join("images/Containerfile");
     for target in ["agent", "coordinator"] {
         let image = format!("{}/baton-{target}:{}", options.repository, options.tag);
+        let previous = podman_output(&["image", "inspect", "--format", "{{.Id}}", &image]).ok();
         podman(
             &[
                 "build",
@@ -123,6 +138,12 @@ pub fn run(args: &[String]) -> Result<()> {
             ],
             None,
         )?;
+        // A rebuild moves the tag; the image it leaves behind goes (a
+        // failure here only leaves it dangling).
+        let id = podman_output(&["image", "inspect", "--format", "{{.Id}}", &image])?;
+        if let Some(previous) = previous.filter(|p| p.trim() != id.trim()) {
+            let _ = podman_succeeds(&["rmi", previous.trim()]);
+        }
         let size = podman_output(&["image", "inspect", "--format", "{{.Size}}", &image])?;
         let mb = size.trim().parse::<f64>().unwrap_or(0.0) / 1e6;
         println!("{image}: {mb:.1} MB");
