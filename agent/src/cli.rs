@@ -6,9 +6,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The Baton node agent.
+/// Updates and reboots this node through systemd while it holds the baton.
 #[derive(Debug, Parser)]
-#[command(name = "baton-agent", version, about)]
+#[command(name = "baton-agent", version = crate::VERSION)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

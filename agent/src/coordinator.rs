@@ -303,7 +303,11 @@ impl GrpcCoordinator {
         control_plane: bool,
     ) -> Result<Self, CoordinatorError> {
         let mut endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| CoordinatorError::Config(e.to_string()))?
+            .map_err(|e| {
+                CoordinatorError::Config(format!(
+                    "--coordinator {url:?} is not a URL ({e}); use https://HOST:PORT"
+                ))
+            })?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
@@ -312,9 +316,11 @@ impl GrpcCoordinator {
             if let Some((cert, key)) = tls.identity {
                 config = config.identity(Identity::from_pem(cert, key));
             }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                CoordinatorError::Config(format!(
+                    "TLS settings ({e}); check the PEM files of --ca, --cert and --key"
+                ))
+            })?;
         }
         Ok(GrpcCoordinator {
             node: node.to_string(),

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// baton-coordinator: grants the baton, the cluster-wide maintenance lease.
+/// Grants the baton, the cluster-wide maintenance lease, to one node at a time.
 #[derive(Debug, Parser)]
-#[command(name = "baton-coordinator", version, about)]
+#[command(name = "baton-coordinator", version = crate::VERSION)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

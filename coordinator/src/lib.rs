@@ -33,3 +33,12 @@ pub mod status_map;
 pub mod store;
 pub mod text;
 pub mod window;
+
+/// The version `--version` shows: the package version and the git revision
+/// the binary was built from (see build-support/git_revision.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_REVISION"),
+    ")"
+);

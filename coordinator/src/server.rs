@@ -40,15 +40,19 @@ pub enum ServeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A TLS file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {flag} {path}: {source}")]
     TlsFile {
+        /// The flag that names it.
+        flag: &'static str,
         /// The file.
         path: String,
         /// The error.
         source: std::io::Error,
     },
     /// Binding a listener failed.
-    #[error("binding {addr}: {source}")]
+    #[error(
+        "binding {addr}: {source} (is another process listening there? choose another address with --listen or --metrics-listen)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -82,8 +86,9 @@ pub struct Running {
     pub done: JoinHandle<Result<(), ServeError>>,
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
     std::fs::read(path).map_err(|source| ServeError::TlsFile {
+        flag,
         path: path.display().to_string(),
         source,
     })
@@ -169,14 +174,16 @@ pub async fn start(
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
         (Some(cert), Some(key)) => {
-            let mut tls =
-                ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
             if let Some(ca) = &args.tls.client_ca {
                 // With TokenReview on, agents in the cluster come without a
                 // certificate; one that is presented must still chain to
                 // the CA.
                 tls = tls
-                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_ca_root(Certificate::from_pem(read("--client-ca", ca)?))
                     .client_auth_optional(token_review.is_some());
             }
             Some(tls)

@@ -260,6 +260,12 @@ impl Engine {
     /// queue of a thousand waiters does not cost a thousand messages per
     /// handoff (the granter's one-second tick sends what was held back).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
+        let etcd_blocked = decision
+            .waiting
+            .iter()
+            .filter(|(_, reason)| crate::etcd::is_guard_reason(reason))
+            .count();
+        self.metrics.etcd_blocked_waiters.set(etcd_blocked as i64);
         let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
         let queue_length = inner.queue.len() as u32;
         let now = Instant::now();

@@ -343,6 +343,11 @@ impl Engine {
         &self.config
     }
 
+    /// The metrics this engine updates (guards count their own events here).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Current leadership, as the store last published it (it may lag; every
     /// answer is confirmed against the store itself).
     pub fn leadership(&self) -> Leadership {
@@ -596,6 +601,16 @@ impl Engine {
             .paused
             .set(i64::from(inner.state.paused.is_some()));
         self.metrics.last_token.set(inner.state.last_token as i64);
+        self.metrics
+            .window_open
+            .set(i64::from(self.config.policy.windows.check(now).is_ok()));
+        self.metrics.set_holder_phases(
+            inner
+                .state
+                .holders
+                .iter()
+                .map(|(node, h)| (node.as_str(), h.phase.name())),
+        );
     }
 
     /// Queues `request` and returns the channel its progress arrives on, and

@@ -126,9 +126,11 @@ impl KubeArgs {
                 url.parse()
                     .map_err(|e| KubeSetupError::Config(format!("--kube-api-url {url}: {e}")))?,
             ),
-            None => ::kube::Config::infer()
-                .await
-                .map_err(|e| KubeSetupError::Config(e.to_string()))?,
+            None => ::kube::Config::infer().await.map_err(|e| {
+                KubeSetupError::Config(format!(
+                    "{e}; in a pod the ServiceAccount's token is mounted automatically (is automountServiceAccountToken off?), elsewhere set KUBECONFIG or --kube-api-url"
+                ))
+            })?,
         };
         config.default_retry = false;
         ::kube::Client::try_from(config).map_err(|e| KubeSetupError::Config(e.to_string()))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -121,13 +121,12 @@ fn json_response(code: u16, body: &Value) -> Response {
         .into_response()
 }
 
-async fn handle(
-    State(ctx): State<Ctx>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The largest request body the fake reads.
+const BODY_LIMIT: usize = 16 << 20;
+
+async fn handle(State(ctx): State<Ctx>, request: axum::extract::Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let (method, uri) = (parts.method.clone(), parts.uri.clone());
     wait_while_stalled(&ctx, &method, Target::parse(uri.path()).as_ref()).await;
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
         status(
@@ -137,14 +136,33 @@ async fn handle(
         )
     } else {
         match Target::parse(uri.path()) {
-            Some(target) => route(
-                &ctx,
-                &method,
-                &target,
-                uri.query().unwrap_or(""),
-                &headers,
-                &body,
-            ),
+            Some(Target {
+                ref resource,
+                namespace: Some(ref namespace),
+                name: Some(ref name),
+                sub: Some(ref sub),
+                ..
+            }) if resource == "pods" && sub == "portforward" && method == Method::GET => {
+                super::portforward::serve(
+                    &ctx.api,
+                    namespace,
+                    name,
+                    uri.query().unwrap_or(""),
+                    &parts.headers,
+                    parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+                )
+            }
+            Some(target) => match axum::body::to_bytes(body, BODY_LIMIT).await {
+                Ok(body) => route(
+                    &ctx,
+                    &method,
+                    &target,
+                    uri.query().unwrap_or(""),
+                    &parts.headers,
+                    &body,
+                ),
+                Err(e) => status(413, "RequestEntityTooLarge", &e.to_string()),
+            },
             None => status(
                 404,
                 "NotFound",
@@ -195,6 +213,9 @@ fn route(
         (&Method::POST, None, _) if t.resource == "tokenreviews" => token_review(ctx, body),
         (&Method::POST, None, _) => create(ctx, t, body),
         (&Method::POST, Some(name), Some("eviction")) => evict(ctx, t, name, &body),
+        (&Method::POST, Some(name), Some("token")) if t.resource == "serviceaccounts" => {
+            token_request(ctx, t, name, &body)
+        }
         (&Method::PUT, Some(name), _) => replace(ctx, t, name, body),
         (&Method::PATCH, Some(name), _) => {
             let ct = headers
@@ -453,16 +474,21 @@ fn evict(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     }
 }
 
-fn token_review(ctx: &Ctx, body: Value) -> Response {
-    let token = body["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> = body["spec"]["audiences"]
+/// `spec.audiences` of a TokenReview or TokenRequest.
+fn audiences(body: &Value) -> Vec<String> {
+    body["spec"]["audiences"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|s| s.as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn token_review(ctx: &Ctx, body: Value) -> Response {
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let wanted = audiences(&body);
     let known = ctx.api.lock().tokens.get(token).cloned();
     let status = match known {
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
@@ -488,6 +514,65 @@ fn token_review(ctx: &Ctx, body: Value) -> Response {
         "metadata": {"creationTimestamp": null}, "spec": body["spec"], "status": status,
     });
     json_response(201, &review)
+}
+
+/// TokenRequest: a token of an existing ServiceAccount that this fake's
+/// TokenReview then accepts, for the audiences asked (the API server's
+/// default audience when none), living at least the API's 10 minutes.
+fn token_request(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
+    let namespace = t.namespace.clone().unwrap_or_default();
+    let key = (
+        "v1/serviceaccounts".to_string(),
+        namespace.clone(),
+        name.to_string(),
+    );
+    let mut store = ctx.api.lock();
+    if !store.objects.contains_key(&key) {
+        return not_found(t, name);
+    }
+    let seconds = body["spec"]["expirationSeconds"].as_u64().unwrap_or(3600);
+    if seconds < 600 {
+        return status(
+            422,
+            "Invalid",
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        );
+    }
+    let mut audiences = audiences(body);
+    if audiences.is_empty() {
+        audiences.push("https://kubernetes.default.svc.cluster.local".to_string());
+    }
+    store.rv += 1;
+    let token = format!("fake-sa-token-{namespace}-{name}-{}", store.rv);
+    store.tokens.insert(
+        token.clone(),
+        super::FakeToken {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_string(),
+            ],
+            audiences: audiences.clone(),
+            extra: Default::default(),
+        },
+    );
+    let expires = super::semantics::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + seconds,
+    );
+    json_response(
+        201,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": null},
+            "spec": {"audiences": audiences, "expirationSeconds": seconds},
+            "status": {"token": token, "expirationTimestamp": expires},
+        }),
+    )
 }
 
 /// What a watch filters on and how far it has read.
