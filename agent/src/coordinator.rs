@@ -247,6 +247,7 @@ impl Coordinator for GrpcCoordinator {
             control_plane: self.control_plane,
             reason: reason.to_string(),
             manual: false,
+            labels: Default::default(),
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
         let mut stream = self

@@ -19,11 +19,10 @@ use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
-use crate::policy::Policy;
+use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
 use crate::store::file::FileStore;
 use crate::store::{StateStore, StoreError};
-use crate::window::{MaintenanceWindow, WindowError, WindowSet};
 
 /// Why the coordinator did not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +32,9 @@ pub enum ServeError {
         "refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab"
     )]
     NoAuthentication,
-    /// A window string is malformed.
-    #[error(transparent)]
-    Window(#[from] WindowError),
+    /// The policy (file or flags) was refused.
+    #[error("policy refused: {0}")]
+    Policy(#[from] crate::rollout::PolicyError),
     /// The store failed to open or load.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -123,22 +122,22 @@ pub async fn start(
         }
         (None, None, false) => return Err(ServeError::NoAuthentication),
     };
-    let windows = args
-        .windows
-        .iter()
-        .filter(|w| !w.trim().is_empty())
-        .map(|w| w.parse::<MaintenanceWindow>())
-        .collect::<Result<Vec<_>, _>>()?;
+    // The rollout policy: flags are the defaults, the file overrides them.
+    let watch_nodes = args.kube.watch_nodes || args.store == StoreKind::Kubernetes;
+    let rollout_policy = PolicyHandle::load(
+        args.policy.clone(),
+        FlagDefaults {
+            max_concurrent: args.max_concurrent,
+            windows: args.windows.clone(),
+            min_window_remaining: args.min_window_remaining,
+            overdue_after: args.overdue_after,
+            kubernetes: watch_nodes,
+        },
+        chrono::Utc::now(),
+    )?;
     let id = args.id.clone().unwrap_or_else(hostname);
     let config = EngineConfig {
-        policy: Policy {
-            max_concurrent: args.max_concurrent,
-            windows: WindowSet {
-                windows,
-                min_remaining: chrono::Duration::from_std(args.min_window_remaining)
-                    .unwrap_or(chrono::Duration::MAX),
-            },
-        },
+        policy: rollout_policy.current().engine_policy.clone(),
         renew_interval: chrono::Duration::from_std(args.renew_interval)
             .unwrap_or(chrono::Duration::MAX),
         overdue_after: chrono::Duration::from_std(args.overdue_after)
@@ -194,6 +193,7 @@ pub async fn start(
         tokio::spawn(guard.run());
     }
     tokio::spawn(engine.clone().run_granter());
+    tokio::spawn(rollout_policy.clone().run(engine.clone()));
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());
     }
@@ -245,7 +245,7 @@ pub async fn start(
         });
     }
 
-    let services = Services::new(engine.clone(), auth);
+    let services = Services::new(engine.clone(), auth).with_policy(rollout_policy.clone());
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

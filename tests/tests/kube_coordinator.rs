@@ -154,6 +154,7 @@ async fn acquire(
         control_plane,
         reason: "reboot required".to_string(),
         manual: false,
+        labels: Default::default(),
     };
     Ok(client.acquire(request).await?.into_inner())
 }

@@ -14,6 +14,9 @@
 //! (they reconnect to the new leader).
 
 mod granter;
+mod plan;
+
+pub use plan::{Plan, PlanEntry};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -49,7 +52,7 @@ pub trait GrantPreparer: Send + Sync {
 /// The engine's settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// The grant rule's settings.
+    /// The grant rule's settings at start (see [`Engine::set_policy`]).
     pub policy: Policy,
     /// How often holders should renew.
     pub renew_interval: Duration,
@@ -202,6 +205,9 @@ pub struct Engine {
     inner: Mutex<Inner>,
     store: Arc<dyn StateStore>,
     config: EngineConfig,
+    /// The grant rule's settings in force (starts as `config.policy`; a
+    /// policy reload replaces it).
+    policy: std::sync::RwLock<Arc<Policy>>,
     guards: Vec<Arc<dyn GrantGuard>>,
     preparers: Vec<Arc<dyn GrantPreparer>>,
     clock: Clock,
@@ -238,6 +244,7 @@ impl Engine {
                 shutting_down: false,
             }),
             store,
+            policy: std::sync::RwLock::new(Arc::new(config.policy.clone())),
             config,
             guards,
             preparers,
@@ -256,6 +263,22 @@ impl Engine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The grant rule's settings in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new grant rule settings in force (a policy reload) and runs
+    /// the rule again.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.wake.notify_one();
+        self.changed();
     }
 
     /// Current leadership.
@@ -592,7 +615,7 @@ impl Engine {
                 .filter(|(_, h)| h.is_overdue(now, self.config.overdue_after))
                 .map(|(n, _)| n.clone())
                 .collect(),
-            window_open: self.config.policy.windows.check(now).is_ok(),
+            window_open: self.policy().windows.check(now).is_ok(),
             leadership: self.leadership.borrow().clone(),
             now,
         }

@@ -1,0 +1,24 @@
+//! The rollout policy: what `--policy FILE` declares beyond the flags, and
+//! the parts of the coordinator that carry it out.
+//!
+//! - [`schema`]: the file's serde types (unknown fields refused);
+//! - [`load`], [`locate`]: checking a file and merging it with the flags,
+//!   with the line of every error;
+//! - [`reload`]: the policy in force ([`PolicyHandle`]), reloaded on SIGHUP
+//!   and file changes;
+//! - [`template`]: webhook body templates.
+//!
+//! Each part plugs into the engine from outside: through a
+//! [`crate::policy::GrantGuard`] (hold a candidate with a reason), through
+//! [`crate::engine::Engine::set_policy`], or by watching the engine's state
+//! off its lock.
+
+pub mod labels;
+pub mod load;
+pub mod locate;
+pub mod reload;
+pub mod schema;
+pub mod template;
+
+pub use load::{FlagDefaults, Loaded, PolicyError};
+pub use reload::PolicyHandle;
