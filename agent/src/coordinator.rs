@@ -201,6 +201,7 @@ impl Interceptor for BearerToken {
 pub struct GrpcCoordinator {
     node: String,
     control_plane: bool,
+    labels: std::collections::HashMap<String, String>,
     client: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
@@ -231,8 +232,17 @@ impl GrpcCoordinator {
         Ok(GrpcCoordinator {
             node: node.to_string(),
             control_plane,
+            labels: Default::default(),
             client: CoordinatorClient::with_interceptor(endpoint.connect_lazy(), token),
         })
+    }
+}
+
+impl GrpcCoordinator {
+    /// Sends `labels` with every Acquire (for the coordinator's policy).
+    pub fn with_labels(mut self, labels: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.labels = labels.into_iter().collect();
+        self
     }
 }
 
@@ -247,7 +257,7 @@ impl Coordinator for GrpcCoordinator {
             control_plane: self.control_plane,
             reason: reason.to_string(),
             manual: false,
-            labels: Default::default(),
+            labels: self.labels.clone(),
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
         let mut stream = self

@@ -127,7 +127,8 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         token,
         &args.node,
         args.control_plane,
-    )?;
+    )?
+    .with_labels(args.labels.clone());
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),

@@ -19,6 +19,7 @@ use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
+use crate::rollout::gate::HealthGate;
 use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
 use crate::store::file::FileStore;
@@ -168,9 +169,17 @@ pub async fn start(
         etcd_guard.iter().map(|g| g.clone() as _).collect();
     // The node watch's guard (Kubernetes): unknown nodes wait, control-plane
     // nodes by label one at a time.
+    // The health gate and alert blockers of the rollout policy (they let
+    // everything through while the policy turns them off).
+    let gate = HealthGate::new(
+        rollout_policy.clone(),
+        kube.as_ref().and_then(KubeWiring::node_facts),
+        kube.as_ref().map(KubeWiring::client),
+    );
     let guards = guards
         .into_iter()
         .chain(kube.as_ref().map(KubeWiring::guards).unwrap_or_default())
+        .chain([gate.clone() as Arc<dyn crate::policy::GrantGuard>])
         .collect();
     let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
         etcd_guard.iter().map(|g| g.clone() as _).collect();
@@ -194,6 +203,7 @@ pub async fn start(
     }
     tokio::spawn(engine.clone().run_granter());
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
+    tokio::spawn(gate.run(engine.clone()));
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());
     }

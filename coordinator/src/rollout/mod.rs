@@ -13,9 +13,12 @@
 //! [`crate::engine::Engine::set_policy`], or by watching the engine's state
 //! off its lock.
 
+pub mod gate;
+pub mod http;
 pub mod labels;
 pub mod load;
 pub mod locate;
+pub mod prometheus;
 pub mod reload;
 pub mod schema;
 pub mod template;
