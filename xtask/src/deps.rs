@@ -66,6 +66,12 @@ pub const NODES: &[Program] = &[
     program("journalctl", "systemd", "the agent (update unit output)"),
 ];
 
+/// A real Prometheus for the health gate and the alert blockers.
+pub const MONITORING: &[Program] = &[
+    program("prometheus", "prometheus", "health gate and alert blocker tests"),
+    program("promtool", "prometheus", "checking the tests' alert rules"),
+];
+
 /// Programs of Debian's essential set (or of the packages apt itself needs):
 /// on every Debian 12 machine, so they are checked but never installed.
 pub const ESSENTIAL: &[Program] = &[
@@ -82,7 +88,7 @@ pub const ESSENTIAL: &[Program] = &[
 /// Everything the test command needs (the essential programs are checked
 /// too: a missing one is installed like any other).
 pub fn all() -> Vec<Program> {
-    [BUILD, ETCD, NODES, ESSENTIAL].concat()
+    [BUILD, ETCD, NODES, MONITORING, ESSENTIAL].concat()
 }
 
 fn is_root() -> bool {
