@@ -125,6 +125,12 @@ impl CoordinatorProcess {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// Sends `signal` to the running process (e.g. SIGHUP).
+    pub fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("running");
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its status.
     pub fn signal_and_wait(&mut self, signal: Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -126,8 +126,10 @@ impl PolicyHandle {
                 _ = next_signal(&mut hup) => { info!("SIGHUP: reloading the policy"); true }
                 event = next_event(&mut events) => {
                     if event.is_none() { events = None; }
-                    // A ConfigMap update is a burst of renames: let it settle.
+                    // A ConfigMap update or an editor's save is a burst of
+                    // events: let it settle, then read the file once.
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    drain(&mut events);
                     true
                 }
                 _ = recheck.tick() => {
@@ -152,6 +154,14 @@ async fn next_signal(hup: &mut Option<tokio::signal::unix::Signal>) {
 }
 
 type EventStream = inotify::EventStream<[u8; 1024]>;
+
+/// Drops the events already queued (one reload covers them).
+fn drain(events: &mut Option<EventStream>) {
+    use futures::FutureExt;
+    if let Some(stream) = events {
+        while let Some(Some(_)) = stream.next().now_or_never() {}
+    }
+}
 
 async fn next_event(events: &mut Option<EventStream>) -> Option<()> {
     match events {
