@@ -20,6 +20,7 @@ use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
 use crate::rollout::gate::HealthGate;
+use crate::rollout::notify::Notifier;
 use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
 use crate::store::file::FileStore;
@@ -204,6 +205,7 @@ pub async fn start(
     tokio::spawn(engine.clone().run_granter());
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
     tokio::spawn(gate.run(engine.clone()));
+    tokio::spawn(Notifier::new(rollout_policy.clone(), &id).run(engine.clone()));
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());
     }

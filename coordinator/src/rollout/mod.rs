@@ -18,6 +18,7 @@ pub mod http;
 pub mod labels;
 pub mod load;
 pub mod locate;
+pub mod notify;
 pub mod prometheus;
 pub mod reload;
 pub mod schema;
