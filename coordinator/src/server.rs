@@ -21,6 +21,7 @@ use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
 use crate::rollout::gate::HealthGate;
 use crate::rollout::notify::Notifier;
+use crate::rollout::stuck::StuckLocks;
 use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
 use crate::store::file::FileStore;
@@ -206,6 +207,13 @@ pub async fn start(
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
     tokio::spawn(gate.run(engine.clone()));
     tokio::spawn(Notifier::new(rollout_policy.clone(), &id).run(engine.clone()));
+    tokio::spawn(
+        StuckLocks::new(
+            rollout_policy.clone(),
+            kube.as_ref().and_then(KubeWiring::node_facts),
+        )
+        .run(engine.clone()),
+    );
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());
     }

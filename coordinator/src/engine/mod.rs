@@ -532,6 +532,32 @@ impl Engine {
         Ok(token)
     }
 
+    /// Takes the baton from `node` (audited) only if its holding, as it is
+    /// at the moment of the write, still satisfies `still` (e.g. "token 7
+    /// and still overdue"): a policy's automatic release never hits a
+    /// holder that renewed or was granted again meanwhile. `None` when it
+    /// no longer applies.
+    pub async fn force_release_if(
+        &self,
+        node: &NodeName,
+        actor: &str,
+        reason: &str,
+        still: impl FnOnce(&crate::state::Holding, DateTime<Utc>) -> bool,
+    ) -> Result<Option<u64>, EngineError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        let applies = inner.state.holders.get(node).is_some_and(|h| still(h, now));
+        if !applies {
+            return Ok(None);
+        }
+        let token = self
+            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+            .await?;
+        warn!(node = %node, token, actor, reason, "force-released by policy");
+        self.after_release(&mut inner, node);
+        Ok(Some(token))
+    }
+
     fn after_release(&self, inner: &mut Inner, node: &NodeName) {
         inner.overdue_seen.remove(node);
         self.metrics.releases.inc();

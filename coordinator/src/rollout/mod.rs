@@ -22,6 +22,7 @@ pub mod notify;
 pub mod prometheus;
 pub mod reload;
 pub mod schema;
+pub mod stuck;
 pub mod template;
 
 pub use load::{FlagDefaults, Loaded, PolicyError};
