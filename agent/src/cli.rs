@@ -387,7 +387,10 @@ mod label_tests {
             parse_label("topology.kubernetes.io/zone=rack-a").unwrap(),
             ("topology.kubernetes.io/zone".into(), "rack-a".into())
         );
-        assert_eq!(parse_label("empty=").unwrap(), ("empty".into(), String::new()));
+        assert_eq!(
+            parse_label("empty=").unwrap(),
+            ("empty".into(), String::new())
+        );
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
     }

@@ -458,7 +458,9 @@ impl Admin for Services {
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
         self.identity(&request).await?;
         let Some(policy) = &self.policy else {
-            return Err(Status::unimplemented("this coordinator has no policy handle"));
+            return Err(Status::unimplemented(
+                "this coordinator has no policy handle",
+            ));
         };
         let loaded = policy.current();
         let last_error = policy.last_error();

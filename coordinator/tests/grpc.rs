@@ -125,6 +125,24 @@ async fn malformed_requests_get_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    for labels in [
+        [("zone".to_string(), "a b".to_string())].into(),
+        [("-zone".to_string(), "a".to_string())].into(),
+        (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect(),
+    ] {
+        let err = lease
+            .acquire(pb::AcquireRequest {
+                node: "n1".into(),
+                labels,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("labels: "), "{}", err.message());
+    }
     let err = admin
         .force_release(pb::ForceReleaseRequest {
             node: "n1".into(),

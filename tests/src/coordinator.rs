@@ -192,13 +192,16 @@ impl InProcess {
     /// A lease client.
     pub async fn lease(
         &self,
-    ) -> anyhow::Result<baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>>
-    {
-        Ok(baton_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
-            "http://{}",
-            self.running.grpc_addr
-        ))
-        .await?)
+    ) -> anyhow::Result<
+        baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    > {
+        Ok(
+            baton_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
+                "http://{}",
+                self.running.grpc_addr
+            ))
+            .await?,
+        )
     }
 
     /// An admin client.

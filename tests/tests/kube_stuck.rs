@@ -11,7 +11,12 @@ use baton_tests::coordinator::{InProcess, wait_granted, wait_reason};
 use baton_tests::kube_fake::FakeApi;
 use baton_tests::kube_fake::fixtures::node;
 
-async fn start(fake_url: &str, dir: &std::path::Path, policy: &str, extra: &[&str]) -> Result<InProcess> {
+async fn start(
+    fake_url: &str,
+    dir: &std::path::Path,
+    policy: &str,
+    extra: &[&str],
+) -> Result<InProcess> {
     let path = dir.join("policy.yaml");
     std::fs::write(&path, policy)?;
     let mut args = vec![
@@ -24,7 +29,11 @@ async fn start(fake_url: &str, dir: &std::path::Path, policy: &str, extra: &[&st
 }
 
 async fn status(c: &InProcess) -> Result<StatusResponse> {
-    Ok(c.admin().await?.status(StatusRequest {}).await?.into_inner())
+    Ok(c.admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner())
 }
 
 fn holds(s: &StatusResponse, node: &str) -> bool {
@@ -39,7 +48,13 @@ async fn a_holder_whose_node_is_deleted_is_released_with_an_audit_record() -> Re
     }
     let endpoint = fake.serve().await;
     let dir = tempfile::tempdir()?;
-    let c = start(&endpoint.url, dir.path(), "stuckLocks:\n  deletedNodeGrace: 1s\n", &[]).await?;
+    let c = start(
+        &endpoint.url,
+        dir.path(),
+        "stuckLocks:\n  deletedNodeGrace: 1s\n",
+        &[],
+    )
+    .await?;
 
     let mut n1 = c.acquire("n1", false).await?;
     wait_granted(&mut n1, Duration::from_secs(10)).await?;
@@ -51,7 +66,10 @@ async fn a_holder_whose_node_is_deleted_is_released_with_an_audit_record() -> Re
     tokio::time::sleep(Duration::from_millis(300)).await;
     fake.put(n1_object);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(holds(&status(&c).await?, "n1"), "released although its Node came back");
+    assert!(
+        holds(&status(&c).await?, "n1"),
+        "released although its Node came back"
+    );
 
     // Deleted for good: released, audited, and n2 goes.
     fake.remove("v1/nodes", "", "n1");
@@ -64,7 +82,10 @@ async fn a_holder_whose_node_is_deleted_is_released_with_an_audit_record() -> Re
         .find(|a| a.action == "force-release" && a.node == "n1")
         .expect("an audit record of the release");
     assert!(record.actor.contains("stuck-lock policy"), "{record:?}");
-    assert!(record.reason.contains("Node object was deleted"), "{record:?}");
+    assert!(
+        record.reason.contains("Node object was deleted"),
+        "{record:?}"
+    );
     Ok(())
 }
 
@@ -105,6 +126,9 @@ async fn overdue_holders_are_force_released_only_when_the_policy_says_so() -> Re
         .iter()
         .find(|a| a.action == "force-release" && a.node == "n1")
         .expect("an audit record of the force-release");
-    assert!(record.reason.contains("forceReleaseOverdueAfter"), "{record:?}");
+    assert!(
+        record.reason.contains("forceReleaseOverdueAfter"),
+        "{record:?}"
+    );
     Ok(())
 }

@@ -23,16 +23,18 @@ fn wait_in_queue(c: &CoordinatorProcess, node: &str, control_plane: bool) -> Wai
     if control_plane {
         args.push("--control-plane");
     }
-    let child = c
-        .ctl_command(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed and waited for on drop, whatever happens below.
+    let waiter = Waiter(
+        c.ctl_command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..200 {
         let queue = c.status()["queue"].clone();
         if queue.as_array().unwrap().iter().any(|q| q["node"] == node) {
-            return Waiter(child);
+            return waiter;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -41,7 +43,11 @@ fn wait_in_queue(c: &CoordinatorProcess, node: &str, control_plane: bool) -> Wai
 
 fn plan(c: &CoordinatorProcess) -> Value {
     let out = c.ctl(&["plan", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -90,11 +96,18 @@ fn plan_shows_order_rounds_and_reasons_without_granting() {
     // Nothing was granted or dequeued.
     let after = c.status();
     assert_eq!(before["holders"], after["holders"]);
-    assert_eq!(before["queue"].as_array().unwrap().len(), after["queue"].as_array().unwrap().len());
+    assert_eq!(
+        before["queue"].as_array().unwrap().len(),
+        after["queue"].as_array().unwrap().len()
+    );
     assert_eq!(before["last_fencing_token"], after["last_fencing_token"]);
 
     // Paused: nobody can be placed, and each says why.
-    assert!(c.ctl(&["pause", "--reason", "change freeze"]).status.success());
+    assert!(
+        c.ctl(&["pause", "--reason", "change freeze"])
+            .status
+            .success()
+    );
     let p = plan(&c);
     for node in ["cp1", "w2", "cp2"] {
         let (order, _, why) = row(&p, node);
@@ -102,13 +115,20 @@ fn plan_shows_order_rounds_and_reasons_without_granting() {
         assert!(why.contains("change freeze"), "{why}");
     }
     let table = String::from_utf8(c.ctl(&["plan"]).stdout).unwrap();
-    assert!(table.contains("not planned") && table.contains("cp1 (cp)"), "{table}");
+    assert!(
+        table.contains("not planned") && table.contains("cp1 (cp)"),
+        "{table}"
+    );
 }
 
 /// `batonctl acquire --control-plane NODE` that is granted at once (there
 /// is room): it returns the token.
 fn wait_in_queue_or_granted(c: &CoordinatorProcess, node: &str) -> String {
     let out = c.ctl(&["acquire", node, "--control-plane"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }

@@ -14,7 +14,11 @@ use nix::sys::signal::Signal;
 
 fn policy_json(c: &CoordinatorProcess) -> serde_json::Value {
     let out = c.ctl(&["policy", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -44,9 +48,18 @@ fn rewrite(path: &Path, text: &str) {
 fn a_bad_file_stops_the_start_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, "maxConcurrent: 2\nwebhooks:\n  - url: http://x\n    evnts: [granted]\n").unwrap();
+    std::fs::write(
+        &policy,
+        "maxConcurrent: 2\nwebhooks:\n  - url: http://x\n    evnts: [granted]\n",
+    )
+    .unwrap();
     let out = Command::new(binary("baton-coordinator"))
-        .args(["serve", "--insecure", "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+        .args([
+            "serve",
+            "--insecure",
+            "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+        ])
         .arg(format!("--data-dir={}", dir.path().join("data").display()))
         .arg(format!("--policy={}", policy.display()))
         .output()
@@ -59,14 +72,23 @@ fn a_bad_file_stops_the_start_with_its_line() {
     // A setting given twice: both places are named.
     std::fs::write(&policy, "maxConcurrent: 2\n").unwrap();
     let out = Command::new(binary("baton-coordinator"))
-        .args(["serve", "--insecure", "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", "--max-concurrent=3"])
+        .args([
+            "serve",
+            "--insecure",
+            "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+            "--max-concurrent=3",
+        ])
         .arg(format!("--data-dir={}", dir.path().join("data").display()))
         .arg(format!("--policy={}", policy.display()))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("policy.yaml:1") && stderr.contains("--max-concurrent=3"), "{stderr}");
+    assert!(
+        stderr.contains("policy.yaml:1") && stderr.contains("--max-concurrent=3"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -81,27 +103,47 @@ fn reloads_on_change_and_sighup_and_keeps_the_running_policy_on_a_bad_file() {
         &[&format!("--policy={}", policy.display())],
     );
     let shown = policy_json(&c);
-    assert!(shown["source"].as_str().unwrap().contains("policy.yaml"), "{shown}");
-    assert!(shown["yaml"].as_str().unwrap().contains("maxConcurrent: 2"), "{shown}");
+    assert!(
+        shown["source"].as_str().unwrap().contains("policy.yaml"),
+        "{shown}"
+    );
+    assert!(
+        shown["yaml"].as_str().unwrap().contains("maxConcurrent: 2"),
+        "{shown}"
+    );
     assert_eq!(c.status()["max_concurrent"], 2);
     let table = c.ctl(&["policy"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.starts_with("# source: file "), "{table}");
 
     // A bad edit is refused with its line; the policy in force stays.
-    std::fs::write(&policy, "maxConcurrent: 5\nhealthGate:\n  querry: up == 0\n").unwrap();
+    std::fs::write(
+        &policy,
+        "maxConcurrent: 5\nhealthGate:\n  querry: up == 0\n",
+    )
+    .unwrap();
     until("the refused reload shows", Duration::from_secs(10), || {
-        policy_json(&c)["last_error"].as_str().is_some_and(|e| !e.is_empty())
+        policy_json(&c)["last_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
     });
     let shown = policy_json(&c);
     let error = shown["last_error"].as_str().unwrap();
-    assert!(error.contains("policy.yaml:3:") && error.contains("querry"), "{error}");
-    assert!(shown["yaml"].as_str().unwrap().contains("maxConcurrent: 2"), "{shown}");
+    assert!(
+        error.contains("policy.yaml:3:") && error.contains("querry"),
+        "{error}"
+    );
+    assert!(
+        shown["yaml"].as_str().unwrap().contains("maxConcurrent: 2"),
+        "{shown}"
+    );
     assert_eq!(c.status()["max_concurrent"], 2);
 
     // A good edit goes in force (inotify on the directory).
     std::fs::write(&policy, "maxConcurrent: 3\n").unwrap();
-    until("maxConcurrent 3", Duration::from_secs(10), || c.status()["max_concurrent"] == 3);
+    until("maxConcurrent 3", Duration::from_secs(10), || {
+        c.status()["max_concurrent"] == 3
+    });
     assert_eq!(policy_json(&c)["last_error"], "");
     std::thread::sleep(Duration::from_millis(1000));
 
@@ -113,7 +155,9 @@ fn reloads_on_change_and_sighup_and_keeps_the_running_policy_on_a_bad_file() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.status()["max_concurrent"], 3, "reloaded without a signal");
     c.signal(Signal::SIGHUP);
-    until("maxConcurrent 4 after SIGHUP", Duration::from_secs(10), || {
-        c.status()["max_concurrent"] == 4
-    });
+    until(
+        "maxConcurrent 4 after SIGHUP",
+        Duration::from_secs(10),
+        || c.status()["max_concurrent"] == 4,
+    );
 }

@@ -32,14 +32,23 @@ async fn until_query(prom: &Prometheus, promql: &str, want_empty: bool) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("`{promql}` never became {}", if want_empty { "empty" } else { "non-empty" })
+    bail!(
+        "`{promql}` never became {}",
+        if want_empty { "empty" } else { "non-empty" }
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> Result<()> {
-    let exporter = Exporter::start(&[("baton_test_alarm", 1.0), ("baton_test_unhealthy", 0.0)]).await;
+    let exporter =
+        Exporter::start(&[("baton_test_alarm", 1.0), ("baton_test_unhealthy", 0.0)]).await;
     let mut prom = Prometheus::start(exporter.addr, RULES);
-    until_query(&prom, "ALERTS{alertname=\"TestAlarm\",alertstate=\"firing\"}", false).await?;
+    until_query(
+        &prom,
+        "ALERTS{alertname=\"TestAlarm\",alertstate=\"firing\"}",
+        false,
+    )
+    .await?;
 
     let dir = tempfile::tempdir()?;
     let policy = format!(
@@ -48,7 +57,8 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
     );
     let policy_path = dir.path().join("policy.yaml");
     std::fs::write(&policy_path, policy)?;
-    let coord = InProcess::start(dir.path(), &[format!("--policy={}", policy_path.display())]).await?;
+    let coord =
+        InProcess::start(dir.path(), &[format!("--policy={}", policy_path.display())]).await?;
 
     // The alert fires: n1 waits, and says why.
     let mut n1 = coord.acquire("n1", false).await?;
@@ -57,7 +67,9 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
     // Still not granted a few rounds later.
     let early = wait_granted(&mut n1, Duration::from_secs(3)).await;
     assert!(
-        early.as_ref().is_err_and(|e| e.to_string().contains("no grant in time")),
+        early
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("no grant in time")),
         "granted (or gone) while the alert fires: {early:?}"
     );
 

@@ -12,7 +12,13 @@ use baton_tests::coordinator::{InProcess, wait_granted};
 
 /// Answers 500 to the first `fail_first` requests, then 200; keeps the
 /// bodies it accepted.
-async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<serde_json::Value>>>, Arc<Mutex<usize>>) {
+async fn receiver(
+    fail_first: usize,
+) -> (
+    String,
+    Arc<Mutex<Vec<serde_json::Value>>>,
+    Arc<Mutex<usize>>,
+) {
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let attempts = Arc::new(Mutex::new(0usize));
     let (acc, att) = (accepted.clone(), attempts.clone());
@@ -29,7 +35,9 @@ async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<serde_json::Value
                 if n <= fail_first {
                     return StatusCode::INTERNAL_SERVER_ERROR;
                 }
-                acc.lock().unwrap().push(serde_json::from_str(&body).expect("the body is JSON"));
+                acc.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).expect("the body is JSON"));
                 StatusCode::OK
             }
         }),
@@ -68,7 +76,10 @@ async fn until_texts(accepted: &Mutex<Vec<serde_json::Value>>, n: usize) -> Vec<
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("fewer than {n} webhook deliveries: {:?}", accepted.lock().unwrap());
+    panic!(
+        "fewer than {n} webhook deliveries: {:?}",
+        accepted.lock().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +123,13 @@ async fn events_reach_a_flaky_webhook_and_a_dead_one_blocks_nothing() -> Result<
         .await?;
     coord.release("n1", t1).await?;
     until_texts(&accepted, 4).await;
-    coord.admin().await?.pause(PauseRequest { reason: "weekend".into() }).await?;
+    coord
+        .admin()
+        .await?
+        .pause(PauseRequest {
+            reason: "weekend".into(),
+        })
+        .await?;
 
     let texts = until_texts(&accepted, 5).await;
     assert_eq!(

@@ -68,7 +68,11 @@ pub const NODES: &[Program] = &[
 
 /// A real Prometheus for the health gate and the alert blockers.
 pub const MONITORING: &[Program] = &[
-    program("prometheus", "prometheus", "health gate and alert blocker tests"),
+    program(
+        "prometheus",
+        "prometheus",
+        "health gate and alert blocker tests",
+    ),
     program("promtool", "prometheus", "checking the tests' alert rules"),
 ];
 

@@ -204,7 +204,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Policy { output } => {
-            let policy = admin.get_policy(pb::GetPolicyRequest {}).await?.into_inner();
+            let policy = admin
+                .get_policy(pb::GetPolicyRequest {})
+                .await?
+                .into_inner();
             output::print_policy(&policy, output)?;
             Ok(0)
         }

@@ -165,7 +165,10 @@ pub fn print_policy(p: &pb::GetPolicyResponse, format: Format) -> anyhow::Result
         Format::Json => println!("{}", serde_json::to_string_pretty(&policy_json(p))?),
         Format::Table => {
             println!("# source: {}", p.source);
-            println!("# loaded at: {}", time(p.loaded_at.as_ref()).as_str().unwrap_or("?"));
+            println!(
+                "# loaded at: {}",
+                time(p.loaded_at.as_ref()).as_str().unwrap_or("?")
+            );
             if !p.file_sha256.is_empty() {
                 println!("# sha256: {}", p.file_sha256);
             }
@@ -215,9 +218,16 @@ pub fn print_plan(p: &pb::PlanResponse, format: Format) -> anyhow::Result<()> {
                 println!("no node is waiting");
                 return Ok(());
             }
-            println!("{:<6} {:<28} {:<16} {:<6} WAITS FOR", "ORDER", "NODE", "WHEN", "QUEUE");
+            println!(
+                "{:<6} {:<28} {:<16} {:<6} WAITS FOR",
+                "ORDER", "NODE", "WHEN", "QUEUE"
+            );
             for e in &p.entries {
-                let order = if e.order == 0 { "-".to_string() } else { e.order.to_string() };
+                let order = if e.order == 0 {
+                    "-".to_string()
+                } else {
+                    e.order.to_string()
+                };
                 let when = match (e.order, e.round) {
                     (0, _) => "not planned".to_string(),
                     (_, 0) => "now".to_string(),

@@ -97,7 +97,9 @@ impl Engine {
                 // nobody else can go (while the rule still grants, the
                 // others only wait for that grant).
                 for (node, reason) in &decision.waiting {
-                    reasons.entry(node.clone()).or_insert_with(|| reason.clone());
+                    reasons
+                        .entry(node.clone())
+                        .or_insert_with(|| reason.clone());
                 }
             }
             if let Some(node) = decision.grant {

@@ -84,12 +84,19 @@ fn last_release(state: &LeaseState) -> Option<DateTime<Utc>> {
 }
 
 fn round_every(p: &PolicyFile) -> Duration {
-    p.prometheus.as_ref().map(|p| p.interval.0).unwrap_or(DEFAULT_ROUND)
+    p.prometheus
+        .as_ref()
+        .map(|p| p.interval.0)
+        .unwrap_or(DEFAULT_ROUND)
 }
 
 /// An answer older than this is stale (a few rounds missed).
 fn max_age(p: &PolicyFile) -> chrono::Duration {
-    let timeout = p.prometheus.as_ref().map(|p| p.timeout.0).unwrap_or_default();
+    let timeout = p
+        .prometheus
+        .as_ref()
+        .map(|p| p.timeout.0)
+        .unwrap_or_default();
     chrono::Duration::from_std(2 * round_every(p) + timeout + Duration::from_secs(5))
         .unwrap_or(chrono::Duration::MAX)
 }
@@ -106,7 +113,9 @@ fn judge(
         return Err(format!("{what}: no answer yet"));
     };
     if o.key != key {
-        return Err(format!("{what}: waiting for the first answer under the reloaded policy"));
+        return Err(format!(
+            "{what}: waiting for the first answer under the reloaded policy"
+        ));
     }
     if let Some(t) = after
         && o.started <= t
@@ -142,7 +151,10 @@ impl HealthGate {
     }
 
     fn answers(&self) -> Answers {
-        self.answers.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.answers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn check_nodes(&self, state: &LeaseState) -> Result<(), String> {
@@ -154,7 +166,9 @@ impl HealthGate {
         };
         let not_ready: Vec<&String> = facts
             .iter()
-            .filter(|(name, f)| !f.ready && !state.holders.keys().any(|h| h.as_str() == name.as_str()))
+            .filter(|(name, f)| {
+                !f.ready && !state.holders.keys().any(|h| h.as_str() == name.as_str())
+            })
             .map(|(name, _)| name)
             .collect();
         if not_ready.is_empty() {
@@ -162,7 +176,12 @@ impl HealthGate {
         }
         Err(format!(
             "health gate: {} not Ready{}",
-            not_ready.iter().take(NAMED).map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+            not_ready
+                .iter()
+                .take(NAMED)
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             more(not_ready.len())
         ))
     }
@@ -186,7 +205,7 @@ impl HealthGate {
                         break;
                     }
                     changed = changes.changed() => {
-                        if changed.is_err() { return; }
+                        if changed.is_err() || engine.is_shutting_down().await { return; }
                         // A release since this round started: check again now.
                         if last_release(&engine.snapshot().await.state).is_some_and(|t| t >= started) {
                             break;
@@ -204,20 +223,34 @@ impl HealthGate {
     /// timeout.
     async fn round(&self, loaded: &Loaded, started: DateTime<Utc>) {
         let p = &loaded.effective;
-        let timeout = p.prometheus.as_ref().map(|p| p.timeout.0).unwrap_or(Duration::from_secs(5));
+        let timeout = p
+            .prometheus
+            .as_ref()
+            .map(|p| p.timeout.0)
+            .unwrap_or(Duration::from_secs(5));
         let alerts = async {
             let (b, key) = (p.alert_blockers.as_ref()?, alerts_key(p)?);
             let found = match (&b.alertmanager_url, &p.prometheus) {
-                (Some(am), _) => firing_in_alertmanager(&self.http, &am.0, &b.alerts, timeout).await,
-                (None, Some(prom)) => firing_in_prometheus(&self.http, &prom.url.0, &b.alerts, timeout).await,
+                (Some(am), _) => {
+                    firing_in_alertmanager(&self.http, &am.0, &b.alerts, timeout).await
+                }
+                (None, Some(prom)) => {
+                    firing_in_prometheus(&self.http, &prom.url.0, &b.alerts, timeout).await
+                }
                 (None, None) => return None,
             };
             let blocked = match found {
                 Ok(firing) if firing.is_empty() => None,
                 Ok(firing) => Some(format!("alert blocker: {} firing", firing.join(", "))),
-                Err(e) => Some(format!("alert blocker: cannot tell whether {key} fire: {e}; holding grants (fail closed)")),
+                Err(e) => Some(format!(
+                    "alert blocker: cannot tell whether {key} fire: {e}; holding grants (fail closed)"
+                )),
             };
-            Some(Observed { key, started, blocked })
+            Some(Observed {
+                key,
+                started,
+                blocked,
+            })
         };
         let health_query = async {
             let q = p.health_gate.as_ref()?.query.as_ref()?;
@@ -227,29 +260,51 @@ impl HealthGate {
                 Ok(series) => Some(format!(
                     "health gate: query `{q}` returned {} series: {}{}",
                     series.len(),
-                    series.iter().take(NAMED).map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                    series
+                        .iter()
+                        .take(NAMED)
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
                     more(series.len())
                 )),
-                Err(e) => Some(format!("health gate: query `{q}` failed: {e}; holding grants (fail closed)")),
+                Err(e) => Some(format!(
+                    "health gate: query `{q}` failed: {e}; holding grants (fail closed)"
+                )),
             };
-            Some(Observed { key: q.clone(), started, blocked })
+            Some(Observed {
+                key: q.clone(),
+                started,
+                blocked,
+            })
         };
         let budgets = async {
             if !p.health_gate.as_ref()?.pod_disruption_budgets {
                 return None;
             }
             let blocked = match &self.kube {
-                None => Some("health gate: podDisruptionBudgets needs the Kubernetes API".to_string()),
+                None => {
+                    Some("health gate: podDisruptionBudgets needs the Kubernetes API".to_string())
+                }
                 Some(client) => {
                     let api: ::kube::Api<PodDisruptionBudget> = ::kube::Api::all(client.clone());
                     match tokio::time::timeout(timeout, api.list(&Default::default())).await {
                         Ok(Ok(list)) => budget_problems(&list.items),
-                        Ok(Err(e)) => Some(format!("health gate: listing PodDisruptionBudgets failed: {e}; holding grants (fail closed)")),
-                        Err(_) => Some(format!("health gate: listing PodDisruptionBudgets took longer than {}; holding grants (fail closed)", humantime::format_duration(timeout))),
+                        Ok(Err(e)) => Some(format!(
+                            "health gate: listing PodDisruptionBudgets failed: {e}; holding grants (fail closed)"
+                        )),
+                        Err(_) => Some(format!(
+                            "health gate: listing PodDisruptionBudgets took longer than {}; holding grants (fail closed)",
+                            humantime::format_duration(timeout)
+                        )),
                     }
                 }
             };
-            Some(Observed { key: "budgets".to_string(), started, blocked })
+            Some(Observed {
+                key: "budgets".to_string(),
+                started,
+                blocked,
+            })
         };
         let (alerts, health_query, budgets) = tokio::join!(alerts, health_query, budgets);
         let mut guard = self.answers.write().unwrap_or_else(|e| e.into_inner());
@@ -294,15 +349,18 @@ pub fn budget_problems(budgets: &[PodDisruptionBudget]) -> Option<String> {
             let Some(status) = &b.status else {
                 return Some(format!("{name} has no status yet"));
             };
-            if let (Some(generation), Some(observed)) = (b.metadata.generation, status.observed_generation)
+            if let (Some(generation), Some(observed)) =
+                (b.metadata.generation, status.observed_generation)
                 && observed < generation
             {
                 return Some(format!("{name}'s status is behind its spec"));
             }
-            let (Some(current), Some(desired)) = (status.current_healthy, status.desired_healthy) else {
+            let (Some(current), Some(desired)) = (status.current_healthy, status.desired_healthy)
+            else {
                 return Some(format!("{name}'s status has no healthy counts yet"));
             };
-            (current < desired).then(|| format!("{name} has {current} healthy pods, desires {desired}"))
+            (current < desired)
+                .then(|| format!("{name} has {current} healthy pods, desires {desired}"))
         })
         .collect();
     if problems.is_empty() {
@@ -310,7 +368,12 @@ pub fn budget_problems(budgets: &[PodDisruptionBudget]) -> Option<String> {
     }
     Some(format!(
         "health gate: PodDisruptionBudget {}{}",
-        problems.iter().take(NAMED).cloned().collect::<Vec<_>>().join("; "),
+        problems
+            .iter()
+            .take(NAMED)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; "),
         more(problems.len())
     ))
 }
@@ -319,13 +382,25 @@ impl GrantGuard for HealthGate {
     /// Holds every candidate while any enabled check is unhealthy, has no
     /// fresh answer, or (for the gate's checks) has not been seen healthy
     /// since the last release.
-    fn check(&self, _candidate: &Waiter, state: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
+    fn check(
+        &self,
+        _candidate: &Waiter,
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
         let loaded = self.policy.current();
         let p = &loaded.effective;
         let answers = self.answers();
         let age = max_age(p);
         if let Some(key) = alerts_key(p) {
-            judge("alert blocker", answers.alerts.as_ref(), &key, None, now, age)?;
+            judge(
+                "alert blocker",
+                answers.alerts.as_ref(),
+                &key,
+                None,
+                now,
+                age,
+            )?;
         }
         let Some(gate) = &p.health_gate else {
             return Ok(());
@@ -335,10 +410,24 @@ impl GrantGuard for HealthGate {
             self.check_nodes(state)?;
         }
         if gate.pod_disruption_budgets {
-            judge("health gate (disruption budgets)", answers.budgets.as_ref(), "budgets", released, now, age)?;
+            judge(
+                "health gate (disruption budgets)",
+                answers.budgets.as_ref(),
+                "budgets",
+                released,
+                now,
+                age,
+            )?;
         }
         if let Some(q) = &gate.query {
-            judge("health gate (query)", answers.query.as_ref(), q, released, now, age)?;
+            judge(
+                "health gate (query)",
+                answers.query.as_ref(),
+                q,
+                released,
+                now,
+                age,
+            )?;
         }
         Ok(())
     }
@@ -362,14 +451,33 @@ mod tests {
         let age = chrono::Duration::seconds(30);
         let fresh = observed("q", now - chrono::Duration::seconds(1), None);
         assert!(judge("g", Some(&fresh), "q", None, now, age).is_ok());
-        assert!(judge("g", None, "q", None, now, age).unwrap_err().contains("no answer"));
-        assert!(judge("g", Some(&fresh), "other", None, now, age).unwrap_err().contains("reloaded"));
+        assert!(
+            judge("g", None, "q", None, now, age)
+                .unwrap_err()
+                .contains("no answer")
+        );
+        assert!(
+            judge("g", Some(&fresh), "other", None, now, age)
+                .unwrap_err()
+                .contains("reloaded")
+        );
         let old = observed("q", now - chrono::Duration::seconds(31), None);
-        assert!(judge("g", Some(&old), "q", None, now, age).unwrap_err().contains("old"));
+        assert!(
+            judge("g", Some(&old), "q", None, now, age)
+                .unwrap_err()
+                .contains("old")
+        );
         let released = Some(now);
-        assert!(judge("g", Some(&fresh), "q", released, now, age).unwrap_err().contains("after the last release"));
+        assert!(
+            judge("g", Some(&fresh), "q", released, now, age)
+                .unwrap_err()
+                .contains("after the last release")
+        );
         let blocked = observed("q", now, Some("health gate: bad"));
-        assert_eq!(judge("g", Some(&blocked), "q", None, now, age).unwrap_err(), "health gate: bad");
+        assert_eq!(
+            judge("g", Some(&blocked), "q", None, now, age).unwrap_err(),
+            "health gate: bad"
+        );
     }
 
     #[test]
@@ -383,9 +491,14 @@ mod tests {
         };
         assert_eq!(budget_problems(&[pdb("a", 3, 2)]), None);
         let reason = budget_problems(&[pdb("a", 3, 2), pdb("b", 1, 2)]).unwrap();
-        assert!(reason.contains("web/b has 1 healthy pods, desires 2"), "{reason}");
-        let no_status: PodDisruptionBudget =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "c", "namespace": "web"}})).unwrap();
+        assert!(
+            reason.contains("web/b has 1 healthy pods, desires 2"),
+            "{reason}"
+        );
+        let no_status: PodDisruptionBudget = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "c", "namespace": "web"}}),
+        )
+        .unwrap();
         assert!(budget_problems(&[no_status]).unwrap().contains("no status"));
     }
 }

@@ -56,7 +56,9 @@ impl HttpClient {
     /// reported where it is used).
     pub fn new() -> Self {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = match HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+        let builder = match HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider.clone())
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "no system root certificates; https requests will fail");
@@ -87,10 +89,10 @@ impl HttpClient {
             url: url.to_string(),
             reason,
         };
-        let mut request = Request::builder()
-            .method(method)
-            .uri(url)
-            .header(header::USER_AGENT, concat!("baton-coordinator/", env!("CARGO_PKG_VERSION")));
+        let mut request = Request::builder().method(method).uri(url).header(
+            header::USER_AGENT,
+            concat!("baton-coordinator/", env!("CARGO_PKG_VERSION")),
+        );
         let payload = match body {
             Some((text, content_type)) => {
                 request = request.header(header::CONTENT_TYPE, content_type);
@@ -102,12 +104,14 @@ impl HttpClient {
             .body(Full::new(payload))
             .map_err(|e| url_error(e.to_string()))?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                HttpError::Transport {
-                    url: url.to_string(),
-                    reason: error_chain(&e),
-                }
-            })?;
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|e| HttpError::Transport {
+                        url: url.to_string(),
+                        reason: error_chain(&e),
+                    })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_RESPONSE)
                 .collect()

@@ -28,10 +28,13 @@ pub fn check_labels(labels: &HashMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// A node's labels and the sequence number of when they came.
+type Entry = (u64, BTreeMap<String, String>);
+
 /// The labels each node last sent.
 #[derive(Debug, Default)]
 pub struct LabelBook {
-    inner: Mutex<(HashMap<NodeName, (u64, BTreeMap<String, String>)>, u64)>,
+    inner: Mutex<(HashMap<NodeName, Entry>, u64)>,
 }
 
 impl LabelBook {
@@ -42,7 +45,10 @@ impl LabelBook {
         *seq += 1;
         map.insert(node.clone(), (*seq, labels.into_iter().collect()));
         if map.len() > MAX_NODES
-            && let Some(oldest) = map.iter().min_by_key(|(_, (s, _))| *s).map(|(n, _)| n.clone())
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (s, _))| *s)
+                .map(|(n, _)| n.clone())
         {
             map.remove(&oldest);
         }
@@ -61,13 +67,15 @@ mod tests {
 
     #[test]
     fn labels_are_checked_and_bounded() {
-        let ok: HashMap<String, String> = [("topology.kubernetes.io/zone".into(), "eu-1a".into())].into();
+        let ok: HashMap<String, String> =
+            [("topology.kubernetes.io/zone".into(), "eu-1a".into())].into();
         assert!(check_labels(&ok).is_ok());
         let bad_value: HashMap<String, String> = [("zone".into(), "a b".into())].into();
         assert!(check_labels(&bad_value).unwrap_err().contains("zone"));
         let bad_key: HashMap<String, String> = [("-zone".into(), "a".into())].into();
         assert!(check_labels(&bad_key).is_err());
-        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: HashMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
         assert!(check_labels(&many).unwrap_err().contains("limit"));
     }
 
@@ -78,6 +86,9 @@ mod tests {
             book.record(&NodeName::new(format!("n{i}")).unwrap(), HashMap::new());
         }
         assert!(book.get(&NodeName::new("n0").unwrap()).is_none());
-        assert!(book.get(&NodeName::new(format!("n{MAX_NODES}")).unwrap()).is_some());
+        assert!(
+            book.get(&NodeName::new(format!("n{MAX_NODES}")).unwrap())
+                .is_some()
+        );
     }
 }

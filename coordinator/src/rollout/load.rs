@@ -306,18 +306,19 @@ impl Checker<'_> {
         self.check_pools(file)?;
         self.check_rollout_shape(file)?;
         self.check_prometheus(file, flags)?;
-        if let Some(stuck) = &file.stuck_locks {
-            if let Some(after) = stuck.force_release_overdue_after
-                && after.0 <= flags.overdue_after
-            {
-                return Err(self.error(
-                    &[key("stuckLocks"), key("forceReleaseOverdueAfter")],
-                    format!(
-                        "{after} is not longer than --overdue-after ({}): a holder must be overdue before it is force-released",
-                        humantime::format_duration(flags.overdue_after)
-                    ),
-                ));
-            }
+        if let Some(after) = file
+            .stuck_locks
+            .as_ref()
+            .and_then(|s| s.force_release_overdue_after)
+            && after.0 <= flags.overdue_after
+        {
+            return Err(self.error(
+                &[key("stuckLocks"), key("forceReleaseOverdueAfter")],
+                format!(
+                    "{after} is not longer than --overdue-after ({}): a holder must be overdue before it is force-released",
+                    humantime::format_duration(flags.overdue_after)
+                ),
+            ));
         }
         self.check_webhooks(file)
     }
@@ -417,13 +418,17 @@ impl Checker<'_> {
 
     fn check_prometheus(&self, file: &PolicyFile, flags: &FlagDefaults) -> Result<(), PolicyError> {
         if let Some(prom) = &file.prometheus {
-            if prom.timeout.0 < Duration::from_millis(100) || prom.timeout.0 > Duration::from_secs(60) {
+            if prom.timeout.0 < Duration::from_millis(100)
+                || prom.timeout.0 > Duration::from_secs(60)
+            {
                 return Err(self.error(
                     &[key("prometheus"), key("timeout")],
                     "must be from 100ms to 60s",
                 ));
             }
-            if prom.interval.0 < Duration::from_secs(1) || prom.interval.0 > Duration::from_secs(600) {
+            if prom.interval.0 < Duration::from_secs(1)
+                || prom.interval.0 > Duration::from_secs(600)
+            {
                 return Err(self.error(
                     &[key("prometheus"), key("interval")],
                     "must be from 1s to 10m",
@@ -446,7 +451,11 @@ impl Checker<'_> {
                 }
             }
             if (gate.nodes_ready || gate.pod_disruption_budgets) && !flags.kubernetes {
-                let field = if gate.nodes_ready { "nodesReady" } else { "podDisruptionBudgets" };
+                let field = if gate.nodes_ready {
+                    "nodesReady"
+                } else {
+                    "podDisruptionBudgets"
+                };
                 return Err(self.error(
                     &[key("healthGate"), key(field)],
                     "needs the Kubernetes node watch (--watch-nodes or --store kubernetes); set it to false without Kubernetes",
@@ -455,10 +464,7 @@ impl Checker<'_> {
         }
         if let Some(blockers) = &file.alert_blockers {
             if blockers.alerts.is_empty() {
-                return Err(self.error(
-                    &[key("alertBlockers"), key("alerts")],
-                    "names no alert",
-                ));
+                return Err(self.error(&[key("alertBlockers"), key("alerts")], "names no alert"));
             }
             for (i, name) in blockers.alerts.iter().enumerate() {
                 if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
@@ -490,7 +496,9 @@ impl Checker<'_> {
             if !(1..=20).contains(&hook.max_attempts) {
                 return Err(self.error(&at("maxAttempts"), "must be from 1 to 20"));
             }
-            if hook.timeout.0 < Duration::from_millis(100) || hook.timeout.0 > Duration::from_secs(60) {
+            if hook.timeout.0 < Duration::from_millis(100)
+                || hook.timeout.0 > Duration::from_secs(60)
+            {
                 return Err(self.error(&at("timeout"), "must be from 100ms to 60s"));
             }
             let mut seen = std::collections::BTreeSet::new();

@@ -80,7 +80,10 @@ fn lines(src: &str) -> Vec<Line> {
 fn is_key(text: &str, key: &str) -> bool {
     [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
         .iter()
-        .any(|k| text.strip_prefix(k.as_str()).is_some_and(|r| r.trim_start().starts_with(':')))
+        .any(|k| {
+            text.strip_prefix(k.as_str())
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
 }
 
 /// The 1-based line of `path` in `src`, or of its deepest ancestor found.
@@ -108,7 +111,8 @@ pub fn line_of(src: &str, path: &[Seg]) -> Option<usize> {
         end = (start..end)
             .find(|&j| {
                 lines[j].indent < block_indent
-                    || (lines[j].indent == block_indent && !(same_indent_seq && lines[j].text == "-"))
+                    || (lines[j].indent == block_indent
+                        && !(same_indent_seq && lines[j].text == "-"))
             })
             .unwrap_or(end);
     }
@@ -143,19 +147,37 @@ webhooks:
     #[test]
     fn finds_keys_items_and_nested_fields() {
         assert_eq!(line_of(DOC, &[k("maxConcurrent")]), Some(2));
-        assert_eq!(line_of(DOC, &[k("pools"), Seg::Index(0), k("name")]), Some(4));
+        assert_eq!(
+            line_of(DOC, &[k("pools"), Seg::Index(0), k("name")]),
+            Some(4)
+        );
         assert_eq!(
             line_of(DOC, &[k("pools"), Seg::Index(1), k("maxUnavailable")]),
             Some(8)
         );
         assert_eq!(
-            line_of(DOC, &[k("pools"), Seg::Index(1), k("windows"), Seg::Index(1)]),
+            line_of(
+                DOC,
+                &[k("pools"), Seg::Index(1), k("windows"), Seg::Index(1)]
+            ),
             Some(11)
         );
-        assert_eq!(line_of(DOC, &[k("webhooks"), Seg::Index(0), k("events")]), Some(14));
+        assert_eq!(
+            line_of(DOC, &[k("webhooks"), Seg::Index(0), k("events")]),
+            Some(14)
+        );
         // Flow style and missing fields: the nearest ancestor.
         assert_eq!(
-            line_of(DOC, &[k("pools"), Seg::Index(0), k("selector"), k("matchLabels"), k("pool")]),
+            line_of(
+                DOC,
+                &[
+                    k("pools"),
+                    Seg::Index(0),
+                    k("selector"),
+                    k("matchLabels"),
+                    k("pool")
+                ]
+            ),
             Some(6)
         );
         assert_eq!(line_of(DOC, &[k("pools"), Seg::Index(5)]), Some(3));

@@ -60,7 +60,10 @@ impl Event {
             ("reason", self.reason.clone()),
             ("token", self.token.to_string()),
             ("actor", self.actor.clone()),
-            ("time", self.time.to_rfc3339_opts(SecondsFormat::Millis, true)),
+            (
+                "time",
+                self.time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            ),
             ("coordinator", coordinator.to_string()),
         ]
         .into()
@@ -134,7 +137,11 @@ impl Observer {
                     events.push(Event {
                         kind: EventKind::Failed,
                         node: node.to_string(),
-                        reason: if h.error.is_empty() { h.message.clone() } else { h.error.clone() },
+                        reason: if h.error.is_empty() {
+                            h.message.clone()
+                        } else {
+                            h.error.clone()
+                        },
                         token: h.fencing_token,
                         actor: node.to_string(),
                         time: h.phase_since,
@@ -224,7 +231,12 @@ impl Notifier {
                 continue;
             }
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(deliver(self.http.clone(), spec.clone(), self.coordinator.clone(), rx));
+            tokio::spawn(deliver(
+                self.http.clone(),
+                spec.clone(),
+                self.coordinator.clone(),
+                rx,
+            ));
             workers.push(Worker { spec, queue: tx });
         }
     }
@@ -251,7 +263,12 @@ pub fn backoff(attempt: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-async fn deliver(http: HttpClient, spec: WebhookSpec, coordinator: String, mut queue: mpsc::Receiver<Event>) {
+async fn deliver(
+    http: HttpClient,
+    spec: WebhookSpec,
+    coordinator: String,
+    mut queue: mpsc::Receiver<Event>,
+) {
     let template = spec
         .template
         .as_deref()
@@ -263,7 +280,12 @@ async fn deliver(http: HttpClient, spec: WebhookSpec, coordinator: String, mut q
         loop {
             tokio::time::sleep(backoff(attempt)).await;
             let result = http
-                .send(Method::POST, &spec.url.0, Some((body.clone(), "application/json")), spec.timeout.0)
+                .send(
+                    Method::POST,
+                    &spec.url.0,
+                    Some((body.clone(), "application/json")),
+                    spec.timeout.0,
+                )
                 .await;
             let failure = match result {
                 Ok((status, _)) if status.is_success() => {
@@ -316,22 +338,46 @@ mod tests {
         let mut state = LeaseState::default();
         state.pause("op", "before", now);
         let mut o = Observer::default();
-        assert!(o.observe(&snap(&state, 0, now)).is_empty(), "the baseline sends nothing");
+        assert!(
+            o.observe(&snap(&state, 0, now)).is_empty(),
+            "the baseline sends nothing"
+        );
         state.resume("op", now);
         let t = state.grant(&n1, false, false, "reboot", now).unwrap();
         let kinds = |e: Vec<Event>| e.into_iter().map(|e| e.kind).collect::<Vec<_>>();
-        assert_eq!(kinds(o.observe(&snap(&state, 1, now))), [EventKind::Resumed, EventKind::Granted]);
+        assert_eq!(
+            kinds(o.observe(&snap(&state, 1, now))),
+            [EventKind::Resumed, EventKind::Granted]
+        );
         assert!(o.observe(&snap(&state, 1, now)).is_empty());
         state
-            .report(&n1, t, crate::state::Progress { phase: Phase::Failed, error: "apt failed".into(), ..Default::default() }, now)
+            .report(
+                &n1,
+                t,
+                crate::state::Progress {
+                    phase: Phase::Failed,
+                    error: "apt failed".into(),
+                    ..Default::default()
+                },
+                now,
+            )
             .unwrap();
         let events = o.observe(&snap(&state, 1, now));
         assert_eq!(events.len(), 1);
-        assert_eq!((events[0].kind, events[0].reason.as_str()), (EventKind::Failed, "apt failed"));
+        assert_eq!(
+            (events[0].kind, events[0].reason.as_str()),
+            (EventKind::Failed, "apt failed")
+        );
         assert!(o.observe(&snap(&state, 1, now)).is_empty());
         state.release(&n1, t, "n1", "done", now).unwrap();
-        assert_eq!(kinds(o.observe(&snap(&state, 1, now))), [EventKind::Released]);
-        assert_eq!(kinds(o.observe(&snap(&state, 0, now))), [EventKind::Finished]);
+        assert_eq!(
+            kinds(o.observe(&snap(&state, 1, now))),
+            [EventKind::Released]
+        );
+        assert_eq!(
+            kinds(o.observe(&snap(&state, 0, now))),
+            [EventKind::Finished]
+        );
         assert!(o.observe(&snap(&state, 0, now)).is_empty());
     }
 
@@ -343,7 +389,9 @@ mod tests {
         // The leader loads a state written an hour ago (a failover).
         let mut loaded = LeaseState::default();
         let then = now - chrono::Duration::hours(1);
-        loaded.grant(&NodeName::new("n1").unwrap(), false, false, "old", then).unwrap();
+        loaded
+            .grant(&NodeName::new("n1").unwrap(), false, false, "old", then)
+            .unwrap();
         loaded.pause("op", "old", then);
         assert!(o.observe(&snap(&loaded, 0, now)).is_empty());
     }

@@ -45,7 +45,11 @@ pub struct Sample {
 
 impl std::fmt::Display for Sample {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = self.metric.get("__name__").map(String::as_str).unwrap_or("");
+        let name = self
+            .metric
+            .get("__name__")
+            .map(String::as_str)
+            .unwrap_or("");
         let labels: Vec<String> = self
             .metric
             .iter()
@@ -139,7 +143,10 @@ pub async fn query(
         reason,
     };
     if answer.status != "success" {
-        return Err(decode(format!("status {}: {}", answer.status, answer.error)));
+        return Err(decode(format!(
+            "status {}: {}",
+            answer.status, answer.error
+        )));
     }
     let data = answer.data.ok_or_else(|| decode("no data".to_string()))?;
     if data.result_type != "vector" {
@@ -169,7 +176,9 @@ pub async fn firing_in_prometheus(
 ) -> Result<Vec<String>, QueryError> {
     let samples = query(http, base, "ALERTS{alertstate=\"firing\"}", timeout).await?;
     Ok(firing_among(
-        samples.iter().filter_map(|s| s.metric.get("alertname").cloned()),
+        samples
+            .iter()
+            .filter_map(|s| s.metric.get("alertname").cloned()),
         names,
     ))
 }
@@ -218,13 +227,20 @@ mod tests {
 
     #[test]
     fn queries_are_percent_encoded() {
-        assert_eq!(encode("up{job=\"a b\"} == 0"), "up%7Bjob%3D%22a%20b%22%7D%20%3D%3D%200");
+        assert_eq!(
+            encode("up{job=\"a b\"} == 0"),
+            "up%7Bjob%3D%22a%20b%22%7D%20%3D%3D%200"
+        );
     }
 
     #[test]
     fn samples_print_like_promql() {
         let s = Sample {
-            metric: [("__name__".to_string(), "up".to_string()), ("job".to_string(), "node".to_string())].into(),
+            metric: [
+                ("__name__".to_string(), "up".to_string()),
+                ("job".to_string(), "node".to_string()),
+            ]
+            .into(),
             value: "0".to_string(),
         };
         assert_eq!(s.to_string(), "up{job=\"node\"} = 0");

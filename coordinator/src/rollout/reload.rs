@@ -116,8 +116,15 @@ impl PolicyHandle {
         let mut recheck = tokio::time::interval(RECHECK_EVERY);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         engine.set_policy(changes.borrow_and_update().engine_policy.clone());
+        // The engine's changes include its shutdown: this task (which holds
+        // the engine, and so its store) must end with it.
+        let mut engine_changes = engine.subscribe();
         loop {
             let reload = tokio::select! {
+                closed = engine_changes.changed() => {
+                    if closed.is_err() || engine.is_shutting_down().await { return; }
+                    false
+                }
                 changed = changes.changed() => {
                     if changed.is_err() { return; }
                     engine.set_policy(changes.borrow_and_update().engine_policy.clone());

@@ -175,7 +175,9 @@ impl<'de> Deserialize<'de> for MaxUnavailable {
             Text(String),
         }
         let parsed = match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("maxUnavailable must be a number of nodes (e.g. 2) or a percentage (e.g. \"25%\")")
+            de::Error::custom(
+                "maxUnavailable must be a number of nodes (e.g. 2) or a percentage (e.g. \"25%\")",
+            )
         })? {
             Raw::Count(n) if (1..=100_000).contains(&n) => MaxUnavailable::Count(n as u32),
             Raw::Count(n) => {
@@ -580,7 +582,9 @@ impl FromStr for NamePattern {
         let ok = !s.is_empty()
             && s.len() <= crate::node::MAX_NODE_NAME_LEN
             && s.bytes().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'*' | b'?')
+                c.is_ascii_lowercase()
+                    || c.is_ascii_digit()
+                    || matches!(c, b'-' | b'.' | b'*' | b'?')
             });
         if ok {
             Ok(NamePattern(s.to_string()))
@@ -606,14 +610,14 @@ pub struct HttpUrl(pub String);
 impl FromStr for HttpUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         match (uri.scheme_str(), uri.host()) {
             (Some("http" | "https"), Some(h)) if !h.is_empty() => {
                 Ok(HttpUrl(s.trim_end_matches('/').to_string()))
             }
-            _ => Err(format!("{s:?} must be an http:// or https:// URL with a host")),
+            _ => Err(format!(
+                "{s:?} must be an http:// or https:// URL with a host"
+            )),
         }
     }
 }

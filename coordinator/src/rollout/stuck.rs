@@ -58,7 +58,8 @@ pub fn stuck_holders(
     now: DateTime<Utc>,
 ) -> Vec<(NodeName, Stuck)> {
     missing_since.retain(|n, _| state.holders.contains_key(n));
-    let grace = chrono::Duration::from_std(spec.deleted_node_grace.0).unwrap_or(chrono::Duration::MAX);
+    let grace =
+        chrono::Duration::from_std(spec.deleted_node_grace.0).unwrap_or(chrono::Duration::MAX);
     let overdue = spec
         .force_release_overdue_after
         .map(|d| chrono::Duration::from_std(d.0).unwrap_or(chrono::Duration::MAX));
@@ -69,7 +70,13 @@ pub fn stuck_holders(
         if gone {
             let since = *missing_since.entry(node.clone()).or_insert(now);
             if now - since >= grace {
-                out.push((node.clone(), Stuck::Deleted { token: h.fencing_token, since }));
+                out.push((
+                    node.clone(),
+                    Stuck::Deleted {
+                        token: h.fencing_token,
+                        since,
+                    },
+                ));
                 continue;
             }
         } else {
@@ -120,27 +127,52 @@ impl StuckLocks {
             if !snap.leadership.is_leader {
                 continue;
             }
-            let spec = self.policy.current().effective.stuck_locks.clone().unwrap_or_default();
+            let spec = self
+                .policy
+                .current()
+                .effective
+                .stuck_locks
+                .clone()
+                .unwrap_or_default();
             let facts = self.nodes.as_ref().and_then(|n| n.snapshot());
-            for (node, stuck) in stuck_holders(&snap.state, facts.as_ref(), &mut missing_since, &spec, snap.now) {
+            for (node, stuck) in stuck_holders(
+                &snap.state,
+                facts.as_ref(),
+                &mut missing_since,
+                &spec,
+                snap.now,
+            ) {
                 let (token, reason) = match &stuck {
-                    Stuck::Deleted { token, since } => (*token, format!(
-                        "its Node object was deleted (missing since {}); released by the stuck-lock policy",
-                        since.format("%Y-%m-%dT%H:%M:%SZ")
-                    )),
-                    Stuck::Overdue { token, last_renewed } => (*token, format!(
-                        "no renewal since {} (stuckLocks.forceReleaseOverdueAfter); force-released by the stuck-lock policy",
-                        last_renewed.format("%Y-%m-%dT%H:%M:%SZ")
-                    )),
+                    Stuck::Deleted { token, since } => (
+                        *token,
+                        format!(
+                            "its Node object was deleted (missing since {}); released by the stuck-lock policy",
+                            since.format("%Y-%m-%dT%H:%M:%SZ")
+                        ),
+                    ),
+                    Stuck::Overdue {
+                        token,
+                        last_renewed,
+                    } => (
+                        *token,
+                        format!(
+                            "no renewal since {} (stuckLocks.forceReleaseOverdueAfter); force-released by the stuck-lock policy",
+                            last_renewed.format("%Y-%m-%dT%H:%M:%SZ")
+                        ),
+                    ),
                 };
                 // Re-checked under the engine's lock: the same grant, and
                 // (for overdue) still not renewed.
-                let limit = spec.force_release_overdue_after.map(|d| chrono::Duration::from_std(d.0).unwrap_or(chrono::Duration::MAX));
+                let limit = spec
+                    .force_release_overdue_after
+                    .map(|d| chrono::Duration::from_std(d.0).unwrap_or(chrono::Duration::MAX));
                 let still = |h: &crate::state::Holding, now: DateTime<Utc>| {
                     h.fencing_token == token
                         && match &stuck {
                             Stuck::Deleted { .. } => true,
-                            Stuck::Overdue { .. } => limit.is_some_and(|l| now - h.last_renewed > l),
+                            Stuck::Overdue { .. } => {
+                                limit.is_some_and(|l| now - h.last_renewed > l)
+                            }
                         }
                 };
                 match engine.force_release_if(&node, ACTOR, &reason, still).await {
@@ -148,7 +180,9 @@ impl StuckLocks {
                         missing_since.remove(&node);
                     }
                     Ok(None) => {}
-                    Err(e) => warn!(node = %node, error = %e, "releasing a stuck holder failed; will retry"),
+                    Err(e) => {
+                        warn!(node = %node, error = %e, "releasing a stuck holder failed; will retry")
+                    }
                 }
             }
         }
@@ -172,8 +206,11 @@ mod tests {
         state.grant(&n("b"), false, false, "", t0).unwrap();
         let spec = StuckLocksSpec::default();
         let with_b: BTreeMap<String, NodeFact> = [("b".to_string(), NodeFact::default())].into();
-        let with_a_b: BTreeMap<String, NodeFact> =
-            [("a".to_string(), NodeFact::default()), ("b".to_string(), NodeFact::default())].into();
+        let with_a_b: BTreeMap<String, NodeFact> = [
+            ("a".to_string(), NodeFact::default()),
+            ("b".to_string(), NodeFact::default()),
+        ]
+        .into();
         let mut missing = HashMap::new();
         // Before the first list nothing counts as deleted.
         assert!(stuck_holders(&state, None, &mut missing, &spec, t0).is_empty());
@@ -188,7 +225,10 @@ mod tests {
             stuck_holders(&state, Some(&with_b), &mut missing, &spec, t2),
             [(n("a"), Stuck::Deleted { token, since: t1 })]
         );
-        let off = StuckLocksSpec { release_deleted_nodes: false, ..spec };
+        let off = StuckLocksSpec {
+            release_deleted_nodes: false,
+            ..spec
+        };
         assert!(stuck_holders(&state, Some(&with_b), &mut HashMap::new(), &off, t2).is_empty());
     }
 
@@ -204,10 +244,25 @@ mod tests {
             force_release_overdue_after: Some(HumanDuration(Duration::from_secs(3600))),
             ..off
         };
-        assert!(stuck_holders(&state, None, &mut HashMap::new(), &on, t0 + chrono::Duration::minutes(59)).is_empty());
+        assert!(
+            stuck_holders(
+                &state,
+                None,
+                &mut HashMap::new(),
+                &on,
+                t0 + chrono::Duration::minutes(59)
+            )
+            .is_empty()
+        );
         assert_eq!(
             stuck_holders(&state, None, &mut HashMap::new(), &on, later),
-            [(n("a"), Stuck::Overdue { token, last_renewed: t0 })]
+            [(
+                n("a"),
+                Stuck::Overdue {
+                    token,
+                    last_renewed: t0
+                }
+            )]
         );
     }
 }

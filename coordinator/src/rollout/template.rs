@@ -72,7 +72,16 @@ impl Template {
         // output is JSON gives JSON for any values.
         let sample: BTreeMap<&str, String> = FIELDS
             .iter()
-            .map(|f| (*f, if *f == "token" { "7".into() } else { format!("a \"{f}\"\n") }))
+            .map(|f| {
+                (
+                    *f,
+                    if *f == "token" {
+                        "7".into()
+                    } else {
+                        format!("a \"{f}\"\n")
+                    },
+                )
+            })
             .collect();
         let rendered = template.render(&sample);
         serde_json::from_str::<serde_json::Value>(&rendered).map_err(|e| {
@@ -129,9 +138,21 @@ mod tests {
 
     #[test]
     fn refuses_unknown_placeholders_unclosed_braces_and_non_json() {
-        assert!(Template::parse("{\"a\": \"{{nodes}}\"}").unwrap_err().contains("unknown placeholder"));
-        assert!(Template::parse("{\"a\": \"{{node\"}").unwrap_err().contains("not closed"));
-        assert!(Template::parse("{\"a\": {{node}}}").unwrap_err().contains("not JSON"));
+        assert!(
+            Template::parse("{\"a\": \"{{nodes}}\"}")
+                .unwrap_err()
+                .contains("unknown placeholder")
+        );
+        assert!(
+            Template::parse("{\"a\": \"{{node\"}")
+                .unwrap_err()
+                .contains("not closed")
+        );
+        assert!(
+            Template::parse("{\"a\": {{node}}}")
+                .unwrap_err()
+                .contains("not JSON")
+        );
         assert!(Template::parse(DEFAULT_TEMPLATE).is_ok());
     }
 }

@@ -80,14 +80,20 @@ fn without_a_file_the_flags_are_the_policy() {
 fn syntax_errors_and_unknown_fields_carry_their_line() {
     let e = parse_text("maxConcurrent: 2\nwindows: [\n", &flags()).unwrap_err();
     assert!(e.line.is_some(), "{e}");
-    let e = parse_text("maxConcurrent: 2\nhealthGate:\n  nodesReady: true\n  querry: x\n", &flags())
-        .unwrap_err();
+    let e = parse_text(
+        "maxConcurrent: 2\nhealthGate:\n  nodesReady: true\n  querry: x\n",
+        &flags(),
+    )
+    .unwrap_err();
     assert_eq!(e.line, Some(4), "{e}");
     assert!(e.message.contains("querry"), "{e}");
     assert!(e.to_string().starts_with("policy.yaml:4:"), "{e}");
     // A value checked while parsing: the line of the bad window.
-    let e = parse_text("windows:\n  - \"Mon 22:00-04:00 UTC\"\n  - \"Funday 1-2\"\n", &flags())
-        .unwrap_err();
+    let e = parse_text(
+        "windows:\n  - \"Mon 22:00-04:00 UTC\"\n  - \"Funday 1-2\"\n",
+        &flags(),
+    )
+    .unwrap_err();
     assert_eq!(e.line, Some(3), "{e}");
     let e = parse_text("prometheus:\n  url: ftp://x\n", &flags()).unwrap_err();
     assert_eq!(e.line, Some(2), "{e}");
@@ -117,8 +123,11 @@ fn a_setting_in_both_places_is_an_error_naming_both() {
 
 #[test]
 fn checks_across_fields_name_the_field_and_line() {
-    let e = parse_text("healthGate:\n  nodesReady: false\n  podDisruptionBudgets: false\n  query: up == 0\n", &flags())
-        .unwrap_err();
+    let e = parse_text(
+        "healthGate:\n  nodesReady: false\n  podDisruptionBudgets: false\n  query: up == 0\n",
+        &flags(),
+    )
+    .unwrap_err();
     assert_eq!(e.field.as_deref(), Some("healthGate.query"));
     assert_eq!(e.line, Some(4));
     let e = parse_text(
@@ -168,10 +177,17 @@ fn oversized_files_are_refused_before_parsing() {
 
 #[test]
 fn value_errors_point_at_the_value() {
-    let e = parse_text("prometheus:\n  url: http://x\n  timeout: 5 parsecs\n", &flags()).unwrap_err();
+    let e = parse_text(
+        "prometheus:\n  url: http://x\n  timeout: 5 parsecs\n",
+        &flags(),
+    )
+    .unwrap_err();
     assert_eq!((e.line, e.column), (Some(3), Some(12)), "{e}");
     assert!(!e.message.contains('\u{0}'), "{e:?}");
-    let e = parse_text("webhooks:\n  - url: http://x\n    events: [granted, exploded]\n", &flags())
-        .unwrap_err();
+    let e = parse_text(
+        "webhooks:\n  - url: http://x\n    events: [granted, exploded]\n",
+        &flags(),
+    )
+    .unwrap_err();
     assert_eq!(e.line, Some(3), "{e}");
 }
