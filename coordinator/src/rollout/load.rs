@@ -436,6 +436,12 @@ impl Checker<'_> {
             }
         }
         if let Some(gate) = &file.health_gate {
+            if gate.interval.0 < Duration::from_secs(1) || gate.interval.0 > Duration::from_secs(600) {
+                return Err(self.error(
+                    &[key("healthGate"), key("interval")],
+                    "must be from 1s to 10m",
+                ));
+            }
             if let Some(query) = &gate.query {
                 if file.prometheus.is_none() {
                     return Err(self.error(

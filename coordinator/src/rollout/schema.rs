@@ -291,6 +291,14 @@ pub struct HealthGateSpec {
     /// `up{job="node"} == 0`); while it returns anything, nothing is granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// How often the budgets (and, if it is sooner than Prometheus'
+    /// interval, the query) are checked.
+    #[serde(default = "default_gate_interval")]
+    pub interval: HumanDuration,
+}
+
+fn default_gate_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn yes() -> bool {
