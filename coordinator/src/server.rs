@@ -20,7 +20,9 @@ use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
 use crate::rollout::gate::HealthGate;
+use crate::rollout::labels::LabelBook;
 use crate::rollout::notify::Notifier;
+use crate::rollout::rule::PolicyRule;
 use crate::rollout::stuck::StuckLocks;
 use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
@@ -178,10 +180,21 @@ pub async fn start(
         kube.as_ref().and_then(KubeWiring::node_facts),
         kube.as_ref().map(KubeWiring::client),
     );
+    // Pools, zones and order: labels from the node watch in a cluster,
+    // from the agents' Acquire calls otherwise.
+    let labels = Arc::new(LabelBook::default());
+    let rule = PolicyRule::new(
+        rollout_policy.clone(),
+        kube.as_ref().and_then(KubeWiring::node_facts),
+        labels.clone(),
+    );
     let guards = guards
         .into_iter()
         .chain(kube.as_ref().map(KubeWiring::guards).unwrap_or_default())
-        .chain([gate.clone() as Arc<dyn crate::policy::GrantGuard>])
+        .chain([
+            Arc::new(rule) as Arc<dyn crate::policy::GrantGuard>,
+            gate.clone() as Arc<dyn crate::policy::GrantGuard>,
+        ])
         .collect();
     let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
         etcd_guard.iter().map(|g| g.clone() as _).collect();
@@ -265,7 +278,9 @@ pub async fn start(
         });
     }
 
-    let services = Services::new(engine.clone(), auth).with_policy(rollout_policy.clone());
+    let services = Services::new(engine.clone(), auth)
+        .with_policy(rollout_policy.clone())
+        .with_labels(labels);
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -230,6 +230,24 @@ impl InProcess {
         Ok(self.lease().await?.acquire(request).await?.into_inner())
     }
 
+    /// Queues `node` with `labels` (as `baton-agent --label` sends them).
+    pub async fn acquire_labeled(
+        &self,
+        node: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<tonic::Streaming<baton_proto::v1::AcquireEvent>> {
+        let request = baton_proto::v1::AcquireRequest {
+            node: node.to_string(),
+            reason: "test".to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        Ok(self.lease().await?.acquire(request).await?.into_inner())
+    }
+
     /// Releases `node`'s baton.
     pub async fn release(&self, node: &str, token: u64) -> anyhow::Result<()> {
         self.lease()

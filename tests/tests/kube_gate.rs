@@ -20,7 +20,12 @@ async fn grants_wait_for_ready_nodes_and_healthy_budgets() -> Result<()> {
     fake.put(node("n4").ready(false).build());
     fake.put(pod("web", "web-1").on("n3").label("app", "web").build());
     fake.put(pod("web", "web-2").on("n3").label("app", "web").build());
-    fake.put(pdb("web", "web").min_available(2).selecting("app", "web").build());
+    fake.put(
+        pdb("web", "web")
+            .min_available(2)
+            .selecting("app", "web")
+            .build(),
+    );
     let endpoint = fake.serve().await;
     let dir = tempfile::tempdir()?;
     let policy = dir.path().join("policy.yaml");
@@ -50,7 +55,10 @@ async fn grants_wait_for_ready_nodes_and_healthy_budgets() -> Result<()> {
     c.release("n1", t1).await?;
     let mut n2 = c.acquire("n2", false).await?;
     let reason = wait_reason(&mut n2, "PodDisruptionBudget", Duration::from_secs(10)).await?;
-    assert!(reason.contains("web/web has 1 healthy pods, desires 2"), "{reason}");
+    assert!(
+        reason.contains("web/web has 1 healthy pods, desires 2"),
+        "{reason}"
+    );
     fake.put(pod("web", "web-2").on("n3").label("app", "web").build());
     wait_granted(&mut n2, Duration::from_secs(10)).await?;
     Ok(())

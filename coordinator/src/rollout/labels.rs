@@ -54,6 +54,16 @@ impl LabelBook {
         }
     }
 
+    /// Every node and the labels it last sent.
+    pub fn entries(&self) -> Vec<(NodeName, BTreeMap<String, String>)> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
+            .iter()
+            .map(|(n, (_, l))| (n.clone(), l.clone()))
+            .collect()
+    }
+
     /// The labels `node` last sent, if it sent any since this replica started.
     pub fn get(&self, node: &NodeName) -> Option<BTreeMap<String, String>> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -400,17 +400,23 @@ impl Checker<'_> {
     /// enforce yet are refused rather than silently ignored: a limit that
     /// is written down but not kept is worse than none.
     fn check_rollout_shape(&self, file: &PolicyFile) -> Result<(), PolicyError> {
-        let unenforced: [(&str, bool); 5] = [
-            ("pools", !file.pools.is_empty()),
-            ("topology", file.topology.is_some()),
-            ("order", file.order.is_some()),
+        const UNENFORCED: &str = "is part of the schema but not enforced by this build of the coordinator; remove it (it would not be kept)";
+        let unenforced: [(&str, bool); 2] = [
             ("canary", file.canary.is_some()),
             ("failureBudget", file.failure_budget.is_some()),
         ];
         if let Some((name, _)) = unenforced.iter().find(|(_, set)| *set) {
+            return Err(self.error(&[key(name)], UNENFORCED));
+        }
+        if let Some(i) = file.pools.iter().position(|p| p.canary.is_some()) {
+            return Err(self.error(&[key("pools"), Seg::Index(i), key("canary")], UNENFORCED));
+        }
+        if let Some(t) = &file.topology
+            && t.max_zones_in_maintenance == Some(0)
+        {
             return Err(self.error(
-                &[key(name)],
-                "is part of the schema but not enforced by this build of the coordinator; remove it (it would not be kept)",
+                &[key("topology"), key("maxZonesInMaintenance")],
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -436,7 +442,9 @@ impl Checker<'_> {
             }
         }
         if let Some(gate) = &file.health_gate {
-            if gate.interval.0 < Duration::from_secs(1) || gate.interval.0 > Duration::from_secs(600) {
+            if gate.interval.0 < Duration::from_secs(1)
+                || gate.interval.0 > Duration::from_secs(600)
+            {
                 return Err(self.error(
                     &[key("healthGate"), key("interval")],
                     "must be from 1s to 10m",

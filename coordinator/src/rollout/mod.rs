@@ -21,6 +21,7 @@ pub mod locate;
 pub mod notify;
 pub mod prometheus;
 pub mod reload;
+pub mod rule;
 pub mod schema;
 pub mod stuck;
 pub mod template;

@@ -16,8 +16,7 @@ use serde_json::{Value, json};
 
 use super::semantics::{
     disruptions_allowed, fields_match, label_selector_matches, labels_match, merge_patch,
-    parse_query,
-    pdb_status,
+    parse_query, pdb_status,
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 

@@ -154,14 +154,43 @@ fn checks_across_fields_name_the_field_and_line() {
 #[test]
 fn sections_this_build_does_not_enforce_are_refused() {
     let e = parse_text(
-        "pools:\n  - name: a\n    selector:\n      nodeNames: [\"a-*\"]\n",
+        "pools:\n  - name: a\n    selector:\n      nodeNames: [\"a-*\"]\n    canary:\n      soak: 10m\n",
         &flags(),
     )
     .unwrap_err();
-    assert_eq!(e.field.as_deref(), Some("pools"));
+    assert_eq!(e.field.as_deref(), Some("pools[0].canary"));
+    assert_eq!(e.line, Some(5));
     assert!(e.message.contains("not enforced"), "{e}");
-    let e = parse_text("topology:\n  maxZonesInMaintenance: 1\n", &flags()).unwrap_err();
+    let e = parse_text("failureBudget:\n  maxFailedNodes: 1\n", &flags()).unwrap_err();
     assert_eq!(e.line, Some(1));
+}
+
+#[test]
+fn pools_are_checked() {
+    let e = parse_text(
+        "pools:\n  - name: a\n    selector: {nodeNames: [\"a-*\"]}\n  - name: a\n    selector: {nodeNames: [\"b-*\"]}\n",
+        &flags(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.field.as_deref(), e.line),
+        (Some("pools[1].name"), Some(4)),
+        "{e}"
+    );
+    let e = parse_text("pools:\n  - name: a\n    selector: {}\n", &flags()).unwrap_err();
+    assert!(e.message.contains("selects every node"), "{e}");
+    let e = parse_text(
+        "pools:\n  - name: a\n    selector:\n      matchExpressions:\n        - key: zone\n          operator: Exists\n          values: [x]\n",
+        &flags(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("pools[0].selector.matchExpressions[0]")
+    );
+    assert_eq!(e.line, Some(5));
+    let e = parse_text("topology:\n  maxZonesInMaintenance: 0\n", &flags()).unwrap_err();
+    assert_eq!(e.line, Some(2));
 }
 
 #[test]
