@@ -219,6 +219,10 @@ pub async fn start(
     tokio::spawn(engine.clone().run_granter());
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
     tokio::spawn(gate.run(engine.clone()));
+    tokio::spawn(crate::rollout::budget::run(
+        rollout_policy.clone(),
+        engine.clone(),
+    ));
     tokio::spawn(Notifier::new(rollout_policy.clone(), &id).run(engine.clone()));
     tokio::spawn(
         StuckLocks::new(

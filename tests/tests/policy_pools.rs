@@ -98,3 +98,53 @@ async fn one_zone_at_a_time() -> Result<()> {
     assert!(reason.is_err_and(|e| e.to_string().contains("within")));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_budget_pauses_the_rollout_with_its_reason() -> Result<()> {
+    use baton_proto::v1::{Phase, ReportRequest, StatusRequest};
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "maxConcurrent: 3\nfailureBudget:\n  maxFailedNodes: 2\n",
+    )?;
+    let c = InProcess::start(dir.path(), &[format!("--policy={}", policy.display())]).await?;
+    let mut tokens = Vec::new();
+    for n in ["n1", "n2"] {
+        let mut s = c.acquire(n, false).await?;
+        tokens.push((n, wait_granted(&mut s, Duration::from_secs(5)).await?));
+    }
+    for (n, t) in &tokens {
+        c.lease()
+            .await?
+            .report(ReportRequest {
+                node: n.to_string(),
+                fencing_token: *t,
+                phase: Phase::Failed as i32,
+                error: "update failed".into(),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let mut n3 = c.acquire("n3", false).await?;
+    let reason = wait_reason(&mut n3, "failure budget", Duration::from_secs(5)).await?;
+    assert!(
+        reason.starts_with("paused: failure budget spent: 2 node(s) failed (n1, n2)"),
+        "{reason}"
+    );
+    let status = c
+        .admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    assert!(status.paused);
+    let pause = status
+        .audit
+        .iter()
+        .rev()
+        .find(|a| a.action == "pause")
+        .expect("audited");
+    assert_eq!(pause.actor, "coordinator (failure budget)");
+    Ok(())
+}

@@ -401,15 +401,22 @@ impl Checker<'_> {
     /// is written down but not kept is worse than none.
     fn check_rollout_shape(&self, file: &PolicyFile) -> Result<(), PolicyError> {
         const UNENFORCED: &str = "is part of the schema but not enforced by this build of the coordinator; remove it (it would not be kept)";
-        let unenforced: [(&str, bool); 2] = [
-            ("canary", file.canary.is_some()),
-            ("failureBudget", file.failure_budget.is_some()),
-        ];
+        let unenforced: [(&str, bool); 1] = [("canary", file.canary.is_some())];
         if let Some((name, _)) = unenforced.iter().find(|(_, set)| *set) {
             return Err(self.error(&[key(name)], UNENFORCED));
         }
         if let Some(i) = file.pools.iter().position(|p| p.canary.is_some()) {
             return Err(self.error(&[key("pools"), Seg::Index(i), key("canary")], UNENFORCED));
+        }
+        if file
+            .failure_budget
+            .as_ref()
+            .is_some_and(|b| b.max_failed_nodes == 0)
+        {
+            return Err(self.error(
+                &[key("failureBudget"), key("maxFailedNodes")],
+                "must be at least 1",
+            ));
         }
         if let Some(t) = &file.topology
             && t.max_zones_in_maintenance == Some(0)

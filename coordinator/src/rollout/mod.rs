@@ -13,6 +13,7 @@
 //! [`crate::engine::Engine::set_policy`], or by watching the engine's state
 //! off its lock.
 
+pub mod budget;
 pub mod gate;
 pub mod http;
 pub mod labels;

@@ -161,8 +161,10 @@ fn sections_this_build_does_not_enforce_are_refused() {
     assert_eq!(e.field.as_deref(), Some("pools[0].canary"));
     assert_eq!(e.line, Some(5));
     assert!(e.message.contains("not enforced"), "{e}");
-    let e = parse_text("failureBudget:\n  maxFailedNodes: 1\n", &flags()).unwrap_err();
+    let e = parse_text("canary:\n  soak: 1h\n", &flags()).unwrap_err();
     assert_eq!(e.line, Some(1));
+    let e = parse_text("failureBudget:\n  maxFailedNodes: 0\n", &flags()).unwrap_err();
+    assert_eq!(e.line, Some(2));
 }
 
 #[test]
