@@ -222,3 +222,15 @@ fn value_errors_point_at_the_value() {
     .unwrap_err();
     assert_eq!(e.line, Some(3), "{e}");
 }
+
+#[test]
+fn the_readme_example_is_a_valid_policy() {
+    let readme = include_str!("../../../../README.md");
+    let start = readme.find("<!-- policy-example -->").expect("marker in the README");
+    let block = &readme[start..];
+    let yaml_start = block.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let yaml = &block[yaml_start..yaml_start + block[yaml_start..].find("```").unwrap()];
+    let loaded = parse_text(yaml, &flags()).unwrap();
+    assert_eq!(loaded.effective.pools.len(), 3);
+    assert_eq!(loaded.engine_policy.max_concurrent, 3);
+}
