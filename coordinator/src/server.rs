@@ -183,16 +183,16 @@ pub async fn start(
     // Pools, zones and order: labels from the node watch in a cluster,
     // from the agents' Acquire calls otherwise.
     let labels = Arc::new(LabelBook::default());
-    let rule = PolicyRule::new(
+    let rule = Arc::new(PolicyRule::new(
         rollout_policy.clone(),
         kube.as_ref().and_then(KubeWiring::node_facts),
         labels.clone(),
-    );
+    ));
     let guards = guards
         .into_iter()
         .chain(kube.as_ref().map(KubeWiring::guards).unwrap_or_default())
         .chain([
-            Arc::new(rule) as Arc<dyn crate::policy::GrantGuard>,
+            rule.clone() as Arc<dyn crate::policy::GrantGuard>,
             gate.clone() as Arc<dyn crate::policy::GrantGuard>,
         ])
         .collect();
@@ -219,6 +219,7 @@ pub async fn start(
     tokio::spawn(engine.clone().run_granter());
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
     tokio::spawn(gate.run(engine.clone()));
+    tokio::spawn(rule.run_canaries(engine.clone()));
     tokio::spawn(crate::rollout::budget::run(
         rollout_policy.clone(),
         engine.clone(),

@@ -148,3 +148,31 @@ async fn the_failure_budget_pauses_the_rollout_with_its_reason() -> Result<()> {
     assert_eq!(pause.actor, "coordinator (failure budget)");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_goes_alone_then_the_rest_after_the_soak() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "maxConcurrent: 3\ncanary:\n  soak: 2s\n")?;
+    let c = InProcess::start(dir.path(), &[format!("--policy={}", policy.display())]).await?;
+    let mut n1 = c.acquire("n1", false).await?;
+    let t1 = wait_granted(&mut n1, Duration::from_secs(5)).await?;
+    let mut n2 = c.acquire("n2", false).await?;
+    let mut n3 = c.acquire("n3", false).await?;
+    let reason = wait_reason(&mut n2, "canary", Duration::from_secs(5)).await?;
+    assert!(
+        reason == "canary of (no pool): n1 goes alone"
+            || reason == "canary of (no pool): n1 is in maintenance; the others wait for it",
+        "{reason}"
+    );
+    c.release("n1", t1).await?;
+    wait_reason(&mut n2, "soaking until", Duration::from_secs(5)).await?;
+    let soaked = std::time::Instant::now();
+    wait_granted(&mut n2, Duration::from_secs(10)).await?;
+    wait_granted(&mut n3, Duration::from_secs(10)).await?;
+    assert!(
+        soaked.elapsed() >= Duration::from_millis(1000),
+        "granted before the soak ended"
+    );
+    Ok(())
+}

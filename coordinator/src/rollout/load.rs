@@ -396,17 +396,10 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// Sections of the schema the grant rule of this build does not
-    /// enforce yet are refused rather than silently ignored: a limit that
-    /// is written down but not kept is worse than none.
+    /// The canary, the failure budget and the zone limit.
     fn check_rollout_shape(&self, file: &PolicyFile) -> Result<(), PolicyError> {
-        const UNENFORCED: &str = "is part of the schema but not enforced by this build of the coordinator; remove it (it would not be kept)";
-        let unenforced: [(&str, bool); 1] = [("canary", file.canary.is_some())];
-        if let Some((name, _)) = unenforced.iter().find(|(_, set)| *set) {
-            return Err(self.error(&[key(name)], UNENFORCED));
-        }
-        if let Some(i) = file.pools.iter().position(|p| p.canary.is_some()) {
-            return Err(self.error(&[key("pools"), Seg::Index(i), key("canary")], UNENFORCED));
+        if let Some(canary) = &file.canary {
+            self.check_canary(canary, &[key("canary")])?;
         }
         if file
             .failure_budget

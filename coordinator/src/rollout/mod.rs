@@ -6,7 +6,13 @@
 //!   with the line of every error;
 //! - [`reload`]: the policy in force ([`PolicyHandle`]), reloaded on SIGHUP
 //!   and file changes;
-//! - [`template`]: webhook body templates.
+//! - [`template`]: webhook body templates;
+//! - [`rule`], [`canary`], [`labels`]: pools, zones, order and canaries,
+//!   the policy's part of the grant rule, and the labels agents send;
+//! - [`gate`], [`prometheus`], [`http`]: the health gate and the alert
+//!   blockers (Prometheus, Alertmanager, nodes, disruption budgets);
+//! - [`notify`]: webhooks; [`stuck`]: stuck locks; [`budget`]: the
+//!   failure budget.
 //!
 //! Each part plugs into the engine from outside: through a
 //! [`crate::policy::GrantGuard`] (hold a candidate with a reason), through
@@ -14,6 +20,7 @@
 //! off its lock.
 
 pub mod budget;
+pub mod canary;
 pub mod gate;
 pub mod http;
 pub mod labels;

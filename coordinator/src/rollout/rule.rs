@@ -9,6 +9,8 @@
 //!   P's `maxUnavailable` (a count, or a percentage of P's nodes);
 //! - P's own windows are open (if it has any);
 //! - no node of a pool with a lower `order` waits or holds;
+//! - the canary of N's pool (see [`super::canary`]) went alone and its
+//!   soak passed;
 //! - `order.controlPlaneFirst`: a worker waits while a control-plane node
 //!   waits or holds; `order.byLabel`: N waits while a waiter has a lower
 //!   value (FIFO among equals, nodes without the label last);
@@ -27,6 +29,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::canary::{self, Canaries, CanaryPhase, CanaryTracker, scope_of};
 use super::labels::LabelBook;
 use super::reload::PolicyHandle;
 use super::schema::{ExpressionSpec, Operator, PolicyFile, SelectorSpec};
@@ -110,16 +113,20 @@ fn compare_values(a: Option<&String>, b: Option<&String>) -> Ordering {
 }
 
 /// The policy's rule for `candidate` (see the module documentation).
+#[allow(clippy::too_many_arguments)]
 pub fn check(
     policy: &PolicyFile,
     nodes: &dyn NodeDirectory,
+    canaries: &Canaries,
     candidate: &Waiter,
     queue: &[Waiter],
     state: &LeaseState,
     now: DateTime<Utc>,
 ) -> Result<(), String> {
-    let uses_labels =
-        !policy.pools.is_empty() || policy.topology.is_some() || policy.order.is_some();
+    let uses_labels = !policy.pools.is_empty()
+        || policy.topology.is_some()
+        || policy.order.is_some()
+        || policy.canary.is_some();
     if !uses_labels {
         return Ok(());
     }
@@ -212,6 +219,36 @@ pub fn check(
         }
     }
 
+    // Canary: the scope's first node goes alone, the others after it and
+    // its soak.
+    let (scope, spec) = scope_of(policy, candidate.node.as_str(), &labels);
+    if let Some(spec) = spec {
+        let in_scope = |n: &NodeName, l: &Option<Labels>| {
+            l.as_ref()
+                .is_none_or(|l| scope_of(policy, n.as_str(), l).0 == scope)
+        };
+        let scope_holders: Vec<String> = holders
+            .iter()
+            .filter(|(n, l, _)| in_scope(n, l))
+            .map(|(n, _, _)| n.to_string())
+            .collect();
+        let scope_waiters: Vec<&NodeName> = waiters
+            .iter()
+            .filter(|(w, l)| l.is_some() && in_scope(&w.node, l))
+            .map(|(w, _)| &w.node)
+            .collect();
+        let phase = canaries.get(&scope).cloned().unwrap_or(CanaryPhase::Idle);
+        canary::check(
+            spec,
+            &scope,
+            &phase,
+            &candidate.node,
+            &scope_holders,
+            &scope_waiters,
+            now,
+        )?;
+    }
+
     // Order.
     if let Some(order) = &policy.order {
         if order.control_plane_first && !candidate_cp {
@@ -302,6 +339,7 @@ pub struct PolicyRule {
     policy: Arc<PolicyHandle>,
     nodes: Option<Arc<NodeFacts>>,
     book: Arc<LabelBook>,
+    canaries: std::sync::RwLock<CanaryTracker>,
 }
 
 impl PolicyRule {
@@ -316,6 +354,40 @@ impl PolicyRule {
             policy,
             nodes,
             book,
+            canaries: std::sync::RwLock::new(CanaryTracker::default()),
+        }
+    }
+
+    fn with_directory<T>(&self, f: impl FnOnce(&dyn NodeDirectory) -> T) -> T {
+        match &self.nodes {
+            Some(facts) => f(&FromFacts(facts.snapshot())),
+            None => f(self.book.as_ref()),
+        }
+    }
+
+    /// Follows the engine (off its lock) to advance the canaries, until
+    /// it shuts down.
+    pub async fn run_canaries(self: Arc<Self>, engine: Arc<crate::engine::Engine>) {
+        let mut changes = engine.subscribe();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            let snap = engine.snapshot().await;
+            if snap.leadership.is_leader {
+                let policy = self.policy.current();
+                let mut tracker = self.canaries.write().unwrap_or_else(|e| e.into_inner());
+                self.with_directory(|d| tracker.observe(&snap, &policy.effective, d));
+            } else {
+                *self.canaries.write().unwrap_or_else(|e| e.into_inner()) =
+                    CanaryTracker::default();
+            }
+            // The tick ends soaks without any other change.
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return; },
+                _ = tick.tick() => {}
+            }
+            if engine.is_shutting_down().await {
+                return;
+            }
         }
     }
 }
@@ -366,24 +438,23 @@ impl GrantGuard for PolicyRule {
         now: DateTime<Utc>,
     ) -> Result<(), String> {
         let loaded = self.policy.current();
-        match &self.nodes {
-            Some(facts) => check(
+        let canaries = self
+            .canaries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases()
+            .clone();
+        self.with_directory(|d| {
+            check(
                 &loaded.effective,
-                &FromFacts(facts.snapshot()),
+                d,
+                &canaries,
                 candidate,
                 queue,
                 state,
                 now,
-            ),
-            None => check(
-                &loaded.effective,
-                self.book.as_ref(),
-                candidate,
-                queue,
-                state,
-                now,
-            ),
-        }
+            )
+        })
     }
 }
 

@@ -152,17 +152,16 @@ fn checks_across_fields_name_the_field_and_line() {
 }
 
 #[test]
-fn sections_this_build_does_not_enforce_are_refused() {
+fn canaries_name_valid_nodes() {
     let e = parse_text(
-        "pools:\n  - name: a\n    selector:\n      nodeNames: [\"a-*\"]\n    canary:\n      soak: 10m\n",
+        "pools:\n  - name: a\n    selector:\n      nodeNames: [\"a-*\"]\n    canary:\n      nodes: [a-1, A_2]\n",
         &flags(),
     )
     .unwrap_err();
-    assert_eq!(e.field.as_deref(), Some("pools[0].canary"));
-    assert_eq!(e.line, Some(5));
-    assert!(e.message.contains("not enforced"), "{e}");
-    let e = parse_text("canary:\n  soak: 1h\n", &flags()).unwrap_err();
-    assert_eq!(e.line, Some(1));
+    assert_eq!(e.field.as_deref(), Some("pools[0].canary.nodes[1]"));
+    assert_eq!(e.line, Some(6));
+    let e = parse_text("canary:\n  nodes: [\"\"]\n", &flags()).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("canary.nodes[0]"));
     let e = parse_text("failureBudget:\n  maxFailedNodes: 0\n", &flags()).unwrap_err();
     assert_eq!(e.line, Some(2));
 }
@@ -226,7 +225,9 @@ fn value_errors_point_at_the_value() {
 #[test]
 fn the_readme_example_is_a_valid_policy() {
     let readme = include_str!("../../../../README.md");
-    let start = readme.find("<!-- policy-example -->").expect("marker in the README");
+    let start = readme
+        .find("<!-- policy-example -->")
+        .expect("marker in the README");
     let block = &readme[start..];
     let yaml_start = block.find("```yaml\n").unwrap() + "```yaml\n".len();
     let yaml = &block[yaml_start..yaml_start + block[yaml_start..].find("```").unwrap()];

@@ -30,7 +30,7 @@ impl GrantGuard for Rule<'_> {
         s: &LeaseState,
         now: DateTime<Utc>,
     ) -> Result<(), String> {
-        check(self.0, self.1, c, q, s, now)
+        check(self.0, self.1, &Canaries::new(), c, q, s, now)
     }
 }
 
@@ -329,6 +329,141 @@ proptest! {
             prop_assert!(cps <= 1, "{cps} control-plane nodes hold the baton");
             let zones: BTreeSet<&String> = held.iter().filter_map(|l| l.get("topology.kubernetes.io/zone")).collect();
             prop_assert!(zones.len() <= 1, "zones {zones:?} in maintenance");
+        }
+    }
+}
+
+mod canaries {
+    use super::*;
+    use crate::engine::Snapshot;
+    use crate::rollout::canary::{CanaryPhase, CanaryTracker, NO_POOL};
+    use crate::store::Leadership;
+
+    fn snap(state: &LeaseState, waiting: &[&str], now: DateTime<Utc>) -> Snapshot {
+        Snapshot {
+            state: state.clone(),
+            queue: waiting
+                .iter()
+                .map(|w| crate::engine::QueueView {
+                    node: n(w),
+                    control_plane: false,
+                    since: now,
+                    request_reason: String::new(),
+                    reason: String::new(),
+                })
+                .collect(),
+            overdue: Default::default(),
+            window_open: true,
+            leadership: Leadership::default(),
+            now,
+        }
+    }
+
+    #[test]
+    fn the_first_goes_alone_then_the_rest_after_the_soak_and_a_new_rollout_starts_over() {
+        let p = policy("canary:\n  soak: 10m\n");
+        let d = Directory(
+            [
+                (n("a"), Labels::new()),
+                (n("b"), Labels::new()),
+                (n("c"), Labels::new()),
+            ]
+            .into(),
+        );
+        let t0 = Utc::now();
+        let mut tracker = CanaryTracker::default();
+        let mut state = LeaseState::default();
+        let mut queue = vec![waiter("a", false), waiter("b", false), waiter("c", false)];
+        let grant =
+            |state: &mut LeaseState, queue: &mut Vec<Waiter>, tracker: &CanaryTracker, now| {
+                let rule = RuleWith(&p, &d, tracker.phases().clone());
+                let global = Policy {
+                    max_concurrent: 5,
+                    ..Policy::default()
+                };
+                let mut out = Vec::new();
+                while let Some(node) = decide(state, queue, &[], &global, &[&rule], now).grant {
+                    queue.retain(|w| w.node != node);
+                    state.grant(&node, false, false, "", now).unwrap();
+                    out.push(node);
+                }
+                out
+            };
+        // Idle: only one goes, even before the tracker saw anything.
+        assert_eq!(grant(&mut state, &mut queue, &tracker, t0), [n("a")]);
+        tracker.observe(&snap(&state, &["b", "c"], t0), &p, &d);
+        assert!(matches!(
+            tracker.phases()[NO_POOL],
+            CanaryPhase::Running { .. }
+        ));
+        let t = state.holders[&n("a")].fencing_token;
+        state.release(&n("a"), t, "a", "done", t0).unwrap();
+        // The tracker has not seen the release yet: still nobody.
+        assert!(grant(&mut state, &mut queue, &tracker, t0).is_empty());
+        tracker.observe(&snap(&state, &["b", "c"], t0), &p, &d);
+        assert!(matches!(
+            tracker.phases()[NO_POOL],
+            CanaryPhase::Soaking { .. }
+        ));
+        assert!(
+            grant(
+                &mut state,
+                &mut queue,
+                &tracker,
+                t0 + chrono::Duration::minutes(9)
+            )
+            .is_empty()
+        );
+        let later = t0 + chrono::Duration::minutes(10);
+        assert_eq!(
+            grant(&mut state, &mut queue, &tracker, later),
+            [n("b"), n("c")]
+        );
+        // Everyone done: the next rollout starts with a canary again.
+        for node in ["b", "c"] {
+            let t = state.holders[&n(node)].fencing_token;
+            state.release(&n(node), t, node, "done", later).unwrap();
+        }
+        tracker.observe(&snap(&state, &[], later), &p, &d);
+        assert!(tracker.phases().is_empty());
+    }
+
+    #[test]
+    fn a_force_released_canary_proves_nothing() {
+        let p = policy("canary:\n  nodes: [b]\n");
+        let d = Directory([(n("a"), Labels::new()), (n("b"), Labels::new())].into());
+        let now = Utc::now();
+        let mut tracker = CanaryTracker::default();
+        let mut state = LeaseState::default();
+        // a waits for the listed canary b.
+        let rule = RuleWith(&p, &d, tracker.phases().clone());
+        let queue = vec![waiter("a", false), waiter("b", false)];
+        assert_eq!(
+            rule.check_in_queue(&queue[0], &queue, &state, now)
+                .unwrap_err(),
+            "canary of (no pool): b goes first"
+        );
+        state.grant(&n("b"), false, false, "", now).unwrap();
+        tracker.observe(&snap(&state, &["a"], now), &p, &d);
+        state.force_release(&n("b"), "op", "gone", now).unwrap();
+        tracker.observe(&snap(&state, &["a"], now), &p, &d);
+        assert_eq!(tracker.phases()[NO_POOL], CanaryPhase::Idle);
+    }
+
+    struct RuleWith<'a>(&'a PolicyFile, &'a Directory, Canaries);
+
+    impl GrantGuard for RuleWith<'_> {
+        fn check(&self, c: &Waiter, s: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
+            self.check_in_queue(c, &[], s, now)
+        }
+        fn check_in_queue(
+            &self,
+            c: &Waiter,
+            q: &[Waiter],
+            s: &LeaseState,
+            now: DateTime<Utc>,
+        ) -> Result<(), String> {
+            check(self.0, self.1, &self.2, c, q, s, now)
         }
     }
 }
