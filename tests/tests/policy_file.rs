@@ -44,6 +44,22 @@ fn rewrite(path: &Path, text: &str) {
     f.sync_all().unwrap();
 }
 
+/// Runs `serve` with `policy` and `extra`; it must exit at once.
+fn refused_start(dir: &Path, policy: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(binary("baton-coordinator"))
+        .args([
+            "serve",
+            "--insecure",
+            "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+        ])
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--policy={}", policy.display()))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_bad_file_stops_the_start_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,37 +69,16 @@ fn a_bad_file_stops_the_start_with_its_line() {
         "maxConcurrent: 2\nwebhooks:\n  - url: http://x\n    evnts: [granted]\n",
     )
     .unwrap();
-    let out = Command::new(binary("baton-coordinator"))
-        .args([
-            "serve",
-            "--insecure",
-            "--listen=127.0.0.1:0",
-            "--metrics-listen=127.0.0.1:0",
-        ])
-        .arg(format!("--data-dir={}", dir.path().join("data").display()))
-        .arg(format!("--policy={}", policy.display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = refused_start(dir.path(), &policy, &[]);
+    assert!(!out.status.success(), "the coordinator started");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("policy.yaml:4:"), "{stderr}");
     assert!(stderr.contains("evnts"), "{stderr}");
 
     // A setting given twice: both places are named.
     std::fs::write(&policy, "maxConcurrent: 2\n").unwrap();
-    let out = Command::new(binary("baton-coordinator"))
-        .args([
-            "serve",
-            "--insecure",
-            "--listen=127.0.0.1:0",
-            "--metrics-listen=127.0.0.1:0",
-            "--max-concurrent=3",
-        ])
-        .arg(format!("--data-dir={}", dir.path().join("data").display()))
-        .arg(format!("--policy={}", policy.display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = refused_start(dir.path(), &policy, &["--max-concurrent=3"]);
+    assert!(!out.status.success(), "the coordinator started");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("policy.yaml:1") && stderr.contains("--max-concurrent=3"),

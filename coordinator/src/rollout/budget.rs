@@ -89,18 +89,11 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
+    use crate::rollout::test_support::snapshot;
     use crate::state::{LeaseState, Progress};
-    use crate::store::Leadership;
 
     fn snap(state: &LeaseState) -> Snapshot {
-        Snapshot {
-            state: state.clone(),
-            queue: Vec::new(),
-            overdue: Default::default(),
-            window_open: true,
-            leadership: Leadership::default(),
-            now: Utc::now(),
-        }
+        snapshot(state, &[], Utc::now())
     }
 
     fn fail(state: &mut LeaseState, node: &str) {

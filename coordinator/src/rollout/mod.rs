@@ -36,3 +36,38 @@ pub mod template;
 
 pub use load::{FlagDefaults, Loaded, PolicyError};
 pub use reload::PolicyHandle;
+
+/// Builders shared by this module's tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use chrono::{DateTime, Utc};
+
+    use crate::engine::{QueueView, Snapshot};
+    use crate::node::NodeName;
+    use crate::state::LeaseState;
+    use crate::store::Leadership;
+
+    /// A leader's snapshot of `state` with `waiting` in the queue.
+    pub fn snapshot(state: &LeaseState, waiting: &[&str], now: DateTime<Utc>) -> Snapshot {
+        Snapshot {
+            state: state.clone(),
+            queue: waiting
+                .iter()
+                .map(|w| QueueView {
+                    node: NodeName::new(*w).unwrap(),
+                    control_plane: false,
+                    since: now,
+                    request_reason: String::new(),
+                    reason: String::new(),
+                })
+                .collect(),
+            overdue: Default::default(),
+            window_open: true,
+            leadership: Leadership {
+                is_leader: true,
+                ..Leadership::default()
+            },
+            now,
+        }
+    }
+}

@@ -308,27 +308,13 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::QueueView;
+    use crate::rollout::test_support::snapshot;
     use crate::state::LeaseState;
-    use crate::store::Leadership;
 
     fn snap(state: &LeaseState, waiting: usize, now: DateTime<Utc>) -> Snapshot {
-        Snapshot {
-            state: state.clone(),
-            queue: (0..waiting)
-                .map(|i| QueueView {
-                    node: NodeName::new(format!("w{i}")).unwrap(),
-                    control_plane: false,
-                    since: now,
-                    request_reason: String::new(),
-                    reason: String::new(),
-                })
-                .collect(),
-            overdue: Default::default(),
-            window_open: true,
-            leadership: Leadership::default(),
-            now,
-        }
+        let names: Vec<String> = (0..waiting).map(|i| format!("w{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        snapshot(state, &names, now)
     }
 
     #[test]

@@ -17,7 +17,14 @@ impl NodeDirectory for Directory {
     }
 }
 
-struct Rule<'a>(&'a PolicyFile, &'a Directory);
+/// The rule as a guard, with the canaries' phases given.
+struct Rule<'a>(&'a PolicyFile, &'a Directory, Canaries);
+
+impl<'a> Rule<'a> {
+    fn new(p: &'a PolicyFile, d: &'a Directory) -> Self {
+        Rule(p, d, Canaries::new())
+    }
+}
 
 impl GrantGuard for Rule<'_> {
     fn check(&self, c: &Waiter, s: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
@@ -30,7 +37,7 @@ impl GrantGuard for Rule<'_> {
         s: &LeaseState,
         now: DateTime<Utc>,
     ) -> Result<(), String> {
-        check(self.0, self.1, &Canaries::new(), c, q, s, now)
+        check(self.0, self.1, &self.2, c, q, s, now)
     }
 }
 
@@ -65,7 +72,7 @@ fn grant_all(
     d: &Directory,
     now: DateTime<Utc>,
 ) -> Vec<NodeName> {
-    let rule = Rule(p, d);
+    let rule = Rule::new(p, d);
     let global = Policy {
         max_concurrent: max,
         ..Policy::default()
@@ -119,7 +126,7 @@ fn pools_run_in_parallel_within_their_limits() {
     let now = Utc::now();
     let granted = grant_all(&mut state, &mut queue, 10, &p, &d, now);
     assert_eq!(granted, [n("a1"), n("b1"), n("b2")]);
-    let rule = Rule(&p, &d);
+    let rule = Rule::new(&p, &d);
     let reason = rule
         .check_in_queue(&queue[0], &queue, &state, now)
         .unwrap_err();
@@ -138,7 +145,7 @@ fn unknown_labels_hold_the_waiter_and_count_a_holder_everywhere() {
     );
     let now = Utc::now();
     let mut state = LeaseState::default();
-    let rule = Rule(&p, &d);
+    let rule = Rule::new(&p, &d);
     assert!(
         rule.check_in_queue(&waiter("x", false), &[], &state, now)
             .unwrap_err()
@@ -179,7 +186,7 @@ fn control_plane_first_then_by_label_then_fifo() {
         grant_all(&mut state, &mut queue, 1, &p, &d, now),
         [n("cp1")]
     );
-    let rule = Rule(&p, &d);
+    let rule = Rule::new(&p, &d);
     let reason = rule
         .check_in_queue(&queue[0], &queue, &state, now)
         .unwrap_err();
@@ -208,7 +215,7 @@ fn pools_in_order_and_pool_windows() {
         grant_all(&mut state, &mut queue, 5, &p, &d, now),
         [n("c-1")]
     );
-    let rule = Rule(&p, &d);
+    let rule = Rule::new(&p, &d);
     let reason = rule
         .check_in_queue(&queue[0], &queue, &state, now)
         .unwrap_err();
@@ -335,29 +342,8 @@ proptest! {
 
 mod canaries {
     use super::*;
-    use crate::engine::Snapshot;
     use crate::rollout::canary::{CanaryPhase, CanaryTracker, NO_POOL};
-    use crate::store::Leadership;
-
-    fn snap(state: &LeaseState, waiting: &[&str], now: DateTime<Utc>) -> Snapshot {
-        Snapshot {
-            state: state.clone(),
-            queue: waiting
-                .iter()
-                .map(|w| crate::engine::QueueView {
-                    node: n(w),
-                    control_plane: false,
-                    since: now,
-                    request_reason: String::new(),
-                    reason: String::new(),
-                })
-                .collect(),
-            overdue: Default::default(),
-            window_open: true,
-            leadership: Leadership::default(),
-            now,
-        }
-    }
+    use crate::rollout::test_support::snapshot as snap;
 
     #[test]
     fn the_first_goes_alone_then_the_rest_after_the_soak_and_a_new_rollout_starts_over() {
@@ -376,7 +362,7 @@ mod canaries {
         let mut queue = vec![waiter("a", false), waiter("b", false), waiter("c", false)];
         let grant =
             |state: &mut LeaseState, queue: &mut Vec<Waiter>, tracker: &CanaryTracker, now| {
-                let rule = RuleWith(&p, &d, tracker.phases().clone());
+                let rule = Rule(&p, &d, tracker.phases().clone());
                 let global = Policy {
                     max_concurrent: 5,
                     ..Policy::default()
@@ -436,7 +422,7 @@ mod canaries {
         let mut tracker = CanaryTracker::default();
         let mut state = LeaseState::default();
         // a waits for the listed canary b.
-        let rule = RuleWith(&p, &d, tracker.phases().clone());
+        let rule = Rule(&p, &d, tracker.phases().clone());
         let queue = vec![waiter("a", false), waiter("b", false)];
         assert_eq!(
             rule.check_in_queue(&queue[0], &queue, &state, now)
@@ -448,22 +434,5 @@ mod canaries {
         state.force_release(&n("b"), "op", "gone", now).unwrap();
         tracker.observe(&snap(&state, &["a"], now), &p, &d);
         assert_eq!(tracker.phases()[NO_POOL], CanaryPhase::Idle);
-    }
-
-    struct RuleWith<'a>(&'a PolicyFile, &'a Directory, Canaries);
-
-    impl GrantGuard for RuleWith<'_> {
-        fn check(&self, c: &Waiter, s: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
-            self.check_in_queue(c, &[], s, now)
-        }
-        fn check_in_queue(
-            &self,
-            c: &Waiter,
-            q: &[Waiter],
-            s: &LeaseState,
-            now: DateTime<Utc>,
-        ) -> Result<(), String> {
-            check(self.0, self.1, &self.2, c, q, s, now)
-        }
     }
 }
