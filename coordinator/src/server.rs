@@ -19,9 +19,11 @@ use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
+use crate::rollout::budget::FailureBudget;
 use crate::rollout::gate::HealthGate;
 use crate::rollout::labels::LabelBook;
 use crate::rollout::notify::Notifier;
+use crate::rollout::observe::Observers;
 use crate::rollout::rule::PolicyRule;
 use crate::rollout::stuck::StuckLocks;
 use crate::rollout::{FlagDefaults, PolicyHandle};
@@ -218,18 +220,21 @@ pub async fn start(
     }
     tokio::spawn(engine.clone().run_granter());
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
-    tokio::spawn(gate.run(engine.clone()));
-    tokio::spawn(rule.run_canaries(engine.clone()));
-    tokio::spawn(crate::rollout::budget::run(
-        rollout_policy.clone(),
-        engine.clone(),
-    ));
-    tokio::spawn(Notifier::new(rollout_policy.clone(), &id).run(engine.clone()));
+    // What acts on the engine's changes: one follower, off its lock.
+    let (releases, releases_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(gate.run(engine.clone(), releases_rx));
     tokio::spawn(
-        StuckLocks::new(
-            rollout_policy.clone(),
-            kube.as_ref().and_then(KubeWiring::node_facts),
-        )
+        Observers {
+            policy: rollout_policy.clone(),
+            notifier: Notifier::new(rollout_policy.clone(), &id),
+            budget: FailureBudget::default(),
+            rule,
+            stuck: StuckLocks::new(
+                rollout_policy.clone(),
+                kube.as_ref().and_then(KubeWiring::node_facts),
+            ),
+            releases,
+        }
         .run(engine.clone()),
     );
     if let Some(kube) = &kube {

@@ -127,11 +127,16 @@ async fn the_failure_budget_pauses_the_rollout_with_its_reason() -> Result<()> {
             .await?;
     }
     let mut n3 = c.acquire("n3", false).await?;
+    // Held at once by the rule; then paused, audited, by the budget.
     let reason = wait_reason(&mut n3, "failure budget", Duration::from_secs(5)).await?;
-    assert!(
-        reason.starts_with("paused: failure budget spent: 2 node(s) failed (n1, n2)"),
-        "{reason}"
-    );
+    assert!(reason.contains("failure budget spent: 2"), "{reason}");
+    if !reason.starts_with("paused:") {
+        let reason = wait_reason(&mut n3, "paused: failure budget", Duration::from_secs(5)).await?;
+        assert!(
+            reason.starts_with("paused: failure budget spent: 2 node(s) failed (n1, n2)"),
+            "{reason}"
+        );
+    }
     let status = c
         .admin()
         .await?

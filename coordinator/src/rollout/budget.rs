@@ -7,7 +7,6 @@
 //! resumes has looked at them, and the next ones count afresh.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use tracing::warn;
 
@@ -58,28 +57,20 @@ impl FailureBudget {
     }
 }
 
-/// Follows the engine and pauses it when the budget is spent.
-pub async fn run(policy: Arc<PolicyHandle>, engine: Arc<Engine>) {
-    let mut budget = FailureBudget::default();
-    let mut changes = engine.subscribe();
-    loop {
-        let snap = engine.snapshot().await;
-        if snap.leadership.is_leader {
-            let max = policy
-                .current()
-                .effective
-                .failure_budget
-                .as_ref()
-                .map(|b| b.max_failed_nodes);
-            if let Some(reason) = budget.observe(&snap, max) {
-                warn!(reason = %reason, "pausing the rollout");
-                if let Err(e) = engine.pause(ACTOR, &reason).await {
-                    warn!(error = %e, "pausing for the failure budget failed; will retry");
-                }
+impl FailureBudget {
+    /// Pauses `engine` when `snap` (a leader's) shows the budget spent.
+    pub async fn on_snapshot(&mut self, snap: &Snapshot, policy: &PolicyHandle, engine: &Engine) {
+        let max = policy
+            .current()
+            .effective
+            .failure_budget
+            .as_ref()
+            .map(|b| b.max_failed_nodes);
+        if let Some(reason) = self.observe(snap, max) {
+            warn!(reason = %reason, "pausing the rollout");
+            if let Err(e) = engine.pause(ACTOR, &reason).await {
+                warn!(error = %e, "pausing for the failure budget failed; will retry");
             }
-        }
-        if changes.changed().await.is_err() || engine.is_shutting_down().await {
-            return;
         }
     }
 }

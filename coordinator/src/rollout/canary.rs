@@ -43,8 +43,30 @@ pub enum CanaryPhase {
     Done,
 }
 
-/// Each scope's phase (missing = idle).
-pub type Canaries = BTreeMap<String, CanaryPhase>;
+/// What the tracker knows, as the rule reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Canaries {
+    /// Each scope's phase (missing = idle).
+    pub phases: BTreeMap<String, CanaryPhase>,
+    /// Per scope: grants with a token at or below this are not its canary
+    /// (a canary that was force-released).
+    pub floors: BTreeMap<String, u64>,
+    /// The last token before this rollout began (`None` until the tracker
+    /// saw its first snapshot).
+    pub start: Option<u64>,
+}
+
+impl Canaries {
+    /// Nothing known yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Grants in `scope` with a token above this belong to this rollout.
+    pub fn floor(&self, scope: &str) -> Option<u64> {
+        self.floors.get(scope).copied().or(self.start)
+    }
+}
 
 /// The scope key of the nodes in no pool.
 pub const NO_POOL: &str = "(no pool)";
@@ -70,33 +92,60 @@ pub fn scope_of<'a>(
 /// Keeps the phases.
 #[derive(Debug, Default)]
 pub struct CanaryTracker {
-    phases: Canaries,
+    known: Canaries,
 }
 
 impl CanaryTracker {
     /// The phases now.
     pub fn phases(&self) -> &Canaries {
-        &self.phases
+        &self.known
     }
 
-    /// Advances the phases from `snap`.
+    /// Advances the phases from `snap`. The canary is found from the audit
+    /// trail's grants (so a canary that came and went between two
+    /// snapshots is not missed), or from the holders if its record has
+    /// left the bounded trail.
     pub fn observe(&mut self, snap: &Snapshot, policy: &PolicyFile, nodes: &dyn NodeDirectory) {
         let state = &snap.state;
         if state.holders.is_empty() && snap.queue.is_empty() {
             // The rollout finished: the next one starts with a canary.
-            self.phases.clear();
+            self.known.phases.clear();
+            self.known.floors.clear();
+            self.known.start = Some(state.last_token);
             return;
         }
-        let mut holders: Vec<(&NodeName, &crate::state::Holding)> = state.holders.iter().collect();
-        holders.sort_by_key(|(n, h)| (h.granted_at, (*n).clone()));
-        let scoped: Vec<(String, &NodeName, u64)> = holders
+        let start = *self.known.start.get_or_insert_with(|| {
+            // Taking over mid-rollout: the earliest holder may be the canary.
+            state
+                .holders
+                .values()
+                .map(|h| h.fencing_token.saturating_sub(1))
+                .min()
+                .unwrap_or(state.last_token)
+        });
+        let scope_of_node = |node: &str| -> Option<String> {
+            let name = NodeName::new(node).ok()?;
+            let labels = nodes.labels(&name)?;
+            let (scope, spec) = scope_of(policy, node, &labels);
+            spec.map(|_| scope)
+        };
+        let mut grants: Vec<(u64, NodeName, String)> = state
+            .audit
             .iter()
-            .filter_map(|(n, h)| {
-                let labels = nodes.labels(n)?;
-                let (scope, spec) = scope_of(policy, n.as_str(), &labels);
-                spec.map(|_| (scope, *n, h.fencing_token))
+            .filter(|a| a.action == "grant")
+            .filter_map(|a| {
+                Some((
+                    a.fencing_token,
+                    NodeName::new(a.node.as_str()).ok()?,
+                    scope_of_node(&a.node)?,
+                ))
             })
+            .chain(state.holders.iter().filter_map(|(n, h)| {
+                Some((h.fencing_token, n.clone(), scope_of_node(n.as_str())?))
+            }))
             .collect();
+        grants.sort();
+        grants.dedup();
         let scopes: Vec<(String, Option<std::time::Duration>)> = policy
             .pools
             .iter()
@@ -105,20 +154,25 @@ impl CanaryTracker {
             .filter_map(|(k, spec)| spec.map(|s| (k, s.soak.map(|d| d.0))))
             .collect();
         for (scope, soak) in scopes {
+            let floor = self.known.floors.get(&scope).copied().unwrap_or(start);
             let phase = self
+                .known
                 .phases
                 .get(&scope)
                 .cloned()
                 .unwrap_or(CanaryPhase::Idle);
-            let next = match phase {
-                CanaryPhase::Idle => scoped
+            let phase = match phase {
+                CanaryPhase::Idle => grants
                     .iter()
-                    .find(|(s, _, _)| *s == scope)
-                    .map(|(_, n, t)| CanaryPhase::Running {
-                        node: (*n).clone(),
+                    .find(|(t, _, s)| *t > floor && *s == scope)
+                    .map(|(t, n, _)| CanaryPhase::Running {
+                        node: n.clone(),
                         token: *t,
                     })
                     .unwrap_or(CanaryPhase::Idle),
+                other => other,
+            };
+            let next = match phase {
                 CanaryPhase::Running { node, token } => {
                     if state
                         .holders
@@ -127,11 +181,11 @@ impl CanaryTracker {
                     {
                         CanaryPhase::Running { node, token }
                     } else {
-                        let ended = state
-                            .audit
-                            .iter()
-                            .rev()
-                            .find(|a| a.node == node.as_str() && a.fencing_token == token);
+                        let ended = state.audit.iter().rev().find(|a| {
+                            a.node == node.as_str()
+                                && a.fencing_token == token
+                                && a.action != "grant"
+                        });
                         match ended {
                             Some(a) if a.action == "release" => CanaryPhase::Soaking {
                                 until: a.time
@@ -139,21 +193,25 @@ impl CanaryTracker {
                                         .unwrap_or(chrono::Duration::MAX),
                                 node,
                             },
-                            // Force-released: it proved nothing; the next
-                            // node is the canary.
-                            _ => CanaryPhase::Idle,
+                            // Force-released (or its record is gone): it
+                            // proved nothing; the next grant is the canary.
+                            _ => {
+                                self.known.floors.insert(scope.clone(), token);
+                                CanaryPhase::Idle
+                            }
                         }
                     }
                 }
                 CanaryPhase::Soaking { until, .. } if snap.now >= until => CanaryPhase::Done,
                 other => other,
             };
-            self.phases.insert(scope, next);
+            self.known.phases.insert(scope, next);
         }
     }
 }
 
 /// The canary part of the rule for a candidate of `scope`.
+#[allow(clippy::too_many_arguments)]
 pub fn check(
     spec: &CanarySpec,
     scope: &str,
@@ -161,12 +219,20 @@ pub fn check(
     candidate: &NodeName,
     scope_holders: &[String],
     scope_waiters: &[&NodeName],
+    went_first: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(), String> {
     match phase {
         CanaryPhase::Idle => {
             if let Some(h) = scope_holders.first() {
                 return Err(format!("canary of {scope}: {h} goes alone"));
+            }
+            // The tracker lags: a canary that was granted (and maybe
+            // released) since it last looked still counts.
+            if let Some(w) = went_first {
+                return Err(format!(
+                    "canary of {scope}: {w} went first; the others wait until it is seen done"
+                ));
             }
             let listed = |n: &NodeName| spec.nodes.iter().any(|c| c == n.as_str());
             if !spec.nodes.is_empty()

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::http::HttpClient;
@@ -74,7 +75,7 @@ fn alerts_key(p: &PolicyFile) -> Option<String> {
 }
 
 /// The time of the last release or force-release in the audit trail.
-fn last_release(state: &LeaseState) -> Option<DateTime<Utc>> {
+pub fn last_release(state: &LeaseState) -> Option<DateTime<Utc>> {
     state
         .audit
         .iter()
@@ -187,10 +188,15 @@ impl HealthGate {
     }
 
     /// Runs the checks the policy asks for, one round every interval (and
-    /// at once after a release), until the engine shuts down.
-    pub async fn run(self: Arc<Self>, engine: Arc<Engine>) {
-        let mut changes = engine.subscribe();
+    /// at once after a release: `releases` carries the time of the last
+    /// one), until the engine shuts down.
+    pub async fn run(
+        self: Arc<Self>,
+        engine: Arc<Engine>,
+        mut releases: watch::Receiver<Option<DateTime<Utc>>>,
+    ) {
         let mut policies = self.policy.subscribe();
+        let mut changes = engine.subscribe();
         loop {
             let loaded = self.policy.current();
             let started = Utc::now();
@@ -204,12 +210,15 @@ impl HealthGate {
                         if changed.is_err() { return; }
                         break;
                     }
-                    changed = changes.changed() => {
-                        if changed.is_err() || engine.is_shutting_down().await { return; }
+                    changed = releases.changed() => {
+                        if changed.is_err() { return; }
                         // A release since this round started: check again now.
-                        if last_release(&engine.snapshot().await.state).is_some_and(|t| t >= started) {
+                        if releases.borrow_and_update().is_some_and(|t| t >= started) {
                             break;
                         }
+                    }
+                    changed = changes.changed() => {
+                        if changed.is_err() || engine.is_shutting_down().await { return; }
                     }
                 }
             }

@@ -27,6 +27,7 @@ pub mod labels;
 pub mod load;
 pub mod locate;
 pub mod notify;
+pub mod observe;
 pub mod prometheus;
 pub mod reload;
 pub mod rule;

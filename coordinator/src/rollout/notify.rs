@@ -24,7 +24,7 @@ use super::http::HttpClient;
 use super::reload::PolicyHandle;
 use super::schema::{EventKind, WebhookSpec};
 use super::template::Template;
-use crate::engine::{Engine, Snapshot};
+use crate::engine::Snapshot;
 use crate::node::NodeName;
 use crate::state::{AuditEntry, Phase};
 
@@ -178,6 +178,10 @@ pub struct Notifier {
     policy: Arc<PolicyHandle>,
     http: HttpClient,
     coordinator: String,
+    /// `None` until this replica leads (a new leadership starts from the
+    /// state it loads).
+    observer: Option<Observer>,
+    workers: Vec<Worker>,
 }
 
 struct Worker {
@@ -192,42 +196,39 @@ impl Notifier {
             policy,
             http: HttpClient::new(),
             coordinator: coordinator.to_string(),
+            observer: None,
+            workers: Vec::new(),
         }
     }
 
-    /// Follows `engine` until it shuts down.
-    pub async fn run(self, engine: Arc<Engine>) {
-        let mut changes = engine.subscribe();
-        let mut observer: Option<Observer> = None;
-        let mut workers: Vec<Worker> = Vec::new();
-        loop {
-            let snap = engine.snapshot().await;
-            if snap.leadership.is_leader {
-                let observer = observer.get_or_insert_with(Observer::default);
-                let events = observer.observe(&snap);
-                if !events.is_empty() {
-                    self.refresh_workers(&mut workers);
-                    for event in events {
-                        self.dispatch(&workers, event);
-                    }
-                }
-            } else {
-                // A new leadership starts from the state it loads.
-                observer = None;
-            }
-            if changes.changed().await.is_err() || engine.is_shutting_down().await {
-                return;
-            }
+    /// Queues the events since the last snapshot (never waits: a full
+    /// queue drops the event).
+    pub fn on_snapshot(&mut self, snap: &Snapshot) {
+        let events = self
+            .observer
+            .get_or_insert_with(Observer::default)
+            .observe(snap);
+        if events.is_empty() {
+            return;
         }
+        self.refresh_workers();
+        for event in events {
+            self.dispatch(event);
+        }
+    }
+
+    /// This replica stopped leading.
+    pub fn reset(&mut self) {
+        self.observer = None;
     }
 
     /// One worker per webhook of the policy in force (kept while the hook
     /// is unchanged, so its queue survives unrelated reloads).
-    fn refresh_workers(&self, workers: &mut Vec<Worker>) {
+    fn refresh_workers(&mut self) {
         let hooks = self.policy.current().effective.webhooks.clone();
-        workers.retain(|w| hooks.contains(&w.spec));
+        self.workers.retain(|w| hooks.contains(&w.spec));
         for spec in hooks {
-            if workers.iter().any(|w| w.spec == spec) {
+            if self.workers.iter().any(|w| w.spec == spec) {
                 continue;
             }
             let (tx, rx) = mpsc::channel(QUEUE);
@@ -237,12 +238,12 @@ impl Notifier {
                 self.coordinator.clone(),
                 rx,
             ));
-            workers.push(Worker { spec, queue: tx });
+            self.workers.push(Worker { spec, queue: tx });
         }
     }
 
-    fn dispatch(&self, workers: &[Worker], event: Event) {
-        for w in workers {
+    fn dispatch(&self, event: Event) {
+        for w in &self.workers {
             if !w.spec.events.is_empty() && !w.spec.events.contains(&event.kind) {
                 continue;
             }

@@ -14,6 +14,7 @@
 //! - `order.controlPlaneFirst`: a worker waits while a control-plane node
 //!   waits or holds; `order.byLabel`: N waits while a waiter has a lower
 //!   value (FIFO among equals, nodes without the label last);
+//! - fewer holders than `failureBudget.maxFailedNodes` are Failed;
 //! - `topology.maxZonesInMaintenance`: Z is already in maintenance or
 //!   fewer zones are (a holder whose labels are unknown is a zone of its
 //!   own); `finishZoneFirst`: while a node of a zone in maintenance (or of
@@ -123,6 +124,24 @@ pub fn check(
     state: &LeaseState,
     now: DateTime<Utc>,
 ) -> Result<(), String> {
+    // The failure budget, at once (the audited pause that follows is
+    // taken by a task that may lag the engine by a moment).
+    if let Some(budget) = &policy.failure_budget {
+        let failed: Vec<&str> = state
+            .holders
+            .iter()
+            .filter(|(_, h)| h.phase == crate::state::Phase::Failed)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if failed.len() >= budget.max_failed_nodes.max(1) as usize {
+            return Err(format!(
+                "failure budget spent: {} holder(s) failed ({}), the policy allows {}",
+                failed.len(),
+                failed.join(", "),
+                budget.max_failed_nodes
+            ));
+        }
+    }
     let uses_labels = !policy.pools.is_empty()
         || policy.topology.is_some()
         || policy.order.is_some()
@@ -237,7 +256,25 @@ pub fn check(
             .filter(|(w, l)| l.is_some() && in_scope(&w.node, l))
             .map(|(w, _)| &w.node)
             .collect();
-        let phase = canaries.get(&scope).cloned().unwrap_or(CanaryPhase::Idle);
+        let phase = canaries
+            .phases
+            .get(&scope)
+            .cloned()
+            .unwrap_or(CanaryPhase::Idle);
+        let went_first = match canaries.floor(&scope) {
+            None => Some("(unknown: the canary tracker has not looked yet)".to_string()),
+            Some(floor) => state
+                .audit
+                .iter()
+                .filter(|a| a.action == "grant" && a.fencing_token > floor)
+                .find(|a| {
+                    NodeName::new(a.node.as_str())
+                        .ok()
+                        .and_then(|n| nodes.labels(&n))
+                        .is_some_and(|l| scope_of(policy, &a.node, &l).0 == scope)
+                })
+                .map(|a| a.node.clone()),
+        };
         canary::check(
             spec,
             &scope,
@@ -245,6 +282,7 @@ pub fn check(
             &candidate.node,
             &scope_holders,
             &scope_waiters,
+            went_first.as_deref(),
             now,
         )?;
     }
@@ -365,29 +403,15 @@ impl PolicyRule {
         }
     }
 
-    /// Follows the engine (off its lock) to advance the canaries, until
-    /// it shuts down.
-    pub async fn run_canaries(self: Arc<Self>, engine: Arc<crate::engine::Engine>) {
-        let mut changes = engine.subscribe();
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            let snap = engine.snapshot().await;
-            if snap.leadership.is_leader {
-                let policy = self.policy.current();
-                let mut tracker = self.canaries.write().unwrap_or_else(|e| e.into_inner());
-                self.with_directory(|d| tracker.observe(&snap, &policy.effective, d));
-            } else {
-                *self.canaries.write().unwrap_or_else(|e| e.into_inner()) =
-                    CanaryTracker::default();
-            }
-            // The tick ends soaks without any other change.
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return; },
-                _ = tick.tick() => {}
-            }
-            if engine.is_shutting_down().await {
-                return;
-            }
+    /// Advances the canaries from `snap` (off the engine's lock); a
+    /// follower forgets them.
+    pub fn observe_canaries(&self, snap: &crate::engine::Snapshot) {
+        let mut tracker = self.canaries.write().unwrap_or_else(|e| e.into_inner());
+        if snap.leadership.is_leader {
+            let policy = self.policy.current();
+            self.with_directory(|d| tracker.observe(snap, &policy.effective, d));
+        } else {
+            *tracker = CanaryTracker::default();
         }
     }
 }

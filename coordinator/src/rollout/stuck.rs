@@ -13,14 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::warn;
 
 use super::reload::PolicyHandle;
 use super::schema::StuckLocksSpec;
-use crate::engine::Engine;
+use crate::engine::{Engine, Snapshot};
 use crate::kube::nodes::{NodeFact, NodeFacts};
 use crate::node::NodeName;
 use crate::state::LeaseState;
@@ -101,32 +100,23 @@ pub fn stuck_holders(
 pub struct StuckLocks {
     policy: Arc<PolicyHandle>,
     nodes: Option<Arc<NodeFacts>>,
+    missing_since: HashMap<NodeName, DateTime<Utc>>,
 }
 
 impl StuckLocks {
     /// Over the policy in force and, in a cluster, the node watch.
     pub fn new(policy: Arc<PolicyHandle>, nodes: Option<Arc<NodeFacts>>) -> Self {
-        Self { policy, nodes }
+        Self {
+            policy,
+            nodes,
+            missing_since: HashMap::new(),
+        }
     }
 
-    /// Checks once a second and after every change, until shutdown.
-    pub async fn run(self, engine: Arc<Engine>) {
-        let mut missing_since = HashMap::new();
-        let mut changes = engine.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                changed = changes.changed() => if changed.is_err() { return; },
-            }
-            if engine.is_shutting_down().await {
-                return;
-            }
-            let snap = engine.snapshot().await;
-            if !snap.leadership.is_leader {
-                continue;
-            }
+    /// Releases the holders that are stuck as of `snap` (a leader's).
+    pub async fn on_snapshot(&mut self, snap: &Snapshot, engine: &Engine) {
+        let missing_since = &mut self.missing_since;
+        {
             let spec = self
                 .policy
                 .current()
@@ -135,13 +125,9 @@ impl StuckLocks {
                 .clone()
                 .unwrap_or_default();
             let facts = self.nodes.as_ref().and_then(|n| n.snapshot());
-            for (node, stuck) in stuck_holders(
-                &snap.state,
-                facts.as_ref(),
-                &mut missing_since,
-                &spec,
-                snap.now,
-            ) {
+            for (node, stuck) in
+                stuck_holders(&snap.state, facts.as_ref(), missing_since, &spec, snap.now)
+            {
                 let (token, reason) = match &stuck {
                     Stuck::Deleted { token, since } => (
                         *token,
@@ -193,6 +179,7 @@ impl StuckLocks {
 mod tests {
     use super::*;
     use crate::rollout::schema::HumanDuration;
+    use std::time::Duration;
 
     fn n(s: &str) -> NodeName {
         NodeName::new(s).unwrap()

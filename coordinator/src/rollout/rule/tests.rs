@@ -375,11 +375,12 @@ mod canaries {
                 }
                 out
             };
-        // Idle: only one goes, even before the tracker saw anything.
+        tracker.observe(&snap(&state, &[], t0), &p, &d);
+        // Idle: only one goes, even before the tracker saw the grant.
         assert_eq!(grant(&mut state, &mut queue, &tracker, t0), [n("a")]);
         tracker.observe(&snap(&state, &["b", "c"], t0), &p, &d);
         assert!(matches!(
-            tracker.phases()[NO_POOL],
+            tracker.phases().phases[NO_POOL],
             CanaryPhase::Running { .. }
         ));
         let t = state.holders[&n("a")].fencing_token;
@@ -388,7 +389,7 @@ mod canaries {
         assert!(grant(&mut state, &mut queue, &tracker, t0).is_empty());
         tracker.observe(&snap(&state, &["b", "c"], t0), &p, &d);
         assert!(matches!(
-            tracker.phases()[NO_POOL],
+            tracker.phases().phases[NO_POOL],
             CanaryPhase::Soaking { .. }
         ));
         assert!(
@@ -411,7 +412,28 @@ mod canaries {
             state.release(&n(node), t, node, "done", later).unwrap();
         }
         tracker.observe(&snap(&state, &[], later), &p, &d);
-        assert!(tracker.phases().is_empty());
+        assert!(tracker.phases().phases.is_empty());
+    }
+
+    #[test]
+    fn a_canary_that_came_and_went_between_snapshots_is_not_missed() {
+        let p = policy("canary:\n  soak: 1m\n");
+        let d = Directory([(n("a"), Labels::new()), (n("b"), Labels::new())].into());
+        let now = Utc::now();
+        let mut tracker = CanaryTracker::default();
+        let mut state = LeaseState::default();
+        tracker.observe(&snap(&state, &[], now), &p, &d);
+        let t = state.grant(&n("a"), false, false, "", now).unwrap();
+        state.release(&n("a"), t, "a", "done", now).unwrap();
+        tracker.observe(&snap(&state, &["b"], now), &p, &d);
+        assert!(
+            matches!(
+                tracker.phases().phases[NO_POOL],
+                CanaryPhase::Soaking { .. }
+            ),
+            "{:?}",
+            tracker.phases()
+        );
     }
 
     #[test]
@@ -421,6 +443,7 @@ mod canaries {
         let now = Utc::now();
         let mut tracker = CanaryTracker::default();
         let mut state = LeaseState::default();
+        tracker.observe(&snap(&state, &[], now), &p, &d);
         // a waits for the listed canary b.
         let rule = Rule(&p, &d, tracker.phases().clone());
         let queue = vec![waiter("a", false), waiter("b", false)];
@@ -433,6 +456,6 @@ mod canaries {
         tracker.observe(&snap(&state, &["a"], now), &p, &d);
         state.force_release(&n("b"), "op", "gone", now).unwrap();
         tracker.observe(&snap(&state, &["a"], now), &p, &d);
-        assert_eq!(tracker.phases()[NO_POOL], CanaryPhase::Idle);
+        assert_eq!(tracker.phases().phases[NO_POOL], CanaryPhase::Idle);
     }
 }
