@@ -11,7 +11,7 @@
 //! Only the leader notifies, and it starts from the audit trail it loaded
 //! (nothing older is sent again after a failover).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +25,7 @@ use super::reload::PolicyHandle;
 use super::schema::{EventKind, WebhookSpec};
 use super::template::Template;
 use crate::engine::Snapshot;
-use crate::node::NodeName;
-use crate::state::{AuditEntry, Phase};
+use crate::state::AuditEntry;
 
 /// Events queued per webhook before new ones are dropped.
 pub const QUEUE: usize = 256;
@@ -76,6 +75,7 @@ fn from_audit(a: &AuditEntry) -> Option<Event> {
         "release" => EventKind::Released,
         "force-release" => EventKind::ForceReleased,
         "overdue" => EventKind::Overdue,
+        "failed" => EventKind::Failed,
         "pause" => EventKind::Paused,
         "resume" => EventKind::Resumed,
         _ => return None,
@@ -95,8 +95,6 @@ fn from_audit(a: &AuditEntry) -> Option<Event> {
 pub struct Observer {
     /// The last audit record seen and how many records precede it.
     last_audit: Option<AuditEntry>,
-    /// Holders seen as Failed (node, token).
-    failed: HashMap<NodeName, u64>,
     /// True while holders or waiters exist (so "finished" is sent once).
     busy: bool,
     /// When observing started: older records (a state loaded after a
@@ -129,35 +127,12 @@ impl Observer {
                     .filter(|a| a.time >= since)
                     .filter_map(from_audit),
             );
-            for (node, h) in &state.holders {
-                if h.phase == Phase::Failed
-                    && h.phase_since >= since
-                    && self.failed.get(node) != Some(&h.fencing_token)
-                {
-                    events.push(Event {
-                        kind: EventKind::Failed,
-                        node: node.to_string(),
-                        reason: if h.error.is_empty() {
-                            h.message.clone()
-                        } else {
-                            h.error.clone()
-                        },
-                        token: h.fencing_token,
-                        actor: node.to_string(),
-                        time: h.phase_since,
-                    });
-                }
-            }
         }
-        self.failed = state
-            .holders
-            .iter()
-            .filter(|(_, h)| h.phase == Phase::Failed)
-            .map(|(n, h)| (n.clone(), h.fencing_token))
-            .collect();
         self.last_audit = state.audit.back().cloned();
         let busy = !state.holders.is_empty() || !snap.queue.is_empty();
-        if self.since.is_some() && self.busy && !busy {
+        // Busy before, or a grant came and went since the last snapshot.
+        let was_busy = self.busy || events.iter().any(|e| e.kind == EventKind::Granted);
+        if self.since.is_some() && was_busy && !busy {
             events.push(Event {
                 kind: EventKind::Finished,
                 node: String::new(),
@@ -309,8 +284,10 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::NodeName;
     use crate::rollout::test_support::snapshot;
     use crate::state::LeaseState;
+    use crate::state::Phase;
 
     fn snap(state: &LeaseState, waiting: usize, now: DateTime<Utc>) -> Snapshot {
         let names: Vec<String> = (0..waiting).map(|i| format!("w{i}")).collect();
@@ -366,6 +343,37 @@ mod tests {
             [EventKind::Finished]
         );
         assert!(o.observe(&snap(&state, 0, now)).is_empty());
+    }
+
+    #[test]
+    fn what_came_and_went_between_two_snapshots_is_still_sent() {
+        let now = Utc::now();
+        let n1 = NodeName::new("n1").unwrap();
+        let mut state = LeaseState::default();
+        let mut o = Observer::default();
+        assert!(o.observe(&snap(&state, 0, now)).is_empty());
+        let t = state.grant(&n1, false, false, "r", now).unwrap();
+        let failed = crate::state::Progress {
+            phase: Phase::Failed,
+            error: "boom".into(),
+            ..Default::default()
+        };
+        state.report(&n1, t, failed, now).unwrap();
+        state.release(&n1, t, "n1", "done", now).unwrap();
+        let kinds: Vec<EventKind> = o
+            .observe(&snap(&state, 0, now))
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Granted,
+                EventKind::Failed,
+                EventKind::Released,
+                EventKind::Finished
+            ]
+        );
     }
 
     #[test]
