@@ -47,26 +47,33 @@ impl Observers {
         let mut changes = engine.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Only a weak handle between snapshots: a stopped engine (and its
+        // store, whose lock a restart needs) is not kept alive by a wait.
+        let weak = Arc::downgrade(&engine);
+        drop(engine);
         loop {
-            let snap = engine.snapshot().await;
-            self.rule.observe_canaries(&snap);
-            if snap.leadership.is_leader {
-                self.releases.send_if_modified(|t| {
-                    let last = last_release(&snap.state);
-                    std::mem::replace(t, last) != last
-                });
-                self.notifier.on_snapshot(&snap);
-                self.budget.on_snapshot(&snap, &self.policy, &engine).await;
-                self.stuck.on_snapshot(&snap, &engine).await;
-            } else {
-                self.notifier.reset();
+            {
+                let Some(engine) = weak.upgrade() else { return };
+                if engine.is_shutting_down().await {
+                    return;
+                }
+                let snap = engine.snapshot().await;
+                self.rule.observe_canaries(&snap);
+                if snap.leadership.is_leader {
+                    self.releases.send_if_modified(|t| {
+                        let last = last_release(&snap.state);
+                        std::mem::replace(t, last) != last
+                    });
+                    self.notifier.on_snapshot(&snap);
+                    self.budget.on_snapshot(&snap, &self.policy, &engine).await;
+                    self.stuck.on_snapshot(&snap, &engine).await;
+                } else {
+                    self.notifier.reset();
+                }
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return; },
                 _ = tick.tick() => {}
-            }
-            if engine.is_shutting_down().await {
-                return;
             }
             tokio::time::sleep(COALESCE).await;
         }
