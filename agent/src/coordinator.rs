@@ -289,6 +289,7 @@ pub struct GrpcCoordinator {
     node: String,
     control_plane: bool,
     call_timeout: Duration,
+    labels: std::collections::HashMap<String, String>,
     client: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
@@ -326,6 +327,7 @@ impl GrpcCoordinator {
             node: node.to_string(),
             control_plane,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            labels: Default::default(),
             client: CoordinatorClient::with_interceptor(endpoint.connect_lazy(), token),
         })
     }
@@ -334,6 +336,12 @@ impl GrpcCoordinator {
     /// answer (default [`DEFAULT_CALL_TIMEOUT`]).
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
+        self
+    }
+
+    /// Sends `labels` with every Acquire (for the coordinator's policy).
+    pub fn with_labels(mut self, labels: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.labels = labels.into_iter().collect();
         self
     }
 
@@ -376,6 +384,7 @@ impl Coordinator for GrpcCoordinator {
             control_plane: self.control_plane,
             reason: reason.to_string(),
             manual: false,
+            labels: self.labels.clone(),
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
         let mut client = self.client.clone();

@@ -157,7 +157,8 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         &args.node,
         args.control_plane,
     )?
-    .with_call_timeout(args.timing.call_timeout);
+    .with_call_timeout(args.timing.call_timeout)
+    .with_labels(args.labels.clone());
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),

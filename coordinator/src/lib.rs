@@ -13,6 +13,8 @@
 //! - [`etcd`]: the etcd quorum guard, verified snapshots and leadership moves;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
+//! - [`rollout`]: the rollout policy file (health gate, alert blockers,
+//!   webhooks, stuck locks) and its reloading;
 //! - [`kube`]: in a Kubernetes cluster: the Lease election and the
 //!   ConfigMap store, the node watch, TokenReview authentication;
 //! - [`ctl`]: the `batonctl` command line.
@@ -26,6 +28,7 @@ pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod rollout;
 pub mod server;
 pub mod service;
 pub mod state;

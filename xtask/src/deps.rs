@@ -71,13 +71,21 @@ pub const NODES: &[Program] = &[
     program("journalctl", "systemd", "the agent (update unit output)"),
 ];
 
-/// Monitoring: promtool checks the alert rules, their unit tests, the
-/// dashboard's queries and a real coordinator's /metrics.
-pub const MONITORING: &[Program] = &[program(
-    "promtool",
-    "prometheus",
-    "monitoring tests (promtool check/test rules, check metrics)",
-)];
+/// Monitoring: a real Prometheus for the health gate and the alert
+/// blockers; promtool checks the alert rules (ours and the tests'), their
+/// unit tests, the dashboard's queries and a real coordinator's /metrics.
+pub const MONITORING: &[Program] = &[
+    program(
+        "prometheus",
+        "prometheus",
+        "health gate and alert blocker tests",
+    ),
+    program(
+        "promtool",
+        "prometheus",
+        "monitoring tests (promtool check/test rules, check metrics), the health gate tests' rules",
+    ),
+];
 
 /// Images: podman builds them from a COPY-only Containerfile on a base
 /// imported from a debootstrap rootfs (no registry, no network).

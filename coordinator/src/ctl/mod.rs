@@ -111,6 +111,20 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Show the rollout policy in force, where it came from and when it
+    /// was loaded (and the last refused reload, if any).
+    Policy {
+        /// Output format (table: the YAML with a header).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Dry run: the order the waiting nodes would be granted in and what
+    /// each waits for. Grants nothing.
+    Plan {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Stop granting (holders finish).
     Pause {
         /// Why (audited).
@@ -299,6 +313,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Policy { output } => {
+            let policy = admin
+                .get_policy(pb::GetPolicyRequest {})
+                .await?
+                .into_inner();
+            output::print_policy(&policy, output)?;
+            Ok(0)
+        }
+        Command::Plan { output } => {
+            let plan = admin.plan(pb::PlanRequest {}).await?.into_inner();
+            output::print_plan(&plan, output)?;
+            Ok(0)
+        }
         Command::Pause { reason } => {
             admin.pause(pb::PauseRequest { reason }).await?;
             eprintln!("paused");
@@ -320,6 +347,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 control_plane,
                 reason,
                 manual: false,
+                labels: Default::default(),
             };
             match acquire(&mut lease, request, wait_timeout).await? {
                 Some(granted) => {
@@ -425,6 +453,7 @@ async fn hold(
         control_plane,
         reason,
         manual: true,
+        labels: Default::default(),
     };
     let Some(granted) = acquire(&mut lease, request, wait_timeout).await? else {
         return Ok(EXIT_TIMEOUT);

@@ -19,7 +19,7 @@ use crate::state::LeaseState;
 pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
 
 /// Holds back nodes whose preparation failed until their retry time.
-struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
+pub(super) struct PrepareFailures<'a>(pub(super) &'a HashMap<NodeName, (String, DateTime<Utc>)>);
 
 impl GrantGuard for PrepareFailures<'_> {
     fn check(&self, candidate: &Waiter, _: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
@@ -119,7 +119,7 @@ impl Engine {
             &inner.state,
             &queue,
             &inner.unavailable,
-            &self.config.policy,
+            &self.policy(),
             &guards,
             now,
         )

@@ -171,6 +171,11 @@ impl KubeWiring {
         }))
     }
 
+    /// The Kubernetes client.
+    pub fn client(&self) -> ::kube::Client {
+        self.client.clone()
+    }
+
     /// The TokenReview authenticator, when `--token-review` is set.
     pub fn authenticator(&self) -> Option<Arc<dyn Authenticator>> {
         self.args.token_review.then(|| {

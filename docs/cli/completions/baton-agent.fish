@@ -32,6 +32,7 @@ complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l node -d 
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l state-dir -d 'Where the agent keeps its state across restarts and reboots' -r -F
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l mode -d 'How the node is taken out of service' -r -f -a "standalone\t'No Kubernetes: pre- and post-maintenance systemd units'
 kubernetes\t'A Kubernetes node: cordon and drain before, Ready and uncordon after, annotations and Events on the Node, blocking pods respected'"
+complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l label -d 'A label for the coordinator\'s policy (pool selectors, zones) on hosts without Kubernetes, as KEY=VALUE (repeatable, or comma-separated in the environment), e.g. `--label topology.kubernetes.io/zone=rack-a`' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l dbus-address -d 'D-Bus address of the system bus (default: the standard system bus)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l log-format -d 'Log format' -r -f -a "text\t'Human-readable lines'
 json\t'One JSON object per line'"

@@ -36,9 +36,10 @@ etcd\t'etcd (--etcd-endpoints): any number of replicas, one leader elected with 
 kubernetes\t'A ConfigMap written with resourceVersion compare-and-swap; leader elected on a Lease (2+ replicas in a cluster)'"
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l prepare-timeout -d 'The longest a grant\'s preparation (the etcd snapshot and leadership move) may take; past it the node keeps waiting and is tried again' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l id -d 'This replica\'s id (default: the host name)' -r
-complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l max-concurrent -d 'How many nodes may hold the baton at once (control-plane nodes: one at a time whatever this says)' -r
+complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l max-concurrent -d 'How many nodes may hold the baton at once (control-plane nodes: one at a time whatever this says). Default 1; the policy file\'s `maxConcurrent` instead, if it sets it (setting both is an error)' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l window -d 'Maintenance window, e.g. "Mon-Fri 22:00-04:00 Europe/Berlin" (repeatable; none = always)' -r
-complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l min-window-remaining -d 'Do not grant when less than this is left of the window' -r
+complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l min-window-remaining -d 'Do not grant when less than this is left of the window (default 30m; or the policy file\'s `minWindowRemaining`)' -r
+complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l policy -d 'The rollout policy file (YAML; see the README). Flags are its defaults; it is reloaded on SIGHUP and when it changes, and a file that fails a check is refused (the running policy stays)' -r -F
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l renew-interval -d 'How often holders are asked to renew' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l overdue-after -d 'A holder that has not renewed for this long is overdue (it keeps the baton; reboots must fit inside it to not raise an alert)' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l tls-cert -d 'Server certificate (PEM). With --tls-key, serve TLS' -r -F

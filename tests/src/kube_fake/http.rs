@@ -2,7 +2,7 @@
 //! get, list, watch, create, replace, patch, delete, evictions and
 //! TokenReviews on the shared store.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::semantics::{
     disruptions_allowed, fields_match, invalid, label_selector_matches, labels_match, merge_patch,
-    parse_query,
+    parse_query, pdb_status,
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 
@@ -206,10 +206,16 @@ fn route(
             watch(ctx, t, param("resourceVersion"), labels, fields, timeout)
         }
         (&Method::GET, None, _) => list(ctx, t, &labels, &fields),
-        (&Method::GET, Some(name), _) => match ctx.api.lock().objects.get(&t.key(name)) {
-            Some(obj) => json_response(200, obj),
-            None => not_found(t, name),
-        },
+        (&Method::GET, Some(name), _) => {
+            let store = ctx.api.lock();
+            match store.objects.get(&t.key(name)) {
+                Some(obj) if t.resource == "poddisruptionbudgets" => {
+                    json_response(200, &with_budget_status(&store.objects, obj))
+                }
+                Some(obj) => json_response(200, obj),
+                None => not_found(t, name),
+            }
+        }
         (&Method::POST, None, _) if t.resource == "tokenreviews" => token_review(ctx, body),
         (&Method::POST, None, _) => create(ctx, t, body),
         (&Method::POST, Some(name), Some("eviction")) => evict(ctx, t, name, &body),
@@ -256,13 +262,37 @@ fn selected(t: &Target, key: &Key, obj: &Value, labels: &str, fields: &str) -> b
         && fields_match(fields, obj)
 }
 
+/// A budget as the API serves it: with the status the disruption
+/// controller would keep, computed from the pods it selects now.
+fn with_budget_status(objects: &BTreeMap<Key, Value>, pdb: &Value) -> Value {
+    let namespace = pdb["metadata"]["namespace"].as_str().unwrap_or_default();
+    let pods: Vec<&Value> = objects
+        .iter()
+        .filter(|((c, ns, _), p)| {
+            c == "v1/pods"
+                && ns == namespace
+                && label_selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"])
+        })
+        .map(|(_, p)| p)
+        .collect();
+    let mut out = pdb.clone();
+    out["status"] = pdb_status(pdb, &pods);
+    out
+}
+
 fn list(ctx: &Ctx, t: &Target, labels: &str, fields: &str) -> Response {
     let store = ctx.api.lock();
-    let items: Vec<&Value> = store
+    let items: Vec<Value> = store
         .objects
         .iter()
         .filter(|(k, v)| selected(t, k, v, labels, fields))
-        .map(|(_, v)| v)
+        .map(|(_, v)| {
+            if t.resource == "poddisruptionbudgets" {
+                with_budget_status(&store.objects, v)
+            } else {
+                v.clone()
+            }
+        })
         .collect();
     let body = json!({
         "apiVersion": t.api_version,
