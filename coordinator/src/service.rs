@@ -30,6 +30,11 @@ pub struct Services {
     auth: Arc<dyn Authenticator>,
     policy: Option<Arc<PolicyHandle>>,
     labels: Arc<LabelBook>,
+    /// One changing call at a time past this point (the engine serializes
+    /// them anyway): the wait for it stays cancellable, so calls whose
+    /// clients gave up (a slow or down store) leave the queue instead of
+    /// piling up as detached work.
+    changes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Services {
@@ -40,6 +45,7 @@ impl Services {
             auth,
             policy: None,
             labels: Arc::new(LabelBook::default()),
+            changes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -74,6 +80,35 @@ impl Services {
         let node = NodeName::new(node).map_err(invalid_node)?;
         identity.may_act_for(&node)?;
         Ok((identity, node))
+    }
+}
+
+impl Services {
+    /// Runs one changing engine call to completion in a task of its own and
+    /// returns its answer. When a client hangs up mid-call, tonic drops the
+    /// handler's future; a save cut off there would leave the store and the
+    /// engine's memory apart (safe, since the next call reloads, but that
+    /// call answers UNAVAILABLE). In its own task the call always ends, and
+    /// only its answer is lost. Until its turn comes (one changing call at
+    /// a time) it is still cancelled with its client.
+    async fn to_completion<T, F>(&self, call: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+    {
+        let turn = self
+            .changes
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is stopping"))?;
+        tokio::spawn(async move {
+            let _turn = turn;
+            call.await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the engine's task failed: {e}")))?
+        .map_err(Status::from)
     }
 }
 
@@ -321,9 +356,9 @@ impl Coordinator for Services {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let (engine, token) = (self.engine.clone(), request.get_ref().fencing_token);
         let overdue_at = self
-            .engine
-            .renew(&node, request.get_ref().fencing_token)
+            .to_completion(async move { engine.renew(&node, token).await })
             .await?;
         Ok(Response::new(pb::RenewResponse {
             overdue_at: Some(timestamp(overdue_at)),
@@ -346,8 +381,8 @@ impl Coordinator for Services {
             message: req.message,
             error: req.error,
         };
-        self.engine
-            .report(&node, req.fencing_token, progress)
+        let engine = self.engine.clone();
+        self.to_completion(async move { engine.report(&node, req.fencing_token, progress).await })
             .await?;
         Ok(Response::new(pb::ReportResponse {}))
     }
@@ -359,9 +394,13 @@ impl Coordinator for Services {
         let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         check_text("reason", &req.reason, REASON_BYTES)?;
-        self.engine
-            .release(&node, req.fencing_token, &identity.name, &req.reason)
-            .await?;
+        let engine = self.engine.clone();
+        self.to_completion(async move {
+            engine
+                .release(&node, req.fencing_token, &identity.name, &req.reason)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
@@ -383,9 +422,9 @@ impl Coordinator for Services {
                 )));
             }
         };
+        let engine = self.engine.clone();
         let answer = self
-            .engine
-            .confirm_step(&node, req.fencing_token, step)
+            .to_completion(async move { engine.confirm_step(&node, req.fencing_token, step).await })
             .await?;
         Ok(Response::new(pb::ConfirmResponse {
             proceed: answer.wait.is_none(),
@@ -427,8 +466,8 @@ impl Admin for Services {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
         check_text("reason", &request.get_ref().reason, REASON_BYTES)?;
-        self.engine
-            .pause(&identity.name, &request.get_ref().reason)
+        let (engine, reason) = (self.engine.clone(), request.into_inner().reason);
+        self.to_completion(async move { engine.pause(&identity.name, &reason).await })
             .await?;
         Ok(Response::new(pb::PauseResponse {}))
     }
@@ -439,7 +478,9 @@ impl Admin for Services {
     ) -> Result<Response<pb::ResumeResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
-        self.engine.resume(&identity.name).await?;
+        let engine = self.engine.clone();
+        self.to_completion(async move { engine.resume(&identity.name).await })
+            .await?;
         Ok(Response::new(pb::ResumeResponse {}))
     }
 
@@ -471,9 +512,13 @@ impl Admin for Services {
                 ));
             }
         };
+        let engine = self.engine.clone();
         let token = self
-            .engine
-            .force_release(&node, expected, &identity.name, &req.reason)
+            .to_completion(async move {
+                engine
+                    .force_release(&node, expected, &identity.name, &req.reason)
+                    .await
+            })
             .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,
@@ -560,4 +605,105 @@ fn watch_stream(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::Unauthenticated;
+    use crate::engine::{EngineConfig, system_clock};
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+    use crate::state::LeaseState;
+    use crate::store::memory::MemoryStore;
+
+    /// A client that hangs up while its Release is being saved (tonic then
+    /// drops the handler's future) still has its release applied, and the
+    /// next reader is answered, not told UNAVAILABLE.
+    #[tokio::test]
+    async fn a_release_whose_client_hangs_up_mid_save_still_happens() {
+        let node = NodeName::new("n1").unwrap();
+        let mut state = LeaseState::default();
+        state
+            .grant(&node, false, false, "test", Utc::now())
+            .unwrap();
+        let token = state.holders[&node].fencing_token;
+        let store = Arc::new(MemoryStore::new(Some(state)));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig::new(Policy::default(), "hangup-test"),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let services = Services::new(engine, Arc::new(Unauthenticated));
+        store.backend().set_latency(Duration::from_millis(200));
+
+        let release = Coordinator::release(
+            &services,
+            Request::new(pb::ReleaseRequest {
+                node: "n1".into(),
+                fencing_token: token,
+                reason: "done".into(),
+            }),
+        );
+        let hung_up = tokio::time::timeout(Duration::from_millis(20), release).await;
+        assert!(hung_up.is_err(), "the call was cut off before its save");
+
+        let status = Admin::status(&services, Request::new(pb::StatusRequest {}))
+            .await
+            .expect("status answered after the hang-up")
+            .into_inner();
+        assert!(
+            status.holders.is_empty(),
+            "the release was applied: {:?}",
+            status.holders
+        );
+        assert!(store.saved().unwrap().holders.is_empty(), "and saved");
+    }
+
+    /// A changing call whose client gives up before its turn comes (the
+    /// store is slow, another change is being saved) is dropped, not left
+    /// to run later as detached work: abandoned calls cannot pile up.
+    #[tokio::test]
+    async fn a_call_abandoned_before_its_turn_never_runs() {
+        let store = Arc::new(MemoryStore::new(Some(LeaseState::default())));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig::new(Policy::default(), "backlog-test"),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let services = Services::new(engine, Arc::new(Unauthenticated));
+        store.backend().set_latency(Duration::from_millis(300));
+
+        let pause = Admin::pause(
+            &services,
+            Request::new(pb::PauseRequest {
+                reason: "first".into(),
+            }),
+        );
+        let resume = Admin::resume(&services, Request::new(pb::ResumeRequest {}));
+        let (paused, resumed) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(50), pause),
+            tokio::time::timeout(Duration::from_millis(100), resume),
+        );
+        assert!(paused.is_err() && resumed.is_err(), "both clients gave up");
+
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let saved = store.saved().unwrap();
+        assert!(
+            saved.paused.is_some(),
+            "the pause that had its turn was applied, the resume abandoned before its turn was not"
+        );
+    }
 }

@@ -74,7 +74,7 @@ async fn cluster() -> Result<Cluster> {
         "--kube-admin=system:serviceaccount:baton-system:batonctl",
         &format!("--tls-cert={cert}"),
         &format!("--tls-key={key}"),
-        "--lease-duration=2s",
+        "--lease-duration=3s",
         "--lease-renew-deadline=1500ms",
         "--lease-retry-period=250ms",
         // A new cluster: the empty store is created, not refused.

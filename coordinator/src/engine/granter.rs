@@ -10,10 +10,11 @@ use std::time::{Duration as StdDuration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use super::{AcquireUpdate, Engine, Grant, Inner};
+use super::{AcquireUpdate, Engine, EngineError, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
+use crate::store::Fence;
 
 /// The least time between two position-only updates to one waiter.
 pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
@@ -110,7 +111,7 @@ impl Engine {
         self.refresh_gauges(&inner);
     }
 
-    fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
+    pub(super) fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
         let queue: Vec<Waiter> = inner.queue.iter().map(|q| q.waiter()).collect();
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
@@ -127,12 +128,17 @@ impl Engine {
 
     /// Grants every node the rule allows, one at a time, then tells the rest
     /// why they wait.
-    async fn grant_pass(&self) {
+    pub(super) async fn grant_pass(&self) {
         loop {
             let mut inner = self.inner.lock().await;
             if inner.fence.is_none() || inner.shutting_down {
                 return;
             }
+            // A new term reloads (and resumes lost grants) before deciding:
+            // the decision and its save must see the same memory.
+            let Ok(decided) = self.ensure_current(&mut inner).await else {
+                return;
+            };
             inner.queue.retain(|q| !q.events.is_closed());
             let now = self.now();
             inner
@@ -171,16 +177,18 @@ impl Engine {
                 // from it. The grant's save is a compare-and-swap on that
                 // memory's fence, so a decision from a stale view is never
                 // stored.
-                if self.ensure_current(&mut inner).await.is_err() {
+                let Ok(current) = self.ensure_current(&mut inner).await else {
                     return;
-                }
+                };
                 inner.queue.retain(|q| !q.events.is_closed());
                 let now = self.now();
-                if self.decide_now(&inner, now).grant.as_ref() != Some(&candidate) {
+                if current != decided
+                    || self.decide_now(&inner, now).grant.as_ref() != Some(&candidate)
+                {
                     continue;
                 }
             }
-            if !self.grant(&mut inner, &candidate).await {
+            if !self.grant(&mut inner, &candidate, &decided).await {
                 return;
             }
         }
@@ -205,7 +213,7 @@ impl Engine {
 
     /// Grants `node` (which the rule just chose). False when the store
     /// refused, so the pass stops until the next wake.
-    async fn grant(&self, inner: &mut Inner, node: &NodeName) -> bool {
+    async fn grant(&self, inner: &mut Inner, node: &NodeName, decided: &Fence) -> bool {
         let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
             return true;
         };
@@ -216,7 +224,7 @@ impl Engine {
         let now = self.now();
         let request = inner.queue[idx].request.clone();
         let result = self
-            .commit(inner, |s| {
+            .commit_under(inner, Some(decided), |s| {
                 s.grant(
                     node,
                     request.control_plane,
@@ -228,10 +236,19 @@ impl Engine {
             .await;
         let token = match result {
             Ok(token) => token,
+            // Decided from memory a reload replaced: decide again from the
+            // new memory (the pass goes on).
+            Err(EngineError::Moved) => return true,
             Err(e) => {
                 warn!(node = %node, error = %e, "grant not saved; the node keeps waiting");
                 return false;
             }
+        };
+        // The commit may have awaited the store; find the waiter afresh.
+        let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
+            warn!(node = %node, token, "granted, but its waiter left meanwhile; it resumes the grant when it asks again");
+            self.changed();
+            return true;
         };
         let queued = inner.queue.remove(idx);
         let phase = inner.state.holders[node].phase;

@@ -136,6 +136,10 @@ pub enum EngineError {
     /// A newer Acquire for the same node replaced this one.
     #[error("superseded by a newer Acquire for node {0}")]
     Superseded(NodeName),
+    /// The memory a change was decided from was replaced (a reload) before
+    /// it could be saved; it must be decided again.
+    #[error("the lease state was reloaded after this change was decided; deciding again")]
+    Moved,
 }
 
 /// A grant as delivered to the waiter.
@@ -255,6 +259,10 @@ struct Inner {
     loaded_term: Option<u64>,
     /// `--initialize` not used up yet.
     initialize: bool,
+    /// A reload happened whose stored grants were not yet resumed (see
+    /// [`Engine::resume_stored_grants`]); set until that succeeds, so a
+    /// call cancelled in between cannot skip it.
+    resume_pending: bool,
     /// The last reload error logged (so a store that stays down is logged
     /// once, not every second).
     reload_error: Option<String>,
@@ -307,6 +315,7 @@ impl Engine {
                 fence: None,
                 loaded_term: None,
                 initialize: config.initialize,
+                resume_pending: false,
                 reload_error: None,
                 shutting_down: false,
             }),
@@ -446,14 +455,72 @@ impl Engine {
         result
     }
 
+    /// After a reload: a waiter whose node holds the baton in the stored
+    /// state is sent that grant (resumed, with the stored token and phase)
+    /// and leaves the queue. This happens when a grant's save landed but its
+    /// answer was lost (an error after the write, or the store timeout):
+    /// the waiter would otherwise stay queued, the grant rule would pick it
+    /// again and be refused (it already holds), and the node would never
+    /// learn it holds the baton while everybody else waits behind it.
+    /// Like every answer not from a fresh save, the grants go out only
+    /// after the store confirmed the reloaded memory.
+    async fn resume_stored_grants(
+        &self,
+        inner: &mut Inner,
+        fence: &Fence,
+    ) -> Result<(), EngineError> {
+        if !inner
+            .queue
+            .iter()
+            .any(|q| inner.state.holders.contains_key(&q.request.node))
+        {
+            inner.resume_pending = false;
+            return Ok(());
+        }
+        self.confirm(inner, fence).await?;
+        inner.resume_pending = false;
+        let Inner { state, queue, .. } = inner;
+        let before = queue.len();
+        queue.retain(|q| {
+            let Some(h) = state.holders.get(&q.request.node) else {
+                return true;
+            };
+            info!(node = %q.request.node, token = h.fencing_token, "the reloaded state holds a grant for a waiter (its save's answer was lost): resuming it");
+            let _ = q.events.send(Ok(AcquireUpdate::Granted(Grant {
+                fencing_token: h.fencing_token,
+                granted_at: h.granted_at,
+                resumed: true,
+                phase: h.phase,
+            })));
+            false
+        });
+        if queue.len() != before {
+            self.metrics.queue_length.set(queue.len() as i64);
+            self.changed();
+        }
+        Ok(())
+    }
+
     async fn load_fenced(&self, inner: &mut Inner, term: u64) -> Result<Fence, StoreError> {
         let loaded = self.timed(self.store.load()).await?;
         let location = || self.store.location();
         match loaded.state {
-            Some(state) => {
+            Some(mut state) => {
                 // Under --initialize: another replica initialized the store
                 // after this one started (it was empty then, see `new`).
                 inner.initialize = false;
+                if inner.loaded_term.is_some() && state.last_token < inner.state.last_token {
+                    // The store went back (a restored backup, a rolled-back
+                    // volume): whatever else it forgot, tokens this process
+                    // saw handed out are never handed out again.
+                    warn!(
+                        stored = state.last_token,
+                        seen = inner.state.last_token,
+                        store = %location(),
+                        "the stored last fencing token is behind one this coordinator saw; tokens go on from the higher one"
+                    );
+                    state.last_token = inner.state.last_token;
+                }
                 inner.state = state;
                 Ok(Fence {
                     term,
@@ -515,10 +582,13 @@ impl Engine {
                 leader: claim.leader,
             });
         }
-        if let Some(fence) = &inner.fence
+        if let Some(fence) = inner.fence.clone()
             && fence.term == claim.term
         {
-            return Ok(fence.clone());
+            if inner.resume_pending {
+                self.resume_stored_grants(inner, &fence).await?;
+            }
+            return Ok(fence);
         }
         if inner.loaded_term.is_some_and(|t| t != claim.term) && !inner.queue.is_empty() {
             // Another replica may have led in between: what these waiters
@@ -534,7 +604,10 @@ impl Engine {
             }
         }
         inner.fence = None;
-        Ok(self.reload(inner, claim.term).await?)
+        inner.resume_pending = true;
+        let fence = self.reload(inner, claim.term).await?;
+        self.resume_stored_grants(inner, &fence).await?;
+        Ok(fence)
     }
 
     /// Proves with the store that the memory under `fence` is still the
@@ -570,7 +643,24 @@ impl Engine {
         inner: &mut Inner,
         change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
     ) -> Result<T, EngineError> {
+        self.commit_under(inner, None, change).await
+    }
+
+    /// [`Engine::commit`], but with `decided`, only onto the memory of that
+    /// fence: a change decided from one memory (a grant the rule chose) is
+    /// never applied to another that a reload brought in meanwhile (a new
+    /// term), since nothing decided it there. Then the answer is
+    /// [`EngineError::Moved`] and nothing changes.
+    async fn commit_under<T>(
+        &self,
+        inner: &mut Inner,
+        decided: Option<&Fence>,
+        change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
+    ) -> Result<T, EngineError> {
         let fence = self.ensure_current(inner).await?;
+        if decided.is_some_and(|d| d != &fence) {
+            return Err(EngineError::Moved);
+        }
         let mut next = inner.state.clone();
         let out = match change(&mut next) {
             Ok(out) => out,
@@ -910,10 +1000,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Sets the nodes that are down without holding the baton (from the
-    /// Kubernetes node watch); they count against the concurrency limit.
+    /// Sets the nodes that are down without holding the baton; they count
+    /// against the concurrency limit. (The node watch goes through
+    /// [`Engine::update_node_facts`], so its facts and this set change
+    /// together.)
     pub async fn set_unavailable(&self, nodes: Vec<NodeName>) {
+        self.update_node_facts(|| nodes).await;
+    }
+
+    /// Changes node facts and the unavailable nodes they imply as one step
+    /// for the grant rule: `update` runs under the engine's lock (every
+    /// decision and confirmation runs under it too), writes the facts the
+    /// guards read and returns the nodes that are down without the baton.
+    /// So no decision sees new facts with the old unavailable set: fresh
+    /// facts after a stale spell lift the "facts unknown" hold only
+    /// together with the outages they report. `update` must not block.
+    pub async fn update_node_facts(&self, update: impl FnOnce() -> Vec<NodeName>) {
         let mut inner = self.inner.lock().await;
+        let nodes = update();
         if inner.unavailable != nodes {
             inner.unavailable = nodes;
             drop(inner);
@@ -940,7 +1044,17 @@ impl Engine {
     pub async fn confirmed_snapshot(&self) -> Result<Snapshot, EngineError> {
         let mut inner = self.inner.lock().await;
         let fence = self.ensure_current(&mut inner).await?;
-        self.confirm(&mut inner, &fence).await?;
+        match self.confirm(&mut inner, &fence).await {
+            Ok(()) => {}
+            // The store has moved on from this memory (another writer, or a
+            // save whose answer was lost): a read may load the store's
+            // state afresh and answer from that, once it is confirmed too.
+            Err(EngineError::Store(StoreError::Conflict(_))) => {
+                let fence = self.ensure_current(&mut inner).await?;
+                self.confirm(&mut inner, &fence).await?;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(self.view(&inner))
     }
 

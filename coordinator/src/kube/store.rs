@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::KubeArgs;
-use super::election::{Elector, Timings};
+use super::election::Elector;
 use crate::state::LeaseState;
 use crate::store::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
 
@@ -58,11 +58,7 @@ impl KubeStore {
             Api::<Lease>::namespaced(client.clone(), &args.namespace),
             &args.lease_name,
             id,
-            Timings {
-                duration: args.lease_duration,
-                renew_deadline: args.lease_renew_deadline,
-                retry_period: args.lease_retry_period,
-            },
+            args.timings(),
             leadership.clone(),
             yielding,
         );

@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, watch};
@@ -61,10 +62,12 @@ pub struct FileStore {
     dir: PathBuf,
     leadership: watch::Sender<Leadership>,
     /// The generation and identity last read or written (outer `None`:
-    /// nothing read yet).
-    known: Mutex<Known>,
-    /// Held open for the lock's lifetime.
-    _lock: File,
+    /// nothing read yet). Shared with the blocking task of a save, which
+    /// holds it until the write has ended (see [`FileStore::save`]).
+    known: Arc<Mutex<Known>>,
+    /// Held open for the lock's lifetime; a save's writing task holds a
+    /// clone, so the lock outlives the store while a write is running.
+    lock: Arc<File>,
 }
 
 fn io(path: &Path, source: std::io::Error) -> StoreError {
@@ -102,8 +105,8 @@ impl FileStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             leadership,
-            known: Mutex::new(None),
-            _lock: lock,
+            known: Arc::new(Mutex::new(None)),
+            lock: Arc::new(lock),
         })
     }
 
@@ -217,20 +220,41 @@ impl StateStore for FileStore {
         Box::pin(async move {
             // The lock is held across the write: one save at a time, and the
             // check and the write cannot interleave with another call.
-            let mut known = self.known.lock().await;
+            let mut known = self.known.clone().lock_owned().await;
             let current = self.check(&known, fence)?;
             let generation = current.map_or(1, |g| g + 1);
             let bytes = encode_generation(state, Some(generation));
-            // Whatever happens next, the file may have changed: forget it
-            // until the write is known to have completed.
-            *known = None;
             let dir = self.dir.clone();
-            let identity =
-                tokio::task::spawn_blocking(move || Self::write_atomically(&dir, &bytes))
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
-            *known = Some(Some((generation, identity)));
-            Ok(Revision::At(generation.to_string()))
+            let directory_lock = self.lock.clone();
+            // The write and the bookkeeping after it run in one blocking task
+            // that owns the lock. A caller that stops waiting (a timeout, a
+            // client that hung up) cannot cut it short: until the write has
+            // ended nothing else reads, confirms or saves, so a write that
+            // lands late can never land after a newer one, and what this
+            // store remembers is always what is on disk. The task also holds
+            // the directory's flock: a coordinator stopping while its write
+            // runs keeps the next one out of the directory until it ends.
+            let write = tokio::task::spawn_blocking(move || {
+                let _directory_lock = directory_lock;
+                // Forgotten until the write is known to have ended (so a
+                // panic in it leaves the file to be read again).
+                *known = None;
+                match Self::write_atomically(&dir, &bytes) {
+                    Ok(identity) => {
+                        *known = Some(Some((generation, identity)));
+                        Ok(Revision::At(generation.to_string()))
+                    }
+                    Err(e) => {
+                        // The file may or may not have changed: forget it
+                        // until it is read again.
+                        *known = None;
+                        Err(e)
+                    }
+                }
+            });
+            write
+                .await
+                .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))?
         })
     }
 
@@ -366,5 +390,72 @@ mod tests {
             .save(&granted("n3"), &fence(loaded.revision))
             .await
             .unwrap();
+    }
+
+    /// A save whose caller stops waiting mid-write (a timeout, a client
+    /// that hung up) still completes, and the store still knows the file it
+    /// wrote: the next confirmation of the new generation succeeds and a
+    /// save from the older one is refused. Before, the store forgot the file
+    /// ("not read yet") and a late write could land after a newer save.
+    #[tokio::test]
+    async fn a_save_whose_caller_stops_waiting_completes_and_stays_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let first = store
+            .save(&granted("n1"), &fence(Revision::Absent))
+            .await
+            .unwrap();
+        let second = granted("n2");
+        let from_first = fence(first.clone());
+        {
+            let mut save = store.save(&second, &from_first);
+            // One poll starts the write; then the caller goes away.
+            let polled = futures::poll!(&mut save);
+            drop(save);
+            if polled.is_ready() {
+                eprintln!("the write finished within one poll; nothing was cut off");
+            }
+        }
+        let next = Revision::At("2".to_string());
+        store.confirm(&fence(next.clone())).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(second));
+        assert_eq!(loaded.revision, next);
+        let stale = store.save(&granted("n3"), &fence(first)).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    }
+
+    /// A coordinator that stops while its save is still writing keeps the
+    /// directory locked until the write has ended: the next one to open it
+    /// never finds a write of another process still running.
+    #[tokio::test]
+    async fn the_directory_stays_locked_until_a_running_write_ends() {
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = FileStore::open(dir.path(), "c1").unwrap();
+            store.load().await.unwrap();
+            let state = granted("n1");
+            let absent = fence(Revision::Absent);
+            let mut save = store.save(&state, &absent);
+            let _ = futures::poll!(&mut save);
+            drop(save);
+            drop(store);
+            loop {
+                match FileStore::open(dir.path(), "c2") {
+                    Ok(next) => {
+                        assert!(
+                            !dir.path().join("state.json.tmp").exists(),
+                            "round {round}: opened while the first store's write was running"
+                        );
+                        let loaded = next.load().await.unwrap();
+                        assert_eq!(loaded.state, Some(state), "round {round}");
+                        break;
+                    }
+                    Err(StoreError::Locked { .. }) => tokio::task::yield_now().await,
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            }
+        }
     }
 }

@@ -42,8 +42,8 @@ complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l cert -d 
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l key -d 'This agent\'s private key (PEM), for mutual TLS' -r -F
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l token-file -d 'A file holding a bearer token sent on every call (a projected ServiceAccount token with audience `baton`); re-read when it changes. With --ca (server TLS) or --insecure; not with a client certificate' -r -F
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l reboot-sentinel -d 'A file whose existence means "reboot required" (repeatable; the environment variable takes a comma-separated list)' -r -F
-complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l reboot-sentinel-command -d 'A shell command that exits 0 when a reboot is required' -r
-complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l update-check-command -d 'A shell command that exits 0 when updates are available' -r
+complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l reboot-sentinel-command -d 'A shell command that exits 0 when a reboot is required (another exit status means no; 126, 127, a signal or `--check-timeout` is no answer, never "no")' -r
+complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l update-check-command -d 'A shell command that exits 0 when updates are available (the same rules as `--reboot-sentinel-command`)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l check-interval -d 'How often sentinels and check commands are re-checked (inotify wakes the agent at once for sentinel files)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l update-unit -d 'The unit that applies updates (e.g. apt-daily-upgrade.service)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l update-command -d 'A shell command that applies updates, run as a transient unit' -r
@@ -61,7 +61,7 @@ complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l abort-ba
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l call-timeout -d 'The deadline of every call to the coordinator (the wait for a grant aside)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l inhibitor-timeout -d 'How long to wait for logind\'s block inhibitors on shutdown to go before the reboot; then the maintenance fails (the baton stays held)' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l dbus-timeout -d 'The deadline of every D-Bus call to systemd and logind' -r
-complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l check-timeout -d 'How long a sentinel or update-check command may run' -r
+complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l check-timeout -d 'How long a sentinel or update-check command, or looking at the sentinel files, may take before the check is an error' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l drain-timeout -d 'Give up draining after this long; the maintenance is aborted (the node uncordoned unless it was cordoned before) unless --force-reboot-on-drain-timeout is set' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l drain-parallelism -d 'How many evictions run at once' -r
 complete -c baton-agent -n "__fish_baton_agent_using_subcommand run" -l drain-pod-selector -d 'Only evict pods matching this label selector (others are left running)' -r
