@@ -6,9 +6,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The Baton node agent.
+/// Updates and reboots this node through systemd while it holds the baton.
 #[derive(Debug, Parser)]
-#[command(name = "baton-agent", version, about)]
+#[command(name = "baton-agent", version = crate::VERSION)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -56,6 +56,12 @@ pub struct RunArgs {
     /// This node is a control-plane node.
     #[arg(long, env = "BATON_CONTROL_PLANE")]
     pub control_plane: bool,
+    /// A label for the coordinator's policy (pool selectors, zones) on
+    /// hosts without Kubernetes, as KEY=VALUE (repeatable, or
+    /// comma-separated in the environment), e.g.
+    /// `--label topology.kubernetes.io/zone=rack-a`.
+    #[arg(long = "label", env = "BATON_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     /// D-Bus address of the system bus (default: the standard system bus).
     #[arg(long, env = "BATON_DBUS_ADDRESS")]
     pub dbus_address: Option<String>,
@@ -419,5 +425,32 @@ mod tests {
         assert!(parse("https://c:7443", &["--ca=ca", "--token-file=t"]).is_ok());
         // A lab on purpose: plain text, said so.
         assert!(parse("http://127.0.0.1:7443", &["--insecure"]).is_ok());
+    }
+}
+
+/// Parses `KEY=VALUE` (the coordinator checks the key and value).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::parse_label;
+
+    #[test]
+    fn labels_are_key_value_pairs() {
+        assert_eq!(
+            parse_label("topology.kubernetes.io/zone=rack-a").unwrap(),
+            ("topology.kubernetes.io/zone".into(), "rack-a".into())
+        );
+        assert_eq!(
+            parse_label("empty=").unwrap(),
+            ("empty".into(), String::new())
+        );
+        assert!(parse_label("novalue").is_err());
+        assert!(parse_label("=v").is_err());
     }
 }

@@ -289,6 +289,7 @@ pub struct GrpcCoordinator {
     node: String,
     control_plane: bool,
     call_timeout: Duration,
+    labels: std::collections::HashMap<String, String>,
     client: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
@@ -303,7 +304,11 @@ impl GrpcCoordinator {
         control_plane: bool,
     ) -> Result<Self, CoordinatorError> {
         let mut endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| CoordinatorError::Config(e.to_string()))?
+            .map_err(|e| {
+                CoordinatorError::Config(format!(
+                    "--coordinator {url:?} is not a URL ({e}); use https://HOST:PORT"
+                ))
+            })?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
@@ -312,14 +317,17 @@ impl GrpcCoordinator {
             if let Some((cert, key)) = tls.identity {
                 config = config.identity(Identity::from_pem(cert, key));
             }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                CoordinatorError::Config(format!(
+                    "TLS settings ({e}); check the PEM files of --ca, --cert and --key"
+                ))
+            })?;
         }
         Ok(GrpcCoordinator {
             node: node.to_string(),
             control_plane,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            labels: Default::default(),
             client: CoordinatorClient::with_interceptor(endpoint.connect_lazy(), token),
         })
     }
@@ -328,6 +336,12 @@ impl GrpcCoordinator {
     /// answer (default [`DEFAULT_CALL_TIMEOUT`]).
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
+        self
+    }
+
+    /// Sends `labels` with every Acquire (for the coordinator's policy).
+    pub fn with_labels(mut self, labels: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.labels = labels.into_iter().collect();
         self
     }
 
@@ -370,6 +384,7 @@ impl Coordinator for GrpcCoordinator {
             control_plane: self.control_plane,
             reason: reason.to_string(),
             manual: false,
+            labels: self.labels.clone(),
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
         let mut client = self.client.clone();

@@ -37,6 +37,15 @@ pub mod systemd;
 pub mod text;
 pub mod unit_run;
 
+/// The version `--version` shows: the package version and the git revision
+/// the binary was built from (see build-support/git_revision.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_REVISION"),
+    ")"
+);
+
 #[cfg(test)]
 mod crash_points;
 #[cfg(test)]
@@ -68,6 +77,16 @@ pub enum RunError {
     /// The Kubernetes client could not be set up (`--mode kubernetes`).
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
+    /// The host's systemd could not be reached over D-Bus.
+    #[error(
+        "cannot reach systemd on the system D-Bus ({address}): {source}; the agent needs the host's system bus (in a pod: mount the host's /run/dbus/system_bus_socket; elsewhere: --dbus-address)"
+    )]
+    SystemBus {
+        /// The bus address tried.
+        address: String,
+        /// The error (boxed: it is large, and this is the rare path).
+        source: Box<HostError>,
+    },
     /// A TLS file could not be read, or signals could not be installed.
     #[error("{what}: {source}")]
     Io {
@@ -85,9 +104,10 @@ pub async fn run(cli: cli::Cli) -> Result<(), RunError> {
     }
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, RunError> {
+/// Reads the file a flag names; the error says which flag.
+fn read(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, RunError> {
     std::fs::read(path).map_err(|source| RunError::Io {
-        what: path.display().to_string(),
+        what: format!("reading {flag} {}", path.display()),
         source,
     })
 }
@@ -117,14 +137,14 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         ),
         Auth::MutualTls { ca, cert, key } => (
             Some(Tls {
-                ca: read(ca)?,
-                identity: Some((read(cert)?, read(key)?)),
+                ca: read("--ca", ca)?,
+                identity: Some((read("--cert", cert)?, read("--key", key)?)),
             }),
             BearerToken::none(),
         ),
         Auth::Token { ca, token_file } => (
             Some(Tls {
-                ca: read(ca)?,
+                ca: read("--ca", ca)?,
                 identity: None,
             }),
             BearerToken::from_file(token_file),
@@ -137,7 +157,8 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         &args.node,
         args.control_plane,
     )?
-    .with_call_timeout(args.timing.call_timeout);
+    .with_call_timeout(args.timing.call_timeout)
+    .with_labels(args.labels.clone());
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),
@@ -167,7 +188,14 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
             reboot_fallback_target: m.reboot_fallback_target,
         },
     )
-    .await?;
+    .await
+    .map_err(|source| RunError::SystemBus {
+        address: args
+            .dbus_address
+            .clone()
+            .unwrap_or_else(|| "the system bus".to_string()),
+        source: Box::new(source),
+    })?;
     let node_ops = match args.mode {
         Mode::Standalone => AnyNodeOps::Standalone(StandaloneNodeOps::new(
             host.clone(),

@@ -2,7 +2,9 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    baton_agent::run(baton_agent::cli::Cli::parse()).await?;
-    Ok(())
+async fn main() {
+    if let Err(e) = baton_agent::run(baton_agent::cli::Cli::parse()).await {
+        eprintln!("baton-agent: {e}");
+        std::process::exit(1);
+    }
 }

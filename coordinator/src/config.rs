@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// baton-coordinator: grants the baton, the cluster-wide maintenance lease.
+/// Grants the baton, the cluster-wide maintenance lease, to one node at a time.
 #[derive(Debug, Parser)]
-#[command(name = "baton-coordinator", version, about)]
+#[command(name = "baton-coordinator", version = crate::VERSION)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -105,16 +105,23 @@ pub struct ServeArgs {
     #[arg(long, env = "BATON_ID")]
     pub id: Option<String>,
     /// How many nodes may hold the baton at once (control-plane nodes: one
-    /// at a time whatever this says).
-    #[arg(long, env = "BATON_MAX_CONCURRENT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_concurrent: u32,
+    /// at a time whatever this says). Default 1; the policy file's
+    /// `maxConcurrent` instead, if it sets it (setting both is an error).
+    #[arg(long, env = "BATON_MAX_CONCURRENT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent: Option<u32>,
     /// Maintenance window, e.g. "Mon-Fri 22:00-04:00 Europe/Berlin"
     /// (repeatable; none = always).
     #[arg(long = "window", env = "BATON_WINDOWS", value_delimiter = ';')]
     pub windows: Vec<String>,
-    /// Do not grant when less than this is left of the window.
-    #[arg(long, env = "BATON_MIN_WINDOW_REMAINING", default_value = "30m", value_parser = humantime::parse_duration)]
-    pub min_window_remaining: std::time::Duration,
+    /// Do not grant when less than this is left of the window (default
+    /// 30m; or the policy file's `minWindowRemaining`).
+    #[arg(long, env = "BATON_MIN_WINDOW_REMAINING", value_parser = humantime::parse_duration)]
+    pub min_window_remaining: Option<std::time::Duration>,
+    /// The rollout policy file (YAML; see the README). Flags are its
+    /// defaults; it is reloaded on SIGHUP and when it changes, and a file
+    /// that fails a check is refused (the running policy stays).
+    #[arg(long, env = "BATON_POLICY")]
+    pub policy: Option<PathBuf>,
     /// How often holders are asked to renew.
     #[arg(long, env = "BATON_RENEW_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub renew_interval: std::time::Duration,

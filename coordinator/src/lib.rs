@@ -13,6 +13,8 @@
 //! - [`etcd`]: the etcd quorum guard, verified snapshots and leadership moves;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
+//! - [`rollout`]: the rollout policy file (health gate, alert blockers,
+//!   webhooks, stuck locks) and its reloading;
 //! - [`kube`]: in a Kubernetes cluster: the Lease election and the
 //!   ConfigMap store, the node watch, TokenReview authentication;
 //! - [`ctl`]: the `batonctl` command line.
@@ -26,6 +28,7 @@ pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod rollout;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -33,3 +36,12 @@ pub mod status_map;
 pub mod store;
 pub mod text;
 pub mod window;
+
+/// The version `--version` shows: the package version and the git revision
+/// the binary was built from (see build-support/git_revision.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_REVISION"),
+    ")"
+);

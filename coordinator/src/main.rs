@@ -4,19 +4,21 @@ use baton_coordinator::config::{Cli, Command, LogFormat};
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            init_logging(args.log_format);
-            let running = baton_coordinator::server::start(
-                *args,
-                baton_coordinator::server::shutdown_signal(),
-            )
-            .await?;
-            running.done.await??;
-        }
+    let Command::Serve(args) = cli.command;
+    init_logging(args.log_format);
+    if let Err(e) = serve(*args).await {
+        eprintln!("baton-coordinator: {e:#}");
+        std::process::exit(1);
     }
+}
+
+async fn serve(args: baton_coordinator::config::ServeArgs) -> anyhow::Result<()> {
+    let running =
+        baton_coordinator::server::start(args, baton_coordinator::server::shutdown_signal())
+            .await?;
+    running.done.await??;
     Ok(())
 }
 

@@ -1,17 +1,25 @@
 //! Prometheus metrics (names prefixed `baton_`) and the HTTP endpoints
 //! `/metrics`, `/healthz` (the process is alive) and `/readyz` (this replica
 //! leads and grants: the Service routes agents only to it).
+//!
+//! The alerts and the dashboard in `manifests/overlays/monitoring` use these
+//! names; a test there compares every name they use with a real
+//! coordinator's `/metrics`. Only the leader's gauges describe the rollout
+//! (a follower's are from when it last led), so queries join them with
+//! `baton_is_leader == 1`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -46,6 +54,34 @@ pub struct Metrics {
     pub handoff_latency: Histogram,
     /// Handoffs measured (the histogram's count).
     pub handoffs: Counter,
+    /// 1 while now is inside a maintenance window (or none is configured).
+    pub window_open: Gauge,
+    /// 1 per holder, labelled with its node and its last reported phase
+    /// (set through [`Metrics::set_holder_phases`]).
+    holder_phase: Family<HolderPhase, Gauge>,
+    /// The label sets `holder_phase` carries now.
+    holder_phase_set: Arc<Mutex<Vec<HolderPhase>>>,
+    /// Waiters the etcd quorum guard holds back now.
+    pub etcd_blocked_waiters: Gauge,
+    /// Voting etcd members in the last health snapshot.
+    pub etcd_voting_members: Gauge,
+    /// Healthy voting etcd members in the last health snapshot.
+    pub etcd_healthy_voting_members: Gauge,
+    /// etcd snapshots taken before a grant, by result.
+    etcd_snapshots: Family<SnapshotResult, Counter>,
+}
+
+/// The labels of `baton_holder_phase`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HolderPhase {
+    node: String,
+    phase: String,
+}
+
+/// The label of `baton_etcd_snapshots_total`: `ok` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SnapshotResult {
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -121,8 +157,56 @@ impl Metrics {
             "Handoffs from a release to the next waiter",
             handoffs.clone(),
         );
+        let window_open = Gauge::default();
+        registry.register(
+            "window_open",
+            "1 while now is inside a maintenance window (always 1 without windows)",
+            window_open.clone(),
+        );
+        let holder_phase = Family::<HolderPhase, Gauge>::default();
+        registry.register(
+            "holder_phase",
+            "1 per holder, labelled with its node and last reported phase",
+            holder_phase.clone(),
+        );
+        let etcd_blocked_waiters = Gauge::default();
+        registry.register(
+            "etcd_blocked_waiters",
+            "Waiters the etcd quorum guard holds back now",
+            etcd_blocked_waiters.clone(),
+        );
+        let etcd_voting_members = Gauge::default();
+        registry.register(
+            "etcd_voting_members",
+            "Voting etcd members in the guard's last health snapshot",
+            etcd_voting_members.clone(),
+        );
+        let etcd_healthy_voting_members = Gauge::default();
+        registry.register(
+            "etcd_healthy_voting_members",
+            "Healthy voting etcd members in the guard's last health snapshot",
+            etcd_healthy_voting_members.clone(),
+        );
+        let etcd_snapshots = Family::<SnapshotResult, Counter>::default();
+        // Both series exist from the start, so increase() sees the first
+        // failure (a series born at 1 shows no increase).
+        for result in ["ok", "failed"] {
+            drop(etcd_snapshots.get_or_create(&SnapshotResult { result }));
+        }
+        registry.register(
+            "etcd_snapshots",
+            "etcd snapshots taken before granting an etcd node, by result (ok, failed)",
+            etcd_snapshots.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            window_open,
+            holder_phase,
+            holder_phase_set: Arc::default(),
+            etcd_blocked_waiters,
+            etcd_voting_members,
+            etcd_healthy_voting_members,
+            etcd_snapshots,
             handoffs,
             holders,
             queue_length,
@@ -138,6 +222,41 @@ impl Metrics {
         }
     }
 
+    /// Makes `baton_holder_phase` show exactly `holders` (node, phase name).
+    /// New series are set before old ones go, so a scrape never sees a
+    /// holder missing.
+    pub fn set_holder_phases<'a>(&self, holders: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let now: Vec<HolderPhase> = holders
+            .into_iter()
+            .map(|(node, phase)| HolderPhase {
+                node: node.to_string(),
+                phase: phase.to_string(),
+            })
+            .collect();
+        let mut set = self
+            .holder_phase_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *set == now {
+            return;
+        }
+        for labels in &now {
+            self.holder_phase.get_or_create(labels).set(1);
+        }
+        for gone in set.iter().filter(|l| !now.contains(l)) {
+            self.holder_phase.remove(gone);
+        }
+        *set = now;
+    }
+
+    /// Counts one etcd snapshot attempt before a grant.
+    pub fn etcd_snapshot(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.etcd_snapshots
+            .get_or_create(&SnapshotResult { result })
+            .inc();
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -149,23 +268,64 @@ impl Metrics {
 /// The router for `/metrics`, `/healthz` and `/readyz`.
 pub fn router(engine: Arc<Engine>, metrics: Metrics) -> Router {
     Router::new()
-        .route(
-            "/metrics",
-            get(
-                |State((_, metrics)): State<(Arc<Engine>, Metrics)>| async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                },
-            ),
-        )
+        .route("/metrics", get(metrics_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state((engine, metrics))
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), else the
+/// classic text format (`curl | promtool check metrics`, older scrapers).
+async fn metrics_page(
+    State((_, metrics)): State<(Arc<Engine>, Metrics)>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let encoded = metrics.encode();
+    if openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], encoded)
+    } else {
+        (
+            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+            openmetrics_to_text(&encoded),
+        )
+    }
+}
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites an OpenMetrics exposition of gauges, counters and histograms in
+/// the classic text format: a counter family `x` is named `x_total` there
+/// (its samples already are), and `# UNIT` and `# EOF` do not exist.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 async fn readyz(State((engine, _)): State<(Arc<Engine>, Metrics)>) -> impl IntoResponse {
@@ -206,4 +366,37 @@ pub async fn serve(
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_families_with_total_and_has_no_eof() {
+        let metrics = Metrics::new();
+        metrics.grants.inc();
+        metrics.set_holder_phases([("n1", "draining")]);
+        let open = metrics.encode();
+        assert!(open.contains("# TYPE baton_grants counter\n"), "{open}");
+        let text = openmetrics_to_text(&open);
+        assert!(
+            text.contains("# HELP baton_grants_total Grants given.\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE baton_grants_total counter\nbaton_grants_total 1\n"));
+        assert!(text.contains("# TYPE baton_holders gauge\nbaton_holders 0\n"));
+        assert!(text.contains("baton_holder_phase{node=\"n1\",phase=\"draining\"} 1"));
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn holder_phases_follow_the_holders() {
+        let metrics = Metrics::new();
+        metrics.set_holder_phases([("n1", "draining"), ("n2", "failed")]);
+        metrics.set_holder_phases([("n1", "rebooting")]);
+        let text = metrics.encode();
+        assert!(text.contains("baton_holder_phase{node=\"n1\",phase=\"rebooting\"} 1"));
+        assert!(!text.contains("draining") && !text.contains("n2"), "{text}");
+    }
 }

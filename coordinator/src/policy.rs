@@ -61,6 +61,19 @@ pub trait GrantGuard: Send + Sync {
         state: &LeaseState,
         now: DateTime<Utc>,
     ) -> Result<(), String>;
+
+    /// Like [`GrantGuard::check`], seeing the whole queue in FIFO order
+    /// (for rules about order: control-plane nodes first, pools in turn).
+    /// [`decide`] calls this one; the default ignores the queue.
+    fn check_in_queue(
+        &self,
+        candidate: &Waiter,
+        _queue: &[Waiter],
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        self.check(candidate, state, now)
+    }
 }
 
 /// What the rule decided.
@@ -90,7 +103,7 @@ pub fn decide(
             None if decision.grant.is_some() => {
                 Err("another node is being granted the baton".to_string())
             }
-            None => check_waiter(state, waiter, guards, now),
+            None => check_waiter(state, waiter, queue, guards, now),
         };
         match verdict {
             Ok(()) => decision.grant = Some(waiter.node.clone()),
@@ -141,6 +154,7 @@ fn global_block(
 fn check_waiter(
     state: &LeaseState,
     waiter: &Waiter,
+    queue: &[Waiter],
     guards: &[&dyn GrantGuard],
     now: DateTime<Utc>,
 ) -> Result<(), String> {
@@ -151,7 +165,9 @@ fn check_waiter(
             "control-plane node {other} holds the baton; only one control-plane node at a time"
         ));
     }
-    guards.iter().try_for_each(|g| g.check(waiter, state, now))
+    guards
+        .iter()
+        .try_for_each(|g| g.check_in_queue(waiter, queue, state, now))
 }
 
 #[cfg(test)]

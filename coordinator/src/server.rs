@@ -19,11 +19,17 @@ use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
 use crate::metrics::{self, Metrics};
-use crate::policy::Policy;
+use crate::rollout::budget::FailureBudget;
+use crate::rollout::gate::HealthGate;
+use crate::rollout::labels::LabelBook;
+use crate::rollout::notify::Notifier;
+use crate::rollout::observe::Observers;
+use crate::rollout::rule::PolicyRule;
+use crate::rollout::stuck::StuckLocks;
+use crate::rollout::{FlagDefaults, PolicyHandle};
 use crate::service::Services;
 use crate::store::file::FileStore;
 use crate::store::{StateStore, StoreError};
-use crate::window::{MaintenanceWindow, WindowError, WindowSet};
 
 /// Why the coordinator did not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -33,22 +39,26 @@ pub enum ServeError {
         "refusing to start without client authentication: pass --tls-cert/--tls-key with --client-ca (mutual TLS), or --insecure for a lab"
     )]
     NoAuthentication,
-    /// A window string is malformed.
-    #[error(transparent)]
-    Window(#[from] WindowError),
+    /// The policy (file or flags) was refused.
+    #[error("policy refused: {0}")]
+    Policy(#[from] crate::rollout::PolicyError),
     /// The store failed to open or load.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A TLS file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {flag} {path}: {source}")]
     TlsFile {
+        /// The flag that names it.
+        flag: &'static str,
         /// The file.
         path: String,
         /// The error.
         source: std::io::Error,
     },
     /// Binding a listener failed.
-    #[error("binding {addr}: {source}")]
+    #[error(
+        "binding {addr}: {source} (is another process listening there? choose another address with --listen or --metrics-listen)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -82,8 +92,9 @@ pub struct Running {
     pub done: JoinHandle<Result<(), ServeError>>,
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
     std::fs::read(path).map_err(|source| ServeError::TlsFile {
+        flag,
         path: path.display().to_string(),
         source,
     })
@@ -139,13 +150,21 @@ pub async fn start(
             }
             (None, None, false) => return Err(ServeError::NoAuthentication),
         };
+    // The rollout policy: flags are the defaults, the file overrides them.
     // An empty window string (`--window ""`, a trailing `;`) is a mistake,
-    // not "always": it is refused like any other malformed window.
-    let windows = args
-        .windows
-        .iter()
-        .map(|w| w.parse::<MaintenanceWindow>())
-        .collect::<Result<Vec<_>, _>>()?;
+    // not "always": the policy refuses it like any other malformed window.
+    let watch_nodes = args.kube.watch_nodes || args.store == StoreKind::Kubernetes;
+    let rollout_policy = PolicyHandle::load(
+        args.policy.clone(),
+        FlagDefaults {
+            max_concurrent: args.max_concurrent,
+            windows: args.windows.clone(),
+            min_window_remaining: args.min_window_remaining,
+            overdue_after: args.overdue_after,
+            kubernetes: watch_nodes,
+        },
+        chrono::Utc::now(),
+    )?;
     let id = args.id.clone().unwrap_or_else(hostname);
     let config = EngineConfig {
         renew_interval: chrono::Duration::from_std(args.renew_interval)
@@ -154,29 +173,21 @@ pub async fn start(
             .unwrap_or(chrono::Duration::MAX),
         prepare_timeout: args.prepare_timeout,
         initialize: args.initialize,
-        ..EngineConfig::new(
-            Policy {
-                max_concurrent: args.max_concurrent,
-                windows: WindowSet {
-                    windows,
-                    min_remaining: chrono::Duration::from_std(args.min_window_remaining)
-                        .unwrap_or(chrono::Duration::MAX),
-                },
-            },
-            &id,
-        )
+        ..EngineConfig::new(rollout_policy.current().engine_policy.clone(), &id)
     };
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
         (Some(cert), Some(key)) => {
-            let mut tls =
-                ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
             if let Some(ca) = &args.tls.client_ca {
                 // With TokenReview on, agents in the cluster come without a
                 // certificate; one that is presented must still chain to
                 // the CA.
                 tls = tls
-                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_ca_root(Certificate::from_pem(read("--client-ca", ca)?))
                     .client_auth_optional(token_review.is_some());
             }
             Some(tls)
@@ -194,9 +205,28 @@ pub async fn start(
         etcd_guard.iter().map(|g| g.clone() as _).collect();
     // The node watch's guard (Kubernetes): unknown nodes wait, control-plane
     // nodes by label one at a time.
+    // The health gate and alert blockers of the rollout policy (they let
+    // everything through while the policy turns them off).
+    let gate = HealthGate::new(
+        rollout_policy.clone(),
+        kube.as_ref().and_then(KubeWiring::node_facts),
+        kube.as_ref().map(KubeWiring::client),
+    );
+    // Pools, zones and order: labels from the node watch in a cluster,
+    // from the agents' Acquire calls otherwise.
+    let labels = Arc::new(LabelBook::default());
+    let rule = Arc::new(PolicyRule::new(
+        rollout_policy.clone(),
+        kube.as_ref().and_then(KubeWiring::node_facts),
+        labels.clone(),
+    ));
     let guards = guards
         .into_iter()
         .chain(kube.as_ref().map(KubeWiring::guards).unwrap_or_default())
+        .chain([
+            rule.clone() as Arc<dyn crate::policy::GrantGuard>,
+            gate.clone() as Arc<dyn crate::policy::GrantGuard>,
+        ])
         .collect();
     let preparers: Vec<Arc<dyn crate::engine::GrantPreparer>> =
         etcd_guard.iter().map(|g| g.clone() as _).collect();
@@ -219,6 +249,24 @@ pub async fn start(
         tokio::spawn(guard.run());
     }
     tokio::spawn(engine.clone().run_granter());
+    tokio::spawn(rollout_policy.clone().run(engine.clone()));
+    // What acts on the engine's changes: one follower, off its lock.
+    let (releases, releases_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(gate.run(engine.clone(), releases_rx));
+    tokio::spawn(
+        Observers {
+            policy: rollout_policy.clone(),
+            notifier: Notifier::new(rollout_policy.clone(), &id),
+            budget: FailureBudget::default(),
+            rule,
+            stuck: StuckLocks::new(
+                rollout_policy.clone(),
+                kube.as_ref().and_then(KubeWiring::node_facts),
+            ),
+            releases,
+        }
+        .run(engine.clone()),
+    );
     if let Some(kube) = &kube {
         kube.spawn_tasks(engine.clone());
     }
@@ -281,7 +329,9 @@ pub async fn start(
         });
     }
 
-    let services = Services::new(engine.clone(), auth);
+    let services = Services::new(engine.clone(), auth)
+        .with_policy(rollout_policy.clone())
+        .with_labels(labels);
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Authenticator, Credentials, Identity};
 use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot, Step};
 use crate::node::NodeName;
+use crate::rollout::PolicyHandle;
+use crate::rollout::labels::{LabelBook, check_labels};
 use crate::state::{Phase, Progress};
 use crate::status_map::invalid_node;
 use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES};
@@ -26,6 +28,8 @@ use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES}
 pub struct Services {
     engine: Arc<Engine>,
     auth: Arc<dyn Authenticator>,
+    policy: Option<Arc<PolicyHandle>>,
+    labels: Arc<LabelBook>,
     /// One changing call at a time past this point (the engine serializes
     /// them anyway): the wait for it stays cancellable, so calls whose
     /// clients gave up (a slow or down store) leave the queue instead of
@@ -39,8 +43,22 @@ impl Services {
         Self {
             engine,
             auth,
+            policy: None,
+            labels: Arc::new(LabelBook::default()),
             changes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Answers GetPolicy from `policy`.
+    pub fn with_policy(mut self, policy: Arc<PolicyHandle>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Keeps the labels agents send in `labels` (for the policy's selectors).
+    pub fn with_labels(mut self, labels: Arc<LabelBook>) -> Self {
+        self.labels = labels;
+        self
     }
 
     async fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
@@ -167,7 +185,7 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
             .as_ref()
             .map(|p| p.reason.clone())
             .unwrap_or_default(),
-        max_concurrent: engine.config().policy.max_concurrent,
+        max_concurrent: engine.policy().max_concurrent,
         holders: state
             .holders
             .iter()
@@ -212,8 +230,7 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
             })
             .collect(),
         windows: engine
-            .config()
-            .policy
+            .policy()
             .windows
             .windows
             .iter()
@@ -313,6 +330,8 @@ impl Coordinator for Services {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         check_text("reason", &req.reason, REASON_BYTES)?;
+        check_labels(&req.labels).map_err(Status::invalid_argument)?;
+        self.labels.record(&node, req.labels);
         let (ticket, events) = self
             .engine
             .acquire(crate::engine::AcquireRequest {
@@ -503,6 +522,57 @@ impl Admin for Services {
             .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        // Admin-only like Status: webhook URLs are often secrets.
+        self.identity(&request).await?.may_administer()?;
+        let Some(policy) = &self.policy else {
+            return Err(Status::unimplemented(
+                "this coordinator has no policy handle",
+            ));
+        };
+        let loaded = policy.current();
+        let last_error = policy.last_error();
+        Ok(Response::new(pb::GetPolicyResponse {
+            yaml: loaded.yaml(),
+            source: loaded.source.clone(),
+            loaded_at: Some(timestamp(loaded.loaded_at)),
+            file_sha256: loaded.sha256.clone(),
+            last_error: last_error
+                .as_ref()
+                .map(|(e, _)| e.to_string())
+                .unwrap_or_default(),
+            last_error_at: last_error.map(|(_, t)| timestamp(t)),
+        }))
+    }
+
+    async fn plan(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        // Admin-only like Status: it shows every node's state.
+        self.identity(&request).await?.may_administer()?;
+        let plan = self.engine.plan().await?;
+        Ok(Response::new(pb::PlanResponse {
+            entries: plan
+                .entries
+                .into_iter()
+                .map(|e| pb::PlanEntry {
+                    node: e.node.to_string(),
+                    order: e.order,
+                    round: e.round,
+                    reason: e.reason,
+                    control_plane: e.control_plane,
+                    queue_position: e.queue_position,
+                })
+                .collect(),
+            holders: plan.holders.iter().map(ToString::to_string).collect(),
+            computed_at: Some(timestamp(plan.now)),
         }))
     }
 }

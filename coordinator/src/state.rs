@@ -25,6 +25,21 @@ pub use budget::{AUDIT_MAX_BYTES, CUT_MARK, DOCUMENT_MAX_BYTES, OverBudget};
 /// audit is also bounded in bytes ([`AUDIT_MAX_BYTES`]).
 pub const AUDIT_KEEP: usize = 500;
 
+/// The longest reason an automatic audit record keeps (a failed step's
+/// error is cut to this, on a character boundary).
+pub const AUDIT_REASON_MAX: usize = 1024;
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Where a holder is in its maintenance (mirrors `baton.v1.Phase`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -313,6 +328,7 @@ impl LeaseState {
         now: DateTime<Utc>,
     ) -> Result<(), LeaseError> {
         let holding = self.holding_mut(node, token)?;
+        let newly_failed = progress.phase == Phase::Failed && holding.phase != Phase::Failed;
         if holding.phase != progress.phase {
             holding.phase_since = now;
         }
@@ -323,6 +339,17 @@ impl LeaseState {
         holding.message = progress.message;
         holding.error = progress.error;
         holding.last_renewed = now;
+        if newly_failed {
+            // A failure is audited (and so seen by webhooks even when the
+            // node is released right after).
+            let why = if holding.error.is_empty() {
+                holding.message.clone()
+            } else {
+                holding.error.clone()
+            };
+            let why = truncate(&why, AUDIT_REASON_MAX).to_string();
+            self.record(now, "failed", node.as_str(), token, node.as_str(), &why);
+        }
         Ok(())
     }
 

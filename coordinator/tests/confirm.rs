@@ -86,6 +86,7 @@ async fn granted(client: &mut CoordinatorClient<Channel>, node: &str) -> u64 {
             control_plane: true,
             reason: "test".into(),
             manual: false,
+            labels: Default::default(),
         })
         .await
         .unwrap()

@@ -125,6 +125,24 @@ async fn malformed_requests_get_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    for labels in [
+        [("zone".to_string(), "a b".to_string())].into(),
+        [("-zone".to_string(), "a".to_string())].into(),
+        (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect(),
+    ] {
+        let err = lease
+            .acquire(pb::AcquireRequest {
+                node: "n1".into(),
+                labels,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("labels: "), "{}", err.message());
+    }
     let err = admin
         .force_release(pb::ForceReleaseRequest {
             node: "n1".into(),
@@ -212,8 +230,14 @@ async fn an_empty_window_is_an_error_not_always() {
         )
         .await;
         match outcome {
-            Err(baton_coordinator::server::ServeError::Window(e)) => {
-                assert!(e.to_string().contains("is not of the form"), "{e}")
+            // Flag windows are checked with the rollout policy (flags are
+            // its defaults); the error names the flag.
+            Err(baton_coordinator::server::ServeError::Policy(e)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("--window") && e.contains("is not of the form"),
+                    "{e}"
+                )
             }
             Err(e) => panic!("{windows:?}: wrong error {e}"),
             Ok(_) => panic!("{windows:?}: an empty window must not mean \"always\""),

@@ -86,6 +86,14 @@ async fn client_certificates_bind_callers_to_their_node() {
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = n1_admin.watch(pb::WatchRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // Nor the policy (webhook URLs are secrets) or the plan.
+    let err = n1_admin
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = n1_admin.plan(pb::PlanRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
     let err = n1_admin
         .pause(pb::PauseRequest::default())
         .await

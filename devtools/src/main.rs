@@ -14,17 +14,20 @@
 //!   time (`bench_agent`);
 //! - `lab [--nodes N] [--workers M] [--chaos [--seed S]] [--keep]`: a whole
 //!   rollout through real etcd and real reboots, watched from outside
-//!   ([`lab`]).
+//!   ([`lab`]);
+//! - `gen-cli DIR`: completions and man pages of the three programs
+//!   (`gen_cli`; `cargo xtask gen-cli` writes docs/cli).
 
 mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;
+mod gen_cli;
 mod lab;
 mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | lab [--help]\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | lab [--help] | gen-cli DIR\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {
@@ -39,6 +42,7 @@ fn main() -> Result<()> {
         ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
         ["bench", "agent", ..] => bench_agent::run(&args[2..]),
         ["lab", ..] => lab::main(&args[1..]),
+        ["gen-cli", ..] => gen_cli::run(&args[1..]),
         _ => bail!("{USAGE}"),
     }
 }

@@ -142,6 +142,32 @@ impl CoordinatorProcess {
         }
     }
 
+    /// `GET /metrics` as a scraper that does not ask for OpenMetrics (curl,
+    /// `promtool check metrics`) sees it: the body of the classic text format.
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics
+        )
+        .expect("sending the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("reading the response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "a chunked /metrics body: {head}"
+        );
+        body.to_string()
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its status.
     pub fn signal_and_wait(&mut self, signal: Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -163,4 +189,184 @@ impl Drop for CoordinatorProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// A coordinator inside the test process (`server::start`), plaintext and
+/// unauthenticated, on free loopback ports. Stops when dropped.
+pub struct InProcess {
+    /// The running server.
+    pub running: baton_coordinator::server::Running,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl InProcess {
+    /// Starts `serve --insecure` with its data under `dir` (`--initialize`
+    /// while it holds no state) and `extra` arguments (e.g. `--policy=FILE`).
+    pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        use clap::Parser;
+        let mut argv = vec![
+            "baton-coordinator".to_string(),
+            "serve".to_string(),
+            "--insecure".to_string(),
+            "--listen=127.0.0.1:0".to_string(),
+            "--metrics-listen=127.0.0.1:0".to_string(),
+            format!("--data-dir={}", dir.join("data").display()),
+        ];
+        // A new data directory is initialized; a restart finds the state
+        // and must not initialize it again.
+        if !dir.join("data").join("state.json").exists() {
+            argv.push("--initialize".to_string());
+        }
+        argv.extend(extra.iter().cloned());
+        let baton_coordinator::config::Command::Serve(args) =
+            baton_coordinator::config::Cli::try_parse_from(argv)?.command;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = baton_coordinator::server::start(*args, async move {
+            let _ = stopped.await;
+        })
+        .await?;
+        Ok(Self {
+            running,
+            _stop: stop,
+        })
+    }
+
+    /// A lease client.
+    pub async fn lease(
+        &self,
+    ) -> anyhow::Result<
+        baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    > {
+        Ok(
+            baton_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
+                "http://{}",
+                self.running.grpc_addr
+            ))
+            .await?,
+        )
+    }
+
+    /// An admin client.
+    pub async fn admin(
+        &self,
+    ) -> anyhow::Result<baton_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
+        Ok(baton_proto::v1::admin_client::AdminClient::connect(format!(
+            "http://{}",
+            self.running.grpc_addr
+        ))
+        .await?)
+    }
+
+    /// Queues `node` and returns its Acquire stream.
+    pub async fn acquire(
+        &self,
+        node: &str,
+        control_plane: bool,
+    ) -> anyhow::Result<tonic::Streaming<baton_proto::v1::AcquireEvent>> {
+        let request = baton_proto::v1::AcquireRequest {
+            node: node.to_string(),
+            control_plane,
+            reason: "test".to_string(),
+            ..Default::default()
+        };
+        Ok(self.lease().await?.acquire(request).await?.into_inner())
+    }
+
+    /// Queues `node` with `labels` (as `baton-agent --label` sends them).
+    pub async fn acquire_labeled(
+        &self,
+        node: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<tonic::Streaming<baton_proto::v1::AcquireEvent>> {
+        let request = baton_proto::v1::AcquireRequest {
+            node: node.to_string(),
+            reason: "test".to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        Ok(self.lease().await?.acquire(request).await?.into_inner())
+    }
+
+    /// Asks, as holder `node` with `token`, whether it may take `step`
+    /// now: `None` to proceed, else the reason to wait.
+    pub async fn confirm(
+        &self,
+        node: &str,
+        token: u64,
+        step: baton_proto::v1::Step,
+    ) -> anyhow::Result<Option<String>> {
+        let answer = self
+            .lease()
+            .await?
+            .confirm(baton_proto::v1::ConfirmRequest {
+                node: node.to_string(),
+                fencing_token: token,
+                step: step as i32,
+            })
+            .await?
+            .into_inner();
+        Ok((!answer.proceed).then_some(answer.reason))
+    }
+
+    /// Releases `node`'s baton.
+    pub async fn release(&self, node: &str, token: u64) -> anyhow::Result<()> {
+        self.lease()
+            .await?
+            .release(baton_proto::v1::ReleaseRequest {
+                node: node.to_string(),
+                fencing_token: token,
+                reason: "done".to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Reads an Acquire stream until a Queued reason contains `needle`; fails
+/// on a grant, the stream's end, or after `limit`.
+pub async fn wait_reason(
+    stream: &mut tonic::Streaming<baton_proto::v1::AcquireEvent>,
+    needle: &str,
+    limit: Duration,
+) -> anyhow::Result<String> {
+    use baton_proto::v1::acquire_event::Event;
+    let wait = async {
+        loop {
+            match stream.message().await?.and_then(|e| e.event) {
+                Some(Event::Queued(q)) if q.reason.contains(needle) => return Ok(q.reason),
+                Some(Event::Queued(_)) => {}
+                Some(Event::Granted(_)) => {
+                    anyhow::bail!("granted while waiting for a reason containing {needle:?}")
+                }
+                None => anyhow::bail!("the stream ended"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("no reason containing {needle:?} within {limit:?}"))?
+}
+
+/// Reads an Acquire stream until the grant; returns the fencing token.
+/// Fails with "no grant in time" after `limit`.
+pub async fn wait_granted(
+    stream: &mut tonic::Streaming<baton_proto::v1::AcquireEvent>,
+    limit: Duration,
+) -> anyhow::Result<u64> {
+    use baton_proto::v1::acquire_event::Event;
+    let wait = async {
+        loop {
+            match stream.message().await?.and_then(|e| e.event) {
+                Some(Event::Granted(g)) => return Ok(g.fencing_token),
+                Some(Event::Queued(_)) => {}
+                None => anyhow::bail!("the stream ended"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("no grant in time ({limit:?})"))?
 }

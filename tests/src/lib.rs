@@ -5,13 +5,15 @@
 //!
 //! Harnesses for real components live in their own modules:
 //! - [`etcd`]: real etcd clusters on loopback, and coordinator processes;
-//! - [`kube_fake`]: an in-process fake of the Kubernetes API server.
+//! - [`kube_fake`]: an in-process fake of the Kubernetes API server;
+//! - [`prometheus`]: a real Prometheus scraping an exporter the test runs.
 
 pub mod etcd;
 
 pub mod coordinator;
 pub mod kube_fake;
 pub mod nspawn;
+pub mod prometheus;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -56,6 +58,30 @@ pub fn binary(name: &str) -> PathBuf {
     }
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+/// Runs `command` to completion; a failure to start or a non-zero exit is
+/// an error carrying its output (for tests that run real tools:
+/// promtool, podman, kubectl).
+pub fn run_checked(command: &mut Command) -> anyhow::Result<std::process::Output> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let out = command.output().map_err(|e| {
+        anyhow::anyhow!("running {program}: {e} (cargo xtask deps installs what the tests use)")
+    })?;
+    if !out.status.success() {
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        anyhow::bail!(
+            "{program} {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
 }
 
 /// True when this process runs as root (effective uid 0).

@@ -229,6 +229,7 @@ impl Lease {
                 control_plane: self.control_plane,
                 reason: "nemesis".into(),
                 manual: false,
+                labels: Default::default(),
             };
             let outcome = match self.clients[at].clone().acquire(request).await {
                 Err(status) => outcome_of(&status),

@@ -192,6 +192,7 @@ async fn acquire(
         control_plane,
         reason: "reboot required".to_string(),
         manual: false,
+        labels: Default::default(),
     };
     Ok(client.acquire(request).await?.into_inner())
 }
@@ -682,6 +683,7 @@ async fn node_facts_that_cannot_be_refreshed_expire_and_hold_grants_back() -> Re
         control_plane: false,
         reason: "reboot required".to_string(),
         manual: false,
+        labels: Default::default(),
     };
     let mut w1 = client.acquire(request()).await?.into_inner();
     let token = granted(&mut w1).await?;

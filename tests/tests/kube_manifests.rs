@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -187,7 +188,11 @@ fn the_round_trip_check_catches_unknown_and_missing_fields() {
 
 #[test]
 fn every_rbac_rule_says_why() -> Result<()> {
-    for file in ["rbac-agent.yaml", "rbac-coordinator.yaml"] {
+    for file in [
+        "rbac-agent.yaml",
+        "rbac-coordinator.yaml",
+        "rbac-batonctl.yaml",
+    ] {
         let text = std::fs::read_to_string(manifests_dir().join(file))?;
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
@@ -237,7 +242,14 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
         .collect();
     assert_eq!(
         host_paths,
-        BTreeSet::from(["/run", "/run/dbus/system_bus_socket", "/var/lib/baton"])
+        BTreeSet::from([
+            "/run",
+            "/run/dbus/system_bus_socket",
+            "/var/lib/baton",
+            "/var/log",
+            "/run/log",
+            "/etc/machine-id",
+        ])
     );
     assert!(
         volumes
@@ -281,8 +293,64 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
         names.contains(&"baton-coordinator") && names.contains(&"baton-state"),
         "{names:?}"
     );
+    // batonctl --kube: the coordinator admits the batonctl account, which
+    // operators reach through the baton-operator Role.
+    assert!(
+        args.contains(&"--kube-admin=system:serviceaccount:baton-system:batonctl"),
+        "{args:?}"
+    );
+    find(&objects, "ServiceAccount", "batonctl");
+    let operator = find(&objects, "Role", "baton-operator");
+    let token_rule = operator["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .find(|r| r["resources"][0] == "serviceaccounts/token")
+        .context("a serviceaccounts/token rule")?;
+    assert_eq!(token_rule["resourceNames"], serde_json::json!(["batonctl"]));
     find(&objects, "PodDisruptionBudget", "baton-coordinator");
     find(&objects, "NetworkPolicy", "baton-coordinator");
     find(&objects, "Service", "baton-coordinator");
+    Ok(())
+}
+
+#[test]
+fn the_readme_install_steps_name_what_the_manifests_and_code_use() -> Result<()> {
+    let readme = std::fs::read_to_string(manifests_dir().join("../README.md"))?;
+    let install = readme
+        .split("## Installing on a Kubernetes cluster")
+        .nth(1)
+        .context("the install section")?;
+    let objects = all_objects()?;
+    // The images the task builds, retargeted by the kustomization's names.
+    for step in [
+        "cargo xtask image",
+        "kustomize edit set image",
+        "baton-agent=registry.example.com/baton/baton-agent:",
+        "baton-coordinator=registry.example.com/baton/baton-coordinator:",
+        "kubectl apply -k manifests/\n",
+        "kubectl apply -k manifests/monitoring/",
+        "install target/release/kubectl-baton",
+    ] {
+        assert!(
+            install.contains(step),
+            "README install section lacks {step:?}"
+        );
+    }
+    // The Secret the workloads mount, the Role operators are bound to, the
+    // CA ConfigMap batonctl reads by default.
+    let deployment = find(&objects, "Deployment", "baton-coordinator");
+    let secret = deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"]
+        .as_str()
+        .context("the TLS volume")?;
+    assert!(install.contains(&format!("create secret generic {secret}")));
+    find(&objects, "Role", "baton-operator");
+    assert!(install.contains("--role=baton-operator"));
+    let ctl = baton_coordinator::ctl::Cli::try_parse_from(["batonctl", "status"])?;
+    assert!(install.contains(&format!(
+        "create configmap {} --from-file=ca.crt=",
+        ctl.conn.kube.kube_ca_configmap
+    )));
+    assert_eq!(ctl.conn.kube.kube_namespace, "baton-system");
     Ok(())
 }

@@ -45,6 +45,11 @@ pub const BUILD: &[Program] = &[
         "libprotobuf-dev",
         "the build (protoc's well-known types)",
     ),
+    program(
+        "git",
+        "git",
+        "the revision in --version and image labels (without it: \"unknown\")",
+    ),
 ];
 
 /// Real etcd for the guard, the etcd store, the nemesis and the etcd bench.
@@ -66,6 +71,44 @@ pub const NODES: &[Program] = &[
     program("journalctl", "systemd", "the agent (update unit output)"),
 ];
 
+/// Monitoring: a real Prometheus for the health gate and the alert
+/// blockers; promtool checks the alert rules (ours and the tests'), their
+/// unit tests, the dashboard's queries and a real coordinator's /metrics.
+pub const MONITORING: &[Program] = &[
+    program(
+        "prometheus",
+        "prometheus",
+        "health gate and alert blocker tests",
+    ),
+    program(
+        "promtool",
+        "prometheus",
+        "monitoring tests (promtool check/test rules, check metrics), the health gate tests' rules",
+    ),
+];
+
+/// Images: podman builds them from a COPY-only Containerfile on a base
+/// imported from a debootstrap rootfs (no registry, no network).
+pub const IMAGES: &[Program] = &[
+    program("podman", "podman", "cargo xtask image, image tests"),
+    program("debootstrap", "debootstrap", "the images' root filesystem"),
+    program("ldd", "libc-bin", "the coordinator image's libraries"),
+    program(
+        "strip",
+        "binutils",
+        "the images' binaries without debug info",
+    ),
+];
+
+/// Shipped on these machine images (Google's `kubectl` package, not
+/// Debian's): the tests render the manifests with `kubectl kustomize`
+/// exactly as a user would.
+pub const KUBECTL: &[Program] = &[program(
+    "kubectl",
+    "kubectl",
+    "manifest tests (kubectl kustomize)",
+)];
+
 /// Programs of Debian's essential set (or of the packages apt itself needs):
 /// on every Debian 12 machine, so they are checked but never installed.
 pub const ESSENTIAL: &[Program] = &[
@@ -77,12 +120,13 @@ pub const ESSENTIAL: &[Program] = &[
     program("getconf", "libc-bin", "bench agent (clock ticks)"),
     program("dpkg-deb", "dpkg", "building the test packages"),
     program("apt-get", "apt", "this installer"),
+    program("tar", "tar", "importing the images' root filesystems"),
 ];
 
 /// Everything the test command needs (the essential programs are checked
 /// too: a missing one is installed like any other).
 pub fn all() -> Vec<Program> {
-    [BUILD, ETCD, NODES, ESSENTIAL].concat()
+    [BUILD, ETCD, NODES, MONITORING, IMAGES, KUBECTL, ESSENTIAL].concat()
 }
 
 fn is_root() -> bool {

@@ -12,9 +12,12 @@
 //! - `lab`: deps, build, roll an update through a lab cluster of real
 //!   systemd nodes and real etcd (the main job; see baton-devtools);
 //! - `serve`: deps, build, run a local coordinator;
-//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools.
+//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools;
+//! - `image`: the agent and coordinator images (podman, no registry);
+//! - `gen-cli`: completions and man pages into docs/cli (baton-devtools).
 
 mod deps;
+mod image;
 mod util;
 
 use anyhow::{Result, bail};
@@ -29,7 +32,10 @@ tasks:
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
   bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
-  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency";
+  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency
+  gen-cli               regenerate docs/cli (completions, man pages) from the CLIs
+  image [--tag T] [--repository R] [--bins-from DIR]
+                        build localhost/baton-agent and baton-coordinator images with podman (root)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,6 +49,8 @@ fn main() -> Result<()> {
         "lab" => lab(rest),
         "serve" => serve(rest),
         "bench" => bench(rest),
+        "image" => image::run(rest),
+        "gen-cli" => gen_cli(),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
@@ -91,6 +99,23 @@ fn lab(rest: &[String]) -> Result<()> {
     let mut args = vec!["lab".to_string()];
     args.extend(rest.iter().cloned());
     util::run_release_bin("baton-devtools", &args)
+}
+
+/// `cargo xtask gen-cli`: xtask cannot depend on the CLIs (they need the
+/// whole build), so baton-devtools renders them; a test in baton-devtools
+/// fails while docs/cli differs from what this writes.
+fn gen_cli() -> Result<()> {
+    deps::ensure(deps::BUILD)?;
+    let dir = util::workspace_root().join("docs/cli");
+    util::cargo(&[
+        "run",
+        "--quiet",
+        "--package",
+        "baton-devtools",
+        "--",
+        "gen-cli",
+        &dir.display().to_string(),
+    ])
 }
 
 /// `cargo xtask serve`: a local coordinator on 127.0.0.1:7443 (plaintext,

@@ -115,9 +115,11 @@ impl KubernetesArgs {
                 url.parse()
                     .map_err(|e| KubeError::Config(format!("--kube-api-url {url}: {e}")))?,
             ),
-            None => kube::Config::infer()
-                .await
-                .map_err(|e| KubeError::Config(e.to_string()))?,
+            None => kube::Config::infer().await.map_err(|e| {
+                KubeError::Config(format!(
+                    "{e}; in a pod the ServiceAccount's token is mounted automatically (is automountServiceAccountToken off?), elsewhere set KUBECONFIG or --kube-api-url"
+                ))
+            })?,
         };
         config.default_retry = false;
         Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))

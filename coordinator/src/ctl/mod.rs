@@ -2,7 +2,14 @@
 //! Coordinator services; `hold` wraps a manual maintenance command in the
 //! baton. This module is the binary's logic (it uses `anyhow`, as a `main`
 //! does), kept in the library so tests can drive it.
+//!
+//! It reaches the coordinator at `--coordinator` (TLS, optionally mutual),
+//! or with `--kube` through the Kubernetes API ([`kube`]: a port-forward
+//! to the leading pod, authenticated with a ServiceAccount token that the
+//! user's own Kubernetes identity requests). `kubectl-baton`, the kubectl
+//! plugin name of the same program, implies `--kube`.
 
+pub mod kube;
 mod output;
 
 use std::path::PathBuf;
@@ -13,15 +20,18 @@ use anyhow::{Context, bail};
 use baton_proto::v1::{
     self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
 };
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Exit code when `acquire`/`hold` gave up waiting.
 pub const EXIT_TIMEOUT: i32 = 2;
 
-/// batonctl: operate a Baton rollout.
+/// Operate a Baton rollout: status, pause, resume, acquire, release, force-release, hold.
 #[derive(Debug, Parser)]
-#[command(name = "batonctl", version, about)]
+#[command(name = "batonctl", version = crate::VERSION)]
 pub struct Cli {
     /// How to reach the coordinator.
     #[command(flatten)]
@@ -54,7 +64,31 @@ pub struct Connection {
     /// Client key (PEM).
     #[arg(long, global = true, env = "BATON_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Through the Kubernetes API instead (--kube).
+    #[command(flatten)]
+    pub kube: kube::KubeConnection,
 }
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The transport every client of batonctl uses.
+pub type Transport = InterceptedService<Channel, Bearer>;
 
 /// Output format of `status`.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -76,6 +110,20 @@ pub enum Command {
         /// Print again after every change.
         #[arg(long)]
         watch: bool,
+    },
+    /// Show the rollout policy in force, where it came from and when it
+    /// was loaded (and the last refused reload, if any).
+    Policy {
+        /// Output format (table: the YAML with a header).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Dry run: the order the waiting nodes would be granted in and what
+    /// each waits for. Grants nothing.
+    Plan {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
     },
     /// Stop granting (holders finish).
     Pause {
@@ -146,26 +194,62 @@ pub enum Command {
     },
 }
 
-/// Connects to the coordinator.
-pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
+/// Reads a PEM file named by a flag, saying which flag when it cannot.
+fn read_pem(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+}
+
+/// The client certificate of --cert/--key, if given.
+fn client_identity(conn: &Connection) -> anyhow::Result<Option<Identity>> {
+    match (&conn.cert, &conn.key) {
+        (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
+            read_pem("--cert", cert)?,
+            read_pem("--key", key)?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// Connects to the coordinator (directly, or with --kube through the
+/// Kubernetes API).
+pub async fn connect(conn: &Connection) -> anyhow::Result<Transport> {
+    if conn.kube.kube {
+        let kube = kube::connect(
+            &conn.kube,
+            conn.insecure,
+            conn.ca.as_deref(),
+            client_identity(conn)?,
+        )
+        .await?;
+        let bearer = match kube.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the ServiceAccount token is not a valid header value")?,
+            ),
+            None => None,
+        };
+        return Ok(InterceptedService::new(kube.channel, Bearer(bearer)));
+    }
     let mut endpoint = Endpoint::from_shared(conn.coordinator.clone())
-        .with_context(|| format!("bad coordinator URL {:?}", conn.coordinator))?
+        .with_context(|| {
+            format!(
+                "bad coordinator URL {:?}: use https://HOST:PORT (or --kube to go through the Kubernetes API)",
+                conn.coordinator
+            )
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     if conn.coordinator.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &conn.ca {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
+            tls = tls.ca_certificate(Certificate::from_pem(read_pem("--ca", ca)?));
         } else {
             tls = tls.with_native_roots();
         }
-        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
-            let cert =
-                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
-            let key = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-            tls = tls.identity(Identity::from_pem(cert, key));
+        if let Some(identity) = client_identity(conn)? {
+            tls = tls.identity(identity);
         }
         endpoint = endpoint.tls_config(tls)?;
     } else if !conn.insecure {
@@ -174,10 +258,41 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
             conn.coordinator
         );
     }
-    endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", conn.coordinator))
+    let channel = endpoint.connect().await.with_context(|| {
+        format!(
+            "connecting to {} (is the coordinator running and reachable? in a cluster, --kube goes through the Kubernetes API)",
+            conn.coordinator
+        )
+    })?;
+    Ok(InterceptedService::new(channel, Bearer::default()))
+}
+
+/// Parses the command line of `batonctl`, or of `kubectl-baton` (the
+/// kubectl plugin: `kubectl baton ...`), which implies `--kube`.
+pub fn parse_args(plugin: bool) -> Cli {
+    if !plugin {
+        return Cli::parse();
+    }
+    let command = Cli::command()
+        .name("kubectl-baton")
+        .bin_name("kubectl baton");
+    let matches = command.get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.conn.kube.kube = true;
+    cli
+}
+
+/// The whole program: parse, run, print the error, exit.
+pub async fn main(plugin: bool) -> ! {
+    let cli = parse_args(plugin);
+    let name = if plugin { "kubectl baton" } else { "batonctl" };
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -196,6 +311,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let status = admin.status(pb::StatusRequest {}).await?.into_inner();
                 output::print_status(&status, output)?;
             }
+            Ok(0)
+        }
+        Command::Policy { output } => {
+            let policy = admin
+                .get_policy(pb::GetPolicyRequest {})
+                .await?
+                .into_inner();
+            output::print_policy(&policy, output)?;
+            Ok(0)
+        }
+        Command::Plan { output } => {
+            let plan = admin.plan(pb::PlanRequest {}).await?.into_inner();
+            output::print_plan(&plan, output)?;
             Ok(0)
         }
         Command::Pause { reason } => {
@@ -219,6 +347,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 control_plane,
                 reason,
                 manual: false,
+                labels: Default::default(),
             };
             match acquire(&mut lease, request, wait_timeout).await? {
                 Some(granted) => {
@@ -274,7 +403,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// Waits for the grant, printing queue updates on stderr. `None` on timeout;
 /// dropping the stream withdraws the request.
 async fn acquire(
-    lease: &mut CoordinatorClient<Channel>,
+    lease: &mut CoordinatorClient<Transport>,
     request: pb::AcquireRequest,
     wait_timeout: Option<Duration>,
 ) -> anyhow::Result<Option<pb::Granted>> {
@@ -312,7 +441,7 @@ async fn acquire(
 
 /// `batonctl hold`: acquire, run the command while renewing, release.
 async fn hold(
-    mut lease: CoordinatorClient<Channel>,
+    mut lease: CoordinatorClient<Transport>,
     node: String,
     reason: String,
     control_plane: bool,
@@ -324,6 +453,7 @@ async fn hold(
         control_plane,
         reason,
         manual: true,
+        labels: Default::default(),
     };
     let Some(granted) = acquire(&mut lease, request, wait_timeout).await? else {
         return Ok(EXIT_TIMEOUT);
@@ -372,7 +502,7 @@ async fn hold(
 }
 
 async fn release_after_hold(
-    lease: &mut CoordinatorClient<Channel>,
+    lease: &mut CoordinatorClient<Transport>,
     node: &str,
     token: u64,
     reason: &str,

@@ -146,3 +146,109 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
     }
     out
 }
+
+/// The JSON form of the policy in force.
+pub fn policy_json(p: &pb::GetPolicyResponse) -> Value {
+    json!({
+        "source": p.source,
+        "loaded_at": time(p.loaded_at.as_ref()),
+        "file_sha256": p.file_sha256,
+        "last_error": p.last_error,
+        "last_error_at": time(p.last_error_at.as_ref()),
+        "yaml": p.yaml,
+    })
+}
+
+/// Prints the policy: YAML with a header of comments, or JSON.
+pub fn print_policy(p: &pb::GetPolicyResponse, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&policy_json(p))?),
+        Format::Table => {
+            println!("# source: {}", p.source);
+            println!(
+                "# loaded at: {}",
+                time(p.loaded_at.as_ref()).as_str().unwrap_or("?")
+            );
+            if !p.file_sha256.is_empty() {
+                println!("# sha256: {}", p.file_sha256);
+            }
+            if !p.last_error.is_empty() {
+                println!(
+                    "# LAST RELOAD REFUSED at {} (the policy below stays in force): {}",
+                    time(p.last_error_at.as_ref()).as_str().unwrap_or("?"),
+                    p.last_error
+                );
+            }
+            print!("{}", p.yaml);
+        }
+    }
+    Ok(())
+}
+
+/// The JSON form of a plan.
+pub fn plan_json(p: &pb::PlanResponse) -> Value {
+    json!({
+        "computed_at": time(p.computed_at.as_ref()),
+        "holders": p.holders,
+        "entries": p.entries.iter().map(|e| json!({
+            "node": e.node,
+            "order": e.order,
+            "round": e.round,
+            "reason": e.reason,
+            "control_plane": e.control_plane,
+            "queue_position": e.queue_position,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a plan as a table or JSON.
+pub fn print_plan(p: &pb::PlanResponse, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&plan_json(p))?),
+        Format::Table => {
+            println!(
+                "dry run (nothing granted); holders now: {}",
+                if p.holders.is_empty() {
+                    "none".to_string()
+                } else {
+                    p.holders.join(", ")
+                }
+            );
+            if p.entries.is_empty() {
+                println!("no node is waiting");
+                return Ok(());
+            }
+            println!(
+                "{:<6} {:<28} {:<16} {:<6} WAITS FOR",
+                "ORDER", "NODE", "WHEN", "QUEUE"
+            );
+            for e in &p.entries {
+                let order = if e.order == 0 {
+                    "-".to_string()
+                } else {
+                    e.order.to_string()
+                };
+                let when = match (e.order, e.round) {
+                    (0, _) => "not planned".to_string(),
+                    (_, 0) => "now".to_string(),
+                    (_, 1) => "after 1 release".to_string(),
+                    (_, r) => format!("after {r} releases"),
+                };
+                let node = if e.control_plane {
+                    format!("{} (cp)", e.node)
+                } else {
+                    e.node.clone()
+                };
+                println!(
+                    "{:<6} {:<28} {:<16} {:<6} {}",
+                    order,
+                    node,
+                    when,
+                    e.queue_position,
+                    if e.reason.is_empty() { "-" } else { &e.reason }
+                );
+            }
+        }
+    }
+    Ok(())
+}

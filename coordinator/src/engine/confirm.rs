@@ -134,7 +134,7 @@ impl Engine {
             .collect();
         let policy = Policy {
             windows: WindowSet::default(),
-            ..self.config.policy.clone()
+            ..(*self.policy()).clone()
         };
         let waiter = Waiter {
             node: node.clone(),

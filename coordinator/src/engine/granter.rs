@@ -20,7 +20,7 @@ use crate::store::Fence;
 pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
 
 /// Holds back nodes whose preparation failed until their retry time.
-struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
+pub(super) struct PrepareFailures<'a>(pub(super) &'a HashMap<NodeName, (String, DateTime<Utc>)>);
 
 impl GrantGuard for PrepareFailures<'_> {
     fn check(&self, candidate: &Waiter, _: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
@@ -120,7 +120,7 @@ impl Engine {
             &inner.state,
             &queue,
             &inner.unavailable,
-            &self.config.policy,
+            &self.policy(),
             &guards,
             now,
         )
@@ -277,6 +277,12 @@ impl Engine {
     /// queue of a thousand waiters does not cost a thousand messages per
     /// handoff (the granter's one-second tick sends what was held back).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
+        let etcd_blocked = decision
+            .waiting
+            .iter()
+            .filter(|(_, reason)| crate::etcd::is_guard_reason(reason))
+            .count();
+        self.metrics.etcd_blocked_waiters.set(etcd_blocked as i64);
         let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
         let queue_length = inner.queue.len() as u32;
         let now = Instant::now();

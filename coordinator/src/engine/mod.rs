@@ -34,6 +34,9 @@
 
 mod confirm;
 mod granter;
+mod plan;
+
+pub use plan::{Plan, PlanEntry};
 
 pub use confirm::{CONFIRM_RETRY, Confirmation, Step};
 
@@ -71,7 +74,7 @@ pub trait GrantPreparer: Send + Sync {
 /// The engine's settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// The grant rule's settings.
+    /// The grant rule's settings at start (see [`Engine::set_policy`]).
     pub policy: Policy,
     /// How often holders should renew.
     pub renew_interval: Duration,
@@ -271,6 +274,9 @@ pub struct Engine {
     inner: Mutex<Inner>,
     store: Arc<dyn StateStore>,
     config: EngineConfig,
+    /// The grant rule's settings in force (starts as `config.policy`; a
+    /// policy reload replaces it).
+    policy: std::sync::RwLock<Arc<Policy>>,
     guards: Vec<Arc<dyn GrantGuard>>,
     preparers: Vec<Arc<dyn GrantPreparer>>,
     clock: Clock,
@@ -314,6 +320,7 @@ impl Engine {
                 shutting_down: false,
             }),
             store,
+            policy: std::sync::RwLock::new(Arc::new(config.policy.clone())),
             config,
             guards,
             preparers,
@@ -350,6 +357,27 @@ impl Engine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The metrics this engine updates (guards count their own events here).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The grant rule's settings in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new grant rule settings in force (a policy reload) and runs
+    /// the rule again.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.wake.notify_one();
+        self.changed();
     }
 
     /// Current leadership, as the store last published it (it may lag; every
@@ -686,6 +714,16 @@ impl Engine {
             .paused
             .set(i64::from(inner.state.paused.is_some()));
         self.metrics.last_token.set(inner.state.last_token as i64);
+        self.metrics
+            .window_open
+            .set(i64::from(self.policy().windows.check(now).is_ok()));
+        self.metrics.set_holder_phases(
+            inner
+                .state
+                .holders
+                .iter()
+                .map(|(node, h)| (node.as_str(), h.phase.name())),
+        );
     }
 
     /// Queues `request` and returns the channel its progress arrives on, and
@@ -840,6 +878,36 @@ impl Engine {
         warn!(node = %node, token, actor, reason, "force-released by an operator");
         self.after_release(&mut inner, node);
         Ok(token)
+    }
+
+    /// Takes the baton from `node` (audited) only if its holding, as it is
+    /// at the moment of the write, still satisfies `still` (e.g. "token 7
+    /// and still overdue"): a policy's automatic release never hits a
+    /// holder that renewed or was granted again meanwhile. `None` when it
+    /// no longer applies.
+    pub async fn force_release_if(
+        &self,
+        node: &NodeName,
+        actor: &str,
+        reason: &str,
+        still: impl FnOnce(&crate::state::Holding, DateTime<Utc>) -> bool,
+    ) -> Result<Option<u64>, EngineError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        // Judged on the current state: memory whose fence was dropped (a
+        // failed save, a new term) is reloaded first, so a holder that
+        // renewed through another leader is not taken on what was stale.
+        self.ensure_current(&mut inner).await?;
+        let applies = inner.state.holders.get(node).is_some_and(|h| still(h, now));
+        if !applies {
+            return Ok(None);
+        }
+        let token = self
+            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+            .await?;
+        warn!(node = %node, token, actor, reason, "force-released by policy");
+        self.after_release(&mut inner, node);
+        Ok(Some(token))
     }
 
     fn after_release(&self, inner: &mut Inner, node: &NodeName) {
@@ -1012,7 +1080,7 @@ impl Engine {
                 .filter(|(_, h)| h.is_overdue(now, self.config.overdue_after))
                 .map(|(n, _)| n.clone())
                 .collect(),
-            window_open: self.config.policy.windows.check(now).is_ok(),
+            window_open: self.policy().windows.check(now).is_ok(),
             leadership: self.leadership.borrow().clone(),
             now,
         }

@@ -196,6 +196,14 @@ impl EtcdGuard {
                 Some(None) => return,
                 None => continue,
             };
+            let voting = health.members.iter().filter(|m| m.voting());
+            let metrics = engine.metrics();
+            metrics
+                .etcd_voting_members
+                .set(voting.clone().count() as i64);
+            metrics
+                .etcd_healthy_voting_members
+                .set(voting.filter(|m| m.healthy()).count() as i64);
             let state = engine.snapshot().await.state;
             let holders: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
             let (going, back) = self.track(&holders, &health, &state);
@@ -302,16 +310,20 @@ impl EtcdGuard {
                 "etcd: no healthy member other than {member} to take a snapshot from; not granting"
             )
         })?;
-        let mut client = self.prober.client(&source.endpoint).await?;
         let now = (self.clock)();
-        let taken = take(&mut client, &source.name, &self.settings.snapshots, now)
-            .await
-            .map_err(|e| {
-                format!(
-                    "etcd: snapshot from member {} failed ({e}); not granting {}",
-                    source.name, candidate.node
-                )
-            })?;
+        let taken = match self.prober.client(&source.endpoint).await {
+            Ok(mut client) => take(&mut client, &source.name, &self.settings.snapshots, now).await,
+            Err(e) => Err(format!("cannot reach it: {e}")),
+        };
+        if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
+            engine.metrics().etcd_snapshot(taken.is_ok());
+        }
+        let taken = taken.map_err(|e| {
+            format!(
+                "etcd: snapshot from member {} failed ({e}); not granting {}",
+                source.name, candidate.node
+            )
+        })?;
         info!(
             node = %candidate.node,
             source = %source.name,
@@ -596,6 +608,8 @@ mod tests {
         guard.map_by_internal_ip(Arc::new(addresses));
         let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
         assert!(reason.contains("etcd-3"), "{reason}");
+        // baton_etcd_blocked_waiters counts waiters by this prefix.
+        assert!(crate::etcd::is_guard_reason(&reason), "{reason}");
         assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
 
         // All healthy: w1 may go; while it holds the baton, w2 (etcd-2 by

@@ -30,6 +30,13 @@ pub mod wiring;
 
 use std::time::Duration;
 
+/// True when a waiter's reason comes from the etcd guard: every reason the
+/// guard gives (the quorum rule, the member mapping, a failed preparation)
+/// starts with "etcd: ". `baton_etcd_blocked_waiters` counts them.
+pub fn is_guard_reason(reason: &str) -> bool {
+    reason.starts_with("etcd: ")
+}
+
 /// Builds a client for one etcd endpoint (one per member, so that every
 /// probe asks exactly that member).
 pub async fn connect(

@@ -26,7 +26,7 @@ pub enum EtcdConfigError {
     #[error("--etcd-exempt-node: {0}")]
     ExemptNode(#[from] NodeNameError),
     /// A TLS file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path} (--etcd-cacert, --etcd-cert or --etcd-key): {source}")]
     TlsFile {
         /// The file.
         path: String,

@@ -128,9 +128,11 @@ impl KubeArgs {
                 url.parse()
                     .map_err(|e| KubeSetupError::Config(format!("--kube-api-url {url}: {e}")))?,
             ),
-            None => ::kube::Config::infer()
-                .await
-                .map_err(|e| KubeSetupError::Config(e.to_string()))?,
+            None => ::kube::Config::infer().await.map_err(|e| {
+                KubeSetupError::Config(format!(
+                    "{e}; in a pod the ServiceAccount's token is mounted automatically (is automountServiceAccountToken off?), elsewhere set KUBECONFIG or --kube-api-url"
+                ))
+            })?,
         };
         config.default_retry = false;
         ::kube::Client::try_from(config).map_err(|e| KubeSetupError::Config(e.to_string()))
@@ -163,6 +165,11 @@ impl KubeWiring {
             facts: watch_nodes.then(|| Arc::new(nodes::NodeFacts::new(args.node_facts_max_age))),
             yielding: Arc::new(AtomicBool::new(false)),
         }))
+    }
+
+    /// The Kubernetes client.
+    pub fn client(&self) -> ::kube::Client {
+        self.client.clone()
     }
 
     /// The TokenReview authenticator, when `--token-review` is set.

@@ -59,6 +59,8 @@ pub struct NodeFact {
     /// Every InternalIP address (two on a dual-stack node), in the order
     /// the Node lists them.
     pub internal_ips: Vec<IpAddr>,
+    /// The Node's labels (the rollout policy's pools and zones).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The facts of every node, and when they were last confirmed.
@@ -237,6 +239,7 @@ pub fn fact_of(node: &Node) -> NodeFact {
             .filter(|a| a.type_ == "InternalIP")
             .filter_map(|a| a.address.parse().ok())
             .collect(),
+        labels: labels.cloned().unwrap_or_default(),
     }
 }
 
@@ -461,6 +464,11 @@ mod tests {
                 ready: true,
                 control_plane: true,
                 internal_ips: vec!["10.1.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+                labels: [(
+                    "node-role.kubernetes.io/control-plane".to_string(),
+                    String::new()
+                )]
+                .into(),
             }
         );
         assert!(!fact_of(&node("w", "Unknown", false)).ready);

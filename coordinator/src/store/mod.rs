@@ -92,7 +92,9 @@ pub struct Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing the medium failed.
-    #[error("state store i/o on {path}: {source}")]
+    #[error(
+        "state store i/o on {path}: {source} (check --data-dir: it must be writable by this user, on a disk with room)"
+    )]
     Io {
         /// The file or key.
         path: String,
@@ -110,7 +112,9 @@ pub enum StoreError {
         detail: String,
     },
     /// Another coordinator process uses the same data directory.
-    #[error("data directory {path} is in use by another coordinator (lock held on {path}/lock)")]
+    #[error(
+        "data directory {path} is in use by another coordinator (lock held on {path}/lock): stop that one, or give this one its own --data-dir"
+    )]
     Locked {
         /// The directory.
         path: String,

@@ -110,6 +110,7 @@ pub async fn acquire(
             control_plane,
             reason: "test".into(),
             manual: false,
+            labels: Default::default(),
         })
         .await
         .map(|r| r.into_inner())

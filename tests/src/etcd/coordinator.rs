@@ -249,6 +249,7 @@ pub async fn acquire(
             control_plane,
             reason: "test".to_string(),
             manual: false,
+            labels: Default::default(),
         })
         .await?
         .into_inner())

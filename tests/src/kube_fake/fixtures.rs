@@ -1,4 +1,5 @@
-//! Small builders of the objects tests put into the fake:
+//! Small builders of the objects tests put into the fake (and plain
+//! functions for ServiceAccounts and Leases):
 //! `node("n1").control_plane().ready(false)`, `pod("apps", "web-1").on("n1")
 //! .owned_by("ReplicaSet").label("app", "web")`, `pdb("apps", "web")
 //! .min_available(1).selecting("app", "web")`.
@@ -91,6 +92,19 @@ impl PodBuilder {
         self.0["spec"]["terminationGracePeriodSeconds"] = json!(seconds);
         self
     }
+    /// Serves `port` (a container port named `port_name`) at `ip`, which
+    /// the fake's port-forward connects to.
+    pub fn serving(mut self, ip: &str, port_name: &str, port: u16) -> Self {
+        self.0["status"]["podIP"] = json!(ip);
+        self.0["spec"]["containers"][0]["ports"] =
+            json!([{"name": port_name, "containerPort": port, "protocol": "TCP"}]);
+        self
+    }
+    /// Sets its phase (Pending, Succeeded, ...).
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.0["status"]["phase"] = json!(phase);
+        self
+    }
     /// Adds an emptyDir volume.
     pub fn empty_dir(mut self) -> Self {
         self.0["spec"]["volumes"] = json!([{"name": "scratch", "emptyDir": {}}]);
@@ -129,4 +143,19 @@ impl PdbBuilder {
     pub fn build(self) -> Value {
         self.0
     }
+}
+
+/// A ServiceAccount.
+pub fn service_account(namespace: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
+}
+
+/// A coordination.k8s.io/v1 Lease held by `holder` (renewed now).
+pub fn lease(namespace: &str, name: &str, holder: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                 "renewTime": super::now_rfc3339().replace('Z', ".000000Z")},
+    })
 }

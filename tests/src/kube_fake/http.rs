@@ -2,7 +2,7 @@
 //! get, list, watch, create, replace, patch, delete, evictions and
 //! TokenReviews on the shared store.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,13 +10,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::semantics::{
     disruptions_allowed, fields_match, invalid, label_selector_matches, labels_match, merge_patch,
-    parse_query,
+    parse_query, pdb_status,
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 
@@ -140,13 +140,12 @@ fn json_response(code: u16, body: &Value) -> Response {
         .into_response()
 }
 
-async fn handle(
-    State(ctx): State<Ctx>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The largest request body the fake reads.
+const BODY_LIMIT: usize = 16 << 20;
+
+async fn handle(State(ctx): State<Ctx>, request: axum::extract::Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let (method, uri) = (parts.method.clone(), parts.uri.clone());
     wait_while_stalled(&ctx, &method, Target::parse(uri.path()).as_ref()).await;
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
         status(
@@ -156,14 +155,33 @@ async fn handle(
         )
     } else {
         match Target::parse(uri.path()) {
-            Some(target) => route(
-                &ctx,
-                &method,
-                &target,
-                uri.query().unwrap_or(""),
-                &headers,
-                &body,
-            ),
+            Some(Target {
+                ref resource,
+                namespace: Some(ref namespace),
+                name: Some(ref name),
+                sub: Some(ref sub),
+                ..
+            }) if resource == "pods" && sub == "portforward" && method == Method::GET => {
+                super::portforward::serve(
+                    &ctx.api,
+                    namespace,
+                    name,
+                    uri.query().unwrap_or(""),
+                    &parts.headers,
+                    parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+                )
+            }
+            Some(target) => match axum::body::to_bytes(body, BODY_LIMIT).await {
+                Ok(body) => route(
+                    &ctx,
+                    &method,
+                    &target,
+                    uri.query().unwrap_or(""),
+                    &parts.headers,
+                    &body,
+                ),
+                Err(e) => status(413, "RequestEntityTooLarge", &e.to_string()),
+            },
             None => status(
                 404,
                 "NotFound",
@@ -210,13 +228,22 @@ fn route(
             watch(ctx, t, param("resourceVersion"), labels, fields, timeout)
         }
         (&Method::GET, None, _) => list(ctx, t, &labels, &fields),
-        (&Method::GET, Some(name), _) => match ctx.api.lock().objects.get(&t.key(name)) {
-            Some(obj) => json_response(200, obj),
-            None => not_found(t, name),
-        },
+        (&Method::GET, Some(name), _) => {
+            let store = ctx.api.lock();
+            match store.objects.get(&t.key(name)) {
+                Some(obj) if t.resource == "poddisruptionbudgets" => {
+                    json_response(200, &with_budget_status(&store.objects, obj))
+                }
+                Some(obj) => json_response(200, obj),
+                None => not_found(t, name),
+            }
+        }
         (&Method::POST, None, _) if t.resource == "tokenreviews" => token_review(ctx, body),
         (&Method::POST, None, _) => create(ctx, t, body),
         (&Method::POST, Some(name), Some("eviction")) => evict(ctx, t, name, &body),
+        (&Method::POST, Some(name), Some("token")) if t.resource == "serviceaccounts" => {
+            token_request(ctx, t, name, &body)
+        }
         (&Method::PUT, Some(name), _) => replace(ctx, t, name, body),
         (&Method::PATCH, Some(name), _) => {
             let ct = headers
@@ -257,13 +284,37 @@ fn selected(t: &Target, key: &Key, obj: &Value, labels: &str, fields: &str) -> b
         && fields_match(fields, obj)
 }
 
+/// A budget as the API serves it: with the status the disruption
+/// controller would keep, computed from the pods it selects now.
+fn with_budget_status(objects: &BTreeMap<Key, Value>, pdb: &Value) -> Value {
+    let namespace = pdb["metadata"]["namespace"].as_str().unwrap_or_default();
+    let pods: Vec<&Value> = objects
+        .iter()
+        .filter(|((c, ns, _), p)| {
+            c == "v1/pods"
+                && ns == namespace
+                && label_selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"])
+        })
+        .map(|(_, p)| p)
+        .collect();
+    let mut out = pdb.clone();
+    out["status"] = pdb_status(pdb, &pods);
+    out
+}
+
 fn list(ctx: &Ctx, t: &Target, labels: &str, fields: &str) -> Response {
     let store = ctx.api.lock();
-    let items: Vec<&Value> = store
+    let items: Vec<Value> = store
         .objects
         .iter()
         .filter(|(k, v)| selected(t, k, v, labels, fields))
-        .map(|(_, v)| v)
+        .map(|(_, v)| {
+            if t.resource == "poddisruptionbudgets" {
+                with_budget_status(&store.objects, v)
+            } else {
+                v.clone()
+            }
+        })
         .collect();
     let body = json!({
         "apiVersion": t.api_version,
@@ -475,16 +526,21 @@ fn evict(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     }
 }
 
-fn token_review(ctx: &Ctx, body: Value) -> Response {
-    let token = body["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> = body["spec"]["audiences"]
+/// `spec.audiences` of a TokenReview or TokenRequest.
+fn audiences(body: &Value) -> Vec<String> {
+    body["spec"]["audiences"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|s| s.as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn token_review(ctx: &Ctx, body: Value) -> Response {
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let wanted = audiences(&body);
     let known = ctx.api.lock().tokens.get(token).cloned();
     let status = match known {
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
@@ -510,6 +566,65 @@ fn token_review(ctx: &Ctx, body: Value) -> Response {
         "metadata": {"creationTimestamp": null}, "spec": body["spec"], "status": status,
     });
     json_response(201, &review)
+}
+
+/// TokenRequest: a token of an existing ServiceAccount that this fake's
+/// TokenReview then accepts, for the audiences asked (the API server's
+/// default audience when none), living at least the API's 10 minutes.
+fn token_request(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
+    let namespace = t.namespace.clone().unwrap_or_default();
+    let key = (
+        "v1/serviceaccounts".to_string(),
+        namespace.clone(),
+        name.to_string(),
+    );
+    let mut store = ctx.api.lock();
+    if !store.objects.contains_key(&key) {
+        return not_found(t, name);
+    }
+    let seconds = body["spec"]["expirationSeconds"].as_u64().unwrap_or(3600);
+    if seconds < 600 {
+        return status(
+            422,
+            "Invalid",
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        );
+    }
+    let mut audiences = audiences(body);
+    if audiences.is_empty() {
+        audiences.push("https://kubernetes.default.svc.cluster.local".to_string());
+    }
+    store.rv += 1;
+    let token = format!("fake-sa-token-{namespace}-{name}-{}", store.rv);
+    store.tokens.insert(
+        token.clone(),
+        super::FakeToken {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_string(),
+            ],
+            audiences: audiences.clone(),
+            extra: Default::default(),
+        },
+    );
+    let expires = super::semantics::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + seconds,
+    );
+    json_response(
+        201,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": null},
+            "spec": {"audiences": audiences, "expirationSeconds": seconds},
+            "status": {"token": token, "expirationTimestamp": expires},
+        }),
+    )
 }
 
 /// What a watch filters on and how far it has read.

@@ -16,7 +16,10 @@
 //! - list and watch (`?watch=true`, from a resourceVersion or from "now"
 //!   with synthetic ADDED events), with equality-based label selectors and
 //!   field selectors on any dotted path;
-//! - TokenReview against tokens the test issues ([`FakeToken`]);
+//! - TokenReview against tokens the test issues ([`FakeToken`]), and
+//!   TokenRequest (`serviceaccounts/NAME/token`) issuing such tokens;
+//! - `pods/portforward` over WebSocket (`v4.channel.k8s.io`) to the pod's
+//!   `status.podIP` ([`portforward`]);
 //! - JSON merge patches (strategic merge patches are applied as merge
 //!   patches, which is the same for the maps Baton patches).
 //!
@@ -33,6 +36,7 @@
 
 pub mod fixtures;
 mod http;
+pub mod portforward;
 pub mod semantics;
 
 use std::collections::{BTreeMap, HashMap};

@@ -212,6 +212,26 @@ pub fn disruptions_allowed(pdb: &Value, selected: &[&Value]) -> i64 {
     }
 }
 
+/// The status the disruption controller keeps on a budget, from the pods
+/// it selects (integer `minAvailable`/`maxUnavailable` only, as above).
+pub fn pdb_status(pdb: &Value, selected: &[&Value]) -> Value {
+    let healthy = selected.iter().filter(|p| pod_healthy(p)).count() as i64;
+    let expected = selected.len() as i64;
+    let desired = if let Some(min) = pdb["spec"]["minAvailable"].as_i64() {
+        min
+    } else if let Some(max) = pdb["spec"]["maxUnavailable"].as_i64() {
+        (expected - max).max(0)
+    } else {
+        expected
+    };
+    serde_json::json!({
+        "currentHealthy": healthy,
+        "desiredHealthy": desired,
+        "expectedPods": expected,
+        "disruptionsAllowed": disruptions_allowed(pdb, selected).max(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

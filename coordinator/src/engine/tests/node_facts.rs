@@ -16,6 +16,7 @@ fn ready(ready: bool) -> NodeFact {
         ready,
         control_plane: false,
         internal_ips: Vec::new(),
+        labels: BTreeMap::new(),
     }
 }
 
