@@ -248,9 +248,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// coordinators may be upgraded in the middle of a maintenance (a
     /// rolling upgrade, a new leader), and the next step asks Confirm
     /// again, so an upgraded coordinator's "wait" or refusal is never
-    /// skipped. The fallback is as strict as the rest of
-    /// [`Self::confirm_token`]: Ok only after the coordinator accepted the
-    /// token in this process; an error is retried, never taken as a yes.
+    /// skipped. The fallback counts only when the Renew sent right after
+    /// the UNIMPLEMENTED answer is accepted on its first try: an error
+    /// goes back to asking Confirm (the coordinator that answers after an
+    /// outage may be an upgraded one that says "wait"), never taken as a
+    /// yes and never retried as Renew alone.
     pub(super) async fn confirm_step(&self, token: u64, step: Step) -> Result<(), Interrupted> {
         let mut failures = 0u32;
         let mut shown: Option<String> = None;
@@ -293,7 +295,23 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                         %step,
                         "the coordinator cannot confirm steps (an older version); confirming the token with Renew for this step"
                     );
-                    return self.confirm_token(token).await;
+                    // One Renew, right now. If it fails, the coordinator
+                    // that answers next may be an upgraded one (the outage
+                    // may be its upgrade) whose Confirm says "wait": ask
+                    // Confirm again, never retry Renew until a yes.
+                    match self.renew(token).await {
+                        Ok(()) => return Ok(()),
+                        Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
+                        Err(CoordinatorError::Refused(why)) => {
+                            return Err(Interrupted::Refused(why));
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            tracing::warn!(%error, %step, failures, "cannot confirm the token after an UNIMPLEMENTED answer; asking Confirm again");
+                            self.pause(backoff(self.settings.retry_interval, failures))
+                                .await;
+                        }
+                    }
                 }
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
                 Err(CoordinatorError::Refused(why)) => return Err(Interrupted::Refused(why)),

@@ -1071,3 +1071,39 @@ async fn a_failed_report_that_was_lost_is_sent_again() {
         holder.message
     );
 }
+
+/// Red-team of the fixes, A: the coordinator answers UNIMPLEMENTED to
+/// Confirm(update) just before it is upgraded (an outage of a few
+/// seconds), and the upgraded one says "wait". The Renew fallback counts
+/// only when the Renew sent right after the UNIMPLEMENTED answer succeeds
+/// at once; after the outage the agent asks Confirm again and waits.
+#[tokio::test(start_paused = true)]
+async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_unimplemented_calls = 1;
+            s.outage_after_unimplemented = Some(Duration::from_secs(5));
+            s.confirm_waits = vec!["etcd member n3 unhealthy".into()];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    let first_update = s
+        .log
+        .iter()
+        .position(|r| matches!(r, Rec::UpdateStart { .. }))
+        .unwrap();
+    let confirms: Vec<_> = s.log[..first_update]
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Confirmed { answer, .. } => Some(*answer),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        confirms.contains(&"wait"),
+        "the update started after an outage on the old coordinator's UNIMPLEMENTED; the upgraded coordinator was never asked: {confirms:?}"
+    );
+}
