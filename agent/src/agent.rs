@@ -493,17 +493,16 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// asking again, and go idle.
     async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
         tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
-        // The update must not go on once the baton is someone else's.
-        if let (Phase::Updating, Some(token), Some(action)) = (
-            self.state.phase,
-            self.state.fencing_token,
-            self.settings.update.clone(),
-        ) && self.state.update_started == Some(token)
+        // The update must not go on once the baton is someone else's,
+        // whatever the phase: a Failed maintenance (a refused renewal, a
+        // restart that could not tell whether the run ended) may have
+        // left it running, and the node is given back below.
+        if let (Some(token), Some(action)) =
+            (self.state.fencing_token, self.settings.update.clone())
+            && self.state.update_started == Some(token)
         {
             let job = self.job(&action, "update", token);
-            if let Err(error) = self.host.stop(&job).await {
-                tracing::error!(unit = job.unit_name(), %error, "the baton was lost; stopping the update failed");
-            }
+            self.stop_run_of_unknown_end(&job).await;
         }
         let mut failures = 0u32;
         loop {

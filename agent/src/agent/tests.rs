@@ -852,8 +852,17 @@ async fn an_update_past_its_timeout_is_stopped_and_fails() {
     assert!(d.run(2 * HOUR, failed).await);
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("did not finish within 10m"), "{error}");
+    // The host stops a run past its timeout; the agent stops it again
+    // (idempotent), because a timeout may also be a D-Bus call's whose
+    // run goes on.
+    assert!(
+        error.contains("the unit baton-update-1.service was stopped"),
+        "{error}"
+    );
     let s = d.sim.state();
-    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert!(!s.stops.is_empty());
+    assert!(s.stops.iter().all(|u| u == "baton-update-1.service"));
+    assert!(s.units["baton-update-1.service"].ended);
     assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
 }
 
@@ -1106,4 +1115,152 @@ async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
         confirms.contains(&"wait"),
         "the update started after an outage on the old coordinator's UNIMPLEMENTED; the upgraded coordinator was never asked: {confirms:?}"
     );
+}
+
+/// Red-team of the fixes, B: the update unit must not outlive the baton.
+/// A renewal refused for good while the update runs fails the
+/// maintenance; the operator force-releases the Failed node, which is
+/// uncordoned: the update must have been stopped by then.
+#[tokio::test(start_paused = true)]
+async fn a_refused_renewal_stops_the_update_before_the_node_is_given_back() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = HOUR;
+            s.refuse_renew_on_update_start = true;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    // Stopped when the maintenance failed, not only when the baton goes.
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains("the unit baton-update-1.service was stopped"),
+        "{error}"
+    );
+    assert!(d.sim.state().units["baton-update-1.service"].ended);
+    {
+        let mut s = d.sim.state();
+        s.renew_refused = false;
+        s.force_release();
+    }
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    let still_running: Vec<_> = s
+        .units
+        .iter()
+        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(
+        still_running.is_empty(),
+        "idle and uncordoned (cordoned={}) with the update still running: {still_running:?}, stops {:?}",
+        s.cordoned,
+        s.stops
+    );
+}
+
+/// Red-team of the fixes, B: `--update-unit`, the agent restarted while
+/// the update runs (e.g. the update upgrades baton-agent's own package):
+/// Failed ("not starting it a second time"), and the unit must not run
+/// on into the force-release that uncordons the node.
+#[tokio::test(start_paused = true)]
+async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_given_back() {
+    let sim = sim(|s| {
+        kernel_update(s);
+        s.known_units.insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
+        s.update_duration = HOUR;
+    });
+    let d = Driver::new(
+        sim,
+        Settings {
+            update: Some(Action::Unit(UPDATE_UNIT.into())),
+            ..settings()
+        },
+    );
+    assert!(
+        d.run(HOUR, |s, _| s
+            .count(|r| matches!(r, Rec::UpdateStart { .. }))
+            == 1)
+            .await
+    );
+    d.sim.kill();
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains(&format!("the unit {UPDATE_UNIT} was stopped")),
+        "{error}"
+    );
+    assert!(d.sim.state().units[UPDATE_UNIT].ended);
+    d.sim.state().force_release();
+    assert!(
+        d.run(Duration::from_secs(600), |_, a| a
+            .is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    let still_running: Vec<_> = s
+        .units
+        .iter()
+        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(
+        still_running.is_empty(),
+        "idle, cordoned={}, update still running: {still_running:?}, stops {:?}",
+        s.cordoned,
+        s.stops
+    );
+}
+
+/// Red-team of the fixes, B: when stopping the update fails as the
+/// maintenance fails, the run goes on in the Failed phase; giving the
+/// node back after a force-release stops it first, whatever the phase.
+#[tokio::test(start_paused = true)]
+async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state
+        .known_units
+        .insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
+    state.update_duration = HOUR;
+    let sim = Sim::new(
+        state,
+        Faults::OnPoint {
+            point: Point::Stop,
+            nth: 0,
+            fault: Fault::Fail,
+            seen: 0,
+        },
+    );
+    let d = Driver::new(
+        sim,
+        Settings {
+            update: Some(Action::Unit(UPDATE_UNIT.into())),
+            ..settings()
+        },
+    );
+    assert!(
+        d.run(HOUR, |s, _| s
+            .count(|r| matches!(r, Rec::UpdateStart { .. }))
+            == 1)
+            .await
+    );
+    d.sim.kill();
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("stopping the unit"), "{error}");
+    assert!(!d.sim.state().units[UPDATE_UNIT].ended);
+    d.sim.state().force_release();
+    assert!(
+        d.run(Duration::from_secs(600), |_, a| a
+            .is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(s.units[UPDATE_UNIT].ended, "stops {:?}", s.stops);
+    assert!(!s.cordoned);
 }
