@@ -1264,3 +1264,81 @@ async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
     assert!(s.units[UPDATE_UNIT].ended, "stops {:?}", s.stops);
     assert!(!s.cordoned);
 }
+
+/// Red-team of the fixes, C: every renewal succeeds but takes more than a
+/// third of the lease. Renewals scheduled from the last send keep the
+/// lease; the drain must not be stopped as Stale at every lease end and
+/// restarted from scratch forever.
+#[tokio::test(start_paused = true)]
+async fn slow_renewals_do_not_livelock_the_drain() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(4);
+            s.drain_duration = Duration::from_secs(20);
+        }),
+        settings(),
+    );
+    let finished = d.run(HOUR, |s, a| done(s, a) || failed(s, a)).await;
+    let s = d.sim.state();
+    let drains = s.count(|r| matches!(r, Rec::Prepare(_)));
+    assert!(
+        finished,
+        "after an hour: not done and not failed; {drains} drains started, {} renewals, phase {:?}",
+        s.renews,
+        d.agent_state().map(|a| a.phase)
+    );
+}
+
+/// Red-team of the fixes, C: renewals answered after more than half of
+/// the lease cannot keep it (each is late for the lease it renews): the
+/// drain is stopped at every lease end. After a bounded number of
+/// restarts the maintenance is aborted: the node given back, the baton
+/// released, nothing updated.
+#[tokio::test(start_paused = true)]
+async fn a_drain_stopped_by_the_lease_again_and_again_is_aborted() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(6);
+            s.drain_duration = Duration::from_secs(20);
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none()
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    let drains = s.count(|r| matches!(r, Rec::Prepare(_)));
+    assert_eq!(drains, MAX_STALE_RESTARTS as usize);
+    assert!(!s.cordoned);
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 0);
+    assert_eq!(s.releases(), vec![1]);
+    assert!(
+        d.agent_state().unwrap().hold_back.is_some(),
+        "holds back before asking again"
+    );
+}
+
+/// Red-team of the fixes, C: a renewal answered after the lease it grants
+/// ran out confirms nothing: no drain starts on it.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_answered_after_its_lease_ran_out_confirms_nothing() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(10);
+        }),
+        settings(),
+    );
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    let s = d.sim.state();
+    assert!(s.renews > 3, "kept asking: {} renewals", s.renews);
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0);
+    assert_eq!(d.agent_state().unwrap().phase, Phase::Preparing);
+}
