@@ -1149,33 +1149,25 @@ async fn a_refused_renewal_stops_the_update_before_the_node_is_given_back() {
             .await
     );
     let s = d.sim.state();
-    let still_running: Vec<_> = s
-        .units
-        .iter()
-        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
-        .map(|(n, _)| n.clone())
-        .collect();
     assert!(
-        still_running.is_empty(),
-        "idle and uncordoned (cordoned={}) with the update still running: {still_running:?}, stops {:?}",
+        running_units(&s).is_empty(),
+        "idle (cordoned={}) with the update still running; stops {:?}",
         s.cordoned,
         s.stops
     );
 }
 
-/// Red-team of the fixes, B: `--update-unit`, the agent restarted while
-/// the update runs (e.g. the update upgrades baton-agent's own package):
-/// Failed ("not starting it a second time"), and the unit must not run
-/// on into the force-release that uncordons the node.
-#[tokio::test(start_paused = true)]
-async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_given_back() {
-    let sim = sim(|s| {
-        kernel_update(s);
-        s.known_units.insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
-        s.update_duration = HOUR;
-    });
+/// An agent with `--update-unit` (an hour-long run), killed while the
+/// update runs and restarted, until it is Failed.
+async fn update_unit_killed_mid_run(faults: Faults) -> Driver {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state
+        .known_units
+        .insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
+    state.update_duration = HOUR;
     let d = Driver::new(
-        sim,
+        Sim::new(state, faults),
         Settings {
             update: Some(Action::Unit(UPDATE_UNIT.into())),
             ..settings()
@@ -1189,6 +1181,25 @@ async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_gi
     );
     d.sim.kill();
     assert!(d.run(HOUR, failed).await);
+    d
+}
+
+/// The units whose run goes on now.
+fn running_units(s: &SimState) -> Vec<String> {
+    s.units
+        .iter()
+        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Red-team of the fixes, B: `--update-unit`, the agent restarted while
+/// the update runs (e.g. the update upgrades baton-agent's own package):
+/// Failed ("not starting it a second time"), and the unit must not run
+/// on into the force-release that uncordons the node.
+#[tokio::test(start_paused = true)]
+async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_given_back() {
+    let d = update_unit_killed_mid_run(Faults::None).await;
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(
         error.contains(&format!("the unit {UPDATE_UNIT} was stopped")),
@@ -1202,18 +1213,7 @@ async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_gi
             .await
     );
     let s = d.sim.state();
-    let still_running: Vec<_> = s
-        .units
-        .iter()
-        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
-        .map(|(n, _)| n.clone())
-        .collect();
-    assert!(
-        still_running.is_empty(),
-        "idle, cordoned={}, update still running: {still_running:?}, stops {:?}",
-        s.cordoned,
-        s.stops
-    );
+    assert!(running_units(&s).is_empty(), "stops {:?}", s.stops);
 }
 
 /// Red-team of the fixes, B: when stopping the update fails as the
@@ -1221,36 +1221,13 @@ async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_gi
 /// node back after a force-release stops it first, whatever the phase.
 #[tokio::test(start_paused = true)]
 async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
-    let mut state = SimState::default();
-    kernel_update(&mut state);
-    state
-        .known_units
-        .insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
-    state.update_duration = HOUR;
-    let sim = Sim::new(
-        state,
-        Faults::OnPoint {
-            point: Point::Stop,
-            nth: 0,
-            fault: Fault::Fail,
-            seen: 0,
-        },
-    );
-    let d = Driver::new(
-        sim,
-        Settings {
-            update: Some(Action::Unit(UPDATE_UNIT.into())),
-            ..settings()
-        },
-    );
-    assert!(
-        d.run(HOUR, |s, _| s
-            .count(|r| matches!(r, Rec::UpdateStart { .. }))
-            == 1)
-            .await
-    );
-    d.sim.kill();
-    assert!(d.run(HOUR, failed).await);
+    let d = update_unit_killed_mid_run(Faults::OnPoint {
+        point: Point::Stop,
+        nth: 0,
+        fault: Fault::Fail,
+        seen: 0,
+    })
+    .await;
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("stopping the unit"), "{error}");
     assert!(!d.sim.state().units[UPDATE_UNIT].ended);
@@ -1261,7 +1238,7 @@ async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
             .await
     );
     let s = d.sim.state();
-    assert!(s.units[UPDATE_UNIT].ended, "stops {:?}", s.stops);
+    assert!(running_units(&s).is_empty(), "stops {:?}", s.stops);
     assert!(!s.cordoned);
 }
 
