@@ -123,6 +123,12 @@ pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 /// (the machine does not go down).
 pub const MAX_REBOOT_REQUESTS: u32 = 3;
 
+/// How many times in a row a step may be stopped because the lease ran out
+/// before the agent gives up on it (renewals answered too late for the
+/// lease they grant would otherwise restart it forever): Preparing is
+/// aborted (the node given back, the baton released), a later step fails.
+pub const MAX_STALE_RESTARTS: u32 = 5;
+
 /// How long showing a phase change on the node may take (best effort).
 const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -173,6 +179,9 @@ pub struct Agent<H, C, N> {
     blockers: Option<Vec<String>>,
     /// The hold-back last logged (so that it is logged once).
     announced_hold_back: Option<u64>,
+    /// Times in a row the current step was stopped because the lease ran
+    /// out (reset by every phase change).
+    stale_restarts: u32,
 }
 
 impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
@@ -198,6 +207,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             lease: Mutex::default(),
             blockers: None,
             announced_hold_back: None,
+            stale_restarts: 0,
         }
     }
 
@@ -245,10 +255,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         match result {
             Ok(()) | Err(Interrupted::Shutdown) => Ok(()),
             Err(Interrupted::Fenced(why)) => self.lost_baton(&why).await,
-            Err(Interrupted::Stale) => {
-                tracing::warn!(phase = %self.state.phase, "the lease is older than the coordinator allows: no new step until the token is confirmed again");
-                Ok(())
-            }
+            Err(Interrupted::Stale) => self.stale().await,
             Err(Interrupted::Refused(why)) => {
                 if self.state.phase.holds_baton() && self.state.phase != Phase::Failed {
                     match self.fail(why, "").await {
@@ -261,6 +268,38 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 Ok(())
             }
             Err(Interrupted::Fatal(error)) => Err(error),
+        }
+    }
+
+    /// A step was stopped because the lease ran out: it runs again once
+    /// the token is confirmed, at most [`MAX_STALE_RESTARTS`] times in a
+    /// row; then Preparing is aborted (nothing was taken down: give the
+    /// node back and release) and a later step fails (the baton is kept).
+    async fn stale(&mut self) -> Result<(), AgentError> {
+        self.stale_restarts += 1;
+        let phase = self.state.phase;
+        if self.stale_restarts < MAX_STALE_RESTARTS {
+            tracing::warn!(%phase, restarts = self.stale_restarts, "the lease is older than the coordinator allows: no new step until the token is confirmed again");
+            return Ok(());
+        }
+        let why = format!(
+            "the lease ran out {} times in a row while {phase} ran (renewals answered too late or not at all); giving up on the step",
+            self.stale_restarts
+        );
+        match phase {
+            Phase::Preparing => {
+                tracing::error!(why, "aborting the maintenance");
+                self.state.error = Some(why);
+                self.advance(Event::PrepareAborted, "maintenance aborted")
+                    .await
+            }
+            phase if phase.holds_baton() && phase != Phase::Failed => {
+                match self.fail(why, "").await {
+                    Err(Interrupted::Fatal(error)) => Err(error),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -361,6 +400,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// (a bug) fails the maintenance instead of panicking.
     async fn advance(&mut self, event: Event, message: &str) -> Result<(), AgentError> {
         let from = self.state.phase;
+        self.stale_restarts = 0;
         let error = self.state.error.clone();
         match transition(self.state.phase, &event) {
             Ok(next) => self.state.phase = next,
@@ -493,17 +533,16 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// asking again, and go idle.
     async fn lost_baton(&mut self, why: &str) -> Result<(), AgentError> {
         tracing::warn!(why, phase = %self.state.phase, "the baton is no longer ours; giving the node back");
-        // The update must not go on once the baton is someone else's.
-        if let (Phase::Updating, Some(token), Some(action)) = (
-            self.state.phase,
-            self.state.fencing_token,
-            self.settings.update.clone(),
-        ) && self.state.update_started == Some(token)
+        // The update must not go on once the baton is someone else's,
+        // whatever the phase: a Failed maintenance (a refused renewal, a
+        // restart that could not tell whether the run ended) may have
+        // left it running, and the node is given back below.
+        if let (Some(token), Some(action)) =
+            (self.state.fencing_token, self.settings.update.clone())
+            && self.state.update_started == Some(token)
         {
             let job = self.job(&action, "update", token);
-            if let Err(error) = self.host.stop(&job).await {
-                tracing::error!(unit = job.unit_name(), %error, "the baton was lost; stopping the update failed");
-            }
+            self.stop_run_of_unknown_end(&job).await;
         }
         let mut failures = 0u32;
         loop {

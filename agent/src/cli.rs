@@ -207,9 +207,9 @@ pub struct SentinelArgs {
         default_values = ["/var/run/reboot-required", "/run/reboot-required"]
     )]
     pub reboot_sentinels: Vec<PathBuf>,
-    /// A shell command that exits 0 when a reboot is required (another exit
-    /// status means no; 126, 127, a signal or `--check-timeout` is no
-    /// answer, never "no").
+    /// A shell command that exits 0 when a reboot is required and 1 when
+    /// not; any other exit status (126, 127, 124, 137, ...), a signal or
+    /// `--check-timeout` is no answer, never "no".
     #[arg(long, env = "BATON_REBOOT_SENTINEL_COMMAND")]
     pub reboot_sentinel_command: Option<String>,
     /// A shell command that exits 0 when updates are available (the same

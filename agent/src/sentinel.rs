@@ -4,10 +4,11 @@
 //! [`Sentinels`] answers the question on demand, in three ways: yes, no, or
 //! "cannot tell" ([`SentinelError`]). "No" needs every source to say no: a
 //! sentinel path that is missing (and not a dangling symlink), a command
-//! that exits non-zero. Anything else that is not a plain yes (a directory
+//! that exits 1. Anything else that is not a plain yes (a directory
 //! or a FIFO where the file should be, a permission or I/O error, a look
 //! at the file or a command that does not finish within the check
-//! timeout, a command the shell cannot run or that dies of a signal) is an
+//! timeout, a command that exits with another non-zero status, that the
+//! shell cannot run or that dies of a signal) is an
 //! error, never read as "no": after an update, "no" would release the
 //! baton without the reboot the update asked for. Each caller decides what
 //! the safe side is (see the agent's steps). A plain yes from any source
@@ -152,9 +153,10 @@ fn kind(t: std::fs::FileType) -> Entry {
 pub struct Sentinels {
     /// Files whose existence means "reboot required".
     pub files: Vec<PathBuf>,
-    /// A command whose exit status 0 means "reboot required" (another
-    /// non-zero status means no; 126 and 127, the shell's "cannot run
-    /// it", and a death by signal are errors).
+    /// A command whose exit status 0 means "reboot required" and 1 means
+    /// no; any other status (126 and 127, the shell's "cannot run it",
+    /// 124 from `timeout`, 137 from a child killed inside `sh -c`, ...) and
+    /// a death by signal are errors.
     pub command: Option<String>,
     /// A command whose exit status 0 means "updates are available" (the
     /// same rules).
@@ -278,9 +280,9 @@ impl Sentinels {
 }
 
 /// Run `command` with `/bin/sh -c`: true when it exits 0 within `timeout`,
-/// false for another exit status; an error when it cannot start, times
-/// out, dies of a signal, or the shell cannot find or run it (126, 127).
-/// Not knowing is never read as "no".
+/// false when it exits 1; an error for any other exit status (the shell's
+/// 126 and 127 included), when it cannot start, times out or dies of a
+/// signal. Not knowing is never read as "no".
 async fn run_check(command: &str, timeout: Duration) -> Result<bool, SentinelError> {
     let failed = |why: String| SentinelError::Command {
         command: command.to_string(),
@@ -295,10 +297,16 @@ async fn run_check(command: &str, timeout: Duration) -> Result<bool, SentinelErr
     match tokio::time::timeout(timeout, child).await {
         Ok(Ok(status)) => match status.code() {
             Some(0) => Ok(true),
+            Some(1) => Ok(false),
             Some(code @ (126 | 127)) => Err(failed(format!(
                 "the shell could not run it (exit status {code})"
             ))),
-            Some(_) => Ok(false),
+            // 2 (grep's I/O error), 124 (`timeout`), 128+n (a child killed
+            // inside `sh -c`, e.g. 137 for an OOM kill), 255 (ssh): the
+            // command failed, it did not say "no".
+            Some(code) => Err(failed(format!(
+                "exit status {code} is neither 0 (yes) nor 1 (no)"
+            ))),
             None => Err(failed(format!("ended without an exit status ({status})"))),
         },
         Ok(Err(error)) => Err(failed(format!("cannot start /bin/sh: {error}"))),
@@ -450,6 +458,26 @@ mod tests {
         assert!(!s.reboot_required().await.unwrap());
         s.command = Some("true".into());
         assert!(s.reboot_required().await.unwrap());
+    }
+
+    /// Red-team of issue 10's fixes: only exit 1 is "no". A child killed
+    /// inside `sh -c` (137), `timeout` (124), grep's I/O error (2) or
+    /// ssh's connection failure (255) is no answer, never "no".
+    #[tokio::test]
+    async fn only_exit_status_1_is_a_no() {
+        let t = Duration::from_secs(5);
+        for command in [
+            "exit 2",
+            "exit 124",
+            "sh -c 'kill -9 $$'; exit $?",
+            "exit 255",
+            "exit 3",
+        ] {
+            let error = run_check(command, t).await.unwrap_err().to_string();
+            assert!(error.contains("exit status"), "{command}: {error}");
+        }
+        assert!(!run_check("exit 1", t).await.unwrap());
+        assert!(run_check("exit 0", t).await.unwrap());
     }
 
     /// Red-team finding 1: a command that hangs, cannot be run or dies of

@@ -12,7 +12,9 @@
 //! when the renewal was *sent*; if the coordinator did not say, its
 //! `overdue_at` answer, kept between one and three renew intervals (it is
 //! read on this node's clock, which may be skewed); if neither, three renew
-//! intervals (see [`allowance`]). Once that has passed without a successful
+//! intervals (see [`allowance`]). A renewal answered after the lease it
+//! grants ran out counts for nothing (a failed attempt). Once that has
+//! passed without a successful
 //! renewal (a renewal that hangs is none), a step that starts things (a
 //! drain evicting pods) is stopped at once and no new step starts until the
 //! coordinator answers again. A unit already running is not stopped for a
@@ -42,6 +44,9 @@ pub(super) struct LeaseView {
     /// Until when the last successful renewal counts (None: no renewal
     /// in this process yet).
     valid_until: Option<Instant>,
+    /// When the last successful renewal was sent (the next one is timed
+    /// from it).
+    sent_at: Option<Instant>,
 }
 
 /// What to do with a running step when the lease gets too old.
@@ -101,7 +106,10 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             .max(super::MIN_RENEW_INTERVAL)
     }
 
-    fn note_renewed(&self, sent_at: Instant, overdue_at: Option<SystemTime>) {
+    /// Record a renewal sent at `sent_at` and answered now. False, and
+    /// nothing recorded, when the answer came after the lease it grants
+    /// ran out: it confirms nothing now, and counts as a failed attempt.
+    fn note_renewed(&self, sent_at: Instant, overdue_at: Option<SystemTime>) -> bool {
         let until = sent_at
             + allowance(
                 self.state
@@ -112,10 +120,34 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 (self.clock)(),
                 self.renew_interval(),
             );
-        self.lease
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .valid_until = Some(until);
+        if Instant::now() >= until {
+            tracing::warn!(
+                took = ?Instant::now().saturating_duration_since(sent_at),
+                "the coordinator answered after the lease it granted ran out; not counted"
+            );
+            return false;
+        }
+        let mut view = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        view.valid_until = Some(until);
+        view.sent_at = Some(sent_at);
+        true
+    }
+
+    /// When to send the next renewal: a third of the lease (at most the
+    /// renew interval) after the last one was *sent*, so that it is
+    /// answered before that one runs out even when every answer takes a
+    /// while (timed from the answer, a slow coordinator would make every
+    /// renewal land after the lease ended). Now when none counts.
+    fn next_renewal_at(&self) -> Instant {
+        let view = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        match (view.sent_at, view.valid_until) {
+            (Some(sent), Some(until)) => {
+                sent + self
+                    .renew_interval()
+                    .min(until.saturating_duration_since(sent) / 3)
+            }
+            _ => Instant::now(),
+        }
     }
 
     /// Until when the last renewal in this process counts (None: none
@@ -149,8 +181,12 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     pub(super) async fn renew(&self, token: u64) -> Result<(), CoordinatorError> {
         let sent_at = Instant::now();
         let renewed = self.call(self.coordinator.renew(token)).await?;
+        if !self.note_renewed(sent_at, renewed.overdue_at) {
+            return Err(CoordinatorError::Call(
+                "the renewal was answered after the lease it granted ran out".into(),
+            ));
+        }
         tracing::debug!(token, "renewed");
-        self.note_renewed(sent_at, renewed.overdue_at);
         Ok(())
     }
 
@@ -186,9 +222,9 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         }
     }
 
-    /// Run `step` with the baton: confirm the token first, then renew every
-    /// renew interval (and before half of what is left of the lease) while
-    /// it runs. A refused token stops the step (`Fenced`); a lease older
+    /// Run `step` with the baton: confirm the token first, then renew while
+    /// it runs, each renewal sent a third of the lease (at most the renew
+    /// interval) after the last one was sent (see `next_renewal_at`). A refused token stops the step (`Fenced`); a lease older
     /// than the coordinator allows stops it when `on_stale` says so
     /// (`Stale`), at the moment it runs out, even while a renewal hangs.
     pub(super) async fn holding<T>(
@@ -201,18 +237,14 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         let renewals = async {
             let mut failures = 0u32;
             loop {
-                let wait = if failures == 0 {
-                    // Renew before the lease runs out even when the
-                    // coordinator's interval is longer than its allowance.
-                    let left = self.lease_valid_until().map_or(Duration::ZERO, |until| {
-                        until.saturating_duration_since(Instant::now())
-                    });
-                    self.renew_interval()
-                        .min((left / 2).max(super::MIN_RENEW_INTERVAL))
+                if failures == 0 {
+                    tokio::time::sleep_until(self.next_renewal_at()).await;
                 } else {
-                    backoff(self.settings.retry_interval, failures).min(self.renew_interval())
-                };
-                tokio::time::sleep(wait).await;
+                    tokio::time::sleep(
+                        backoff(self.settings.retry_interval, failures).min(self.renew_interval()),
+                    )
+                    .await;
+                }
                 match self.renew(token).await {
                     Ok(()) => failures = 0,
                     Err(CoordinatorError::Fenced(why)) => return Interrupted::Fenced(why),
@@ -248,9 +280,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// coordinators may be upgraded in the middle of a maintenance (a
     /// rolling upgrade, a new leader), and the next step asks Confirm
     /// again, so an upgraded coordinator's "wait" or refusal is never
-    /// skipped. The fallback is as strict as the rest of
-    /// [`Self::confirm_token`]: Ok only after the coordinator accepted the
-    /// token in this process; an error is retried, never taken as a yes.
+    /// skipped. The fallback counts only when the Renew sent right after
+    /// the UNIMPLEMENTED answer is accepted on its first try: an error
+    /// goes back to asking Confirm (the coordinator that answers after an
+    /// outage may be an upgraded one that says "wait"), never taken as a
+    /// yes and never retried as Renew alone.
     pub(super) async fn confirm_step(&self, token: u64, step: Step) -> Result<(), Interrupted> {
         let mut failures = 0u32;
         let mut shown: Option<String> = None;
@@ -264,10 +298,15 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                     proceed: true,
                     overdue_at,
                     ..
-                }) => {
-                    self.note_renewed(sent_at, overdue_at);
+                }) if self.note_renewed(sent_at, overdue_at) => {
                     tracing::info!(token, %step, "the coordinator confirmed the step");
                     return Ok(());
+                }
+                Ok(Confirmation { proceed: true, .. }) => {
+                    // Answered after its own lease ran out: no yes now.
+                    failures += 1;
+                    self.pause(backoff(self.settings.retry_interval, failures))
+                        .await;
                 }
                 Ok(answer) => {
                     self.note_renewed(sent_at, answer.overdue_at);
@@ -293,7 +332,23 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                         %step,
                         "the coordinator cannot confirm steps (an older version); confirming the token with Renew for this step"
                     );
-                    return self.confirm_token(token).await;
+                    // One Renew, right now. If it fails, the coordinator
+                    // that answers next may be an upgraded one (the outage
+                    // may be its upgrade) whose Confirm says "wait": ask
+                    // Confirm again, never retry Renew until a yes.
+                    match self.renew(token).await {
+                        Ok(()) => return Ok(()),
+                        Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
+                        Err(CoordinatorError::Refused(why)) => {
+                            return Err(Interrupted::Refused(why));
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            tracing::warn!(%error, %step, failures, "cannot confirm the token after an UNIMPLEMENTED answer; asking Confirm again");
+                            self.pause(backoff(self.settings.retry_interval, failures))
+                                .await;
+                        }
+                    }
                 }
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
                 Err(CoordinatorError::Refused(why)) => return Err(Interrupted::Refused(why)),

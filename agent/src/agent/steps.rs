@@ -269,11 +269,14 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             if resumed && matches!(job, Job::Unit(_)) {
                 // StartUnit of a unit whose run has ended starts it again;
                 // whether this grant's run ended cannot be told, so do not
-                // risk a second run.
+                // risk a second run. Nor may a run that still goes on
+                // outlive the Failed phase: a force-release gives the node
+                // back, mid-update.
+                let stopped = self.stop_run_of_unknown_end(&job).await;
                 return self
                     .fail(
                         format!(
-                            "the update unit {} was started for this grant before the agent restarted; not starting it a second time (check its result, then force-release)",
+                            "the update unit {} was started for this grant before the agent restarted; not starting it a second time, and {stopped} (check its result, then force-release)",
                             job.unit_name()
                         ),
                         "",
@@ -344,14 +347,44 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         what: &str,
     ) -> Result<Result<crate::host::UnitOutcome, (String, String)>, Interrupted> {
         let run = self.host.run(job, timeout);
-        Ok(match self.holding(token, OnStale::Continue, run).await? {
-            Ok(outcome) if outcome.success => Ok(outcome),
-            Ok(outcome) => Err((
+        match self.holding(token, OnStale::Continue, run).await {
+            Ok(Ok(outcome)) if outcome.success => Ok(Ok(outcome)),
+            Ok(Ok(outcome)) => Ok(Err((
                 format!("{what} {} failed: {}", job.unit_name(), outcome.detail),
                 outcome.output_tail,
-            )),
-            Err(error) => Err((format!("{what}: {error}"), String::new())),
-        })
+            ))),
+            // How the run ended is not known (a D-Bus error mid-run; a
+            // timeout was stopped by the host already): make sure it does
+            // not go on behind a Failed phase.
+            Ok(Err(error)) => {
+                let stopped = self.stop_run_of_unknown_end(job).await;
+                Ok(Err((format!("{what}: {error}; {stopped}"), String::new())))
+            }
+            // The unit goes on by itself; a restarted agent follows it.
+            Err(Interrupted::Shutdown) => Err(Interrupted::Shutdown),
+            // Refused for good: the maintenance fails, and the run must
+            // not outlive it.
+            Err(Interrupted::Refused(why)) => {
+                let stopped = self.stop_run_of_unknown_end(job).await;
+                Err(Interrupted::Refused(format!("{why}; {stopped}")))
+            }
+            Err(other) => {
+                self.stop_run_of_unknown_end(job).await;
+                Err(other)
+            }
+        }
+    }
+
+    /// Stop the unit of `job`, whose run may still go on (stopping one
+    /// that does not run is no error); what happened, for the reason.
+    pub(super) async fn stop_run_of_unknown_end(&self, job: &Job) -> String {
+        match self.host.stop(job).await {
+            Ok(()) => format!("the unit {} was stopped", job.unit_name()),
+            Err(error) => {
+                tracing::error!(unit = job.unit_name(), %error, "stopping a run of unknown end failed");
+                format!("stopping the unit {} failed: {error}", job.unit_name())
+            }
+        }
     }
 
     /// Rebooting, on the boot the reboot was asked from: ask (again). The

@@ -852,8 +852,17 @@ async fn an_update_past_its_timeout_is_stopped_and_fails() {
     assert!(d.run(2 * HOUR, failed).await);
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("did not finish within 10m"), "{error}");
+    // The host stops a run past its timeout; the agent stops it again
+    // (idempotent), because a timeout may also be a D-Bus call's whose
+    // run goes on.
+    assert!(
+        error.contains("the unit baton-update-1.service was stopped"),
+        "{error}"
+    );
     let s = d.sim.state();
-    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert!(!s.stops.is_empty());
+    assert!(s.stops.iter().all(|u| u == "baton-update-1.service"));
+    assert!(s.units["baton-update-1.service"].ended);
     assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
 }
 
@@ -1070,4 +1079,243 @@ async fn a_failed_report_that_was_lost_is_sent_again() {
         "{}",
         holder.message
     );
+}
+
+/// Red-team of the fixes, A: the coordinator answers UNIMPLEMENTED to
+/// Confirm(update) just before it is upgraded (an outage of a few
+/// seconds), and the upgraded one says "wait". The Renew fallback counts
+/// only when the Renew sent right after the UNIMPLEMENTED answer succeeds
+/// at once; after the outage the agent asks Confirm again and waits.
+#[tokio::test(start_paused = true)]
+async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_unimplemented_calls = 1;
+            s.outage_after_unimplemented = Some(Duration::from_secs(5));
+            s.confirm_waits = vec!["etcd member n3 unhealthy".into()];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    let first_update = s
+        .log
+        .iter()
+        .position(|r| matches!(r, Rec::UpdateStart { .. }))
+        .unwrap();
+    let confirms: Vec<_> = s.log[..first_update]
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Confirmed { answer, .. } => Some(*answer),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        confirms.contains(&"wait"),
+        "the update started after an outage on the old coordinator's UNIMPLEMENTED; the upgraded coordinator was never asked: {confirms:?}"
+    );
+}
+
+/// Red-team of the fixes, B: the update unit must not outlive the baton.
+/// A renewal refused for good while the update runs fails the
+/// maintenance; the operator force-releases the Failed node, which is
+/// uncordoned: the update must have been stopped by then.
+#[tokio::test(start_paused = true)]
+async fn a_refused_renewal_stops_the_update_before_the_node_is_given_back() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = HOUR;
+            s.refuse_renew_on_update_start = true;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    // Stopped when the maintenance failed, not only when the baton goes.
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains("the unit baton-update-1.service was stopped"),
+        "{error}"
+    );
+    assert!(d.sim.state().units["baton-update-1.service"].ended);
+    {
+        let mut s = d.sim.state();
+        s.renew_refused = false;
+        s.force_release();
+    }
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(
+        running_units(&s).is_empty(),
+        "idle (cordoned={}) with the update still running; stops {:?}",
+        s.cordoned,
+        s.stops
+    );
+}
+
+/// An agent with `--update-unit` (an hour-long run), killed while the
+/// update runs and restarted, until it is Failed.
+async fn update_unit_killed_mid_run(faults: Faults) -> Driver {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state
+        .known_units
+        .insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
+    state.update_duration = HOUR;
+    let d = Driver::new(
+        Sim::new(state, faults),
+        Settings {
+            update: Some(Action::Unit(UPDATE_UNIT.into())),
+            ..settings()
+        },
+    );
+    assert!(
+        d.run(HOUR, |s, _| s
+            .count(|r| matches!(r, Rec::UpdateStart { .. }))
+            == 1)
+            .await
+    );
+    d.sim.kill();
+    assert!(d.run(HOUR, failed).await);
+    d
+}
+
+/// The units whose run goes on now.
+fn running_units(s: &SimState) -> Vec<String> {
+    s.units
+        .iter()
+        .filter(|(_, r)| !r.ended && r.ends_at > Instant::now())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Red-team of the fixes, B: `--update-unit`, the agent restarted while
+/// the update runs (e.g. the update upgrades baton-agent's own package):
+/// Failed ("not starting it a second time"), and the unit must not run
+/// on into the force-release that uncordons the node.
+#[tokio::test(start_paused = true)]
+async fn an_update_unit_resumed_after_a_restart_is_stopped_before_the_node_is_given_back() {
+    let d = update_unit_killed_mid_run(Faults::None).await;
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains(&format!("the unit {UPDATE_UNIT} was stopped")),
+        "{error}"
+    );
+    assert!(d.sim.state().units[UPDATE_UNIT].ended);
+    d.sim.state().force_release();
+    assert!(
+        d.run(Duration::from_secs(600), |_, a| a
+            .is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(running_units(&s).is_empty(), "stops {:?}", s.stops);
+}
+
+/// Red-team of the fixes, B: when stopping the update fails as the
+/// maintenance fails, the run goes on in the Failed phase; giving the
+/// node back after a force-release stops it first, whatever the phase.
+#[tokio::test(start_paused = true)]
+async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
+    let d = update_unit_killed_mid_run(Faults::OnPoint {
+        point: Point::Stop,
+        nth: 0,
+        fault: Fault::Fail,
+        seen: 0,
+    })
+    .await;
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("stopping the unit"), "{error}");
+    assert!(!d.sim.state().units[UPDATE_UNIT].ended);
+    d.sim.state().force_release();
+    assert!(
+        d.run(Duration::from_secs(600), |_, a| a
+            .is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(running_units(&s).is_empty(), "stops {:?}", s.stops);
+    assert!(!s.cordoned);
+}
+
+/// Red-team of the fixes, C: every renewal succeeds but takes more than a
+/// third of the lease. Renewals scheduled from the last send keep the
+/// lease; the drain must not be stopped as Stale at every lease end and
+/// restarted from scratch forever.
+#[tokio::test(start_paused = true)]
+async fn slow_renewals_do_not_livelock_the_drain() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(4);
+            s.drain_duration = Duration::from_secs(20);
+        }),
+        settings(),
+    );
+    let finished = d.run(HOUR, |s, a| done(s, a) || failed(s, a)).await;
+    let s = d.sim.state();
+    let drains = s.count(|r| matches!(r, Rec::Prepare(_)));
+    assert!(
+        finished,
+        "after an hour: not done and not failed; {drains} drains started, {} renewals, phase {:?}",
+        s.renews,
+        d.agent_state().map(|a| a.phase)
+    );
+}
+
+/// Red-team of the fixes, C: renewals answered after more than half of
+/// the lease cannot keep it (each is late for the lease it renews): the
+/// drain is stopped at every lease end. After a bounded number of
+/// restarts the maintenance is aborted: the node given back, the baton
+/// released, nothing updated.
+#[tokio::test(start_paused = true)]
+async fn a_drain_stopped_by_the_lease_again_and_again_is_aborted() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(6);
+            s.drain_duration = Duration::from_secs(20);
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none()
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    let drains = s.count(|r| matches!(r, Rec::Prepare(_)));
+    assert_eq!(drains, MAX_STALE_RESTARTS as usize);
+    assert!(!s.cordoned);
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 0);
+    assert_eq!(s.releases(), vec![1]);
+    assert!(
+        d.agent_state().unwrap().hold_back.is_some(),
+        "holds back before asking again"
+    );
+}
+
+/// Red-team of the fixes, C: a renewal answered after the lease it grants
+/// ran out confirms nothing: no drain starts on it.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_answered_after_its_lease_ran_out_confirms_nothing() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.overdue_after = Duration::from_secs(9);
+            s.renew_latency = Duration::from_secs(10);
+        }),
+        settings(),
+    );
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    let s = d.sim.state();
+    assert!(s.renews > 3, "kept asking: {} renewals", s.renews);
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0);
+    assert_eq!(d.agent_state().unwrap().phase, Phase::Preparing);
 }

@@ -134,6 +134,11 @@ impl Coordinator for SimCoordinator {
 
     async fn renew(&self, token: u64) -> Result<Renewed, CoordinatorError> {
         let fault = self.enter(Point::Renew).await?;
+        let latency = self.0.state().renew_latency;
+        tokio::time::sleep(latency).await;
+        if self.0.state().renew_refused {
+            return Err(CoordinatorError::Refused("PermissionDenied: rt".into()));
+        }
         self.0.state().renews += 1;
         let answer = self.check_token(token).map(|()| Renewed {
             overdue_at: Some(self.0.now_wall() + self.0.state().overdue_after),
@@ -199,6 +204,9 @@ impl Coordinator for SimCoordinator {
             let older = state.confirm_unimplemented || state.confirm_unimplemented_calls > 0;
             state.confirm_unimplemented_calls = state.confirm_unimplemented_calls.saturating_sub(1);
             if older {
+                if let Some(d) = state.outage_after_unimplemented.take() {
+                    state.coordinator_down_until = Some(tokio::time::Instant::now() + d);
+                }
                 let inc = state.incarnation;
                 state.log.push(Rec::Confirmed {
                     inc,

@@ -102,6 +102,9 @@ impl SimHost {
             if let Some(holder) = state.holder.as_mut() {
                 holder.updated = true;
             }
+            if state.refuse_renew_on_update_start {
+                state.renew_refused = true;
+            }
         }
         state.units.insert(
             name,

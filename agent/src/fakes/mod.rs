@@ -362,6 +362,15 @@ pub struct SimState {
     pub confirm_waits: Vec<String>,
     /// Confirm is not implemented (an older coordinator).
     pub confirm_unimplemented: bool,
+    /// Renew answers PERMISSION_DENIED (refused for good) while set.
+    pub renew_refused: bool,
+    /// Set `renew_refused` when the update unit starts.
+    pub refuse_renew_on_update_start: bool,
+    /// How long every Renew takes to answer (a slow coordinator).
+    pub renew_latency: Duration,
+    /// An outage of this length starts right after the next UNIMPLEMENTED
+    /// answer to Confirm (the older coordinator being upgraded).
+    pub outage_after_unimplemented: Option<Duration>,
     /// The first this many Confirm calls are answered UNIMPLEMENTED (an
     /// older coordinator, upgraded afterwards).
     pub confirm_unimplemented_calls: u32,
@@ -445,6 +454,10 @@ impl Default for SimState {
             holder: None,
             confirm_waits: Vec::new(),
             confirm_unimplemented: false,
+            renew_latency: Duration::ZERO,
+            renew_refused: false,
+            refuse_renew_on_update_start: false,
+            outage_after_unimplemented: None,
             confirm_unimplemented_calls: 0,
             queue_blocked: false,
             coordinator_down: false,
