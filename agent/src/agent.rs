@@ -157,6 +157,9 @@ enum Interrupted {
     /// The lease is older than the coordinator allows: the step was
     /// stopped; it runs again once the token is confirmed.
     Stale,
+    /// The step failed and the Failed phase is saved already (nothing is
+    /// left to do for it).
+    Failed,
     /// The state could not be persisted: stop with an error.
     Fatal(AgentError),
 }
@@ -253,7 +256,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// Handle how a step ended.
     async fn interrupted(&mut self, result: Result<(), Interrupted>) -> Result<(), AgentError> {
         match result {
-            Ok(()) | Err(Interrupted::Shutdown) => Ok(()),
+            Ok(()) | Err(Interrupted::Shutdown | Interrupted::Failed) => Ok(()),
             Err(Interrupted::Fenced(why)) => self.lost_baton(&why).await,
             Err(Interrupted::Stale) => self.stale().await,
             Err(Interrupted::Refused(why)) => {

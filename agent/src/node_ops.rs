@@ -152,9 +152,47 @@ impl<H: HostOs> NodeOps for StandaloneNodeOps<H> {
     }
 
     async fn abort(&self, _reason: &str) -> Result<(), NodeOpsError> {
+        // A preparation cut off (the lease ran out, the baton was lost)
+        // leaves its unit running: stop it first, or it would go on taking
+        // the node down after the node was given back and the baton passed
+        // on. Stopping a unit that does not run is no error.
+        if let Some(pre) = &self.pre_unit {
+            self.host.stop(&Job::Unit(pre.clone())).await?;
+        }
         // The post-maintenance unit is what brings the node back into
         // service, whether the maintenance finished or not.
         self.run_unit(&self.post_unit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fakes::host::SimHost;
+    use crate::fakes::{Faults, Sim, SimState, UnitKind};
+
+    /// An aborted preparation's unit is stopped before the node is given
+    /// back (red-team finding: after the lease ran out five times in
+    /// Preparing, the agent released while the pre-maintenance unit still
+    /// ran, so it went on taking the node down after the next grant).
+    #[tokio::test]
+    async fn abort_stops_the_preparation_before_giving_the_node_back() {
+        let mut state = SimState::default();
+        for unit in ["drain-workloads.service", "restore-workloads.service"] {
+            state.known_units.insert(unit.into(), UnitKind::Oneshot);
+        }
+        let sim = Sim::new(state, Faults::None);
+        let ops = StandaloneNodeOps::new(
+            SimHost(sim.clone()),
+            Some("drain-workloads.service".into()),
+            Some("restore-workloads.service".into()),
+            Duration::from_secs(60),
+        );
+        ops.abort("the lease ran out").await.unwrap();
+        let state = sim.state();
+        assert_eq!(state.stops, vec!["drain-workloads.service".to_string()]);
     }
 }
 

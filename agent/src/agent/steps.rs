@@ -338,41 +338,51 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Run `job` with the baton (a slow coordinator does not stop a unit
     /// that runs). The outcome when it succeeded, else the error and the
-    /// output for the report.
+    /// output for the report. A run whose end is not known fails the
+    /// maintenance here ([`Interrupted::Failed`]).
     async fn run_job(
-        &self,
+        &mut self,
         token: u64,
         job: &Job,
         timeout: std::time::Duration,
         what: &str,
     ) -> Result<Result<crate::host::UnitOutcome, (String, String)>, Interrupted> {
         let run = self.host.run(job, timeout);
-        match self.holding(token, OnStale::Continue, run).await {
-            Ok(Ok(outcome)) if outcome.success => Ok(Ok(outcome)),
-            Ok(Ok(outcome)) => Ok(Err((
-                format!("{what} {} failed: {}", job.unit_name(), outcome.detail),
-                outcome.output_tail,
-            ))),
+        let why = match self.holding(token, OnStale::Continue, run).await {
+            Ok(Ok(outcome)) if outcome.success => return Ok(Ok(outcome)),
+            Ok(Ok(outcome)) => {
+                return Ok(Err((
+                    format!("{what} {} failed: {}", job.unit_name(), outcome.detail),
+                    outcome.output_tail,
+                )));
+            }
             // How the run ended is not known (a D-Bus error mid-run; a
-            // timeout was stopped by the host already): make sure it does
-            // not go on behind a Failed phase.
-            Ok(Err(error)) => {
-                let stopped = self.stop_run_of_unknown_end(job).await;
-                Ok(Err((format!("{what}: {error}; {stopped}"), String::new())))
-            }
+            // timeout was stopped by the host already).
+            Ok(Err(error)) => format!("{what}: {error}"),
             // The unit goes on by itself; a restarted agent follows it.
-            Err(Interrupted::Shutdown) => Err(Interrupted::Shutdown),
-            // Refused for good: the maintenance fails, and the run must
-            // not outlive it.
-            Err(Interrupted::Refused(why)) => {
-                let stopped = self.stop_run_of_unknown_end(job).await;
-                Err(Interrupted::Refused(format!("{why}; {stopped}")))
-            }
+            Err(Interrupted::Shutdown) => return Err(Interrupted::Shutdown),
+            // Refused for good: the maintenance fails.
+            Err(Interrupted::Refused(why)) => why,
             Err(other) => {
                 self.stop_run_of_unknown_end(job).await;
-                Err(other)
+                return Err(other);
             }
-        }
+        };
+        // The run must not go on behind a Failed phase, so it is stopped;
+        // but Failed is saved first. Stopping a transient unit whose run
+        // had ended makes systemd drop it, and an agent killed between the
+        // stop and the save would find Updating and no unit on restart, and
+        // start the update a second time.
+        self.fail(
+            format!(
+                "{why}; the run of {} is stopped (its end is unknown)",
+                job.unit_name()
+            ),
+            "",
+        )
+        .await?;
+        self.stop_run_of_unknown_end(job).await;
+        Err(Interrupted::Failed)
     }
 
     /// Stop the unit of `job`, whose run may still go on (stopping one

@@ -856,8 +856,15 @@ async fn an_update_past_its_timeout_is_stopped_and_fails() {
     // (idempotent), because a timeout may also be a D-Bus call's whose
     // run goes on.
     assert!(
-        error.contains("the unit baton-update-1.service was stopped"),
+        error.contains("the run of baton-update-1.service is stopped"),
         "{error}"
+    );
+    assert!(
+        d.sim
+            .state()
+            .stops
+            .contains(&"baton-update-1.service".to_string()),
+        "stopped after Failed was saved"
     );
     let s = d.sim.state();
     assert!(!s.stops.is_empty());
@@ -1135,8 +1142,15 @@ async fn a_refused_renewal_stops_the_update_before_the_node_is_given_back() {
     // Stopped when the maintenance failed, not only when the baton goes.
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(
-        error.contains("the unit baton-update-1.service was stopped"),
+        error.contains("the run of baton-update-1.service is stopped"),
         "{error}"
+    );
+    assert!(
+        d.sim
+            .state()
+            .stops
+            .contains(&"baton-update-1.service".to_string()),
+        "stopped after Failed was saved"
     );
     assert!(d.sim.state().units["baton-update-1.service"].ended);
     {

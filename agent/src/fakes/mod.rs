@@ -583,6 +583,13 @@ impl SimState {
         {
             run.ends_at = now;
             run.success = false;
+        } else if self.units.get(name).is_some_and(|run| run.success)
+            && !self.known_units.contains_key(name)
+        {
+            // As systemd does: a transient unit whose run ended well is
+            // inactive once stopped, and then garbage-collected (a failed
+            // one stays until reset).
+            self.units.remove(name);
         }
         self.stops.push(name.to_string());
         self.settle(now);
