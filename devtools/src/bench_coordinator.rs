@@ -13,20 +13,20 @@
 //!
 //! Results go to target/bench/coordinator.json and a table on stdout.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use baton_proto::v1::{
-    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
+    self as pb, coordinator_client::CoordinatorClient,
 };
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::util::{Proc, free_port, release_dir, workspace_root};
+use crate::floor;
+use crate::util::{Proc, connect, free_port, release_dir, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -90,18 +90,6 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str) -> Result<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Channel::from_shared(url.to_string())?.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
 
 /// One step of the chain: when the previous holder released.
 struct Chain {
@@ -115,15 +103,9 @@ struct Chain {
 async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serde_json::Value> {
     let url = format!("http://127.0.0.1:{port}");
     let first = connect(&url).await?;
-    let mut admin = AdminClient::new(first.clone());
 
     // Baseline 1: unary gRPC round trip.
-    let mut rtt = Histogram::<u64>::new(3)?;
-    for _ in 0..500 {
-        let t = Instant::now();
-        admin.status(pb::StatusRequest {}).await?;
-        rtt.record(t.elapsed().as_micros() as u64)?;
-    }
+    let rtt = floor::grpc_round_trips(first.clone(), 500).await?;
 
     // Waiters: a holder first, then N queued behind it.
     let mut lease = CoordinatorClient::new(first.clone());
@@ -233,20 +215,7 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
     let state_size = std::fs::metadata(data.join("state.json"))
         .map(|m| m.len())
         .unwrap_or(4096) as usize;
-    let mut fsync = Histogram::<u64>::new(3)?;
-    let scratch = data.join("baseline");
-    std::fs::create_dir_all(&scratch)?;
-    let body = vec![b'x'; state_size];
-    for _ in 0..300 {
-        let t = Instant::now();
-        let tmp = scratch.join("f.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, scratch.join("f"))?;
-        std::fs::File::open(&scratch)?.sync_all()?;
-        fsync.record(t.elapsed().as_micros() as u64)?;
-    }
+    let fsync = floor::atomic_writes(&data.join("baseline"), state_size, 300)?;
 
     let c = chain.lock().await;
     let h = &c.handoffs;

@@ -11,16 +11,21 @@
 //! - `bench coordinator --store etcd`: the same on a real 3-member etcd
 //!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
 //! - `bench agent [--duration S]`: the agent's idle footprint and reaction
-//!   time (`bench_agent`).
+//!   time (`bench_agent`);
+//! - `bench fleet [--store etcd]`: 1,000 to 30,000 simulated agents asking
+//!   at once (`bench_fleet`).
 
 mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;
+mod bench_fleet;
+mod floor;
+mod procstat;
 mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S]\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N]\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {
@@ -34,6 +39,7 @@ fn main() -> Result<()> {
         }
         ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
         ["bench", "agent", ..] => bench_agent::run(&args[2..]),
+        ["bench", "fleet", ..] => bench_fleet::run(&args[2..]),
         _ => bail!("{USAGE}"),
     }
 }

@@ -38,3 +38,20 @@ impl Drop for Proc {
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// A gRPC channel to `url`, retried for up to 30 s while the server starts.
+pub async fn connect(url: &str) -> Result<tonic::transport::Channel> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match tonic::transport::Channel::from_shared(url.to_string())?
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

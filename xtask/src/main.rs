@@ -10,7 +10,8 @@
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
 //! - `serve`: deps, build, run a local coordinator;
-//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools.
+//! - `bench coordinator [--store etcd]`, `bench agent`, `bench fleet
+//!   [--store etcd]`: see baton-devtools.
 
 mod deps;
 mod util;
@@ -25,7 +26,9 @@ tasks:
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
   bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
-  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency";
+  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency
+  bench fleet           1,000 to 30,000 agents asking at once (target/bench/fleet.json, fleet.svg)
+  bench fleet --store etcd   the same on a 3-member etcd cluster, against the raw etcd txn rate";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,9 +66,13 @@ fn bench(rest: &[String]) -> Result<()> {
             [deps::BUILD, deps::ETCD].concat()
         }
         Some("coordinator") => deps::BUILD.to_vec(),
+        Some("fleet") if rest.iter().any(|a| a == "etcd" || a == "--store=etcd") => {
+            [deps::BUILD, deps::ETCD].concat()
+        }
+        Some("fleet") => deps::BUILD.to_vec(),
         Some("agent") => [deps::BUILD, deps::NODES].concat(),
         _ => bail!(
-            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"
+            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S] | fleet [--store etcd] [--waiters N,N,N] [--max-concurrent N,N]"
         ),
     };
     deps::ensure(&needs)?;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -13,9 +13,6 @@ use super::{AcquireUpdate, Engine, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
-
-/// The least time between two position-only updates to one waiter.
-pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
 
 /// Holds back nodes whose preparation failed until their retry time.
 struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
@@ -110,13 +107,12 @@ impl Engine {
     }
 
     fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
-        let queue: Vec<Waiter> = inner.queue.iter().map(|q| q.waiter()).collect();
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         guards.push(&failures);
         decide(
             &inner.state,
-            &queue,
+            inner.queue.waiters(),
             &inner.unavailable,
             &self.config.policy,
             &guards,
@@ -132,7 +128,6 @@ impl Engine {
             if !inner.leading || inner.shutting_down {
                 return;
             }
-            inner.queue.retain(|q| !q.events.is_closed());
             let now = self.now();
             inner
                 .prepare_failed
@@ -148,9 +143,8 @@ impl Engine {
             if !self.preparers.is_empty() {
                 let waiter = inner
                     .queue
-                    .iter()
-                    .find(|q| q.request.node == candidate)
-                    .map(|q| q.waiter())
+                    .get(&candidate)
+                    .map(|q| q.waiter.clone())
                     .expect("candidate is queued");
                 drop(inner);
                 if let Err(reason) = self.prepare(&waiter).await {
@@ -189,15 +183,19 @@ impl Engine {
     /// Grants `node` (which the rule just chose). False when the store
     /// refused, so the pass stops until the next wake.
     async fn grant(&self, inner: &mut Inner, node: &NodeName) -> bool {
-        let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
+        let Some((request, closed)) = inner
+            .queue
+            .get(node)
+            .map(|q| (q.request.clone(), q.events.is_closed()))
+        else {
             return true;
         };
-        if inner.queue[idx].events.is_closed() {
-            inner.queue.remove(idx);
+        if closed {
+            // Its stream is gone (the withdrawal may still be on its way).
+            inner.queue.take(node);
             return true;
         }
         let now = self.now();
-        let request = inner.queue[idx].request.clone();
         let result = self
             .commit(inner, |s| {
                 s.grant(
@@ -216,7 +214,7 @@ impl Engine {
                 return false;
             }
         };
-        let queued = inner.queue.remove(idx);
+        let queued = inner.queue.take(node).expect("the lock was held since get");
         let phase = inner.state.holders[node].phase;
         let _ = queued.events.send(Ok(AcquireUpdate::Granted(Grant {
             fencing_token: token,
@@ -237,39 +235,19 @@ impl Engine {
         true
     }
 
-    /// Sends Queued updates to waiters whose position or reason changed. A
-    /// new reason goes out at once; a position that merely moved goes out at
-    /// most once per [`POSITION_UPDATE_EVERY`] per waiter, so a fast-moving
-    /// queue of a thousand waiters does not cost a thousand messages per
-    /// handoff (the granter's one-second tick sends what was held back).
+    /// Tells waiters what changed (see the `queue` module: new reasons at
+    /// once, positions as they move, rate-limited, without walking every
+    /// waiter on a handoff).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
-        let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
-        let queue_length = inner.queue.len() as u32;
-        let now = Instant::now();
-        let mut any = false;
-        for (i, q) in inner.queue.iter_mut().enumerate() {
-            let position = i as u32 + 1;
-            let reason = reasons.get(&q.request.node).cloned().unwrap_or_default();
-            let reason_changed = q.reason != reason || q.last_told.is_none();
-            let moved = q.position != position || q.queue_length != queue_length;
-            let due = q.last_told.is_none_or(|t| now - t >= POSITION_UPDATE_EVERY);
-            if reason_changed || (moved && due) {
-                if q.reason != reason {
-                    info!(node = %q.request.node, position, reason = %reason, "waiting");
-                }
-                q.position = position;
-                q.queue_length = queue_length;
-                q.reason = reason.clone();
-                q.last_told = Some(now);
-                let _ = q.events.send(Ok(AcquireUpdate::Queued {
-                    position,
-                    queue_length,
-                    reason,
-                }));
-                any = true;
-            }
+        let telling = inner.queue.tell(&decision, Instant::now());
+        for (node, position, reason) in &telling.new_reasons {
+            info!(node = %node, position, reason = %reason.text, "waiting");
         }
-        if any {
+        if let Some(reason) = &telling.shared_changed {
+            info!(waiters = inner.queue.len(), reason = %reason.text, "every waiter waits");
+        }
+        if telling.sent > 0 {
+            self.metrics.queue_length.set(inner.queue.len() as i64);
             self.changed();
         }
     }

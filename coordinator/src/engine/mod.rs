@@ -7,13 +7,17 @@
 //! whenever something changed, prepares the chosen node (guards such as the
 //! etcd snapshot run without the lock held), re-checks the rule and grants.
 //! Waiters hear about their position and reason, then their grant, over the
-//! channel behind their Acquire stream.
+//! channel behind their Acquire stream; the wait queue (module `queue`) keeps
+//! that bookkeeping independent of the queue's length, so a handoff costs
+//! the same with ten waiters or thirty thousand.
 //!
 //! The engine only grants while its store says this replica leads; on
 //! gaining leadership it reloads the state, on losing it drops its waiters
 //! (they reconnect to the new leader).
 
 mod granter;
+mod queue;
+mod ranks;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -126,35 +130,19 @@ pub struct AcquireRequest {
     pub manual: bool,
 }
 
-/// A node waiting, with its channel.
-struct QueuedRequest {
-    ticket: u64,
-    request: AcquireRequest,
-    since: DateTime<Utc>,
-    reason: String,
-    position: u32,
-    queue_length: u32,
-    /// When the waiter was last sent a Queued update.
-    last_told: Option<Instant>,
-    events: mpsc::UnboundedSender<Result<AcquireUpdate, EngineError>>,
-}
-
-impl QueuedRequest {
-    fn waiter(&self) -> Waiter {
-        Waiter {
-            node: self.request.node.clone(),
-            control_plane: self.request.control_plane,
-        }
-    }
-}
+/// How many waiters a [`Snapshot`] (and so Status and Watch) lists: the
+/// head of the queue; a snapshot costs the same however many wait.
+pub const SNAPSHOT_QUEUE_HEAD: usize = 100;
 
 /// A read-only copy of what status shows.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     /// The lease state.
     pub state: LeaseState,
-    /// Waiters in FIFO order: node, control-plane, since, request reason, wait reason.
+    /// The first [`SNAPSHOT_QUEUE_HEAD`] waiters in FIFO order.
     pub queue: Vec<QueueView>,
+    /// How many wait in all.
+    pub queue_length: usize,
     /// Holders that are overdue now.
     pub overdue: BTreeSet<NodeName>,
     /// True when the windows allow a grant now.
@@ -182,7 +170,7 @@ pub struct QueueView {
 
 struct Inner {
     state: LeaseState,
-    queue: Vec<QueuedRequest>,
+    queue: queue::WaitQueue,
     next_ticket: u64,
     /// Holders already reported overdue (so it is logged once).
     overdue_seen: BTreeSet<NodeName>,
@@ -228,7 +216,7 @@ impl Engine {
         let engine = Arc::new(Self {
             inner: Mutex::new(Inner {
                 state: LeaseState::default(),
-                queue: Vec::new(),
+                queue: queue::WaitQueue::default(),
                 next_ticket: 1,
                 overdue_seen: BTreeSet::new(),
                 handoff_started: None,
@@ -291,7 +279,7 @@ impl Engine {
         warn!("lost leadership: not granting; waiters are sent to the new leader");
         inner.leading = false;
         let leader = self.leadership.borrow().leader.clone();
-        for q in inner.queue.drain(..) {
+        for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::NotLeader {
                 leader: leader.clone(),
             }));
@@ -392,28 +380,12 @@ impl Engine {
             })));
             return Ok((ticket, rx));
         }
-        if let Some(pos) = inner
-            .queue
-            .iter()
-            .position(|q| q.request.node == request.node)
-        {
-            let old = inner.queue.remove(pos);
-            let _ = old
-                .events
-                .send(Err(EngineError::Superseded(request.node.clone())));
-        }
         info!(node = %request.node, control_plane = request.control_plane, reason = %request.reason, "acquire: queued");
         let now = self.now();
-        inner.queue.push(QueuedRequest {
-            ticket,
-            request,
-            since: now,
-            reason: String::new(),
-            position: 0,
-            queue_length: 0,
-            last_told: None,
-            events: tx,
-        });
+        let node = request.node.clone();
+        if let Some(old) = inner.queue.push(ticket, request, now, tx) {
+            let _ = old.events.send(Err(EngineError::Superseded(node)));
+        }
         self.metrics.queue_length.set(inner.queue.len() as i64);
         drop(inner);
         self.wake.notify_one();
@@ -425,11 +397,7 @@ impl Engine {
     /// was granted or replaced meanwhile.
     pub async fn withdraw(&self, node: &NodeName, ticket: u64) {
         let mut inner = self.inner.lock().await;
-        let before = inner.queue.len();
-        inner
-            .queue
-            .retain(|q| !(q.ticket == ticket && &q.request.node == node));
-        if inner.queue.len() != before {
+        if inner.queue.withdraw(node, ticket) {
             info!(node = %node, "acquire withdrawn");
             self.metrics.queue_length.set(inner.queue.len() as i64);
             drop(inner);
@@ -576,15 +544,16 @@ impl Engine {
             state: inner.state.clone(),
             queue: inner
                 .queue
-                .iter()
-                .map(|q| QueueView {
+                .head(SNAPSHOT_QUEUE_HEAD)
+                .map(|(_, q, reason)| QueueView {
                     node: q.request.node.clone(),
                     control_plane: q.request.control_plane,
                     since: q.since,
                     request_reason: q.request.reason.clone(),
-                    reason: q.reason.clone(),
+                    reason: reason.map(|r| r.text.to_string()).unwrap_or_default(),
                 })
                 .collect(),
+            queue_length: inner.queue.len(),
             overdue: inner
                 .state
                 .holders
@@ -603,7 +572,7 @@ impl Engine {
     pub async fn shutdown(&self) {
         let mut inner = self.inner.lock().await;
         inner.shutting_down = true;
-        for q in inner.queue.drain(..) {
+        for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::ShuttingDown));
         }
         if inner.leading

@@ -314,3 +314,44 @@ async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     }
     engine.renew(&n("z"), tz).await.unwrap();
 }
+
+/// A handoff does not cost a message to every waiter: with 1,000 waiting,
+/// 100 handoffs send a few position updates in all, not one per waiter per
+/// handoff (the holder's name in the shared reason changes every time).
+#[tokio::test]
+async fn handoffs_do_not_message_every_waiter() {
+    let (engine, _) = engine_with(Arc::new(MemoryStore::default()), 1, Vec::new()).await;
+    let (_, mut first) = engine.acquire(request("h")).await.unwrap();
+    let mut holder = (n("h"), next_grant(&mut first).await.fencing_token);
+    let mut waiters = Vec::new();
+    for i in 0..1000 {
+        waiters.push(engine.acquire(request(&format!("w{i}"))).await.unwrap().1);
+    }
+    for w in &mut waiters {
+        next_queued(w).await;
+    }
+    let handoffs = 100;
+    let mut updates = 0;
+    for (i, w) in waiters.iter_mut().enumerate().take(handoffs) {
+        engine
+            .release(&holder.0, holder.1, "test", "done")
+            .await
+            .unwrap();
+        let token = loop {
+            match w.recv().await.unwrap().unwrap() {
+                AcquireUpdate::Granted(g) => break g.fencing_token,
+                AcquireUpdate::Queued { .. } => updates += 1,
+            }
+        };
+        holder = (n(&format!("w{i}")), token);
+    }
+    for w in &mut waiters[handoffs..] {
+        while let Ok(Ok(AcquireUpdate::Queued { .. })) = w.try_recv() {
+            updates += 1;
+        }
+    }
+    assert!(
+        updates < handoffs * 20,
+        "{updates} Queued updates for {handoffs} handoffs with 1,000 waiting"
+    );
+}

@@ -44,6 +44,17 @@ impl Coordinator {
     /// Like [`Coordinator::start`], with the binary at `binary` (for callers
     /// outside test executables, e.g. the bench).
     pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
+        Self::start_binary_logging(binary, id, args, "info")
+    }
+
+    /// Like [`Coordinator::start_binary`], logging at `rust_log` (a bench
+    /// whose log would otherwise fill the disk passes "warn").
+    pub fn start_binary_logging(
+        binary: &std::path::Path,
+        id: &str,
+        args: &[&str],
+        rust_log: &str,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let grpc = free_port();
         let metrics = free_port();
@@ -56,7 +67,7 @@ impl Coordinator {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,0 +1,190 @@
+//! The coordinator under test, one fresh process per run (so its peak RSS
+//! is that run's), on the embedded store or on a real 3-member etcd
+//! cluster, and the floor of one save on that store.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use baton_tests::etcd::EtcdCluster;
+use baton_tests::etcd::coordinator::Coordinator;
+use etcd_client::GetOptions;
+use hdrhistogram::Histogram;
+
+use crate::floor;
+use crate::util::{Proc, free_port, workspace_root};
+
+/// Where the state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// `--store embedded` (a file under the data directory).
+    Embedded,
+    /// `--store etcd` on a 3-member cluster started for the bench.
+    Etcd,
+}
+
+impl Store {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Embedded => "embedded",
+            Store::Etcd => "etcd",
+        }
+    }
+}
+
+/// What a run needs that outlives it (the etcd cluster).
+pub struct Backend {
+    etcd: Option<EtcdCluster>,
+    binary: PathBuf,
+    runs: usize,
+}
+
+impl Backend {
+    /// Starts what `store` needs.
+    pub async fn start(store: Store, binary: PathBuf) -> Result<Self> {
+        let etcd = match store {
+            Store::Embedded => None,
+            Store::Etcd => Some(EtcdCluster::start(3).await?),
+        };
+        Ok(Self {
+            etcd,
+            binary,
+            runs: 0,
+        })
+    }
+
+    /// Starts a fresh coordinator allowing `max_concurrent` holders.
+    pub async fn coordinator(&mut self, max_concurrent: usize) -> Result<Target> {
+        self.runs += 1;
+        let max = max_concurrent.to_string();
+        match &self.etcd {
+            None => {
+                let root = workspace_root();
+                let data = root.join(format!("target/bench/fleet-data-{}", self.runs));
+                let _ = std::fs::remove_dir_all(&data);
+                std::fs::create_dir_all(&data)?;
+                let port = free_port()?;
+                let metrics_port = free_port()?;
+                let log = std::fs::File::create(root.join("target/bench/fleet-coordinator.log"))?;
+                let child = Command::new(&self.binary)
+                    .args(["serve", "--insecure", "--max-concurrent", &max])
+                    .arg(format!("--listen=127.0.0.1:{port}"))
+                    .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+                    .arg(format!("--data-dir={}", data.display()))
+                    // The shipped default is info; warn keeps a slow
+                    // coordinator's per-waiter lines from filling the disk.
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .context("starting baton-coordinator")?;
+                Ok(Target {
+                    url: format!("http://127.0.0.1:{port}"),
+                    pid: child.id(),
+                    kind: Kind::Embedded {
+                        _proc: Proc(child),
+                        data,
+                    },
+                })
+            }
+            Some(cluster) => {
+                let endpoints = cluster.endpoints();
+                let prefix = format!("/fleet-{}", self.runs);
+                let args = [
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    endpoints.as_str(),
+                    "--etcd-prefix",
+                    prefix.as_str(),
+                    "--max-concurrent",
+                    max.as_str(),
+                ];
+                let coordinator =
+                    Coordinator::start_binary_logging(&self.binary, "fleet", &args, "warn")?;
+                coordinator.wait_ready().await?;
+                Ok(Target {
+                    url: coordinator.grpc_url.clone(),
+                    pid: coordinator.pid().as_raw() as u32,
+                    kind: Kind::Etcd {
+                        _coordinator: coordinator,
+                        client: cluster.client().await?,
+                        prefix,
+                    },
+                })
+            }
+        }
+    }
+}
+
+enum Kind {
+    Embedded {
+        _proc: Proc,
+        data: PathBuf,
+    },
+    Etcd {
+        _coordinator: Coordinator,
+        client: etcd_client::Client,
+        prefix: String,
+    },
+}
+
+/// A running coordinator; killed when dropped.
+pub struct Target {
+    /// Its gRPC URL.
+    pub url: String,
+    /// Its process id (for /proc).
+    pub pid: u32,
+    kind: Kind,
+}
+
+/// One save's floor on the run's store.
+pub struct SaveFloor {
+    /// Size of the stored state, bytes (the size the floor writes).
+    pub state_bytes: usize,
+    /// One save's latency, µs.
+    pub save_us: Histogram<u64>,
+    /// Sequential saves per second (raw etcd txn/s on the etcd store).
+    pub saves_per_s: f64,
+}
+
+impl Target {
+    /// Measures one save of a state of the size now stored: an atomic file
+    /// write, or a guarded etcd transaction on the same cluster.
+    pub async fn save_floor(&mut self, samples: usize) -> Result<SaveFloor> {
+        match &mut self.kind {
+            Kind::Embedded { data, .. } => {
+                let state_bytes = std::fs::metadata(data.join("state.json"))
+                    .map(|m| m.len() as usize)
+                    .unwrap_or(4096);
+                let started = std::time::Instant::now();
+                let save_us = floor::atomic_writes(&data.join("floor"), state_bytes, samples)?;
+                Ok(SaveFloor {
+                    state_bytes,
+                    save_us,
+                    saves_per_s: samples as f64 / started.elapsed().as_secs_f64(),
+                })
+            }
+            Kind::Etcd { client, prefix, .. } => {
+                // The largest value under the prefix is the state document
+                // (the rest are election keys).
+                let state_bytes = client
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await?
+                    .kvs()
+                    .iter()
+                    .map(|kv| kv.value().len())
+                    .max()
+                    .unwrap_or(4096);
+                let (save_us, saves_per_s) =
+                    floor::etcd_txns(client, state_bytes, samples).await?;
+                Ok(SaveFloor {
+                    state_bytes,
+                    save_us,
+                    saves_per_s,
+                })
+            }
+        }
+    }
+}
