@@ -178,7 +178,6 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
-
 struct Idle {
     rss_kib_max: u64,
     rss_kib_end: u64,

@@ -18,12 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use baton_proto::v1::{
-    self as pb, coordinator_client::CoordinatorClient,
-};
+use baton_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 use crate::floor;
 use crate::util::{Proc, connect, free_port, release_dir, workspace_root};
@@ -89,7 +86,6 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("\nwritten to {}", out.display());
     Ok(())
 }
-
 
 /// One step of the chain: when the previous holder released.
 struct Chain {

@@ -207,14 +207,10 @@ impl WaitQueue {
         &self,
         limit: usize,
     ) -> impl Iterator<Item = (u32, &QueuedRequest, Option<&Reason>)> {
-        self.entries
-            .values()
-            .take(limit)
-            .enumerate()
-            .map(|(i, q)| {
-                let reason = self.judged.get(&q.ticket).or(self.rest.as_ref());
-                (i as u32 + 1, q, reason)
-            })
+        self.entries.values().take(limit).enumerate().map(|(i, q)| {
+            let reason = self.judged.get(&q.ticket).or(self.rest.as_ref());
+            (i as u32 + 1, q, reason)
+        })
     }
 
     /// Renumbers the slots 1..=len in FIFO order with room to grow, so the

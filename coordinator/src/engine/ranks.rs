@@ -25,7 +25,10 @@ impl Ranks {
     }
 
     fn add(&mut self, slot: usize, delta: i32) {
-        debug_assert!(slot >= 1 && slot <= self.capacity(), "slot {slot} out of range");
+        debug_assert!(
+            slot >= 1 && slot <= self.capacity(),
+            "slot {slot} out of range"
+        );
         let mut i = slot;
         while i < self.tree.len() {
             self.tree[i] += delta;

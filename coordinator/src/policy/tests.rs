@@ -100,7 +100,10 @@ fn pause_window_and_guards_give_their_reasons() {
     let d = decide(&state, &queue, &[], &policy, &[], t0());
     assert_eq!(d.grant, None);
     assert_eq!(&*d.reason_at(1).unwrap().text, "paused: kernel regression");
-    assert!(d.judged.is_empty(), "a pause holds every waiter back unjudged");
+    assert!(
+        d.judged.is_empty(),
+        "a pause holds every waiter back unjudged"
+    );
     state.resume("op", t0());
 
     policy.windows = WindowSet {
@@ -389,9 +392,8 @@ proptest! {
         for (i, control_plane) in &input.holders {
             let _ = state.grant(&pool(*i), *control_plane, false, "", t0());
         }
-        match input.paused {
-            Some(with_reason) => { state.pause("op", if with_reason { "cve" } else { "" }, t0()); }
-            None => {}
+        if let Some(with_reason) = input.paused {
+            state.pause("op", if with_reason { "cve" } else { "" }, t0());
         }
         let mut queue: Vec<Waiter> = Vec::new();
         for (i, control_plane) in &input.queue {

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -89,12 +89,13 @@ struct Tally {
     first_answer: Histogram<u64>,
     answered: usize,
     all_answered: Option<Duration>,
-    queued_updates: u64,
     errors: u64,
     first_error: Option<String>,
 }
 
 struct Shared {
+    /// Counted apart from the tally: every Queued update bumps it.
+    queued_updates: AtomicU64,
     tally: std::sync::Mutex<Tally>,
     finished: AtomicUsize,
     all_finished: Notify,
@@ -158,10 +159,10 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
             first_answer: Histogram::new(3)?,
             answered: 0,
             all_answered: None,
-            queued_updates: 0,
             errors: 0,
             first_error: None,
         }),
+        queued_updates: AtomicU64::new(0),
         finished: AtomicUsize::new(0),
         all_finished: Notify::new(),
         start: Instant::now(),
@@ -176,8 +177,9 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
             shared.done(result);
         }));
     }
-    let finished =
-        tokio::time::timeout(fleet.deadline, shared.all_finished.notified()).await.is_ok();
+    let finished = tokio::time::timeout(fleet.deadline, shared.all_finished.notified())
+        .await
+        .is_ok();
     let elapsed = shared.start.elapsed();
     for task in &tasks {
         task.abort();
@@ -190,7 +192,7 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
         handoffs: t.handoffs.clone(),
         first_answer: t.first_answer.clone(),
         all_answered: t.all_answered,
-        queued_updates: t.queued_updates,
+        queued_updates: shared.queued_updates.load(Ordering::Relaxed),
         errors: t.errors,
         first_error: t.first_error.clone(),
     })
@@ -223,14 +225,19 @@ async fn agent(i: usize, mut client: CoordinatorClient<Channel>, shared: &Shared
         }
         match event.event {
             Some(Event::Granted(g)) => break g.fencing_token,
-            Some(Event::Queued(_)) => shared.tally().queued_updates += 1,
+            Some(Event::Queued(_)) => {
+                shared.queued_updates.fetch_add(1, Ordering::Relaxed);
+            }
             None => {}
         }
     };
     shared.granted();
     drop(stream);
     if shared.fleet.mode == AgentMode::Real {
-        let hold = shared.fleet.hold_max.mul_f64(unit(shared.fleet.seed ^ i as u64));
+        let hold = shared
+            .fleet
+            .hold_max
+            .mul_f64(unit(shared.fleet.seed ^ i as u64));
         let report = |phase: pb::Phase, boot_id: &str| pb::ReportRequest {
             node: node.clone(),
             fencing_token: token,

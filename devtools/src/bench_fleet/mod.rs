@@ -123,7 +123,8 @@ fn parse(args: &[String]) -> Result<Options> {
             vec![1000, 10_000, 30_000]
         }
     });
-    opts.max_concurrent = max_concurrent.unwrap_or_else(|| if etcd { vec![1] } else { vec![1, 50] });
+    opts.max_concurrent =
+        max_concurrent.unwrap_or_else(|| if etcd { vec![1] } else { vec![1, 50] });
     opts.mode = mode.unwrap_or(if etcd {
         AgentMode::Instant
     } else {
@@ -156,7 +157,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let svg_path = root.join(format!("target/bench/{name}.svg"));
     std::fs::write(&svg_path, svg(&report))?;
     print_table(&report);
-    println!("\nwritten to {} and {}", json_path.display(), svg_path.display());
+    println!(
+        "\nwritten to {} and {}",
+        json_path.display(),
+        svg_path.display()
+    );
     Ok(())
 }
 
@@ -199,7 +204,12 @@ async fn bench(opts: &Options) -> Result<Value> {
     }))
 }
 
-async fn one_run(opts: &Options, backend: &mut Backend, waiters: usize, max: usize) -> Result<Value> {
+async fn one_run(
+    opts: &Options,
+    backend: &mut Backend,
+    waiters: usize,
+    max: usize,
+) -> Result<Value> {
     let mut target = backend.coordinator(max).await?;
     let first = connect(&target.url).await?;
     // The gRPC floor on the idle coordinator, before the storm.
@@ -208,6 +218,7 @@ async fn one_run(opts: &Options, backend: &mut Backend, waiters: usize, max: usi
     for _ in 0..waiters.div_ceil(opts.per_connection) {
         channels.push(connect(&target.url).await?);
     }
+    let sampler = target.sample_saves().await?;
     let cpu_before = cpu_seconds(target.pid)?;
     let fleet = Fleet {
         agents: waiters,
@@ -222,13 +233,14 @@ async fn one_run(opts: &Options, backend: &mut Backend, waiters: usize, max: usi
     let peak_kib = peak_rss_kib(target.pid)?;
     let end_kib = rss_kib(target.pid)?;
     drop(channels);
+    let during = sampler.finish().await?;
     let save = target.save_floor(300).await?;
     drop(target);
 
     let h = &outcome.handoffs;
     let secs = outcome.elapsed.as_secs_f64();
     let grants_per_s = outcome.grants as f64 / secs;
-    let floor_us = 2 * save.save_us.value_at_quantile(0.5) + 2 * rtt.value_at_quantile(0.5);
+    let floor_us = 2 * during.value_at_quantile(0.5) + 2 * rtt.value_at_quantile(0.5);
     let ms = |us: u64| us as f64 / 1000.0;
     Ok(json!({
         "waiters": waiters,
@@ -262,8 +274,10 @@ async fn one_run(opts: &Options, backend: &mut Backend, waiters: usize, max: usi
         },
         "floor": {
             "grpc_rtt_ms_p50": ms(rtt.value_at_quantile(0.5)),
-            "save_ms_p50": ms(save.save_us.value_at_quantile(0.5)),
-            "save_ms_p99": ms(save.save_us.value_at_quantile(0.99)),
+            "save_ms_p50": ms(during.value_at_quantile(0.5)),
+            "save_ms_p99": ms(during.value_at_quantile(0.99)),
+            "save_samples": during.len(),
+            "raw_save_ms_p50_after": ms(save.save_us.value_at_quantile(0.5)),
             "raw_saves_per_s": save.saves_per_s,
             "state_bytes": save.state_bytes,
             "floor_ms": ms(floor_us),
@@ -295,7 +309,9 @@ fn svg(report: &Value) -> String {
                     waiters: r["waiters"].as_f64().unwrap_or(f64::NAN),
                     p50_ms: r["handoff_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
                     p99_ms: r["handoff_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
-                    rss_mib: r["coordinator"]["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+                    rss_mib: r["coordinator"]["peak_rss_mib"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
                     finished: r["finished"] == json!(true),
                 })
                 .collect(),
@@ -314,19 +330,33 @@ fn print_table(report: &Value) {
     );
     println!(
         "{:>7} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9} {:>8}",
-        "waiters", "max", "p50 ms", "p99 ms", "max ms", "grants/s", "floor ms", "p50/floor",
-        "raw/s", "CPU s", "CPU cores", "RSS MiB"
+        "waiters",
+        "max",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "grants/s",
+        "floor ms",
+        "p50/floor",
+        "raw/s",
+        "CPU s",
+        "CPU cores",
+        "RSS MiB"
     );
     for r in report["runs"].as_array().into_iter().flatten() {
         if let Some(why) = r["skipped"].as_str() {
-            println!("{:>7} {:>4}  skipped: {why}", r["waiters"], r["max_concurrent"]);
+            println!(
+                "{:>7} {:>4}  skipped: {why}",
+                r["waiters"].as_u64().unwrap_or(0),
+                r["max_concurrent"].as_u64().unwrap_or(0)
+            );
             continue;
         }
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         println!(
             "{:>7} {:>4} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>8.1} {:>7.1} {:>9.2} {:>8.1}{}",
-            r["waiters"],
-            r["max_concurrent"],
+            r["waiters"].as_u64().unwrap_or(0),
+            r["max_concurrent"].as_u64().unwrap_or(0),
             f(&r["handoff_ms"]["p50"]),
             f(&r["handoff_ms"]["p99"]),
             f(&r["handoff_ms"]["max"]),
@@ -340,10 +370,7 @@ fn print_table(report: &Value) {
             if r["finished"] == json!(true) {
                 String::new()
             } else {
-                format!(
-                    "  (deadline: {} of {} granted)",
-                    r["grants"], r["waiters"]
-                )
+                format!("  (deadline: {} of {} granted)", r["grants"], r["waiters"])
             }
         );
         if let Some(e) = r["first_error"].as_str() {

@@ -78,7 +78,9 @@ impl Axis {
             }
             t
         } else {
-            (0..=4).map(|i| self.lo + (self.hi - self.lo) * i as f64 / 4.0).collect()
+            (0..=4)
+                .map(|i| self.lo + (self.hi - self.lo) * i as f64 / 4.0)
+                .collect()
         }
     }
 }
@@ -105,6 +107,9 @@ fn label(v: f64) -> String {
     }
 }
 
+/// One line of a panel: the value it plots and its dash pattern.
+type Line<'a> = (&'a dyn Fn(&Point) -> f64, &'a str);
+
 /// A panel offset by `dx`, plotting `y` of every series.
 fn panel(
     svg: &mut String,
@@ -113,7 +118,7 @@ fn panel(
     series: &[Series],
     x: &Axis,
     y: &Axis,
-    lines: &[(&dyn Fn(&Point) -> f64, &str)],
+    lines: &[Line<'_>],
 ) {
     let px = |v: f64| dx + LEFT + x.frac(v) * PLOT_W;
     let py = |v: f64| TOP + PLOT_H - y.frac(v) * PLOT_H;
@@ -130,7 +135,7 @@ fn panel(
     for t in y.ticks() {
         let _ = writeln!(
             svg,
-            r##"<line x1="{}" x2="{}" y1="{2}" y2="{2}" stroke="#ddd"/><text x="{}" y="{}" font-size="11" text-anchor="end">{}</text>"##,
+            r##"<line x1="{0}" x2="{1}" y1="{2}" y2="{2}" stroke="#ddd"/><text x="{3}" y="{4}" font-size="11" text-anchor="end">{5}</text>"##,
             dx + LEFT,
             dx + LEFT + PLOT_W,
             py(t),

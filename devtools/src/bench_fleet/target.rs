@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use baton_tests::etcd::EtcdCluster;
@@ -108,8 +111,8 @@ impl Backend {
                     url: coordinator.grpc_url.clone(),
                     pid: coordinator.pid().as_raw() as u32,
                     kind: Kind::Etcd {
-                        _coordinator: coordinator,
-                        client: cluster.client().await?,
+                        _coordinator: Box::new(coordinator),
+                        client: Box::new(cluster.client().await?),
                         prefix,
                     },
                 })
@@ -124,8 +127,8 @@ enum Kind {
         data: PathBuf,
     },
     Etcd {
-        _coordinator: Coordinator,
-        client: etcd_client::Client,
+        _coordinator: Box<Coordinator>,
+        client: Box<etcd_client::Client>,
         prefix: String,
     },
 }
@@ -149,7 +152,67 @@ pub struct SaveFloor {
     pub saves_per_s: f64,
 }
 
+/// Saves sampled while the fleet runs (see [`Target::sample_saves`]).
+pub struct SaveSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<Histogram<u64>>>,
+}
+
+impl SaveSampler {
+    /// Stops sampling; returns the save times seen, µs.
+    pub async fn finish(self) -> Result<Histogram<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// How often the sampler saves while the fleet runs: often enough for a
+/// distribution, rarely enough not to load the disk (or etcd) it measures.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
 impl Target {
+    /// Samples one save every [`SAMPLE_EVERY`] while the fleet runs, on the
+    /// same disk (or etcd cluster) and under the same load as the
+    /// coordinator's saves: the floor of this run, not of a quieter moment.
+    pub async fn sample_saves(&self) -> Result<SaveSampler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = match &self.kind {
+            Kind::Embedded { data, .. } => {
+                let data = data.clone();
+                let dir = data.join("floor-during");
+                std::fs::create_dir_all(&dir)?;
+                tokio::task::spawn_blocking(move || {
+                    let mut saves = Histogram::<u64>::new(3)?;
+                    while !flag.load(Ordering::Relaxed) {
+                        let size = std::fs::metadata(data.join("state.json"))
+                            .map(|m| m.len() as usize)
+                            .unwrap_or(4096);
+                        saves.record(floor::atomic_write(&dir, &vec![b'x'; size])?)?;
+                        std::thread::sleep(SAMPLE_EVERY);
+                    }
+                    Ok(saves)
+                })
+            }
+            Kind::Etcd { client, prefix, .. } => {
+                let mut client = (**client).clone();
+                let prefix = prefix.clone();
+                tokio::spawn(async move {
+                    let guard = floor::etcd_guard(&mut client).await?;
+                    let mut saves = Histogram::<u64>::new(3)?;
+                    while !flag.load(Ordering::Relaxed) {
+                        let size = state_bytes(&mut client, &prefix).await?;
+                        let doc = vec![b'x'; size];
+                        saves.record(floor::etcd_txn(&mut client, guard, &doc).await?)?;
+                        tokio::time::sleep(SAMPLE_EVERY).await;
+                    }
+                    Ok(saves)
+                })
+            }
+        };
+        Ok(SaveSampler { stop, task })
+    }
+
     /// Measures one save of a state of the size now stored: an atomic file
     /// write, or a guarded etcd transaction on the same cluster.
     pub async fn save_floor(&mut self, samples: usize) -> Result<SaveFloor> {
@@ -167,18 +230,8 @@ impl Target {
                 })
             }
             Kind::Etcd { client, prefix, .. } => {
-                // The largest value under the prefix is the state document
-                // (the rest are election keys).
-                let state_bytes = client
-                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                    .await?
-                    .kvs()
-                    .iter()
-                    .map(|kv| kv.value().len())
-                    .max()
-                    .unwrap_or(4096);
-                let (save_us, saves_per_s) =
-                    floor::etcd_txns(client, state_bytes, samples).await?;
+                let state_bytes = state_bytes(client, prefix).await?;
+                let (save_us, saves_per_s) = floor::etcd_txns(client, state_bytes, samples).await?;
                 Ok(SaveFloor {
                     state_bytes,
                     save_us,
@@ -187,4 +240,17 @@ impl Target {
             }
         }
     }
+}
+
+/// The size of the state document under `prefix`: the largest value there
+/// (the rest are election keys); 4 KiB before the first save.
+async fn state_bytes(client: &mut etcd_client::Client, prefix: &str) -> Result<usize> {
+    Ok(client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| kv.value().len())
+        .max()
+        .unwrap_or(4096))
 }

@@ -62,7 +62,8 @@ impl Fixture {
 
     fn join(&mut self, i: usize) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.push(self.next_ticket, request(i), Utc::now(), tx);
+        self.queue
+            .push(self.next_ticket, request(i), Utc::now(), tx);
         self.next_ticket += 1;
         self.receivers.insert(i, rx);
     }
@@ -181,7 +182,11 @@ enum Op {
     Join(usize),
     GrantFirst,
     Withdraw(usize),
-    Tell { kind: u8, holder: usize, millis: u64 },
+    Tell {
+        kind: u8,
+        holder: usize,
+        millis: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
