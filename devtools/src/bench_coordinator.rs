@@ -13,7 +13,6 @@
 //!
 //! Results go to target/bench/coordinator.json and a table on stdout.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 
 use crate::floor;
-use crate::util::{Proc, connect, free_port, release_dir, workspace_root};
+use crate::util::{connect, release_dir, start_embedded_coordinator, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -55,28 +54,16 @@ fn parse(args: &[String]) -> Result<Options> {
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     let root = workspace_root();
-    let data = root.join("target/bench/coordinator-data");
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data)?;
-    let port = free_port()?;
-    let metrics_port = free_port()?;
-    let log = std::fs::File::create(root.join("target/bench/coordinator.log"))?;
-    let server = Proc(
-        Command::new(release_dir().join("baton-coordinator"))
-            .args(["serve", "--insecure"])
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
-            .arg(format!("--data-dir={}", data.display()))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting baton-coordinator")?,
-    );
+    let server = start_embedded_coordinator(
+        &release_dir().join("baton-coordinator"),
+        root.join("target/bench/coordinator-data"),
+        &root.join("target/bench/coordinator.log"),
+        &[],
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(bench(&opts, port, &data))?;
+    let report = runtime.block_on(bench(&opts, server.port, &server.data))?;
     drop(server);
 
     let json = serde_json::to_string_pretty(&report)?;

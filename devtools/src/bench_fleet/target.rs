@@ -3,19 +3,18 @@
 //! cluster, and the floor of one save on that store.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use baton_tests::etcd::EtcdCluster;
 use baton_tests::etcd::coordinator::Coordinator;
 use etcd_client::GetOptions;
 use hdrhistogram::Histogram;
 
 use crate::floor;
-use crate::util::{Proc, free_port, workspace_root};
+use crate::util::{EmbeddedCoordinator, start_embedded_coordinator, workspace_root};
 
 /// Where the state lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,30 +63,18 @@ impl Backend {
         match &self.etcd {
             None => {
                 let root = workspace_root();
-                let data = root.join(format!("target/bench/fleet-data-{}", self.runs));
-                let _ = std::fs::remove_dir_all(&data);
-                std::fs::create_dir_all(&data)?;
-                let port = free_port()?;
-                let metrics_port = free_port()?;
-                let log = std::fs::File::create(root.join("target/bench/fleet-coordinator.log"))?;
-                let child = Command::new(&self.binary)
-                    .args(["serve", "--insecure", "--max-concurrent", &max])
-                    .arg(format!("--listen=127.0.0.1:{port}"))
-                    .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
-                    .arg(format!("--data-dir={}", data.display()))
-                    // The shipped default is info; warn keeps a slow
-                    // coordinator's per-waiter lines from filling the disk.
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .context("starting baton-coordinator")?;
+                let coordinator = start_embedded_coordinator(
+                    &self.binary,
+                    root.join(format!("target/bench/fleet-data-{}", self.runs)),
+                    &root.join("target/bench/fleet-coordinator.log"),
+                    &["--max-concurrent", &max],
+                )?;
                 Ok(Target {
-                    url: format!("http://127.0.0.1:{port}"),
-                    pid: child.id(),
+                    url: format!("http://127.0.0.1:{}", coordinator.port),
+                    pid: coordinator.process.0.id(),
                     kind: Kind::Embedded {
-                        _proc: Proc(child),
-                        data,
+                        data: coordinator.data.clone(),
+                        _coordinator: coordinator,
                     },
                 })
             }
@@ -123,7 +110,7 @@ impl Backend {
 
 enum Kind {
     Embedded {
-        _proc: Proc,
+        _coordinator: EmbeddedCoordinator,
         data: PathBuf,
     },
     Etcd {
