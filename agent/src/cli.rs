@@ -135,6 +135,22 @@ impl CoordinatorArgs {
     /// The one authentication these flags describe, or a sentence saying
     /// which flags are missing or do not go together.
     pub fn auth(&self) -> Result<Auth, String> {
+        let auth = self.auth_from_flags()?;
+        let plain = self
+            .url
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("http://");
+        match &auth {
+            Auth::MutualTls { .. } | Auth::Token { .. } if plain => Err(format!(
+                "--coordinator {} is plain http://, but --ca/--cert/--token-file ask for TLS: the bearer token or certificate would not protect anything (use https://, or --insecure in a lab)",
+                self.url
+            )),
+            _ => Ok(auth),
+        }
+    }
+
+    fn auth_from_flags(&self) -> Result<Auth, String> {
         match (
             self.insecure,
             &self.ca,
@@ -222,6 +238,15 @@ pub struct MaintenanceArgs {
     /// A shell command that checks the node after boot (transient unit).
     #[arg(long, env = "BATON_POST_CHECK_COMMAND")]
     pub post_check_command: Option<String>,
+    /// Reboot even while logind inhibitor locks (mode "block", what
+    /// "shutdown") are held. By default the agent waits for them to go, up
+    /// to --inhibitor-timeout, and then fails.
+    #[arg(long, env = "BATON_IGNORE_INHIBITORS")]
+    pub ignore_inhibitors: bool,
+    /// When logind refuses the reboot, start reboot.target instead. That
+    /// bypasses logind (and every inhibitor), so it is off by default.
+    #[arg(long, env = "BATON_REBOOT_FALLBACK_TARGET")]
+    pub reboot_fallback_target: bool,
 }
 
 /// Timeouts and intervals.
@@ -246,11 +271,23 @@ pub struct TimingArgs {
     /// How long to wait before retrying a failed coordinator call.
     #[arg(long, env = "BATON_RETRY_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub retry_interval: Duration,
-    /// How long to hold back after an aborted maintenance (a drain that
-    /// timed out) before asking again; doubles with each abort in a row, up
-    /// to an hour.
+    /// How long to hold back before asking again after a maintenance that
+    /// was aborted (a drain that timed out) or lost (force-released), or
+    /// after which the need was still there; doubles with each one in a
+    /// row, up to an hour. Persisted across restarts.
     #[arg(long, env = "BATON_ABORT_BACKOFF", value_parser = humantime::parse_duration, default_value = "5m")]
     pub abort_backoff: Duration,
+    /// The deadline of every call to the coordinator (the wait for a grant
+    /// aside).
+    #[arg(long, env = "BATON_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub call_timeout: Duration,
+    /// How long to wait for logind's block inhibitors on shutdown to go
+    /// before the reboot; then the maintenance fails (the baton stays held).
+    #[arg(long, env = "BATON_INHIBITOR_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub inhibitor_timeout: Duration,
+    /// The deadline of every D-Bus call to systemd and logind.
+    #[arg(long, env = "BATON_DBUS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub dbus_timeout: Duration,
     /// How long a sentinel or update-check command may run.
     #[arg(long, env = "BATON_CHECK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
     pub check_timeout: Duration,
@@ -360,5 +397,23 @@ mod tests {
         let err = auth(&["--ca=ca"]).unwrap().unwrap_err();
         assert!(err.contains("--token-file"), "{err}");
         assert!(auth(&[]).unwrap().is_err());
+    }
+
+    /// Finding 7: TLS material with a plain-text URL would send the bearer
+    /// token in clear; refused with a sentence.
+    #[test]
+    fn plain_http_with_tls_flags_is_refused() {
+        let parse = |url: &str, extra: &[&str]| {
+            let mut argv = vec!["baton-agent", "run", "--node", "n1", "--coordinator", url];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+            args.coordinator.auth()
+        };
+        let err = parse("http://c:7443", &["--ca=ca", "--token-file=t"]).unwrap_err();
+        assert!(err.contains("plain http://"), "{err}");
+        assert!(parse("HTTP://c:7443", &["--ca=ca", "--cert=c", "--key=k"]).is_err());
+        assert!(parse("https://c:7443", &["--ca=ca", "--token-file=t"]).is_ok());
+        // A lab on purpose: plain text, said so.
+        assert!(parse("http://127.0.0.1:7443", &["--insecure"]).is_ok());
     }
 }

@@ -2,8 +2,16 @@
 //!
 //! [`GrpcCoordinator`] is the tonic client; this module is also where gRPC
 //! status codes become [`CoordinatorError`] variants: FAILED_PRECONDITION
-//! means the fencing token is stale ([`CoordinatorError::Fenced`]), everything
+//! means the fencing token is stale ([`CoordinatorError::Fenced`]);
+//! INVALID_ARGUMENT and PERMISSION_DENIED will be refused again however
+//! often the call is repeated ([`CoordinatorError::Refused`]); UNIMPLEMENTED
+//! is an older coordinator ([`CoordinatorError::Unimplemented`]); everything
 //! else is worth retrying.
+//!
+//! Every unary call carries a deadline (`grpc-timeout`, see
+//! [`GrpcCoordinator::with_call_timeout`]); the waiting Acquire stream has
+//! none (it may wait for hours) but its first answer does, and HTTP/2
+//! keepalives notice a coordinator that went away.
 //!
 //! Authentication is mutual TLS ([`Tls`] with a client identity) or a
 //! bearer token read from a file ([`BearerToken`], a tonic interceptor that
@@ -12,7 +20,7 @@
 
 use crate::phase::Phase;
 use baton_proto::v1::{
-    AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest, acquire_event,
+    AcquireRequest, ConfirmRequest, ReleaseRequest, RenewRequest, ReportRequest, acquire_event,
     coordinator_client::CoordinatorClient,
 };
 use std::path::{Path, PathBuf};
@@ -29,8 +37,15 @@ pub enum CoordinatorError {
     /// The coordinator refused our fencing token: the baton is not ours.
     #[error("fencing token refused: {0}")]
     Fenced(String),
+    /// The coordinator refused the call's content or the caller
+    /// (INVALID_ARGUMENT, PERMISSION_DENIED): repeating it cannot help.
+    #[error("coordinator refused the call: {0}")]
+    Refused(String),
+    /// The coordinator does not know this call (an older version).
+    #[error("coordinator does not implement this call: {0}")]
+    Unimplemented(String),
     /// The call failed in a way that may succeed later (unavailable,
-    /// follower, network).
+    /// follower, network, deadline).
     #[error("coordinator call failed: {0}")]
     Call(String),
     /// The endpoint or TLS settings are invalid.
@@ -42,6 +57,10 @@ impl From<tonic::Status> for CoordinatorError {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
             tonic::Code::FailedPrecondition => CoordinatorError::Fenced(status.message().into()),
+            code @ (tonic::Code::InvalidArgument | tonic::Code::PermissionDenied) => {
+                CoordinatorError::Refused(format!("{code:?}: {}", status.message()))
+            }
+            tonic::Code::Unimplemented => CoordinatorError::Unimplemented(status.message().into()),
             code => CoordinatorError::Call(format!("{code:?}: {}", status.message())),
         }
     }
@@ -56,6 +75,62 @@ pub struct Grant {
     pub resumed: bool,
     /// How often the coordinator wants renewals (None: not told).
     pub renew_interval: Option<Duration>,
+    /// How long the coordinator lets a holder go without renewing before
+    /// it counts as overdue (None: not told).
+    pub overdue_after: Option<Duration>,
+}
+
+/// A successful renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Renewed {
+    /// Renew again before this time (the coordinator's clock), or become
+    /// overdue. None: not told.
+    pub overdue_at: Option<SystemTime>,
+}
+
+/// The destructive step a holder asks to take ([`Coordinator::confirm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Cordon and drain, or the pre-maintenance units.
+    Drain,
+    /// Apply the OS update.
+    Update,
+    /// Reboot the node.
+    Reboot,
+}
+
+impl Step {
+    /// The step as `baton.v1` names it.
+    pub fn to_proto(self) -> baton_proto::v1::Step {
+        match self {
+            Step::Drain => baton_proto::v1::Step::Drain,
+            Step::Update => baton_proto::v1::Step::Update,
+            Step::Reboot => baton_proto::v1::Step::Reboot,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Drain => "drain",
+            Step::Update => "update",
+            Step::Reboot => "reboot",
+        })
+    }
+}
+
+/// The coordinator's answer to [`Coordinator::confirm`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Confirmation {
+    /// True: take the step now. False: wait, keep the lease, ask again.
+    pub proceed: bool,
+    /// Why the holder must wait (empty when it may proceed).
+    pub reason: String,
+    /// The lease was renewed: renew again before this time.
+    pub overdue_at: Option<SystemTime>,
+    /// When to ask again if told to wait (None: not told).
+    pub retry_after: Option<Duration>,
 }
 
 /// One progress report.
@@ -79,12 +154,21 @@ pub trait Coordinator {
     /// request is then withdrawn), which tells an agent that lost its state
     /// whether it holds the baton. Dropping the future withdraws the request.
     async fn acquire(&self, reason: &str, wait: bool) -> Result<Option<Grant>, CoordinatorError>;
-    /// Keep the baton alive.
-    async fn renew(&self, fencing_token: u64) -> Result<(), CoordinatorError>;
+    /// Keep the baton alive; a refused token is [`CoordinatorError::Fenced`].
+    async fn renew(&self, fencing_token: u64) -> Result<Renewed, CoordinatorError>;
     /// Record progress.
     async fn report(&self, fencing_token: u64, report: &Report) -> Result<(), CoordinatorError>;
     /// Give the baton back.
     async fn release(&self, fencing_token: u64, reason: &str) -> Result<(), CoordinatorError>;
+    /// Ask right before a destructive step whether it may be taken now (the
+    /// coordinator checks the token, renews the lease and re-runs its
+    /// guards). An older coordinator answers
+    /// [`CoordinatorError::Unimplemented`].
+    async fn confirm(
+        &self,
+        fencing_token: u64,
+        step: Step,
+    ) -> Result<Confirmation, CoordinatorError>;
 }
 
 /// TLS material (PEM file contents): the coordinator's CA, and the agent's
@@ -196,11 +280,15 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// How long a unary call may take unless told otherwise.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The gRPC client.
 #[derive(Debug, Clone)]
 pub struct GrpcCoordinator {
     node: String,
     control_plane: bool,
+    call_timeout: Duration,
     client: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
@@ -231,13 +319,48 @@ impl GrpcCoordinator {
         Ok(GrpcCoordinator {
             node: node.to_string(),
             control_plane,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             client: CoordinatorClient::with_interceptor(endpoint.connect_lazy(), token),
         })
+    }
+
+    /// The deadline of every unary call and of the Acquire stream's first
+    /// answer (default [`DEFAULT_CALL_TIMEOUT`]).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// `message` as a request carrying the call deadline.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.call_timeout);
+        request
+    }
+
+    /// `call`, failing with [`CoordinatorError::Call`] after the deadline
+    /// (the client side of the deadline: it holds also when the server
+    /// ignores `grpc-timeout`).
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, CoordinatorError> {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => result.map_err(call_error),
+            Err(_) => Err(CoordinatorError::Call(format!(
+                "no answer within {}",
+                humantime::format_duration(self.call_timeout)
+            ))),
+        }
     }
 }
 
 fn call_error(e: tonic::Status) -> CoordinatorError {
     e.into()
+}
+
+fn system_time(t: baton_proto::Timestamp) -> Option<SystemTime> {
+    SystemTime::try_from(t).ok()
 }
 
 impl Coordinator for GrpcCoordinator {
@@ -249,14 +372,20 @@ impl Coordinator for GrpcCoordinator {
             manual: false,
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
+        let mut client = self.client.clone();
         let mut stream = self
-            .client
-            .clone()
-            .acquire(request)
-            .await
-            .map_err(call_error)?
+            .bounded(client.acquire(tonic::Request::new(request)))
+            .await?
             .into_inner();
-        while let Some(event) = stream.message().await.map_err(call_error)? {
+        loop {
+            // Waiting for a grant has no deadline; asking what the node
+            // holds (`wait` false) answers at once.
+            let next = if wait {
+                stream.message().await.map_err(call_error)?
+            } else {
+                self.bounded(stream.message()).await?
+            };
+            let Some(event) = next else { break };
             match event.event {
                 Some(acquire_event::Event::Queued(q)) => {
                     tracing::info!(node = %self.node, position = q.position, queue_length = q.queue_length, reason = %q.reason, "queued");
@@ -265,14 +394,15 @@ impl Coordinator for GrpcCoordinator {
                     }
                 }
                 Some(acquire_event::Event::Granted(g)) => {
-                    let renew_interval = g
-                        .lease
-                        .and_then(|l| l.renew_interval)
-                        .and_then(|d| Duration::try_from(d).ok());
+                    let lease = g.lease.unwrap_or_default();
+                    let duration = |d: Option<baton_proto::ProtoDuration>| {
+                        d.and_then(|d| Duration::try_from(d).ok())
+                    };
                     return Ok(Some(Grant {
                         fencing_token: g.fencing_token,
                         resumed: g.resumed,
-                        renew_interval,
+                        renew_interval: duration(lease.renew_interval),
+                        overdue_after: duration(lease.overdue_after),
                     }));
                 }
                 None => {}
@@ -283,45 +413,65 @@ impl Coordinator for GrpcCoordinator {
         ))
     }
 
-    async fn renew(&self, fencing_token: u64) -> Result<(), CoordinatorError> {
-        self.client
-            .clone()
-            .renew(RenewRequest {
+    async fn renew(&self, fencing_token: u64) -> Result<Renewed, CoordinatorError> {
+        let mut client = self.client.clone();
+        let answer = self
+            .bounded(client.renew(self.request(RenewRequest {
                 node: self.node.clone(),
                 fencing_token,
-            })
-            .await
-            .map_err(call_error)?;
-        Ok(())
+            })))
+            .await?
+            .into_inner();
+        Ok(Renewed {
+            overdue_at: answer.overdue_at.and_then(system_time),
+        })
     }
 
     async fn report(&self, fencing_token: u64, report: &Report) -> Result<(), CoordinatorError> {
-        self.client
-            .clone()
-            .report(ReportRequest {
-                node: self.node.clone(),
-                fencing_token,
-                phase: report.phase.to_proto() as i32,
-                boot_id: report.boot_id.clone(),
-                message: report.message.clone(),
-                error: report.error.clone(),
-            })
-            .await
-            .map_err(call_error)?;
+        let mut client = self.client.clone();
+        self.bounded(client.report(self.request(ReportRequest {
+            node: self.node.clone(),
+            fencing_token,
+            phase: report.phase.to_proto() as i32,
+            boot_id: report.boot_id.clone(),
+            message: report.message.clone(),
+            error: report.error.clone(),
+        })))
+        .await?;
         Ok(())
     }
 
     async fn release(&self, fencing_token: u64, reason: &str) -> Result<(), CoordinatorError> {
-        self.client
-            .clone()
-            .release(ReleaseRequest {
+        let mut client = self.client.clone();
+        self.bounded(client.release(self.request(ReleaseRequest {
+            node: self.node.clone(),
+            fencing_token,
+            reason: reason.to_string(),
+        })))
+        .await?;
+        Ok(())
+    }
+
+    async fn confirm(
+        &self,
+        fencing_token: u64,
+        step: Step,
+    ) -> Result<Confirmation, CoordinatorError> {
+        let mut client = self.client.clone();
+        let answer = self
+            .bounded(client.confirm(self.request(ConfirmRequest {
                 node: self.node.clone(),
                 fencing_token,
-                reason: reason.to_string(),
-            })
-            .await
-            .map_err(call_error)?;
-        Ok(())
+                step: step.to_proto() as i32,
+            })))
+            .await?
+            .into_inner();
+        Ok(Confirmation {
+            proceed: answer.proceed,
+            reason: answer.reason,
+            overdue_at: answer.overdue_at.and_then(system_time),
+            retry_after: answer.retry_after.and_then(|d| Duration::try_from(d).ok()),
+        })
     }
 }
 
@@ -361,6 +511,137 @@ mod tests {
             auth_of(&mut token).unwrap().as_deref(),
             Some("Bearer second-token-longer")
         );
+    }
+
+    #[test]
+    fn status_codes_map_to_what_the_agent_does_next() {
+        use tonic::Status;
+        let of = |s: Status| CoordinatorError::from(s);
+        assert!(matches!(
+            of(Status::failed_precondition("stale")),
+            CoordinatorError::Fenced(_)
+        ));
+        assert!(matches!(
+            of(Status::invalid_argument("too long")),
+            CoordinatorError::Refused(_)
+        ));
+        assert!(matches!(
+            of(Status::permission_denied("not yours")),
+            CoordinatorError::Refused(_)
+        ));
+        assert!(matches!(
+            of(Status::unimplemented("Confirm")),
+            CoordinatorError::Unimplemented(_)
+        ));
+        assert!(matches!(
+            of(Status::unavailable("follower")),
+            CoordinatorError::Call(_)
+        ));
+        assert!(matches!(
+            of(Status::unauthenticated("token rotating")),
+            CoordinatorError::Call(_)
+        ));
+    }
+
+    /// A coordinator that accepts connections and never answers.
+    struct Silent;
+
+    type Events = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<baton_proto::v1::AcquireEvent, tonic::Status>> + Send,
+        >,
+    >;
+
+    #[tonic::async_trait]
+    impl baton_proto::v1::coordinator_server::Coordinator for Silent {
+        type AcquireStream = Events;
+        async fn acquire(
+            &self,
+            _: tonic::Request<AcquireRequest>,
+        ) -> Result<tonic::Response<Events>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn renew(
+            &self,
+            _: tonic::Request<RenewRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::RenewResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn report(
+            &self,
+            _: tonic::Request<ReportRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ReportResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn release(
+            &self,
+            _: tonic::Request<ReleaseRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ReleaseResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+        async fn confirm(
+            &self,
+            _: tonic::Request<ConfirmRequest>,
+        ) -> Result<tonic::Response<baton_proto::v1::ConfirmResponse>, tonic::Status> {
+            std::future::pending().await
+        }
+    }
+
+    /// Finding 7: every call has a deadline; a coordinator that hangs
+    /// makes the call fail (retryable), it never hangs the agent.
+    #[tokio::test]
+    async fn calls_to_a_hung_coordinator_fail_at_their_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(baton_proto::v1::coordinator_server::CoordinatorServer::new(
+                    Silent,
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let client = GrpcCoordinator::new(
+            &format!("http://{addr}"),
+            None,
+            BearerToken::none(),
+            "n1",
+            false,
+        )
+        .unwrap()
+        .with_call_timeout(Duration::from_millis(300));
+        let report = Report {
+            phase: Phase::Updating,
+            boot_id: String::new(),
+            message: String::new(),
+            error: String::new(),
+        };
+        // The outer bound only keeps a broken build from hanging the suite.
+        let bound = Duration::from_secs(60);
+        let calls = async {
+            assert!(matches!(
+                client.renew(1).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.report(1, &report).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.release(1, "r").await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.confirm(1, Step::Reboot).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.acquire("r", false).await,
+                Err(CoordinatorError::Call(_))
+            ));
+        };
+        tokio::time::timeout(bound, calls)
+            .await
+            .expect("a call without a deadline hung");
     }
 
     #[test]

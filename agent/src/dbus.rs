@@ -21,6 +21,9 @@ pub trait SystemdManager {
     /// Start a unit; returns the job's object path.
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
+    /// Stop a unit; returns the job's object path.
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
     /// Create and start a transient unit; returns the job's object path.
     fn start_transient_unit(
         &self,
@@ -48,16 +51,41 @@ pub trait SystemdManager {
     ) -> zbus::Result<()>;
 }
 
-/// `org.freedesktop.systemd1.Unit`: the state of one unit.
+/// `org.freedesktop.systemd1.Unit`: the state of one unit. systemd sends
+/// PropertiesChanged for these (to subscribed clients), so a run is
+/// followed by signals, not by polling.
 #[proxy(
     interface = "org.freedesktop.systemd1.Unit",
     default_service = "org.freedesktop.systemd1"
 )]
 pub trait SystemdUnit {
+    /// Keep the unit loaded (with its last result) while this connection
+    /// lives or until [`SystemdUnitProxy::unref`]: a finished service is
+    /// otherwise garbage-collected, and its Result with it.
+    #[zbus(name = "Ref")]
+    fn ref_(&self) -> zbus::Result<()>;
+
+    /// Drop the reference taken with [`SystemdUnitProxy::ref_`].
+    fn unref(&self) -> zbus::Result<()>;
+
+    /// "loaded", "not-found", "bad-setting", "error", "masked", "stub".
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+
     /// "active", "reloading", "inactive", "failed", "activating",
     /// "deactivating".
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+
+    /// The unit type's own state ("running", "exited", "dead", "start",
+    /// "auto-restart", ... for services).
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+
+    /// False when the last start found a Condition unmet (the unit was
+    /// then not started at all).
+    #[zbus(property)]
+    fn condition_result(&self) -> zbus::Result<bool>;
 
     /// The ID of the unit's current (or last) run, 16 bytes; its journal
     /// entries carry it as `_SYSTEMD_INVOCATION_ID`.
@@ -78,6 +106,16 @@ pub trait SystemdService {
     /// The exit status (or signal number) of the main process.
     #[zbus(property)]
     fn exec_main_status(&self) -> zbus::Result<i32>;
+
+    /// When the main process of the current (or last) run started,
+    /// microseconds since the epoch (0: never).
+    #[zbus(property)]
+    fn exec_main_start_timestamp(&self) -> zbus::Result<u64>;
+
+    /// How the main process ended: 1 exited (ExecMainStatus is its exit
+    /// status), 2 killed, 3 dumped core (ExecMainStatus is the signal).
+    #[zbus(property)]
+    fn exec_main_code(&self) -> zbus::Result<i32>;
 }
 
 /// `org.freedesktop.login1.Manager`: power management.
@@ -87,9 +125,11 @@ pub trait SystemdService {
     default_path = "/org/freedesktop/login1"
 )]
 pub trait LoginManager {
-    /// "yes", "no", "challenge" or "na".
-    fn can_reboot(&self) -> zbus::Result<String>;
-
-    /// Reboot the machine.
+    /// Reboot the machine. As root this does not check block inhibitors
+    /// (logind lets root override them), so the agent lists them first.
     fn reboot(&self, interactive: bool) -> zbus::Result<()>;
+
+    /// Every inhibitor lock: (what, who, why, mode, uid, pid).
+    #[allow(clippy::type_complexity)]
+    fn list_inhibitors(&self) -> zbus::Result<Vec<(String, String, String, String, u32, u32)>>;
 }

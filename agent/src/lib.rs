@@ -6,15 +6,20 @@
 //! Layout:
 //! - [`phase`]: the pure lifecycle (enum + transition function);
 //! - [`agent`]: the loop that drives it with the I/O boundaries;
-//! - [`host`] (trait `HostOs`), [`systemd`] (its D-Bus implementation) and
-//!   [`dbus`] (the typed systemd/logind proxies);
+//! - [`host`] (trait `HostOs`), [`systemd`] (its D-Bus implementation),
+//!   [`unit_run`] (which run of a unit to wait for, and when it is over)
+//!   and [`dbus`] (the typed systemd/logind proxies);
 //! - [`coordinator`]: trait `Coordinator` and its gRPC client;
 //! - [`node_ops`]: trait `NodeOps` and the standalone implementation;
 //! - [`kubernetes`]: the Kubernetes node operations (cordon, drain, uncordon,
 //!   Ready after reboot, annotations, Events) for `--mode kubernetes`;
 //! - [`sentinel`]: reboot sentinels, check commands, inotify watching;
 //! - [`state`]: the atomically written state file;
+//! - [`text`]: text cut to the API's limits before it is sent;
 //! - [`cli`]: flags and environment.
+//!
+//! The agent's tests run it over a simulated node (`fakes`, test only),
+//! also with faults at every crash point (`crash_points`, test only).
 
 pub mod agent;
 pub mod cli;
@@ -29,7 +34,11 @@ pub mod phase;
 pub mod sentinel;
 pub mod state;
 pub mod systemd;
+pub mod text;
+pub mod unit_run;
 
+#[cfg(test)]
+mod crash_points;
 #[cfg(test)]
 mod fakes;
 
@@ -41,7 +50,7 @@ use kubernetes::{KubeError, KubeNodeOps};
 use node_ops::{AnyNodeOps, StandaloneNodeOps};
 use sentinel::Sentinels;
 use state::StateFile;
-use systemd::SystemdHost;
+use systemd::{HostSettings, SystemdHost};
 use tokio_util::sync::CancellationToken;
 
 /// Errors that end `baton-agent`.
@@ -127,14 +136,37 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         token,
         &args.node,
         args.control_plane,
-    )?;
+    )?
+    .with_call_timeout(args.timing.call_timeout);
     let sentinels = Sentinels {
         files: args.sentinels.reboot_sentinels.clone(),
         command: args.sentinels.reboot_sentinel_command.clone(),
         update_check: args.sentinels.update_check_command.clone(),
         command_timeout: args.timing.check_timeout,
     };
-    let host = SystemdHost::connect(args.dbus_address.as_deref(), sentinels).await?;
+    // Every unit the agent runs is waited for until its run ends, which
+    // only a service has: refuse anything else before touching the node.
+    let m = &args.maintenance;
+    for unit in [
+        &m.update_unit,
+        &m.pre_maintenance_unit,
+        &m.post_maintenance_unit,
+        &m.post_check_unit,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        host::check_runnable_unit(unit)?;
+    }
+    let host = SystemdHost::connect(
+        args.dbus_address.as_deref(),
+        sentinels,
+        HostSettings {
+            dbus_timeout: args.timing.dbus_timeout,
+            reboot_fallback_target: m.reboot_fallback_target,
+        },
+    )
+    .await?;
     let node_ops = match args.mode {
         Mode::Standalone => AnyNodeOps::Standalone(StandaloneNodeOps::new(
             host.clone(),
@@ -158,7 +190,6 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
             )))
         }
     };
-    let m = &args.maintenance;
     let settings = Settings {
         update: match (&m.update_unit, &m.update_command) {
             (Some(unit), _) => Some(Action::Unit(unit.clone())),
@@ -176,6 +207,9 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         renew_interval: args.timing.renew_interval,
         retry_interval: args.timing.retry_interval,
         abort_backoff: args.timing.abort_backoff,
+        call_timeout: args.timing.call_timeout,
+        inhibitor_timeout: args.timing.inhibitor_timeout,
+        ignore_inhibitors: m.ignore_inhibitors,
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;

@@ -19,12 +19,21 @@
 //!   |        ^   |                                                        |
 //!   |   Booted{new}  Verified                           Updated{reboot_required: true}
 //!   |        |   v                                                        v
-//!   |     Rebooting   Finishing --Released--> Idle                   Rebooting
+//!   |     Rebooting   Finishing --Released--> Idle                   Rebooting <-+
+//!   |                                                                     |      |
+//!   |                                                                     +------+
+//!   |                                                                   Booted{same}
 //!   |
 //!   +--Fenced-- (any phase holding the baton, including Failed)
 //!   +--Released-- Aborting <--PrepareAborted-- Preparing
 //! any holding phase --StepFailed--> Failed (keeps the baton: fail closed)
 //! ```
+//!
+//! `Booted{same}` keeps `Rebooting`: the reboot did not happen (yet), and
+//! the agent asks for it again, a bounded number of times before it fails
+//! the step. `Waiting` is persisted too, so that an agent restarted while
+//! queued asks again (or withdraws) instead of leaving a grant it does not
+//! know about.
 //!
 //! `PrepareAborted` is the one way a maintenance ends early *and* gives the
 //! baton back: node operations gave up preparing in a way that left the node
@@ -176,11 +185,11 @@ pub struct IllegalTransition {
 /// Advance the lifecycle: the phase after `event` happened in `phase`.
 ///
 /// Guarantees (checked by the property tests below):
-/// - the agent only reaches `Rebooting` from `Updating` with a reboot
+/// - the agent only enters `Rebooting` from `Updating` with a reboot
 ///   required, so it never reboots without holding the baton or without a
 ///   sentinel saying so;
-/// - a reboot that did not change the boot_id leads to `Failed`, never to
-///   `Verifying`;
+/// - a reboot that did not change the boot_id leaves the agent in
+///   `Rebooting` (it asks for the reboot again), never in `Verifying`;
 /// - `Failed` is left only by losing the baton (`Fenced`): a broken node keeps
 ///   the baton and stops the rollout;
 /// - the baton is given up (`Idle`) only after `Finishing`, after
@@ -211,12 +220,14 @@ pub fn transition(phase: Phase, event: &Event) -> Result<Phase, IllegalTransitio
             },
         ) => P::Verifying,
         (P::Rebooting, E::Booted { boot_changed: true }) => P::Verifying,
+        // The reboot did not happen (yet): a restarted agent asks again
+        // (bounded by the agent, which fails the step after a few tries).
         (
             P::Rebooting,
             E::Booted {
                 boot_changed: false,
             },
-        ) => P::Failed,
+        ) => P::Rebooting,
         (P::Verifying, E::Verified) => P::Finishing,
         (P::Finishing | P::Aborting, E::Released) => P::Idle,
         (
@@ -281,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reboot_that_did_not_happen_fails() {
+    fn a_reboot_that_did_not_happen_is_asked_for_again() {
         assert_eq!(
             transition(
                 Phase::Rebooting,
@@ -289,6 +300,10 @@ mod tests {
                     boot_changed: false
                 }
             ),
+            Ok(Phase::Rebooting)
+        );
+        assert_eq!(
+            transition(Phase::Rebooting, &Event::StepFailed),
             Ok(Phase::Failed)
         );
     }
@@ -370,12 +385,15 @@ mod tests {
             for event in &events {
                 match transition(phase, event) {
                     Ok(next) => {
-                        if next == Phase::Rebooting {
+                        if next == Phase::Rebooting && phase != Phase::Rebooting {
                             prop_assert_eq!(phase, Phase::Updating);
                             prop_assert_eq!(event, &Event::Updated { reboot_required: true });
                         }
                         if phase == Phase::Rebooting && next == Phase::Verifying {
                             prop_assert_eq!(event, &Event::Booted { boot_changed: true });
+                        }
+                        if event == &(Event::Booted { boot_changed: false }) {
+                            prop_assert_eq!(next, Phase::Rebooting);
                         }
                         if phase == Phase::Failed {
                             prop_assert_eq!(event, &Event::Fenced);

@@ -4,8 +4,10 @@
 //! [`Sentinels`] answers the question on demand. [`watch`] wakes the agent
 //! when it should ask again: inotify on the sentinels' parent directories
 //! (so a file that appears, disappears or is renamed into place is seen at
-//! once) plus a slow periodic tick for the commands and for directories that
-//! do not exist yet. Nothing polls in a tight loop.
+//! once), filtered to the sentinels' own names (`/run` sees many files
+//! come and go; those are no reason to look again), plus a slow periodic
+//! tick for the commands and for directories that do not exist yet.
+//! Nothing polls in a tight loop.
 
 use inotify::{Inotify, WatchMask};
 use std::path::{Path, PathBuf};
@@ -95,6 +97,10 @@ pub fn watch(files: &[PathBuf], period: Duration) -> watch::Receiver<u64> {
         .iter()
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,8 +118,10 @@ pub fn watch(files: &[PathBuf], period: Duration) -> watch::Receiver<u64> {
                 let woke_by_inotify = tokio::select! {
                     _ = tx.closed() => return,
                     _ = interval.tick() => false,
-                    event = next_event(&mut events) => match event {
-                        Some(Ok(())) => true,
+                    event = next_event(&mut events, &names) => match event {
+                        Some(Ok(Seen::Sentinel)) => true,
+                        // Another file in the directory: not a wake.
+                        Some(Ok(Seen::Other)) => continue,
                         _ => { events = None; false }
                     },
                 };
@@ -129,9 +137,26 @@ pub fn watch(files: &[PathBuf], period: Duration) -> watch::Receiver<u64> {
 
 type EventStream = inotify::EventStream<[u8; 1024]>;
 
-async fn next_event(events: &mut Option<EventStream>) -> Option<Result<(), std::io::Error>> {
+/// What an inotify event was about.
+enum Seen {
+    /// A sentinel file, or the directory itself (removed, or the queue
+    /// overflowed): look again.
+    Sentinel,
+    /// Another file in a watched directory.
+    Other,
+}
+
+async fn next_event(
+    events: &mut Option<EventStream>,
+    names: &[std::ffi::OsString],
+) -> Option<Result<Seen, std::io::Error>> {
     match events {
-        Some(stream) => stream.next().await.map(|r| r.map(|_| ())),
+        Some(stream) => stream.next().await.map(|r| {
+            r.map(|event| match &event.name {
+                Some(name) if !names.iter().any(|n| n == name) => Seen::Other,
+                _ => Seen::Sentinel,
+            })
+        }),
         None => std::future::pending().await,
     }
 }
@@ -214,5 +239,33 @@ mod tests {
             .await
             .expect("inotify did not wake the agent")
             .unwrap();
+    }
+
+    /// Finding 4: other files coming and going in the directory are no
+    /// wake; only the sentinel's name is.
+    #[tokio::test]
+    async fn inotify_wakes_only_for_the_sentinels_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reboot-required");
+        let mut wakes = watch(std::slice::from_ref(&file), Duration::from_secs(3600));
+        wakes.changed().await.unwrap();
+        let start = *wakes.borrow_and_update();
+        // Other files first, then the sentinel: the events arrive in this
+        // order, so if the others woke the agent the counter would be
+        // ahead by more than one once the sentinel's wake arrived.
+        for n in 0..5 {
+            std::fs::write(dir.path().join(format!("other-{n}")), b"x").unwrap();
+            std::fs::remove_file(dir.path().join(format!("other-{n}"))).unwrap();
+        }
+        std::fs::write(&file, b"").unwrap();
+        tokio::time::timeout(Duration::from_secs(30), wakes.changed())
+            .await
+            .expect("inotify did not wake the agent")
+            .unwrap();
+        // Let every queued event be handled (CREATE and CLOSE_WRITE of the
+        // sentinel are two wakes).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let woke = *wakes.borrow_and_update() - start;
+        assert!((1..=2).contains(&woke), "{woke} wakes");
     }
 }

@@ -6,7 +6,11 @@
 //!   DNS subject-alternative names are the nodes it may act for, and names
 //!   listed with `--admin-name` may act for any node and call the mutating
 //!   Admin methods;
-//! - [`Unauthenticated`]: `--insecure` labs only; everyone may do everything.
+//! - [`Unauthenticated`]: `--insecure` labs only; everyone may do everything;
+//! - [`CertificateOrToken`]: mutual TLS for callers that present a client
+//!   certificate, another scheme (Kubernetes TokenReview) for the rest, so
+//!   hosts outside the cluster keep using certificates when agents in it use
+//!   tokens.
 //!
 //! Other schemes (Kubernetes TokenReview) implement the same trait.
 
@@ -156,4 +160,33 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
         }
     }
     Ok(names)
+}
+
+/// Mutual TLS for callers that present a client certificate, `tokens` for
+/// the rest. A presented certificate was already verified against
+/// `--client-ca` by the TLS layer (a certificate from another CA never gets
+/// this far), so it decides alone: a caller cannot present a certificate for
+/// one node and a token for another and pick the better.
+pub struct CertificateOrToken {
+    /// Checks client certificates.
+    pub certificates: MutualTls,
+    /// Checks everyone without one.
+    pub tokens: Arc<dyn Authenticator>,
+}
+
+impl Authenticator for CertificateOrToken {
+    fn authenticate<'a>(
+        &'a self,
+        credentials: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Identity, Status>> {
+        if credentials
+            .peer_certs
+            .as_ref()
+            .is_some_and(|certs| !certs.is_empty())
+        {
+            self.certificates.authenticate(credentials)
+        } else {
+            self.tokens.authenticate(credentials)
+        }
+    }
 }

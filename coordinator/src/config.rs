@@ -91,6 +91,16 @@ pub struct ServeArgs {
     /// Where the state lives.
     #[arg(long, env = "BATON_STORE", value_enum, default_value = "embedded")]
     pub store: StoreKind,
+    /// Create the lease state in an empty store: for a new installation
+    /// only, once. Without it a store that holds no state is refused (the
+    /// state may have been lost); with it a store that holds state is
+    /// refused. Remove it after the first start.
+    #[arg(long, env = "BATON_INITIALIZE")]
+    pub initialize: bool,
+    /// The longest a grant's preparation (the etcd snapshot and leadership
+    /// move) may take; past it the node keeps waiting and is tried again.
+    #[arg(long, env = "BATON_PREPARE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub prepare_timeout: std::time::Duration,
     /// This replica's id (default: the host name).
     #[arg(long, env = "BATON_ID")]
     pub id: Option<String>,

@@ -7,8 +7,9 @@
 //!   embedded file store);
 //! - [`engine`]: the one writer that applies calls to the state, persists
 //!   them, runs the grant rule and streams progress to waiters;
-//! - [`service`], [`auth`], [`status_map`]: the gRPC services, who may call
-//!   them and how errors map to gRPC codes;
+//! - [`service`], [`auth`], [`status_map`], [`text`]: the gRPC services, who
+//!   may call them, how errors map to gRPC codes, and the bounds on text
+//!   clients send;
 //! - [`etcd`]: the etcd quorum guard, verified snapshots and leadership moves;
 //! - [`metrics`]: Prometheus metrics and the health endpoints;
 //! - [`server`], [`config`]: `baton-coordinator serve`;
@@ -30,4 +31,5 @@ pub mod service;
 pub mod state;
 pub mod status_map;
 pub mod store;
+pub mod text;
 pub mod window;

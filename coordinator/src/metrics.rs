@@ -176,8 +176,13 @@ async fn readyz(State((engine, _)): State<(Arc<Engine>, Metrics)>) -> impl IntoR
         );
     }
     let leadership = engine.leadership();
-    if leadership.is_leader {
+    if leadership.is_leader && engine.is_current().await {
         (StatusCode::OK, "ready: leading\n".to_string())
+    } else if leadership.is_leader {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: leading, the state is not loaded yet\n".to_string(),
+        )
     } else {
         let leader = leadership.leader.unwrap_or_else(|| "unknown".into());
         (

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::auth::{Authenticator, MutualTls, Unauthenticated};
+use crate::auth::{Authenticator, CertificateOrToken, MutualTls, Unauthenticated};
 use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
@@ -64,6 +64,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The engine refused to run (missing state, `--initialize` on existing
+    /// state, corrupt state): the coordinator stopped.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A started coordinator.
@@ -103,48 +107,64 @@ async fn open_store(
 }
 
 /// Starts serving; `shutdown` completing starts a graceful stop (Acquire and
-/// Watch streams end, the state is saved, the listeners close).
+/// Watch streams end, the listeners close; every change was saved when it
+/// was made). An engine that refuses to run stops it too, and `done` then
+/// ends with [`ServeError::Refused`].
 pub async fn start(
     args: ServeArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ServeError> {
     let kube = KubeWiring::new(&args.kube, args.store == StoreKind::Kubernetes).await?;
-    // TokenReview (agents in a cluster) takes precedence when enabled.
+    // TokenReview (agents in a cluster) and mutual TLS (hosts outside it)
+    // can both be on: a caller with a client certificate is judged by it,
+    // any other by its token.
     let token_review = kube.as_ref().and_then(KubeWiring::authenticator);
-    let auth: Arc<dyn Authenticator> = match (token_review, &args.tls.client_ca, args.tls.insecure)
-    {
-        (Some(review), _, _) => review,
-        (None, Some(_), _) => Arc::new(MutualTls {
-            admin_names: args.tls.admin_names.clone(),
-        }),
-        (None, None, true) => {
-            warn!("--insecure: clients are not authenticated; every caller may act for every node");
-            Arc::new(Unauthenticated)
-        }
-        (None, None, false) => return Err(ServeError::NoAuthentication),
-    };
+    let auth: Arc<dyn Authenticator> =
+        match (token_review.clone(), &args.tls.client_ca, args.tls.insecure) {
+            (Some(review), Some(_), _) => Arc::new(CertificateOrToken {
+                certificates: MutualTls {
+                    admin_names: args.tls.admin_names.clone(),
+                },
+                tokens: review,
+            }),
+            (Some(review), None, _) => review,
+            (None, Some(_), _) => Arc::new(MutualTls {
+                admin_names: args.tls.admin_names.clone(),
+            }),
+            (None, None, true) => {
+                warn!(
+                    "--insecure: clients are not authenticated; every caller may act for every node"
+                );
+                Arc::new(Unauthenticated)
+            }
+            (None, None, false) => return Err(ServeError::NoAuthentication),
+        };
+    // An empty window string (`--window ""`, a trailing `;`) is a mistake,
+    // not "always": it is refused like any other malformed window.
     let windows = args
         .windows
         .iter()
-        .filter(|w| !w.trim().is_empty())
         .map(|w| w.parse::<MaintenanceWindow>())
         .collect::<Result<Vec<_>, _>>()?;
     let id = args.id.clone().unwrap_or_else(hostname);
     let config = EngineConfig {
-        policy: Policy {
-            max_concurrent: args.max_concurrent,
-            windows: WindowSet {
-                windows,
-                min_remaining: chrono::Duration::from_std(args.min_window_remaining)
-                    .unwrap_or(chrono::Duration::MAX),
-            },
-        },
         renew_interval: chrono::Duration::from_std(args.renew_interval)
             .unwrap_or(chrono::Duration::MAX),
         overdue_after: chrono::Duration::from_std(args.overdue_after)
             .unwrap_or(chrono::Duration::MAX),
-        coordinator_id: id.clone(),
-        prepare_retry: chrono::Duration::seconds(10),
+        prepare_timeout: args.prepare_timeout,
+        initialize: args.initialize,
+        ..EngineConfig::new(
+            Policy {
+                max_concurrent: args.max_concurrent,
+                windows: WindowSet {
+                    windows,
+                    min_remaining: chrono::Duration::from_std(args.min_window_remaining)
+                        .unwrap_or(chrono::Duration::MAX),
+                },
+            },
+            &id,
+        )
     };
 
     let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
@@ -152,7 +172,12 @@ pub async fn start(
             let mut tls =
                 ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
             if let Some(ca) = &args.tls.client_ca {
-                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+                // With TokenReview on, agents in the cluster come without a
+                // certificate; one that is presented must still chain to
+                // the CA.
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(token_review.is_some());
             }
             Some(tls)
         }
@@ -223,19 +248,30 @@ pub async fn start(
         })?;
     info!(%grpc_addr, %metrics_addr, id = %id, tls = tls.is_some(), mutual_tls = args.tls.client_ca.is_some(), "coordinator serving");
 
-    // One shutdown signal fans out to the engine and both servers.
+    // One shutdown signal fans out to the engine and both servers. An
+    // engine that refuses to run (missing state, found only once this
+    // replica leads) stops the coordinator the same way, with its reason.
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
     {
         let engine = engine.clone();
         let lease = kube
             .as_ref()
             .and_then(|k| k.lease_release(args.store == StoreKind::Kubernetes, &id));
+        let refusal = refusal.clone();
+        let mut refused = engine.refused();
         tokio::spawn(async move {
-            shutdown.await;
-            info!("shutting down: ending streams, saving state");
+            tokio::select! {
+                _ = shutdown => info!("shutting down: ending streams"),
+                Ok(reason) = refused.wait_for(Option::is_some) => {
+                    let reason = reason.clone().unwrap_or_default();
+                    tracing::error!(reason = %reason, "stopping: the coordinator refuses to run");
+                    *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                }
+            }
             engine.shutdown().await;
             // Hand leadership over now rather than after the Lease expires.
             if let Some(lease) = lease {
@@ -270,7 +306,10 @@ pub async fn start(
         grpc_result?;
         http_result?;
         info!("coordinator stopped");
-        Ok(())
+        match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(reason) => Err(ServeError::Refused(reason)),
+            None => Ok(()),
+        }
     });
     Ok(Running {
         grpc_addr,

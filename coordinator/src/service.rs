@@ -1,6 +1,8 @@
 //! The gRPC services: `baton.v1.Coordinator` (agents) and `baton.v1.Admin`
 //! (operators). Each call is authenticated, validated, authorized for the
-//! node it names, then handed to the [`Engine`].
+//! node it names, then handed to the [`Engine`]. Every Admin call, reads
+//! included, needs an admin identity: Status and Watch show every node's
+//! errors and the whole audit trail, which agents have no need to read.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,15 +15,11 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Credentials, Identity};
-use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot};
+use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot, Step};
 use crate::node::NodeName;
 use crate::state::{Phase, Progress};
 use crate::status_map::invalid_node;
-
-/// The longest reason or message accepted, in bytes.
-pub const MAX_TEXT: usize = 1024;
-/// The longest error report accepted, in bytes (room for a log tail).
-pub const MAX_ERROR: usize = 16 * 1024;
+use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES};
 
 /// Both services over one engine.
 #[derive(Clone)]
@@ -58,14 +56,10 @@ impl Services {
     }
 }
 
-fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
-    if value.len() > max {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes long, the limit is {max}",
-            value.len()
-        )));
-    }
-    Ok(())
+/// INVALID_ARGUMENT unless `value` is acceptable text for `field` (see
+/// [`crate::text`]).
+fn check_text(field: &'static str, value: &str, limit: usize) -> Result<(), Status> {
+    text::check(field, value, limit).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Converts a timestamp.
@@ -281,7 +275,7 @@ impl Coordinator for Services {
     ) -> Result<Response<Self::AcquireStream>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
         let (ticket, events) = self
             .engine
             .acquire(crate::engine::AcquireRequest {
@@ -322,9 +316,9 @@ impl Coordinator for Services {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         let phase = phase_from_proto(req.phase)?;
-        check_len("boot_id", &req.boot_id, 64)?;
-        check_len("message", &req.message, MAX_TEXT)?;
-        check_len("error", &req.error, MAX_ERROR)?;
+        check_text("boot_id", &req.boot_id, BOOT_ID_BYTES)?;
+        check_text("message", &req.message, MESSAGE_BYTES)?;
+        check_text("error", &req.error, ERROR_BYTES)?;
         let progress = Progress {
             phase,
             boot_id: req.boot_id,
@@ -343,7 +337,7 @@ impl Coordinator for Services {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
         self.engine
             .release(&node, req.fencing_token, &identity.name, &req.reason)
             .await?;
@@ -354,13 +348,33 @@ impl Coordinator for Services {
         &self,
         request: Request<pb::ConfirmRequest>,
     ) -> Result<Response<pb::ConfirmResponse>, Status> {
-        self.for_node(&request, &request.get_ref().node).await?;
-        // Answering "proceed" without re-running the guards would be a
-        // promise this build cannot keep; agents treat UNIMPLEMENTED as
-        // "this coordinator cannot confirm" and fall back to Renew.
-        Err(Status::unimplemented(
-            "Confirm is not implemented by this coordinator yet",
-        ))
+        let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
+        let req = request.into_inner();
+        let step = match pb::Step::try_from(req.step) {
+            Ok(pb::Step::Drain) => Step::Drain,
+            Ok(pb::Step::Update) => Step::Update,
+            // Not given: the most destructive step.
+            Ok(pb::Step::Reboot | pb::Step::Unspecified) => Step::Reboot,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "step: {} is not a step",
+                    req.step
+                )));
+            }
+        };
+        let answer = self
+            .engine
+            .confirm_step(&node, req.fencing_token, step)
+            .await?;
+        Ok(Response::new(pb::ConfirmResponse {
+            proceed: answer.wait.is_none(),
+            reason: answer.wait.unwrap_or_default(),
+            overdue_at: Some(timestamp(answer.overdue_at)),
+            retry_after: Some(prost_types::Duration {
+                seconds: answer.retry_after.as_secs() as i64,
+                nanos: answer.retry_after.subsec_nanos() as i32,
+            }),
+        }))
     }
 }
 
@@ -372,8 +386,8 @@ impl Admin for Services {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.identity(&request).await?;
-        let snap = self.engine.snapshot().await;
+        self.identity(&request).await?.may_administer()?;
+        let snap = self.engine.confirmed_snapshot().await?;
         Ok(Response::new(status_response(&self.engine, &snap)))
     }
 
@@ -381,7 +395,7 @@ impl Admin for Services {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.identity(&request).await?;
+        self.identity(&request).await?.may_administer()?;
         Ok(Response::new(Box::pin(watch_stream(self.engine.clone()))))
     }
 
@@ -391,7 +405,7 @@ impl Admin for Services {
     ) -> Result<Response<pb::PauseResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
-        check_len("reason", &request.get_ref().reason, MAX_TEXT)?;
+        check_text("reason", &request.get_ref().reason, REASON_BYTES)?;
         self.engine
             .pause(&identity.name, &request.get_ref().reason)
             .await?;
@@ -421,10 +435,24 @@ impl Admin for Services {
                 "reason: a force-release needs a reason (it is audited)",
             ));
         }
-        check_len("reason", &req.reason, MAX_TEXT)?;
+        check_text("reason", &req.reason, REASON_BYTES)?;
+        let expected = match (req.fencing_token, req.any_token) {
+            (0, true) => None,
+            (0, false) => {
+                return Err(Status::invalid_argument(
+                    "fencing_token: name the token to take (see status), or set any_token to take whatever the node holds",
+                ));
+            }
+            (token, false) => Some(token),
+            (_, true) => {
+                return Err(Status::invalid_argument(
+                    "fencing_token and any_token: give one, not both",
+                ));
+            }
+        };
         let token = self
             .engine
-            .force_release(&node, &identity.name, &req.reason)
+            .force_release(&node, expected, &identity.name, &req.reason)
             .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,
@@ -434,14 +462,16 @@ impl Admin for Services {
 
 /// The Watch stream: the status now, then after every change (changes that
 /// come faster than the client reads are folded into one), until the engine
-/// shuts down or the client leaves.
+/// shuts down or the client leaves. Every status sent is confirmed as the
+/// leader's latest state; when it cannot be, the stream ends UNAVAILABLE.
 fn watch_stream(
     engine: Arc<Engine>,
 ) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
     let changes = engine.subscribe();
     futures::stream::unfold(
-        (engine, changes, true),
-        |(engine, mut changes, first)| async move {
+        (engine, changes, Some(true)),
+        |(engine, mut changes, state)| async move {
+            let first = state?;
             if !first && changes.changed().await.is_err() {
                 return None;
             }
@@ -449,9 +479,13 @@ fn watch_stream(
             if engine.is_shutting_down().await {
                 return None;
             }
-            let snap = engine.snapshot().await;
-            let response = status_response(&engine, &snap);
-            Some((Ok(response), (engine, changes, false)))
+            match engine.confirmed_snapshot().await {
+                Ok(snap) => {
+                    let response = status_response(&engine, &snap);
+                    Some((Ok(response), (engine, changes, Some(false))))
+                }
+                Err(e) => Some((Err(e.into()), (engine, changes, None))),
+            }
         },
     )
 }

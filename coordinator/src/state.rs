@@ -17,7 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::node::NodeName;
 
-/// How many audit records are kept (oldest dropped first).
+mod budget;
+
+pub use budget::{AUDIT_MAX_BYTES, CUT_MARK, DOCUMENT_MAX_BYTES, OverBudget};
+
+/// How many audit records are kept at most (oldest dropped first); the
+/// audit is also bounded in bytes ([`AUDIT_MAX_BYTES`]).
 pub const AUDIT_KEEP: usize = 500;
 
 /// Where a holder is in its maintenance (mirrors `baton.v1.Phase`).
@@ -129,6 +134,19 @@ pub struct AuditEntry {
     pub reason: String,
 }
 
+/// An etcd node that went out (it was granted the baton) and does not
+/// count as back yet: the etcd guard holds other etcd nodes back until its
+/// member, with this ID, votes and is healthy for several probe rounds in a
+/// row after the release. Kept in the state so that a restart or a failover
+/// does not forget it (the new leader counts its rounds from zero).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Returning {
+    /// The node's etcd member's name.
+    pub member: String,
+    /// Its member ID when it went out.
+    pub member_id: u64,
+}
+
 /// The persisted lease state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseState {
@@ -138,6 +156,9 @@ pub struct LeaseState {
     pub last_token: u64,
     /// Current holders.
     pub holders: BTreeMap<NodeName, Holding>,
+    /// etcd nodes not verified back yet (see [`Returning`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub returning: BTreeMap<NodeName, Returning>,
     /// Recent audit records, oldest first.
     pub audit: VecDeque<AuditEntry>,
 }
@@ -187,6 +208,27 @@ pub struct Progress {
 }
 
 impl LeaseState {
+    /// The state of a new installation (`--initialize`). Its tokens start
+    /// at the current time in milliseconds since the Unix epoch rather than
+    /// at 1, so that a store initialized again after its state was lost still
+    /// hands out tokens above every token handed out before (a node that
+    /// kept a token from the lost state can never present a current one).
+    pub fn initial(now: DateTime<Utc>, actor: &str) -> Self {
+        let mut state = Self {
+            last_token: u64::try_from(now.timestamp_millis()).unwrap_or(0),
+            ..Self::default()
+        };
+        state.record(
+            now,
+            "initialize",
+            "",
+            0,
+            actor,
+            "--initialize: a new installation",
+        );
+        state
+    }
+
     /// Grants the baton to `node` with a new fencing token and returns it.
     /// The caller has decided (see [`crate::policy::decide`]) that the grant
     /// is allowed.
@@ -299,6 +341,21 @@ impl LeaseState {
         Ok(())
     }
 
+    /// Takes the baton from `node` only if `expected` is its current token
+    /// (a late force-release must not drop a newer grant of the same node);
+    /// returns that token.
+    pub fn force_release_token(
+        &mut self,
+        node: &NodeName,
+        expected: u64,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, LeaseError> {
+        self.check_token(node, expected)?;
+        self.force_release(node, actor, reason, now)
+    }
+
     /// Takes the baton from `node` whatever its token; returns that token.
     pub fn force_release(
         &mut self,
@@ -345,7 +402,9 @@ impl LeaseState {
         true
     }
 
-    /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`].
+    /// Appends an audit record, dropping the oldest past [`AUDIT_KEEP`]. The
+    /// actor (from a certificate or a TokenReview) and the reason are cut to
+    /// their limits here too, whoever calls.
     pub fn record(
         &mut self,
         time: DateTime<Utc>,
@@ -355,13 +414,25 @@ impl LeaseState {
         actor: &str,
         reason: &str,
     ) {
+        let clean = |text: &str, limit: usize| -> String {
+            crate::text::truncate(text, limit)
+                .chars()
+                .map(|c| {
+                    if c.is_control() && !matches!(c, '\n' | '\t') {
+                        char::REPLACEMENT_CHARACTER
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
         self.audit.push_back(AuditEntry {
             time,
             action: action.to_string(),
             node: node.to_string(),
             fencing_token,
-            actor: actor.to_string(),
-            reason: reason.to_string(),
+            actor: clean(actor, crate::text::ACTOR_BYTES),
+            reason: clean(reason, crate::text::REASON_BYTES),
         });
         while self.audit.len() > AUDIT_KEEP {
             self.audit.pop_front();
@@ -405,6 +476,27 @@ mod tests {
             Err(LeaseError::AlreadyHolder { .. })
         ));
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_late_force_release_does_not_drop_a_newer_grant() {
+        let now = Utc::now();
+        let mut state = LeaseState::default();
+        let t1 = state.grant(&n("a"), false, false, "", now).unwrap();
+        state.release(&n("a"), t1, "a", "done", now).unwrap();
+        let t2 = state.grant(&n("a"), false, false, "", now).unwrap();
+        let before = state.clone();
+        // The operator looked at status while a held t1.
+        assert!(matches!(
+            state.force_release_token(&n("a"), t1, "op", "stuck", now),
+            Err(LeaseError::StaleToken { current, .. }) if current == t2
+        ));
+        assert_eq!(state, before);
+        assert_eq!(
+            state.force_release_token(&n("a"), t2, "op", "stuck", now),
+            Ok(t2)
+        );
+        assert!(state.holders.is_empty());
     }
 
     #[test]

@@ -8,19 +8,23 @@ use crate::state::LeaseError;
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
-        let message = e.to_string();
-        match e {
-            EngineError::Lease(
-                LeaseError::StaleToken { .. }
-                | LeaseError::NotHolder { .. }
-                | LeaseError::AlreadyHolder { .. },
-            ) => Status::failed_precondition(message),
-            EngineError::Store(_) => Status::unavailable(message),
-            EngineError::NotLeader { .. } | EngineError::ShuttingDown => {
-                Status::unavailable(message)
-            }
-            EngineError::Superseded(_) => Status::aborted(message),
-        }
+        Status::new(code(&e), e.to_string())
+    }
+}
+
+/// The gRPC code an engine error is answered with.
+pub fn code(e: &EngineError) -> tonic::Code {
+    match e {
+        EngineError::Lease(
+            LeaseError::StaleToken { .. }
+            | LeaseError::NotHolder { .. }
+            | LeaseError::AlreadyHolder { .. },
+        ) => tonic::Code::FailedPrecondition,
+        EngineError::Store(_)
+        | EngineError::NotLeader { .. }
+        | EngineError::ShuttingDown
+        | EngineError::Refused(_) => tonic::Code::Unavailable,
+        EngineError::Superseded(_) => tonic::Code::Aborted,
     }
 }
 

@@ -129,6 +129,8 @@ async fn malformed_requests_get_invalid_argument() {
         .force_release(pb::ForceReleaseRequest {
             node: "n1".into(),
             reason: " ".into(),
+            any_token: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -141,11 +143,82 @@ async fn malformed_requests_get_invalid_argument() {
         .force_release(pb::ForceReleaseRequest {
             node: "n1".into(),
             reason: "gone".into(),
+            any_token: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "not a holder");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_force_release_does_not_drop_a_newer_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(insecure_args(dir.path())).await;
+    let (mut lease, mut admin) = server.clients().await;
+    let (g1, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    lease
+        .release(pb::ReleaseRequest {
+            node: "n1".into(),
+            fencing_token: g1.fencing_token,
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let (g2, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    let force = |fencing_token: u64, any_token: bool| pb::ForceReleaseRequest {
+        node: "n1".into(),
+        reason: "looked stuck in status a minute ago".into(),
+        fencing_token,
+        any_token,
+    };
+    // Neither a token nor an explicit "any", or both: refused as malformed.
+    for (token, any) in [(0, false), (g2.fencing_token, true)] {
+        let err = admin.force_release(force(token, any)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{token}/{any}: {err}");
+    }
+    // The token the operator saw is gone: the fresh grant stays.
+    let err = admin
+        .force_release(force(g1.fencing_token, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let status = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.holders[0].fencing_token, g2.fencing_token);
+    assert!(status.audit.iter().all(|a| a.action != "force-release"));
+    let released = admin
+        .force_release(force(g2.fencing_token, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.fencing_token, g2.fencing_token);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_window_is_an_error_not_always() {
+    let dir = tempfile::tempdir().unwrap();
+    for windows in [&["--window", ""][..], &["--window", "Sat 01:00-02:00;"][..]] {
+        let mut extra = vec!["--insecure"];
+        extra.extend_from_slice(windows);
+        let outcome = baton_coordinator::server::start(
+            support::serve_args(dir.path(), &extra),
+            std::future::pending(),
+        )
+        .await;
+        match outcome {
+            Err(baton_coordinator::server::ServeError::Window(e)) => {
+                assert!(e.to_string().contains("is not of the form"), "{e}")
+            }
+            Err(e) => panic!("{windows:?}: wrong error {e}"),
+            Ok(_) => panic!("{windows:?}: an empty window must not mean \"always\""),
+        }
+    }
 }
 
 #[tokio::test]
@@ -305,4 +378,43 @@ async fn http_get(url: &str) -> String {
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
     body
+}
+
+#[tokio::test]
+async fn a_wrong_data_dir_is_refused_not_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(insecure_args(dir.path())).await;
+    let (mut lease, _) = server.clients().await;
+    let (g1, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    server.stop().await;
+
+    // Restarted with a typo in --data-dir: no state there. Starting empty
+    // would forget n1 (mid-reboot) and could grant n2 at once.
+    let wrong = tempfile::tempdir().unwrap();
+    let mut args = insecure_args(wrong.path());
+    args.initialize = false;
+    let err = baton_coordinator::server::start(args, std::future::pending())
+        .await
+        .err()
+        .expect("an empty store after the first start is refused");
+    let message = err.to_string();
+    assert!(message.contains("no lease state in"), "{message}");
+    assert!(message.contains("--initialize"), "{message}");
+    assert!(!wrong.path().join("state.json").exists());
+
+    // --initialize on the real directory is refused too: it holds state.
+    let mut args = insecure_args(dir.path());
+    args.initialize = true;
+    let err = baton_coordinator::server::start(args, std::future::pending())
+        .await
+        .err()
+        .expect("--initialize over existing state is refused");
+    assert!(err.to_string().contains("remove --initialize"), "{err}");
+
+    // The right directory, as usual: n1 still holds its token.
+    let server = TestServer::start(insecure_args(dir.path())).await;
+    let (mut lease, _) = server.clients().await;
+    let (resumed, _) = until_granted(&mut acquire(&mut lease, "n1", false).await.unwrap()).await;
+    assert_eq!(resumed.fencing_token, g1.fencing_token);
+    server.stop().await;
 }

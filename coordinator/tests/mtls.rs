@@ -79,8 +79,13 @@ async fn client_certificates_bind_callers_to_their_node() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // Status and Watch are for operators: an agent sees neither other
+    // nodes' errors nor the audit trail.
     let mut n1_admin = AdminClient::new(ch);
-    assert!(n1_admin.status(pb::StatusRequest {}).await.is_ok());
+    let err = n1_admin.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = n1_admin.watch(pb::WatchRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
     let err = n1_admin
         .pause(pb::PauseRequest::default())
         .await
@@ -92,6 +97,8 @@ async fn client_certificates_bind_callers_to_their_node() {
     op.force_release(pb::ForceReleaseRequest {
         node: "n1".into(),
         reason: "test".into(),
+        any_token: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -114,5 +121,74 @@ async fn client_certificates_bind_callers_to_their_node() {
             "a call without a valid client certificate succeeded"
         );
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_keeps_working_with_token_review_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "baton");
+    let server_cert = pki.issue("server", "coordinator", &["coordinator.baton.test"]);
+    let n1 = pki.issue("n1", "n1", &["n1"]);
+    let foreign = Pki::new(dir.path(), "foreign").issue("forged", "n1", &["n1"]);
+    // The API server is unreachable: a certificate must not need it.
+    let args = serve_args(
+        &dir.path().join("data"),
+        &[
+            &format!("--tls-cert={}", server_cert.cert.display()),
+            &format!("--tls-key={}", server_cert.key.display()),
+            &format!("--client-ca={}", pki.ca.display()),
+            "--token-review",
+            "--kube-api-url=http://127.0.0.1:1",
+        ],
+    );
+    let server = TestServer::start(args).await;
+
+    // A host outside the cluster with a certificate acts for its node...
+    let ch = channel(&server, &pki.ca, Some(&n1)).await.unwrap();
+    let mut lease = CoordinatorClient::new(ch);
+    let request = pb::AcquireRequest {
+        node: "n1".into(),
+        ..Default::default()
+    };
+    until_granted(&mut lease.acquire(request).await.unwrap().into_inner()).await;
+    let err = lease
+        .acquire(pb::AcquireRequest {
+            node: "n2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // ... a client without a certificate is asked for a token (the TLS
+    // handshake lets it in; authentication is TokenReview's) ...
+    let ch = channel(&server, &pki.ca, None).await.unwrap();
+    let err = CoordinatorClient::new(ch)
+        .renew(pb::RenewRequest {
+            node: "n1".into(),
+            fencing_token: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("bearer token"), "{err}");
+
+    // ... and a certificate from another CA still gets nowhere.
+    let outcome = match channel(&server, &pki.ca, Some(&foreign)).await {
+        Err(_) => None,
+        Ok(ch) => Some(
+            CoordinatorClient::new(ch)
+                .renew(pb::RenewRequest {
+                    node: "n1".into(),
+                    fencing_token: 1,
+                })
+                .await,
+        ),
+    };
+    assert!(
+        !matches!(outcome, Some(Ok(_))),
+        "a forged certificate got through"
+    );
     server.stop().await;
 }

@@ -74,7 +74,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = Proc(
         Command::new(release.join("baton-coordinator"))
-            .args(["serve", "--insecure"])
+            .args(["serve", "--insecure", "--initialize"])
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--data-dir={}", work.join("coordinator").display()))
             .env("RUST_LOG", "warn")

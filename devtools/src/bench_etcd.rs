@@ -91,6 +91,14 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
     let (_, txn_rate) = crate::floor::etcd_txns(&mut etcd, 4096, s.txns).await?;
 
     let endpoints = cluster.endpoints();
+    // The etcd nodes are declared, so the guard knows the workers w1..w3
+    // carry no member.
+    let member_map: Vec<String> = cluster
+        .members
+        .iter()
+        .map(|m| format!("{0}={0}", m.name))
+        .collect();
+    let member_map = member_map.join(",");
     let args = [
         "--store",
         "etcd",
@@ -100,8 +108,12 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
         s.election_ttl.as_str(),
         "--max-concurrent",
         "1",
+        "--etcd-member-map",
+        member_map.as_str(),
     ];
-    let mut a = Coordinator::start_binary(binary, "a", &args)?;
+    // a creates the state (a new installation); b finds it.
+    let first: Vec<&str> = args.iter().copied().chain(["--initialize"]).collect();
+    let mut a = Coordinator::start_binary(binary, "a", &first)?;
     a.wait_ready().await?;
     let b = Coordinator::start_binary(binary, "b", &args)?;
     let mut client = a.client().await?;

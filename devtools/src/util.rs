@@ -81,7 +81,8 @@ pub fn start_embedded_coordinator(
     let port = free_port()?;
     let metrics_port = free_port()?;
     let child = std::process::Command::new(binary)
-        .args(["serve", "--insecure"])
+        // A fresh data directory holds no state: say to create it.
+        .args(["serve", "--insecure", "--initialize"])
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--data-dir={}", data.display()))

@@ -36,7 +36,8 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     /// Starts `baton-coordinator serve --insecure` on free ports with
-    /// `extra` arguments, and waits until it answers.
+    /// `extra` arguments (and `--initialize` while the data directory holds
+    /// no state), and waits until it answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
         let mut me = Self {
             child: None,
@@ -66,6 +67,9 @@ impl CoordinatorProcess {
             .arg(format!("--listen=127.0.0.1:{}", self.port))
             .arg(format!("--metrics-listen=127.0.0.1:{}", self.metrics_port))
             .arg(format!("--data-dir={}", self.data_dir.display()))
+            // A data directory without state is a new installation; later
+            // starts find the state and must not initialize.
+            .args((!self.data_dir.join("state.json").exists()).then_some("--initialize"))
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -123,6 +127,19 @@ impl CoordinatorProcess {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Sends `signal` without waiting (SIGSTOP / SIGCONT to freeze and
+    /// thaw it).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.pid() {
+            kill(Pid::from_raw(pid), signal).unwrap();
+        }
     }
 
     /// Sends `signal` and waits for the process to exit; returns its status.

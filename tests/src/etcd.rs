@@ -8,10 +8,14 @@
 //! real processes take [`serial`] so that only one such scenario runs at a
 //! time on a small machine.
 //!
-//! [`coordinator`] starts `baton-coordinator` processes against a cluster.
+//! [`coordinator`] starts `baton-coordinator` processes against a cluster;
+//! [`history`] records what lease clients saw and checks Baton's promises
+//! over it.
 
 pub mod coordinator;
+pub mod history;
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -82,10 +86,23 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with a backend quota (tiny quotas
     /// provoke NOSPACE).
     pub async fn start_with(n: usize, quota_bytes: Option<u64>) -> Result<Self> {
+        let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        Self::start_members(&names, quota_bytes).await
+    }
+
+    /// Starts members with these names (e.g. one named unlike any node).
+    pub async fn start_named(names: &[&str]) -> Result<Self> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Self::start_members(&names, None).await
+    }
+
+    async fn start_members(names: &[String], quota_bytes: Option<u64>) -> Result<Self> {
+        let n = names.len();
         let dir = tempfile::tempdir()?;
-        let members: Vec<Member> = (1..=n)
-            .map(|i| {
-                let name = format!("n{i}");
+        let members: Vec<Member> = names
+            .iter()
+            .map(|name| {
+                let name = name.clone();
                 Member {
                     client_url: format!("http://127.0.0.1:{}", free_port()),
                     peer_url: format!("http://127.0.0.1:{}", free_port()),
@@ -312,6 +329,24 @@ impl EtcdCluster {
         });
         let i = self.members.len() - 1;
         self.spawn(i, &initial, "existing")
+    }
+
+    /// The coordinators' state as `--store etcd` keeps it under the default
+    /// prefix: holders (node → fencing token) and the last token.
+    pub async fn stored_state(&self) -> Result<(BTreeMap<String, u64>, u64)> {
+        let mut c = self.client().await?;
+        let resp = c.get("/baton/state", None).await?;
+        let kv = resp.kvs().first().context("no state in etcd")?;
+        let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
+        let holders = doc["state"]["holders"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(node, h)| (node.clone(), h["fencing_token"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
     }
 
     /// Fills the backend until etcd refuses writes (needs a tiny quota).

@@ -49,18 +49,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Panics with a clear message unless running as root.
-pub fn require_root(what: &str) {
-    let uid = std::fs::read_to_string("/proc/self/status")
+/// True when this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
         })
-        .unwrap_or_default();
-    assert_eq!(
-        uid, "0",
+        .unwrap_or(false)
+}
+
+/// Panics with a clear message unless running as root.
+pub fn require_root(what: &str) {
+    assert!(
+        is_root(),
         "{what} needs root (run the suite with `cargo xtask test` as root, which also installs the packages it needs)"
     );
 }

@@ -13,10 +13,12 @@
 //!
 //! The coordinator runs on the host ([`crate::coordinator`]); the nodes
 //! share its loopback (no private network). Submodules: [`apt`] builds .deb
-//! packages and a flat local apt repository; [`bins`] builds the agent.
+//! packages and a flat local apt repository; [`bins`] builds the agent;
+//! [`cluster`] runs that coordinator and reads its view (holders, audit).
 
 pub mod apt;
 pub mod bins;
+pub mod cluster;
 
 use anyhow::{Context, Result, bail};
 use std::fs;
@@ -137,6 +139,15 @@ pub struct NodeSpec {
     pub repo: Option<PathBuf>,
     /// .deb files to install with dpkg in the rootfs before the first boot.
     pub preinstall: Vec<PathBuf>,
+    /// The agent binary (None: the workspace's, built on demand by
+    /// [`bins::agent_binary`]; callers outside test executables, such as
+    /// the lab, pass the one next to them).
+    pub agent_binary: Option<PathBuf>,
+    /// More read-only bind mounts: (host path, path in the node).
+    pub binds_ro: Vec<(PathBuf, String)>,
+    /// systemd units (written with [`NodeSpec::unit`]) enabled in
+    /// multi-user.target besides the agent's.
+    pub units: Vec<String>,
 }
 
 impl NodeSpec {
@@ -163,9 +174,30 @@ impl NodeSpec {
         self
     }
 
+    /// Drop an agent setting (e.g. `BATON_INSECURE` for mutual TLS).
+    pub fn without_env(mut self, key: &str) -> Self {
+        self.agent_env.retain(|(k, _)| k != key);
+        self
+    }
+
     /// Write a file into the rootfs before the first boot.
     pub fn file(mut self, path: &str, contents: &str) -> Self {
         self.files.push((path.into(), contents.into()));
+        self
+    }
+
+    /// Install the systemd unit `name` (in /etc/systemd/system) and enable
+    /// it in multi-user.target.
+    pub fn unit(mut self, name: &str, contents: &str) -> Self {
+        self.files
+            .push((format!("etc/systemd/system/{name}"), contents.into()));
+        self.units.push(name.into());
+        self
+    }
+
+    /// Bind-mount the host's `host` read-only at `path` in the node.
+    pub fn bind_ro(mut self, host: &Path, path: &str) -> Self {
+        self.binds_ro.push((host.to_path_buf(), path.into()));
         self
     }
 }
@@ -186,7 +218,10 @@ impl Node {
     pub fn boot(spec: NodeSpec) -> Result<Node> {
         require_root();
         let base = base_rootfs()?;
-        let agent = bins::agent_binary()?;
+        let agent = match &spec.agent_binary {
+            Some(path) => path.clone(),
+            None => bins::agent_binary()?,
+        };
         let root = tempfile::Builder::new()
             .prefix(&format!("baton-node-{}.", spec.name))
             .tempdir_in(bins::target_dir().join("nspawn"))?;
@@ -213,6 +248,9 @@ impl Node {
         if let Some(repo) = &spec.repo {
             args.push(format!("--bind-ro={}:/repo", repo.display()));
         }
+        for (host, path) in &spec.binds_ro {
+            args.push(format!("--bind-ro={}:{path}", host.display()));
+        }
         let log = root.path().join("console.log");
         let node = Node {
             name: spec.name.clone(),
@@ -238,9 +276,28 @@ impl Node {
         Ok(node)
     }
 
+    /// Kills the container now and keeps it from booting again (the rest
+    /// of the clean-up happens on drop). Lets a caller stop many nodes at
+    /// once before dropping them one by one.
+    pub fn kill(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        kill_container(&self.pid1, &self.nspawn);
+    }
+
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The container's init (systemd) in the host's PID namespace, while up.
+    pub fn pid1(&self) -> Option<i32> {
+        Some(self.pid1.load(Ordering::SeqCst)).filter(|p| *p > 0)
+    }
+
+    /// The systemd-nspawn process of the current boot (the leader of its
+    /// own process group), while it runs.
+    pub fn nspawn_pid(&self) -> Option<i32> {
+        Some(self.nspawn.load(Ordering::SeqCst)).filter(|p| *p > 0)
     }
 
     /// The node's root directory, as seen from the host.
@@ -391,7 +448,10 @@ fn prepare_rootfs(rootfs: &Path, spec: &NodeSpec) -> Result<()> {
     )?;
     let wants = rootfs.join("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants)?;
-    std::os::unix::fs::symlink("../baton-agent.service", wants.join("baton-agent.service"))?;
+    for unit in std::iter::once("baton-agent.service").chain(spec.units.iter().map(String::as_str))
+    {
+        std::os::unix::fs::symlink(format!("../{unit}"), wants.join(unit))?;
+    }
     // apt's timers would run apt behind the tests' back.
     for unit in ["apt-daily.timer", "apt-daily-upgrade.timer"] {
         let path = rootfs.join("etc/systemd/system").join(unit);

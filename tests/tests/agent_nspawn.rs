@@ -8,149 +8,20 @@
 //! come from `batonctl status`, installed versions from the node's dpkg.
 
 use anyhow::{Context, Result, bail, ensure};
-use baton_tests::coordinator::CoordinatorProcess;
-use baton_tests::nspawn::{Boot, Node, NodeSpec, apt, require_root, wait_for};
+use baton_tests::nspawn::cluster::{
+    Cluster, MAINTENANCE, check_one_real_reboot, touch_sentinel, wait_agent_running,
+};
+use baton_tests::nspawn::{Node, NodeSpec, apt, wait_for};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::Duration;
 
-/// Generous bound for a whole maintenance (only to avoid hanging forever).
-const MAINTENANCE: Duration = Duration::from_secs(240);
-
-struct Cluster {
-    coordinator: CoordinatorProcess,
-    _data: tempfile::TempDir,
-}
-
 fn cluster() -> Result<Cluster> {
-    require_root();
-    let data = tempfile::tempdir()?;
-    let coordinator = CoordinatorProcess::start(&data.path().join("coordinator"), &[]);
-    Ok(Cluster {
-        coordinator,
-        _data: data,
-    })
-}
-
-/// One audit record.
-#[derive(Debug, Clone)]
-struct Audit {
-    time: DateTime<Utc>,
-    action: String,
-    node: String,
-}
-
-impl Cluster {
-    fn url(&self) -> String {
-        self.coordinator.url.clone()
-    }
-
-    fn holder(&self, node: &str) -> Option<Value> {
-        let status = self.coordinator.status();
-        status["holders"]
-            .as_array()?
-            .iter()
-            .find(|h| h["node"] == node)
-            .cloned()
-    }
-
-    fn audit(&self) -> Vec<Audit> {
-        let status = self.coordinator.status();
-        status["audit"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| {
-                Some(Audit {
-                    time: a["time"].as_str()?.parse().ok()?,
-                    action: a["action"].as_str()?.to_string(),
-                    node: a["node"].as_str()?.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    fn records(&self, node: &str, action: &str) -> Vec<Audit> {
-        self.audit()
-            .into_iter()
-            .filter(|a| a.node == node && a.action == action)
-            .collect()
-    }
-
-    /// Wait until `node` has released the baton `n` times in total. Fails
-    /// early if the node reports Failed instead.
-    fn wait_released(&self, node: &Node, n: usize) -> Result<()> {
-        wait_for(&format!("{} to release", node.name()), MAINTENANCE, || {
-            if self.records(node.name(), "release").len() >= n {
-                return Some(Ok(()));
-            }
-            self.holder(node.name())
-                .filter(|h| h["phase"] == "failed")
-                .map(|h| Err(anyhow::anyhow!("{} failed: {h}", node.name())))
-        })
-        .and_then(|r| r)
-        .with_context(|| {
-            format!(
-                "{}\ncoordinator status: {}",
-                node.diagnostics(),
-                self.coordinator.status()
-            )
-        })
-    }
-
-    /// Wait until `node` holds the baton in `phase`.
-    fn wait_phase(&self, node: &Node, phase: &str) -> Result<Value> {
-        wait_for(
-            &format!("{} to report {phase}", node.name()),
-            MAINTENANCE,
-            || self.holder(node.name()).filter(|h| h["phase"] == phase),
-        )
-        .with_context(|| {
-            format!(
-                "{}\ncoordinator status: {}",
-                node.diagnostics(),
-                self.coordinator.status()
-            )
-        })
-    }
-}
-
-fn wait_agent_running(node: &Node) -> Result<i32> {
-    wait_for("the agent to start", Duration::from_secs(60), || {
-        node.agent_pid()
-    })
-    .with_context(|| node.diagnostics())
-}
-
-fn touch_sentinel(node: &Node) -> Result<()> {
-    let out = node.exec(&["touch", "/run/reboot-required"])?;
-    ensure!(out.status.success(), "touch in {}: {:?}", node.name(), out);
-    Ok(())
+    Cluster::start()
 }
 
 fn time(t: std::time::SystemTime) -> DateTime<Utc> {
     t.into()
-}
-
-/// The node rebooted exactly once, for real: two boots, the first ended
-/// with exit 133, and the boot_ids differ.
-fn check_one_real_reboot(node: &Node) -> Result<Vec<Boot>> {
-    let boots = node.boots();
-    ensure!(
-        boots.len() == 2,
-        "{} booted {} times: {boots:?}",
-        node.name(),
-        boots.len()
-    );
-    ensure!(
-        boots[0].exit_code == Some(133),
-        "first boot did not end in a reboot: {boots:?}"
-    );
-    ensure!(
-        boots[0].boot_id != boots[1].boot_id,
-        "boot_id unchanged: {boots:?}"
-    );
-    Ok(boots)
 }
 
 #[test]
@@ -230,11 +101,14 @@ fn failing_update_keeps_baton_reports_failed_and_does_not_reboot() -> Result<()>
     let holder = c.wait_phase(&node, "failed")?;
     let error = holder["error"].as_str().unwrap_or_default();
     ensure!(error.contains("exit status 3"), "error: {holder}");
-    let message = holder["message"].as_str().unwrap_or_default();
+    // The output goes in the report's error (room for it), the message
+    // says what failed.
     ensure!(
-        message.contains("disk on fire"),
+        error.contains("disk on fire"),
         "the output is not in the report: {holder}"
     );
+    let message = holder["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("exit status 3"), "message: {holder}");
     // The sentinel exists, yet the node was not rebooted and keeps the baton.
     ensure!(node.boots().len() == 1, "rebooted: {:?}", node.boots());
     ensure!(node.boots()[0].ended.is_none(), "node went down");
@@ -265,9 +139,8 @@ fn failing_update_unit_reports_its_journal_lines() -> Result<()> {
     let holder = c.wait_phase(&node, "failed")?;
     let error = holder["error"].as_str().unwrap_or_default();
     ensure!(error.contains("exit status 4"), "error: {holder}");
-    let message = holder["message"].as_str().unwrap_or_default();
     ensure!(
-        message.contains("dpkg: error processing linux-image"),
+        error.contains("dpkg: error processing linux-image"),
         "the unit's journal lines are not in the report: {holder}\n{}",
         node.diagnostics()
     );
@@ -490,5 +363,118 @@ fn three_nodes_needing_maintenance_go_strictly_one_after_another() -> Result<()>
             bail!("{} went down before {} was back up: {held:?}", b.4, a.4);
         }
     }
+    Ok(())
+}
+
+/// Finding 1: the agent is SIGKILLed right after it persisted `rebooting`
+/// (the coordinator is frozen, so it cannot get any further). The
+/// restarted agent must really reboot the node before it releases: the
+/// host's boot records show a second boot, ended by a reboot, before the
+/// release.
+#[test]
+fn agent_killed_right_after_rebooting_is_persisted_still_reboots_first() -> Result<()> {
+    use nix::sys::signal::Signal;
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("rkill-1", &c.url())
+            .env("BATON_CALL_TIMEOUT", "2s")
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
+            .env(
+                "BATON_UPDATE_COMMAND",
+                "touch /var/lib/baton-test/update-started; sleep 3; \
+                 rm -f /var/lib/baton-test/want-update; touch /run/reboot-required",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    let started = node.rootfs().join("var/lib/baton-test/update-started");
+    wait_for("the update to start", MAINTENANCE, || {
+        started.exists().then_some(())
+    })
+    .with_context(|| node.diagnostics())?;
+    // Frozen, the coordinator answers nothing: the agent finishes the
+    // update, persists `rebooting`, and then waits for its report and for
+    // the confirmation of the reboot.
+    c.coordinator.signal(Signal::SIGSTOP);
+    let persisted = wait_for("`rebooting` persisted", MAINTENANCE, || {
+        node.agent_state().filter(|s| s["phase"] == "rebooting")
+    })
+    .with_context(|| node.diagnostics());
+    let killed = persisted.and_then(|state| {
+        let pid = node.agent_pid().context("the agent runs")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
+        Ok(state)
+    });
+    c.coordinator.signal(Signal::SIGCONT);
+    let state = killed?;
+    ensure!(node.boots().len() == 1, "rebooted before the kill");
+    ensure!(
+        state["boot_id_before_reboot"] == node.boots()[0].boot_id.as_str(),
+        "`rebooting` persisted without this boot's id: {state}"
+    );
+    c.wait_released(&node, 1)?;
+    let boots = check_one_real_reboot(&node)?;
+    let release = &c.records("rkill-1", "release")[0];
+    ensure!(
+        time(boots[0].ended.context("first boot ended")?) <= release.time,
+        "released before the node went down: {boots:?} {release:?}"
+    );
+    Ok(())
+}
+
+/// Finding 4: a reboot sentinel that a reboot does not clear (here on
+/// persistent storage; in life a held kernel package or a bootloader that
+/// still boots the old kernel) ends in Failed after one real reboot, not
+/// in a loop of maintenances; a force-release gives the node back and the
+/// need does not come straight back.
+#[test]
+fn a_sentinel_that_survives_the_reboot_ends_in_failed_not_a_loop() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("stuck-1", &c.url())
+            .env(
+                "BATON_REBOOT_SENTINEL",
+                "/var/lib/baton-test/reboot-required",
+            )
+            .env("BATON_CHECK_INTERVAL", "2s")
+            .env("BATON_ABORT_BACKOFF", "1h")
+            .file("/var/lib/baton-test/reboot-required", ""),
+    )?;
+    let holder = c.wait_phase(&node, "failed")?;
+    let error = holder["error"].as_str().unwrap_or_default();
+    ensure!(error.contains("after a verified reboot"), "error: {holder}");
+    check_one_real_reboot(&node)?;
+    // A while later: still one reboot, one grant, the baton kept.
+    std::thread::sleep(Duration::from_secs(8));
+    check_one_real_reboot(&node)?;
+    ensure!(c.records("stuck-1", "grant").len() == 1, "granted again");
+    ensure!(c.records("stuck-1", "release").is_empty(), "released");
+    // The operator force-releases: the node is given back and held back.
+    let token = holder["token"]
+        .as_u64()
+        .with_context(|| format!("no token in {holder}"))?
+        .to_string();
+    let out = c.coordinator.ctl(&[
+        "force-release",
+        "stuck-1",
+        "--token",
+        &token,
+        "--reason",
+        "looked at it",
+    ]);
+    ensure!(out.status.success(), "force-release: {out:?}");
+    wait_for("the agent to go idle", MAINTENANCE, || {
+        node.agent_state().filter(|s| s["phase"] == "idle")
+    })
+    .with_context(|| node.diagnostics())?;
+    std::thread::sleep(Duration::from_secs(8));
+    ensure!(
+        c.records("stuck-1", "grant").len() == 1,
+        "the need came straight back: {}",
+        c.coordinator.status()
+    );
+    check_one_real_reboot(&node)?;
     Ok(())
 }

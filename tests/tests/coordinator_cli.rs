@@ -86,7 +86,35 @@ fn batonctl_commands_do_what_they_say() {
     let status = coordinator.status();
     assert_eq!(status["paused"], true);
     assert_eq!(status["pause_reason"], "cve triage");
+    // force-release names the token it means to take (or says --any-token):
+    // without either it is refused before anything is sent, and a token the
+    // node no longer holds changes nothing.
     let out = coordinator.ctl(&["force-release", "n1", "--reason", "node replaced"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--token"), "{}", stderr(&out));
+    let stale = (token + 5).to_string();
+    let out = coordinator.ctl(&[
+        "force-release",
+        "n1",
+        "--token",
+        &stale,
+        "--reason",
+        "node replaced",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not the current token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = coordinator.ctl(&[
+        "force-release",
+        "n1",
+        "--token",
+        &token.to_string(),
+        "--reason",
+        "node replaced",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(coordinator.ctl(&["resume"]).status.success());
     let status = coordinator.status();
@@ -96,8 +124,11 @@ fn batonctl_commands_do_what_they_say() {
         .iter()
         .map(|a| a["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["grant", "pause", "force-release", "resume"]);
-    assert_eq!(status["audit"][2]["reason"], "node replaced");
+    assert_eq!(
+        actions,
+        ["initialize", "grant", "pause", "force-release", "resume"]
+    );
+    assert_eq!(status["audit"][3]["reason"], "node replaced");
 
     // hold: waits, runs the command while holding, releases, exits with its status.
     let inner_status = dir.path().join("inside.json");

@@ -31,7 +31,8 @@ async fn three_members_all_healthy_grant_an_etcd_node() -> Result<()> {
     let mut client = coordinator.client().await?;
     let mut n1 = acquire(&mut client, "n1", true).await?;
     let (token, _) = wait_granted(&mut n1).await?;
-    assert_eq!(token, 1);
+    // A new installation's tokens start at its time in milliseconds.
+    assert!(token > 1_000_000_000_000, "{token}");
     Ok(())
 }
 
@@ -50,7 +51,17 @@ async fn five_members_all_healthy_grant_an_etcd_node() -> Result<()> {
 async fn a_killed_member_holds_back_other_etcd_nodes_but_not_workers() -> Result<()> {
     let _serial = serial().await;
     let mut cluster = EtcdCluster::start(3).await?;
-    let coordinator = guarded(&cluster, &["--max-concurrent", "2"])?;
+    // The etcd nodes are declared, so a worker is known to carry no member
+    // (standalone, nothing else could say so before n2 and n3 ever asked).
+    let coordinator = guarded(
+        &cluster,
+        &[
+            "--max-concurrent",
+            "2",
+            "--etcd-member-map",
+            "n1=n1,n2=n2,n3=n3",
+        ],
+    )?;
     cluster.kill("n2");
     let mut client = coordinator.client().await?;
     let mut n1 = acquire(&mut client, "n1", true).await?;
@@ -189,18 +200,9 @@ async fn the_snapshot_is_verified_and_loads_with_etcdctl() -> Result<()> {
     kv.put("app/key", "value", None).await?;
     let coordinator = guarded(&cluster, &["--etcd-snapshot-keep", "1"])?;
     let mut client = coordinator.client().await?;
-    let mut n1 = acquire(&mut client, "n1", true).await?;
-    let (t1, _) = wait_granted(&mut n1).await?;
     // A second etcd node (after the first released and counted back) makes
     // a second snapshot; with --etcd-snapshot-keep 1 only it remains.
-    use baton_proto::v1::ReleaseRequest;
-    client
-        .release(ReleaseRequest {
-            node: "n1".into(),
-            fencing_token: t1,
-            reason: "done".into(),
-        })
-        .await?;
+    granted_and_released(&mut client, "n1").await?;
     let mut n2 = acquire(&mut client, "n2", true).await?;
     wait_granted(&mut n2).await?;
     let mut dbs: Vec<_> = std::fs::read_dir(coordinator.snapshot_dir())?
@@ -280,5 +282,142 @@ async fn a_node_counts_back_only_after_its_member_is_healthy_again() -> Result<(
     .await?;
     let (t2, _) = wait_granted(&mut n2).await?;
     assert!(t2 > t1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn standalone_a_member_on_no_known_node_holds_back_nodes_that_might_carry_it() -> Result<()> {
+    let _serial = serial().await;
+    // etcd-a runs on the host the agents call w1, but nothing says so.
+    let mut cluster = EtcdCluster::start_named(&["etcd-a", "n2", "n3"]).await?;
+    let coordinator = guarded(&cluster, &[])?;
+    let mut client = coordinator.client().await?;
+    // w1's agent does not claim to be control-plane; before, it passed for
+    // a plain worker and went down with no quorum check at all.
+    let mut w1 = acquire(&mut client, "w1", false).await?;
+    let reason = wait_for_reason(&mut w1, "etcd-a").await?;
+    assert!(reason.contains("on no known node"), "{reason}");
+    assert!(reason.contains("--etcd-member-map NODE="), "{reason}");
+    assert!(reason.contains("--etcd-exempt-node w1"), "{reason}");
+    assert_still_waiting(&mut w1, Duration::from_secs(2)).await?;
+    drop(w1);
+    drop(coordinator);
+
+    // Mapped: w1 is the etcd node it is, and gets the quorum check (a
+    // frozen member holds it back) and the snapshot.
+    // n3 is frozen before this coordinator's first probe, so no health
+    // data it ever has says all is well.
+    cluster.stop("n3");
+    let coordinator = guarded(&cluster, &["--etcd-member-map", "w1=etcd-a"])?;
+    let mut client = coordinator.client().await?;
+    let mut w1 = acquire(&mut client, "w1", false).await?;
+    let reason = wait_for_reason(&mut w1, "member n3 unhealthy").await;
+    cluster.cont("n3");
+    let reason = reason?;
+    assert!(reason.contains("taking etcd-a down"), "{reason}");
+    wait_granted(&mut w1).await?;
+    assert!(
+        std::fs::read_dir(coordinator.snapshot_dir())?.count() >= 2,
+        "a verified snapshot (and its checksum) before the grant"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn confirm_says_wait_while_a_member_is_frozen_after_the_grant() -> Result<()> {
+    use baton_proto::v1::{ConfirmRequest, Step};
+    let _serial = serial().await;
+    let mut cluster = EtcdCluster::start(3).await?;
+    let coordinator = guarded(&cluster, &[])?;
+    let mut client = coordinator.client().await?;
+    let mut n1 = acquire(&mut client, "n1", true).await?;
+    let (token, _) = wait_granted(&mut n1).await?;
+    let ask = || ConfirmRequest {
+        node: "n1".into(),
+        fencing_token: token,
+        step: Step::Reboot as i32,
+    };
+    // Polls Confirm (bounded) until its answer satisfies `done`.
+    async fn until(
+        client: &mut baton_proto::v1::coordinator_client::CoordinatorClient<
+            tonic::transport::Channel,
+        >,
+        request: impl Fn() -> ConfirmRequest,
+        done: impl Fn(&baton_proto::v1::ConfirmResponse) -> bool,
+    ) -> Result<baton_proto::v1::ConfirmResponse> {
+        let mut seen = Vec::new();
+        for _ in 0..150 {
+            let answer = client.confirm(request()).await?.into_inner();
+            if done(&answer) {
+                return Ok(answer);
+            }
+            seen.push(answer.reason);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("Confirm never gave the awaited answer; saw {seen:#?}")
+    }
+    until(&mut client, ask, |a| a.proceed).await?;
+
+    // The drain took a while; meanwhile n2 hung. Rebooting n1 now would
+    // leave 1 of 3.
+    cluster.stop("n2");
+    let wait = until(&mut client, ask, |a| {
+        !a.proceed && a.reason.contains("member n2 unhealthy")
+    })
+    .await;
+    cluster.cont("n2");
+    let wait = wait?;
+    assert!(
+        wait.reason
+            .contains("taking n1 down would leave 1 of 3 voting members"),
+        "{}",
+        wait.reason
+    );
+    assert!(wait.retry_after.is_some() && wait.overdue_at.is_some());
+    // n2 is back: n1 may reboot.
+    until(&mut client, ask, |a| a.proceed).await?;
+    Ok(())
+}
+
+/// Acquires the baton for etcd node `node`, waits for the grant and
+/// releases it; returns the token.
+async fn granted_and_released(
+    client: &mut baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    node: &str,
+) -> Result<u64> {
+    let mut stream = acquire(client, node, true).await?;
+    let (token, _) = wait_granted(&mut stream).await?;
+    client
+        .release(baton_proto::v1::ReleaseRequest {
+            node: node.into(),
+            fencing_token: token,
+            reason: "done".into(),
+        })
+        .await?;
+    Ok(token)
+}
+
+/// Issue 9, finding 6: "counts as back" survives a coordinator restart right
+/// after a release, so the next etcd node does not go on one healthy probe.
+#[tokio::test]
+async fn counts_as_back_survives_a_coordinator_restart() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(3).await?;
+    let mut coordinator = guarded(&cluster, &["--etcd-back-after", "6"])?;
+    let mut client = coordinator.client().await?;
+    let t1 = granted_and_released(&mut client, "n1").await?;
+    // The coordinator crashes right after the release and comes back.
+    coordinator.restart()?;
+    let mut client = coordinator.client().await?;
+    let mut n2 = acquire(&mut client, "n2", true).await?;
+    // n1's member is healthy, but that alone is one probe: n1 must pass
+    // its rounds again before another etcd node goes down.
+    wait_for_reason(&mut n2, "node n1 (member n1) is not verified back yet (").await?;
+    let (t2, reasons) = wait_granted(&mut n2).await?;
+    assert!(t2 > t1);
+    assert!(
+        reasons.iter().any(|r| r.contains("(5 of 6")),
+        "every round counted: {reasons:#?}"
+    );
     Ok(())
 }

@@ -13,34 +13,43 @@ use baton_tests::etcd::coordinator::{
 use baton_tests::etcd::{EtcdCluster, serial};
 use etcd_client::GetOptions;
 
-fn replica(cluster: &EtcdCluster, id: &str, ttl: &str) -> Result<Coordinator> {
+/// A replica on `cluster`; the first one (`initialize`) creates the state.
+fn replica(cluster: &EtcdCluster, id: &str, ttl: &str, initialize: bool) -> Result<Coordinator> {
+    replica_with(cluster, id, ttl, initialize, &[])
+}
+
+fn replica_with(
+    cluster: &EtcdCluster,
+    id: &str,
+    ttl: &str,
+    initialize: bool,
+    extra: &[&str],
+) -> Result<Coordinator> {
     let endpoints = cluster.endpoints();
-    Coordinator::start(
-        id,
-        &[
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-            "--etcd-election-ttl",
-            ttl,
-            "--etcd-probe-interval",
-            "500ms",
-        ],
-    )
+    let mut args = vec![
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoints,
+        "--etcd-election-ttl",
+        ttl,
+        "--etcd-probe-interval",
+        "500ms",
+        // The etcd node is declared: the workers here carry no member.
+        "--etcd-member-map",
+        "n1=n1",
+    ];
+    if initialize {
+        args.push("--initialize");
+    }
+    args.extend_from_slice(extra);
+    Coordinator::start(id, &args)
 }
 
 /// (holders, last_token) as stored in etcd.
 async fn stored(cluster: &EtcdCluster) -> Result<(Vec<String>, u64)> {
-    let mut c = cluster.client().await?;
-    let resp = c.get("/baton/state", None).await?;
-    let kv = resp.kvs().first().context("no state in etcd")?;
-    let doc: serde_json::Value = serde_json::from_slice(kv.value())?;
-    let holders = doc["state"]["holders"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
-    Ok((holders, doc["state"]["last_token"].as_u64().unwrap_or(0)))
+    let (holders, last_token) = cluster.stored_state().await?;
+    Ok((holders.into_keys().collect(), last_token))
 }
 
 /// Waits until an Acquire on `follower` is refused naming `leader`.
@@ -90,9 +99,9 @@ async fn the_follower_takes_over_with_holders_and_tokens_intact_and_no_double_gr
 {
     let _serial = serial().await;
     let cluster = EtcdCluster::start(1).await?;
-    let mut a = replica(&cluster, "a", "2s")?;
+    let mut a = replica(&cluster, "a", "2s", true)?;
     a.wait_ready().await?;
-    let b = replica(&cluster, "b", "2s")?;
+    let b = replica(&cluster, "b", "2s", false)?;
     refused_naming(&b, "a").await?;
     assert!(!b.ready(), "a follower must not be ready");
 
@@ -147,9 +156,9 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
     let cluster = EtcdCluster::start(1).await?;
     // a renews its election lease rarely (every 10s), so it does not notice
     // the loss by itself before it tries to write.
-    let a = replica(&cluster, "a", "30s")?;
+    let a = replica(&cluster, "a", "30s", true)?;
     a.wait_ready().await?;
-    let b = replica(&cluster, "b", "2s")?;
+    let b = replica(&cluster, "b", "2s", false)?;
     refused_naming(&b, "a").await?;
     let mut ca = a.client().await?;
     let mut w1 = acquire(&mut ca, "w1", false).await?;
@@ -185,8 +194,30 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
     let mut w2 = acquire(&mut cb, "w2", false).await?;
     let (t2, _) = wait_granted(&mut w2).await?;
 
-    // a wakes up still believing it leads and that w1 holds t1.
+    // a wakes up still believing it leads and that w1 holds t1. Issue 9,
+    // finding 1: no answer from that memory, refusals and reads included
+    // (a "w2 does not hold the baton" or a resumed grant of t1 to w1 would
+    // be a lie a client acts on).
     a.cont();
+    let stale_refusal = ca
+        .renew(RenewRequest {
+            node: "w2".into(),
+            fencing_token: t2,
+        })
+        .await
+        .expect_err("a does not lead");
+    assert_eq!(
+        stale_refusal.code(),
+        tonic::Code::Unavailable,
+        "{stale_refusal:?}"
+    );
+    match acquire(&mut ca, "w1", false).await {
+        Err(e) => {
+            let status = e.downcast_ref::<tonic::Status>().context("a gRPC status")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        Ok(_) => bail!("the deposed leader answered an Acquire from its memory"),
+    }
     let refused = ca
         .release(ReleaseRequest {
             node: "w1".into(),
@@ -203,5 +234,38 @@ async fn a_partitioned_old_leader_cannot_write() -> Result<()> {
         "{}",
         a.log()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_etcd_prefix_is_refused_not_started_empty() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut a = replica(&cluster, "a", "2s", true)?;
+    a.wait_ready().await?;
+    let mut ca = a.client().await?;
+    let mut w1 = acquire(&mut ca, "w1", false).await?;
+    let (t1, _) = wait_granted(&mut w1).await?;
+    a.kill();
+
+    // Restarted with another --etcd-prefix (a typo, a changed manifest):
+    // nothing there. It must not forget w1 and start again at token 1.
+    let mut b = replica_with(&cluster, "b", "2s", false, &["--etcd-prefix", "/baton-new"])?;
+    let status = b.wait_exit().await?;
+    assert!(!status.success(), "{status}");
+    let log = b.log();
+    assert!(
+        log.contains("no lease state in etcd key /baton-new/state"),
+        "{log}"
+    );
+    assert!(log.contains("--initialize"), "{log}");
+    let mut etcd = cluster.client().await?;
+    assert!(etcd.get("/baton-new/state", None).await?.kvs().is_empty());
+
+    // And --initialize over the real prefix is refused.
+    let mut c = replica(&cluster, "c", "2s", true)?;
+    assert!(!c.wait_exit().await?.success());
+    assert!(c.log().contains("remove --initialize"), "{}", c.log());
+    assert_eq!(stored(&cluster).await?, (vec!["w1".to_string()], t1));
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The etcd store used directly: every save is guarded by the writer's
-//! election key, so a replica whose lease is gone cannot write even before
-//! it notices, and the next leader loads what the last one saved.
+//! election key and the state's revision, so a replica whose lease is gone
+//! cannot write even before it notices, one that leads again cannot
+//! overwrite what another leader wrote meanwhile, and the next leader loads
+//! what the last one saved.
 
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use anyhow::{Context, Result};
 use baton_coordinator::node::NodeName;
 use baton_coordinator::state::LeaseState;
 use baton_coordinator::store::etcd::{EtcdStore, EtcdStoreSettings};
-use baton_coordinator::store::{StateStore, StoreError};
+use baton_coordinator::store::{Fence, Revision, StateStore, StoreError};
 use baton_tests::etcd::{EtcdCluster, serial};
 
 fn settings(cluster: &EtcdCluster, id: &str, ttl: u64) -> EtcdStoreSettings {
@@ -22,11 +24,25 @@ fn settings(cluster: &EtcdCluster, id: &str, ttl: u64) -> EtcdStoreSettings {
     }
 }
 
-async fn until_leader(store: &EtcdStore) -> Result<()> {
+/// Waits until `store` leads; returns its fence over the stored state.
+async fn until_leader(store: &EtcdStore) -> Result<Fence> {
     let mut rx = store.leadership();
-    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|l| l.is_leader))
+    let term = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|l| l.is_leader))
         .await
-        .context("never elected")??;
+        .context("never elected")??
+        .term;
+    Ok(Fence {
+        term,
+        revision: store.load().await?.revision,
+    })
+}
+
+/// Waits until `store` no longer leads.
+async fn until_deposed(store: &EtcdStore) -> Result<()> {
+    let mut rx = store.leadership();
+    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|l| !l.is_leader))
+        .await
+        .context("never noticed")??;
     Ok(())
 }
 
@@ -35,7 +51,8 @@ async fn a_deposed_store_cannot_save_and_the_next_leader_loads_the_last_state() 
     let _serial = serial().await;
     let cluster = EtcdCluster::start(1).await?;
     let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    until_leader(&a).await?;
+    let fence = until_leader(&a).await?;
+    assert_eq!(fence.revision, Revision::Absent);
     let mut state = LeaseState::default();
     state.grant(
         &NodeName::new("w1")?,
@@ -44,7 +61,9 @@ async fn a_deposed_store_cannot_save_and_the_next_leader_loads_the_last_state() 
         "test",
         chrono::Utc::now(),
     )?;
-    a.save(&state).await?;
+    let revision = a.save(&state, &fence).await?;
+    let fence = Fence { revision, ..fence };
+    a.confirm(&fence).await?;
 
     // Depose a behind its back: its lease (and so its election key) goes.
     let lease = a.election_lease().context("a leads, so it has a lease")?;
@@ -59,7 +78,12 @@ async fn a_deposed_store_cannot_save_and_the_next_leader_loads_the_last_state() 
         chrono::Utc::now(),
     )?;
     let err = a
-        .save(&later)
+        .confirm(&fence)
+        .await
+        .expect_err("a deposed replica must not confirm");
+    assert!(matches!(err, StoreError::NotLeader(_)), "{err}");
+    let err = a
+        .save(&later, &fence)
         .await
         .expect_err("a deposed replica must not write");
     assert!(matches!(err, StoreError::NotLeader(_)), "{err}");
@@ -82,6 +106,65 @@ async fn a_deposed_store_cannot_save_and_the_next_leader_loads_the_last_state() 
         }
     })
     .await?;
-    assert_eq!(leader.load().await?, Some(state));
+    assert_eq!(leader.load().await?.state, Some(state));
+    Ok(())
+}
+
+/// Finding 2 of issue 9: A loads, loses its lease; B leads and grants y the
+/// next token; B loses its lease; A leads again and saves what it decided
+/// from its old memory (x with the same token). The save must be refused,
+/// whether A presents its old term or its new one.
+#[tokio::test]
+async fn a_re_elected_replica_cannot_overwrite_what_another_leader_wrote() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 3)).await?;
+    let fence = until_leader(&a).await?;
+    let base = LeaseState::default();
+    let revision = a.save(&base, &fence).await?;
+    let old_fence = Fence { revision, ..fence };
+    let mut etcd = cluster.client().await?;
+    etcd.lease_revoke(a.election_lease().context("a leads")?)
+        .await?;
+    // a notices at its next keep-alive and campaigns again.
+    until_deposed(&a).await?;
+    let b = EtcdStore::open(settings(&cluster, "b", 3)).await?;
+    let b_fence = until_leader(&b).await?;
+    let mut by_b = b.load().await?.state.context("state")?;
+    let token_b = by_b.grant(&NodeName::new("y")?, false, false, "b", chrono::Utc::now())?;
+    b.save(&by_b, &b_fence).await?;
+    etcd.lease_revoke(b.election_lease().context("b leads")?)
+        .await?;
+    let new_term = until_leader(&a).await?.term;
+    assert!(new_term > old_fence.term);
+
+    // A decides from what it had before it lost the lease.
+    let mut by_a = base.clone();
+    let token_a = by_a.grant(&NodeName::new("x")?, false, false, "a", chrono::Utc::now())?;
+    assert_eq!(token_a, token_b, "the scenario reuses a token");
+    let old_term = a.save(&by_a, &old_fence).await;
+    assert!(
+        matches!(old_term, Err(StoreError::NotLeader(_))),
+        "{old_term:?}"
+    );
+    let new_term_old_revision = Fence {
+        term: new_term,
+        ..old_fence.clone()
+    };
+    let refused = a.save(&by_a, &new_term_old_revision).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    let refused = a.confirm(&new_term_old_revision).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert!(
+        a.leadership().borrow().is_leader,
+        "a revision conflict is not a lost election"
+    );
+    assert_eq!(a.load().await?.state, Some(by_b));
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! `--insecure`, embedded store) over gRPC, and a stub host OS (no systemd
 //! here; it records updates and reboots instead of doing them).
 //!
-//! Scenarios: a drain held up by a PodDisruptionBudget past
+//! Scenarios: a kernel-like update that needs a reboot (cordon, drain,
+//! update, reboot: the agent is stopped as the machine goes down and
+//! started again on the same state directory with a new boot_id; Ready,
+//! uncordon, release); a drain held up by a PodDisruptionBudget past
 //! `--drain-timeout` aborts the maintenance (node uncordoned, baton released
 //! with the reason, no update, no reboot); a blocking pod keeps the agent
 //! from asking for the baton until it is gone.
@@ -15,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use baton_agent::agent::{Action, Agent, Settings};
 use baton_agent::coordinator::{BearerToken, GrpcCoordinator};
-use baton_agent::host::{HostError, HostOs, Job, UnitOutcome};
+use baton_agent::host::{HostError, HostOs, Inhibitor, Job, UnitOutcome};
 use baton_agent::kubernetes::visibility::{WAITING_ANNOTATION, phase_name};
 use baton_agent::kubernetes::{KubeNodeOps, KubernetesArgs};
 use baton_agent::phase::Phase;
@@ -29,34 +32,78 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-/// A host that always needs maintenance, whose updates succeed, and that
-/// counts reboot requests instead of rebooting.
+/// A host whose updates succeed and that records reboots instead of doing
+/// them. It needs maintenance while updates are pending or a reboot is
+/// required; with `kernel` set, the update asks for a reboot (like a
+/// kernel package), and a reboot request stops the running agent the way
+/// the machine going down would.
 #[derive(Clone, Default)]
 struct StubHost {
     jobs: Arc<Mutex<Vec<Job>>>,
     reboots: Arc<Mutex<u32>>,
+    updates_pending: Arc<Mutex<bool>>,
+    reboot_required: Arc<Mutex<bool>>,
+    kernel: bool,
+    boot_id: Arc<Mutex<String>>,
+    /// Cancelled by a reboot request (the machine goes down).
+    going_down: Arc<Mutex<Option<CancellationToken>>>,
+}
+
+impl StubHost {
+    fn new(kernel: bool) -> Self {
+        StubHost {
+            kernel,
+            updates_pending: Arc::new(Mutex::new(true)),
+            boot_id: Arc::new(Mutex::new("boot-a".into())),
+            ..StubHost::default()
+        }
+    }
+
+    /// The machine came back: another boot, /run cleared.
+    fn booted(&self, boot_id: &str) {
+        *self.boot_id.lock().unwrap() = boot_id.into();
+        *self.reboot_required.lock().unwrap() = false;
+    }
 }
 
 impl HostOs for StubHost {
     async fn boot_id(&self) -> Result<String, HostError> {
-        Ok(this_boot_id())
+        Ok(self.boot_id.lock().unwrap().clone())
     }
     async fn maintenance_needed(&self) -> Option<String> {
-        Some("updates available".into())
+        if *self.reboot_required.lock().unwrap() {
+            Some("/run/reboot-required exists".into())
+        } else {
+            (*self.updates_pending.lock().unwrap()).then(|| "updates available".into())
+        }
     }
     async fn reboot_required(&self) -> bool {
-        false
+        *self.reboot_required.lock().unwrap()
     }
     async fn run(&self, job: &Job, _timeout: Duration) -> Result<UnitOutcome, HostError> {
         self.jobs.lock().unwrap().push(job.clone());
+        *self.updates_pending.lock().unwrap() = false;
+        if self.kernel {
+            *self.reboot_required.lock().unwrap() = true;
+        }
         Ok(UnitOutcome {
             success: true,
             detail: "done".into(),
             output_tail: String::new(),
         })
     }
+    async fn stop(&self, _job: &Job) -> Result<(), HostError> {
+        // Runs end at once here: nothing is ever left running to stop.
+        Ok(())
+    }
+    async fn reboot_inhibitors(&self) -> Result<Vec<Inhibitor>, HostError> {
+        Ok(Vec::new())
+    }
     async fn reboot(&self) -> Result<(), HostError> {
         *self.reboots.lock().unwrap() += 1;
+        if let Some(down) = self.going_down.lock().unwrap().as_ref() {
+            down.cancel();
+        }
         Ok(())
     }
 }
@@ -83,6 +130,7 @@ async fn coordinator() -> Result<Coordinator> {
         "baton-coordinator",
         "serve",
         "--insecure",
+        "--initialize",
         "--listen",
         "127.0.0.1:0",
         "--metrics-listen",
@@ -106,7 +154,6 @@ async fn coordinator() -> Result<Coordinator> {
 fn settings() -> Settings {
     Settings {
         update: Some(Action::Command("apt-get -y upgrade".into())),
-        post_check: None,
         update_timeout: Duration::from_secs(60),
         post_check_timeout: Duration::from_secs(60),
         reboot_timeout: Duration::from_secs(60),
@@ -114,6 +161,7 @@ fn settings() -> Settings {
         retry_interval: Duration::from_millis(200),
         // Long enough that the agent does not ask again during the test.
         abort_backoff: Duration::from_secs(3600),
+        ..Settings::default()
     }
 }
 
@@ -123,16 +171,28 @@ struct RunningAgent {
     tick: watch::Sender<u64>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<Result<(), baton_agent::agent::AgentError>>,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 async fn agent(fake: &FakeApi, coordinator: &Coordinator, args: KubernetesArgs) -> RunningAgent {
-    let host = StubHost::default();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    start_agent(fake, coordinator, args, StubHost::new(false), dir).await
+}
+
+/// An agent process over `host` keeping its state in `dir` (a restarted
+/// agent gets the same ones).
+async fn start_agent(
+    fake: &FakeApi,
+    coordinator: &Coordinator,
+    args: KubernetesArgs,
+    host: StubHost,
+    dir: Arc<tempfile::TempDir>,
+) -> RunningAgent {
     let url = format!("http://{}", coordinator.running.grpc_addr);
     let grpc = GrpcCoordinator::new(&url, None, BearerToken::none(), "n1", false).unwrap();
     let ops = KubeNodeOps::new(fake.client().await, "n1", args);
-    let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
+    *host.going_down.lock().unwrap() = Some(shutdown.clone());
     let mut agent = Agent::new(
         host.clone(),
         grpc,
@@ -199,6 +259,76 @@ fn pod_lists(fake: &FakeApi) -> usize {
         .iter()
         .filter(|s| s.method == "GET" && s.path == "/api/v1/pods")
         .count()
+}
+
+/// The holder's phase and whether n1 was released, from the coordinator.
+async fn coordinator_view(coordinator: &Coordinator) -> (Option<String>, bool) {
+    let snapshot = coordinator.running.engine.snapshot().await;
+    let phase = snapshot
+        .state
+        .holders
+        .values()
+        .next()
+        .map(|h| format!("{:?}", h.phase));
+    let released = snapshot
+        .state
+        .audit
+        .iter()
+        .any(|a| a.action == "release" && a.node == "n1");
+    (phase, released)
+}
+
+#[tokio::test]
+async fn an_update_that_needs_a_reboot_drains_reboots_and_gives_the_node_back() -> Result<()> {
+    let fake = FakeApi::new();
+    fake.put(node("n1").boot_id(&this_boot_id()).build());
+    fake.put(pod("apps", "web-1").on("n1").owned_by("ReplicaSet").build());
+    let coordinator = coordinator().await?;
+    let host = StubHost::new(true);
+    let dir = Arc::new(tempfile::tempdir()?);
+    let before = start_agent(
+        &fake,
+        &coordinator,
+        KubernetesArgs::default(),
+        host.clone(),
+        dir.clone(),
+    )
+    .await;
+    // The reboot request stops the agent, as the machine going down would.
+    tokio::time::timeout(Duration::from_secs(30), before.done)
+        .await
+        .expect("the agent asked for a reboot")??;
+    assert_eq!(*host.reboots.lock().unwrap(), 1);
+    assert_eq!(host.jobs.lock().unwrap().len(), 1, "the update ran");
+    assert!(unschedulable(&fake), "cordoned across the reboot");
+    assert!(fake.get("v1/pods", "apps", "web-1").is_none(), "drained");
+    let (phase, released) = coordinator_view(&coordinator).await;
+    assert_eq!(phase.as_deref(), Some("Rebooting"));
+    assert!(!released, "not released before the reboot");
+    // The machine comes back with another boot_id; systemd starts the
+    // agent again on the same state directory.
+    host.booted("boot-b");
+    let after = start_agent(
+        &fake,
+        &coordinator,
+        KubernetesArgs::default(),
+        host.clone(),
+        dir,
+    )
+    .await;
+    eventually("the baton released after the reboot", async || {
+        coordinator_view(&coordinator).await.1
+    })
+    .await;
+    assert!(!unschedulable(&fake), "uncordoned");
+    assert_eq!(*host.reboots.lock().unwrap(), 1, "one reboot");
+    assert_eq!(host.jobs.lock().unwrap().len(), 1, "the update ran once");
+    eventually("the node shows the agent idle", async || {
+        annotation(&fake, "baton.dev/phase").as_deref() == Some(phase_name(Phase::Idle))
+    })
+    .await;
+    after.stop().await;
+    Ok(())
 }
 
 #[tokio::test]
@@ -301,7 +431,11 @@ async fn a_blocking_pod_keeps_the_agent_from_asking_until_it_is_gone() -> Result
     .await;
     let waiting = annotation(&fake, WAITING_ANNOTATION).unwrap();
     assert!(waiting.contains("ci/job-1"), "{waiting}");
-    assert!(event_reasons(&fake).iter().any(|r| r == "BatonBlocked"));
+    // The Event is written after the annotation, best effort.
+    eventually("the BatonBlocked event", async || {
+        event_reasons(&fake).iter().any(|r| r == "BatonBlocked")
+    })
+    .await;
     // Periodic ticks re-check; while the pod runs the agent never asks.
     for n in 1..=3 {
         let before = pod_lists(&fake);

@@ -30,7 +30,29 @@ struct Replica {
     _stop: oneshot::Sender<()>,
 }
 
+impl Replica {
+    /// Waits (bounded) until the replica stops on its own; why it stopped.
+    async fn stopped(self) -> Result<Result<(), server::ServeError>> {
+        Ok(tokio::time::timeout(Duration::from_secs(20), self.running.done).await??)
+    }
+}
+
+/// A replica; `--initialize` while the fake holds no state ConfigMap (a
+/// new installation).
 async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
+    let config = kube::Config::new(api_url.parse()?);
+    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(kube::Client::try_from(config)?, NS);
+    let initialize = configmaps.get_opt("baton-state").await?.is_none();
+    start_replica(api_url, id, extra, initialize).await
+}
+
+async fn start_replica(
+    api_url: &str,
+    id: &str,
+    extra: &[&str],
+    initialize: bool,
+) -> Result<Replica> {
     let mut argv = vec![
         "baton-coordinator",
         "serve",
@@ -52,6 +74,11 @@ async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
         "--lease-retry-period",
         "250ms",
     ];
+    // Every replica started before the state exists may carry the flag:
+    // the first leader creates it, the others load it.
+    if initialize {
+        argv.push("--initialize");
+    }
     // Short leases unless the test sets its own.
     if !extra.contains(&"--lease-duration") {
         argv.extend_from_slice(&["--lease-duration", "2s", "--lease-renew-deadline", "1500ms"]);
@@ -67,6 +94,17 @@ async fn replica(api_url: &str, id: &str, extra: &[&str]) -> Result<Replica> {
         running,
         _stop: stop,
     })
+}
+
+/// A cluster with node n1 (its agent's token is "agent-n1"), and replica
+/// "coord-a" leading it.
+async fn leading_over_n1() -> Result<(FakeApi, baton_tests::kube_fake::Endpoint, Replica)> {
+    let fake = cluster(&[node("n1").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &[]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    Ok((fake, endpoint, a))
 }
 
 /// Waits (bounded, so a broken build fails instead of hanging) until `cond`.
@@ -289,11 +327,7 @@ async fn a_clean_shutdown_hands_the_lease_over() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
-    let fake = cluster(&[node("n1").build()]);
-    agent_token(&fake, "agent-n1", "n1");
-    let endpoint = fake.serve().await;
-    let a = replica(&endpoint.url, "coord-a", &[]).await?;
-    eventually("replica a to lead", || leads(&a)).await;
+    let (fake, _endpoint, a) = leading_over_n1().await?;
     let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
     let token = granted(&mut stream).await?;
 
@@ -327,6 +361,50 @@ async fn a_conflicting_write_is_re_read_never_overwritten() -> Result<()> {
     assert_eq!(
         stored_state(&fake)["state"]["holders"],
         serde_json::json!({})
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_state_write_is_bounded_and_the_state_re_read() -> Result<()> {
+    let fake = cluster(&[node("n1").build()]);
+    agent_token(&fake, "agent-n1", "n1");
+    let endpoint = fake.serve().await;
+    let a = replica(&endpoint.url, "coord-a", &[]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
+    let token = granted(&mut stream).await?;
+
+    // The API server stops answering writes to the state object (the
+    // Lease is still renewed). A save must not hold the engine, and with
+    // it every call, for as long as the HTTP client is willing to wait.
+    endpoint.stall_writes(Some("configmaps"));
+    let stuck = tokio::time::timeout(Duration::from_secs(30), renew(&a, "agent-n1", "n1", token))
+        .await
+        .context("a renew whose save hangs must be answered, not wait for the API server")?;
+    let err = stuck.expect_err("the save did not complete");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("no answer"), "{err}");
+    // Whatever it answers (a replica that stepped down may refuse), it
+    // answers: nothing waits behind the hanging save any more.
+    let _ = tokio::time::timeout(Duration::from_secs(10), status(&a))
+        .await
+        .context("status must not wait behind a hanging save")?;
+
+    // Answered again: the leader re-reads (the write may have landed) and
+    // the holder keeps its token.
+    endpoint.stall_writes(None);
+    let mut renewed = false;
+    for _ in 0..200 {
+        if renew(&a, "agent-n1", "n1", token).await.is_ok() {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        renewed,
+        "the holder could not renew after the API answered again"
     );
     Ok(())
 }
@@ -523,5 +601,255 @@ async fn ignore_notready_nodes_lets_the_rollout_go_on() -> Result<()> {
     drop(ghost);
     let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
     granted(&mut w1).await?;
+    Ok(())
+}
+
+/// Reads Queued events until one's reason contains `needle`; a grant first
+/// fails the test.
+async fn wait_for_reason(stream: &mut Streaming<AcquireEvent>, needle: &str) -> Result<String> {
+    loop {
+        match next(stream).await? {
+            Event::Queued(q) if q.reason.contains(needle) => return Ok(q.reason),
+            Event::Queued(_) => continue,
+            Event::Granted(g) => anyhow::bail!(
+                "granted (token {}) while it must wait for {needle:?}",
+                g.fencing_token
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_ready_control_plane_node_holds_back_other_control_plane_nodes() -> Result<()> {
+    let fake = cluster(&[
+        node("cp-1").control_plane().build(),
+        node("cp-2").control_plane().ready(false).build(),
+        node("w1").build(),
+    ]);
+    for n in ["cp-1", "w1"] {
+        agent_token(&fake, &format!("agent-{n}"), n);
+    }
+    let endpoint = fake.serve().await;
+    // Room for three: the limit is not what holds cp-1 back.
+    let a = replica(&endpoint.url, "coord-a", &["--max-concurrent", "3"]).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let mut cp1 = acquire(&a, "agent-cp-1", "cp-1", false).await?;
+    let reason = wait_for_reason(&mut cp1, "control-plane node cp-2 is NotReady").await?;
+    assert!(reason.contains("until it is Ready again"), "{reason}");
+    // A worker is not held back by it.
+    let mut w1 = acquire(&a, "agent-w1", "w1", false).await?;
+    granted(&mut w1).await?;
+    // cp-2 is back: cp-1 goes.
+    fake.put(node("cp-2").control_plane().build());
+    granted(&mut cp1).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_facts_that_cannot_be_refreshed_expire_and_hold_grants_back() -> Result<()> {
+    let fake = cluster(&[node("w1").build()]);
+    let endpoint = fake.serve().await;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().display().to_string();
+    // The node watch alone (embedded store, no TokenReview): a partition
+    // cuts off only the node facts.
+    let argv = [
+        "baton-coordinator",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--initialize",
+        "--data-dir",
+        &data_dir,
+        "--watch-nodes",
+        "--kube-api-url",
+        &endpoint.url,
+        "--node-facts-max-age",
+        "2s",
+    ];
+    let Command::Serve(args) = Cli::try_parse_from(argv)?.command;
+    let (_stop, stopped) = oneshot::channel::<()>();
+    let running = server::start(*args, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    let mut client = CoordinatorClient::connect(format!("http://{}", running.grpc_addr)).await?;
+    let request = || AcquireRequest {
+        node: "w1".to_string(),
+        control_plane: false,
+        reason: "reboot required".to_string(),
+        manual: false,
+    };
+    let mut w1 = client.acquire(request()).await?.into_inner();
+    let token = granted(&mut w1).await?;
+    client
+        .release(baton_proto::v1::ReleaseRequest {
+            node: "w1".to_string(),
+            fencing_token: token,
+            reason: "done".to_string(),
+        })
+        .await?;
+
+    // The API server becomes unreachable: the last list is kept, but only
+    // for --node-facts-max-age; then nothing is known and nobody goes.
+    endpoint.partition(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut w1 = client.acquire(request()).await?.into_inner();
+    let reason = wait_for_reason(&mut w1, "node facts are unknown").await?;
+    assert!(reason.contains("(limit 2s)"), "{reason}");
+    assert!(
+        reason.contains("503") || reason.contains("partitioned"),
+        "{reason}"
+    );
+    endpoint.partition(false);
+    granted(&mut w1).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_state_configmap_stops_the_coordinator_instead_of_starting_empty() -> Result<()> {
+    let (fake, endpoint, a) = leading_over_n1().await?;
+    let mut stream = acquire(&a, "agent-n1", "n1", false).await?;
+    let token = granted(&mut stream).await?;
+
+    // Someone deletes the state ConfigMap while n1 is under maintenance.
+    fake.remove("v1/configmaps", NS, "baton-state")
+        .context("the state configmap existed")?;
+    // The leader must not carry on from memory, nor start empty: its next
+    // write conflicts, its reload finds nothing, and it stops.
+    let refused = renew(&a, "agent-n1", "n1", token)
+        .await
+        .expect_err("no answer from memory the store no longer has");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    let _ = renew(&a, "agent-n1", "n1", token).await;
+    let why = a.stopped().await?.expect_err("the coordinator stops");
+    let message = why.to_string();
+    assert!(
+        message.contains("no lease state in configmap baton-system/baton-state"),
+        "{message}"
+    );
+    assert!(message.contains("--initialize"), "{message}");
+    assert!(
+        fake.get("v1/configmaps", NS, "baton-state").is_none(),
+        "nothing was written in its place"
+    );
+
+    // A restarted replica (without --initialize) refuses too, once it leads:
+    // at start when it wins the Lease at once, or later.
+    let why = match start_replica(&endpoint.url, "coord-b", &[], false).await {
+        Err(e) => e.to_string(),
+        Ok(b) => b
+            .stopped()
+            .await?
+            .expect_err("an empty store is refused")
+            .to_string(),
+    };
+    assert!(why.contains("no lease state"), "{why}");
+    Ok(())
+}
+
+/// Issue 9, finding 8: whatever agents send, the state ConfigMap stays under
+/// the API server's 1 MiB and every call keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worst_case_texts_keep_the_state_configmap_under_one_mebibyte() -> Result<()> {
+    use baton_proto::v1::{ReleaseRequest, ReportRequest};
+    let (fake, _endpoint, a) = leading_over_n1().await?;
+    let mut client = CoordinatorClient::new(channel(&a, "agent-n1").await?);
+    // The largest text accepted, made of the character JSON escapes worst
+    // ('"' takes 2 bytes encoded).
+    let reason = "\"".repeat(1024);
+    let error = "\\".repeat(16 * 1024);
+    let size = |fake: &FakeApi| {
+        fake.get("v1/configmaps", NS, "baton-state")
+            .map_or(0, |cm| {
+                cm["data"]["state.json"].as_str().map_or(0, str::len)
+            })
+    };
+    // 84 cycles pushed the ConfigMap past 1 MiB before the state had a
+    // byte budget (with control characters; with these, 229 cycles).
+    for cycle in 0..84 {
+        let mut stream = client
+            .acquire(AcquireRequest {
+                node: "n1".into(),
+                reason: reason.clone(),
+                ..AcquireRequest::default()
+            })
+            .await
+            .with_context(|| format!("acquire in cycle {cycle}, state {} bytes", size(&fake)))?
+            .into_inner();
+        let token = granted(&mut stream)
+            .await
+            .with_context(|| format!("grant in cycle {cycle}, state {} bytes", size(&fake)))?;
+        if cycle % 7 == 0 {
+            client
+                .report(ReportRequest {
+                    node: "n1".into(),
+                    fencing_token: token,
+                    phase: baton_proto::v1::Phase::Failed as i32,
+                    message: reason.clone(),
+                    error: error.clone(),
+                    boot_id: "b".repeat(64),
+                })
+                .await
+                .with_context(|| format!("report in cycle {cycle}, state {} bytes", size(&fake)))?;
+        }
+        client
+            .release(ReleaseRequest {
+                node: "n1".into(),
+                fencing_token: token,
+                reason: reason.clone(),
+            })
+            .await
+            .with_context(|| format!("release in cycle {cycle}, state {} bytes", size(&fake)))?;
+    }
+    let stored = size(&fake);
+    assert!(stored < 1024 * 1024, "{stored} bytes");
+    let seen = status(&a).await?;
+    assert!(!seen.audit.is_empty());
+
+    // Control characters escape to 6 bytes each in JSON: refused, nothing
+    // stored.
+    let before = stored_state(&fake);
+    for text in ["a\u{1}b", "\u{7f}", "x\u{1b}[31m", "\u{85}"] {
+        let err = client
+            .acquire(AcquireRequest {
+                node: "n1".into(),
+                reason: text.to_string(),
+                ..AcquireRequest::default()
+            })
+            .await
+            .expect_err("a control character is refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{text:?}: {err}");
+        assert!(err.message().contains("control character"), "{err}");
+    }
+    // Newlines and tabs are fine in an error report; bytes count, not
+    // characters.
+    let mut stream = client
+        .acquire(AcquireRequest {
+            node: "n1".into(),
+            reason: "ok".into(),
+            ..AcquireRequest::default()
+        })
+        .await?
+        .into_inner();
+    let token = granted(&mut stream).await?;
+    let report = |error: String| ReportRequest {
+        node: "n1".into(),
+        fencing_token: token,
+        phase: baton_proto::v1::Phase::Failed as i32,
+        error,
+        ..ReportRequest::default()
+    };
+    client.report(report("line 1\n\tline 2".into())).await?;
+    let err = client
+        .report(report("é".repeat(8 * 1024 + 1)))
+        .await
+        .expect_err("16385 bytes of UTF-8");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("16386 bytes"), "{err}");
+    assert_ne!(stored_state(&fake), before, "the valid calls were stored");
     Ok(())
 }

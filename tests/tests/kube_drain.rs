@@ -443,3 +443,45 @@ async fn node_ops_prepare_finish_and_a_drain_timeout_gives_the_node_back() {
     });
     assert!(aborted);
 }
+
+/// Finding 7: an API server that answers 503 for a while (a partition, an
+/// overloaded server) is waited out instead of failing the maintenance on
+/// the first error: cordon, drain, uncordon and readiness all go through
+/// once it answers again.
+#[tokio::test]
+async fn transient_api_errors_are_retried_not_fatal() {
+    let fake = FakeApi::new();
+    fake.put(node("n1").ready(true).boot_id("boot-2").build());
+    fake.put(pod("apps", "web-1").on("n1").owned_by("ReplicaSet").build());
+    let endpoint = fake.serve().await;
+    let ops = KubeNodeOps::new(endpoint.client(), "n1", args(Duration::from_secs(60)));
+    for step in ["cordon", "drain", "uncordon", "ready"] {
+        let answered = fake.served().len();
+        endpoint.partition(true);
+        let run = tokio::spawn({
+            let ops = ops.clone();
+            async move {
+                match step {
+                    "cordon" => ops.cordon().await.map(|_| ()),
+                    "drain" => ops.drain().await.map(|_| ()),
+                    "uncordon" => ops.uncordon().await.map(|_| ()),
+                    _ => {
+                        ops.wait_ready(Some("boot-2"), Duration::from_secs(60))
+                            .await
+                    }
+                }
+            }
+        });
+        eventually(&format!("{step}: a 503 answered"), || {
+            fake.served()[answered..].iter().any(|s| s.status == 503)
+        })
+        .await;
+        assert!(!run.is_finished(), "{step} gave up on the first error");
+        endpoint.partition(false);
+        run.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{step} failed: {e}"));
+    }
+    assert!(!unschedulable(&fake, "n1"));
+    assert!(fake.get("v1/pods", "apps", "web-1").is_none(), "evicted");
+}

@@ -9,6 +9,8 @@
 //!
 //! - `deps`: install the Debian packages builds and tests need (as root);
 //! - `test`: deps, build every binary, run the whole test suite;
+//! - `lab`: deps, build, roll an update through a lab cluster of real
+//!   systemd nodes and real etcd (the main job; see baton-devtools);
 //! - `serve`: deps, build, run a local coordinator;
 //! - `bench coordinator [--store etcd]`, `bench agent`, `bench fleet
 //!   [--store etcd]`: see baton-devtools.
@@ -21,6 +23,8 @@ use anyhow::{Result, bail};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  lab [ARGS]            the main job: roll an OS update through a lab cluster (root;
+                        --nodes N --workers M --chaos [--seed S] --keep; target/lab/report.html)
   deps                  install the Debian packages the build and tests need (root)
   test [ARGS]           install deps, build, run every test (ARGS go to cargo test)
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
@@ -39,6 +43,7 @@ fn main() -> Result<()> {
     match task {
         "deps" => deps::ensure(&deps::all()),
         "test" => test(rest),
+        "lab" => lab(rest),
         "serve" => serve(rest),
         "bench" => bench(rest),
         "help" | "--help" | "-h" => {
@@ -82,6 +87,17 @@ fn bench(rest: &[String]) -> Result<()> {
     util::run_release_bin("baton-devtools", &args)
 }
 
+/// `cargo xtask lab`: installs what the lab starts (etcd, systemd-nspawn,
+/// debootstrap), builds every release binary and hands over to
+/// `baton-devtools lab ...`.
+fn lab(rest: &[String]) -> Result<()> {
+    deps::ensure(&[deps::BUILD, deps::ETCD, deps::NODES, deps::ESSENTIAL].concat())?;
+    util::build_release_bins()?;
+    let mut args = vec!["lab".to_string()];
+    args.extend(rest.iter().cloned());
+    util::run_release_bin("baton-devtools", &args)
+}
+
 /// `cargo xtask serve`: a local coordinator on 127.0.0.1:7443 (plaintext,
 /// unauthenticated: a lab), state under target/baton-data.
 fn serve(extra: &[String]) -> Result<()> {
@@ -95,6 +111,10 @@ fn serve(extra: &[String]) -> Result<()> {
         "--metrics-listen=127.0.0.1:9443".to_string(),
         format!("--data-dir={}", data.display()),
     ];
+    // The first run is a new installation; later runs keep its state.
+    if !data.join("state.json").exists() {
+        args.push("--initialize".to_string());
+    }
     args.extend(extra.iter().cloned());
     eprintln!(
         "coordinator on 127.0.0.1:7443; try: target/release/batonctl --insecure --coordinator http://127.0.0.1:7443 status"

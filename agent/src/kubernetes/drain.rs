@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::plan::{Allowances, DrainPlan, PodRef, plan};
-use super::{KubeError, KubeNodeOps, status_code};
+use super::{KubeError, KubeNodeOps, retrying, status_code};
 
 /// The first wait after a refused eviction; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -49,9 +49,8 @@ impl KubeNodeOps {
         if let Some(selector) = &self.args.drain_pod_selector {
             params = params.labels(selector);
         }
-        let pods = self
-            .all_pods()
-            .list(&params)
+        let api = self.all_pods();
+        let pods = retrying(&self.node, "listing pods", || api.list(&params))
             .await
             .map_err(KubeError::api(format!(
                 "listing pods on node {}",

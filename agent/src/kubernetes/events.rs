@@ -7,7 +7,7 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tracing::warn;
 
-use super::{KubeError, KubeNodeOps};
+use super::{KubeError, KubeNodeOps, retrying};
 
 /// The component name Events are reported under.
 pub const COMPONENT: &str = "baton-agent";
@@ -97,9 +97,8 @@ impl KubeNodeOps {
                     self.node
                 ))
                 .labels(selector);
-            let pods = self
-                .all_pods()
-                .list(&params)
+            let api = self.all_pods();
+            let pods = retrying(&self.node, "listing blocking pods", || api.list(&params))
                 .await
                 .map_err(KubeError::api(format!(
                     "listing blocking pods ({selector}) on node {}",

@@ -18,7 +18,10 @@
 //! - [`visibility`]: pure: the annotations and Event of each phase change.
 //!
 //! Every operation is idempotent, so an agent restarted at any point can
-//! repeat the step it was in.
+//! repeat the step it was in. API calls that fail transiently (429, 5xx,
+//! a connection that broke or timed out) are retried with backoff for up
+//! to [`API_RETRY_BUDGET`] (a readiness wait for up to its own timeout)
+//! instead of failing the maintenance on the first error.
 
 pub mod drain;
 pub mod events;
@@ -169,6 +172,50 @@ impl KubeError {
     pub(crate) fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
         let action = action.into();
         move |source| KubeError::Api { action, source }
+    }
+}
+
+/// How long one API call (read or write of the node, a list of pods) is
+/// retried through transient errors before it fails.
+pub const API_RETRY_BUDGET: Duration = Duration::from_secs(120);
+
+/// The first pause after a transient error; doubled up to
+/// [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(250);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// True for errors that may go away by themselves: the API server was
+/// overloaded or unavailable (429, 5xx), or the request or its answer was
+/// lost on the way.
+pub(crate) fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+/// Run `call` until it succeeds, fails for good, or still fails
+/// transiently after [`API_RETRY_BUDGET`].
+pub(crate) async fn retrying<T, Fut>(
+    node: &str,
+    action: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, kube::Error>
+where
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + API_RETRY_BUDGET;
+    let mut pause = FIRST_RETRY_PAUSE;
+    loop {
+        match call().await {
+            Err(e) if is_transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(node, action, error = %e, "transient API error; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
+            }
+            other => return other,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{KubeError, KubeNodeOps, status_code};
+use super::{KubeError, KubeNodeOps, retrying, status_code};
 
 /// Remembers who cordoned the node.
 pub const CORDONED_ANNOTATION: &str = "baton.dev/cordoned";
@@ -123,11 +123,12 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 impl KubeNodeOps {
     async fn get_node(&self) -> Result<Node, KubeError> {
-        self.nodes
-            .get_opt(&self.node)
-            .await
-            .map_err(KubeError::api(format!("reading node {}", self.node)))?
-            .ok_or_else(|| KubeError::NodeMissing(self.node.clone()))
+        retrying(&self.node, "reading the node", || {
+            self.nodes.get_opt(&self.node)
+        })
+        .await
+        .map_err(KubeError::api(format!("reading node {}", self.node)))?
+        .ok_or_else(|| KubeError::NodeMissing(self.node.clone()))
     }
 
     /// Reads the node, computes a patch from it and applies it guarded by
@@ -143,10 +144,12 @@ impl KubeNodeOps {
                 return Ok(None);
             };
             patch["metadata"]["resourceVersion"] = json!(node.metadata.resource_version);
-            match self
-                .nodes
-                .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
+            let params = PatchParams::default();
+            let merge = Patch::Merge(&patch);
+            match retrying(&self.node, action, || {
+                self.nodes.patch(&self.node, &params, &merge)
+            })
+            .await
             {
                 Ok(node) => return Ok(Some(node)),
                 Err(e) if status_code(&e) == Some(409) => {
@@ -233,14 +236,13 @@ impl KubeNodeOps {
 
     /// Applies annotation updates.
     pub async fn annotate(&self, updates: &NodeAnnotations) -> Result<(), KubeError> {
-        self.nodes
-            .patch(
-                &self.node,
-                &PatchParams::default(),
-                &Patch::Merge(&updates.to_patch()),
-            )
-            .await
-            .map_err(KubeError::api(format!("annotating node {}", self.node)))?;
+        let (params, patch) = (PatchParams::default(), updates.to_patch());
+        let merge = Patch::Merge(&patch);
+        retrying(&self.node, "annotating", || {
+            self.nodes.patch(&self.node, &params, &merge)
+        })
+        .await
+        .map_err(KubeError::api(format!("annotating node {}", self.node)))?;
         Ok(())
     }
 
@@ -248,10 +250,13 @@ impl KubeNodeOps {
     pub async fn set_holding(&self, holding: bool) -> Result<(), KubeError> {
         let value = if holding { json!("true") } else { Value::Null };
         let patch = json!({ "metadata": { "labels": { HOLDING_LABEL: value } } });
-        self.nodes
-            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(KubeError::api(format!("labelling node {}", self.node)))?;
+        let params = PatchParams::default();
+        let merge = Patch::Merge(&patch);
+        retrying(&self.node, "labelling", || {
+            self.nodes.patch(&self.node, &params, &merge)
+        })
+        .await
+        .map_err(KubeError::api(format!("labelling node {}", self.node)))?;
         Ok(())
     }
 
@@ -268,7 +273,17 @@ impl KubeNodeOps {
         let node_name = self.node.clone();
         let wait = async {
             loop {
-                let node = self.get_node().await?;
+                // Within the readiness timeout every API error but a
+                // missing node is waited out.
+                let node = match self.get_node().await {
+                    Ok(node) => node,
+                    Err(e @ KubeError::NodeMissing(_)) => return Err(e),
+                    Err(e) => {
+                        last = format!("cannot read the node: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
                 if self.ready_for(&node, boot_id, &mut last) {
                     return Ok::<(), KubeError>(());
                 }

@@ -155,6 +155,24 @@ impl NodeOps for KubeNodeOps {
 
     async fn show_waiting(&self, blockers: &[String]) {
         let reason = visibility::waiting_reason(blockers);
+        if reason.is_none() {
+            // Nothing to clear (the agent shows "nothing blocks" once per
+            // start, in case an earlier process left the annotation).
+            let shown = self
+                .nodes
+                .get_opt(&self.node)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|n| {
+                    n.metadata
+                        .annotations
+                        .is_some_and(|a| a.contains_key(WAITING_ANNOTATION))
+                });
+            if !shown {
+                return;
+            }
+        }
         let patch = json!({ "metadata": { "annotations": { WAITING_ANNOTATION: reason } } });
         if let Err(error) = self
             .nodes

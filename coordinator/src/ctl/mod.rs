@@ -110,10 +110,19 @@ pub enum Command {
         #[arg(long, default_value = "batonctl release")]
         reason: String,
     },
-    /// Take the baton from NODE whatever its token (audited).
+    /// Take the baton from NODE (audited). Name the token you saw in
+    /// `status` with --token, so a late command cannot drop a newer grant of
+    /// the same node; --any-token takes whatever it holds.
+    #[command(group = clap::ArgGroup::new("expected").required(true).args(["token", "any_token"]))]
     ForceRelease {
         /// The node.
         node: String,
+        /// The fencing token NODE must still hold (from `batonctl status`).
+        #[arg(long)]
+        token: Option<u64>,
+        /// Take whatever token NODE holds.
+        #[arg(long)]
+        any_token: bool,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -234,9 +243,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("released");
             Ok(0)
         }
-        Command::ForceRelease { node, reason } => {
+        Command::ForceRelease {
+            node,
+            token,
+            any_token,
+            reason,
+        } => {
             let released = admin
-                .force_release(pb::ForceReleaseRequest { node, reason })
+                .force_release(pb::ForceReleaseRequest {
+                    node,
+                    reason,
+                    fencing_token: token.unwrap_or(0),
+                    any_token,
+                })
                 .await?
                 .into_inner();
             eprintln!("force-released token {}", released.fencing_token);

@@ -1,6 +1,7 @@
-//! The granter task: follows leadership, marks overdue holders and runs the
-//! grant rule whenever something changed (and once a second, so maintenance
-//! windows opening and guards' fresh data are noticed).
+//! The granter task: follows leadership (reloading the state in every new
+//! term), marks overdue holders and runs the grant rule whenever something
+//! changed (and once a second, so maintenance windows opening, guards' fresh
+//! data and a missed leadership notification are noticed).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,14 @@ use super::{AcquireUpdate, Engine, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
+
+/// A grant written into a state copy, to be told once that copy is saved.
+pub(super) struct PlannedGrant {
+    /// The node granted.
+    pub(super) node: NodeName,
+    /// Its fencing token.
+    pub(super) token: u64,
+}
 
 /// Holds back nodes whose preparation failed until their retry time.
 struct PrepareFailures<'a>(&'a HashMap<NodeName, (String, DateTime<Utc>)>);
@@ -42,13 +51,17 @@ impl Engine {
             self.follow_leadership().await;
             self.mark_overdue().await;
             self.grant_pass().await;
+            // Biased: the order of ready branches does not matter here, and
+            // a fixed order keeps seeded simulations replayable.
             tokio::select! {
+                biased;
                 _ = self.wake.notified() => {}
                 _ = tick.tick() => {}
                 changed = leadership.changed() => {
                     if changed.is_err() {
                         // The store is gone: nothing can be granted any more.
-                        self.lose_leadership().await;
+                        let mut inner = self.inner.lock().await;
+                        self.step_down(&mut inner);
                         return;
                     }
                 }
@@ -56,16 +69,12 @@ impl Engine {
         }
     }
 
+    /// Loads the state when this replica leads in a term its memory is not
+    /// from (or after a failed save), drops waiters when it does not lead.
     async fn follow_leadership(&self) {
-        let claim = self.leadership.borrow().clone();
-        let leading = self.inner.lock().await.leading;
-        if claim.is_leader && !leading {
-            if let Err(e) = self.take_leadership().await {
-                warn!(error = %e, "won leadership but could not load the state; not granting");
-            }
-        } else if !claim.is_leader && leading {
-            self.lose_leadership().await;
-        }
+        let mut inner = self.inner.lock().await;
+        // Errors are logged where they happen (once per distinct error).
+        let _ = self.ensure_current(&mut inner).await;
     }
 
     /// Logs, audits and counts holders that just became overdue. They keep
@@ -73,7 +82,7 @@ impl Engine {
     async fn mark_overdue(&self) {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        if !inner.leading {
+        if inner.fence.is_none() {
             return;
         }
         let newly: Vec<(NodeName, u64)> = inner
@@ -107,12 +116,27 @@ impl Engine {
     }
 
     fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
+        self.decide_on(inner, &inner.state, &[], now)
+    }
+
+    /// The grant rule over `state` (the memory, or a copy about to be
+    /// saved), leaving out the waiters in `planned` (granted in that copy).
+    fn decide_on(
+        &self,
+        inner: &Inner,
+        state: &LeaseState,
+        planned: &[PlannedGrant],
+        now: DateTime<Utc>,
+    ) -> Decision {
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         guards.push(&failures);
         decide(
-            &inner.state,
-            inner.queue.waiters(),
+            state,
+            inner
+                .queue
+                .waiters()
+                .filter(|w| planned.iter().all(|p| p.node != w.node)),
             &inner.unavailable,
             &self.config.policy,
             &guards,
@@ -120,12 +144,64 @@ impl Engine {
         )
     }
 
+    /// Group commit: grants, in `next` (a copy about to be saved with the
+    /// release that freed a slot), every waiter the rule allows now that
+    /// needs no preparation, in FIFO order; stops at the first one that does
+    /// (the granter prepares it and grants it in a write of its own). The
+    /// grants are told only after `next` is saved ([`Engine::deliver`]).
+    pub(super) fn grant_within(
+        &self,
+        inner: &mut Inner,
+        next: &mut LeaseState,
+        now: DateTime<Utc>,
+    ) -> Vec<PlannedGrant> {
+        let mut planned = Vec::new();
+        inner
+            .prepare_failed
+            .retain(|_, (_, retry_at)| *retry_at > now);
+        loop {
+            let Some(candidate) = self.decide_on(inner, next, &planned, now).grant else {
+                break;
+            };
+            let Some(queued) = inner.queue.get(&candidate) else {
+                break;
+            };
+            if queued.events.is_closed() {
+                // Its stream is gone (the withdrawal may still be on its way).
+                inner.queue.take(&candidate);
+                continue;
+            }
+            if !self
+                .preparers
+                .iter()
+                .all(|p| p.nothing_to_prepare(&queued.waiter))
+            {
+                break;
+            }
+            let request = queued.request.clone();
+            match next.grant(
+                &candidate,
+                request.control_plane,
+                request.manual,
+                &request.reason,
+                now,
+            ) {
+                Ok(token) => planned.push(PlannedGrant {
+                    node: candidate,
+                    token,
+                }),
+                Err(_) => break,
+            }
+        }
+        planned
+    }
+
     /// Grants every node the rule allows, one at a time, then tells the rest
     /// why they wait.
     async fn grant_pass(&self) {
         loop {
             let mut inner = self.inner.lock().await;
-            if !inner.leading || inner.shutting_down {
+            if inner.fence.is_none() || inner.shutting_down {
                 return;
             }
             let now = self.now();
@@ -158,10 +234,15 @@ impl Engine {
                     continue;
                 }
                 inner = self.inner.lock().await;
-                if !inner.leading || inner.shutting_down {
+                // Leadership may have changed hands while preparing (another
+                // replica may have granted in between): make the memory
+                // current again (a new term reloads it) and decide again
+                // from it. The grant's save is a compare-and-swap on that
+                // memory's fence, so a decision from a stale view is never
+                // stored.
+                if self.ensure_current(&mut inner).await.is_err() {
                     return;
                 }
-                // The world may have moved while preparing: decide again.
                 let now = self.now();
                 if self.decide_now(&inner, now).grant.as_ref() != Some(&candidate) {
                     continue;
@@ -173,11 +254,21 @@ impl Engine {
         }
     }
 
+    /// Runs every preparer for `waiter`, bounded by the prepare timeout.
     async fn prepare(&self, waiter: &Waiter) -> Result<(), String> {
-        for preparer in &self.preparers {
-            preparer.prepare(waiter).await?;
-        }
-        Ok(())
+        let all = async {
+            for preparer in &self.preparers {
+                preparer.prepare(waiter).await?;
+            }
+            Ok(())
+        };
+        let limit = self.config.prepare_timeout;
+        tokio::time::timeout(limit, all).await.unwrap_or_else(|_| {
+            Err(format!(
+                "preparing the grant took longer than {}s; not granting",
+                limit.as_secs()
+            ))
+        })
     }
 
     /// Grants `node` (which the rule just chose). False when the store
@@ -214,8 +305,37 @@ impl Engine {
                 return false;
             }
         };
-        let queued = inner.queue.take(node).expect("the lock was held since get");
-        let phase = inner.state.holders[node].phase;
+        let started = inner.handoff_started.take();
+        let planned = PlannedGrant {
+            node: node.clone(),
+            token,
+        };
+        self.deliver(inner, planned, now, started);
+        true
+    }
+
+    /// Tells a waiter its grant, which is saved (in the memory and the
+    /// store) by now. `handoff` is when the release it follows began.
+    pub(super) fn deliver(
+        &self,
+        inner: &mut Inner,
+        planned: PlannedGrant,
+        now: DateTime<Utc>,
+        handoff: Option<Instant>,
+    ) {
+        let PlannedGrant { node, token } = planned;
+        let Some(queued) = inner.queue.take(&node) else {
+            // Cannot happen (the engine's lock was held since the grant was
+            // planned); the holder learns its grant by asking again.
+            warn!(node = %node, token, "granted, but no longer waiting");
+            return;
+        };
+        let phase = inner
+            .state
+            .holders
+            .get(&node)
+            .map(|h| h.phase)
+            .unwrap_or_default();
         let _ = queued.events.send(Ok(AcquireUpdate::Granted(Grant {
             fencing_token: token,
             granted_at: now,
@@ -223,16 +343,15 @@ impl Engine {
             phase,
         })));
         self.metrics.grants.inc();
-        if let Some(started) = inner.handoff_started.take() {
+        if let Some(started) = handoff {
             self.metrics
                 .handoff_latency
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.handoffs.inc();
         }
         self.metrics.queue_length.set(inner.queue.len() as i64);
-        info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
+        info!(node = %node, token, control_plane = queued.request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
         self.changed();
-        true
     }
 
     /// Tells waiters what changed (see the `queue` module: new reasons at

@@ -2,22 +2,44 @@
 //!
 //! Every call (acquire, renew, report, release, pause, ...) is applied to a
 //! copy of the state, saved through the [`StateStore`], and only then made
-//! current and answered: what a caller was told is always on disk. A
+//! current and answered: what a caller was told is always stored. A
 //! separate granter task runs the grant rule ([`crate::policy::decide`])
 //! whenever something changed, prepares the chosen node (guards such as the
-//! etcd snapshot run without the lock held), re-checks the rule and grants.
-//! Waiters hear about their position and reason, then their grant, over the
-//! channel behind their Acquire stream; the wait queue (module `queue`) keeps
-//! that bookkeeping independent of the queue's length, so a handoff costs
-//! the same with ten waiters or thirty thousand.
+//! etcd snapshot run without the lock held, bounded by a timeout), decides
+//! again and grants. Waiters hear about their position and reason, then
+//! their grant, over the channel behind their Acquire stream; the wait queue
+//! (module `queue`) keeps that bookkeeping independent of the queue's
+//! length, so a handoff costs the same with ten waiters or thirty thousand.
 //!
-//! The engine only grants while its store says this replica leads; on
-//! gaining leadership it reloads the state, on losing it drops its waiters
-//! (they reconnect to the new leader).
+//! Answers come only from the confirmed leader. The engine's memory is
+//! current only under a [`Fence`] (the leadership term it was loaded in and
+//! the state's revision in the store):
+//! - every save is a compare-and-swap on that fence, so a write decided from
+//!   stale memory is never stored;
+//! - every answer that is not a fresh save (a refusal, a resumed grant,
+//!   status) is given only after the store confirmed the fence (one
+//!   linearizable read);
+//! - a failed or refused save, or a change of leadership term (read on every
+//!   call, so a missed notification cannot hide it), drops the fence, and the
+//!   state is reloaded before anything is answered again; a new term also
+//!   sends the waiters of the old one away (they reconnect);
+//! - a replica that does not lead answers UNAVAILABLE naming the leader.
+//!
+//! Missing state is not empty state: a store that holds no state is refused
+//! (the process stops, see [`Engine::refused`]) unless this process was told
+//! to initialize it ([`EngineConfig::initialize`]); a process told so refuses
+//! to start when the store holds state (checked at start, leading or not),
+//! and the first leader among those started while it was empty creates it.
+//!
+//! Holders confirm right before a destructive step ([`Engine::confirm_step`],
+//! in `confirm.rs`): the guards run again for them as if granting now.
 
+mod confirm;
 mod granter;
 mod queue;
 mod ranks;
+
+pub use confirm::{CONFIRM_RETRY, Confirmation, Step};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Policy, Waiter};
 use crate::state::{LeaseError, LeaseState, Progress};
-use crate::store::{Leadership, StateStore, StoreError};
+use crate::store::{Fence, Leadership, StateStore, StoreError};
 
 /// The clock the engine reads; tests pass their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -48,6 +70,14 @@ pub fn system_clock() -> Clock {
 pub trait GrantPreparer: Send + Sync {
     /// Prepares `candidate`; an error is the reason it keeps waiting.
     fn prepare<'a>(&'a self, candidate: &'a Waiter) -> BoxFuture<'a, Result<(), String>>;
+
+    /// True only when `candidate` certainly needs no preparation (e.g. it
+    /// carries no etcd member): then its grant may be saved in the same
+    /// write as the release that freed its slot. When unsure, false: the
+    /// granter prepares it first, as for any grant.
+    fn nothing_to_prepare(&self, _candidate: &Waiter) -> bool {
+        false
+    }
 }
 
 /// The engine's settings.
@@ -63,6 +93,32 @@ pub struct EngineConfig {
     pub coordinator_id: String,
     /// How long a node whose preparation failed waits before it is tried again.
     pub prepare_retry: Duration,
+    /// The longest a grant's preparation (e.g. an etcd snapshot) may take;
+    /// past it the node keeps waiting with that reason.
+    pub prepare_timeout: std::time::Duration,
+    /// The longest one store call (load, save, confirmation) may take; past
+    /// it the call failed, and a save's outcome is unknown.
+    pub store_timeout: std::time::Duration,
+    /// Create the state when the store holds none (a new installation).
+    /// Without it an empty store is refused; with it a store that holds
+    /// state when the engine starts is refused.
+    pub initialize: bool,
+}
+
+impl EngineConfig {
+    /// Settings with the defaults for everything but the grant rule.
+    pub fn new(policy: Policy, coordinator_id: &str) -> Self {
+        Self {
+            policy,
+            renew_interval: Duration::seconds(10),
+            overdue_after: Duration::minutes(15),
+            coordinator_id: coordinator_id.to_string(),
+            prepare_retry: Duration::seconds(10),
+            prepare_timeout: std::time::Duration::from_secs(300),
+            store_timeout: std::time::Duration::from_secs(10),
+            initialize: false,
+        }
+    }
 }
 
 /// Why a call failed.
@@ -74,6 +130,9 @@ pub enum EngineError {
     /// The store could not save; nothing changed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This replica refuses to run at all (see [`Engine::refused`]).
+    #[error("this coordinator refuses to run: {0}")]
+    Refused(String),
     /// Another replica leads.
     #[error("this coordinator is not the leader{}", leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
     NotLeader {
@@ -180,8 +239,18 @@ struct Inner {
     unavailable: Vec<NodeName>,
     /// Nodes whose preparation failed: the reason and when to retry.
     prepare_failed: HashMap<NodeName, (String, DateTime<Utc>)>,
-    /// True once the state was loaded as leader.
-    leading: bool,
+    /// What `state` is known to match in the store. `None` when it is not
+    /// known to be current (not loaded yet, a save failed, a confirmation
+    /// failed, leadership lost): the state is reloaded before anything is
+    /// answered.
+    fence: Option<Fence>,
+    /// The term of the last load: waiters of an older term are sent away.
+    loaded_term: Option<u64>,
+    /// `--initialize` not used up yet.
+    initialize: bool,
+    /// The last reload error logged (so a store that stays down is logged
+    /// once, not every second).
+    reload_error: Option<String>,
     shutting_down: bool,
 }
 
@@ -199,11 +268,14 @@ pub struct Engine {
     /// Bumped on every visible change (drives Watch streams).
     changes: watch::Sender<u64>,
     leadership: watch::Receiver<Leadership>,
+    /// Set when this replica refuses to run (see [`Engine::refused`]).
+    refusal: watch::Sender<Option<String>>,
 }
 
 impl Engine {
     /// Builds an engine over `store` and loads its state when this replica
-    /// leads. Fails when the stored state cannot be read.
+    /// leads. Fails when the stored state cannot be read, is missing (and
+    /// `initialize` is not set) or exists (and `initialize` is set).
     pub async fn new(
         store: Arc<dyn StateStore>,
         config: EngineConfig,
@@ -222,7 +294,10 @@ impl Engine {
                 handoff_started: None,
                 unavailable: Vec::new(),
                 prepare_failed: HashMap::new(),
-                leading: false,
+                fence: None,
+                loaded_term: None,
+                initialize: config.initialize,
+                reload_error: None,
                 shutting_down: false,
             }),
             store,
@@ -234,9 +309,27 @@ impl Engine {
             wake: Notify::new(),
             changes: watch::channel(0).0,
             leadership,
+            refusal: watch::channel(None).0,
         });
-        if engine.leadership.borrow().is_leader {
-            engine.take_leadership().await?;
+        if engine.config.initialize {
+            // Whether or not this replica leads yet: --initialize is for a
+            // store that holds no state now, never for one that does.
+            let loaded = engine.timed(engine.store.load()).await?;
+            if let Some(state) = loaded.state {
+                return Err(StoreError::AlreadyInitialized {
+                    location: engine.store.location(),
+                    last_token: state.last_token,
+                    holders: state.holders.len(),
+                });
+            }
+        }
+        let term = {
+            let claim = engine.leadership.borrow();
+            claim.is_leader.then_some(claim.term)
+        };
+        if let Some(term) = term {
+            let mut inner = engine.inner.lock().await;
+            engine.reload(&mut inner, term).await?;
         }
         Ok(engine)
     }
@@ -246,38 +339,120 @@ impl Engine {
         &self.config
     }
 
-    /// Current leadership.
+    /// Current leadership, as the store last published it (it may lag; every
+    /// answer is confirmed against the store itself).
     pub fn leadership(&self) -> Leadership {
         self.leadership.borrow().clone()
     }
 
-    /// Loads the stored state and starts granting.
-    async fn take_leadership(&self) -> Result<(), StoreError> {
-        let loaded = self.store.load().await?.unwrap_or_default();
-        let mut inner = self.inner.lock().await;
-        info!(
-            holders = loaded.holders.len(),
-            last_token = loaded.last_token,
-            store = self.store.kind(),
-            "leading: lease state loaded"
-        );
-        inner.state = loaded;
-        inner.leading = true;
-        self.metrics.is_leader.set(1);
-        self.refresh_gauges(&inner);
-        drop(inner);
-        self.changed();
-        Ok(())
+    /// Becomes `Some(reason)` when this replica refuses to run at all: the
+    /// store holds no state and `--initialize` was not given, or it was given
+    /// and the store holds state, or the state is corrupt. The process should
+    /// stop (so another replica, or an operator, takes over); every call
+    /// answers UNAVAILABLE meanwhile.
+    pub fn refused(&self) -> watch::Receiver<Option<String>> {
+        self.refusal.subscribe()
     }
 
-    /// Stops granting and drops waiters: another replica leads now.
-    async fn lose_leadership(&self) {
-        let mut inner = self.inner.lock().await;
-        if !inner.leading {
+    /// True while this replica leads and its memory was loaded in the
+    /// current term (it may answer, after confirming).
+    pub async fn is_current(&self) -> bool {
+        let term = self.leadership.borrow().term;
+        let inner = self.inner.lock().await;
+        inner.fence.as_ref().is_some_and(|f| f.term == term)
+    }
+
+    /// Runs one store call with the store timeout.
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.store_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Backend(format!(
+                "no answer from the {} store within {}ms",
+                self.store.kind(),
+                self.config.store_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Loads the stored state as the memory of `term` (creating it under
+    /// `--initialize`). Missing, existing-under-initialize and corrupt state
+    /// make this replica refuse to run.
+    async fn reload(&self, inner: &mut Inner, term: u64) -> Result<Fence, StoreError> {
+        let result = self.load_fenced(inner, term).await;
+        match &result {
+            Ok(fence) => {
+                let (holders, last_token) = (inner.state.holders.len(), inner.state.last_token);
+                info!(holders, last_token, term, revision = %fence.revision, store = self.store.kind(), "leading: lease state loaded");
+                inner.fence = Some(fence.clone());
+                inner.loaded_term = Some(term);
+                inner.reload_error = None;
+                self.metrics.is_leader.set(1);
+                self.refresh_gauges(inner);
+                self.changed();
+            }
+            Err(
+                e @ (StoreError::Missing { .. }
+                | StoreError::AlreadyInitialized { .. }
+                | StoreError::Corrupt { .. }),
+            ) => {
+                let reason = e.to_string();
+                tracing::error!(reason = %reason, "refusing to run");
+                self.refusal.send_replace(Some(reason));
+                self.metrics.is_leader.set(0);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if inner.reload_error.as_ref() != Some(&message) {
+                    warn!(error = %message, "leading, but the state could not be loaded; not answering");
+                    inner.reload_error = Some(message);
+                }
+            }
+        }
+        result
+    }
+
+    async fn load_fenced(&self, inner: &mut Inner, term: u64) -> Result<Fence, StoreError> {
+        let loaded = self.timed(self.store.load()).await?;
+        let location = || self.store.location();
+        match loaded.state {
+            Some(state) => {
+                // Under --initialize: another replica initialized the store
+                // after this one started (it was empty then, see `new`).
+                inner.initialize = false;
+                inner.state = state;
+                Ok(Fence {
+                    term,
+                    revision: loaded.revision,
+                })
+            }
+            None if inner.initialize => {
+                let state = LeaseState::initial(self.now(), &self.config.coordinator_id);
+                let fence = Fence {
+                    term,
+                    revision: loaded.revision,
+                };
+                let revision = self.timed(self.store.save(&state, &fence)).await?;
+                warn!(store = %location(), first_token = state.last_token + 1, "initialized the lease state (--initialize); remove --initialize now");
+                inner.initialize = false;
+                inner.state = state;
+                Ok(Fence { term, revision })
+            }
+            None => Err(StoreError::Missing {
+                location: location(),
+            }),
+        }
+    }
+
+    /// Stops answering and drops waiters: another replica leads (or nobody).
+    fn step_down(&self, inner: &mut Inner) {
+        if inner.fence.is_none() && inner.queue.is_empty() {
             return;
         }
-        warn!("lost leadership: not granting; waiters are sent to the new leader");
-        inner.leading = false;
+        warn!("not leading: not granting; waiters are sent to the new leader");
+        inner.fence = None;
         let leader = self.leadership.borrow().leader.clone();
         for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::NotLeader {
@@ -285,8 +460,60 @@ impl Engine {
             }));
         }
         self.metrics.is_leader.set(0);
-        drop(inner);
+        self.metrics.queue_length.set(0);
         self.changed();
+    }
+
+    /// Makes sure `inner.state` is the store's latest state for the current
+    /// leadership term, reloading it when it is not known to be (a new
+    /// term, or a failed save); returns the fence it is current under. Only
+    /// the store's [`StateStore::save`] or [`StateStore::confirm`] proves it
+    /// still is at the moment of an answer.
+    async fn ensure_current(&self, inner: &mut Inner) -> Result<Fence, EngineError> {
+        if inner.shutting_down {
+            return Err(EngineError::ShuttingDown);
+        }
+        if let Some(reason) = self.refusal.borrow().clone() {
+            return Err(EngineError::Refused(reason));
+        }
+        let claim = self.leadership.borrow().clone();
+        if !claim.is_leader {
+            self.step_down(inner);
+            return Err(EngineError::NotLeader {
+                leader: claim.leader,
+            });
+        }
+        if let Some(fence) = &inner.fence
+            && fence.term == claim.term
+        {
+            return Ok(fence.clone());
+        }
+        if inner.loaded_term.is_some_and(|t| t != claim.term) && !inner.queue.is_empty() {
+            // Another replica may have led in between: what these waiters
+            // were told may be stale. They reconnect and ask again.
+            info!(
+                term = claim.term,
+                "leading in a new term: waiters of the old term ask again"
+            );
+            for q in inner.queue.drain() {
+                let _ = q.events.send(Err(EngineError::NotLeader {
+                    leader: claim.leader.clone(),
+                }));
+            }
+        }
+        inner.fence = None;
+        Ok(self.reload(inner, claim.term).await?)
+    }
+
+    /// Proves with the store that the memory under `fence` is still the
+    /// latest state and this replica still leads; forgets the fence if not.
+    async fn confirm(&self, inner: &mut Inner, fence: &Fence) -> Result<(), EngineError> {
+        if let Err(e) = self.timed(self.store.confirm(fence)).await {
+            warn!(error = %e, "could not confirm leadership and state; not answering");
+            inner.fence = None;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     fn changed(&self) {
@@ -302,36 +529,67 @@ impl Engine {
         (self.clock)()
     }
 
-    fn ensure_leading(&self, inner: &Inner) -> Result<(), EngineError> {
-        if inner.shutting_down {
-            return Err(EngineError::ShuttingDown);
-        }
-        if !inner.leading {
-            return Err(EngineError::NotLeader {
-                leader: self.leadership.borrow().leader.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Applies `change` to a copy of the state, saves it, then makes it
-    /// current. On any error nothing changes.
+    /// Applies `change` to a copy of the state and saves it (a
+    /// compare-and-swap on the fence), then makes it current. A refusal by
+    /// `change` is answered only after the store confirmed the memory it was
+    /// decided from. On any error nothing changes.
     async fn commit<T>(
         &self,
         inner: &mut Inner,
         change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
     ) -> Result<T, EngineError> {
-        self.ensure_leading(inner)?;
-        let mut next = inner.state.clone();
-        let out = change(&mut next)?;
-        if let Err(e) = self.store.save(&next).await {
-            warn!(error = %e, "state save failed; the change was not applied");
-            self.metrics.store_errors.inc();
-            return Err(e.into());
-        }
-        inner.state = next;
-        self.refresh_gauges(inner);
+        let (out, ()) = self.commit_then(inner, change, |_, _, _| ()).await?;
         Ok(out)
+    }
+
+    /// Like [`Engine::commit`], and once `change` succeeded, `then` may add
+    /// what follows from it to the same copy (the grants a release makes
+    /// possible at once): both are saved in one durable write, or neither.
+    /// What `then` returns is acted on (told) only after that write.
+    async fn commit_then<T, U>(
+        &self,
+        inner: &mut Inner,
+        change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
+        then: impl FnOnce(&Self, &mut Inner, &mut LeaseState) -> U,
+    ) -> Result<(T, U), EngineError> {
+        let fence = self.ensure_current(inner).await?;
+        let mut next = inner.state.clone();
+        let out = match change(&mut next) {
+            Ok(out) => out,
+            Err(refusal) => {
+                self.confirm(inner, &fence).await?;
+                return Err(refusal.into());
+            }
+        };
+        let more = then(self, inner, &mut next);
+        // Whatever clients sent, the document stays within its budget.
+        if let Err(e) = next.fit_budget() {
+            warn!(error = %e, "the change would not fit the state budget; not applied");
+            return Err(StoreError::TooLarge {
+                size: e.size,
+                budget: e.budget,
+            }
+            .into());
+        }
+        match self.timed(self.store.save(&next, &fence)).await {
+            Ok(revision) => {
+                inner.state = next;
+                inner.fence = Some(Fence {
+                    term: fence.term,
+                    revision,
+                });
+                self.refresh_gauges(inner);
+                Ok((out, more))
+            }
+            Err(e) => {
+                // Refused, or an unknown outcome: either way the memory may
+                // not be the stored state any more.
+                warn!(error = %e, "state save failed; the change was not applied and the state is reloaded before the next answer");
+                self.metrics.store_errors.inc();
+                inner.fence = None;
+                Err(e.into())
+            }
+        }
     }
 
     fn refresh_gauges(&self, inner: &Inner) {
@@ -367,7 +625,8 @@ impl Engine {
     > {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.inner.lock().await;
-        self.ensure_leading(&inner)?;
+        let fence = self.ensure_current(&mut inner).await?;
+        self.confirm(&mut inner, &fence).await?;
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
         if let Some(h) = inner.state.holders.get(&request.node) {
@@ -451,37 +710,69 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<(), EngineError> {
+        let started = Instant::now();
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.release(node, token, actor, reason, now))
+        let ((), handed) = self
+            .commit_then(
+                &mut inner,
+                |s| s.release(node, token, actor, reason, now),
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
             .await?;
         info!(node = %node, token, reason, "released");
-        self.after_release(&mut inner, node);
+        self.after_release(&mut inner, node, started, handed, now);
         Ok(())
     }
 
     /// Takes the baton from `node` (audited); returns the released token.
+    /// With `expected`, only if that is the node's current token (else
+    /// [`LeaseError::StaleToken`] and nothing changes); `None` takes
+    /// whatever it holds.
     pub async fn force_release(
         &self,
         node: &NodeName,
+        expected: Option<u64>,
         actor: &str,
         reason: &str,
     ) -> Result<u64, EngineError> {
+        let started = Instant::now();
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        let token = self
-            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+        let (token, handed) = self
+            .commit_then(
+                &mut inner,
+                |s| match expected {
+                    Some(token) => s.force_release_token(node, token, actor, reason, now),
+                    None => s.force_release(node, actor, reason, now),
+                },
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
             .await?;
         warn!(node = %node, token, actor, reason, "force-released by an operator");
-        self.after_release(&mut inner, node);
+        self.after_release(&mut inner, node, started, handed, now);
         Ok(token)
     }
 
-    fn after_release(&self, inner: &mut Inner, node: &NodeName) {
+    /// After a release was saved: tells the waiters granted in the same
+    /// write, and wakes the granter for whatever is left (a waiter that
+    /// needs preparing first, a guard's fresh answer).
+    fn after_release(
+        &self,
+        inner: &mut Inner,
+        node: &NodeName,
+        started: Instant,
+        handed: Vec<granter::PlannedGrant>,
+        now: DateTime<Utc>,
+    ) {
         inner.overdue_seen.remove(node);
         self.metrics.releases.inc();
-        if !inner.queue.is_empty() && inner.handoff_started.is_none() {
-            inner.handoff_started = Some(Instant::now());
+        let handed_on = !handed.is_empty();
+        for planned in handed {
+            self.deliver(inner, planned, now, Some(started));
+        }
+        if !handed_on && !inner.queue.is_empty() && inner.handoff_started.is_none() {
+            inner.handoff_started = Some(started);
         }
         self.wake.notify_one();
         self.changed();
@@ -519,6 +810,54 @@ impl Engine {
         Ok(changed)
     }
 
+    /// Records that `node`'s etcd member `member` (ID `member_id`) goes out
+    /// (the etcd guard, before the grant): it stays out for the guard, across
+    /// restarts and failovers, until [`Engine::mark_returned`]. Nothing is
+    /// written when the same record exists.
+    pub async fn mark_returning(
+        &self,
+        node: &NodeName,
+        member: &str,
+        member_id: u64,
+    ) -> Result<(), EngineError> {
+        let record = crate::state::Returning {
+            member: member.to_string(),
+            member_id,
+        };
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        if inner.state.returning.get(node) == Some(&record) {
+            return Ok(());
+        }
+        self.commit(&mut inner, |s| {
+            s.returning.insert(node.clone(), record);
+            Ok(())
+        })
+        .await?;
+        drop(inner);
+        self.changed();
+        Ok(())
+    }
+
+    /// Records that `node` counts as back (its member passed the guard's
+    /// rounds).
+    pub async fn mark_returned(&self, node: &NodeName) -> Result<(), EngineError> {
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        if !inner.state.returning.contains_key(node) {
+            return Ok(());
+        }
+        self.commit(&mut inner, |s| {
+            s.returning.remove(node);
+            Ok(())
+        })
+        .await?;
+        drop(inner);
+        self.wake.notify_one();
+        self.changed();
+        Ok(())
+    }
+
     /// Sets the nodes that are down without holding the baton (from the
     /// Kubernetes node watch); they count against the concurrency limit.
     pub async fn set_unavailable(&self, nodes: Vec<NodeName>) {
@@ -536,10 +875,25 @@ impl Engine {
         self.wake.notify_one();
     }
 
-    /// A copy of everything status shows.
+    /// A copy of everything status shows, as this replica's memory holds it
+    /// now, unconfirmed: for the coordinator's own tasks (guards, metrics),
+    /// never to answer a client (see [`Engine::confirmed_snapshot`]).
     pub async fn snapshot(&self) -> Snapshot {
-        let now = self.now();
         let inner = self.inner.lock().await;
+        self.view(&inner)
+    }
+
+    /// A copy of everything status shows, answered only while this replica
+    /// leads and the store confirmed its memory is the latest state.
+    pub async fn confirmed_snapshot(&self) -> Result<Snapshot, EngineError> {
+        let mut inner = self.inner.lock().await;
+        let fence = self.ensure_current(&mut inner).await?;
+        self.confirm(&mut inner, &fence).await?;
+        Ok(self.view(&inner))
+    }
+
+    fn view(&self, inner: &Inner) -> Snapshot {
+        let now = self.now();
         Snapshot {
             state: inner.state.clone(),
             queue: inner
@@ -567,18 +921,14 @@ impl Engine {
         }
     }
 
-    /// Ends every waiter's stream and stops granting; the state is saved one
-    /// last time.
+    /// Ends every waiter's stream and stops granting. Nothing is left to
+    /// save: every change was saved before it was answered.
     pub async fn shutdown(&self) {
         let mut inner = self.inner.lock().await;
         inner.shutting_down = true;
+        inner.fence = None;
         for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::ShuttingDown));
-        }
-        if inner.leading
-            && let Err(e) = self.store.save(&inner.state).await
-        {
-            warn!(error = %e, "final state save failed (the last committed state is on disk)");
         }
         drop(inner);
         self.wake.notify_one();

@@ -9,6 +9,9 @@ use super::*;
 use crate::state::Phase;
 use crate::store::memory::MemoryStore;
 
+mod failover;
+mod initialize;
+
 struct TestClock(Mutex<DateTime<Utc>>);
 
 impl TestClock {
@@ -23,14 +26,14 @@ fn n(s: &str) -> NodeName {
 
 fn config(max: u32) -> EngineConfig {
     EngineConfig {
-        policy: Policy {
-            max_concurrent: max,
-            ..Policy::default()
-        },
-        renew_interval: Duration::seconds(10),
         overdue_after: Duration::seconds(60),
-        coordinator_id: "test".into(),
-        prepare_retry: Duration::seconds(10),
+        ..EngineConfig::new(
+            Policy {
+                max_concurrent: max,
+                ..Policy::default()
+            },
+            "test",
+        )
     }
 }
 
@@ -39,22 +42,39 @@ async fn engine_with(
     max: u32,
     preparers: Vec<Arc<dyn GrantPreparer>>,
 ) -> (Arc<Engine>, Arc<TestClock>) {
+    engine_with_store(store, max, preparers).await
+}
+
+async fn engine_with_store(
+    store: Arc<dyn StateStore>,
+    max: u32,
+    preparers: Vec<Arc<dyn GrantPreparer>>,
+) -> (Arc<Engine>, Arc<TestClock>) {
+    engine_with_config(store, config(max), preparers)
+        .await
+        .unwrap()
+}
+
+async fn engine_with_config(
+    store: Arc<dyn StateStore>,
+    config: EngineConfig,
+    preparers: Vec<Arc<dyn GrantPreparer>>,
+) -> Result<(Arc<Engine>, Arc<TestClock>), StoreError> {
     let clock = Arc::new(TestClock(Mutex::new(
         Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
     )));
     let c = clock.clone();
     let engine = Engine::new(
         store,
-        config(max),
+        config,
         Vec::new(),
         preparers,
         Arc::new(move || *c.0.lock().unwrap()),
         Metrics::new(),
     )
-    .await
-    .unwrap();
+    .await?;
     tokio::spawn(engine.clone().run_granter());
-    (engine, clock)
+    Ok((engine, clock))
 }
 
 fn request(node: &str) -> AcquireRequest {
@@ -170,7 +190,7 @@ async fn overdue_holder_keeps_the_baton_until_force_released() {
     engine.renew(&n("a"), ga.fencing_token).await.unwrap();
     assert!(engine.snapshot().await.overdue.is_empty());
     let token = engine
-        .force_release(&n("a"), "op", "node died")
+        .force_release(&n("a"), Some(ga.fencing_token), "op", "node died")
         .await
         .unwrap();
     assert_eq!(token, ga.fencing_token);
@@ -272,16 +292,14 @@ async fn failed_preparation_keeps_the_node_waiting_with_the_reason() {
 #[tokio::test]
 async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     let store = Arc::new(MemoryStore::default());
+    let backend = store.backend().clone();
     let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
     let (_, mut a) = engine.acquire(request("a")).await.unwrap();
     let ga = next_grant(&mut a).await;
     let (_, mut b) = engine.acquire(request("b")).await.unwrap();
     next_queued(&mut b).await;
-    store.set_leadership(Leadership {
-        is_leader: false,
-        leader: Some("other".into()),
-        term: 2,
-    });
+    let other = Arc::new(backend.replica("other"));
+    backend.elect("other");
     // The waiter is sent away, naming the leader.
     let err = loop {
         if let Err(e) = b.recv().await.unwrap() {
@@ -291,18 +309,16 @@ async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     assert!(err.to_string().contains("the leader is other"), "{err}");
     let err = engine.renew(&n("a"), ga.fencing_token).await.unwrap_err();
     assert!(matches!(err, EngineError::NotLeader { .. }));
-    // Another replica granted meanwhile; this one picks that up on return.
-    let mut moved = store.saved().unwrap();
-    moved
-        .release(&n("a"), ga.fencing_token, "a", "", Utc::now())
+    // The other replica released a and granted z meanwhile; this one picks
+    // that up on return.
+    let (other_engine, _) = engine_with(other, 1, Vec::new()).await;
+    other_engine
+        .release(&n("a"), ga.fencing_token, "a", "")
+        .await
         .unwrap();
-    let tz = moved.grant(&n("z"), false, false, "", Utc::now()).unwrap();
-    store.save(&moved).await.unwrap();
-    store.set_leadership(Leadership {
-        is_leader: true,
-        leader: Some("memory".into()),
-        term: 3,
-    });
+    let (_, mut z) = other_engine.acquire(request("z")).await.unwrap();
+    let tz = next_grant(&mut z).await.fencing_token;
+    backend.elect("memory");
     let mut changes = engine.subscribe();
     loop {
         let snap = engine.snapshot().await;
@@ -354,4 +370,63 @@ async fn handoffs_do_not_message_every_waiter() {
         updates < handoffs * 20,
         "{updates} Queued updates for {handoffs} handoffs with 1,000 waiting"
     );
+}
+
+/// Group commit: a release whose slot goes at once to the next waiter is
+/// saved together with that grant, in one durable write, and the grant is
+/// told only after that write.
+#[tokio::test]
+async fn a_handoff_is_one_durable_write() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    let before = store.backend().writes();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    let gb = next_grant(&mut b).await;
+    assert_eq!(
+        store.backend().writes(),
+        before + 1,
+        "the release and the grant are one write"
+    );
+    let stored = store.saved().unwrap();
+    assert_eq!(stored.holders[&n("b")].fencing_token, gb.fencing_token);
+    assert!(!stored.holders.contains_key(&n("a")));
+}
+
+/// When the one write of a handoff fails, neither the release nor the
+/// grant happened: the waiter hears nothing and the holder keeps the baton
+/// until a release is saved.
+#[tokio::test]
+async fn a_failed_handoff_write_grants_nobody() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    store.fail_next_saves(1);
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap_err();
+    let snap = engine.snapshot().await;
+    assert!(snap.state.holders.contains_key(&n("a")));
+    assert_eq!(snap.queue_length, 1);
+    while let Ok(update) = b.try_recv() {
+        assert!(
+            !matches!(update, Ok(AcquireUpdate::Granted(_))),
+            "granted although nothing was saved"
+        );
+    }
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    assert!(next_grant(&mut b).await.fencing_token > ga.fencing_token);
 }

@@ -1,7 +1,10 @@
 //! "Counts as back": an etcd node that held the baton stays out of service,
 //! as far as the guard is concerned, until its member has the same ID as
 //! before, is voting and passes the health check several rounds in a row
-//! after the node released. Pure bookkeeping, advanced once per probe round.
+//! after the node released. Pure bookkeeping, advanced once per probe round;
+//! which nodes are out is also kept in the lease state
+//! ([`crate::state::Returning`]), so a restarted or new leader resumes them
+//! (counting their rounds from zero).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -102,6 +105,18 @@ impl Returns {
                 }
             })
             .collect()
+    }
+
+    /// Tracks `node` as out but not holding, with no pass counted: a
+    /// persisted record this replica did not know (after a restart or a
+    /// failover). An existing record is left alone.
+    pub fn resume(&mut self, node: &NodeName, member: &str, member_id: u64) {
+        self.away.entry(node.clone()).or_insert_with(|| Away {
+            member: member.to_string(),
+            member_id,
+            passes: 0,
+            holding: false,
+        });
     }
 
     /// True when `node` is tracked.

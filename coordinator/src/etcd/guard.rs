@@ -11,7 +11,10 @@
 //!   also maps nodes to members by InternalIP ([`super::mapping`]).
 //! - After each probe round it advances the "counts as back" tracking
 //!   ([`super::back`]) with the engine's current holders, and pokes the
-//!   engine so waiters see fresh reasons at once.
+//!   engine so waiters see fresh reasons at once. Which nodes are out is
+//!   kept in the lease state ([`crate::state::Returning`]): recorded before
+//!   the grant, removed once the node counts as back, resumed (from zero
+//!   passes) by a restarted or new leader.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::back::Returns;
 use super::health::HealthSnapshot;
@@ -31,6 +34,9 @@ use crate::engine::{Clock, Engine, GrantPreparer};
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Waiter};
 use crate::state::LeaseState;
+
+/// The most node names the standalone guard remembers.
+pub const SEEN_MAX: usize = 10_000;
 
 /// The guard's settings.
 #[derive(Clone, Debug)]
@@ -47,6 +53,9 @@ pub struct GuardSettings {
     pub back_after: u32,
 }
 
+/// An etcd node going out: the node, its member's name and ID.
+type GoingOut = (NodeName, String, u64);
+
 /// The etcd quorum guard and grant preparer.
 pub struct EtcdGuard {
     settings: GuardSettings,
@@ -56,6 +65,11 @@ pub struct EtcdGuard {
     engine: OnceLock<Weak<Engine>>,
     /// Nodes' InternalIPs, when nodes are watched (Kubernetes).
     addresses: OnceLock<Arc<dyn NodeAddresses>>,
+    /// Standalone: the nodes known to exist (they asked for or held the
+    /// baton since this process started), which places the members named
+    /// like them. At most [`SEEN_MAX`]; past that, new names are not
+    /// remembered, which only holds more grants back.
+    seen: Mutex<BTreeSet<NodeName>>,
     clock: Clock,
 }
 
@@ -71,6 +85,7 @@ impl EtcdGuard {
             returns: Mutex::new(Returns::default()),
             engine: OnceLock::new(),
             addresses: OnceLock::new(),
+            seen: Mutex::new(BTreeSet::new()),
             clock,
         })
     }
@@ -88,18 +103,63 @@ impl EtcdGuard {
         let _ = self.addresses.set(addresses);
     }
 
-    /// What `node` is to etcd in `health`; `Err` is why it waits.
+    /// What `node` is to etcd in `health`; `Err` is why it waits. With the
+    /// node watch, the node's role label makes it a control-plane node; the
+    /// agent's `claimed_control_plane` can only add to that. Without it
+    /// (standalone), a node that matches no member is no etcd node only
+    /// while every voting member is placed on a known node.
     fn role(
         &self,
         node: &NodeName,
-        control_plane: bool,
+        claimed_control_plane: bool,
         health: &HealthSnapshot,
     ) -> Result<EtcdRole, String> {
-        let ips = match self.addresses.get() {
-            Some(addresses) => addresses.internal_ips(node),
-            None => InternalIps::NotWatched,
+        let Some(addresses) = self.addresses.get() else {
+            let role = self.settings.map.role(
+                node,
+                claimed_control_plane,
+                &InternalIps::NotWatched,
+                health,
+            );
+            if role != Ok(EtcdRole::NotEtcd) {
+                return role;
+            }
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let unplaced = self.settings.map.unplaced_members(health, &seen);
+            return match unplaced.as_slice() {
+                [] => role,
+                [one] => Err(format!(
+                    "etcd: voting member {one} is on no known node (no --etcd-member-map entry names it, and no node named {one} has asked), so node {node} might carry it; map it with --etcd-member-map NODE={one} (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member"
+                )),
+                several => Err(format!(
+                    "etcd: voting members {} are on no known node (no --etcd-member-map entry names them, and no nodes so named have asked), so node {node} might carry one; map each with --etcd-member-map NODE=MEMBER (list every etcd node so, even one named like its member), or exempt node {node} with --etcd-exempt-node {node} if it carries no member",
+                    several.join(", ")
+                )),
+            };
         };
-        self.settings.map.role(node, control_plane, &ips, health)
+        let labelled = addresses.control_plane(node);
+        self.settings.map.role(
+            node,
+            claimed_control_plane || labelled,
+            &addresses.internal_ips(node),
+            health,
+        )
+    }
+
+    /// Remembers that these nodes exist (standalone member placement).
+    fn remember<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeName>) {
+        if self.addresses.get().is_some() {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for node in nodes {
+            if seen.len() >= SEEN_MAX {
+                return;
+            }
+            if !seen.contains(node) {
+                seen.insert(node.clone());
+            }
+        }
     }
 
     /// Replaces the last health snapshot (tests stand in for a probe round).
@@ -138,15 +198,43 @@ impl EtcdGuard {
             };
             let state = engine.snapshot().await.state;
             let holders: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
-            self.track(&holders, &health, &state);
+            let (going, back) = self.track(&holders, &health, &state);
+            // Persist what changed (only the leader can; a follower's calls
+            // are refused, and it resumes from the state once it leads).
+            for (node, member, id) in going {
+                if let Err(e) = engine.mark_returning(&node, &member, id).await {
+                    debug!(node = %node, error = %e, "could not record that an etcd node is out");
+                }
+            }
+            for node in back {
+                if let Err(e) = engine.mark_returned(&node).await {
+                    // The record stays: the node is resumed from zero passes
+                    // next round, which only delays other etcd nodes.
+                    debug!(node = %node, error = %e, "could not record that an etcd node is back");
+                }
+            }
             engine.poke();
         }
     }
 
-    /// Adds etcd holders not yet tracked (e.g. after a failover) and advances
-    /// the "counts as back" bookkeeping.
-    fn track(&self, holders: &BTreeSet<NodeName>, health: &HealthSnapshot, state: &LeaseState) {
+    /// Tracks etcd nodes that are out: holders not tracked yet, and records
+    /// in the state this replica did not know (after a restart or a
+    /// failover, from zero passes); advances the "counts as back"
+    /// bookkeeping. Returns the nodes to record as out and those back.
+    fn track(
+        &self,
+        holders: &BTreeSet<NodeName>,
+        health: &HealthSnapshot,
+        state: &LeaseState,
+    ) -> (Vec<GoingOut>, Vec<NodeName>) {
         let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        for (node, record) in &state.returning {
+            if !returns.contains(node) {
+                info!(node = %node, member = %record.member, "etcd node not verified back yet (from the lease state): counting its rounds from zero");
+                returns.resume(node, &record.member, record.member_id);
+            }
+        }
+        let mut going = Vec::new();
         for (node, holding) in &state.holders {
             if returns.contains(node) {
                 continue;
@@ -155,11 +243,14 @@ impl EtcdGuard {
                 && let Some(m) = health.member(&member)
             {
                 returns.going_out(node, &member, m.id);
+                going.push((node.clone(), member, m.id));
             }
         }
-        for node in returns.advance(holders, health, self.settings.back_after) {
+        let back = returns.advance(holders, health, self.settings.back_after);
+        for node in &back {
             info!(node = %node, passes = self.settings.back_after, "etcd node counts as back: its member is voting and healthy again");
         }
+        (going, back)
     }
 
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
@@ -173,11 +264,27 @@ impl EtcdGuard {
             .cloned()
             .ok_or_else(|| format!("etcd: member {member} is not in the member list"))?;
         // Out from now on: a failure below still leaves it tracked, which
-        // only delays other etcd nodes until it is verified healthy.
+        // only delays other etcd nodes until it is verified healthy. It is
+        // recorded in the lease state before the grant, so no restart or
+        // failover forgets it.
         self.returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .going_out(&candidate.node, &member, target.id);
+        let engine = self
+            .engine
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("etcd: the guard is not attached to the engine; not granting")?;
+        engine
+            .mark_returning(&candidate.node, &member, target.id)
+            .await
+            .map_err(|e| {
+                format!(
+                    "etcd: could not record that {} goes out ({e}); not granting",
+                    candidate.node
+                )
+            })?;
 
         let voting: Vec<_> = health.members.iter().filter(|m| m.voting()).collect();
         let leader = health.agreed_leader().ok().map(|m| m.id);
@@ -249,8 +356,9 @@ impl GrantGuard for EtcdGuard {
         &self,
         candidate: &Waiter,
         state: &LeaseState,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> Result<(), String> {
+        self.remember(std::iter::once(&candidate.node).chain(state.holders.keys()));
         let health = self.health();
         let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
             EtcdRole::Member(m) => m,
@@ -261,6 +369,20 @@ impl GrantGuard for EtcdGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .out(&health, self.settings.back_after);
+        // Out in the lease state but not tracked here yet (the first probe
+        // round after a restart or failover has not run): out, no pass yet.
+        for (node, record) in &state.returning {
+            if !out.iter().any(|o| o.node == node.as_str()) {
+                out.push(super::rule::OutNode {
+                    node: node.to_string(),
+                    member: record.member.clone(),
+                    why: format!(
+                        "is not verified back yet (0 of {} healthy checks in a row)",
+                        self.settings.back_after
+                    ),
+                });
+            }
+        }
         for (node, holding) in &state.holders {
             if out.iter().any(|o| o.node == node.as_str()) {
                 continue;
@@ -279,7 +401,7 @@ impl GrantGuard for EtcdGuard {
             &member,
             &out,
             &self.settings.quorum,
-            now,
+            health.age(),
         )
     }
 }
@@ -293,6 +415,17 @@ impl GrantPreparer for EtcdGuard {
             }
             result
         })
+    }
+
+    /// Nodes that carry no etcd member (or are exempt) need no snapshot
+    /// and no leadership move. A node whose role cannot be told now is
+    /// prepared (and so judged) the usual way.
+    fn nothing_to_prepare(&self, candidate: &Waiter) -> bool {
+        let health = self.health();
+        matches!(
+            self.role(&candidate.node, candidate.control_plane, &health),
+            Ok(EtcdRole::NotEtcd | EtcdRole::Exempt)
+        )
     }
 }
 
@@ -311,6 +444,11 @@ mod tests {
     impl NodeAddresses for Addresses {
         fn internal_ips(&self, node: &NodeName) -> InternalIps {
             InternalIps::Known(self.0.get(node.as_str()).copied().into_iter().collect())
+        }
+
+        /// Nodes named `cp-*` carry the control-plane label.
+        fn control_plane(&self, node: &NodeName) -> bool {
+            node.as_str().starts_with("cp-")
         }
     }
 
@@ -344,6 +482,32 @@ mod tests {
     }
 
     #[test]
+    fn nodes_out_in_the_lease_state_hold_etcd_nodes_back_after_a_restart() {
+        let now = Utc::now();
+        let guard = guard(now);
+        let healthy = cluster(now, vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
+        guard.set_health(healthy.clone());
+        // A new process: nothing in memory, n1 out according to the state.
+        let mut state = LeaseState::default();
+        state.returning.insert(
+            NodeName::new("n1").unwrap(),
+            crate::state::Returning {
+                member: "n1".to_string(),
+                member_id: 1,
+            },
+        );
+        let reason = guard.check(&waiter("n2"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("n1 (member n1) is not verified back yet (0 of 1"),
+            "{reason}"
+        );
+        // The first round resumes it from zero passes and counts one.
+        let (going, back) = guard.track(&BTreeSet::new(), &healthy, &state);
+        assert!(going.is_empty());
+        assert_eq!(back, vec![NodeName::new("n1").unwrap()]);
+    }
+
+    #[test]
     fn workers_carrying_a_member_by_internal_ip_are_guarded() {
         let now = Utc::now();
         let health = |third_down: bool| {
@@ -372,8 +536,13 @@ mod tests {
         let guard = guard(now);
         guard.set_health(health(true));
         let state = LeaseState::default();
-        // Without node addresses, w1 looks like a plain worker.
-        assert_eq!(guard.check(&waiter("w1"), &state, now), Ok(()));
+        // Without node addresses, nothing says which node carries etcd-1..3:
+        // w1 might, so it waits rather than pass for a plain worker.
+        let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("voting members etcd-1, etcd-2, etcd-3 are on no known node"),
+            "{reason}"
+        );
 
         guard.map_by_internal_ip(Arc::new(addresses));
         let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
@@ -391,5 +560,77 @@ mod tests {
         let reason = guard.check(&waiter("w2"), &state, now).unwrap_err();
         assert!(reason.contains("w1"), "{reason}");
         assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
+    }
+
+    #[test]
+    fn the_control_plane_label_decides_not_the_agents_claim() {
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![
+                member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
+                member(2, "etcd-2").advertising(&["https://10.0.0.2:2380"], &[]),
+                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
+            ],
+        ));
+        // cp-9's member advertises a host name, so no InternalIP matches.
+        guard.map_by_internal_ip(Arc::new(Addresses(
+            [("cp-9", "10.0.0.9".parse().unwrap())].into(),
+        )));
+        let state = LeaseState::default();
+        // Its agent does not say it is control-plane; the label does.
+        let reason = guard.check(&waiter("cp-9"), &state, now).unwrap_err();
+        assert!(reason.contains("control-plane node cp-9"), "{reason}");
+        assert!(reason.contains("--etcd-member-map cp-9=MEMBER"), "{reason}");
+        // A worker that claims control-plane is held back the same way.
+        let claimed = Waiter {
+            node: NodeName::new("w9").unwrap(),
+            control_plane: true,
+        };
+        assert!(guard.check(&claimed, &state, now).is_err());
+        assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_ages_on_the_monotonic_clock_whatever_the_wall_clock_says() {
+        // The wall clock stands still (or was set back): the data must
+        // still go stale as real time passes.
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        ));
+        let state = LeaseState::default();
+        assert_eq!(guard.check(&waiter("n1"), &state, now), Ok(()));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let reason = guard.check(&waiter("n1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("health data is 6.0s old (limit 5s)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn standalone_a_member_on_no_known_node_holds_back_every_node_that_might_carry_it() {
+        let now = Utc::now();
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![member(1, "etcd-a"), member(2, "n2"), member(3, "n3")],
+        ));
+        let state = LeaseState::default();
+        // n2 and n3 asked (their members are theirs); etcd-a is on nobody
+        // known, so a node that claims nothing might be carrying it.
+        assert_eq!(guard.check(&waiter("n2"), &state, now), Ok(()));
+        assert_eq!(guard.check(&waiter("n3"), &state, now), Ok(()));
+        let reason = guard.check(&waiter("w1"), &state, now).unwrap_err();
+        assert!(
+            reason.contains("voting member etcd-a is on no known node"),
+            "{reason}"
+        );
+        assert!(reason.contains("--etcd-member-map NODE=etcd-a"), "{reason}");
+        assert!(reason.contains("--etcd-exempt-node w1"), "{reason}");
     }
 }

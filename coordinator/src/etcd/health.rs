@@ -78,8 +78,12 @@ pub struct Alarm {
 /// Everything one probe round saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthSnapshot {
-    /// When the round finished.
+    /// When the round finished (wall clock, for people).
     pub taken_at: DateTime<Utc>,
+    /// When the round finished on the monotonic clock: the snapshot's age is
+    /// measured from this, so a wall clock that jumps (NTP, a VM resumed)
+    /// can neither make old data look fresh nor fresh data old.
+    pub probed_at: tokio::time::Instant,
     /// Set when the cluster could not be read at all (no member list).
     pub unreadable: Option<String>,
     /// Every member in the member list.
@@ -96,11 +100,17 @@ impl HealthSnapshot {
     pub fn unreadable(taken_at: DateTime<Utc>, reason: impl Into<String>) -> Self {
         Self {
             taken_at,
+            probed_at: tokio::time::Instant::now(),
             unreadable: Some(reason.into()),
             members: Vec::new(),
             alarms: Vec::new(),
             alarm_error: None,
         }
+    }
+
+    /// How old the snapshot is, on the monotonic clock.
+    pub fn age(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.probed_at.elapsed()).unwrap_or(chrono::Duration::MAX)
     }
 
     /// The member named `name`.
@@ -193,6 +203,7 @@ pub mod fixtures {
     pub fn cluster(at: DateTime<Utc>, members: Vec<MemberHealth>) -> HealthSnapshot {
         HealthSnapshot {
             taken_at: at,
+            probed_at: tokio::time::Instant::now(),
             unreadable: None,
             members,
             alarms: Vec::new(),

@@ -19,14 +19,27 @@
 //! - a node whose InternalIP is in the URLs of a member that was added but
 //!   has not started waits (it is joining the cluster);
 //! - a control-plane node with no member found waits, with a reason that
-//!   says how to map or exempt it (control-plane nodes are where etcd runs);
-//! - a worker with no member found is not an etcd node, and etcd does not
-//!   hold it back (a worker whose InternalIP matches a member is an etcd
-//!   node, and is held back like one);
+//!   says how to map or exempt it (control-plane nodes are where etcd runs).
+//!   Whether a node is control-plane comes from its Node's role label when
+//!   nodes are watched; the agent's own claim can only add to that (a claim
+//!   makes a node stricter, never looser);
+//! - without the node watch (standalone), nothing but names and the map
+//!   says where a member runs: a voting member is placed by a map entry, or
+//!   on a known node named like it (one that asked for or held the baton,
+//!   or is in the map or exempt). A voting member that is not placed could
+//!   be on any node, so the guard holds back every node that is not exempt
+//!   and not matched to a member of its own, with a reason naming the
+//!   member and the flags that settle it ([`MemberMap::unplaced_members`]);
+//! - otherwise a worker with no member found is not an etcd node, and etcd
+//!   does not hold it back (a worker whose InternalIP matches a member is an
+//!   etcd node, and is held back like one);
 //! - while etcd cannot be read, or while the node watch has not listed the
-//!   Nodes yet, nobody can tell whether a node carries a member, so every
-//!   node that is not exempt (or matched by override or name) waits (fail
-//!   closed).
+//!   Nodes yet (or its facts are too old), nobody can tell whether a node
+//!   carries a member, so every node that is not exempt (or matched by
+//!   override or name) waits (fail closed).
+//!
+//! Assumption: a node carries at most one member (one etcd process per
+//! host), so a node matched to one member cannot be carrying another.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -79,16 +92,23 @@ pub enum InternalIps {
     /// Nodes are watched but not listed yet, so a node's addresses are
     /// unknown.
     NotListed,
+    /// Nodes are watched but the facts are too old to use: unknown.
+    Stale,
     /// The node's InternalIPs (none for a node the watch does not know).
     Known(Vec<IpAddr>),
 }
 
-/// Where the etcd guard learns a node's InternalIPs: the Kubernetes node
-/// watch. Read synchronously on every decision, so implementations answer
-/// from memory.
+/// Where the etcd guard learns a node's InternalIPs and role: the
+/// Kubernetes node watch. Read synchronously on every decision, so
+/// implementations answer from memory.
 pub trait NodeAddresses: Send + Sync {
     /// The InternalIPs of `node`.
     fn internal_ips(&self, node: &NodeName) -> InternalIps;
+
+    /// True when the cluster says `node` is a control-plane node (its role
+    /// label). False for unknown nodes and unknown facts: those are held
+    /// back by [`InternalIps::NotListed`] and [`InternalIps::Stale`].
+    fn control_plane(&self, node: &NodeName) -> bool;
 }
 
 /// The IP address a URL's host names, when the host is an IP literal:
@@ -152,8 +172,36 @@ impl MemberMap {
             .unwrap_or(node.as_str())
     }
 
+    /// Standalone (no node watch): the voting members in `health` that no
+    /// known node carries. A member is placed when a map entry names it, or
+    /// when a node named like it is known (`seen`: it asked or held the
+    /// baton; or it is in the map or exempt) and not mapped to another
+    /// member. Any other voting member could be on any node, so every node
+    /// that is not exempt and not matched to a member of its own must wait
+    /// while this is not empty.
+    pub fn unplaced_members<'a>(
+        &self,
+        health: &'a HealthSnapshot,
+        seen: &BTreeSet<NodeName>,
+    ) -> Vec<&'a str> {
+        let placed = |member: &str| {
+            self.overrides.values().any(|m| m == member)
+                || NodeName::new(member).is_ok_and(|node| {
+                    !self.overrides.contains_key(&node)
+                        && (seen.contains(&node) || self.exempt.contains(&node))
+                })
+        };
+        health
+            .members
+            .iter()
+            .filter(|m| m.voting() && !placed(&m.name))
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+
     /// What `node` is, given its InternalIPs `ips` and the member list in
-    /// `health`; `Err` is the reason it must wait.
+    /// `health`; `Err` is the reason it must wait. `control_plane` is true
+    /// when the cluster's facts or the node's agent say so.
     ///
     /// Safety: an etcd node must never be taken for a worker, so every case
     /// in which the member cannot be told for sure (etcd unreadable, node
@@ -191,6 +239,11 @@ impl MemberMap {
             InternalIps::NotListed => {
                 return Err(format!(
                     "etcd: the Kubernetes Node list has not been read yet, so cannot tell whether node {node} carries a member by its InternalIP"
+                ));
+            }
+            InternalIps::Stale => {
+                return Err(format!(
+                    "etcd: the Kubernetes Node list is too old to use, so cannot tell whether node {node} carries a member by its InternalIP"
                 ));
             }
             InternalIps::Known(ips) => Some(ips.as_slice()),
@@ -379,11 +432,50 @@ mod tests {
             map.role(&n("w9"), false, &ips(&["10.0.0.9"]), &health),
             Ok(EtcdRole::NotEtcd)
         );
-        // Without the node watch the addresses are not used.
+        // Without the node watch the addresses are not used (whether a
+        // member named like no node holds w1 back is the guard's business:
+        // see `unplaced_members`).
         assert_eq!(
             map.role(&n("w1"), false, &NONE, &health),
             Ok(EtcdRole::NotEtcd)
         );
+    }
+
+    #[test]
+    fn standalone_members_are_placed_only_on_known_nodes_or_by_the_map() {
+        let health = cluster(
+            Utc::now(),
+            vec![
+                member(1, "etcd-a"),
+                member(2, "n2"),
+                member(3, "n3"),
+                member(4, "etcd-l").learner(),
+            ],
+        );
+        let seen = |names: &[&str]| names.iter().map(|s| n(s)).collect::<BTreeSet<_>>();
+        let plain = MemberMap::new(&[], &[n("n3")]).unwrap();
+        // Nobody asked yet: n3 is exempt (so known), the rest could be
+        // anywhere. Learners do not vote and are never in the way.
+        assert_eq!(
+            plain.unplaced_members(&health, &seen(&[])),
+            ["etcd-a", "n2"]
+        );
+        // n2 asked: its member is on it.
+        assert_eq!(
+            plain.unplaced_members(&health, &seen(&["n2", "w1"])),
+            ["etcd-a"]
+        );
+        // The map places etcd-a.
+        let mapped = MemberMap::new(&["w1=etcd-a".to_string()], &[n("n3")]).unwrap();
+        assert!(mapped.unplaced_members(&health, &seen(&["n2"])).is_empty());
+        // A node mapped away from its namesake member leaves that member
+        // unplaced: n2 carries etcd-a here, so who carries n2?
+        let moved = MemberMap::new(&["n2=etcd-a".to_string()], &[n("n3")]).unwrap();
+        assert_eq!(moved.unplaced_members(&health, &seen(&["n2"])), ["n2"]);
+        // An identity entry declares an etcd node before it ever asks.
+        let declared =
+            MemberMap::new(&["n2=n2".to_string(), "w1=etcd-a".to_string()], &[]).unwrap();
+        assert_eq!(declared.unplaced_members(&health, &seen(&[])), ["n3"]);
     }
 
     #[test]

@@ -216,6 +216,7 @@ impl Prober {
         };
         HealthSnapshot {
             taken_at: now(),
+            probed_at: tokio::time::Instant::now(),
             unreadable: None,
             members: out,
             alarms,

@@ -3,7 +3,9 @@
 //!
 //! With V the voting members, Q = floor(|V|/2)+1 and t the candidate's
 //! member, [`may_take_down`] answers yes only if all of these hold:
-//! 1. the snapshot is readable and younger than `max_age`;
+//! 1. the snapshot is readable and younger than `max_age` (its age is
+//!    measured by the caller on a monotonic clock, never from wall-clock
+//!    timestamps);
 //! 2. t is in the member list;
 //! 3. no alarm is active (NOSPACE, CORRUPT, ...);
 //! 4. every member is started and voting (no learner, no unstarted member);
@@ -19,7 +21,7 @@
 //! keeps quorum. The answer is never yes on data it cannot vouch for: stale
 //! or unreadable data answers no.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 
 use super::health::HealthSnapshot;
 
@@ -61,16 +63,17 @@ pub fn quorum(voting: usize) -> usize {
 }
 
 /// `Ok(())` when the member `member` of node `node` may go down now, else
-/// the exact reason it may not (prefixed "etcd: ").
+/// the exact reason it may not (prefixed "etcd: "). `age` is how old
+/// `health` is ([`HealthSnapshot::age`]).
 pub fn may_take_down(
     health: &HealthSnapshot,
     node: &str,
     member: &str,
     out: &[OutNode],
     settings: &QuorumSettings,
-    now: DateTime<Utc>,
+    age: Duration,
 ) -> Result<(), String> {
-    check(health, node, member, out, settings, now).map_err(|reason| format!("etcd: {reason}"))
+    check(health, node, member, out, settings, age).map_err(|reason| format!("etcd: {reason}"))
 }
 
 fn check(
@@ -79,9 +82,8 @@ fn check(
     member: &str,
     out: &[OutNode],
     settings: &QuorumSettings,
-    now: DateTime<Utc>,
+    age: Duration,
 ) -> Result<(), String> {
-    let age = now - health.taken_at;
     if age > settings.max_age {
         return Err(format!(
             "health data is {:.1}s old (limit {}s); waiting for a fresh probe",
@@ -138,8 +140,28 @@ fn check(
         _ => {}
     }
     if let Some(o) = out.iter().find(|o| o.node != node) {
+        // Name every unhealthy member too: an operator who sees only "not
+        // verified back yet" while another member is down would look in
+        // the wrong place.
+        let sick: Vec<String> = health
+            .members
+            .iter()
+            .filter(|m| m.voting() && m.id != target.id && !m.healthy())
+            .map(|m| {
+                format!(
+                    "{} unhealthy ({})",
+                    m.label(),
+                    m.problem.as_deref().unwrap_or("unknown")
+                )
+            })
+            .collect();
+        let also = if sick.is_empty() {
+            String::new()
+        } else {
+            format!("; also member {}", sick.join(", member "))
+        };
         return Err(format!(
-            "node {} (member {}) {}; only one etcd node at a time",
+            "node {} (member {}) {}; only one etcd node at a time{also}",
             o.node, o.member, o.why
         ));
     }

@@ -59,9 +59,15 @@ pub struct KubeArgs {
     /// Watch Nodes even without `--store kubernetes` (implied by it).
     #[arg(long, env = "BATON_WATCH_NODES")]
     pub watch_nodes: bool,
-    /// Do not count NotReady nodes against the concurrency limit.
+    /// Do not count NotReady nodes against the concurrency limit (a
+    /// NotReady control-plane node still holds back other control-plane
+    /// nodes).
     #[arg(long, env = "BATON_IGNORE_NOTREADY_NODES")]
     pub ignore_notready_nodes: bool,
+    /// Node facts not confirmed by a successful list or watch event for
+    /// this long are unknown, and unknown facts hold every grant back.
+    #[arg(long, env = "BATON_NODE_FACTS_MAX_AGE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub node_facts_max_age: Duration,
     /// Authenticate agents with ServiceAccount tokens checked by TokenReview.
     #[arg(long, env = "BATON_TOKEN_REVIEW")]
     pub token_review: bool,
@@ -158,7 +164,7 @@ impl KubeWiring {
         Ok(Some(Self {
             client: args.client().await?,
             args: args.clone(),
-            facts: watch_nodes.then(|| Arc::new(nodes::NodeFacts::default())),
+            facts: watch_nodes.then(|| Arc::new(nodes::NodeFacts::new(args.node_facts_max_age))),
             yielding: Arc::new(AtomicBool::new(false)),
         }))
     }

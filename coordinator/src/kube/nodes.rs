@@ -6,9 +6,16 @@
 //!   the rollout waits (unless `--ignore-notready-nodes`).
 //! - A node labelled `node-role.kubernetes.io/control-plane` (or the older
 //!   `.../master`) is a control-plane node whatever its agent says: only one
-//!   holds the baton at a time ([`NodeGuard`]).
+//!   holds the baton at a time, and none is granted while another
+//!   control-plane node is NotReady ([`NodeGuard`]); an agent's own claim
+//!   can only add to that, never take away. The etcd guard reads the same
+//!   facts ([`NodeAddresses`]).
 //! - A node the API does not know, or any node before the first list, is
 //!   not granted (fail closed).
+//! - Facts expire: a view that was not confirmed by a successful list or
+//!   watch event within `--node-facts-max-age` is unknown, and unknown holds
+//!   every grant back (with the age and the last error as the reason). The
+//!   watch is restarted with a fresh list well within that age.
 //! - InternalIPs are kept so the etcd guard can map members to nodes by the
 //!   addresses in their peer and client URLs ([`NodeAddresses`]).
 //!
@@ -24,6 +31,7 @@ use ::kube::{Api, Client};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::engine::Engine;
@@ -50,43 +58,159 @@ pub struct NodeFact {
     pub internal_ips: Vec<IpAddr>,
 }
 
-/// The facts of every node; `None` until the first list succeeded.
-#[derive(Debug, Default)]
+/// The facts of every node, and when they were last confirmed.
+#[derive(Debug)]
 pub struct NodeFacts {
-    nodes: RwLock<Option<BTreeMap<String, NodeFact>>>,
+    known: RwLock<Known>,
+    max_age: Duration,
 }
 
+#[derive(Debug, Default)]
+struct Known {
+    /// `None` until the first list succeeded.
+    nodes: Option<BTreeMap<String, NodeFact>>,
+    /// When a list or a watch event last confirmed `nodes`.
+    confirmed_at: Option<Instant>,
+    /// Why the last list or watch failed, if it did.
+    last_error: Option<String>,
+}
+
+/// The facts as a decision may use them.
+#[derive(Debug)]
+pub enum FactsView<'a> {
+    /// Nothing was listed yet.
+    NotListed,
+    /// Listed, but not confirmed for longer than the limit: unknown.
+    Stale {
+        /// How long ago they were confirmed.
+        age: Duration,
+        /// The limit.
+        max_age: Duration,
+        /// The last list or watch error, if any.
+        error: Option<&'a str>,
+    },
+    /// Current.
+    Fresh(&'a BTreeMap<String, NodeFact>),
+}
+
+impl FactsView<'_> {
+    /// The reason a decision that needs node facts waits, unless fresh.
+    pub fn unknown_reason(&self) -> Option<String> {
+        match self {
+            FactsView::NotListed => {
+                Some("the Node list has not been read from the Kubernetes API yet".to_string())
+            }
+            FactsView::Stale {
+                age,
+                max_age,
+                error,
+            } => Some(format!(
+                "node facts are unknown: the Node list was last read {}s ago (limit {}s){}; not granting until it is read again",
+                age.as_secs(),
+                max_age.as_secs(),
+                error
+                    .map(|e| format!(", the last attempt failed: {e}"))
+                    .unwrap_or_default()
+            )),
+            FactsView::Fresh(_) => None,
+        }
+    }
+}
+
+impl Default for NodeFacts {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_AGE)
+    }
+}
+
+/// How long node facts stay usable without a successful list or watch event.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(120);
+
 impl NodeFacts {
+    /// No facts yet; once listed they are usable for `max_age` after each
+    /// confirmation.
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            known: RwLock::new(Known::default()),
+            max_age,
+        }
+    }
+
+    /// How long the watch may run before it is restarted with a fresh list,
+    /// so that a quiet but healthy watch confirms the facts in time.
+    pub fn relist_every(&self) -> Duration {
+        (self.max_age / 2).clamp(Duration::from_secs(1), Duration::from_secs(290))
+    }
+
     fn write(
         &self,
         change: impl FnOnce(&mut BTreeMap<String, NodeFact>),
     ) -> BTreeMap<String, NodeFact> {
-        let mut guard = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        let map = guard.get_or_insert_with(BTreeMap::new);
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        known.confirmed_at = Some(Instant::now());
+        known.last_error = None;
+        let map = known.nodes.get_or_insert_with(BTreeMap::new);
         change(map);
         map.clone()
     }
 
+    /// Records that a list or watch failed (the facts keep aging).
+    fn failed(&self, error: String) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_error = Some(error);
+    }
+
+    /// Runs `read` over the facts as a decision may use them now.
+    pub fn with_view<T>(&self, read: impl FnOnce(FactsView<'_>) -> T) -> T {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        let view = match (&known.nodes, known.confirmed_at) {
+            (Some(nodes), Some(at)) if at.elapsed() <= self.max_age => FactsView::Fresh(nodes),
+            (Some(_), Some(at)) => FactsView::Stale {
+                age: at.elapsed(),
+                max_age: self.max_age,
+                error: known.last_error.as_deref(),
+            },
+            _ => FactsView::NotListed,
+        };
+        read(view)
+    }
+
     /// A copy of the facts, `None` before the first list.
     pub fn snapshot(&self) -> Option<BTreeMap<String, NodeFact>> {
-        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes
+            .clone()
     }
 }
 
 impl NodeAddresses for NodeFacts {
-    /// Not listed before the first list; no addresses for a node the API
-    /// does not know.
+    /// Not listed before the first list, stale once the facts are too old;
+    /// no addresses for a node the API does not know.
     fn internal_ips(&self, node: &NodeName) -> InternalIps {
-        let guard = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            None => InternalIps::NotListed,
-            Some(nodes) => InternalIps::Known(
+        self.with_view(|view| match view {
+            FactsView::NotListed => InternalIps::NotListed,
+            FactsView::Stale { .. } => InternalIps::Stale,
+            FactsView::Fresh(nodes) => InternalIps::Known(
                 nodes
                     .get(node.as_str())
                     .map(|f| f.internal_ips.clone())
                     .unwrap_or_default(),
             ),
-        }
+        })
+    }
+
+    /// The node's control-plane label, when the facts are fresh. Unknown
+    /// nodes and unknown facts say false here: they are held back by
+    /// [`NodeGuard`] and by [`InternalIps::NotListed`]/[`InternalIps::Stale`].
+    fn control_plane(&self, node: &NodeName) -> bool {
+        self.with_view(|view| match view {
+            FactsView::Fresh(nodes) => nodes.get(node.as_str()).is_some_and(|f| f.control_plane),
+            _ => false,
+        })
     }
 }
 
@@ -147,20 +271,29 @@ impl NodeGuard {
 }
 
 impl GrantGuard for NodeGuard {
+    /// Holds `candidate` back while the facts are unknown or stale, while
+    /// the API does not know it, and, when it is a control-plane node (by
+    /// label, or by its agent's claim: a claim can only make it stricter),
+    /// while another control-plane node holds the baton or is NotReady.
     fn check(
         &self,
         candidate: &Waiter,
         state: &LeaseState,
         _now: DateTime<Utc>,
     ) -> Result<(), String> {
-        let guard = self.facts.nodes.read().unwrap_or_else(|e| e.into_inner());
-        let Some(nodes) = guard.as_ref() else {
-            return Err("the Node list has not been read from the Kubernetes API yet".to_string());
-        };
-        let Some(fact) = nodes.get(candidate.node.as_str()) else {
-            return Err(format!("{} is not a Node of this cluster", candidate.node));
-        };
-        if fact.control_plane || candidate.control_plane {
+        self.facts.with_view(|view| {
+            if let Some(reason) = view.unknown_reason() {
+                return Err(reason);
+            }
+            let FactsView::Fresh(nodes) = view else {
+                unreachable!("only fresh facts have no unknown reason")
+            };
+            let Some(fact) = nodes.get(candidate.node.as_str()) else {
+                return Err(format!("{} is not a Node of this cluster", candidate.node));
+            };
+            if !(fact.control_plane || candidate.control_plane) {
+                return Ok(());
+            }
             let other = state.holders.iter().find(|(name, h)| {
                 h.control_plane || nodes.get(name.as_str()).is_some_and(|f| f.control_plane)
             });
@@ -169,8 +302,22 @@ impl GrantGuard for NodeGuard {
                     "control-plane node {other} holds the baton; only one control-plane node at a time"
                 ));
             }
-        }
-        Ok(())
+            // A control-plane node that is down without the baton (a crash,
+            // a partition) already takes an etcd member and an API server
+            // out: taking a second one down could break quorum.
+            let down = nodes.iter().find(|(name, f)| {
+                f.control_plane
+                    && !f.ready
+                    && name.as_str() != candidate.node.as_str()
+                    && !state.holders.keys().any(|h| h.as_str() == name.as_str())
+            });
+            if let Some((down, _)) = down {
+                return Err(format!(
+                    "control-plane node {down} is NotReady; no other control-plane node goes down until it is Ready again"
+                ));
+            }
+            Ok(())
+        })
     }
 }
 
@@ -185,6 +332,7 @@ pub async fn watch_nodes(
     ignore_notready: bool,
 ) {
     let api: Api<Node> = Api::all(client);
+    let relist = facts.relist_every().as_secs().max(1) as u32;
     let publish = |map: BTreeMap<String, NodeFact>| {
         let engine = engine.clone();
         async move {
@@ -198,7 +346,8 @@ pub async fn watch_nodes(
         let list = match api.list(&ListParams::default()).await {
             Ok(list) => list,
             Err(e) => {
-                warn!(error = %e, "listing nodes failed; retrying");
+                warn!(error = %e, "listing nodes failed; retrying (the facts expire meanwhile)");
+                facts.failed(format!("listing nodes: {e}"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -216,12 +365,13 @@ pub async fn watch_nodes(
         publish(facts.write(|m| *m = map)).await;
         let version = list.metadata.resource_version.unwrap_or_default();
         let stream = match api
-            .watch(&WatchParams::default().timeout(290), &version)
+            .watch(&WatchParams::default().timeout(relist), &version)
             .await
         {
             Ok(stream) => stream,
             Err(e) => {
                 warn!(error = %e, "watching nodes failed; listing again");
+                facts.failed(format!("watching nodes: {e}"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -250,10 +400,12 @@ pub async fn watch_nodes(
                 // 410 Gone and friends: start over from a fresh list.
                 Ok(WatchEvent::Error(e)) => {
                     warn!(error = %e, "node watch error; listing again");
+                    facts.failed(format!("watching nodes: {e}"));
                     break;
                 }
                 Err(e) => {
                     warn!(error = %e, "node watch failed; listing again");
+                    facts.failed(format!("watching nodes: {e}"));
                     break;
                 }
             };
@@ -367,5 +519,103 @@ mod tests {
             facts.internal_ips(&NodeName::new("ghost").unwrap()),
             InternalIps::Known(Vec::new())
         );
+    }
+    fn waiting(node: &str, control_plane: bool) -> Waiter {
+        Waiter {
+            node: NodeName::new(node).unwrap(),
+            control_plane,
+        }
+    }
+
+    #[test]
+    fn a_not_ready_control_plane_node_holds_back_every_other_control_plane_grant() {
+        let facts = Arc::new(NodeFacts::default());
+        let guard = NodeGuard::new(facts.clone());
+        facts.write(|m| {
+            m.insert("cp-1".into(), fact_of(&node("cp-1", "True", true)));
+            m.insert("cp-2".into(), fact_of(&node("cp-2", "Unknown", true)));
+            m.insert("w1".into(), fact_of(&node("w1", "True", false)));
+        });
+        let state = LeaseState::default();
+        let reason = guard
+            .check(&waiting("cp-1", false), &state, Utc::now())
+            .unwrap_err();
+        assert!(
+            reason.contains("control-plane node cp-2 is NotReady"),
+            "{reason}"
+        );
+        // A worker that claims to be control-plane is held back like one (a
+        // claim only ever makes a node stricter) ...
+        assert!(
+            guard
+                .check(&waiting("w1", true), &state, Utc::now())
+                .is_err()
+        );
+        // ... and a worker that does not is not held back by it.
+        assert_eq!(
+            guard.check(&waiting("w1", false), &state, Utc::now()),
+            Ok(())
+        );
+        // While cp-2 itself holds the baton, its NotReady is planned, and the
+        // one-at-a-time rule is what holds cp-1 back.
+        let mut holding = LeaseState::default();
+        holding
+            .grant(
+                &NodeName::new("cp-2").unwrap(),
+                true,
+                false,
+                "t",
+                Utc::now(),
+            )
+            .unwrap();
+        let reason = guard
+            .check(&waiting("cp-1", false), &holding, Utc::now())
+            .unwrap_err();
+        assert!(reason.contains("cp-2 holds the baton"), "{reason}");
+        // Ready again: cp-1 may go.
+        facts.write(|m| {
+            m.insert("cp-2".into(), fact_of(&node("cp-2", "True", true)));
+        });
+        assert_eq!(
+            guard.check(&waiting("cp-1", false), &state, Utc::now()),
+            Ok(())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn facts_not_confirmed_in_time_are_unknown_and_hold_every_grant_back() {
+        let facts = Arc::new(NodeFacts::new(Duration::from_secs(60)));
+        let guard = NodeGuard::new(facts.clone());
+        facts.write(|m| {
+            m.insert("w1".into(), fact_of(&node("w1", "True", false)));
+        });
+        let state = LeaseState::default();
+        let w1 = NodeName::new("w1").unwrap();
+        assert_eq!(
+            guard.check(&waiting("w1", false), &state, Utc::now()),
+            Ok(())
+        );
+        assert!(matches!(facts.internal_ips(&w1), InternalIps::Known(_)));
+        // The API stops answering: the old view ages, then is unknown.
+        facts.failed("listing nodes: connection refused".to_string());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(
+            guard.check(&waiting("w1", false), &state, Utc::now()),
+            Ok(())
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let reason = guard
+            .check(&waiting("w1", false), &state, Utc::now())
+            .unwrap_err();
+        assert!(reason.contains("last read 61s ago (limit 60s)"), "{reason}");
+        assert!(reason.contains("connection refused"), "{reason}");
+        assert_eq!(facts.internal_ips(&w1), InternalIps::Stale);
+        // A successful read makes them current again.
+        facts.write(|_| {});
+        assert_eq!(
+            guard.check(&waiting("w1", false), &state, Utc::now()),
+            Ok(())
+        );
+        assert!(facts.relist_every() <= Duration::from_secs(30));
     }
 }

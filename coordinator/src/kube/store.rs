@@ -2,16 +2,22 @@
 //! the same document as the embedded store), leadership from a Lease.
 //!
 //! Every save is a compare-and-swap on the ConfigMap's resourceVersion: the
-//! replace carries the version this replica last read or wrote, so a write
-//! by anyone else in between makes the API server answer 409. A conflict is
-//! never overwritten: the store refuses the save, marks itself stale and
-//! steps down; the election (still holding the Lease, or not) publishes
-//! leadership again, and the engine re-reads the state before it decides
-//! anything new. This also fences a deposed leader that has not noticed yet:
-//! its next save conflicts with the new leader's writes.
+//! replace carries the version the engine's memory was read or written at
+//! (its fence), so a write by anyone else in between makes the API server
+//! answer 409, and a deleted object 404. A conflict is never overwritten:
+//! the save is refused and the engine re-reads the state before it answers
+//! again. This also fences a deposed leader that has not noticed yet: its
+//! next save conflicts with the new leader's writes. A save is refused too
+//! when this replica does not hold the Lease in the fence's term (Lease
+//! leadership is time-based, as in client-go: a leader that could not renew
+//! within its renew deadline steps down before another may take over).
+//!
+//! A confirmation is a metadata-only GET of the ConfigMap (served from etcd
+//! with a quorum read by the API server) compared against the fence's
+//! resourceVersion.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use ::kube::api::PostParams;
 use ::kube::{Api, Client};
@@ -19,13 +25,13 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tracing::warn;
 
 use super::KubeArgs;
 use super::election::{Elector, Timings};
 use crate::state::LeaseState;
-use crate::store::{Leadership, StateStore, StoreError, decode, encode};
+use crate::store::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
 
 /// The key of the state document in the ConfigMap.
 pub const STATE_KEY: &str = "state.json";
@@ -37,11 +43,6 @@ pub struct KubeStore {
     /// "configmap NAMESPACE/NAME", for errors.
     path: String,
     leadership: Arc<watch::Sender<Leadership>>,
-    /// The resourceVersion last read or written; `None` when the object did
-    /// not exist then.
-    version: Mutex<Option<String>>,
-    /// Set by a conflict until the next load.
-    stale: AtomicBool,
     /// Keeps the channel open (and the election running) while the store lives.
     _leadership_rx: watch::Receiver<Leadership>,
 }
@@ -71,8 +72,6 @@ impl KubeStore {
             name: args.state_configmap.clone(),
             path: format!("configmap {}/{}", args.namespace, args.state_configmap),
             leadership,
-            version: Mutex::new(None),
-            stale: AtomicBool::new(false),
             _leadership_rx: leadership_rx,
         }
     }
@@ -81,34 +80,57 @@ impl KubeStore {
         StoreError::Backend(format!("{what} {}: {e}", self.path))
     }
 
-    /// Refuses the save, marks the store stale and steps down so the engine
-    /// re-reads the state before deciding again.
     fn conflict(&self, detail: &str) -> StoreError {
-        warn!(object = %self.path, detail, "state changed under this replica; stepping down to re-read it");
-        self.stale.store(true, Ordering::SeqCst);
-        self.leadership
-            .send_if_modified(|l| std::mem::replace(&mut l.is_leader, false));
-        StoreError::NotLeader(format!(
-            "the state in {} was changed by another writer ({detail}); it is re-read before anything is decided again",
-            self.path
-        ))
+        warn!(object = %self.path, detail, "state changed under this replica; it is re-read before anything is answered");
+        StoreError::Conflict(format!("{} ({detail})", self.path))
     }
 
-    async fn load_now(&self) -> Result<Option<LeaseState>, StoreError> {
-        let mut version = self.version.lock().await;
-        let object = self
-            .api
+    /// Refuses unless this replica holds the Lease in `fence.term`.
+    fn check_leading(&self, fence: &Fence) -> Result<(), StoreError> {
+        let leadership = self.leadership.borrow();
+        if !leadership.is_leader {
+            return Err(StoreError::NotLeader(format!(
+                "{} is written only by the leader",
+                self.path
+            )));
+        }
+        if leadership.term != fence.term {
+            return Err(StoreError::NotLeader(format!(
+                "this replica leads in term {}, its memory is from term {}",
+                leadership.term, fence.term
+            )));
+        }
+        Ok(())
+    }
+
+    async fn read(&self) -> Result<Option<ConfigMap>, StoreError> {
+        self.api
             .get_opt(&self.name)
             .await
-            .map_err(|e| self.backend("reading", e))?;
-        self.stale.store(false, Ordering::SeqCst);
-        let Some(object) = object else {
-            *version = None;
-            return Ok(None);
+            .map_err(|e| self.backend("reading", e))
+    }
+
+    async fn load_now(&self) -> Result<Loaded, StoreError> {
+        let Some(object) = self.read().await? else {
+            return Ok(Loaded {
+                state: None,
+                revision: Revision::Absent,
+            });
         };
-        *version = object.metadata.resource_version.clone();
+        let revision = object
+            .metadata
+            .resource_version
+            .clone()
+            .map(Revision::At)
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: "it has no resourceVersion".to_string(),
+            })?;
         match object.data.as_ref().and_then(|d| d.get(STATE_KEY)) {
-            Some(text) => decode(&self.path, text.as_bytes()).map(Some),
+            Some(text) => Ok(Loaded {
+                state: Some(decode(&self.path, text.as_bytes())?),
+                revision,
+            }),
             None => Err(StoreError::Corrupt {
                 path: self.path.clone(),
                 detail: format!("it has no {STATE_KEY} key"),
@@ -116,21 +138,14 @@ impl KubeStore {
         }
     }
 
-    async fn save_now(&self, state: &LeaseState) -> Result<(), StoreError> {
-        if !self.leadership.borrow().is_leader {
-            return Err(StoreError::NotLeader(format!(
-                "{} is written only by the leader",
-                self.path
-            )));
-        }
-        if self.stale.load(Ordering::SeqCst) {
-            return Err(
-                self.conflict("an earlier save conflicted and the state was not re-read yet")
-            );
-        }
-        let mut version = self.version.lock().await;
+    async fn save_now(&self, state: &LeaseState, fence: &Fence) -> Result<Revision, StoreError> {
+        self.check_leading(fence)?;
         let text =
             String::from_utf8(encode(state)).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let version = match &fence.revision {
+            Revision::Absent => None,
+            Revision::At(v) => Some(v.clone()),
+        };
         let object = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -141,7 +156,7 @@ impl KubeStore {
             data: Some([(STATE_KEY.to_string(), text)].into()),
             ..ConfigMap::default()
         };
-        let written = match version.as_ref() {
+        let written = match version {
             None => self.api.create(&PostParams::default(), &object).await,
             Some(_) => {
                 self.api
@@ -150,10 +165,13 @@ impl KubeStore {
             }
         };
         match written {
-            Ok(object) => {
-                *version = object.metadata.resource_version;
-                Ok(())
-            }
+            Ok(object) => object
+                .metadata
+                .resource_version
+                .map(Revision::At)
+                .ok_or_else(|| {
+                    StoreError::Backend(format!("{} written without a resourceVersion", self.path))
+                }),
             Err(::kube::Error::Api(s)) if s.code == 409 => Err(self.conflict(&s.message)),
             Err(::kube::Error::Api(s)) if s.code == 404 => {
                 Err(self.conflict("the object was deleted"))
@@ -161,15 +179,48 @@ impl KubeStore {
             Err(e) => Err(self.backend("writing", e)),
         }
     }
+
+    async fn confirm_now(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.check_leading(fence)?;
+        // Metadata only: the resourceVersion is all a confirmation needs.
+        let now = match self
+            .api
+            .get_metadata_opt(&self.name)
+            .await
+            .map_err(|e| self.backend("reading", e))?
+        {
+            Some(object) => object
+                .metadata
+                .resource_version
+                .map(Revision::At)
+                .unwrap_or_default(),
+            None => Revision::Absent,
+        };
+        if now != fence.revision {
+            return Err(self.conflict(&format!(
+                "at resourceVersion {now}, this replica's memory at {}",
+                fence.revision
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl StateStore for KubeStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<LeaseState>, StoreError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(self.load_now())
     }
 
-    fn save<'a>(&'a self, state: &'a LeaseState) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.save_now(state))
+    fn save<'a>(
+        &'a self,
+        state: &'a LeaseState,
+        fence: &'a Fence,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>> {
+        Box::pin(self.save_now(state, fence))
+    }
+
+    fn confirm<'a>(&'a self, fence: &'a Fence) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.confirm_now(fence))
     }
 
     fn leadership(&self) -> watch::Receiver<Leadership> {
@@ -178,5 +229,9 @@ impl StateStore for KubeStore {
 
     fn kind(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn location(&self) -> String {
+        self.path.clone()
     }
 }

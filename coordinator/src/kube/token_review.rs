@@ -13,7 +13,8 @@
 //! An accepted token's identity is reused for [`CACHE_TTL`] so agents'
 //! frequent calls do not each cost a review.
 //!
-//! Outcomes: no or invalid token, or wrong audience: UNAUTHENTICATED;
+//! Outcomes: no or invalid token, or wrong audience (or a review that does
+//! not name the audiences it checked): UNAUTHENTICATED;
 //! a valid token of another account, or one not bound to a pod:
 //! PERMISSION_DENIED; the API unreachable: UNAVAILABLE.
 
@@ -82,14 +83,22 @@ pub fn bind(status: &TokenReviewStatus, policy: &ReviewPolicy) -> Result<Binding
             status.error.as_deref().unwrap_or("not authenticated")
         )));
     }
-    if status
+    // An API server that leaves `audiences` out did not check the audience
+    // the review asked for (an old or non-conforming authenticator): such a
+    // token could have been issued for anyone, so it is refused.
+    if !status
         .audiences
         .as_ref()
-        .is_some_and(|a| !a.contains(&policy.audience))
+        .is_some_and(|a| a.contains(&policy.audience))
     {
         return Err(Status::unauthenticated(format!(
-            "token is not issued for audience {:?}",
-            policy.audience
+            "token is not issued for audience {:?}{}",
+            policy.audience,
+            if status.audiences.is_none() {
+                " (the TokenReview did not say which audiences it checked)"
+            } else {
+                ""
+            }
         )));
     }
     let user = status.user.clone().unwrap_or_default();
@@ -357,6 +366,11 @@ mod tests {
             bind(&wrong_audience, &policy()).unwrap_err().code(),
             Code::Unauthenticated
         );
+        let mut unchecked_audience = reviewed(AGENT, &[(NODE_NAME_EXTRA, "n1")]);
+        unchecked_audience.audiences = None;
+        let err = bind(&unchecked_audience, &policy()).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.message().contains("did not say"), "{err}");
         let foreign = reviewed(
             "system:serviceaccount:default:web",
             &[(NODE_NAME_EXTRA, "n1")],

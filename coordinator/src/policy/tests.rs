@@ -137,15 +137,44 @@ fn pause_window_and_guards_give_their_reasons() {
 /// One step of a random history.
 #[derive(Clone, Debug)]
 enum Op {
-    Acquire { node: usize, control_plane: bool },
-    Withdraw { node: usize },
-    Release { node: usize, wrong_token: bool },
-    Renew { node: usize, wrong_token: bool },
-    Advance { seconds: i64 },
+    Acquire {
+        node: usize,
+        control_plane: bool,
+    },
+    Withdraw {
+        node: usize,
+    },
+    Release {
+        node: usize,
+    },
+    Renew {
+        node: usize,
+    },
+    /// A call with a token that is not the node's current one: one it held
+    /// before, another node's, or one never handed out.
+    WrongToken {
+        node: usize,
+        pick: usize,
+        release: bool,
+    },
+    Advance {
+        seconds: i64,
+    },
     Pause,
     Resume,
+    /// The coordinator restarts: the state goes through the store's save and
+    /// load path; waiters are lost and ask again.
     Restart,
-    ForceRelease { node: usize },
+    ForceRelease {
+        node: usize,
+    },
+    /// A node goes down (NotReady) without holding the baton, or comes back.
+    Down {
+        node: usize,
+    },
+    Up {
+        node: usize,
+    },
 }
 
 const NODES: [&str; 6] = ["cp-1", "cp-2", "cp-3", "w-1", "w-2", "w-3"];
@@ -154,23 +183,29 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..NODES.len()).prop_map(|node| Op::Acquire { node, control_plane: node < 3 }),
         1 => (0..NODES.len()).prop_map(|node| Op::Withdraw { node }),
-        3 => (0..NODES.len(), any::<bool>()).prop_map(|(node, wrong_token)| Op::Release { node, wrong_token }),
-        2 => (0..NODES.len(), any::<bool>()).prop_map(|(node, wrong_token)| Op::Renew { node, wrong_token }),
+        3 => (0..NODES.len()).prop_map(|node| Op::Release { node }),
+        2 => (0..NODES.len()).prop_map(|node| Op::Renew { node }),
+        3 => (0..NODES.len(), any::<usize>(), any::<bool>())
+            .prop_map(|(node, pick, release)| Op::WrongToken { node, pick, release }),
         2 => (1..100_000i64).prop_map(|seconds| Op::Advance { seconds }),
         1 => Just(Op::Pause),
         1 => Just(Op::Resume),
         1 => Just(Op::Restart),
         1 => (0..NODES.len()).prop_map(|node| Op::ForceRelease { node }),
+        1 => (0..NODES.len()).prop_map(|node| Op::Down { node }),
+        1 => (0..NODES.len()).prop_map(|node| Op::Up { node }),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    /// The safety invariants hold over any history: never more holders than
-    /// the limit, never two control-plane holders, tokens strictly increase,
-    /// no grant while paused, a holder is never dropped by time alone, stale
-    /// tokens change nothing, and FIFO order is kept among eligible waiters.
+    /// The safety invariants hold over any history: never more nodes out
+    /// (holders and unavailable nodes) than the limit at a grant, never two
+    /// control-plane holders, tokens strictly increase, no grant while
+    /// paused, a holder is never dropped by time or a restart, a token that
+    /// is not the node's current one changes nothing, and FIFO order is
+    /// kept among eligible waiters.
     #[test]
     fn safety_invariants_hold(ops in proptest::collection::vec(op(), 1..80), max in 1u32..4, deny in proptest::option::of(0..NODES.len())) {
         let policy = Policy { max_concurrent: max, ..Policy::default() };
@@ -178,6 +213,9 @@ proptest! {
         let guards: Vec<&dyn GrantGuard> = deny_guard.iter().map(|g| g as &dyn GrantGuard).collect();
         let mut state = LeaseState::default();
         let mut queue: Vec<Waiter> = Vec::new();
+        let mut unavailable: Vec<NodeName> = Vec::new();
+        // Every token handed out, to present stale and foreign ones.
+        let mut handed_out: Vec<u64> = Vec::new();
         let mut now = t0();
         let mut last_token = 0;
         let overdue_after = Duration::seconds(60);
@@ -193,21 +231,31 @@ proptest! {
                     }
                 }
                 Op::Withdraw { node } => queue.retain(|w| w.node.as_str() != NODES[node]),
-                Op::Release { node, wrong_token } | Op::Renew { node, wrong_token } if wrong_token => {
+                Op::WrongToken { node, pick, release } => {
                     let name = n(NODES[node]);
-                    let token = state.holders.get(&name).map_or(last_token + 1, |h| h.fencing_token + 1);
-                    let stale = token.saturating_sub(2);
-                    prop_assert!(state.release(&name, token, "x", "", now).is_err());
-                    prop_assert!(state.renew(&name, stale, now).is_err() || stale == token);
+                    let current = state.holders.get(&name).map(|h| h.fencing_token);
+                    let candidates: Vec<u64> = handed_out
+                        .iter()
+                        .copied()
+                        .chain([last_token + 1])
+                        .filter(|t| Some(*t) != current)
+                        .collect();
+                    let token = candidates[pick % candidates.len()];
+                    let refused = if release {
+                        state.release(&name, token, "x", "", now).is_err()
+                    } else {
+                        state.renew(&name, token, now).is_err()
+                    };
+                    prop_assert!(refused, "token {} of {} accepted (current {:?})", token, name, current);
                     prop_assert_eq!(&state, &snapshot, "a refused call changed the state");
                 }
-                Op::Release { node, .. } => {
+                Op::Release { node } => {
                     let name = n(NODES[node]);
                     if let Some(token) = state.holders.get(&name).map(|h| h.fencing_token) {
                         state.release(&name, token, NODES[node], "done", now).unwrap();
                     }
                 }
-                Op::Renew { node, .. } => {
+                Op::Renew { node } => {
                     let name = n(NODES[node]);
                     if let Some(token) = state.holders.get(&name).map(|h| h.fencing_token) {
                         state.renew(&name, token, now).unwrap();
@@ -220,22 +268,40 @@ proptest! {
                 Op::Pause => { state.pause("op", "test", now); }
                 Op::Resume => { state.resume("op", now); }
                 Op::Restart => {
-                    let json = serde_json::to_string(&state).unwrap();
-                    state = serde_json::from_str(&json).unwrap();
-                    prop_assert_eq!(&state, &snapshot);
+                    // What every store does: fit the budget and encode on
+                    // save, decode and validate on load.
+                    state.fit_budget().unwrap();
+                    let saved = state.clone();
+                    let bytes = crate::store::encode(&state);
+                    state = crate::store::decode("restart", &bytes).unwrap();
+                    prop_assert_eq!(&state, &saved);
+                    queue.clear();
                 }
                 Op::ForceRelease { node } => { let _ = state.force_release(&n(NODES[node]), "op", "gone", now); }
+                Op::Down { node } => {
+                    let name = n(NODES[node]);
+                    if !unavailable.contains(&name) {
+                        unavailable.push(name);
+                    }
+                }
+                Op::Up { node } => unavailable.retain(|u| u.as_str() != NODES[node]),
             }
-            if matches!(op, Op::Advance { .. } | Op::Restart | Op::Pause | Op::Resume | Op::Acquire { .. } | Op::Withdraw { .. }) {
+            if matches!(op, Op::Advance { .. } | Op::Restart | Op::Pause | Op::Resume | Op::Acquire { .. } | Op::Withdraw { .. } | Op::Down { .. } | Op::Up { .. }) {
                 let after: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
                 prop_assert!(holders_before.is_subset(&after), "a holder was dropped without a release");
             }
 
             // The engine's grant loop.
             loop {
-                let decision = decide(&state, &queue, &[], &policy, &guards, now);
+                let decision = decide(&state, &queue, &unavailable, &policy, &guards, now);
                 let Some(node) = decision.grant else { break };
                 prop_assert!(state.paused.is_none(), "granted while paused");
+                let down = unavailable.iter().filter(|u| !state.holders.contains_key(*u)).count();
+                prop_assert!(
+                    state.holders.len() + down < max as usize,
+                    "granted {} with {} holders and {} nodes down, limit {}",
+                    node, state.holders.len(), down, max
+                );
                 let pos = queue.iter().position(|w| w.node == node).unwrap();
                 let w = queue.remove(pos);
                 // FIFO: everyone ahead was ineligible for a reason of its own.
@@ -248,6 +314,7 @@ proptest! {
                 let token = state.grant(&node, w.control_plane, false, "", now).unwrap();
                 prop_assert!(token > last_token, "token {} after {}", token, last_token);
                 last_token = token;
+                handed_out.push(token);
             }
             prop_assert!(state.holders.len() <= max as usize);
             prop_assert!(state.holders.values().filter(|h| h.control_plane).count() <= 1);

@@ -3,18 +3,18 @@
 //! `<prefix>/election`, on a lease with a short TTL.
 //!
 //! Guarantees:
-//! - Every save is one transaction that writes the state only if this
+//! - Every save is one transaction that writes the state only if (a) this
 //!   replica's election key still exists with the create revision it was
-//!   elected with. The election key lives on this replica's lease, so once
-//!   the lease is gone (expired while the replica was partitioned or frozen,
-//!   or revoked) the key is gone and the save is refused, even if the old
-//!   leader has not noticed yet. Keys under an election name are ordered by
-//!   create revision and the lowest one leads, so a key that still exists
-//!   with its original revision means this replica still leads.
-//! - A save that fails for any reason makes the replica step down (its
-//!   in-memory state may no longer match etcd); it campaigns again and, once
-//!   elected, reloads the state from etcd. A new leader therefore always
-//!   resumes from what etcd holds: the same holders, the same last token.
+//!   elected with, and that revision is the term the engine's memory was
+//!   loaded in, and (b) the state key's mod_revision is still the one the
+//!   engine last read or wrote. The election key lives on this replica's
+//!   lease, so once the lease is gone (expired while the replica was
+//!   partitioned or frozen, or revoked) the key is gone and the save is
+//!   refused, even if the old leader has not noticed yet; and a replica that
+//!   lost and won again cannot overwrite what another leader wrote in
+//!   between, even with a valid new key, because the state's revision moved.
+//! - A confirmation ([`StateStore::confirm`]) is the same comparison as a
+//!   read-only transaction, which etcd serves linearizably: one round trip.
 //! - [`Leadership::term`] is the create revision of the leader's election
 //!   key, which grows with every new leader.
 //! - Followers keep [`Leadership::leader`] current (the leader's id), so
@@ -29,7 +29,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{Leadership, StateStore, StoreError, decode, encode};
+use super::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
 use crate::etcd::within;
 use crate::state::LeaseState;
 
@@ -273,8 +273,85 @@ impl Shared {
     }
 }
 
+impl EtcdStore {
+    /// The comparisons that make `fence` current: this replica's election
+    /// key as elected in `fence.term`, and the state key at
+    /// `fence.revision`.
+    fn fenced(&self, fence: &Fence) -> Result<(Claim, Vec<Compare>), StoreError> {
+        let claim = self
+            .shared
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::NotLeader("this replica holds no election key".to_string())
+            })?;
+        if claim.create_revision as u64 != fence.term {
+            return Err(StoreError::NotLeader(format!(
+                "this replica leads in term {}, its memory is from term {}",
+                claim.create_revision, fence.term
+            )));
+        }
+        let mod_revision = match &fence.revision {
+            // A key that does not exist has mod_revision 0.
+            Revision::Absent => 0,
+            Revision::At(r) => r
+                .parse::<i64>()
+                .map_err(|_| StoreError::Conflict(format!("{r} is not an etcd revision")))?,
+        };
+        let compares = vec![
+            Compare::create_revision(claim.key.clone(), CompareOp::Equal, claim.create_revision),
+            Compare::mod_revision(self.state_key(), CompareOp::Equal, mod_revision),
+        ];
+        Ok((claim, compares))
+    }
+
+    /// Runs a fenced transaction (`ops` when the fence holds) and tells
+    /// which comparison failed.
+    async fn fenced_txn(
+        &self,
+        fence: &Fence,
+        ops: Vec<TxnOp>,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        let (claim, compares) = self.fenced(fence)?;
+        let key = self.state_key();
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else([TxnOp::get(claim.key.clone(), None)]);
+        let mut client = self.shared.client.clone();
+        let resp = within(self.shared.settings.timeout, client.txn(txn))
+            .await
+            .map_err(|e| StoreError::Backend(format!("transaction on {key}: {e}")))?;
+        if resp.succeeded() {
+            return Ok(resp);
+        }
+        let still_elected = resp.op_responses().iter().any(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == claim.create_revision),
+            _ => false,
+        });
+        if still_elected {
+            Err(StoreError::Conflict(format!(
+                "{key} is no longer at revision {}",
+                fence.revision
+            )))
+        } else {
+            self.shared
+                .step_down("the election key is gone; another replica may lead");
+            Err(StoreError::NotLeader(
+                "the election key is gone (lease expired or revoked): this replica was deposed"
+                    .to_string(),
+            ))
+        }
+    }
+}
+
 impl StateStore for EtcdStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<LeaseState>, StoreError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
             let key = self.state_key();
             let mut client = self.shared.client.clone();
@@ -282,49 +359,36 @@ impl StateStore for EtcdStore {
                 .await
                 .map_err(|e| StoreError::Backend(format!("reading {key}: {e}")))?;
             match resp.kvs().first() {
-                Some(kv) => decode(&format!("etcd key {key}"), kv.value()).map(Some),
-                None => Ok(None),
+                Some(kv) => Ok(Loaded {
+                    state: Some(decode(&format!("etcd key {key}"), kv.value())?),
+                    revision: Revision::At(kv.mod_revision().to_string()),
+                }),
+                None => Ok(Loaded {
+                    state: None,
+                    revision: Revision::Absent,
+                }),
             }
         })
     }
 
-    fn save<'a>(&'a self, state: &'a LeaseState) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn save<'a>(
+        &'a self,
+        state: &'a LeaseState,
+        fence: &'a Fence,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>> {
         Box::pin(async move {
-            let claim = self
-                .shared
-                .claim
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .ok_or_else(|| {
-                    StoreError::NotLeader("this replica holds no election key".to_string())
-                })?;
-            let key = self.state_key();
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    claim.key.clone(),
-                    CompareOp::Equal,
-                    claim.create_revision,
-                )])
-                .and_then([TxnOp::put(key.as_str(), encode(state), None)]);
-            let mut client = self.shared.client.clone();
-            match within(self.shared.settings.timeout, client.txn(txn)).await {
-                Ok(resp) if resp.succeeded() => Ok(()),
-                Ok(_) => {
-                    self.shared
-                        .step_down("the election key is gone; another replica may lead");
-                    Err(StoreError::NotLeader(
-                        "the election key is gone (lease expired or revoked): this replica was deposed".to_string(),
-                    ))
-                }
-                Err(e) => {
-                    // The write may or may not have happened: reload after re-election.
-                    self.shared
-                        .step_down("a state write had an unknown outcome");
-                    Err(StoreError::Backend(format!("writing {key}: {e}")))
-                }
-            }
+            let put = TxnOp::put(self.state_key(), encode(state), None);
+            let resp = self.fenced_txn(fence, vec![put]).await?;
+            // The transaction's revision is the put's mod_revision.
+            let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
+                StoreError::Backend("transaction answered without a header".to_string())
+            })?;
+            Ok(Revision::At(revision.to_string()))
         })
+    }
+
+    fn confirm<'a>(&'a self, fence: &'a Fence) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.fenced_txn(fence, Vec::new()).await.map(|_| ()) })
     }
 
     fn leadership(&self) -> watch::Receiver<Leadership> {
@@ -333,5 +397,9 @@ impl StateStore for EtcdStore {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    fn location(&self) -> String {
+        format!("etcd key {}", self.state_key())
     }
 }

@@ -3,34 +3,80 @@
 //! Every save writes `state.json.tmp`, fsyncs it, renames it over
 //! `state.json` and fsyncs the directory, so after a crash (even `kill -9` or
 //! power loss) the file holds either the old or the new state, never a mix.
-//! A lock file (`flock`) keeps two coordinators off one directory.
+//! A lock file (`flock`) keeps two coordinators off one directory: holding
+//! it is this store's leadership (one term, for the life of the process).
+//!
+//! Every save is a compare-and-swap on the document's `generation`, checked
+//! under the lock: the store remembers the generation and the file's
+//! identity (device, inode, size, modification time) it last read or wrote,
+//! and refuses a save or a confirmation when either differs, so a file
+//! replaced or edited behind the coordinator's back (a restored backup) is
+//! re-read, never overwritten.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 
-use super::{Leadership, StateStore, StoreError, decode, encode};
+use super::{
+    Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode_document, encode_generation,
+};
 use crate::state::LeaseState;
+
+/// The one leadership term of a file store (the lock is held for the life
+/// of the process).
+const TERM: u64 = 1;
+
+/// What identifies one version of the state file on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Identity {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
+/// What this store last read or wrote: `None` for "no file".
+type Known = Option<Option<(u64, Identity)>>;
 
 /// The embedded single-file store. The process that opens it leads.
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
     leadership: watch::Sender<Leadership>,
+    /// The generation and identity last read or written (outer `None`:
+    /// nothing read yet).
+    known: Mutex<Known>,
     /// Held open for the lock's lifetime.
     _lock: File,
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 impl FileStore {
     /// Opens (creating if needed) the data directory and locks it.
     pub fn open(dir: &Path, id: &str) -> Result<Self, StoreError> {
-        let io = |path: &Path, source| StoreError::Io {
-            path: path.display().to_string(),
-            source,
-        };
         fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
@@ -51,11 +97,12 @@ impl FileStore {
         let (leadership, _) = watch::channel(Leadership {
             is_leader: true,
             leader: Some(id.to_string()),
-            term: 1,
+            term: TERM,
         });
         Ok(Self {
             dir: dir.to_path_buf(),
             leadership,
+            known: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -65,13 +112,54 @@ impl FileStore {
         self.dir.join("state.json")
     }
 
-    fn write_atomically(dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    /// The file's identity now (`None`: there is no file).
+    fn identity_now(&self) -> Result<Option<Identity>, StoreError> {
+        let path = self.path();
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(Some(Identity::of(&meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
+    /// Checks `fence` against what this store last read or wrote and the
+    /// file on disk now; returns the current generation (`None`: no file).
+    fn check(&self, known: &Known, fence: &Fence) -> Result<Option<u64>, StoreError> {
+        if fence.term != TERM {
+            return Err(StoreError::NotLeader(format!(
+                "the embedded store has one term ({TERM}), not {}",
+                fence.term
+            )));
+        }
+        let Some(known) = known else {
+            return Err(StoreError::Conflict(
+                "the state file was not read yet".to_string(),
+            ));
+        };
+        let revision = match known {
+            Some((generation, _)) => Revision::At(generation.to_string()),
+            None => Revision::Absent,
+        };
+        if revision != fence.revision {
+            return Err(StoreError::Conflict(format!(
+                "{} is at generation {revision}, this coordinator's memory at {}",
+                self.path().display(),
+                fence.revision
+            )));
+        }
+        let on_disk = self.identity_now()?;
+        if on_disk != known.map(|(_, identity)| identity) {
+            return Err(StoreError::Conflict(format!(
+                "{} was changed by something other than this coordinator",
+                self.path().display()
+            )));
+        }
+        Ok(known.map(|(generation, _)| generation))
+    }
+
+    fn write_atomically(dir: &Path, bytes: &[u8]) -> Result<Identity, StoreError> {
         let target = dir.join("state.json");
         let tmp = dir.join("state.json.tmp");
-        let io = |path: &Path, source| StoreError::Io {
-            path: path.display().to_string(),
-            source,
-        };
         let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
         file.write_all(bytes).map_err(|e| io(&tmp, e))?;
         file.sync_all().map_err(|e| io(&tmp, e))?;
@@ -80,32 +168,76 @@ impl FileStore {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io(dir, e))?;
-        Ok(())
+        let meta = fs::metadata(&target).map_err(|e| io(&target, e))?;
+        Ok(Identity::of(&meta))
     }
 }
 
 impl StateStore for FileStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<LeaseState>, StoreError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
             let path = self.path();
-            match fs::read(&path) {
-                Ok(bytes) => decode(&path.display().to_string(), &bytes).map(Some),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(source) => Err(StoreError::Io {
-                    path: path.display().to_string(),
-                    source,
-                }),
+            let mut known = self.known.lock().await;
+            let before = self.identity_now()?;
+            let bytes = match fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    *known = Some(None);
+                    return Ok(Loaded {
+                        state: None,
+                        revision: Revision::Absent,
+                    });
+                }
+                Err(source) => return Err(io(&path, source)),
+            };
+            let doc = decode_document(&path.display().to_string(), &bytes)?;
+            let generation = doc.generation.unwrap_or(0);
+            // Only this process writes while it holds the lock; an identity
+            // that moved during the read means someone else did: read again.
+            let after = self.identity_now()?;
+            if before != after {
+                return Err(StoreError::Conflict(format!(
+                    "{} changed while it was read",
+                    path.display()
+                )));
             }
+            *known = after.map(|identity| Some((generation, identity)));
+            Ok(Loaded {
+                state: Some(doc.state),
+                revision: Revision::At(generation.to_string()),
+            })
         })
     }
 
-    fn save<'a>(&'a self, state: &'a LeaseState) -> BoxFuture<'a, Result<(), StoreError>> {
-        let bytes = encode(state);
-        let dir = self.dir.clone();
+    fn save<'a>(
+        &'a self,
+        state: &'a LeaseState,
+        fence: &'a Fence,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::write_atomically(&dir, &bytes))
-                .await
-                .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))?
+            // The lock is held across the write: one save at a time, and the
+            // check and the write cannot interleave with another call.
+            let mut known = self.known.lock().await;
+            let current = self.check(&known, fence)?;
+            let generation = current.map_or(1, |g| g + 1);
+            let bytes = encode_generation(state, Some(generation));
+            // Whatever happens next, the file may have changed: forget it
+            // until the write is known to have completed.
+            *known = None;
+            let dir = self.dir.clone();
+            let identity =
+                tokio::task::spawn_blocking(move || Self::write_atomically(&dir, &bytes))
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
+            *known = Some(Some((generation, identity)));
+            Ok(Revision::At(generation.to_string()))
+        })
+    }
+
+    fn confirm<'a>(&'a self, fence: &'a Fence) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let known = self.known.lock().await;
+            self.check(&known, fence).map(|_| ())
         })
     }
 
@@ -116,6 +248,10 @@ impl StateStore for FileStore {
     fn kind(&self) -> &'static str {
         "file"
     }
+
+    fn location(&self) -> String {
+        format!("the embedded store's file {}", self.path().display())
+    }
 }
 
 #[cfg(test)]
@@ -125,23 +261,39 @@ mod tests {
     use super::*;
     use crate::node::NodeName;
 
-    #[tokio::test]
-    async fn saves_loads_and_refuses_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        assert_eq!(store.load().await.unwrap(), None);
+    fn fence(revision: Revision) -> Fence {
+        Fence {
+            term: TERM,
+            revision,
+        }
+    }
+
+    fn granted(node: &str) -> LeaseState {
         let mut state = LeaseState::default();
         state
             .grant(
-                &NodeName::new("n1").unwrap(),
+                &NodeName::new(node).unwrap(),
                 true,
                 false,
                 "test",
                 Utc::now(),
             )
             .unwrap();
-        store.save(&state).await.unwrap();
-        assert_eq!(store.load().await.unwrap(), Some(state.clone()));
+        state
+    }
+
+    #[tokio::test]
+    async fn saves_loads_and_refuses_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, None);
+        assert_eq!(loaded.revision, Revision::Absent);
+        let state = granted("n1");
+        let revision = store.save(&state, &fence(Revision::Absent)).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(state.clone()));
+        assert_eq!(loaded.revision, revision);
         assert!(!dir.path().join("state.json.tmp").exists());
 
         // A second coordinator on the same directory is refused.
@@ -165,5 +317,54 @@ mod tests {
                 "corrupt file must stay untouched"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn saves_are_compare_and_swap_on_the_generation_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let first = store
+            .save(&granted("n1"), &fence(Revision::Absent))
+            .await
+            .unwrap();
+        // A save from memory that predates the last write is refused.
+        let stale = store.save(&granted("n2"), &fence(Revision::Absent)).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+        store.confirm(&fence(first.clone())).await.unwrap();
+        let wrong_term = Fence {
+            term: 7,
+            revision: first.clone(),
+        };
+        assert!(matches!(
+            store.confirm(&wrong_term).await,
+            Err(StoreError::NotLeader(_))
+        ));
+
+        // Someone restores an older file behind the coordinator's back: the
+        // next save and confirmation are refused until the file is re-read.
+        let restored = encode_generation(&LeaseState::default(), Some(1));
+        fs::write(store.path().with_extension("restore"), &restored).unwrap();
+        fs::rename(store.path().with_extension("restore"), store.path()).unwrap();
+        assert!(matches!(
+            store.confirm(&fence(first.clone())).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let refused = store.save(&granted("n3"), &fence(first.clone())).await;
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            fs::read(store.path()).unwrap(),
+            restored,
+            "nothing was overwritten"
+        );
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(LeaseState::default()));
+        store
+            .save(&granted("n3"), &fence(loaded.revision))
+            .await
+            .unwrap();
     }
 }

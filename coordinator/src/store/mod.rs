@@ -2,10 +2,25 @@
 //!
 //! [`StateStore`] is the one boundary between the engine and durable storage.
 //! Implementations: [`file::FileStore`] (embedded, the default: one JSON file
-//! under `--data-dir`); [`etcd::EtcdStore`] (`--store etcd`: the state in
-//! etcd, leader-elected replicas, every write guarded by the leader's
-//! election key); a Kubernetes store plugs in the same way. A store also says who leads: only the leader's engine grants, and a
-//! store must refuse a save from a replica that no longer leads.
+//! under `--data-dir`, leadership is the directory's lock);
+//! [`etcd::EtcdStore`] (`--store etcd`: leader-elected replicas, the state
+//! under one key); the Kubernetes store (a ConfigMap, leadership from a
+//! Lease); [`memory::MemoryStore`] (tests and the simulation, as strict as
+//! the others).
+//!
+//! The contract every store keeps, and the engine relies on:
+//! - a replica's memory is *current* only for a [`Fence`]: the leadership
+//!   term it loaded under and the revision of the state document it last
+//!   read or wrote;
+//! - [`StateStore::save`] is a compare-and-swap: it writes only while this
+//!   replica leads in the fence's term **and** the stored revision is still
+//!   the fence's, so nothing another leader wrote is ever overwritten;
+//! - [`StateStore::confirm`] is the same check without the write, as a
+//!   linearizable read: the engine calls it before it answers anything it
+//!   did not just write (refusals, reads), so a deposed replica never answers
+//!   from stale memory;
+//! - a save that fails for any reason may or may not have happened; the
+//!   engine then forgets its fence and reloads before it answers again.
 
 pub mod etcd;
 pub mod file;
@@ -27,11 +42,53 @@ pub struct Leadership {
     /// The leader's id, when known.
     pub leader: Option<String>,
     /// Grows with every change of leader, so a stale claim can be told apart.
+    /// A replica that leads again after losing leadership leads in a new
+    /// term, and reloads the state before it answers anything.
     pub term: u64,
 }
 
-/// Why the store failed. The engine treats every error as "nothing was
-/// written": the change is not applied and the caller is told.
+/// The version of the state document in its store, opaque to the engine:
+/// etcd's mod_revision of the state key, the ConfigMap's resourceVersion,
+/// the embedded file's generation.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Revision {
+    /// No state document exists.
+    #[default]
+    Absent,
+    /// The store's version of the document.
+    At(String),
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Revision::Absent => f.write_str("absent"),
+            Revision::At(r) => f.write_str(r),
+        }
+    }
+}
+
+/// What the engine's memory is known to match: the leadership term it was
+/// loaded in and the revision of the state document it last read or wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The [`Leadership::term`] the state was loaded in.
+    pub term: u64,
+    /// The state document's revision.
+    pub revision: Revision,
+}
+
+/// The state as loaded, with its revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The state; `None` when the store holds none.
+    pub state: Option<LeaseState>,
+    /// Its revision ([`Revision::Absent`] when there is none).
+    pub revision: Revision,
+}
+
+/// Why the store failed. After an error from [`StateStore::save`] the write
+/// may or may not have happened: the engine reloads before answering again.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing the medium failed.
@@ -44,7 +101,7 @@ pub enum StoreError {
     },
     /// The stored state cannot be read. It is left in place untouched.
     #[error(
-        "state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside to start empty (that forgets every holder and fencing token)"
+        "state in {path} is corrupt ({detail}); it was left untouched: restore it from a backup (starting empty would forget every holder)"
     )]
     Corrupt {
         /// Where it is.
@@ -58,48 +115,126 @@ pub enum StoreError {
         /// The directory.
         path: String,
     },
-    /// This replica does not lead (any more): it must not write.
+    /// This replica does not lead (any more), or leads in another term than
+    /// the one its memory was loaded in: it must not write.
     #[error("not the leader: {0}")]
     NotLeader(String),
-    /// A backend-specific failure (etcd, Kubernetes).
+    /// The state changed under this replica (another writer, or a deposed
+    /// replica's memory): nothing was written; it reloads before answering.
+    #[error("the state changed under this coordinator: {0}")]
+    Conflict(String),
+    /// The store holds no state although this is not a new installation as
+    /// far as anyone said.
+    #[error(
+        "no lease state in {location}: either this is a new installation, or the state was lost (a deleted ConfigMap, a wrong --data-dir, a new --etcd-prefix, a switched --store). Starting empty would forget every holder and could hand a node down while another is still under maintenance, so the coordinator refuses to run. If the state was lost, restore it (or point the flags back at it); if this is a new installation, start one coordinator once with --initialize"
+    )]
+    Missing {
+        /// Where the state was looked for.
+        location: String,
+    },
+    /// `--initialize` was given but the store already holds state.
+    #[error(
+        "--initialize was given but {location} already holds lease state (last fencing token {last_token}, {holders} holder(s)): remove --initialize, it is only for a new installation and never replaces existing state"
+    )]
+    AlreadyInitialized {
+        /// Where the state is.
+        location: String,
+        /// Its last fencing token.
+        last_token: u64,
+        /// How many nodes hold the baton.
+        holders: usize,
+    },
+    /// The state document would exceed the store's size budget.
+    #[error("the state document would be {size} bytes, over the budget of {budget} bytes")]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// A backend-specific failure (etcd, Kubernetes), or no answer in time.
     #[error("state store backend: {0}")]
     Backend(String),
 }
 
-/// Durable storage of the lease state.
+/// Durable storage of the lease state, shared by the replicas of one
+/// installation. See the module documentation for the contract.
 pub trait StateStore: Send + Sync + 'static {
-    /// The last saved state, `None` when nothing was ever saved. A state that
-    /// cannot be read is [`StoreError::Corrupt`], never silently replaced.
-    fn load(&self) -> BoxFuture<'_, Result<Option<LeaseState>, StoreError>>;
+    /// The latest stored state and its revision, read linearizably (what
+    /// any write completed before the call made). A state that cannot be
+    /// read is [`StoreError::Corrupt`], never silently replaced.
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
 
-    /// Saves `state` atomically: after an error the stored state is the old
-    /// one, after success the new one, whatever crashes in between.
-    fn save<'a>(&'a self, state: &'a LeaseState) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Writes `state` atomically if this replica leads in `fence.term` and
+    /// the stored revision is `fence.revision` ([`Revision::Absent`]: only if
+    /// there is none); returns the new revision. Refused with
+    /// [`StoreError::NotLeader`] or [`StoreError::Conflict`] otherwise, and
+    /// then nothing was written. Any other error: the outcome is unknown.
+    fn save<'a>(
+        &'a self,
+        state: &'a LeaseState,
+        fence: &'a Fence,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>>;
 
-    /// This replica's leadership, kept current by the store.
+    /// Confirms, with a linearizable read, that this replica leads in
+    /// `fence.term` and that the stored revision is still `fence.revision`:
+    /// memory loaded under that fence is the latest state right now.
+    fn confirm<'a>(&'a self, fence: &'a Fence) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// This replica's leadership, kept current by the store. It may lag
+    /// behind the truth; [`StateStore::save`] and [`StateStore::confirm`]
+    /// never do.
     fn leadership(&self) -> watch::Receiver<Leadership>;
 
     /// A short name for logs and status ("file", "etcd").
     fn kind(&self) -> &'static str;
+
+    /// Where the state lives, for messages ("etcd key /baton/state").
+    fn location(&self) -> String;
 }
 
-/// The persisted document: the state plus a format version.
+/// The persisted document: the state plus a format version (and, in the
+/// embedded store, a generation that grows with every save).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct Document {
     /// [`FORMAT_VERSION`] when written.
     pub format: u32,
+    /// The embedded store's generation (its [`Revision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
     /// The lease state.
     pub state: LeaseState,
 }
 
 /// Encodes `state` as a [`Document`].
 pub fn encode(state: &LeaseState) -> Vec<u8> {
-    let doc = serde_json::json!({ "format": FORMAT_VERSION, "state": state });
-    serde_json::to_vec(&doc).expect("lease state serializes")
+    encode_generation(state, None)
+}
+
+/// Encodes `state` as a [`Document`] with a generation.
+pub fn encode_generation(state: &LeaseState, generation: Option<u64>) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct DocumentRef<'a> {
+        format: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        state: &'a LeaseState,
+    }
+    serde_json::to_vec(&DocumentRef {
+        format: FORMAT_VERSION,
+        generation,
+        state,
+    })
+    .expect("lease state serializes")
 }
 
 /// Decodes a [`Document`] read from `path`.
 pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
+    decode_document(path, bytes).map(|d| d.state)
+}
+
+/// Decodes a [`Document`] read from `path`, with its generation.
+pub fn decode_document(path: &str, bytes: &[u8]) -> Result<Document, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.to_string(),
         detail,
@@ -111,7 +246,7 @@ pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
             doc.format
         )));
     }
-    let state = doc.state;
+    let state = &doc.state;
     if let Some((node, h)) = state
         .holders
         .iter()
@@ -122,5 +257,5 @@ pub fn decode(path: &str, bytes: &[u8]) -> Result<LeaseState, StoreError> {
             h.fencing_token, state.last_token
         )));
     }
-    Ok(state)
+    Ok(doc)
 }

@@ -16,7 +16,9 @@ use clap::Parser;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-/// Serve arguments parsed from a command line, as the binary would.
+/// Serve arguments parsed from a command line, as the binary would. A data
+/// directory without state is a new installation: `--initialize` is added,
+/// as an operator would for the first start (not for later ones).
 pub fn serve_args(data_dir: &Path, extra: &[&str]) -> ServeArgs {
     let mut argv = vec![
         "baton-coordinator".to_string(),
@@ -26,6 +28,9 @@ pub fn serve_args(data_dir: &Path, extra: &[&str]) -> ServeArgs {
         format!("--data-dir={}", data_dir.display()),
         "--id=test-coordinator".into(),
     ];
+    if !data_dir.join("state.json").exists() {
+        argv.push("--initialize".into());
+    }
     argv.extend(extra.iter().map(|s| s.to_string()));
     match Cli::try_parse_from(argv) {
         Ok(Cli {

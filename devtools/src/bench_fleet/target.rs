@@ -90,6 +90,8 @@ impl Backend {
                     prefix.as_str(),
                     "--max-concurrent",
                     max.as_str(),
+                    // Each run has its own, new prefix.
+                    "--initialize",
                 ];
                 let coordinator =
                     Coordinator::start_binary_logging(&self.binary, "fleet", &args, "warn")?;

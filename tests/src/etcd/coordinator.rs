@@ -33,10 +33,17 @@ pub struct Coordinator {
     pub metrics_addr: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The program and its arguments, for [`Coordinator::restart`].
+    command: Vec<String>,
+    /// Its `RUST_LOG`.
+    rust_log: String,
 }
 
 impl Coordinator {
-    /// Starts `baton-coordinator serve --insecure` with `args` added.
+    /// Starts `baton-coordinator serve --insecure` with `args` added. With
+    /// the embedded store (no `--store` in `args`) its fresh data directory
+    /// is initialized (`--initialize`); with a shared store the caller says
+    /// which replica initializes.
     pub fn start(id: &str, args: &[&str]) -> Result<Self> {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
@@ -55,31 +62,91 @@ impl Coordinator {
         args: &[&str],
         rust_log: &str,
     ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let mut all = vec!["--insecure"];
+        all.extend_from_slice(args);
+        Self::launch(binary, id, &all, rust_log)
+    }
+
+    /// Starts `binary serve` with `args` and no `--insecure`: the caller
+    /// passes the authentication flags (the lab's mutual TLS).
+    pub fn start_with_auth(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
+        Self::launch(binary, id, args, "info")
+    }
+
+    fn launch(binary: &std::path::Path, id: &str, args: &[&str], rust_log: &str) -> Result<Self> {
         let grpc = free_port();
         let metrics = free_port();
-        let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .args(["--insecure", "--id", id])
-            .args(["--listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(args)
-            .env("RUST_LOG", rust_log)
+        let mut me = Self {
+            id: id.to_string(),
+            grpc_url: format!("http://127.0.0.1:{grpc}"),
+            metrics_addr: format!("127.0.0.1:{metrics}"),
+            dir: tempfile::tempdir()?,
+            child: None,
+            command: Vec::new(),
+            rust_log: rust_log.to_string(),
+        };
+        let data = me.dir.path().join("data");
+        me.command = [
+            binary.display().to_string(),
+            "serve".into(),
+            "--id".into(),
+            id.into(),
+        ]
+        .into_iter()
+        .chain(["--listen".into(), format!("127.0.0.1:{grpc}")])
+        .chain(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")])
+        .chain(["--data-dir".into(), data.display().to_string()])
+        // The embedded store's fresh data directory is initialized on the
+        // first start; with a shared store the caller says which replica
+        // initializes (in `args`).
+        .chain(
+            (!args
+                .iter()
+                .any(|a| *a == "--store" || a.starts_with("--store=")))
+            .then(|| "--initialize".to_string()),
+        )
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting baton-coordinator")?;
-        Ok(Self {
-            id: id.to_string(),
-            grpc_url: format!("http://127.0.0.1:{grpc}"),
-            metrics_addr: format!("127.0.0.1:{metrics}"),
-            dir,
-            child: Some(child),
-        })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts it again (after [`Coordinator::kill`], or killing it first)
+    /// with the same id, flags, ports and data directory, but never
+    /// `--initialize` (the state exists now, and a replica told to
+    /// initialize refuses to start on it); its log continues. What a
+    /// supervisor does.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.command.retain(|a| a != "--initialize");
+        self.spawn()
+    }
+
+    /// True while the process has not been killed.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Where its log goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.log")
     }
 
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
@@ -89,7 +156,7 @@ impl Coordinator {
 
     /// The process's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// A gRPC client (retries while the process starts).
@@ -112,18 +179,7 @@ impl Coordinator {
 
     /// True when /readyz answers 200 (this replica leads).
     pub fn ready(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(&self.metrics_addr) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+        ready_at(&self.metrics_addr)
     }
 
     /// Waits until this replica leads.
@@ -151,6 +207,18 @@ impl Coordinator {
         }
     }
 
+    /// Waits (bounded) until the process exits on its own; its exit status.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        for _ in 0..(BOUND.as_millis() / 100) {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("coordinator {} did not exit\n{}", self.id, self.log())
+    }
+
     /// Freezes the process (a partitioned or hung replica).
     pub fn stop(&self) {
         let _ = kill(self.pid(), Signal::SIGSTOP);
@@ -166,6 +234,25 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// True when the coordinator whose metrics listen on `metrics_addr`
+/// answers /readyz with 200 (it leads). Blocks for at most about 2 s (a
+/// frozen process accepts the connection but never answers).
+pub fn ready_at(metrics_addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(metrics_addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
 /// Opens an Acquire stream for `node`.

@@ -3,8 +3,8 @@
 //! TokenReviews on the shared store.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::semantics::{
-    disruptions_allowed, fields_match, label_selector_matches, labels_match, merge_patch,
+    disruptions_allowed, fields_match, invalid, label_selector_matches, labels_match, merge_patch,
     parse_query,
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
@@ -24,12 +24,39 @@ use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 struct Ctx {
     api: FakeApi,
     partitioned: Arc<AtomicBool>,
+    stalled: Arc<Mutex<Option<String>>>,
 }
 
-pub(crate) fn router(api: FakeApi, partitioned: Arc<AtomicBool>) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(Ctx { api, partitioned })
+pub(crate) fn router(
+    api: FakeApi,
+    partitioned: Arc<AtomicBool>,
+    stalled: Arc<Mutex<Option<String>>>,
+) -> Router {
+    Router::new().fallback(handle).with_state(Ctx {
+        api,
+        partitioned,
+        stalled,
+    })
+}
+
+/// While writes to `target`'s resource are stalled, waits (re-checking
+/// every 50 ms) before answering, as an API server that hangs would.
+async fn wait_while_stalled(ctx: &Ctx, method: &Method, target: Option<&Target>) {
+    let Some(target) = target else { return };
+    if method == Method::GET {
+        return;
+    }
+    loop {
+        let stalled = ctx
+            .stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if stalled.as_deref() != Some(target.resource.as_str()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A parsed request path.
@@ -101,6 +128,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    wait_while_stalled(&ctx, &method, Target::parse(uri.path()).as_ref()).await;
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
         status(
             503,
@@ -244,6 +272,9 @@ fn create(ctx: &Ctx, t: &Target, mut body: Value) -> Response {
     body["apiVersion"] = json!(t.api_version);
     body["kind"] = json!(kind_of(&t.resource));
     body["metadata"]["resourceVersion"] = Value::Null;
+    if let Some(message) = invalid(&body) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, body, "ADDED");
     drop(store);
     ctx.api.wake();
@@ -282,6 +313,9 @@ fn replace(ctx: &Ctx, t: &Target, name: &str, mut body: Value) -> Response {
     body["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
     body["apiVersion"] = json!(t.api_version);
     body["kind"] = json!(kind_of(&t.resource));
+    if let Some(message) = invalid(&body) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, body, "MODIFIED");
     drop(store);
     ctx.api.wake();
@@ -299,6 +333,9 @@ fn patch(ctx: &Ctx, t: &Target, name: &str, body: &Value) -> Response {
     }
     let mut object = current.clone();
     merge_patch(&mut object, body);
+    if let Some(message) = invalid(&object) {
+        return status(422, "Invalid", &message);
+    }
     let stored = store.write(key, object, "MODIFIED");
     drop(store);
     ctx.api.wake();

@@ -7,6 +7,8 @@
 //! - every write bumps a cluster-wide `resourceVersion`; a PUT or PATCH
 //!   carrying a stale one answers 409 Conflict, a create of an existing
 //!   name 409 AlreadyExists, a missing object 404;
+//! - a ConfigMap whose data exceeds 1 MiB is refused 422 Invalid, as the
+//!   API server's validation does;
 //! - `pods/eviction` answers 429 while a PodDisruptionBudget (integer
 //!   `minAvailable` or `maxUnavailable`, `matchLabels` selector) forbids the
 //!   disruption, and otherwise deletes the pod gracefully: it gets a
@@ -20,7 +22,8 @@
 //!
 //! Several [`Endpoint`]s can serve one store; an endpoint can be partitioned
 //! (every request and open watch fails) to cut one client off, as a network
-//! partition would.
+//! partition would, or stall the writes to one resource (they hang until
+//! released), as an overloaded API server would.
 //!
 //! Layout: this file holds the store and its public test handle;
 //! [`http`] routes requests; [`semantics`] holds the pure rules (selectors,
@@ -102,6 +105,8 @@ pub struct Endpoint {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     partitioned: Arc<AtomicBool>,
+    /// The resource (`configmaps`, ...) whose writes hang, if any.
+    stalled: Arc<Mutex<Option<String>>>,
 }
 
 impl Default for FakeApi {
@@ -126,11 +131,16 @@ impl FakeApi {
             .expect("bind 127.0.0.1:0");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
         let partitioned = Arc::new(AtomicBool::new(false));
-        let app = http::router(self.clone(), partitioned.clone());
+        let stalled = Arc::new(Mutex::new(None));
+        let app = http::router(self.clone(), partitioned.clone(), stalled.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Endpoint { url, partitioned }
+        Endpoint {
+            url,
+            partitioned,
+            stalled,
+        }
     }
 
     /// A `kube::Client` talking to a fresh endpoint of this fake.
@@ -216,6 +226,13 @@ impl Endpoint {
     /// request answers 503 and open watches end.
     pub fn partition(&self, cut: bool) {
         self.partitioned.store(cut, Ordering::SeqCst);
+    }
+
+    /// Makes every write (anything but GET) to `resource` (e.g.
+    /// `configmaps`) hang on this endpoint until called again with `None`;
+    /// reads and other resources are served as usual.
+    pub fn stall_writes(&self, resource: Option<&str>) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = resource.map(str::to_string);
     }
 }
 

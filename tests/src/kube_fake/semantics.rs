@@ -124,6 +124,47 @@ pub fn fields_match(selector: &str, object: &Value) -> bool {
         })
 }
 
+/// The most bytes a ConfigMap's (or Secret's) data may hold, keys included
+/// (the API server's `MaxSecretSize`, 1 MiB).
+pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
+
+/// Why the API server would refuse `object` as invalid (422), for the
+/// limits the fake enforces: a ConfigMap whose `data` and `binaryData`
+/// (keys and values, binary data decoded) exceed [`CONFIGMAP_MAX_BYTES`].
+pub fn invalid(object: &Value) -> Option<String> {
+    if object["kind"] != "ConfigMap" {
+        return None;
+    }
+    let text: usize = object["data"]
+        .as_object()
+        .map(|d| {
+            d.iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    // binaryData is base64: every 4 characters carry 3 bytes.
+    let binary: usize = object["binaryData"]
+        .as_object()
+        .map(|d| {
+            d.iter()
+                .map(|(k, v)| {
+                    k.len()
+                        + v.as_str()
+                            .map_or(0, |s| s.trim_end_matches('=').len() * 3 / 4)
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    let total = text + binary;
+    (total > CONFIGMAP_MAX_BYTES).then(|| {
+        format!(
+            "ConfigMap \"{}\" is invalid: []: Too long: must have at most {CONFIGMAP_MAX_BYTES} bytes",
+            object["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    })
+}
+
 /// Applies an RFC 7386 JSON merge patch.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
     match patch {
@@ -229,6 +270,18 @@ mod tests {
             v,
             json!({"metadata": {"labels": {"b": "2", "c": "3"}}, "spec": {"unschedulable": true}})
         );
+    }
+
+    #[test]
+    fn configmaps_over_one_mebibyte_are_invalid() {
+        let cm = |size: usize| json!({"kind": "ConfigMap", "metadata": {"name": "s"}, "data": {"k": "x".repeat(size)}});
+        assert_eq!(invalid(&cm(CONFIGMAP_MAX_BYTES - 1)), None);
+        let message = invalid(&cm(CONFIGMAP_MAX_BYTES)).unwrap();
+        assert!(
+            message.contains("Too long: must have at most 1048576 bytes"),
+            "{message}"
+        );
+        assert_eq!(invalid(&json!({"kind": "Lease"})), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Examples and properties of the quorum rule.
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 
 use super::*;
@@ -9,6 +9,19 @@ use crate::etcd::health::{Alarm, MemberHealth};
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 5, 12, 0, 0).unwrap()
+}
+
+/// The rule with the snapshot's age taken from its wall-clock stamp, so
+/// the examples below can say "six seconds old" directly.
+fn may_take_down(
+    health: &HealthSnapshot,
+    node: &str,
+    member: &str,
+    out: &[OutNode],
+    settings: &QuorumSettings,
+    now: DateTime<Utc>,
+) -> Result<(), String> {
+    super::may_take_down(health, node, member, out, settings, now - health.taken_at)
 }
 
 fn three() -> Vec<MemberHealth> {
@@ -99,6 +112,30 @@ fn another_etcd_node_out_blocks() {
     assert_eq!(
         may_take_down(&health, "n1", "n1", &out, &QuorumSettings::default(), now()),
         Err("etcd: node n2 (member n2) holds the baton; only one etcd node at a time".to_string())
+    );
+}
+
+#[test]
+fn another_etcd_node_out_names_unhealthy_members_too() {
+    // The lab's chaos run: n2 is not verified back yet while n3's member is
+    // frozen; the reason must point at n3 as well, not only at n2.
+    let out = [OutNode {
+        node: "n2".into(),
+        member: "n2".into(),
+        why: "is not verified back yet (1 of 3 healthy checks in a row)".into(),
+    }];
+    let mut members = three();
+    members[2] = member(3, "n3").down("no answer within 1000ms");
+    let health = cluster(now(), members);
+    let reason =
+        may_take_down(&health, "n1", "n1", &out, &QuorumSettings::default(), now()).unwrap_err();
+    assert!(
+        reason.contains("n2 (member n2) is not verified back yet"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("also member n3 unhealthy (no answer within 1000ms)"),
+        "{reason}"
     );
 }
 

@@ -1,0 +1,865 @@
+//! The agent over the simulated node (`crate::fakes`), with tokio's paused
+//! clock: one behaviour per test. The crash-point harness
+//! (`crate::crash_points`) runs the same simulation with faults.
+
+use super::*;
+use crate::fakes::driver::{Driver, settings};
+use crate::fakes::{
+    Fault, Faults, Point, PrepareOutcome, Rec, Sim, SimState, UPDATE_UNIT, UnitKind,
+};
+use crate::state::{HoldBack, SaveStage};
+use tokio::time::Instant;
+
+/// A simulation with `setup` applied and no faults.
+fn sim(setup: impl FnOnce(&mut SimState)) -> Arc<Sim> {
+    let mut state = SimState::default();
+    setup(&mut state);
+    Sim::new(state, Faults::None)
+}
+
+/// A kernel-like update: it applies the updates and asks for a reboot.
+fn kernel_update(s: &mut SimState) {
+    s.updates_pending = true;
+    s.update_sets_sentinel = true;
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The maintenance is over: released, idle, nothing needed.
+fn done(s: &SimState, a: Option<&AgentState>) -> bool {
+    s.holder.is_none()
+        && !s.releases().is_empty()
+        && a.is_some_and(|a| a.phase == Phase::Idle)
+        && !s.reboot_pending()
+}
+
+/// The agent sits in Failed and has reported it.
+fn failed(s: &SimState, a: Option<&AgentState>) -> bool {
+    a.is_some_and(|a| a.phase == Phase::Failed)
+        && s.holder.as_ref().and_then(|h| h.phase) == Some(Phase::Failed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn sentinel_update_reboot_verify_release() {
+    let d = Driver::new(sim(kernel_update), settings());
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.releases(), vec![1]);
+    assert_eq!(s.boot, 2, "one real reboot");
+    assert_eq!(
+        s.phases(),
+        vec![
+            Phase::Granted,
+            Phase::Preparing,
+            Phase::Updating,
+            Phase::Rebooting,
+            Phase::Verifying,
+            Phase::Finishing
+        ]
+    );
+    assert_eq!(s.node_calls, vec!["prepare", "ready", "finish"]);
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 1);
+    assert!(!s.cordoned);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_update_keeps_the_baton_and_does_not_reboot() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+            s.update_output = "fetching\nE: disk on fire".into();
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    let state = d.agent_state().unwrap();
+    assert!(state.error.unwrap().contains("exit status 3"));
+    let s = d.sim.state();
+    assert_eq!(s.boot, 1, "not rebooted");
+    assert!(s.releases().is_empty());
+    let (_, report) = s
+        .reports
+        .iter()
+        .rev()
+        .find(|(_, r)| r.phase == Phase::Failed)
+        .unwrap();
+    // The output goes in the error (room for it), not the message.
+    assert!(report.error.contains("disk on fire"), "{report:?}");
+    assert!(report.message.contains("exit status 3"), "{report:?}");
+    assert!(!report.message.contains('\n'));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_reboot_needed_releases_without_reboot() {
+    let d = Driver::new(sim(|s| s.updates_pending = true), settings());
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 1);
+    assert!(!s.phases().contains(&Phase::Rebooting));
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+}
+
+/// Finding 1: `Rebooting` never reaches the disk without the boot_id.
+#[tokio::test(start_paused = true)]
+async fn rebooting_and_the_boot_id_before_it_are_one_write() {
+    let d = Driver::new(sim(kernel_update), settings());
+    let saved = Arc::new(Mutex::new(Vec::<AgentState>::new()));
+    // Record every durable state (the driver's own hook runs no faults).
+    let seen = saved.clone();
+    let file = StateFile::new(d.dir.path()).with_faults(Arc::new(move |stage, state| {
+        if stage == SaveStage::After {
+            seen.lock().unwrap().push(state.clone());
+        }
+        Ok(())
+    }));
+    let shutdown = CancellationToken::new();
+    let sim = d.sim.clone();
+    let mut agent = Agent::new(
+        crate::fakes::SimHost(sim.clone()),
+        crate::fakes::SimCoordinator(sim.clone()),
+        crate::fakes::SimNode(sim.clone()),
+        file,
+        settings(),
+        shutdown.clone(),
+    )
+    .with_clock(sim.clock());
+    let (_tick, wakes) = watch::channel(0);
+    let stop = async {
+        while sim.state().reboot_at.is_none() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        shutdown.cancel();
+    };
+    let (result, ()) = tokio::join!(agent.run(wakes), stop);
+    result.unwrap();
+    let saved = saved.lock().unwrap();
+    let rebooting: Vec<_> = saved
+        .iter()
+        .filter(|s| s.phase == Phase::Rebooting)
+        .collect();
+    assert!(!rebooting.is_empty());
+    for state in rebooting {
+        assert_eq!(state.boot_id_before_reboot.as_deref(), Some("boot-1"));
+    }
+}
+
+/// Finding 1: a state file in `Rebooting` without a boot_id (written by an
+/// agent killed between two writes) means "not rebooted yet".
+#[tokio::test(start_paused = true)]
+async fn rebooting_without_a_boot_id_reboots_before_releasing() {
+    let d = Driver::new(
+        sim(|s| {
+            s.sentinel = true;
+            s.hold(4, Phase::Rebooting);
+            s.cordoned = true;
+        }),
+        settings(),
+    );
+    StateFile::new(d.dir.path())
+        .save(&AgentState {
+            phase: Phase::Rebooting,
+            fencing_token: Some(4),
+            boot_id_before_reboot: None,
+            ..AgentState::idle()
+        })
+        .unwrap();
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 2, "rebooted before releasing");
+    let booted = s.log.iter().position(|r| *r == Rec::Booted(2)).unwrap();
+    let released = s
+        .log
+        .iter()
+        .position(|r| matches!(r, Rec::Released { .. }))
+        .unwrap();
+    assert!(booted < released);
+}
+
+/// Finding 7: a restart in `Rebooting` on the same boot asks again
+/// instead of failing.
+#[tokio::test(start_paused = true)]
+async fn same_boot_id_after_restart_asks_for_the_reboot_again() {
+    let d = Driver::new(
+        sim(|s| {
+            s.sentinel = true;
+            s.hold(4, Phase::Rebooting);
+        }),
+        settings(),
+    );
+    StateFile::new(d.dir.path())
+        .save(&AgentState {
+            phase: Phase::Rebooting,
+            fencing_token: Some(4),
+            boot_id_before_reboot: Some("boot-1".into()),
+            reboot_requests: 1,
+            ..AgentState::idle()
+        })
+        .unwrap();
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 2);
+    assert!(!s.phases().contains(&Phase::Failed));
+}
+
+/// A machine that never goes down: a bounded number of requests, then
+/// Failed (not a loop, and never a release).
+#[tokio::test(start_paused = true)]
+async fn a_reboot_that_never_happens_fails_after_bounded_requests() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.reboot_delay = Duration::from_secs(100 * 3600);
+        }),
+        settings(),
+    );
+    assert!(d.run(10 * HOUR, failed).await);
+    let state = d.agent_state().unwrap();
+    assert!(state.error.unwrap().contains("did not go down"));
+    let s = d.sim.state();
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::RebootRequest(_))),
+        MAX_REBOOT_REQUESTS as usize
+    );
+    assert!(s.releases().is_empty());
+}
+
+/// Finding 2: a saved token is confirmed before anything is done with it.
+/// Force-released while the agent was down: it gives the node back.
+#[tokio::test(start_paused = true)]
+async fn a_saved_token_that_was_force_released_drains_nothing() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.last_token = 4;
+            s.cordoned = true;
+        }),
+        settings(),
+    );
+    StateFile::new(d.dir.path())
+        .save(&AgentState {
+            phase: Phase::Preparing,
+            fencing_token: Some(4),
+            reason: "updates available".into(),
+            ..AgentState::idle()
+        })
+        .unwrap();
+    assert!(
+        d.run(Duration::from_secs(60), |s, a| {
+            !s.cordoned && a.is_some_and(|a| a.phase == Phase::Idle)
+        })
+        .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0, "no drain");
+    assert_eq!(s.node_calls, vec!["abort"]);
+    assert!(s.log.contains(&Rec::TokenRefused { inc: 1, token: 4 }));
+}
+
+/// Finding 2: renewals start at once, and an unreachable coordinator
+/// stops new evictions once the lease is older than the coordinator
+/// allows; nothing further starts until it answers again.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_coordinator_stops_the_drain_and_the_update() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.drain_duration = Duration::from_secs(600);
+            s.overdue_after = Duration::from_secs(60);
+            s.outage_on_drain = true;
+        }),
+        settings(),
+    );
+    // One agent process through the outage: the drain (600 s) is stopped
+    // once the lease is older than 60 s, and nothing else starts.
+    assert!(!d.run(Duration::from_secs(900), |_, _| false).await);
+    {
+        let s = d.sim.state();
+        let prepare = s.log.iter().position(|r| matches!(r, Rec::Prepare(_)));
+        let confirmed = s.log.iter().position(|r| matches!(r, Rec::TokenOk { .. }));
+        assert!(confirmed < prepare, "renewed before the drain: {:?}", s.log);
+        assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 1);
+        assert_eq!(
+            s.count(|r| matches!(r, Rec::UpdateStart { .. })),
+            0,
+            "no update without the coordinator"
+        );
+        assert_eq!(s.count(|r| matches!(r, Rec::AgentStarted(_))), 1);
+    }
+    assert_eq!(
+        d.agent_state().unwrap().phase,
+        Phase::Preparing,
+        "the drain did not finish"
+    );
+    // The coordinator is back: the drain runs again, then the rest.
+    {
+        let mut s = d.sim.state();
+        s.outage_on_drain = false;
+        s.coordinator_down = false;
+    }
+    assert!(d.run(HOUR, done).await);
+    assert_eq!(d.sim.state().count(|r| matches!(r, Rec::Prepare(_))), 2);
+}
+
+/// Finding 3: an aborted drain's reason naming every pod is cut to the
+/// API's limit, so the release goes through.
+#[tokio::test(start_paused = true)]
+async fn a_long_abort_reason_is_cut_and_the_baton_released() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.prepare = PrepareOutcome::DrainTimeout;
+            s.drain_pending = (0..200)
+                .map(|i| format!("apps/web-{i} (disruption budget)"))
+                .collect();
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| !s.releases().is_empty()
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(s.release_reasons[0].contains("drain timed out"));
+    assert!(s.release_reasons[0].len() <= crate::text::REASON_BYTES);
+    assert!(s.holder.is_none());
+}
+
+/// Finding 3: long update output fits in the report's error, and the
+/// Failed report is accepted.
+#[tokio::test(start_paused = true)]
+async fn long_update_output_is_reported_within_the_limits() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+            s.update_output = "x".repeat(50_000);
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    let s = d.sim.state();
+    let (_, report) = s.reports.last().unwrap();
+    assert_eq!(report.phase, Phase::Failed);
+    assert!(report.error.ends_with("E: boom"));
+    assert!(report.error.len() <= crate::text::ERROR_BYTES);
+}
+
+/// Finding 3: a release refused for good (PERMISSION_DENIED) fails the
+/// maintenance with the reason instead of retrying forever.
+#[tokio::test(start_paused = true)]
+async fn a_permanently_refused_release_ends_in_failed() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.refuse_release = true;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("PermissionDenied"), "{error}");
+}
+
+/// Finding 4: a sentinel still there after a verified reboot is Failed,
+/// not another maintenance.
+#[tokio::test(start_paused = true)]
+async fn a_sentinel_that_survives_the_reboot_ends_in_failed() {
+    let d = Driver::new(sim(|s| s.persistent_sentinel = true), settings());
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("after a verified reboot"), "{error}");
+    // Hours later: still one reboot, still failed, still held.
+    assert!(!d.run(5 * HOUR, |_, _| false).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 2);
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })),
+        1
+    );
+    assert!(s.releases().is_empty());
+}
+
+/// Finding 4: a need that comes back after every maintenance (phased
+/// packages) is held back, doubling, and the hold-back survives restarts.
+#[tokio::test(start_paused = true)]
+async fn a_need_that_comes_back_is_held_back_exponentially() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.update_clears_need = false;
+        }),
+        settings(),
+    );
+    let base = settings().abort_backoff;
+    let grants = |s: &SimState| s.count(|r| matches!(r, Rec::Granted { resumed: false, .. }));
+    let started = Instant::now();
+    assert!(d.run(10 * HOUR, |s, _| grants(s) == 4).await);
+    // Three hold-backs before the fourth grant: base, 2 base, 4 base.
+    assert!(started.elapsed() >= base * 7, "{:?}", started.elapsed());
+    let hold_back: HoldBack = d.agent_state().unwrap().hold_back.unwrap();
+    assert_eq!(hold_back.streak, 3);
+    // A restart does not shorten the hold-back: kill the agent right after
+    // the next release and count grants during the next 7 base periods.
+    assert!(
+        d.run(10 * HOUR, |s, a| s.releases().len() == 4
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    d.sim.kill();
+    let before = Instant::now();
+    assert!(d.run(10 * HOUR, |s, _| grants(s) == 5).await);
+    assert!(
+        before.elapsed() >= base * 8 - Duration::from_secs(5),
+        "{:?}",
+        before.elapsed()
+    );
+}
+
+/// Finding 7 and item 8: a failing update keeps the baton; a
+/// force-release gives the node back (uncordoned) and the failing update
+/// does not come straight back.
+#[tokio::test(start_paused = true)]
+async fn force_release_while_failed_gives_the_node_back() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    assert!(d.sim.state().cordoned, "a failed node stays cordoned");
+    d.sim.state().force_release();
+    // Not a stop condition: a fixed stretch of time, then the checks.
+    assert!(!d.run(Duration::from_secs(120), |_, _| false).await);
+    let s = d.sim.state();
+    assert!(s.node_calls.contains(&"abort"), "{:?}", s.node_calls);
+    assert!(!s.cordoned, "given back");
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })),
+        1,
+        "the failing update did not come straight back"
+    );
+    let state = d.agent_state().unwrap();
+    assert_eq!(state.phase, Phase::Idle);
+    assert_eq!(state.fencing_token, None);
+    assert!(state.hold_back.is_some());
+}
+
+/// Finding 7: the hold-back after a force-release survives a restart.
+#[tokio::test(start_paused = true)]
+async fn the_hold_back_after_a_force_release_survives_a_restart() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    d.sim.state().force_release();
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let idle_at = Instant::now();
+    d.sim.kill();
+    let grants = |s: &SimState| s.count(|r| matches!(r, Rec::Granted { resumed: false, .. }));
+    assert!(d.run(HOUR, |s, _| grants(s) == 2).await);
+    assert!(idle_at.elapsed() >= settings().abort_backoff - Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn corrupt_state_asks_the_coordinator_and_resumes_the_grant() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.hold(9, Phase::Failed);
+        }),
+        settings(),
+    );
+    std::fs::write(d.dir.path().join("state.json"), b"{\"phase\":").unwrap();
+    assert!(d.run(HOUR, |s, _| !s.releases().is_empty()).await);
+    assert_eq!(d.sim.state().releases(), vec![9]);
+    assert!(d.dir.path().join("state.json.corrupt-0").exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_timeout_aborts_releases_with_the_reason_and_holds_back() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.prepare = PrepareOutcome::DrainTimeout;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| !s.releases().is_empty()
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.boot, 1);
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 0);
+    assert!(s.release_reasons[0].contains("drain timed out"));
+    let (_, aborting) = s
+        .reports
+        .iter()
+        .find(|(_, r)| r.phase == Phase::Aborting)
+        .expect("an Aborting report");
+    assert!(aborting.error.contains("drain timed out"));
+    assert_eq!(s.node_calls, vec!["prepare", "abort"]);
+    let last = s.shown.last().unwrap();
+    assert_eq!((last.from, last.to), (Phase::Aborting, Phase::Idle));
+    assert!(last.error.as_deref().unwrap().contains("drain timed out"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_an_abort_the_agent_holds_back_before_asking_again() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.prepare = PrepareOutcome::DrainTimeout;
+        }),
+        settings(),
+    );
+    let started = Instant::now();
+    assert!(d.run(HOUR, |s, _| s.releases().len() >= 2).await);
+    assert!(started.elapsed() >= settings().abort_backoff);
+    assert_eq!(d.sim.state().acquires, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_prepare_errors_still_fail_closed() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.prepare = PrepareOutcome::Error;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, failed).await);
+    assert!(d.sim.state().releases().is_empty());
+    assert!(d.sim.state().cordoned);
+}
+
+#[tokio::test(start_paused = true)]
+async fn blockers_keep_the_agent_from_asking_until_they_are_gone() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.blockers = vec!["ci/job-1 (matches app=ci)".into()];
+        }),
+        settings(),
+    );
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    {
+        let s = d.sim.state();
+        assert_eq!(s.acquires, 0);
+        assert_eq!(
+            s.waiting_shown,
+            vec![vec!["ci/job-1 (matches app=ci)".to_string()]],
+            "shown once, not on every tick (and once per restart)"
+        );
+    }
+    d.sim.state().blockers.clear();
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.acquires, 1);
+    assert_eq!(s.waiting_shown.last().unwrap(), &Vec::<String>::new());
+}
+
+/// Finding 7: a blocking pod that started while the node waited in the
+/// queue is seen after the grant: nothing is drained, the baton goes back.
+#[tokio::test(start_paused = true)]
+async fn a_blocking_pod_that_appears_after_the_grant_gives_the_baton_back() {
+    let d = Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            s.queue_blocked = true;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Waiting))
+            .await
+    );
+    {
+        let mut s = d.sim.state();
+        s.blockers = vec!["ci/job-1 (matches app=ci)".into()];
+        s.queue_blocked = false;
+    }
+    assert!(d.run(HOUR, |s, _| !s.releases().is_empty()).await);
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0, "not drained");
+    assert!(
+        s.release_reasons[0].contains("ci/job-1"),
+        "{:?}",
+        s.release_reasons
+    );
+}
+
+/// Finding 8: Confirm says "wait": the update waits, the reason is
+/// reported, and the update starts only once the coordinator says go.
+#[tokio::test(start_paused = true)]
+async fn the_update_waits_while_the_coordinator_says_wait() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 5];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    let waiting = s
+        .reports
+        .iter()
+        .find(|(_, r)| r.message.contains("etcd member n2 unhealthy"))
+        .expect("the reason was reported");
+    assert_eq!(waiting.1.phase, Phase::Updating);
+    // Five "wait" answers, then one "go" for the update and one for the
+    // reboot.
+    assert_eq!(s.confirms, 7);
+    // The reason was reported once, not on every answer.
+    assert_eq!(
+        s.reports
+            .iter()
+            .filter(|(_, r)| r.message.contains("unhealthy"))
+            .count(),
+        1
+    );
+}
+
+/// Finding 8: a token refused by Confirm stops the maintenance before the
+/// update.
+#[tokio::test(start_paused = true)]
+async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_waits = vec!["wait".into()];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, |s, _| s.confirms == 1).await);
+    d.sim.state().force_release();
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 0);
+    assert!(!s.cordoned);
+}
+
+/// Finding 8: an older coordinator without Confirm: Renew confirms the
+/// token instead, and Confirm is not asked again after the first answer.
+#[tokio::test(start_paused = true)]
+async fn an_older_coordinator_without_confirm_falls_back_to_renew() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_unimplemented = true;
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    // Once before the update; the reboot comes after a restart (new
+    // process), which asks once again.
+    assert!(s.confirms <= 2, "{}", s.confirms);
+    assert_eq!(s.boot, 2);
+}
+
+/// Finding 7: the coordinator's renew interval has a lower bound.
+#[test]
+fn a_tiny_renew_interval_from_the_coordinator_is_raised() {
+    let grant = Grant {
+        fencing_token: 1,
+        resumed: false,
+        renew_interval: Some(Duration::from_millis(10)),
+        overdue_after: None,
+    };
+    let terms = lease_terms(&grant, &settings());
+    assert_eq!(
+        terms.renew_interval_ms,
+        MIN_RENEW_INTERVAL.as_millis() as u64
+    );
+    let grant = Grant {
+        renew_interval: Some(Duration::from_secs(2)),
+        ..grant
+    };
+    assert_eq!(lease_terms(&grant, &settings()).renew_interval_ms, 2000);
+}
+
+/// Finding 7: with `--update-unit`, an agent restarted after it started
+/// the unit never starts it a second time.
+#[tokio::test(start_paused = true)]
+async fn an_update_unit_is_never_started_twice_for_a_grant() {
+    let sim = sim(|s| {
+        kernel_update(s);
+        s.known_units.insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
+        s.update_duration = Duration::from_secs(5);
+    });
+    let d = Driver::new(
+        sim,
+        Settings {
+            update: Some(Action::Unit(UPDATE_UNIT.into())),
+            ..settings()
+        },
+    );
+    // The agent is killed when the unit's run has ended and before it
+    // could persist anything about it (its next call).
+    d.sim.set_faults(Faults::OnPoint {
+        point: Point::RebootRequired,
+        nth: 0,
+        fault: Fault::KillBefore,
+        seen: 0,
+    });
+    assert!(d.run(HOUR, failed).await);
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 1);
+    assert_eq!(s.count(|r| matches!(r, Rec::AgentStarted(_))), 2);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("not starting it a second time"), "{error}");
+}
+
+// ---- The host layer's contract as the agent uses it (ported from the
+// ---- host-layer branch onto the simulated node): inhibitors, stopping an
+// ---- update that lost its baton or its time.
+
+/// Finding 6: a block inhibitor holds the reboot back, with who and why
+/// reported, the baton renewed meanwhile; once it goes, the reboot comes.
+#[tokio::test(start_paused = true)]
+async fn a_block_inhibitor_holds_the_reboot_back_with_its_reason_reported() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        settings(),
+    );
+    let reported = |s: &SimState| {
+        s.reports
+            .iter()
+            .any(|(_, r)| r.message.contains("copying /srv to tape"))
+    };
+    assert!(d.run(HOUR, |s, _| reported(s)).await);
+    let renews = d.sim.state().renews;
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    {
+        let s = d.sim.state();
+        assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+        assert!(s.renews >= renews + 600 / 5 - 1, "renewed while waiting");
+        let (_, held) = s
+            .reports
+            .iter()
+            .find(|(_, r)| r.message.contains("nightly-backup"))
+            .unwrap();
+        assert_eq!(held.phase, Phase::Rebooting);
+        assert!(held.message.contains("reboot held back by inhibitor locks"));
+    }
+    d.sim.state().inhibitors.clear();
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(s.boot, 2);
+    assert_eq!(s.reboots_while_inhibited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inhibitor_past_the_timeout_fails_without_a_reboot() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        settings(),
+    );
+    assert!(d.run(2 * HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("nightly-backup"), "{error}");
+    assert!(error.contains("--inhibitor-timeout"), "{error}");
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+    assert!(s.releases().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignore_inhibitors_reboots_through_them() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.inhibit("nightly-backup", "copying /srv to tape");
+        }),
+        Settings {
+            ignore_inhibitors: true,
+            ..settings()
+        },
+    );
+    assert!(d.run(HOUR, done).await);
+    assert_eq!(d.sim.state().reboots_while_inhibited, 1);
+}
+
+/// Finding 7: an update whose baton is lost is stopped.
+#[tokio::test(start_paused = true)]
+async fn an_update_whose_baton_is_lost_is_stopped() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = HOUR;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, _| s
+            .count(|r| matches!(r, Rec::UpdateStart { .. }))
+            == 1)
+            .await
+    );
+    d.sim.state().force_release();
+    assert!(d.run(HOUR, |s, _| !s.stops.is_empty()).await);
+    let s = d.sim.state();
+    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert!(
+        s.log.contains(&Rec::UpdateEnd {
+            unit: "baton-update-1.service".into(),
+            success: false
+        }),
+        "the run ended when it was stopped"
+    );
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_past_its_timeout_is_stopped_and_fails() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_duration = 10 * HOUR;
+        }),
+        settings(),
+    );
+    assert!(d.run(2 * HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("did not finish within 10m"), "{error}");
+    let s = d.sim.state();
+    assert_eq!(s.stops, vec!["baton-update-1.service".to_string()]);
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
+    let d = Driver::new(
+        sim(kernel_update),
+        Settings {
+            update: Some(Action::Unit("apt-daily-upgrade.timer".into())),
+            ..settings()
+        },
+    );
+    assert!(d.run(HOUR, failed).await);
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(error.contains("only .service units"), "{error}");
+}

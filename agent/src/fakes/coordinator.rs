@@ -1,0 +1,222 @@
+//! The simulated coordinator: one holder, growing tokens, fencing after a
+//! force-release, the published text limits, Confirm with "wait".
+
+use super::{Holder, Injected, Point, Rec, Sim};
+use crate::coordinator::{
+    Confirmation, Coordinator, CoordinatorError, Grant, Renewed, Report, Step,
+};
+use crate::text::{ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a hung call takes to fail (longer than the agent's deadline).
+const HANG: Duration = Duration::from_secs(600);
+
+/// The coordinator of a [`Sim`].
+#[derive(Clone)]
+pub struct SimCoordinator(pub Arc<Sim>);
+
+fn injected(what: &str, e: Injected) -> CoordinatorError {
+    CoordinatorError::Call(format!("{what}: injected {e:?}"))
+}
+
+fn lost() -> CoordinatorError {
+    CoordinatorError::Call("injected: the answer was lost".into())
+}
+
+/// INVALID_ARGUMENT for text over `limit` bytes or with control characters
+/// other than newline and tab, as the coordinator answers.
+fn check_text(field: &str, text: &str, limit: usize) -> Result<(), CoordinatorError> {
+    if text.len() > limit {
+        return Err(CoordinatorError::Refused(format!(
+            "InvalidArgument: {field} is {} bytes, more than {limit}",
+            text.len()
+        )));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(CoordinatorError::Refused(format!(
+            "InvalidArgument: {field} has control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn fenced(token: u64) -> CoordinatorError {
+    CoordinatorError::Fenced(format!("token {token} is not the node's current one"))
+}
+
+impl SimCoordinator {
+    /// Enter a call; an unreachable coordinator fails it.
+    async fn enter(&self, point: Point) -> Result<super::Fault, CoordinatorError> {
+        let what = format!("{point:?}");
+        let fault = self
+            .0
+            .enter(point, HANG)
+            .await
+            .map_err(|e| injected(&what, e))?;
+        if self.0.state().coordinator_down {
+            return Err(CoordinatorError::Call(
+                "Unavailable: coordinator unreachable".into(),
+            ));
+        }
+        Ok(fault)
+    }
+
+    /// Check `token` against the holder, recording the answer.
+    fn check_token(&self, token: u64) -> Result<(), CoordinatorError> {
+        let mut state = self.0.state();
+        let inc = state.incarnation;
+        if state.holder.as_ref().is_some_and(|h| h.token == token) {
+            state.log.push(Rec::TokenOk { inc, token });
+            Ok(())
+        } else {
+            state.log.push(Rec::TokenRefused { inc, token });
+            Err(fenced(token))
+        }
+    }
+}
+
+impl Coordinator for SimCoordinator {
+    async fn acquire(&self, reason: &str, wait: bool) -> Result<Option<Grant>, CoordinatorError> {
+        let fault = self.enter(Point::Acquire).await?;
+        check_text("reason", reason, REASON_BYTES)?;
+        self.0.state().acquires += 1;
+        loop {
+            let answer = {
+                let mut state = self.0.state();
+                let grant = |token, resumed, state: &super::SimState| Grant {
+                    fencing_token: token,
+                    resumed,
+                    renew_interval: Some(state.renew_interval),
+                    overdue_after: Some(state.overdue_after),
+                };
+                if let Some(holder) = &state.holder {
+                    let token = holder.token;
+                    state.log.push(Rec::Granted {
+                        token,
+                        resumed: true,
+                    });
+                    Some(Some(grant(token, true, &state)))
+                } else if state.queue_blocked {
+                    (!wait).then_some(None)
+                } else {
+                    state.last_token += 1;
+                    let token = state.last_token;
+                    state.holder = Some(Holder {
+                        token,
+                        phase: None,
+                        message: String::new(),
+                        error: String::new(),
+                        updated: false,
+                    });
+                    state.log.push(Rec::Granted {
+                        token,
+                        resumed: false,
+                    });
+                    Some(Some(grant(token, false, &state)))
+                }
+            };
+            if let Some(answer) = answer {
+                return self.0.leave(fault, Ok(answer), lost()).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn renew(&self, token: u64) -> Result<Renewed, CoordinatorError> {
+        let fault = self.enter(Point::Renew).await?;
+        self.0.state().renews += 1;
+        let answer = self.check_token(token).map(|()| Renewed {
+            overdue_at: Some(self.0.now_wall() + self.0.state().overdue_after),
+        });
+        self.0.leave(fault, answer, lost()).await
+    }
+
+    async fn report(&self, token: u64, report: &Report) -> Result<(), CoordinatorError> {
+        let fault = self.enter(Point::Report).await?;
+        check_text("message", &report.message, MESSAGE_BYTES)?;
+        check_text("error", &report.error, ERROR_BYTES)?;
+        check_text("boot_id", &report.boot_id, 64)?;
+        let answer = {
+            let mut state = self.0.state();
+            match state.holder.as_mut() {
+                Some(h) if h.token == token => {
+                    h.phase = Some(report.phase);
+                    h.message = report.message.clone();
+                    h.error = report.error.clone();
+                    state.reports.push((token, report.clone()));
+                    Ok(())
+                }
+                _ => Err(fenced(token)),
+            }
+        };
+        self.0.leave(fault, answer, lost()).await
+    }
+
+    async fn release(&self, token: u64, reason: &str) -> Result<(), CoordinatorError> {
+        let fault = self.enter(Point::Release).await?;
+        check_text("reason", reason, REASON_BYTES)?;
+        if self.0.state().refuse_release {
+            return Err(CoordinatorError::Refused(
+                "PermissionDenied: this identity may not release".into(),
+            ));
+        }
+        let answer = {
+            let mut state = self.0.state();
+            match &state.holder {
+                Some(h) if h.token == token => {
+                    let updated = h.updated;
+                    state.holder = None;
+                    let reboot_pending = state.reboot_pending();
+                    state.log.push(Rec::Released {
+                        token,
+                        reboot_pending,
+                        updated,
+                    });
+                    state.release_reasons.push(reason.to_string());
+                    Ok(())
+                }
+                _ => Err(fenced(token)),
+            }
+        };
+        self.0.leave(fault, answer, lost()).await
+    }
+
+    async fn confirm(&self, token: u64, step: Step) -> Result<Confirmation, CoordinatorError> {
+        let fault = self.enter(Point::Confirm).await?;
+        self.0.state().confirms += 1;
+        if self.0.state().confirm_unimplemented {
+            let answer = Err(CoordinatorError::Unimplemented("Confirm".into()));
+            return self.0.leave(fault, answer, lost()).await;
+        }
+        let answer = {
+            let mut state = self.0.state();
+            let inc = state.incarnation;
+            let overdue_at = Some(self.0.now_wall() + state.overdue_after);
+            if state.holder.as_ref().is_none_or(|h| h.token != token) {
+                state.log.push(Rec::TokenRefused { inc, token });
+                Err(fenced(token))
+            } else if state.confirm_waits.is_empty() {
+                state.log.push(Rec::TokenOk { inc, token });
+                Ok(Confirmation {
+                    proceed: true,
+                    overdue_at,
+                    ..Confirmation::default()
+                })
+            } else {
+                // "Wait" renews the lease but confirms no step.
+                let reason = state.confirm_waits.remove(0);
+                Ok(Confirmation {
+                    proceed: false,
+                    reason: format!("{step}: {reason}"),
+                    overdue_at,
+                    retry_after: Some(Duration::from_secs(2)),
+                })
+            }
+        };
+        self.0.leave(fault, answer, lost()).await
+    }
+}
