@@ -123,7 +123,7 @@ impl Engine {
         control_plane: bool,
         now: DateTime<Utc>,
     ) -> Result<(), String> {
-        let mut state = inner.state.clone();
+        let mut state = inner.state.without_audit();
         state.holders.remove(node);
         state.paused = None;
         let unavailable: Vec<NodeName> = inner

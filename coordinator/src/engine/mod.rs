@@ -193,10 +193,14 @@ pub struct AcquireRequest {
 /// head of the queue; a snapshot costs the same however many wait.
 pub const SNAPSHOT_QUEUE_HEAD: usize = 100;
 
+/// How many audit records a [`Snapshot`] carries: the newest (the whole
+/// audit stays in the store; a snapshot costs the same however long it is).
+pub const SNAPSHOT_AUDIT_TAIL: usize = 50;
+
 /// A read-only copy of what status shows.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// The lease state.
+    /// The lease state, with the newest [`SNAPSHOT_AUDIT_TAIL`] audit records.
     pub state: LeaseState,
     /// The first [`SNAPSHOT_QUEUE_HEAD`] waiters in FIFO order.
     pub queue: Vec<QueueView>,
@@ -553,7 +557,9 @@ impl Engine {
         then: impl FnOnce(&Self, &mut Inner, &mut LeaseState) -> U,
     ) -> Result<(T, U), EngineError> {
         let fence = self.ensure_current(inner).await?;
-        let mut next = inner.state.clone();
+        // The audit stays where it is: the copy collects only the records
+        // this change makes, which the save appends.
+        let mut next = inner.state.without_audit();
         let out = match change(&mut next) {
             Ok(out) => out,
             Err(refusal) => {
@@ -573,7 +579,7 @@ impl Engine {
         }
         match self.timed(self.store.save(&next, &fence)).await {
             Ok(revision) => {
-                inner.state = next;
+                inner.state.advance_to(next);
                 inner.fence = Some(Fence {
                     term: fence.term,
                     revision,
@@ -895,7 +901,12 @@ impl Engine {
     fn view(&self, inner: &Inner) -> Snapshot {
         let now = self.now();
         Snapshot {
-            state: inner.state.clone(),
+            state: {
+                let mut state = inner.state.without_audit();
+                let skip = inner.state.audit.len().saturating_sub(SNAPSHOT_AUDIT_TAIL);
+                state.audit = inner.state.audit.iter().skip(skip).cloned().collect();
+                state
+            },
             queue: inner
                 .queue
                 .head(SNAPSHOT_QUEUE_HEAD)

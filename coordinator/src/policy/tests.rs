@@ -269,11 +269,14 @@ proptest! {
                 Op::Resume => { state.resume("op", now); }
                 Op::Restart => {
                     // What every store does: fit the budget and encode on
-                    // save, decode and validate on load.
+                    // save, decode and validate on load, and give the
+                    // loaded document its audit, kept apart.
                     state.fit_budget().unwrap();
                     let saved = state.clone();
                     let bytes = crate::store::encode(&state);
                     state = crate::store::decode("restart", &bytes).unwrap();
+                    prop_assert_eq!(&state, &saved.without_audit());
+                    crate::store::attach_audit(&mut state, crate::store::numbered(&saved));
                     prop_assert_eq!(&state, &saved);
                     queue.clear();
                 }

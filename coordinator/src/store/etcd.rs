@@ -1,6 +1,9 @@
 //! The etcd store: the lease state as one JSON document under
-//! `<prefix>/state`, and leader election with etcd's election API under
-//! `<prefix>/election`, on a lease with a short TTL.
+//! `<prefix>/state`, the audit as one key per record under
+//! `<prefix>/audit/<number>` (each save puts its new records and deletes
+//! those past the newest [`AUDIT_KEEP`], in its one transaction), and leader
+//! election with etcd's election API under `<prefix>/election`, on a lease
+//! with a short TTL.
 //!
 //! Guarantees:
 //! - Every save is one transaction that writes the state only if (a) this
@@ -23,15 +26,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ElectionClient, TlsOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, ElectionClient, GetOptions, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
+use super::{
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit, decode,
+    encode, numbered,
+};
 use crate::etcd::within;
-use crate::state::LeaseState;
+use crate::state::{AUDIT_KEEP, AuditEntry, LeaseState};
 
 /// How to reach etcd and where to keep the state.
 #[derive(Clone, Debug)]
@@ -112,6 +121,17 @@ impl EtcdStore {
 
     fn state_key(&self) -> String {
         format!("{}/state", self.shared.settings.prefix)
+    }
+
+    /// The prefix of the audit keys.
+    fn audit_prefix(&self) -> String {
+        format!("{}/audit/", self.shared.settings.prefix)
+    }
+
+    /// The key of audit record `number` (zero-padded, so keys sort by
+    /// number).
+    fn audit_key(&self, number: u64) -> String {
+        format!("{}{number:020}", self.audit_prefix())
     }
 
     /// The election lease of this replica while it leads (for tests and
@@ -354,15 +374,59 @@ impl StateStore for EtcdStore {
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
             let key = self.state_key();
+            let prefix = self.audit_prefix();
+            // One transaction reads the document and the newest audit
+            // records at the same revision.
+            let newest = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(AUDIT_KEEP as i64);
+            let read = Txn::new().and_then([
+                TxnOp::get(key.as_str(), None),
+                TxnOp::get(prefix.as_str(), Some(newest)),
+            ]);
             let mut client = self.shared.client.clone();
-            let resp = within(self.shared.settings.timeout, client.get(key.as_str(), None))
+            let resp = within(self.shared.settings.timeout, client.txn(read))
                 .await
                 .map_err(|e| StoreError::Backend(format!("reading {key}: {e}")))?;
-            match resp.kvs().first() {
-                Some(kv) => Ok(Loaded {
-                    state: Some(decode(&format!("etcd key {key}"), kv.value())?),
-                    revision: Revision::At(kv.mod_revision().to_string()),
-                }),
+            let gets: Vec<_> = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|op| match op {
+                    TxnOpResponse::Get(get) => Some(get),
+                    _ => None,
+                })
+                .collect();
+            let [document, audit] = gets.as_slice() else {
+                return Err(StoreError::Backend(format!(
+                    "reading {key}: the transaction answered {} reads, not 2",
+                    gets.len()
+                )));
+            };
+            match document.kvs().first() {
+                Some(kv) => {
+                    let mut state = decode(&format!("etcd key {key}"), kv.value())?;
+                    let mut records = Vec::new();
+                    for kv in audit.kvs() {
+                        let key = String::from_utf8_lossy(kv.key());
+                        let corrupt = |detail: String| StoreError::Corrupt {
+                            path: format!("etcd key {key}"),
+                            detail,
+                        };
+                        let number = key
+                            .strip_prefix(prefix.as_str())
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .ok_or_else(|| corrupt("not an audit record's key".to_string()))?;
+                        let record: AuditEntry = serde_json::from_slice(kv.value())
+                            .map_err(|e| corrupt(e.to_string()))?;
+                        records.push(Numbered { number, record });
+                    }
+                    attach_audit(&mut state, records);
+                    Ok(Loaded {
+                        state: Some(state),
+                        revision: Revision::At(kv.mod_revision().to_string()),
+                    })
+                }
                 None => Ok(Loaded {
                     state: None,
                     revision: Revision::Absent,
@@ -377,8 +441,19 @@ impl StateStore for EtcdStore {
         fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Revision, StoreError>> {
         Box::pin(async move {
-            let put = TxnOp::put(self.state_key(), encode(state), None);
-            let resp = self.fenced_txn(fence, vec![put]).await?;
+            let mut ops = vec![TxnOp::put(self.state_key(), encode(state), None)];
+            for n in numbered(state) {
+                let record = serde_json::to_vec(&n.record).expect("audit records serialize");
+                ops.push(TxnOp::put(self.audit_key(n.number), record, None));
+            }
+            let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
+            if first_kept > 1 && !state.audit.is_empty() {
+                // Records past the newest AUDIT_KEEP (usually the one the
+                // new record pushed out).
+                let older = DeleteOptions::new().with_range(self.audit_key(first_kept));
+                ops.push(TxnOp::delete(self.audit_prefix(), Some(older)));
+            }
+            let resp = self.fenced_txn(fence, ops).await?;
             // The transaction's revision is the put's mod_revision.
             let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
                 StoreError::Backend("transaction answered without a header".to_string())

@@ -12,6 +12,15 @@
 //! and refuses a save or a confirmation when either differs, so a file
 //! replaced or edited behind the coordinator's back (a restored backup) is
 //! re-read, never overwritten.
+//!
+//! The audit is kept apart: the document carries only its newest records
+//! (at most [`AUDIT_TAIL`]), and a save that would carry more first appends
+//! them to `audit.jsonl` (fsynced, before the document that drops them is
+//! written), so a save writes a small document, never the whole audit. A
+//! record appended for a save that then failed has a number above the
+//! stored `audit_seq` and is ignored when loading (a later record with that
+//! number replaces it); the file is rewritten with the newest
+//! [`AUDIT_KEEP`] records once it holds twice as many.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -22,9 +31,14 @@ use futures::future::BoxFuture;
 use tokio::sync::{Mutex, watch};
 
 use super::{
-    Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode_document, encode_generation,
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit,
+    decode_document, encode_document, numbered,
 };
-use crate::state::LeaseState;
+use crate::state::{AUDIT_KEEP, LeaseState};
+
+/// The most audit records the document carries before they are moved to
+/// `audit.jsonl` (one extra fsync per this many records).
+pub const AUDIT_TAIL: usize = 32;
 
 /// The one leadership term of a file store (the lock is held for the life
 /// of the process).
@@ -63,6 +77,9 @@ pub struct FileStore {
     /// The generation and identity last read or written (outer `None`:
     /// nothing read yet).
     known: Mutex<Known>,
+    /// The document's audit tail as last read or written, and how many
+    /// lines `audit.jsonl` has (both only touched under `known`'s lock).
+    audit: std::sync::Mutex<(Vec<Numbered>, usize)>,
     /// Held open for the lock's lifetime.
     _lock: File,
 }
@@ -103,6 +120,7 @@ impl FileStore {
             dir: dir.to_path_buf(),
             leadership,
             known: Mutex::new(None),
+            audit: std::sync::Mutex::new((Vec::new(), 0)),
             _lock: lock,
         })
     }
@@ -110,6 +128,102 @@ impl FileStore {
     /// The state file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+
+    /// The audit file's path.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// The records of `audit.jsonl` in file order (a later line with the
+    /// same number wins). Lines that do not parse (the torn end of an
+    /// append a crash interrupted) are skipped: the audit is a record, the
+    /// document is what must never be misread.
+    fn read_audit(path: &Path) -> Result<Vec<Numbered>, StoreError> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(path, e)),
+        };
+        let mut records = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Numbered>(line) {
+                Ok(record) => records.push(record),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable audit line"),
+            }
+        }
+        Ok(records)
+    }
+
+    /// Appends `records` to `audit.jsonl` and fsyncs it; when the file
+    /// would hold more than twice [`AUDIT_KEEP`] lines, rewrites it (atomic)
+    /// with the newest `AUDIT_KEEP` up to `newest`. Returns its line count.
+    fn append_audit(
+        dir: &Path,
+        records: &[Numbered],
+        lines: usize,
+        newest: u64,
+    ) -> Result<usize, StoreError> {
+        let path = dir.join("audit.jsonl");
+        let mut text = Vec::new();
+        for record in records {
+            serde_json::to_writer(&mut text, record).expect("audit records serialize");
+            text.push(b'\n');
+        }
+        if lines + records.len() > 2 * AUDIT_KEEP {
+            let mut all = Self::read_audit(&path)?;
+            all.extend(records.iter().cloned());
+            let mut state = LeaseState {
+                audit_seq: newest,
+                ..LeaseState::default()
+            };
+            attach_audit(&mut state, all);
+            let kept: Vec<Numbered> = numbered(&state).collect();
+            let mut text = Vec::new();
+            for record in &kept {
+                serde_json::to_writer(&mut text, record).expect("audit records serialize");
+                text.push(b'\n');
+            }
+            let tmp = dir.join("audit.jsonl.tmp");
+            let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+            file.write_all(&text).map_err(|e| io(&tmp, e))?;
+            file.sync_all().map_err(|e| io(&tmp, e))?;
+            drop(file);
+            fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(dir, e))?;
+            return Ok(kept.len());
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        // A torn line left by a crash ends without a newline: start afresh.
+        let len = file.metadata().map_err(|e| io(&path, e))?.len();
+        let torn = len > 0 && {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8];
+            let mut reader = File::open(&path).map_err(|e| io(&path, e))?;
+            reader
+                .seek(SeekFrom::End(-1))
+                .and_then(|_| reader.read_exact(&mut last))
+                .map_err(|e| io(&path, e))?;
+            last[0] != b'\n'
+        };
+        if torn {
+            file.write_all(b"\n").map_err(|e| io(&path, e))?;
+        }
+        file.write_all(&text).map_err(|e| io(&path, e))?;
+        file.sync_data().map_err(|e| io(&path, e))?;
+        if lines == 0 {
+            // A new file: its directory entry must be durable too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(dir, e))?;
+        }
+        Ok(lines + records.len())
     }
 
     /// The file's identity now (`None`: there is no file).
@@ -201,9 +315,15 @@ impl StateStore for FileStore {
                     path.display()
                 )));
             }
+            let mut state = doc.state;
+            let mut records = Self::read_audit(&self.audit_path())?;
+            let lines = records.len();
+            records.extend(doc.audit_tail.iter().cloned());
+            attach_audit(&mut state, records);
+            *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = (doc.audit_tail, lines);
             *known = after.map(|identity| Some((generation, identity)));
             Ok(Loaded {
-                state: Some(doc.state),
+                state: Some(state),
                 revision: Revision::At(generation.to_string()),
             })
         })
@@ -220,15 +340,36 @@ impl StateStore for FileStore {
             let mut known = self.known.lock().await;
             let current = self.check(&known, fence)?;
             let generation = current.map_or(1, |g| g + 1);
-            let bytes = encode_generation(state, Some(generation));
+            // The document's tail with this save's records (by number).
+            let (tail, lines) = self.audit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut by_number: std::collections::BTreeMap<u64, Numbered> = tail
+                .into_iter()
+                .chain(numbered(state))
+                .filter(|n| n.number <= state.audit_seq)
+                .map(|n| (n.number, n))
+                .collect();
+            let mut tail: Vec<Numbered> = std::mem::take(&mut by_number).into_values().collect();
+            let flush = tail.len() > AUDIT_TAIL;
+            let moved = if flush { std::mem::take(&mut tail) } else { Vec::new() };
+            let bytes = encode_document(state, Some(generation), &tail);
+            let newest = state.audit_seq;
             // Whatever happens next, the file may have changed: forget it
             // until the write is known to have completed.
             *known = None;
             let dir = self.dir.clone();
-            let identity =
-                tokio::task::spawn_blocking(move || Self::write_atomically(&dir, &bytes))
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
+            let (identity, lines) = tokio::task::spawn_blocking(move || {
+                // The records leave the document only once they are durable
+                // in the audit file.
+                let lines = if moved.is_empty() {
+                    lines
+                } else {
+                    Self::append_audit(&dir, &moved, lines, newest)?
+                };
+                Self::write_atomically(&dir, &bytes).map(|identity| (identity, lines))
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
+            *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = (tail, lines);
             *known = Some(Some((generation, identity)));
             Ok(Revision::At(generation.to_string()))
         })
@@ -343,7 +484,7 @@ mod tests {
 
         // Someone restores an older file behind the coordinator's back: the
         // next save and confirmation are refused until the file is re-read.
-        let restored = encode_generation(&LeaseState::default(), Some(1));
+        let restored = crate::store::encode_generation(&LeaseState::default(), Some(1));
         fs::write(store.path().with_extension("restore"), &restored).unwrap();
         fs::rename(store.path().with_extension("restore"), store.path()).unwrap();
         assert!(matches!(
