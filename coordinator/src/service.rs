@@ -56,6 +56,23 @@ impl Services {
     }
 }
 
+/// Runs one engine call to completion in a task of its own and returns its
+/// answer. When a client hangs up mid-call, tonic drops the handler's
+/// future; a save cut off there would leave the store and the engine's
+/// memory apart (safe, since the next call reloads, but that call answers
+/// UNAVAILABLE). In its own task the call always ends, and only its answer
+/// is lost.
+async fn to_completion<T, F>(call: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+{
+    tokio::spawn(call)
+        .await
+        .map_err(|e| Status::internal(format!("the engine's task failed: {e}")))?
+        .map_err(Status::from)
+}
+
 /// INVALID_ARGUMENT unless `value` is acceptable text for `field` (see
 /// [`crate::text`]).
 fn check_text(field: &'static str, value: &str, limit: usize) -> Result<(), Status> {
@@ -300,10 +317,8 @@ impl Coordinator for Services {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
-        let overdue_at = self
-            .engine
-            .renew(&node, request.get_ref().fencing_token)
-            .await?;
+        let (engine, token) = (self.engine.clone(), request.get_ref().fencing_token);
+        let overdue_at = to_completion(async move { engine.renew(&node, token).await }).await?;
         Ok(Response::new(pb::RenewResponse {
             overdue_at: Some(timestamp(overdue_at)),
         }))
@@ -325,8 +340,8 @@ impl Coordinator for Services {
             message: req.message,
             error: req.error,
         };
-        self.engine
-            .report(&node, req.fencing_token, progress)
+        let engine = self.engine.clone();
+        to_completion(async move { engine.report(&node, req.fencing_token, progress).await })
             .await?;
         Ok(Response::new(pb::ReportResponse {}))
     }
@@ -338,9 +353,13 @@ impl Coordinator for Services {
         let (identity, node) = self.for_node(&request, &request.get_ref().node).await?;
         let req = request.into_inner();
         check_text("reason", &req.reason, REASON_BYTES)?;
-        self.engine
-            .release(&node, req.fencing_token, &identity.name, &req.reason)
-            .await?;
+        let engine = self.engine.clone();
+        to_completion(async move {
+            engine
+                .release(&node, req.fencing_token, &identity.name, &req.reason)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
@@ -362,10 +381,10 @@ impl Coordinator for Services {
                 )));
             }
         };
-        let answer = self
-            .engine
-            .confirm_step(&node, req.fencing_token, step)
-            .await?;
+        let engine = self.engine.clone();
+        let answer =
+            to_completion(async move { engine.confirm_step(&node, req.fencing_token, step).await })
+                .await?;
         Ok(Response::new(pb::ConfirmResponse {
             proceed: answer.wait.is_none(),
             reason: answer.wait.unwrap_or_default(),
@@ -406,9 +425,8 @@ impl Admin for Services {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
         check_text("reason", &request.get_ref().reason, REASON_BYTES)?;
-        self.engine
-            .pause(&identity.name, &request.get_ref().reason)
-            .await?;
+        let (engine, reason) = (self.engine.clone(), request.into_inner().reason);
+        to_completion(async move { engine.pause(&identity.name, &reason).await }).await?;
         Ok(Response::new(pb::PauseResponse {}))
     }
 
@@ -418,7 +436,8 @@ impl Admin for Services {
     ) -> Result<Response<pb::ResumeResponse>, Status> {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
-        self.engine.resume(&identity.name).await?;
+        let engine = self.engine.clone();
+        to_completion(async move { engine.resume(&identity.name).await }).await?;
         Ok(Response::new(pb::ResumeResponse {}))
     }
 
@@ -450,10 +469,13 @@ impl Admin for Services {
                 ));
             }
         };
-        let token = self
-            .engine
-            .force_release(&node, expected, &identity.name, &req.reason)
-            .await?;
+        let engine = self.engine.clone();
+        let token = to_completion(async move {
+            engine
+                .force_release(&node, expected, &identity.name, &req.reason)
+                .await
+        })
+        .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,
         }))
@@ -488,4 +510,65 @@ fn watch_stream(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::Unauthenticated;
+    use crate::engine::{EngineConfig, system_clock};
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+    use crate::state::LeaseState;
+    use crate::store::memory::MemoryStore;
+
+    /// A client that hangs up while its Release is being saved (tonic then
+    /// drops the handler's future) still has its release applied, and the
+    /// next reader is answered, not told UNAVAILABLE.
+    #[tokio::test]
+    async fn a_release_whose_client_hangs_up_mid_save_still_happens() {
+        let node = NodeName::new("n1").unwrap();
+        let mut state = LeaseState::default();
+        state
+            .grant(&node, false, false, "test", Utc::now())
+            .unwrap();
+        let token = state.holders[&node].fencing_token;
+        let store = Arc::new(MemoryStore::new(Some(state)));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig::new(Policy::default(), "hangup-test"),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let services = Services::new(engine, Arc::new(Unauthenticated));
+        store.backend().set_latency(Duration::from_millis(200));
+
+        let release = Coordinator::release(
+            &services,
+            Request::new(pb::ReleaseRequest {
+                node: "n1".into(),
+                fencing_token: token,
+                reason: "done".into(),
+            }),
+        );
+        let hung_up = tokio::time::timeout(Duration::from_millis(20), release).await;
+        assert!(hung_up.is_err(), "the call was cut off before its save");
+
+        let status = Admin::status(&services, Request::new(pb::StatusRequest {}))
+            .await
+            .expect("status answered after the hang-up")
+            .into_inner();
+        assert!(
+            status.holders.is_empty(),
+            "the release was applied: {:?}",
+            status.holders
+        );
+        assert!(store.saved().unwrap().holders.is_empty(), "and saved");
+    }
 }

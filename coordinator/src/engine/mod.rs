@@ -894,7 +894,17 @@ impl Engine {
     pub async fn confirmed_snapshot(&self) -> Result<Snapshot, EngineError> {
         let mut inner = self.inner.lock().await;
         let fence = self.ensure_current(&mut inner).await?;
-        self.confirm(&mut inner, &fence).await?;
+        match self.confirm(&mut inner, &fence).await {
+            Ok(()) => {}
+            // The store has moved on from this memory (another writer, or a
+            // save whose answer was lost): a read may load the store's
+            // state afresh and answer from that, once it is confirmed too.
+            Err(EngineError::Store(StoreError::Conflict(_))) => {
+                let fence = self.ensure_current(&mut inner).await?;
+                self.confirm(&mut inner, &fence).await?;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(self.view(&inner))
     }
 

@@ -430,3 +430,31 @@ async fn a_failed_handoff_write_grants_nobody() {
         .unwrap();
     assert!(next_grant(&mut b).await.fencing_token > ga.fencing_token);
 }
+
+/// The store moved on behind this replica's memory (a save whose answer
+/// was lost, another writer): a read reloads and answers from the store's
+/// state, confirmed, instead of failing UNAVAILABLE; it never answers
+/// from the memory the store refused.
+#[tokio::test]
+async fn a_read_after_the_store_moved_on_answers_from_the_reloaded_state() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    assert!(
+        engine
+            .confirmed_snapshot()
+            .await
+            .unwrap()
+            .state
+            .holders
+            .is_empty()
+    );
+
+    let mut moved = LeaseState::default();
+    moved
+        .grant(&n("w1"), false, false, "elsewhere", Utc::now())
+        .unwrap();
+    store.backend().put(&moved);
+
+    let snap = engine.confirmed_snapshot().await.unwrap();
+    assert_eq!(snap.state, moved);
+}

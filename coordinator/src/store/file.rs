@@ -26,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::sync::{Mutex, watch};
@@ -75,11 +76,13 @@ pub struct FileStore {
     dir: PathBuf,
     leadership: watch::Sender<Leadership>,
     /// The generation and identity last read or written (outer `None`:
-    /// nothing read yet).
-    known: Mutex<Known>,
+    /// nothing read yet). Shared with the blocking task of a save, which
+    /// holds it until the write has ended (see [`FileStore::save`]).
+    known: Arc<Mutex<Known>>,
     /// The document's audit tail as last read or written, and how many
-    /// lines `audit.jsonl` has (both only touched under `known`'s lock).
-    audit: std::sync::Mutex<(Vec<Numbered>, usize)>,
+    /// lines `audit.jsonl` has (both only touched under `known`'s lock,
+    /// by a save's blocking task too).
+    audit: Arc<std::sync::Mutex<(Vec<Numbered>, usize)>>,
     /// Held open for the lock's lifetime.
     _lock: File,
 }
@@ -119,8 +122,8 @@ impl FileStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             leadership,
-            known: Mutex::new(None),
-            audit: std::sync::Mutex::new((Vec::new(), 0)),
+            known: Arc::new(Mutex::new(None)),
+            audit: Arc::new(std::sync::Mutex::new((Vec::new(), 0))),
             _lock: lock,
         })
     }
@@ -337,7 +340,7 @@ impl StateStore for FileStore {
         Box::pin(async move {
             // The lock is held across the write: one save at a time, and the
             // check and the write cannot interleave with another call.
-            let mut known = self.known.lock().await;
+            let mut known = self.known.clone().lock_owned().await;
             let current = self.check(&known, fence)?;
             let generation = current.map_or(1, |g| g + 1);
             // The document's tail with this save's records (by number).
@@ -353,25 +356,42 @@ impl StateStore for FileStore {
             let moved = if flush { std::mem::take(&mut tail) } else { Vec::new() };
             let bytes = encode_document(state, Some(generation), &tail);
             let newest = state.audit_seq;
-            // Whatever happens next, the file may have changed: forget it
-            // until the write is known to have completed.
-            *known = None;
             let dir = self.dir.clone();
-            let (identity, lines) = tokio::task::spawn_blocking(move || {
+            let audit = self.audit.clone();
+            // The write and the bookkeeping after it run in one blocking task
+            // that owns the lock. A caller that stops waiting (a timeout, a
+            // client that hung up) cannot cut it short: until the write has
+            // ended nothing else reads, confirms or saves, so a write that
+            // lands late can never land after a newer one, and what this
+            // store remembers is always what is on disk.
+            let write = tokio::task::spawn_blocking(move || {
                 // The records leave the document only once they are durable
                 // in the audit file.
-                let lines = if moved.is_empty() {
-                    lines
+                let written = if moved.is_empty() {
+                    Ok(lines)
                 } else {
-                    Self::append_audit(&dir, &moved, lines, newest)?
-                };
-                Self::write_atomically(&dir, &bytes).map(|identity| (identity, lines))
-            })
-            .await
-            .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))??;
-            *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = (tail, lines);
-            *known = Some(Some((generation, identity)));
-            Ok(Revision::At(generation.to_string()))
+                    Self::append_audit(&dir, &moved, lines, newest)
+                }
+                .and_then(|lines| {
+                    Self::write_atomically(&dir, &bytes).map(|identity| (identity, lines))
+                });
+                match written {
+                    Ok((identity, lines)) => {
+                        *audit.lock().unwrap_or_else(|e| e.into_inner()) = (tail, lines);
+                        *known = Some(Some((generation, identity)));
+                        Ok(Revision::At(generation.to_string()))
+                    }
+                    Err(e) => {
+                        // The files may or may not have changed: forget them
+                        // until they are read again.
+                        *known = None;
+                        Err(e)
+                    }
+                }
+            });
+            write
+                .await
+                .map_err(|e| StoreError::Backend(format!("state writer task failed: {e}")))?
         })
     }
 
@@ -507,5 +527,39 @@ mod tests {
             .save(&granted("n3"), &fence(loaded.revision))
             .await
             .unwrap();
+    }
+
+    /// A save whose caller stops waiting mid-write (a timeout, a client
+    /// that hung up) still completes, and the store still knows the file it
+    /// wrote: the next confirmation of the new generation succeeds and a
+    /// save from the older one is refused. Before, the store forgot the file
+    /// ("not read yet") and a late write could land after a newer save.
+    #[tokio::test]
+    async fn a_save_whose_caller_stops_waiting_completes_and_stays_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let first = store
+            .save(&granted("n1"), &fence(Revision::Absent))
+            .await
+            .unwrap();
+        let second = granted("n2");
+        let from_first = fence(first.clone());
+        {
+            let mut save = store.save(&second, &from_first);
+            // One poll starts the write; then the caller goes away.
+            let polled = futures::poll!(&mut save);
+            drop(save);
+            if polled.is_ready() {
+                eprintln!("the write finished within one poll; nothing was cut off");
+            }
+        }
+        let next = Revision::At("2".to_string());
+        store.confirm(&fence(next.clone())).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(second));
+        assert_eq!(loaded.revision, next);
+        let stale = store.save(&granted("n3"), &fence(first)).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
     }
 }
