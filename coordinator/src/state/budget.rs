@@ -167,9 +167,11 @@ mod tests {
         }
         // The audit is not part of the document.
         assert!(!state.audit.is_empty());
-        assert!(!String::from_utf8(serde_json::to_vec(&state).unwrap())
-            .unwrap()
-            .contains("\"audit\":"));
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&state).unwrap())
+                .unwrap()
+                .contains("\"audit\":")
+        );
         // The newest records that fit the audit's own budget are kept.
         for _ in 0..100 {
             state.pause("op", &reason, now);

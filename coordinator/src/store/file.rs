@@ -152,7 +152,9 @@ impl FileStore {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match serde_json::from_str::<Numbered>(line) {
                 Ok(record) => records.push(record),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable audit line"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable audit line")
+                }
             }
         }
         Ok(records)
@@ -353,7 +355,11 @@ impl StateStore for FileStore {
                 .collect();
             let mut tail: Vec<Numbered> = std::mem::take(&mut by_number).into_values().collect();
             let flush = tail.len() > AUDIT_TAIL;
-            let moved = if flush { std::mem::take(&mut tail) } else { Vec::new() };
+            let moved = if flush {
+                std::mem::take(&mut tail)
+            } else {
+                Vec::new()
+            };
             let bytes = encode_document(state, Some(generation), &tail);
             let newest = state.audit_seq;
             let dir = self.dir.clone();
@@ -561,5 +567,184 @@ mod tests {
         assert_eq!(loaded.revision, next);
         let stale = store.save(&granted("n3"), &fence(first)).await;
         assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    }
+
+    /// Applies `change` the way the engine does: to a copy without the
+    /// audit, saved, then taken as the current state.
+    async fn step(
+        store: &FileStore,
+        current: &mut LeaseState,
+        revision: &mut Revision,
+        change: impl FnOnce(&mut LeaseState),
+    ) {
+        let mut next = current.without_audit();
+        change(&mut next);
+        *revision = store.save(&next, &fence(revision.clone())).await.unwrap();
+        current.advance_to(next);
+    }
+
+    /// One pause and resume: two audit records.
+    fn pause_resume(state: &mut LeaseState) {
+        state.pause("op", "test", Utc::now());
+        state.resume("op", Utc::now());
+    }
+
+    /// Stands for a crash: the store goes away and `state.json` is put back
+    /// as it was (an atomic write that never happened), `audit.jsonl` kept.
+    fn crash_with_document(store: FileStore, document: &[u8]) -> FileStore {
+        let dir = store.dir.clone();
+        drop(store);
+        let tmp = dir.join("state.json.restore");
+        fs::write(&tmp, document).unwrap();
+        fs::rename(&tmp, dir.join("state.json")).unwrap();
+        FileStore::open(&dir, "c1").unwrap()
+    }
+
+    /// Hostile: the coordinator dies after a save appended its audit
+    /// records to `audit.jsonl` and before the document that moves them
+    /// there was written (and, for good measure, in the middle of a later
+    /// append, leaving a torn line). What was answered (every save that
+    /// completed) keeps every record; the save that never happened leaves
+    /// no record behind, although its grant's record is in the audit file;
+    /// the grant made instead, with the same number and fencing token, is
+    /// recorded once.
+    #[tokio::test]
+    async fn a_crash_between_the_audit_append_and_the_document_loses_and_doubles_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        // The document's tail full: the next save moves it to audit.jsonl.
+        for _ in 0..AUDIT_TAIL / 2 {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        assert!(!store.audit_path().exists());
+        let before = fs::read(store.path()).unwrap();
+
+        // The save that dies half-way: its records reach the audit file...
+        let mut ghost = current.without_audit();
+        let ghost_token = ghost
+            .grant(
+                &NodeName::new("ghost").unwrap(),
+                false,
+                false,
+                "t",
+                Utc::now(),
+            )
+            .unwrap();
+        store.save(&ghost, &fence(revision.clone())).await.unwrap();
+        let audit = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(audit.contains("\"ghost\""), "{audit}");
+        // ...the document never changes.
+        let store = crash_with_document(store, &before);
+        let loaded = store.load().await.unwrap();
+        assert_eq!(
+            loaded.state.as_ref(),
+            Some(&current),
+            "what was answered, exactly"
+        );
+        revision = loaded.revision;
+
+        // Another node gets the grant instead, with the ghost's number and
+        // token; then a crash tears an append.
+        step(&store, &mut current, &mut revision, |s| {
+            let token = s
+                .grant(
+                    &NodeName::new("real").unwrap(),
+                    false,
+                    false,
+                    "t",
+                    Utc::now(),
+                )
+                .unwrap();
+            assert_eq!(token, ghost_token);
+        })
+        .await;
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(store.audit_path())
+            .unwrap();
+        file.write_all(br#"{"number":9999,"time":"#).unwrap();
+        drop(file);
+        // More saves move the real grant's record to the audit file too,
+        // after the ghost's and the torn line.
+        for _ in 0..AUDIT_TAIL {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        let audit = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(audit.contains("\"real\"") && audit.contains("\"ghost\""));
+
+        let store = crash_with_document(store, &fs::read(dir.path().join("state.json")).unwrap());
+        let loaded = store.load().await.unwrap().state.unwrap();
+        assert_eq!(loaded, current);
+        let grants: Vec<_> = loaded
+            .audit
+            .iter()
+            .filter(|r| r.action == "grant")
+            .collect();
+        assert_eq!(grants.len(), 1, "{grants:?}");
+        assert_eq!(
+            (grants[0].node.as_str(), grants[0].fencing_token),
+            ("real", ghost_token)
+        );
+        assert_eq!(loaded.audit.len() as u64, loaded.audit_seq);
+    }
+
+    /// Hostile: when the audit file cannot be written, the save that would
+    /// move records there fails and the document is untouched (the records
+    /// never leave the document before they are durable elsewhere).
+    #[tokio::test]
+    async fn a_save_whose_audit_append_fails_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        for _ in 0..AUDIT_TAIL / 2 {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        let before = fs::read(store.path()).unwrap();
+        // A directory where the audit file goes: appending fails.
+        fs::create_dir(store.audit_path()).unwrap();
+        let mut next = current.without_audit();
+        pause_resume(&mut next);
+        let failed = store.save(&next, &fence(revision.clone())).await;
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
+        assert_eq!(fs::read(store.path()).unwrap(), before);
+        fs::remove_dir(store.audit_path()).unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(current));
+    }
+
+    /// The audit file stays bounded: once it holds twice [`AUDIT_KEEP`]
+    /// records it is rewritten with the newest; the document stays small
+    /// however many records were made.
+    #[tokio::test]
+    async fn the_audit_file_and_the_document_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        let mut largest_document = 0;
+        let saves = 3 * AUDIT_KEEP / 40;
+        for _ in 0..saves {
+            step(&store, &mut current, &mut revision, |s| {
+                (0..20).for_each(|_| pause_resume(s))
+            })
+            .await;
+            largest_document = largest_document.max(fs::metadata(store.path()).unwrap().len());
+            let lines = fs::read_to_string(store.audit_path())
+                .unwrap()
+                .lines()
+                .count();
+            assert!(lines <= 2 * AUDIT_KEEP, "{lines} lines");
+        }
+        assert_eq!(current.audit_seq, saves as u64 * 40);
+        // The tail at most: a few KiB, not the audit.
+        assert!(largest_document < 16 * 1024, "{largest_document} bytes");
+        drop(store);
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        let loaded = store.load().await.unwrap().state.unwrap();
+        assert_eq!(loaded.audit.len(), AUDIT_KEEP);
+        assert_eq!(loaded, current);
     }
 }
