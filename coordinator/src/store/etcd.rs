@@ -1,7 +1,9 @@
 //! The etcd store: the lease state as one JSON document under
-//! `<prefix>/state`, the audit as one key per record under
-//! `<prefix>/audit/<number>` (each save puts its new records and deletes
-//! those past the newest [`AUDIT_KEEP`], in its one transaction), and leader
+//! `<prefix>/state`, the audit under `<prefix>/audit/<number>`, one key
+//! per save holding the records it made, named by the newest one's number
+//! (each save puts its batch and deletes the batches past the newest
+//! [`AUDIT_KEEP`] records, in its one transaction: a record exists exactly
+//! when the state that made it does), and leader
 //! election with etcd's election API under `<prefix>/election`, on a lease
 //! with a short TTL.
 //!
@@ -40,7 +42,7 @@ use super::{
     encode, numbered,
 };
 use crate::etcd::within;
-use crate::state::{AUDIT_KEEP, AuditEntry, LeaseState};
+use crate::state::{AUDIT_KEEP, LeaseState};
 
 /// How to reach etcd and where to keep the state.
 #[derive(Clone, Debug)]
@@ -128,8 +130,8 @@ impl EtcdStore {
         format!("{}/audit/", self.shared.settings.prefix)
     }
 
-    /// The key of audit record `number` (zero-padded, so keys sort by
-    /// number).
+    /// The key of the audit batch whose newest record is `number`
+    /// (zero-padded, so keys sort by number).
     fn audit_key(&self, number: u64) -> String {
         format!("{}{number:020}", self.audit_prefix())
     }
@@ -408,18 +410,14 @@ impl StateStore for EtcdStore {
                     let mut state = decode(&format!("etcd key {key}"), kv.value())?;
                     let mut records = Vec::new();
                     for kv in audit.kvs() {
-                        let key = String::from_utf8_lossy(kv.key());
-                        let corrupt = |detail: String| StoreError::Corrupt {
-                            path: format!("etcd key {key}"),
-                            detail,
-                        };
-                        let number = key
-                            .strip_prefix(prefix.as_str())
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .ok_or_else(|| corrupt("not an audit record's key".to_string()))?;
-                        let record: AuditEntry = serde_json::from_slice(kv.value())
-                            .map_err(|e| corrupt(e.to_string()))?;
-                        records.push(Numbered { number, record });
+                        let batch: Vec<Numbered> =
+                            serde_json::from_slice(kv.value()).map_err(|e| {
+                                StoreError::Corrupt {
+                                    path: format!("etcd key {}", String::from_utf8_lossy(kv.key())),
+                                    detail: e.to_string(),
+                                }
+                            })?;
+                        records.extend(batch);
                     }
                     attach_audit(&mut state, records);
                     Ok(Loaded {
@@ -442,16 +440,20 @@ impl StateStore for EtcdStore {
     ) -> BoxFuture<'a, Result<Revision, StoreError>> {
         Box::pin(async move {
             let mut ops = vec![TxnOp::put(self.state_key(), encode(state), None)];
-            for n in numbered(state) {
-                let record = serde_json::to_vec(&n.record).expect("audit records serialize");
-                ops.push(TxnOp::put(self.audit_key(n.number), record, None));
-            }
-            let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
-            if first_kept > 1 && !state.audit.is_empty() {
-                // Records past the newest AUDIT_KEEP (usually the one the
-                // new record pushed out).
-                let older = DeleteOptions::new().with_range(self.audit_key(first_kept));
-                ops.push(TxnOp::delete(self.audit_prefix(), Some(older)));
+            // The records this change made, as one key named by the newest
+            // one's number: one put however many (a tick that marks many
+            // holders overdue stays within etcd's operations per txn).
+            let records: Vec<Numbered> = numbered(state).collect();
+            if let Some(newest) = records.last() {
+                let batch = serde_json::to_vec(&records).expect("audit records serialize");
+                ops.push(TxnOp::put(self.audit_key(newest.number), batch, None));
+                // Batches whose newest record is past the newest AUDIT_KEEP
+                // (a batch only partly past stays; loading keeps the newest).
+                let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
+                if first_kept > 1 {
+                    let older = DeleteOptions::new().with_range(self.audit_key(first_kept));
+                    ops.push(TxnOp::delete(self.audit_prefix(), Some(older)));
+                }
             }
             let resp = self.fenced_txn(fence, ops).await?;
             // The transaction's revision is the put's mod_revision.

@@ -23,11 +23,14 @@
 //!   engine then forgets its fence and reloads before it answers again;
 //! - the audit lives apart from the state document and is appended to: a
 //!   save writes the (small) document and the audit records its change
-//!   made, in the same atomic write, and the store keeps the newest
-//!   [`AUDIT_KEEP`] records (etcd: one key per record in the save's
-//!   transaction; embedded: a short tail in the document, moved to
-//!   `audit.jsonl` in batches; Kubernetes: a second key of the ConfigMap,
-//!   which is written whole anyway). A save never rewrites the whole audit.
+//!   made, and the store keeps the newest [`AUDIT_KEEP`] records. etcd: one
+//!   key per save holding its records, in the save's transaction;
+//!   Kubernetes: a second key of the ConfigMap (written whole anyway,
+//!   bounded in bytes); embedded: a short tail inside the document, moved
+//!   to `audit.jsonl` in batches, appended and fsynced before the document
+//!   that drops them is written (a record appended for a save that never
+//!   happened is numbered past the stored `audit_seq` and ignored).
+//!   A save never rewrites the whole audit.
 
 pub mod etcd;
 pub mod file;
