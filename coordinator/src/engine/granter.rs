@@ -159,10 +159,7 @@ impl Engine {
         inner
             .prepare_failed
             .retain(|_, (_, retry_at)| *retry_at > now);
-        loop {
-            let Some(candidate) = self.decide_on(inner, next, &planned, now).grant else {
-                break;
-            };
+        while let Some(candidate) = self.decide_on(inner, next, &planned, now).grant {
             let Some(queued) = inner.queue.get(&candidate) else {
                 break;
             };
