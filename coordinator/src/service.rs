@@ -26,12 +26,21 @@ use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES}
 pub struct Services {
     engine: Arc<Engine>,
     auth: Arc<dyn Authenticator>,
+    /// One changing call at a time past this point (the engine serializes
+    /// them anyway): the wait for it stays cancellable, so calls whose
+    /// clients gave up (a slow or down store) leave the queue instead of
+    /// piling up as detached work.
+    changes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Services {
     /// Serves `engine`, authenticating with `auth`.
     pub fn new(engine: Arc<Engine>, auth: Arc<dyn Authenticator>) -> Self {
-        Self { engine, auth }
+        Self {
+            engine,
+            auth,
+            changes: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
     }
 
     async fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
@@ -56,21 +65,33 @@ impl Services {
     }
 }
 
-/// Runs one engine call to completion in a task of its own and returns its
-/// answer. When a client hangs up mid-call, tonic drops the handler's
-/// future; a save cut off there would leave the store and the engine's
-/// memory apart (safe, since the next call reloads, but that call answers
-/// UNAVAILABLE). In its own task the call always ends, and only its answer
-/// is lost.
-async fn to_completion<T, F>(call: F) -> Result<T, Status>
-where
-    T: Send + 'static,
-    F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
-{
-    tokio::spawn(call)
+impl Services {
+    /// Runs one changing engine call to completion in a task of its own and
+    /// returns its answer. When a client hangs up mid-call, tonic drops the
+    /// handler's future; a save cut off there would leave the store and the
+    /// engine's memory apart (safe, since the next call reloads, but that
+    /// call answers UNAVAILABLE). In its own task the call always ends, and
+    /// only its answer is lost. Until its turn comes (one changing call at
+    /// a time) it is still cancelled with its client.
+    async fn to_completion<T, F>(&self, call: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+    {
+        let turn = self
+            .changes
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is stopping"))?;
+        tokio::spawn(async move {
+            let _turn = turn;
+            call.await
+        })
         .await
         .map_err(|e| Status::internal(format!("the engine's task failed: {e}")))?
         .map_err(Status::from)
+    }
 }
 
 /// INVALID_ARGUMENT unless `value` is acceptable text for `field` (see
@@ -318,7 +339,9 @@ impl Coordinator for Services {
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let (engine, token) = (self.engine.clone(), request.get_ref().fencing_token);
-        let overdue_at = to_completion(async move { engine.renew(&node, token).await }).await?;
+        let overdue_at = self
+            .to_completion(async move { engine.renew(&node, token).await })
+            .await?;
         Ok(Response::new(pb::RenewResponse {
             overdue_at: Some(timestamp(overdue_at)),
         }))
@@ -341,7 +364,7 @@ impl Coordinator for Services {
             error: req.error,
         };
         let engine = self.engine.clone();
-        to_completion(async move { engine.report(&node, req.fencing_token, progress).await })
+        self.to_completion(async move { engine.report(&node, req.fencing_token, progress).await })
             .await?;
         Ok(Response::new(pb::ReportResponse {}))
     }
@@ -354,7 +377,7 @@ impl Coordinator for Services {
         let req = request.into_inner();
         check_text("reason", &req.reason, REASON_BYTES)?;
         let engine = self.engine.clone();
-        to_completion(async move {
+        self.to_completion(async move {
             engine
                 .release(&node, req.fencing_token, &identity.name, &req.reason)
                 .await
@@ -382,9 +405,9 @@ impl Coordinator for Services {
             }
         };
         let engine = self.engine.clone();
-        let answer =
-            to_completion(async move { engine.confirm_step(&node, req.fencing_token, step).await })
-                .await?;
+        let answer = self
+            .to_completion(async move { engine.confirm_step(&node, req.fencing_token, step).await })
+            .await?;
         Ok(Response::new(pb::ConfirmResponse {
             proceed: answer.wait.is_none(),
             reason: answer.wait.unwrap_or_default(),
@@ -426,7 +449,8 @@ impl Admin for Services {
         identity.may_administer()?;
         check_text("reason", &request.get_ref().reason, REASON_BYTES)?;
         let (engine, reason) = (self.engine.clone(), request.into_inner().reason);
-        to_completion(async move { engine.pause(&identity.name, &reason).await }).await?;
+        self.to_completion(async move { engine.pause(&identity.name, &reason).await })
+            .await?;
         Ok(Response::new(pb::PauseResponse {}))
     }
 
@@ -437,7 +461,8 @@ impl Admin for Services {
         let identity = self.identity(&request).await?;
         identity.may_administer()?;
         let engine = self.engine.clone();
-        to_completion(async move { engine.resume(&identity.name).await }).await?;
+        self.to_completion(async move { engine.resume(&identity.name).await })
+            .await?;
         Ok(Response::new(pb::ResumeResponse {}))
     }
 
@@ -470,12 +495,13 @@ impl Admin for Services {
             }
         };
         let engine = self.engine.clone();
-        let token = to_completion(async move {
-            engine
-                .force_release(&node, expected, &identity.name, &req.reason)
-                .await
-        })
-        .await?;
+        let token = self
+            .to_completion(async move {
+                engine
+                    .force_release(&node, expected, &identity.name, &req.reason)
+                    .await
+            })
+            .await?;
         Ok(Response::new(pb::ForceReleaseResponse {
             fencing_token: token,
         }))
@@ -570,5 +596,45 @@ mod tests {
             status.holders
         );
         assert!(store.saved().unwrap().holders.is_empty(), "and saved");
+    }
+
+    /// A changing call whose client gives up before its turn comes (the
+    /// store is slow, another change is being saved) is dropped, not left
+    /// to run later as detached work: abandoned calls cannot pile up.
+    #[tokio::test]
+    async fn a_call_abandoned_before_its_turn_never_runs() {
+        let store = Arc::new(MemoryStore::new(Some(LeaseState::default())));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig::new(Policy::default(), "backlog-test"),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let services = Services::new(engine, Arc::new(Unauthenticated));
+        store.backend().set_latency(Duration::from_millis(300));
+
+        let pause = Admin::pause(
+            &services,
+            Request::new(pb::PauseRequest {
+                reason: "first".into(),
+            }),
+        );
+        let resume = Admin::resume(&services, Request::new(pb::ResumeRequest {}));
+        let (paused, resumed) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(50), pause),
+            tokio::time::timeout(Duration::from_millis(100), resume),
+        );
+        assert!(paused.is_err() && resumed.is_err(), "both clients gave up");
+
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let saved = store.saved().unwrap();
+        assert!(
+            saved.paused.is_some(),
+            "the pause that had its turn was applied, the resume abandoned before its turn was not"
+        );
     }
 }

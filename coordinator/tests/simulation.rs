@@ -21,7 +21,10 @@
 //!   grants) comes from the replica that truly leads, and agrees with the
 //!   stored state at that moment: an "ok" to a renewal is never given for a
 //!   token that is not current, a refusal never for one that is;
-//! - every grant an agent receives was stored for that node.
+//! - every grant an agent receives was stored for that node;
+//! - after the run settles (a healthy store, everyone told who leads), no
+//!   agent still waits on the leader for a baton its node holds in the
+//!   store (a grant whose answer was lost reaches its waiter).
 //!
 //! Environment: `BATON_SIM_SEEDS` (how many seeds, default 2000),
 //! `BATON_SIM_SEED` (replay one seed and print its trace),
@@ -890,6 +893,34 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// After settling: no agent still waits on the leader for a baton the
+    /// store says its node holds (a grant saved but whose answer was lost
+    /// must reach its waiter once the leader reloads).
+    fn no_stranded_grant(&self) -> Result<(), String> {
+        let truth = self.truth();
+        let (leader, _) = self.backend.leader();
+        for agent in &self.agents {
+            let Some((r, _)) = &agent.waiting else {
+                continue;
+            };
+            let replica = &self.replicas[*r];
+            if replica.engine.is_none() || Some(replica.id()) != leader {
+                continue;
+            }
+            if let Some(h) = truth.holders.get(&agent.node) {
+                return Err(format!(
+                    "{} holds token {} in the store, but its Acquire on the leader {} still waits",
+                    agent.node,
+                    h.fencing_token,
+                    replica.id()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs one seed: whether every invariant held (or which broke), and the
 /// trace.
 fn run_seed(seed: u64, steps: usize) -> (Result<(), String>, Vec<String>, Stats) {
@@ -911,10 +942,17 @@ fn run_seed(seed: u64, steps: usize) -> (Result<(), String>, Vec<String>, Stats)
             // Let every replica settle: everyone learns who leads, then
             // time passes and the streams deliver.
             sim.step += 1;
+            sim.backend.clear_faults();
+            sim.backend.set_latency(StdDuration::ZERO);
             sim.backend.publish_all();
-            sim.log("settle: tell every replica who leads, wait 5s".to_string());
+            sim.log(
+                "settle: the store is healthy, every replica learns who leads, wait 5s".to_string(),
+            );
             tokio::time::sleep(StdDuration::from_secs(5)).await;
-            result = sim.poll_streams().and_then(|()| sim.check());
+            result = sim
+                .poll_streams()
+                .and_then(|()| sim.check())
+                .and_then(|()| sim.no_stranded_grant());
         }
         if let Err(reason) = &result {
             sim.log(format!("BROKEN: {reason}"));

@@ -269,3 +269,112 @@ async fn a_new_etcd_prefix_is_refused_not_started_empty() -> Result<()> {
     assert_eq!(stored(&cluster).await?, (vec!["w1".to_string()], t1));
     Ok(())
 }
+
+/// Red-team finding on issue 9 (4): the leader's election keep-alive talks
+/// to one etcd member at a time. When that member hangs (a reboot, a
+/// freeze: its TCP connection stays up, so nothing fails, it just stalls),
+/// the keep-alive moves to another member in time and the leader keeps
+/// leading. Cut off from every member, it still steps down before etcd
+/// can have expired its lease.
+#[tokio::test]
+async fn the_leader_survives_a_hung_keep_alive_member_and_steps_down_in_time_when_all_hang()
+-> Result<()> {
+    use std::sync::{Arc, Mutex};
+
+    use baton_coordinator::store::StateStore;
+    use baton_coordinator::store::etcd::{EtcdStore, EtcdStoreSettings};
+    use tokio::time::Instant;
+
+    let _serial = serial().await;
+    let mut cluster = EtcdCluster::start(3).await?;
+    // Stopping etcd's own leader would add an etcd election to the test;
+    // what is tested is the member under the keep-alive, so that one is a
+    // follower: the keep-alive starts on the first endpoint.
+    let etcd_leader = cluster.leader().await?;
+    let mut names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+    names.sort_by_key(|n| *n == etcd_leader);
+    let url_of = |name: &str| cluster.members[cluster.index(name)].client_url.clone();
+    let ttl = Duration::from_secs(5);
+    let store = EtcdStore::open(EtcdStoreSettings {
+        endpoints: names.iter().map(|n| url_of(n)).collect(),
+        tls: None,
+        prefix: "/baton-keep-alive".to_string(),
+        id: "a".to_string(),
+        election_ttl: ttl,
+        timeout: Duration::from_secs(2),
+    })
+    .await?;
+    let mut leadership = store.leadership();
+    let term = tokio::time::timeout(
+        Duration::from_secs(30),
+        leadership.wait_for(|l| l.is_leader),
+    )
+    .await
+    .context("never elected")??
+    .term;
+    let mut through = None;
+    for _ in 0..100 {
+        through = store.kept_alive_by();
+        if through.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let through = through.context("the lease was never kept alive")?;
+    let hung = names
+        .iter()
+        .find(|n| url_of(n) == through)
+        .context("keep-alive endpoint is no member")?
+        .clone();
+    assert_ne!(hung, etcd_leader);
+
+    // Every leadership change from now on.
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let recorder = {
+        let changes = changes.clone();
+        let mut leadership = store.leadership();
+        tokio::spawn(async move {
+            while leadership.changed().await.is_ok() {
+                let now = leadership.borrow_and_update().clone();
+                changes.lock().unwrap().push((Instant::now(), now));
+            }
+        })
+    };
+
+    cluster.stop(&hung);
+    tokio::time::sleep(ttl * 2).await;
+    let seen = changes.lock().unwrap().clone();
+    assert!(
+        seen.is_empty(),
+        "the leader stepped down while one of three members hung: {seen:?}"
+    );
+    let now = store.leadership().borrow().clone();
+    assert!(now.is_leader && now.term == term, "{now:?}");
+    let moved = store.kept_alive_by().context("kept alive")?;
+    assert_ne!(moved, through, "the keep-alive never left the hung member");
+    cluster.cont(&hung);
+    cluster.wait_ready().await?;
+
+    // Cut off from every member. Renewals succeed every TTL/4 until now, so
+    // etcd renewed the lease at most TTL/4 ago: it lives at least another
+    // 3/4 TTL. The leader must be gone before that.
+    let cut = Instant::now();
+    for name in &names {
+        cluster.stop(name);
+    }
+    let mut leadership = store.leadership();
+    tokio::time::timeout(ttl * 2, leadership.wait_for(|l| !l.is_leader))
+        .await
+        .context("never stepped down while cut off from etcd")??;
+    let stepped_down_after = cut.elapsed();
+    for name in &names {
+        cluster.cont(name);
+    }
+    assert!(
+        stepped_down_after < ttl * 3 / 4,
+        "stepped down {stepped_down_after:?} after the cut; etcd may expire the lease {:?} after it",
+        ttl * 3 / 4
+    );
+    recorder.abort();
+    Ok(())
+}

@@ -81,7 +81,7 @@ async fn start_replica(
     }
     // Short leases unless the test sets its own.
     if !extra.contains(&"--lease-duration") {
-        argv.extend_from_slice(&["--lease-duration", "2s", "--lease-renew-deadline", "1500ms"]);
+        argv.extend_from_slice(&["--lease-duration", "2s", "--lease-renew-deadline", "1400ms"]);
     }
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv)?.command;

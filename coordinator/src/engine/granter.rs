@@ -115,7 +115,7 @@ impl Engine {
         self.refresh_gauges(&inner);
     }
 
-    fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
+    pub(super) fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
         self.decide_on(inner, &inner.state, &[], now)
     }
 

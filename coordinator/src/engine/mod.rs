@@ -418,14 +418,71 @@ impl Engine {
         result
     }
 
+    /// After a reload: a waiter whose node holds the baton in the stored
+    /// state is sent that grant (resumed, with the stored token and phase)
+    /// and leaves the queue. This happens when a grant's save landed but its
+    /// answer was lost (an error after the write, or the store timeout):
+    /// the waiter would otherwise stay queued, the grant rule would pick it
+    /// again and be refused (it already holds), and the node would never
+    /// learn it holds the baton while everybody else waits behind it.
+    /// Like every answer not from a fresh save, the grants go out only
+    /// after the store confirmed the reloaded memory.
+    async fn resume_stored_grants(
+        &self,
+        inner: &mut Inner,
+        fence: &Fence,
+    ) -> Result<(), EngineError> {
+        // The holders are few (the concurrency limit); the queue may be
+        // long: look the holders up in it, never walk it.
+        let resumable: Vec<NodeName> = inner
+            .state
+            .holders
+            .keys()
+            .filter(|node| inner.queue.get(node).is_some())
+            .cloned()
+            .collect();
+        if resumable.is_empty() {
+            return Ok(());
+        }
+        self.confirm(inner, fence).await?;
+        let Inner { state, queue, .. } = inner;
+        for node in resumable {
+            let (Some(h), Some(q)) = (state.holders.get(&node), queue.take(&node)) else {
+                continue;
+            };
+            info!(node = %node, token = h.fencing_token, "the reloaded state holds a grant for a waiter (its save's answer was lost): resuming it");
+            let _ = q.events.send(Ok(AcquireUpdate::Granted(Grant {
+                fencing_token: h.fencing_token,
+                granted_at: h.granted_at,
+                resumed: true,
+                phase: h.phase,
+            })));
+        }
+        self.metrics.queue_length.set(queue.len() as i64);
+        self.changed();
+        Ok(())
+    }
+
     async fn load_fenced(&self, inner: &mut Inner, term: u64) -> Result<Fence, StoreError> {
         let loaded = self.timed(self.store.load()).await?;
         let location = || self.store.location();
         match loaded.state {
-            Some(state) => {
+            Some(mut state) => {
                 // Under --initialize: another replica initialized the store
                 // after this one started (it was empty then, see `new`).
                 inner.initialize = false;
+                if inner.loaded_term.is_some() && state.last_token < inner.state.last_token {
+                    // The store went back (a restored backup, a rolled-back
+                    // volume): whatever else it forgot, tokens this process
+                    // saw handed out are never handed out again.
+                    warn!(
+                        stored = state.last_token,
+                        seen = inner.state.last_token,
+                        store = %location(),
+                        "the stored last fencing token is behind one this coordinator saw; tokens go on from the higher one"
+                    );
+                    state.last_token = inner.state.last_token;
+                }
                 inner.state = state;
                 Ok(Fence {
                     term,
@@ -506,7 +563,9 @@ impl Engine {
             }
         }
         inner.fence = None;
-        Ok(self.reload(inner, claim.term).await?)
+        let fence = self.reload(inner, claim.term).await?;
+        self.resume_stored_grants(inner, &fence).await?;
+        Ok(fence)
     }
 
     /// Proves with the store that the memory under `fence` is still the
@@ -864,10 +923,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Sets the nodes that are down without holding the baton (from the
-    /// Kubernetes node watch); they count against the concurrency limit.
+    /// Sets the nodes that are down without holding the baton; they count
+    /// against the concurrency limit. (The node watch goes through
+    /// [`Engine::update_node_facts`], so its facts and this set change
+    /// together.)
     pub async fn set_unavailable(&self, nodes: Vec<NodeName>) {
+        self.update_node_facts(|| nodes).await;
+    }
+
+    /// Changes node facts and the unavailable nodes they imply as one step
+    /// for the grant rule: `update` runs under the engine's lock (every
+    /// decision and confirmation runs under it too), writes the facts the
+    /// guards read and returns the nodes that are down without the baton.
+    /// So no decision sees new facts with the old unavailable set: fresh
+    /// facts after a stale spell lift the "facts unknown" hold only
+    /// together with the outages they report. `update` must not block.
+    pub async fn update_node_facts(&self, update: impl FnOnce() -> Vec<NodeName>) {
         let mut inner = self.inner.lock().await;
+        let nodes = update();
         if inner.unavailable != nodes {
             inner.unavailable = nodes;
             drop(inner);

@@ -11,6 +11,8 @@ use crate::store::memory::MemoryStore;
 
 mod failover;
 mod initialize;
+mod lost_answer;
+mod node_facts;
 
 struct TestClock(Mutex<DateTime<Utc>>);
 
@@ -457,4 +459,44 @@ async fn a_read_after_the_store_moved_on_answers_from_the_reloaded_state() {
 
     let snap = engine.confirmed_snapshot().await.unwrap();
     assert_eq!(snap.state, moved);
+}
+
+/// A store that goes back behind a running coordinator (an older backup
+/// restored) never makes it hand out a token it already handed out.
+#[tokio::test]
+async fn a_store_restored_to_an_older_state_never_reissues_a_token() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let older = store.saved().unwrap();
+    let (_, mut events) = engine
+        .acquire(AcquireRequest {
+            node: n("w1"),
+            control_plane: false,
+            reason: "test".into(),
+            manual: false,
+        })
+        .await
+        .unwrap();
+    tokio::spawn(engine.clone().run_granter());
+    let first = next_grant(&mut events).await.fencing_token;
+    engine.release(&n("w1"), first, "w1", "done").await.unwrap();
+
+    store.backend().put(&older);
+    let snap = engine.confirmed_snapshot().await.unwrap();
+    assert!(
+        snap.state.last_token >= first,
+        "{} < {first}",
+        snap.state.last_token
+    );
+    let (_, mut events) = engine
+        .acquire(AcquireRequest {
+            node: n("w2"),
+            control_plane: false,
+            reason: "test".into(),
+            manual: false,
+        })
+        .await
+        .unwrap();
+    let second = next_grant(&mut events).await.fencing_token;
+    assert!(second > first, "token {second} reissued after {first}");
 }

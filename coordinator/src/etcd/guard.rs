@@ -507,6 +507,66 @@ mod tests {
         assert_eq!(back, vec![NodeName::new("n1").unwrap()]);
     }
 
+    /// Red-team finding on issue 9 (5): the Confirm re-check must not hold
+    /// a holder back by its own "out" records (it holds the baton, and its
+    /// member is recorded as not back yet, in memory and in the state),
+    /// while another etcd node's record still counts.
+    #[tokio::test]
+    async fn confirm_does_not_count_the_holders_own_out_records_against_it() {
+        use crate::engine::{AcquireRequest, AcquireUpdate, EngineConfig, Step};
+        use crate::metrics::Metrics;
+        use crate::policy::Policy;
+        use crate::store::memory::MemoryStore;
+
+        let now = Utc::now();
+        let guard = guard(now);
+        let healthy = cluster(now, vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
+        guard.set_health(healthy.clone());
+        let engine = Engine::new(
+            Arc::new(MemoryStore::default()),
+            EngineConfig::new(Policy::default(), "test"),
+            vec![guard.clone() as Arc<dyn GrantGuard>],
+            Vec::new(),
+            Arc::new(move || now),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(engine.clone().run_granter());
+        let n1 = NodeName::new("n1").unwrap();
+        let (_, mut events) = engine
+            .acquire(AcquireRequest {
+                node: n1.clone(),
+                control_plane: false,
+                reason: "test".into(),
+                manual: false,
+            })
+            .await
+            .unwrap();
+        let token = loop {
+            if let AcquireUpdate::Granted(g) = events.recv().await.unwrap().unwrap() {
+                break g.fencing_token;
+            }
+        };
+        // n1 is out: recorded in the state (as the preparer does) and
+        // tracked in memory (as the probe round does).
+        engine.mark_returning(&n1, "n1", 1).await.unwrap();
+        let state = engine.snapshot().await.state;
+        let holders: BTreeSet<NodeName> = state.holders.keys().cloned().collect();
+        guard.track(&holders, &healthy, &state);
+        let confirmed = engine.confirm_step(&n1, token, Step::Reboot).await.unwrap();
+        assert_eq!(confirmed.wait, None, "held back by its own record");
+
+        // Another etcd node not verified back yet does hold it back.
+        engine
+            .mark_returning(&NodeName::new("n2").unwrap(), "n2", 2)
+            .await
+            .unwrap();
+        let wait = engine.confirm_step(&n1, token, Step::Reboot).await.unwrap();
+        let reason = wait.wait.expect("n2 is not back yet");
+        assert!(reason.contains("node n2 (member n2)"), "{reason}");
+    }
+
     #[test]
     fn workers_carrying_a_member_by_internal_ip_are_guarded() {
         let now = Utc::now();

@@ -6,8 +6,11 @@
 //! (the time a replica first saw the current resourceVersion, so clock skew
 //! between nodes does not matter). Every write is guarded by the
 //! resourceVersion read, so two replicas can never both win a takeover.
-//! A leader that could not renew for `--lease-renew-deadline` (shorter than
-//! the duration) steps down before anyone else may take over.
+//! A leader that could not renew for `--lease-renew-deadline` steps down
+//! before anyone else may take over: it counts its lease from when it sent
+//! its last successful renewal (never from the late answer), and the flags
+//! are checked at start ([`Timings::validate`]) so that its deadline check
+//! always falls before the Lease can expire in another replica's view.
 //!
 //! The decision is the pure [`step`]; [`Elector::run`] does the I/O and
 //! publishes [`Leadership`] on a watch channel.
@@ -91,6 +94,91 @@ pub struct Timings {
     pub retry_period: Duration,
 }
 
+/// Election timings that would let two replicas lead at once.
+#[derive(Debug, thiserror::Error)]
+pub enum TimingsError {
+    /// A zero retry period (the loop would spin).
+    #[error("--lease-retry-period must be longer than zero")]
+    ZeroRetry,
+    /// The retry period is not shorter than the renew deadline (a leader
+    /// would step down between two renewals).
+    #[error(
+        "--lease-retry-period ({retry:?}) must be shorter than --lease-renew-deadline ({renew:?})"
+    )]
+    RetryNotBelowDeadline {
+        /// --lease-retry-period.
+        retry: Duration,
+        /// --lease-renew-deadline.
+        renew: Duration,
+    },
+    /// A leader that cannot renew might step down only after the Lease
+    /// expired for the other replicas.
+    #[error(
+        "--lease-duration ({duration:?}, written to the Lease in whole seconds as {written}s) must be longer than --lease-renew-deadline ({renew:?}) + --lease-retry-period ({retry:?}) + one election round (bounded by the longer of --lease-retry-period and 200ms: {round:?}) = {needed:?}; otherwise a leader that cannot renew steps down only after another replica may have taken over (two leaders)"
+    )]
+    Overlap {
+        /// --lease-duration.
+        duration: Duration,
+        /// What is written to `spec.leaseDurationSeconds`.
+        written: i32,
+        /// --lease-renew-deadline.
+        renew: Duration,
+        /// --lease-retry-period.
+        retry: Duration,
+        /// The bound of one round.
+        round: Duration,
+        /// The sum the duration must exceed.
+        needed: Duration,
+    },
+}
+
+impl Timings {
+    /// The longest one election round (read, then write) may take before it
+    /// counts as failed.
+    pub fn round_timeout(&self) -> Duration {
+        self.retry_period.max(Duration::from_millis(200))
+    }
+
+    /// Checks that a leader always steps down before its Lease can expire
+    /// in any other replica's view.
+    ///
+    /// The leader counts its lease from the moment it *sent* its last
+    /// successful renewal (S); the write lands at W >= S, and every other
+    /// replica measures the Lease's age from when it first saw that write,
+    /// so no one takes over before W + duration (the duration as written,
+    /// in whole seconds). The leader checks its deadline after every round;
+    /// two checks are at most one sleep (`retry_period`) plus one round
+    /// (`round_timeout`) apart, so it steps down by S + renew_deadline +
+    /// retry_period + round_timeout at the latest. Hence the written
+    /// duration must exceed renew_deadline + retry_period + round_timeout
+    /// (with the defaults: 15s, more than 10s + 2s + 2s).
+    pub fn validate(&self) -> Result<(), TimingsError> {
+        if self.retry_period.is_zero() {
+            return Err(TimingsError::ZeroRetry);
+        }
+        if self.retry_period >= self.renew_deadline {
+            return Err(TimingsError::RetryNotBelowDeadline {
+                retry: self.retry_period,
+                renew: self.renew_deadline,
+            });
+        }
+        let written = lease_seconds(self.duration);
+        let round = self.round_timeout();
+        let needed = self.renew_deadline + self.retry_period + round;
+        if Duration::from_secs(written as u64) <= needed {
+            return Err(TimingsError::Overlap {
+                duration: self.duration,
+                written,
+                renew: self.renew_deadline,
+                retry: self.retry_period,
+                round,
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Runs the election of one replica.
 pub struct Elector {
     api: Api<Lease>,
@@ -103,7 +191,10 @@ pub struct Elector {
 
 /// What one round of the election found.
 struct Round {
-    holding: bool,
+    /// When this replica holds the Lease: when the write that proved it
+    /// (create, renewal, takeover) was sent. The lease counts from then, not
+    /// from the answer, which may arrive late.
+    holding: Option<Instant>,
     leader: String,
     term: u64,
 }
@@ -142,15 +233,18 @@ impl Elector {
             if self.leadership.is_closed() {
                 return;
             }
-            let round = tokio::time::timeout(
-                self.timings.retry_period.max(Duration::from_millis(200)),
-                self.round(&mut seen),
-            )
-            .await;
+            let round =
+                tokio::time::timeout(self.timings.round_timeout(), self.round(&mut seen)).await;
             match round {
-                Ok(Ok(r)) if r.holding => {
-                    last_renewal = Some(Instant::now());
-                    self.publish(true, Some(r.leader), r.term);
+                Ok(Ok(Round {
+                    holding: Some(sent),
+                    leader,
+                    term,
+                })) => {
+                    last_renewal = Some(sent);
+                    // An answer that took longer than the deadline proves
+                    // nothing: the check below steps down at once.
+                    self.publish(true, Some(leader), term);
                 }
                 Ok(Ok(r)) => {
                     last_renewal = None;
@@ -222,10 +316,12 @@ impl Elector {
             .load(Ordering::SeqCst)
             .then_some(self.timings.duration * 2);
         let decided = step(observed.as_ref(), &self.id, unchanged_for, yielding);
+        // Taken before the write below is sent (the read above is done).
+        let sent = Instant::now();
         let (lease, term) = match (&decided, current) {
             (Step::Follow { leader }, _) => {
                 return Ok(Round {
-                    holding: false,
+                    holding: None,
                     leader: leader.clone(),
                     term: transitions as u64,
                 });
@@ -248,7 +344,7 @@ impl Elector {
                     }
                 }
                 return Ok(Round {
-                    holding: false,
+                    holding: None,
                     leader: String::new(),
                     term: transitions as u64,
                 });
@@ -287,14 +383,14 @@ impl Elector {
         };
         match lease {
             Ok(_) => Ok(Round {
-                holding: true,
+                holding: Some(sent),
                 leader: self.id.clone(),
                 term: term as u64,
             }),
             // Someone else wrote first (409 conflict or 409 already exists):
             // re-read next round and re-decide.
             Err(::kube::Error::Api(s)) if s.code == 409 => Ok(Round {
-                holding: false,
+                holding: None,
                 leader: String::new(),
                 term: term as u64,
             }),
@@ -344,6 +440,58 @@ mod tests {
             holder: holder.to_string(),
             duration: Duration::from_secs(15),
         }
+    }
+
+    fn timings(duration_ms: u64, renew_ms: u64, retry_ms: u64) -> Timings {
+        Timings {
+            duration: Duration::from_millis(duration_ms),
+            renew_deadline: Duration::from_millis(renew_ms),
+            retry_period: Duration::from_millis(retry_ms),
+        }
+    }
+
+    #[test]
+    fn the_default_timings_are_valid() {
+        timings(15_000, 10_000, 2_000).validate().unwrap();
+    }
+
+    #[test]
+    fn timings_that_let_two_replicas_lead_are_refused_naming_the_flags() {
+        // Renewal checks 2s + 2s apart: a leader whose last renewal was sent
+        // at S steps down by S + 12s + 4s, after the Lease (15s) expired.
+        let err = timings(15_000, 12_000, 2_000).validate().unwrap_err();
+        let message = err.to_string();
+        for flag in [
+            "--lease-duration",
+            "--lease-renew-deadline",
+            "--lease-retry-period",
+        ] {
+            assert!(message.contains(flag), "{message}");
+        }
+        assert!(message.contains("two leaders"), "{message}");
+        // Equal is not enough: the step-down could coincide with expiry.
+        assert!(timings(15_000, 11_000, 2_000).validate().is_err());
+        timings(15_000, 10_999, 2_000).validate().unwrap();
+        // The round's 200ms floor counts when the retry period is shorter.
+        assert!(timings(2_000, 1_700, 100).validate().is_err());
+        timings(2_000, 1_650, 100).validate().unwrap();
+    }
+
+    #[test]
+    fn the_lease_duration_counts_as_written_in_whole_seconds() {
+        // 2.9s is written as 2s: followers take over after 2s.
+        let err = timings(2_900, 2_000, 250).validate().unwrap_err();
+        assert!(err.to_string().contains("as 2s"), "{err}");
+    }
+
+    #[test]
+    fn a_retry_period_not_below_the_deadline_or_zero_is_refused() {
+        let err = timings(15_000, 2_000, 2_000).validate().unwrap_err();
+        assert!(err.to_string().contains("--lease-retry-period"), "{err}");
+        assert!(matches!(
+            timings(15_000, 2_000, 0).validate(),
+            Err(TimingsError::ZeroRetry)
+        ));
     }
 
     #[test]

@@ -104,19 +104,21 @@ pub enum KubeSetupError {
     /// No usable client configuration.
     #[error("kubernetes client configuration: {0}")]
     Config(String),
-    /// The lease timings cannot work.
-    #[error(
-        "--lease-renew-deadline ({renew:?}) must be shorter than --lease-duration ({duration:?}), and --lease-retry-period shorter than both"
-    )]
-    Timings {
-        /// --lease-duration.
-        duration: Duration,
-        /// --lease-renew-deadline.
-        renew: Duration,
-    },
+    /// The lease timings cannot work (two replicas could lead at once).
+    #[error(transparent)]
+    Timings(#[from] election::TimingsError),
 }
 
 impl KubeArgs {
+    /// The election's timings per these flags.
+    pub fn timings(&self) -> election::Timings {
+        election::Timings {
+            duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        }
+    }
+
     /// A client per these flags. kube's own retry of 429/503 is off:
     /// the election must notice an unreachable API server within its renew
     /// deadline, and every caller here retries with its own bound.
@@ -152,14 +154,8 @@ impl KubeWiring {
         if !(watch_nodes || args.token_review) {
             return Ok(None);
         }
-        if store
-            && (args.lease_renew_deadline >= args.lease_duration
-                || args.lease_retry_period >= args.lease_renew_deadline)
-        {
-            return Err(KubeSetupError::Timings {
-                duration: args.lease_duration,
-                renew: args.lease_renew_deadline,
-            });
+        if store {
+            args.timings().validate()?;
         }
         Ok(Some(Self {
             client: args.client().await?,

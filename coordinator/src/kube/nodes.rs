@@ -19,6 +19,9 @@
 //! - InternalIPs are kept so the etcd guard can map members to nodes by the
 //!   addresses in their peer and client URLs ([`NodeAddresses`]).
 //!
+//! - Facts and the unavailable set change as one step under the engine's
+//!   lock ([`publish_facts`]), so no decision sees one new and the other old.
+//!
 //! [`fact_of`] and [`unavailable`] are pure; [`watch_nodes`] does the I/O.
 
 use std::collections::BTreeMap;
@@ -321,6 +324,9 @@ impl GrantGuard for NodeGuard {
     }
 }
 
+/// One change to the node facts, as a watch event brings it.
+type FactsChange = dyn FnOnce(&mut BTreeMap<String, NodeFact>) + Send;
+
 /// Keeps `facts` current from a list and watch of Nodes and feeds the
 /// unavailable nodes to `engine`. Runs until the process ends; errors are
 /// retried (a stale view only ever holds grants back: the guard and the
@@ -333,15 +339,6 @@ pub async fn watch_nodes(
 ) {
     let api: Api<Node> = Api::all(client);
     let relist = facts.relist_every().as_secs().max(1) as u32;
-    let publish = |map: BTreeMap<String, NodeFact>| {
-        let engine = engine.clone();
-        async move {
-            engine
-                .set_unavailable(unavailable(&map, ignore_notready))
-                .await;
-            engine.poke();
-        }
-    };
     loop {
         let list = match api.list(&ListParams::default()).await {
             Ok(list) => list,
@@ -362,7 +359,7 @@ pub async fn watch_nodes(
             not_ready = map.values().filter(|f| !f.ready).count(),
             "node list read"
         );
-        publish(facts.write(|m| *m = map)).await;
+        publish_facts(&engine, &facts, |m| *m = map, ignore_notready).await;
         let version = list.metadata.resource_version.unwrap_or_default();
         let stream = match api
             .watch(&WatchParams::default().timeout(relist), &version)
@@ -378,13 +375,13 @@ pub async fn watch_nodes(
         };
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            let map = match event {
+            let change: Box<FactsChange> = match event {
                 Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)) => {
                     let Some(name) = n.metadata.name.clone() else {
                         continue;
                     };
                     let fact = fact_of(&n);
-                    facts.write(|m| {
+                    Box::new(move |m| {
                         m.insert(name, fact);
                     })
                 }
@@ -392,7 +389,7 @@ pub async fn watch_nodes(
                     let Some(name) = n.metadata.name.clone() else {
                         continue;
                     };
-                    facts.write(|m| {
+                    Box::new(move |m| {
                         m.remove(&name);
                     })
                 }
@@ -409,9 +406,25 @@ pub async fn watch_nodes(
                     break;
                 }
             };
-            publish(map).await;
+            publish_facts(&engine, &facts, change, ignore_notready).await;
         }
     }
+}
+
+/// Applies `change` to `facts` and feeds the nodes that are down to
+/// `engine`, as one step for the grant rule ([`Engine::update_node_facts`]):
+/// a decision sees either the old facts and the old unavailable set, or
+/// both new.
+pub async fn publish_facts(
+    engine: &Engine,
+    facts: &NodeFacts,
+    change: impl FnOnce(&mut BTreeMap<String, NodeFact>),
+    ignore_notready: bool,
+) {
+    engine
+        .update_node_facts(|| unavailable(&facts.write(change), ignore_notready))
+        .await;
+    engine.poke();
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::KubeArgs;
-use super::election::{Elector, Timings};
+use super::election::Elector;
 use crate::state::{AUDIT_KEEP, AUDIT_MAX_BYTES, LeaseState, newest_within};
 use crate::store::{
     Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit, decode,
@@ -69,11 +69,7 @@ impl KubeStore {
             Api::<Lease>::namespaced(client.clone(), &args.namespace),
             &args.lease_name,
             id,
-            Timings {
-                duration: args.lease_duration,
-                renew_deadline: args.lease_renew_deadline,
-                retry_period: args.lease_retry_period,
-            },
+            args.timings(),
             leadership.clone(),
             yielding,
         );

@@ -22,6 +22,11 @@
 //!   read-only transaction, which etcd serves linearizably: one round trip.
 //! - [`Leadership::term`] is the create revision of the leader's election
 //!   key, which grows with every new leader.
+//! - The election lease is kept alive through one endpoint at a time and
+//!   moves to the next one when a member stops answering (a member that
+//!   reboots or freezes must not cost the leadership); the leader steps
+//!   down 2/3 of the TTL after the last renewal etcd answered was sent,
+//!   before anything else, so never after etcd may have expired the lease.
 //! - Followers keep [`Leadership::leader`] current (the leader's id), so
 //!   their calls are refused with UNAVAILABLE naming the leader.
 
@@ -71,6 +76,12 @@ struct Claim {
 
 struct Shared {
     client: Client,
+    /// One client per endpoint for the election lease's keep-alive, so it
+    /// can move off a member that stopped answering (see
+    /// [`Shared::keep_alive`]).
+    keepers: Vec<(String, Client)>,
+    /// The endpoint whose member last renewed the election lease.
+    kept_alive_by: Mutex<Option<String>>,
     settings: EtcdStoreSettings,
     claim: Mutex<Option<Claim>>,
     leadership: watch::Sender<Leadership>,
@@ -93,25 +104,43 @@ impl Drop for EtcdStore {
 impl EtcdStore {
     /// Connects and starts campaigning (in the background).
     pub async fn open(settings: EtcdStoreSettings) -> Result<Self, StoreError> {
-        let endpoint_list = settings.endpoints.join(",");
-        // No per-request timeout on this client: a campaign waits as long as
-        // another replica leads. Each other call gets its own deadline.
-        let mut options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(settings.timeout)
-            .with_keep_alive(Duration::from_secs(2), settings.timeout);
-        if let Some(tls) = &settings.tls {
-            options = options.with_tls(tls.clone());
+        // No per-request timeout on these clients: a campaign waits as long
+        // as another replica leads, and a keep-alive stream lives as long as
+        // the lease. Each other call gets its own deadline. (Connecting is
+        // lazy: nothing is dialled here.)
+        let connect = |endpoints: &[String]| {
+            let mut options = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(settings.timeout)
+                .with_keep_alive(Duration::from_secs(2), settings.timeout);
+            if let Some(tls) = &settings.tls {
+                options = options.with_tls(tls.clone());
+            }
+            let endpoints = endpoints.to_vec();
+            let list = endpoints.join(",");
+            async move {
+                Client::connect(&endpoints, Some(options))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Backend(format!(
+                            "connecting to etcd at {list}: {}",
+                            crate::etcd::describe(&e)
+                        ))
+                    })
+            }
+        };
+        // Fails on an empty list, so there is a keep-alive client below.
+        let client = connect(&settings.endpoints).await?;
+        let mut keepers = Vec::with_capacity(settings.endpoints.len());
+        for endpoint in &settings.endpoints {
+            keepers.push((
+                endpoint.clone(),
+                connect(std::slice::from_ref(endpoint)).await?,
+            ));
         }
-        let client = Client::connect(&settings.endpoints, Some(options))
-            .await
-            .map_err(|e| {
-                StoreError::Backend(format!(
-                    "connecting to etcd at {endpoint_list}: {}",
-                    crate::etcd::describe(&e)
-                ))
-            })?;
         let shared = Arc::new(Shared {
             client,
+            keepers,
+            kept_alive_by: Mutex::new(None),
             settings,
             claim: Mutex::new(None),
             leadership: watch::channel(Leadership::default()).0,
@@ -134,6 +163,16 @@ impl EtcdStore {
     /// (zero-padded, so keys sort by number).
     fn audit_key(&self, number: u64) -> String {
         format!("{}{number:020}", self.audit_prefix())
+    }
+
+    /// The endpoint whose member last renewed this replica's election
+    /// lease (for tests and operators).
+    pub fn kept_alive_by(&self) -> Option<String> {
+        self.shared
+            .kept_alive_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The election lease of this replica while it leads (for tests and
@@ -192,17 +231,29 @@ impl Shared {
         let t = self.settings.timeout;
         let ttl = self.settings.election_ttl.as_secs().max(1) as i64;
         let mut client = self.client.clone();
+        // etcd starts the lease's TTL after this is sent.
+        let granted_from = tokio::time::Instant::now();
         let lease = within(t, client.lease_grant(ttl, None)).await?.id();
-        let result = self.clone().campaign_and_lead(lease).await;
+        let result = self.clone().campaign_and_lead(lease, granted_from).await;
+        // Step down before anything that can hang on an unreachable etcd:
+        // the deadline to stop leading is now, not after the revoke below.
+        match &result {
+            Err(e) => self.give_up(e),
+            Ok(()) => self.give_up("election term ended"),
+        }
         // Best effort: free the election key at once instead of after the TTL.
         let _ = within(t, client.lease_revoke(lease)).await;
         result
     }
 
-    async fn campaign_and_lead(self: Arc<Self>, lease: i64) -> Result<(), String> {
+    async fn campaign_and_lead(
+        self: Arc<Self>,
+        lease: i64,
+        granted_from: tokio::time::Instant,
+    ) -> Result<(), String> {
         // A wake-up left over from an earlier term must not depose this one.
         let _ = futures::FutureExt::now_or_never(self.lost.notified());
-        let keepalive = self.clone().keep_alive(lease);
+        let keepalive = self.clone().keep_alive(lease, granted_from);
         tokio::pin!(keepalive);
         let mut election = self.client.election_client();
         let campaign = {
@@ -237,38 +288,79 @@ impl Shared {
         }
     }
 
-    /// Keeps the lease alive; returns when it is lost (or cannot be renewed
-    /// for 2/3 of its TTL, after which it may have expired).
-    async fn keep_alive(self: Arc<Self>, lease: i64) -> Result<(), String> {
+    /// Keeps the election lease alive; returns when it is lost, or when it
+    /// was not renewed for 2/3 of its TTL (counted from when the last
+    /// renewal etcd answered was *sent*: etcd renewed it after that, so the
+    /// lease lives at least a full TTL from then, and this replica steps
+    /// down a third of the TTL before etcd can expire it, whichever member
+    /// answered).
+    ///
+    /// Failover: the renewal runs every TTL/4 over a client of one endpoint
+    /// at a time. A member that hangs (rebooting, frozen) keeps its TCP
+    /// connection, so a stream on it stalls instead of failing; an attempt
+    /// without an answer within TTL/8 (at most the call timeout, never
+    /// past the give-up time) moves to the next endpoint with a fresh
+    /// keep-alive stream, so one member's outage costs one short attempt,
+    /// not the leadership.
+    async fn keep_alive(
+        self: Arc<Self>,
+        lease: i64,
+        granted_from: tokio::time::Instant,
+    ) -> Result<(), String> {
         let ttl = self.settings.election_ttl;
-        let every = ttl / 3;
-        let mut client = self.client.clone();
-        let mut last_ok = tokio::time::Instant::now();
-        let mut channel = None;
+        let every = ttl / 4;
+        let attempt = (ttl / 8).clamp(
+            Duration::from_millis(100),
+            self.settings.timeout.max(Duration::from_millis(100)),
+        );
+        let give_up_after = ttl * 2 / 3;
+        let mut renewed_from = granted_from;
+        let mut endpoint = 0;
+        let mut failed_in_a_row = 0;
+        let mut stream = None;
         loop {
-            if last_ok.elapsed() > ttl * 2 / 3 {
+            let now = tokio::time::Instant::now();
+            let deadline = renewed_from + give_up_after;
+            if now >= deadline {
                 return Err(format!(
                     "election lease not renewed for {}ms",
-                    last_ok.elapsed().as_millis()
+                    (now - renewed_from).as_millis()
                 ));
             }
-            if channel.is_none() {
-                channel = within(self.settings.timeout, client.lease_keep_alive(lease))
-                    .await
-                    .ok();
-            }
-            if let Some((keeper, stream)) = channel.as_mut() {
-                let renewed = async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                };
-                match within(self.settings.timeout, renewed).await {
-                    Ok(Some(resp)) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-                    Ok(Some(_)) => return Err("election lease expired".to_string()),
-                    Ok(None) | Err(_) => channel = None,
+            let (url, client) = &self.keepers[endpoint];
+            let sent = now;
+            let renewed = within(
+                attempt.min(deadline - now),
+                renew_once(client, &mut stream, lease),
+            )
+            .await;
+            match renewed {
+                Ok(left) if left > 0 => {
+                    renewed_from = sent;
+                    failed_in_a_row = 0;
+                    self.kept_alive_through(url, lease);
+                    tokio::time::sleep(every).await;
+                }
+                Ok(_) => return Err("election lease expired".to_string()),
+                Err(e) => {
+                    warn!(endpoint = %url, error = %e, lease, "election keep-alive got no answer; moving to the next etcd endpoint");
+                    stream = None;
+                    endpoint = (endpoint + 1) % self.keepers.len();
+                    failed_in_a_row += 1;
+                    // Every endpoint failed fast (all refused): do not spin.
+                    if failed_in_a_row % self.keepers.len() == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
-            tokio::time::sleep(every).await;
+        }
+    }
+
+    fn kept_alive_through(&self, url: &str, lease: i64) {
+        let mut by = self.kept_alive_by.lock().unwrap_or_else(|e| e.into_inner());
+        if by.as_deref() != Some(url) {
+            info!(endpoint = %url, lease, "election lease kept alive through this etcd endpoint");
+            *by = Some(url.to_string());
         }
     }
 
@@ -292,6 +384,29 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// A keep-alive stream on one endpoint: the sender and the answers.
+type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews `lease` once over `stream` (opened on `client` first when there
+/// is none); the TTL etcd granted, in seconds (0: the lease is gone).
+async fn renew_once(
+    client: &Client,
+    stream: &mut Option<KeepAlive>,
+    lease: i64,
+) -> Result<i64, etcd_client::Error> {
+    let (keeper, answers) = match stream {
+        Some(open) => open,
+        None => stream.insert(client.clone().lease_keep_alive(lease).await?),
+    };
+    keeper.keep_alive().await?;
+    match answers.message().await? {
+        Some(answer) => Ok(answer.ttl()),
+        None => Err(etcd_client::Error::InvalidArgs(
+            "the keep-alive stream ended".to_string(),
+        )),
     }
 }
 

@@ -83,8 +83,9 @@ pub struct FileStore {
     /// lines `audit.jsonl` has (both only touched under `known`'s lock,
     /// by a save's blocking task too).
     audit: Arc<std::sync::Mutex<(Vec<Numbered>, usize)>>,
-    /// Held open for the lock's lifetime.
-    _lock: File,
+    /// Held open for the lock's lifetime; a save's writing task holds a
+    /// clone, so the lock outlives the store while a write is running.
+    lock: Arc<File>,
 }
 
 fn io(path: &Path, source: std::io::Error) -> StoreError {
@@ -124,7 +125,7 @@ impl FileStore {
             leadership,
             known: Arc::new(Mutex::new(None)),
             audit: Arc::new(std::sync::Mutex::new((Vec::new(), 0))),
-            _lock: lock,
+            lock: Arc::new(lock),
         })
     }
 
@@ -364,13 +365,20 @@ impl StateStore for FileStore {
             let newest = state.audit_seq;
             let dir = self.dir.clone();
             let audit = self.audit.clone();
+            let directory_lock = self.lock.clone();
             // The write and the bookkeeping after it run in one blocking task
             // that owns the lock. A caller that stops waiting (a timeout, a
             // client that hung up) cannot cut it short: until the write has
             // ended nothing else reads, confirms or saves, so a write that
             // lands late can never land after a newer one, and what this
-            // store remembers is always what is on disk.
+            // store remembers is always what is on disk. The task also holds
+            // the directory's flock: a coordinator stopping while its write
+            // runs keeps the next one out of the directory until it ends.
             let write = tokio::task::spawn_blocking(move || {
+                let _directory_lock = directory_lock;
+                // Forgotten until the write is known to have ended (so a
+                // panic in it leaves the files to be read again).
+                *known = None;
                 // The records leave the document only once they are durable
                 // in the audit file.
                 let written = if moved.is_empty() {
@@ -746,5 +754,38 @@ mod tests {
         let loaded = store.load().await.unwrap().state.unwrap();
         assert_eq!(loaded.audit.len(), AUDIT_KEEP);
         assert_eq!(loaded, current);
+    }
+
+    /// A coordinator that stops while its save is still writing keeps the
+    /// directory locked until the write has ended: the next one to open it
+    /// never finds a write of another process still running.
+    #[tokio::test]
+    async fn the_directory_stays_locked_until_a_running_write_ends() {
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = FileStore::open(dir.path(), "c1").unwrap();
+            store.load().await.unwrap();
+            let state = granted("n1");
+            let absent = fence(Revision::Absent);
+            let mut save = store.save(&state, &absent);
+            let _ = futures::poll!(&mut save);
+            drop(save);
+            drop(store);
+            loop {
+                match FileStore::open(dir.path(), "c2") {
+                    Ok(next) => {
+                        assert!(
+                            !dir.path().join("state.json.tmp").exists(),
+                            "round {round}: opened while the first store's write was running"
+                        );
+                        let loaded = next.load().await.unwrap();
+                        assert_eq!(loaded.state, Some(state), "round {round}");
+                        break;
+                    }
+                    Err(StoreError::Locked { .. }) => tokio::task::yield_now().await,
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            }
+        }
     }
 }

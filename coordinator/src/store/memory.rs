@@ -310,6 +310,11 @@ impl MemoryBackend {
         truth.faults.fail_loads += faults.fail_loads;
     }
 
+    /// Drops every fault not used up yet (the store is healthy again).
+    pub fn clear_faults(&self) {
+        self.truth().faults = Faults::default();
+    }
+
     /// Every call takes this long (virtual time under a paused clock).
     pub fn set_latency(&self, latency: Duration) {
         self.truth().latency = latency;

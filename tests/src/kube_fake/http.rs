@@ -20,23 +20,42 @@ use super::semantics::{
 };
 use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 
+/// A resource whose writes are answered late, and how late.
+pub(crate) type Delayed = Arc<Mutex<Option<(String, Duration)>>>;
+
 #[derive(Clone)]
 struct Ctx {
     api: FakeApi,
     partitioned: Arc<AtomicBool>,
     stalled: Arc<Mutex<Option<String>>>,
+    delayed: Delayed,
 }
 
 pub(crate) fn router(
     api: FakeApi,
     partitioned: Arc<AtomicBool>,
     stalled: Arc<Mutex<Option<String>>>,
+    delayed: Delayed,
 ) -> Router {
     Router::new().fallback(handle).with_state(Ctx {
         api,
         partitioned,
         stalled,
+        delayed,
     })
+}
+
+/// How long the answer to this request is held back after it took effect.
+fn answer_delay(ctx: &Ctx, method: &Method, target: Option<&Target>) -> Option<Duration> {
+    let target = target?;
+    if method == Method::GET {
+        return None;
+    }
+    let delayed = ctx.delayed.lock().unwrap_or_else(|e| e.into_inner());
+    match &*delayed {
+        Some((resource, delay)) if *resource == target.resource => Some(*delay),
+        _ => None,
+    }
 }
 
 /// While writes to `target`'s resource are stalled, waits (re-checking
@@ -157,6 +176,9 @@ async fn handle(
         path: uri.path().to_string(),
         status: response.status().as_u16(),
     });
+    if let Some(delay) = answer_delay(&ctx, &method, Target::parse(uri.path()).as_ref()) {
+        tokio::time::sleep(delay).await;
+    }
     response
 }
 

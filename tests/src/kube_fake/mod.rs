@@ -22,8 +22,10 @@
 //!
 //! Several [`Endpoint`]s can serve one store; an endpoint can be partitioned
 //! (every request and open watch fails) to cut one client off, as a network
-//! partition would, or stall the writes to one resource (they hang until
-//! released), as an overloaded API server would.
+//! partition would, stall the writes to one resource (they hang until
+//! released), as an overloaded API server would, or answer them late (the
+//! write is done, its answer slow). An endpoint can also be in-process (no
+//! socket), for tests on tokio's paused clock.
 //!
 //! Layout: this file holds the store and its public test handle;
 //! [`http`] routes requests; [`semantics`] holds the pure rules (selectors,
@@ -102,11 +104,15 @@ pub struct FakeApi {
 
 /// One listener serving a [`FakeApi`].
 pub struct Endpoint {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`http://in-process` for [`FakeApi::in_process`]).
     pub url: String,
     partitioned: Arc<AtomicBool>,
     /// The resource (`configmaps`, ...) whose writes hang, if any.
     stalled: Arc<Mutex<Option<String>>>,
+    /// The resource whose writes are applied but answered late, and how late.
+    delayed: Arc<Mutex<Option<(String, std::time::Duration)>>>,
+    /// Set for an in-process endpoint: requests go straight to the router.
+    router: Option<axum::Router>,
 }
 
 impl Default for FakeApi {
@@ -130,16 +136,41 @@ impl FakeApi {
             .await
             .expect("bind 127.0.0.1:0");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let partitioned = Arc::new(AtomicBool::new(false));
-        let stalled = Arc::new(Mutex::new(None));
-        let app = http::router(self.clone(), partitioned.clone(), stalled.clone());
+        let mut endpoint = self.endpoint(url);
+        let app = endpoint
+            .router
+            .take()
+            .expect("a fresh endpoint has a router");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        endpoint
+    }
+
+    /// An endpoint served in-process, without a socket: its
+    /// [`Endpoint::client`] calls the router directly, so the whole
+    /// exchange runs on tokio's clock (tests under `start_paused` are exact
+    /// and deterministic).
+    pub fn in_process(&self) -> Endpoint {
+        self.endpoint("http://in-process".to_string())
+    }
+
+    fn endpoint(&self, url: String) -> Endpoint {
+        let partitioned = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(Mutex::new(None));
+        let delayed = Arc::new(Mutex::new(None));
+        let router = http::router(
+            self.clone(),
+            partitioned.clone(),
+            stalled.clone(),
+            delayed.clone(),
+        );
         Endpoint {
             url,
             partitioned,
             stalled,
+            delayed,
+            router: Some(router),
         }
     }
 
@@ -216,6 +247,9 @@ impl FakeApi {
 impl Endpoint {
     /// A `kube::Client` for this endpoint (no credentials).
     pub fn client(&self) -> kube::Client {
+        if let Some(router) = &self.router {
+            return kube::Client::new(router.clone(), "default");
+        }
         let mut config = kube::Config::new(self.url.parse().expect("endpoint url"));
         // As Baton's own clients do: callers see 429 and 503 themselves.
         config.default_retry = false;
@@ -233,6 +267,14 @@ impl Endpoint {
     /// reads and other resources are served as usual.
     pub fn stall_writes(&self, resource: Option<&str>) {
         *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = resource.map(str::to_string);
+    }
+
+    /// Makes every write to `resource` (e.g. `leases`) on this endpoint take
+    /// effect at once but answer only after `delay` (a slow network on the
+    /// way back), until called again with `None`.
+    pub fn delay_write_answers(&self, delayed: Option<(&str, std::time::Duration)>) {
+        *self.delayed.lock().unwrap_or_else(|e| e.into_inner()) =
+            delayed.map(|(resource, delay)| (resource.to_string(), delay));
     }
 }
 
