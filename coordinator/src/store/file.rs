@@ -88,6 +88,16 @@ pub struct FileStore {
     lock: Arc<File>,
 }
 
+/// `records` as JSON lines.
+fn json_lines(records: &[Numbered]) -> Vec<u8> {
+    let mut text = Vec::new();
+    for record in records {
+        serde_json::to_writer(&mut text, record).expect("audit records serialize");
+        text.push(b'\n');
+    }
+    text
+}
+
 fn io(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Io {
         path: path.display().to_string(),
@@ -171,11 +181,7 @@ impl FileStore {
         newest: u64,
     ) -> Result<usize, StoreError> {
         let path = dir.join("audit.jsonl");
-        let mut text = Vec::new();
-        for record in records {
-            serde_json::to_writer(&mut text, record).expect("audit records serialize");
-            text.push(b'\n');
-        }
+        let text = json_lines(records);
         if lines + records.len() > 2 * AUDIT_KEEP {
             let mut all = Self::read_audit(&path)?;
             all.extend(records.iter().cloned());
@@ -185,11 +191,7 @@ impl FileStore {
             };
             attach_audit(&mut state, all);
             let kept: Vec<Numbered> = numbered(&state).collect();
-            let mut text = Vec::new();
-            for record in &kept {
-                serde_json::to_writer(&mut text, record).expect("audit records serialize");
-                text.push(b'\n');
-            }
+            let text = json_lines(&kept);
             let tmp = dir.join("audit.jsonl.tmp");
             let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
             file.write_all(&text).map_err(|e| io(&tmp, e))?;
@@ -597,6 +599,20 @@ mod tests {
         state.resume("op", Utc::now());
     }
 
+    /// A store whose document's audit tail is full: its next save moves
+    /// the tail to `audit.jsonl`. Returns the directory, the store, the
+    /// state saved and its revision.
+    async fn tail_full() -> (tempfile::TempDir, FileStore, LeaseState, Revision) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        for _ in 0..AUDIT_TAIL / 2 {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        (dir, store, current, revision)
+    }
+
     /// Stands for a crash: the store goes away and `state.json` is put back
     /// as it was (an atomic write that never happened), `audit.jsonl` kept.
     fn crash_with_document(store: FileStore, document: &[u8]) -> FileStore {
@@ -618,14 +634,7 @@ mod tests {
     /// recorded once.
     #[tokio::test]
     async fn a_crash_between_the_audit_append_and_the_document_loses_and_doubles_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
-        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
-        // The document's tail full: the next save moves it to audit.jsonl.
-        for _ in 0..AUDIT_TAIL / 2 {
-            step(&store, &mut current, &mut revision, pause_resume).await;
-        }
+        let (dir, store, mut current, mut revision) = tail_full().await;
         assert!(!store.audit_path().exists());
         let before = fs::read(store.path()).unwrap();
 
@@ -703,13 +712,7 @@ mod tests {
     /// never leave the document before they are durable elsewhere).
     #[tokio::test]
     async fn a_save_whose_audit_append_fails_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
-        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
-        for _ in 0..AUDIT_TAIL / 2 {
-            step(&store, &mut current, &mut revision, pause_resume).await;
-        }
+        let (_dir, store, current, revision) = tail_full().await;
         let before = fs::read(store.path()).unwrap();
         // A directory where the audit file goes: appending fails.
         fs::create_dir(store.audit_path()).unwrap();
