@@ -11,13 +11,19 @@
 //! and every external call):
 //! - **No step on an unconfirmed token.** Before every step (and when it
 //!   resumes from its state file) the token is confirmed with the
-//!   coordinator in this process; right before the update and the reboot
-//!   the coordinator is asked to confirm the step itself (`Confirm`) and
-//!   may answer "wait". While the lease is older than the coordinator
+//!   coordinator in this process; right before the update (also when a
+//!   restarted agent resumes it) and the reboot the coordinator is asked to
+//!   confirm the step itself (`Confirm`) and may answer "wait"; an older
+//!   coordinator's UNIMPLEMENTED makes Renew the confirmation for that one
+//!   step only. While the lease is older than the coordinator
 //!   allows, no new eviction or unit is started. See [`lease`].
 //! - **A reboot is proven.** `Rebooting` and the boot_id before the reboot
 //!   are one write; the baton is released only after the boot_id changed
-//!   and the reboot sentinel is gone. A restart in `Rebooting` on the same
+//!   and the reboot sentinel is gone. A sentinel check without an answer
+//!   is never "no reboot needed": after the update it means reboot; before
+//!   the release (asked a few times) it means Failed, keeping the baton;
+//!   before asking for the baton it means ask for nothing (shown on the
+//!   node, the hold-back kept); while waiting it keeps the request. A restart in `Rebooting` on the same
 //!   boot asks for the reboot again (a bounded number of times).
 //! - **The update runs at most once per grant.** The grant it was started
 //!   for is persisted before it starts; a restarted agent follows that run.
@@ -45,7 +51,6 @@ use crate::node_ops::{NodeOps, PhaseChange};
 use crate::phase::{Event, Phase, transition};
 use crate::state::{AgentState, Loaded, StateError, StateFile};
 use crate::text;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -162,9 +167,6 @@ pub struct Agent<H, C, N> {
     clock: WallClock,
     /// What this process knows of its lease (see [`lease`]).
     lease: Mutex<lease::LeaseView>,
-    /// Set once an older coordinator answered Confirm with UNIMPLEMENTED
-    /// (logged once; the agent then confirms with Renew).
-    confirm_unimplemented: AtomicBool,
     /// What blocked the last request for the baton (shown on the node
     /// while non-empty); None until the first check of this process, so
     /// that a stale "waiting" left by an earlier process is cleared.
@@ -194,7 +196,6 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             shutdown,
             clock: Arc::new(SystemTime::now),
             lease: Mutex::default(),
-            confirm_unimplemented: AtomicBool::new(false),
             blockers: None,
             announced_hold_back: None,
         }
@@ -421,10 +422,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     }
 
     /// Report the phase with `message` (best effort: the phase is already
-    /// persisted). The text is cut to the API's limits.
-    async fn report(&self, message: &str) {
+    /// persisted). The text is cut to the API's limits. True when the
+    /// coordinator took it.
+    async fn report(&self, message: &str) -> bool {
         let Some(token) = self.state.fencing_token else {
-            return;
+            return false;
         };
         let report = Report {
             phase: self.state.phase,
@@ -433,11 +435,15 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             error: text::error(&self.error_text()),
         };
         match self.call(self.coordinator.report(token, &report)).await {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(CoordinatorError::Refused(why)) => {
-                tracing::error!(why, "the coordinator refused the report")
+                tracing::error!(why, "the coordinator refused the report");
+                false
             }
-            Err(error) => tracing::warn!(%error, "report failed"),
+            Err(error) => {
+                tracing::warn!(%error, "report failed");
+                false
+            }
         }
     }
 

@@ -201,10 +201,13 @@ pub struct SentinelArgs {
         default_values = ["/var/run/reboot-required", "/run/reboot-required"]
     )]
     pub reboot_sentinels: Vec<PathBuf>,
-    /// A shell command that exits 0 when a reboot is required.
+    /// A shell command that exits 0 when a reboot is required (another exit
+    /// status means no; 126, 127, a signal or `--check-timeout` is no
+    /// answer, never "no").
     #[arg(long, env = "BATON_REBOOT_SENTINEL_COMMAND")]
     pub reboot_sentinel_command: Option<String>,
-    /// A shell command that exits 0 when updates are available.
+    /// A shell command that exits 0 when updates are available (the same
+    /// rules as `--reboot-sentinel-command`).
     #[arg(long, env = "BATON_UPDATE_CHECK_COMMAND")]
     pub update_check_command: Option<String>,
     /// How often sentinels and check commands are re-checked (inotify wakes
@@ -288,7 +291,8 @@ pub struct TimingArgs {
     /// The deadline of every D-Bus call to systemd and logind.
     #[arg(long, env = "BATON_DBUS_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub dbus_timeout: Duration,
-    /// How long a sentinel or update-check command may run.
+    /// How long a sentinel or update-check command, or looking at the
+    /// sentinel files, may take before the check is an error.
     #[arg(long, env = "BATON_CHECK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
     pub check_timeout: Duration,
 }

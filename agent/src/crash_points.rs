@@ -16,7 +16,11 @@
 //! 2. never a drain, an update (started or followed) or a reboot request
 //!    unless the coordinator's last answer about the token in *this*
 //!    agent process accepted it;
-//! 3. the update is started at most once per grant;
+//! 3. the update is started at most once per grant, and every update
+//!    start and reboot request comes after its own Confirm in this agent
+//!    process, answered "go" (or UNIMPLEMENTED by an older coordinator,
+//!    then the token confirmed with Renew): never after "wait", never on
+//!    an earlier step's answer;
 //! 4. the node is not left cordoned once the baton is gone;
 //! 5. no endless loop: the run ends done (released, idle, nothing needed)
 //!    or failed (the baton kept, Failed reported) within a bound of
@@ -81,6 +85,17 @@ fn scenarios() -> Vec<Scenario> {
             setup: |s| {
                 s.updates_pending = true;
                 s.confirm_unimplemented = true;
+            },
+            settings,
+        },
+        Scenario {
+            name: "coordinators upgraded during the maintenance",
+            setup: |s| {
+                kernel_update(s);
+                // UNIMPLEMENTED before the update, then "wait" before the
+                // reboot from the upgraded coordinator.
+                s.confirm_unimplemented_calls = 1;
+                s.confirm_waits = vec!["etcd member n2 unhealthy".into()];
             },
             settings,
         },
@@ -174,6 +189,7 @@ fn run(scenario: &Scenario, faults: Faults) -> Result<(End, usize), String> {
 /// The invariants of the module docs.
 fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
     let mut last_answer: Option<(u32, bool)> = None;
+    let mut last_confirm: Option<(u32, &str)> = None;
     let mut starts_this_grant = 0;
     for (i, rec) in s.log.iter().enumerate() {
         match rec {
@@ -188,7 +204,11 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
             }
             Rec::TokenOk { inc, .. } => last_answer = Some((*inc, true)),
             Rec::TokenRefused { inc, .. } => last_answer = Some((*inc, false)),
-            Rec::AgentStarted(_) => last_answer = None,
+            Rec::AgentStarted(_) => {
+                last_answer = None;
+                last_confirm = None;
+            }
+            Rec::Confirmed { inc, answer } => last_confirm = Some((*inc, answer)),
             Rec::Granted { resumed: false, .. } => starts_this_grant = 0,
             _ => {}
         }
@@ -203,6 +223,14 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
             return Err(format!(
                 "#{i}: {rec:?} without the token confirmed in this process (last answer {last_answer:?})"
             ));
+        }
+        if let Rec::UpdateStart { inc, .. } | Rec::RebootRequest(inc) = rec {
+            if !matches!(last_confirm, Some((i, "go" | "unimplemented")) if i == *inc) {
+                return Err(format!(
+                    "#{i}: {rec:?} without its own Confirm answered go in this process (last answer {last_confirm:?})"
+                ));
+            }
+            last_confirm = None;
         }
         if matches!(rec, Rec::UpdateStart { .. }) {
             starts_this_grant += 1;
@@ -293,8 +321,13 @@ fn crash_points_update_without_reboot_older_coordinator() {
 }
 
 #[test]
-fn crash_points_drain_timeout() {
+fn crash_points_coordinators_upgraded_mid_maintenance() {
     exhaust(&scenarios()[3]);
+}
+
+#[test]
+fn crash_points_drain_timeout() {
+    exhaust(&scenarios()[4]);
 }
 
 /// The harness can fail: an agent that releases right after the update
@@ -328,5 +361,45 @@ fn the_checks_catch_a_release_with_a_reboot_pending() {
     };
     let why = check(&s, &End::Done, None).unwrap_err();
     assert!(why.contains("without the token confirmed"), "{why}");
+    // A reboot on the update's Confirm (as an agent that remembered an
+    // UNIMPLEMENTED answer for good would do), or after "wait".
+    for answers in [vec!["unimplemented"], vec!["go", "wait"]] {
+        let mut log = vec![
+            Rec::AgentStarted(1),
+            Rec::Confirmed {
+                inc: 1,
+                answer: "unimplemented",
+            },
+            Rec::TokenOk { inc: 1, token: 1 },
+            Rec::UpdateStart {
+                inc: 1,
+                unit: "baton-update-1.service".into(),
+            },
+        ];
+        log.extend(
+            answers[1..]
+                .iter()
+                .map(|answer| Rec::Confirmed { inc: 1, answer }),
+        );
+        log.extend([Rec::TokenOk { inc: 1, token: 1 }, Rec::RebootRequest(1)]);
+        if answers[0] == "go" {
+            log.insert(
+                4,
+                Rec::Confirmed {
+                    inc: 1,
+                    answer: "go",
+                },
+            );
+        }
+        let s = SimState {
+            log,
+            ..SimState::default()
+        };
+        let why = check(&s, &End::Done, None).unwrap_err();
+        assert!(
+            why.contains("without its own Confirm"),
+            "{answers:?}: {why}"
+        );
+    }
     let _ = Point::Renew;
 }

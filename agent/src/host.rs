@@ -31,6 +31,10 @@ pub enum HostError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A reboot sentinel or check command gave no answer (never read as
+    /// "no").
+    #[error(transparent)]
+    Sentinel(#[from] crate::sentinel::SentinelError),
     /// A unit or command (or a D-Bus call) did not finish in time.
     #[error("{what} did not finish within {}", humantime::format_duration(*timeout))]
     Timeout {
@@ -162,11 +166,13 @@ pub trait HostOs {
     async fn boot_id(&self) -> Result<String, HostError>;
 
     /// Why maintenance is needed now (a reboot sentinel, the sentinel
-    /// command, the update check), or None.
-    async fn maintenance_needed(&self) -> Option<String>;
+    /// command, the update check), or None. A check without an answer is
+    /// an error, never None (see [`crate::sentinel`]).
+    async fn maintenance_needed(&self) -> Result<Option<String>, HostError>;
 
-    /// True when a reboot sentinel (file or command) says so now.
-    async fn reboot_required(&self) -> bool;
+    /// True when a reboot sentinel (file or command) says so now. A check
+    /// without an answer is an error, never false.
+    async fn reboot_required(&self) -> Result<bool, HostError>;
 
     /// Run `job` and wait until its run ends (the service's main process
     /// exited, whatever the service's Type), at most `timeout`; a run still

@@ -143,6 +143,7 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         command: args.sentinels.reboot_sentinel_command.clone(),
         update_check: args.sentinels.update_check_command.clone(),
         command_timeout: args.timing.check_timeout,
+        ..Sentinels::default()
     };
     // Every unit the agent runs is waited for until its run ends, which
     // only a service has: refuse anything else before touching the node.

@@ -398,12 +398,12 @@ impl HostOs for SystemdHost {
             })
     }
 
-    async fn maintenance_needed(&self) -> Option<String> {
-        self.sentinels.maintenance_needed().await
+    async fn maintenance_needed(&self) -> Result<Option<String>, HostError> {
+        Ok(self.sentinels.maintenance_needed().await?)
     }
 
-    async fn reboot_required(&self) -> bool {
-        self.sentinels.reboot_required().await
+    async fn reboot_required(&self) -> Result<bool, HostError> {
+        Ok(self.sentinels.reboot_required().await?)
     }
 
     async fn run(&self, job: &Job, timeout: Duration) -> Result<UnitOutcome, HostError> {

@@ -23,7 +23,8 @@ pub fn code(e: &EngineError) -> tonic::Code {
         EngineError::Store(_)
         | EngineError::NotLeader { .. }
         | EngineError::ShuttingDown
-        | EngineError::Refused(_) => tonic::Code::Unavailable,
+        | EngineError::Refused(_)
+        | EngineError::Moved => tonic::Code::Unavailable,
         EngineError::Superseded(_) => tonic::Code::Aborted,
     }
 }

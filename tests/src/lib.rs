@@ -21,10 +21,10 @@ use std::sync::Mutex;
 static BUILD: Mutex<()> = Mutex::new(());
 
 /// The path of workspace binary `name` (e.g. `baton-coordinator`,
-/// `batonctl`, `baton-agent`) in this profile's target directory. Builds it
-/// with cargo first if it is not there. (`cargo xtask test` builds every
-/// binary before running the tests, so this is a fallback for running one
-/// test directly.)
+/// `batonctl`, `baton-agent`) in this profile's target directory. Builds the
+/// workspace's binaries first when it is missing or older than this test
+/// executable (its sources changed since): a test run directly must never
+/// start a stale binary. `cargo xtask test` builds them all first.
 pub fn binary(name: &str) -> PathBuf {
     // The test executable lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test executable path");
@@ -34,8 +34,14 @@ pub fn binary(name: &str) -> PathBuf {
         .expect("test executable is in target/<profile>/deps")
         .to_path_buf();
     let path = profile_dir.join(name);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    let stale = match (modified(&path), modified(&exe)) {
+        (Some(binary), Some(test)) => binary < test,
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if stale {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins", "--workspace"]);

@@ -478,3 +478,40 @@ fn a_sentinel_that_survives_the_reboot_ends_in_failed_not_a_loop() -> Result<()>
     check_one_real_reboot(&node)?;
     Ok(())
 }
+
+/// Red-team 1: an update that leaves a dangling symlink where the reboot
+/// sentinel file should be (`Path::exists` says false: before the fix the
+/// node released without a reboot): the check has no answer, which is
+/// never "no reboot needed": the node reboots for real and, since the
+/// check still has no answer after the boot, keeps the baton (Failed, with
+/// the reason) instead of releasing.
+#[test]
+fn a_sentinel_check_without_an_answer_reboots_and_never_releases() -> Result<()> {
+    let c = cluster()?;
+    let node = Node::boot(
+        NodeSpec::new("oddsentinel-1", &c.url())
+            .env(
+                "BATON_REBOOT_SENTINEL",
+                "/var/lib/baton-test/reboot-required",
+            )
+            .env(
+                "BATON_UPDATE_CHECK_COMMAND",
+                "test -e /var/lib/baton-test/want-update",
+            )
+            .env(
+                "BATON_UPDATE_COMMAND",
+                "rm -f /var/lib/baton-test/want-update; ln -sfn /nonexistent /var/lib/baton-test/reboot-required",
+            )
+            .file("/var/lib/baton-test/want-update", ""),
+    )?;
+    let holder = c.wait_phase(&node, "failed")?;
+    let error = holder["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("cannot check the reboot sentinel")
+            && error.contains("is a dangling symlink"),
+        "error: {holder}"
+    );
+    check_one_real_reboot(&node)?;
+    ensure!(c.records("oddsentinel-1", "release").is_empty(), "released");
+    Ok(())
+}

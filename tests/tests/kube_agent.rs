@@ -70,15 +70,15 @@ impl HostOs for StubHost {
     async fn boot_id(&self) -> Result<String, HostError> {
         Ok(self.boot_id.lock().unwrap().clone())
     }
-    async fn maintenance_needed(&self) -> Option<String> {
-        if *self.reboot_required.lock().unwrap() {
+    async fn maintenance_needed(&self) -> Result<Option<String>, HostError> {
+        Ok(if *self.reboot_required.lock().unwrap() {
             Some("/run/reboot-required exists".into())
         } else {
             (*self.updates_pending.lock().unwrap()).then(|| "updates available".into())
-        }
+        })
     }
-    async fn reboot_required(&self) -> bool {
-        *self.reboot_required.lock().unwrap()
+    async fn reboot_required(&self) -> Result<bool, HostError> {
+        Ok(*self.reboot_required.lock().unwrap())
     }
     async fn run(&self, job: &Job, _timeout: Duration) -> Result<UnitOutcome, HostError> {
         self.jobs.lock().unwrap().push(job.clone());

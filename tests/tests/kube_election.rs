@@ -24,6 +24,17 @@ const LEASE: &str = "baton-coordinator";
 
 /// Starts the elector `id` over `endpoint`; its leadership channel.
 fn elector(endpoint: &Endpoint, id: &str, timings: Timings) -> watch::Receiver<Leadership> {
+    yielding_elector(endpoint, id, timings, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`elector`], handing the Lease over while `yielding` is set (as when
+/// this replica's own node holds the baton).
+fn yielding_elector(
+    endpoint: &Endpoint,
+    id: &str,
+    timings: Timings,
+    yielding: Arc<AtomicBool>,
+) -> watch::Receiver<Leadership> {
     let (tx, rx) = watch::channel(Leadership::default());
     let elector = Elector::new(
         kube::Api::<Lease>::namespaced(endpoint.client(), NS),
@@ -31,7 +42,7 @@ fn elector(endpoint: &Endpoint, id: &str, timings: Timings) -> watch::Receiver<L
         id,
         timings,
         Arc::new(tx),
-        Arc::new(AtomicBool::new(false)),
+        yielding,
     );
     tokio::spawn(elector.run());
     rx
@@ -140,6 +151,40 @@ async fn lease_flags_that_could_make_two_leaders_are_refused_at_start() -> Resul
         fake.get("coordination.k8s.io/v1/leases", NS, LEASE)
             .is_none(),
         "nothing was written"
+    );
+    Ok(())
+}
+
+/// Red-team finding: a leader handing its Lease over (its own node holds
+/// the baton) stops leading before the release is written, not after its
+/// answer came back: once the write lands another replica may take over.
+#[tokio::test(start_paused = true)]
+async fn a_yielding_leader_stops_leading_before_its_release_lands() -> Result<()> {
+    let timings = Timings {
+        duration: Duration::from_secs(2),
+        renew_deadline: Duration::from_millis(950),
+        retry_period: Duration::from_millis(450),
+    };
+    let fake = FakeApi::new();
+    let to_a = fake.in_process();
+    let yielding = Arc::new(AtomicBool::new(false));
+    let mut a = yielding_elector(&to_a, "coord-a", timings, yielding.clone());
+    until_leading(&mut a, true).await;
+    let holder = |fake: &FakeApi| {
+        fake.get("coordination.k8s.io/v1/leases", NS, LEASE)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    assert_eq!(holder(&fake).as_deref(), Some("coord-a"));
+
+    // Answers to a's Lease writes come back 300ms after they landed.
+    to_a.delay_write_answers(Some(("leases", Duration::from_millis(300))));
+    yielding.store(true, std::sync::atomic::Ordering::SeqCst);
+    while holder(&fake).is_some() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        !a.borrow().is_leader,
+        "coord-a still led when its release landed"
     );
     Ok(())
 }

@@ -11,6 +11,10 @@ use crate::phase::Event;
 use crate::text;
 use tokio::sync::watch;
 
+/// How often the reboot check is asked before releasing while it gives no
+/// answer, before the maintenance fails.
+const SENTINEL_CHECKS: u32 = 3;
+
 impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     /// Wait for the next wake (or shutdown).
     async fn next_wake(&self, wakes: &mut watch::Receiver<u64>) -> Result<(), Interrupted> {
@@ -28,7 +32,23 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
     ) -> Result<(), Interrupted> {
         loop {
             wakes.borrow_and_update();
-            let Some(reason) = self.host.maintenance_needed().await else {
+            let need = match self.host.maintenance_needed().await {
+                Ok(need) => need,
+                Err(error) => {
+                    // No answer is neither "needed" (a node would be taken
+                    // down on a broken check) nor "not needed" (that would
+                    // reset the persisted hold-back and hide the fault):
+                    // ask for nothing, show why, and look again at the
+                    // next wake.
+                    self.show_blockers(vec![format!(
+                        "cannot check whether maintenance is needed: {error}"
+                    )])
+                    .await;
+                    self.next_wake(wakes).await?;
+                    continue;
+                }
+            };
+            let Some(reason) = need else {
                 if self.state.hold_back.take().is_some() {
                     tracing::info!("the need is gone; the hold-back is reset");
                     self.save()?;
@@ -107,8 +127,14 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 if wakes.changed().await.is_err() {
                     return std::future::pending().await;
                 }
-                if self.host.maintenance_needed().await.is_none() {
-                    return;
+                match self.host.maintenance_needed().await {
+                    Ok(None) => return,
+                    Ok(Some(_)) => {}
+                    // The need was seen; a check without an answer does
+                    // not show that it is gone.
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot check the need while waiting; keeping the request")
+                    }
                 }
             }
         };
@@ -254,8 +280,12 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                     )
                     .await;
             }
+            // Confirmed in this process even when resuming: a restarted
+            // agent may find the run never started (killed right after the
+            // save below), and then starts it now; following a run that
+            // goes on by itself after a "wait" loses nothing.
+            self.confirm_step(token, Step::Update).await?;
             if !resumed {
-                self.confirm_step(token, Step::Update).await?;
                 self.state.update_started = Some(token);
                 self.save()?;
             }
@@ -270,7 +300,20 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 Err((error, output)) => return self.fail(error, &output).await,
             }
         }
-        let reboot_required = self.host.reboot_required().await;
+        // A check without an answer is read as "reboot": the update may
+        // have asked for one, and releasing without it would leave the
+        // update not live while the next node goes down. A reboot too many
+        // costs one reboot of a node that is drained anyway.
+        let reboot_required = match self.host.reboot_required().await {
+            Ok(required) => required,
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the reboot sentinel after the update; rebooting to be safe");
+                message = format!(
+                    "{message}; rebooting: the reboot sentinel could not be checked ({error})"
+                );
+                true
+            }
+        };
         if reboot_required {
             // The phase and the boot_id before the reboot are one write: a
             // restarted agent must never find `Rebooting` without it.
@@ -394,14 +437,32 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             return self.fail(format!("readiness: {error}"), "").await;
         }
         // The sentinel is checked again before the baton goes: after a
-        // reboot it must be gone; without one it must still be absent (the
-        // check after the update may have failed, and a failed check reads
-        // as "no reboot needed").
-        if self.host.reboot_required().await {
+        // reboot it must be gone; without one it must still be absent. A
+        // check without an answer (after a few tries) keeps the baton:
+        // releasing needs a "no".
+        let required = match self
+            .holding(token, OnStale::Continue, self.reboot_check_with_retries())
+            .await?
+        {
+            Ok(required) => required,
+            Err(error) => {
+                return self
+                    .fail(
+                        format!(
+                            "cannot check the reboot sentinel before releasing ({error}); not releasing without knowing that no reboot is needed"
+                        ),
+                        "",
+                    )
+                    .await;
+            }
+        };
+        if required {
             let need = self
                 .host
                 .maintenance_needed()
                 .await
+                .ok()
+                .flatten()
                 .unwrap_or_else(|| "a reboot sentinel".to_string());
             let error = if self.state.boot_id_before_reboot.is_some() {
                 format!(
@@ -424,6 +485,24 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         self.advance(Event::Verified, "verified")
             .await
             .map_err(fatal)
+    }
+
+    /// The reboot check, asked up to [`SENTINEL_CHECKS`] times while it
+    /// gives no answer (a check that timed out once may answer the next
+    /// time); the last error when it never answers.
+    async fn reboot_check_with_retries(&self) -> Result<bool, crate::host::HostError> {
+        let mut attempt = 1;
+        loop {
+            match self.host.reboot_required().await {
+                Ok(required) => return Ok(required),
+                Err(error) if attempt >= SENTINEL_CHECKS => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "the reboot check gave no answer; asking again");
+                    attempt += 1;
+                    tokio::time::sleep(self.settings.retry_interval).await;
+                }
+            }
+        }
     }
 
     pub(super) async fn finishing(&mut self, token: u64) -> Result<(), Interrupted> {
@@ -504,11 +583,16 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
 
     /// Failed: keep the baton (renewing it) until an operator force-releases
     /// it or the agent is stopped. A renewal refused for good is only
-    /// logged: there is nothing left to fail.
+    /// logged: there is nothing left to fail. The failure is reported again
+    /// with every renewal until the coordinator took it: a lost report
+    /// would show the node as still at work.
     pub(super) async fn failed(&mut self, token: u64) -> Result<(), Interrupted> {
-        self.report(&self.failure_message()).await;
+        let mut reported = self.report(&self.failure_message()).await;
         loop {
             match self.renew(token).await {
+                Ok(()) if !reported => {
+                    reported = self.report(&self.failure_message()).await;
+                }
                 Ok(()) => {}
                 Err(CoordinatorError::Fenced(why)) => return Err(Interrupted::Fenced(why)),
                 Err(error) => tracing::warn!(%error, "renew failed while failed; retrying"),

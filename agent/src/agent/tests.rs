@@ -448,9 +448,9 @@ async fn force_release_while_failed_gives_the_node_back() {
     assert!(state.hold_back.is_some());
 }
 
-/// Finding 7: the hold-back after a force-release survives a restart.
-#[tokio::test(start_paused = true)]
-async fn the_hold_back_after_a_force_release_survives_a_restart() {
+/// A failing update keeps the baton (Failed) until an operator
+/// force-releases it; then the agent is idle, holding back.
+async fn idle_after_a_force_released_failure() -> Driver {
     let d = Driver::new(
         sim(|s| {
             kernel_update(s);
@@ -464,6 +464,13 @@ async fn the_hold_back_after_a_force_release_survives_a_restart() {
         d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
             .await
     );
+    d
+}
+
+/// Finding 7: the hold-back after a force-release survives a restart.
+#[tokio::test(start_paused = true)]
+async fn the_hold_back_after_a_force_release_survives_a_restart() {
+    let d = idle_after_a_force_released_failure().await;
     let idle_at = Instant::now();
     d.sim.kill();
     let grants = |s: &SimState| s.count(|r| matches!(r, Rec::Granted { resumed: false, .. }));
@@ -656,7 +663,8 @@ async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
 }
 
 /// Finding 8: an older coordinator without Confirm: Renew confirms the
-/// token instead, and Confirm is not asked again after the first answer.
+/// token instead, for each step (Confirm is asked again at the next step:
+/// see `confirm_is_asked_again_after_an_unimplemented_answer`).
 #[tokio::test(start_paused = true)]
 async fn an_older_coordinator_without_confirm_falls_back_to_renew() {
     let d = Driver::new(
@@ -668,9 +676,8 @@ async fn an_older_coordinator_without_confirm_falls_back_to_renew() {
     );
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
-    // Once before the update; the reboot comes after a restart (new
-    // process), which asks once again.
-    assert!(s.confirms <= 2, "{}", s.confirms);
+    // Once before the update and once before the reboot.
+    assert_eq!(s.confirms, 2);
     assert_eq!(s.boot, 2);
 }
 
@@ -862,4 +869,205 @@ async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
     assert!(d.run(HOUR, failed).await);
     let error = d.agent_state().unwrap().error.unwrap();
     assert!(error.contains("only .service units"), "{error}");
+}
+
+/// Red-team 1: a reboot check that fails after the update (here: the
+/// update leaves a directory where the sentinel file should be) is never
+/// read as "no reboot needed": the node reboots, and since the check still
+/// fails after the reboot, the baton is kept (Failed, with the reason).
+#[tokio::test(start_paused = true)]
+async fn a_failing_reboot_check_after_the_update_reboots_and_never_releases() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_breaks_sentinel = true;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |s, a| failed(s, a) || !s.releases().is_empty())
+            .await
+    );
+    let s = d.sim.state();
+    assert!(s.releases().is_empty(), "released: {:?}", s.log);
+    assert_eq!(s.boot, 2, "rebooted once");
+    let error = d.agent_state().unwrap().error.unwrap();
+    assert!(
+        error.contains("cannot check the reboot sentinel"),
+        "{error}"
+    );
+}
+
+/// Red-team 1: a need check that fails before asking neither asks for
+/// the baton nor reads as "nothing needed" (which would reset the
+/// persisted hold-back); the error is shown on the node.
+#[tokio::test(start_paused = true)]
+async fn a_failing_need_check_asks_for_nothing_and_keeps_the_hold_back() {
+    let d = idle_after_a_force_released_failure().await;
+    assert!(d.agent_state().unwrap().hold_back.is_some());
+    {
+        let mut s = d.sim.state();
+        // Only the (failing) sentinel check is left to say anything.
+        s.updates_pending = false;
+        s.sentinel_check_fails = true;
+    }
+    assert!(!d.run(2 * HOUR, |_, _| false).await);
+    let s = d.sim.state();
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Granted { resumed: false, .. })),
+        1,
+        "asked again on a failing check"
+    );
+    let shown = s.waiting_shown.last().cloned().unwrap_or_default();
+    assert!(
+        shown.iter().any(|b| b.contains("cannot check")),
+        "{:?}",
+        s.waiting_shown
+    );
+    drop(s);
+    assert!(
+        d.agent_state().unwrap().hold_back.is_some(),
+        "a failing check reset the hold-back"
+    );
+}
+
+/// Red-team 1: a need check that fails while waiting for the grant does
+/// not withdraw the request (the need was seen; a failing check does not
+/// show it is gone).
+#[tokio::test(start_paused = true)]
+async fn a_failing_need_check_while_waiting_keeps_the_request() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.queue_blocked = true;
+        }),
+        settings(),
+    );
+    assert!(
+        d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Waiting))
+            .await
+    );
+    d.sim.state().sentinel_check_fails = true;
+    assert!(
+        !d.run(HOUR, |_, a| a.is_none_or(|a| a.phase != Phase::Waiting))
+            .await
+    );
+}
+
+/// Red-team 2: an UNIMPLEMENTED answer (a coordinator not upgraded yet)
+/// makes Renew the confirmation for that step only: the next step asks
+/// Confirm again, and the upgraded coordinator's "wait" is honoured.
+#[tokio::test(start_paused = true)]
+async fn confirm_is_asked_again_after_an_unimplemented_answer() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.confirm_unimplemented_calls = 1;
+            s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 3];
+        }),
+        settings(),
+    );
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    // UNIMPLEMENTED before the update; three "wait" and one "go" before
+    // the reboot.
+    assert_eq!(s.confirms, 5);
+    let waited = s
+        .reports
+        .iter()
+        .position(|(_, r)| r.message.contains("unhealthy"))
+        .expect("the wait was reported");
+    assert_eq!(s.reports[waited].1.phase, Phase::Rebooting);
+    assert_eq!(s.boot, 2);
+}
+
+/// Red-team 2: after an UNIMPLEMENTED answer, a real Confirm that says
+/// the token is stale (force-released right then) stops the agent before
+/// the reboot.
+#[tokio::test(start_paused = true)]
+async fn a_stale_token_at_confirm_after_an_unimplemented_answer_stops_the_agent() {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state.confirm_unimplemented_calls = 1;
+    let sim = Sim::new(
+        state,
+        Faults::OnPoint {
+            point: Point::Confirm,
+            nth: 1,
+            fault: Fault::ForceRelease,
+            seen: 0,
+        },
+    );
+    let d = Driver::new(sim, settings());
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none()
+            && s.confirms == 2
+            && a.is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
+    assert_eq!(s.boot, 1);
+    assert!(!s.cordoned);
+}
+
+/// Red-team 3: a renewal that hangs is no renewal: the drain stops when
+/// the lease runs out (the grant's `overdue_after`), not only when the
+/// hung call times out later, and starts again once the token is
+/// confirmed. Here the drain would finish after the lease ran out but
+/// before the hung renewal's deadline.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_hangs_stops_the_drain_when_the_lease_runs_out() {
+    let mut state = SimState::default();
+    kernel_update(&mut state);
+    state.overdue_after = Duration::from_secs(12);
+    state.drain_duration = Duration::from_secs(13);
+    let sim = Sim::new(
+        state,
+        Faults::OnPoint {
+            point: Point::Renew,
+            // The first renewal during the drain (after the one that
+            // confirms the token before it).
+            nth: 1,
+            fault: Fault::Hang,
+            seen: 0,
+        },
+    );
+    let d = Driver::new(sim, settings());
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(
+        s.count(|r| matches!(r, Rec::Prepare(_))),
+        2,
+        "the drain went on after the lease ran out: {:?}",
+        s.log
+    );
+}
+
+/// Red-team 3: a Failed report that the coordinator did not get (it was
+/// unreachable right then) is sent again once it answers: a report error
+/// is not "reported".
+#[tokio::test(start_paused = true)]
+async fn a_failed_report_that_was_lost_is_sent_again() {
+    let d = Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            s.update_succeeds = false;
+            // Unreachable from the failed update's end for two minutes:
+            // every report of the failure in that time is lost.
+            s.outage_after_update = Some(Duration::from_secs(120));
+        }),
+        settings(),
+    );
+    // One agent process throughout (a restart would report anew).
+    assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
+    let s = d.sim.state();
+    assert_eq!(s.incarnation, 1);
+    let holder = s.holder.as_ref().expect("the baton is kept");
+    assert_eq!(holder.phase, Some(Phase::Failed), "{:?}", s.reports);
+    assert!(
+        holder.message.contains("exit status 3"),
+        "{}",
+        holder.message
+    );
 }

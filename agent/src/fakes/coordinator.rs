@@ -57,7 +57,13 @@ impl SimCoordinator {
             .enter(point, HANG)
             .await
             .map_err(|e| injected(&what, e))?;
-        if self.0.state().coordinator_down {
+        let state = self.0.state();
+        let down = state.coordinator_down
+            || state
+                .coordinator_down_until
+                .is_some_and(|until| tokio::time::Instant::now() < until);
+        drop(state);
+        if down {
             return Err(CoordinatorError::Call(
                 "Unavailable: coordinator unreachable".into(),
             ));
@@ -188,7 +194,20 @@ impl Coordinator for SimCoordinator {
     async fn confirm(&self, token: u64, step: Step) -> Result<Confirmation, CoordinatorError> {
         let fault = self.enter(Point::Confirm).await?;
         self.0.state().confirms += 1;
-        if self.0.state().confirm_unimplemented {
+        let unimplemented = {
+            let mut state = self.0.state();
+            let older = state.confirm_unimplemented || state.confirm_unimplemented_calls > 0;
+            state.confirm_unimplemented_calls = state.confirm_unimplemented_calls.saturating_sub(1);
+            if older {
+                let inc = state.incarnation;
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    answer: "unimplemented",
+                });
+            }
+            older
+        };
+        if unimplemented {
             let answer = Err(CoordinatorError::Unimplemented("Confirm".into()));
             return self.0.leave(fault, answer, lost()).await;
         }
@@ -201,6 +220,7 @@ impl Coordinator for SimCoordinator {
                 Err(fenced(token))
             } else if state.confirm_waits.is_empty() {
                 state.log.push(Rec::TokenOk { inc, token });
+                state.log.push(Rec::Confirmed { inc, answer: "go" });
                 Ok(Confirmation {
                     proceed: true,
                     overdue_at,
@@ -209,6 +229,10 @@ impl Coordinator for SimCoordinator {
             } else {
                 // "Wait" renews the lease but confirms no step.
                 let reason = state.confirm_waits.remove(0);
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    answer: "wait",
+                });
                 Ok(Confirmation {
                     proceed: false,
                     reason: format!("{step}: {reason}"),

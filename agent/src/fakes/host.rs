@@ -3,6 +3,7 @@
 
 use super::{Injected, Point, Rec, Sim, UnitRun, is_update};
 use crate::host::{HostError, HostOs, Inhibitor, Job, UnitOutcome, check_runnable_unit};
+use crate::sentinel::SentinelError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -29,6 +30,29 @@ fn host_error(what: &str, e: Injected) -> HostError {
             timeout: HANG,
         },
     }
+}
+
+/// A sentinel check that failed or hung, as the real checks fail.
+fn check_error(what: &str, e: Injected) -> HostError {
+    HostError::Sentinel(match e {
+        Injected::Failed => SentinelError::Unreadable {
+            path: "/run/reboot-required".into(),
+            source: std::io::Error::other(format!("{what}: injected failure")),
+        },
+        Injected::TimedOut => SentinelError::TimedOut {
+            what: what.to_string(),
+            timeout: CHECK_HANG,
+        },
+    })
+}
+
+/// What the real check says when a directory sits where the sentinel file
+/// should be.
+fn odd_sentinel() -> HostError {
+    HostError::Sentinel(SentinelError::NotAFile {
+        path: "/run/reboot-required".into(),
+        what: "a directory",
+    })
 }
 
 fn lost(what: &str) -> HostError {
@@ -102,30 +126,34 @@ impl HostOs for SimHost {
         self.0.leave(fault, answer, lost("boot_id")).await
     }
 
-    async fn maintenance_needed(&self) -> Option<String> {
-        if self.0.enter(Point::Need, CHECK_HANG).await.is_err() {
-            return None;
-        }
+    async fn maintenance_needed(&self) -> Result<Option<String>, HostError> {
+        self.0
+            .enter(Point::Need, CHECK_HANG)
+            .await
+            .map_err(|e| check_error("the maintenance check", e))?;
         let state = self.0.state();
-        if state.reboot_pending() {
-            Some("/run/reboot-required exists".into())
+        if state.reboot_pending() && !state.sentinel_check_fails {
+            Ok(Some("/run/reboot-required exists".into()))
         } else if state.updates_pending {
-            Some("updates available".into())
+            // A yes from the update check wins over a failing sentinel.
+            Ok(Some("updates available".into()))
+        } else if state.sentinel_check_fails {
+            Err(odd_sentinel())
         } else {
-            None
+            Ok(None)
         }
     }
 
-    async fn reboot_required(&self) -> bool {
-        if self
-            .0
+    async fn reboot_required(&self) -> Result<bool, HostError> {
+        self.0
             .enter(Point::RebootRequired, CHECK_HANG)
             .await
-            .is_err()
-        {
-            return false;
+            .map_err(|e| check_error("the reboot check", e))?;
+        let state = self.0.state();
+        if state.sentinel_check_fails {
+            return Err(odd_sentinel());
         }
-        self.0.state().reboot_pending()
+        Ok(state.reboot_pending())
     }
 
     async fn run(&self, job: &Job, timeout: Duration) -> Result<UnitOutcome, HostError> {

@@ -227,6 +227,14 @@ pub enum Rec {
         /// The token.
         token: u64,
     },
+    /// The coordinator answered Confirm (with a token it accepted, or
+    /// UNIMPLEMENTED).
+    Confirmed {
+        /// The agent incarnation.
+        inc: u32,
+        /// "go", "wait" or "unimplemented".
+        answer: &'static str,
+    },
     /// A drain started.
     Prepare(u32),
     /// The update unit was started.
@@ -316,6 +324,12 @@ pub struct SimState {
     pub persistent_sentinel: bool,
     /// The update creates the sentinel (like a kernel package).
     pub update_sets_sentinel: bool,
+    /// Every need and reboot-required check fails (a directory where the
+    /// sentinel file should be, a check command that hangs).
+    pub sentinel_check_fails: bool,
+    /// A successful update leaves something odd at the sentinel path:
+    /// every check fails from then on (a reboot does not mend it).
+    pub update_breaks_sentinel: bool,
     /// The update succeeds.
     pub update_succeeds: bool,
     /// A successful update makes the update check say no (false: phased
@@ -348,12 +362,20 @@ pub struct SimState {
     pub confirm_waits: Vec<String>,
     /// Confirm is not implemented (an older coordinator).
     pub confirm_unimplemented: bool,
+    /// The first this many Confirm calls are answered UNIMPLEMENTED (an
+    /// older coordinator, upgraded afterwards).
+    pub confirm_unimplemented_calls: u32,
     /// Grants are held back (the node waits in the queue).
     pub queue_blocked: bool,
     /// Every coordinator call fails (unreachable).
     pub coordinator_down: bool,
     /// The coordinator becomes unreachable as soon as a drain starts.
     pub outage_on_drain: bool,
+    /// The coordinator is unreachable for this long from the end of the
+    /// update run (None: no such outage).
+    pub outage_after_update: Option<Duration>,
+    /// The coordinator is unreachable until then.
+    pub coordinator_down_until: Option<Instant>,
     /// Releases are refused for good (PERMISSION_DENIED).
     pub refuse_release: bool,
     /// Confirm calls answered.
@@ -406,6 +428,8 @@ impl Default for SimState {
             sentinel: false,
             persistent_sentinel: false,
             update_sets_sentinel: false,
+            sentinel_check_fails: false,
+            update_breaks_sentinel: false,
             update_succeeds: true,
             update_clears_need: true,
             update_output: "ok".into(),
@@ -421,9 +445,12 @@ impl Default for SimState {
             holder: None,
             confirm_waits: Vec::new(),
             confirm_unimplemented: false,
+            confirm_unimplemented_calls: 0,
             queue_blocked: false,
             coordinator_down: false,
             outage_on_drain: false,
+            outage_after_update: None,
+            coordinator_down_until: None,
             refuse_release: false,
             confirms: 0,
             renew_interval: Duration::from_secs(5),
@@ -476,9 +503,15 @@ impl SimState {
                 if self.update_sets_sentinel {
                     self.sentinel = true;
                 }
+                if self.update_breaks_sentinel {
+                    self.sentinel_check_fails = true;
+                }
             }
             if is_update(&unit) {
                 self.log.push(Rec::UpdateEnd { unit, success });
+                if let Some(outage) = self.outage_after_update.take() {
+                    self.coordinator_down_until = Some(now + outage);
+                }
             }
         }
     }

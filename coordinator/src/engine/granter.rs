@@ -10,10 +10,11 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use super::{AcquireUpdate, Engine, Grant, Inner};
+use super::{AcquireUpdate, Engine, EngineError, Grant, Inner};
 use crate::node::NodeName;
 use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
+use crate::store::Fence;
 
 /// A grant written into a state copy, to be told once that copy is saved.
 pub(super) struct PlannedGrant {
@@ -195,12 +196,19 @@ impl Engine {
 
     /// Grants every node the rule allows, one at a time, then tells the rest
     /// why they wait.
-    async fn grant_pass(&self) {
+    pub(super) async fn grant_pass(&self) {
         loop {
             let mut inner = self.inner.lock().await;
             if inner.fence.is_none() || inner.shutting_down {
                 return;
             }
+            // A new term reloads (and resumes lost grants) before deciding:
+            // the decision and its save must see the same memory. (Closed
+            // streams are dropped as the rule meets them, in `grant`: the
+            // queue is not walked.)
+            let Ok(decided) = self.ensure_current(&mut inner).await else {
+                return;
+            };
             let now = self.now();
             inner
                 .prepare_failed
@@ -237,15 +245,17 @@ impl Engine {
                 // from it. The grant's save is a compare-and-swap on that
                 // memory's fence, so a decision from a stale view is never
                 // stored.
-                if self.ensure_current(&mut inner).await.is_err() {
+                let Ok(current) = self.ensure_current(&mut inner).await else {
                     return;
-                }
+                };
                 let now = self.now();
-                if self.decide_now(&inner, now).grant.as_ref() != Some(&candidate) {
+                if current != decided
+                    || self.decide_now(&inner, now).grant.as_ref() != Some(&candidate)
+                {
                     continue;
                 }
             }
-            if !self.grant(&mut inner, &candidate).await {
+            if !self.grant(&mut inner, &candidate, &decided).await {
                 return;
             }
         }
@@ -270,7 +280,7 @@ impl Engine {
 
     /// Grants `node` (which the rule just chose). False when the store
     /// refused, so the pass stops until the next wake.
-    async fn grant(&self, inner: &mut Inner, node: &NodeName) -> bool {
+    async fn grant(&self, inner: &mut Inner, node: &NodeName, decided: &Fence) -> bool {
         let Some((request, closed)) = inner
             .queue
             .get(node)
@@ -285,7 +295,7 @@ impl Engine {
         }
         let now = self.now();
         let result = self
-            .commit(inner, |s| {
+            .commit_under(inner, Some(decided), |s| {
                 s.grant(
                     node,
                     request.control_plane,
@@ -297,6 +307,9 @@ impl Engine {
             .await;
         let token = match result {
             Ok(token) => token,
+            // Decided from memory a reload replaced: decide again from the
+            // new memory (the pass goes on).
+            Err(EngineError::Moved) => return true,
             Err(e) => {
                 warn!(node = %node, error = %e, "grant not saved; the node keeps waiting");
                 return false;
@@ -322,9 +335,10 @@ impl Engine {
     ) {
         let PlannedGrant { node, token } = planned;
         let Some(queued) = inner.queue.take(&node) else {
-            // Cannot happen (the engine's lock was held since the grant was
-            // planned); the holder learns its grant by asking again.
-            warn!(node = %node, token, "granted, but no longer waiting");
+            // Its waiter left while the grant was saved: it resumes the grant
+            // when it asks again.
+            warn!(node = %node, token, "granted, but its waiter left meanwhile; it resumes the grant when it asks again");
+            self.changed();
             return;
         };
         let phase = inner

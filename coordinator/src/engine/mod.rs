@@ -145,6 +145,10 @@ pub enum EngineError {
     /// A newer Acquire for the same node replaced this one.
     #[error("superseded by a newer Acquire for node {0}")]
     Superseded(NodeName),
+    /// The memory a change was decided from was replaced (a reload) before
+    /// it could be saved; it must be decided again.
+    #[error("the lease state was reloaded after this change was decided; deciding again")]
+    Moved,
 }
 
 /// A grant as delivered to the waiter.
@@ -252,6 +256,10 @@ struct Inner {
     loaded_term: Option<u64>,
     /// `--initialize` not used up yet.
     initialize: bool,
+    /// A reload happened whose stored grants were not yet resumed (see
+    /// [`Engine::resume_stored_grants`]); set until that succeeds, so a
+    /// call cancelled in between cannot skip it.
+    resume_pending: bool,
     /// The last reload error logged (so a store that stays down is logged
     /// once, not every second).
     reload_error: Option<String>,
@@ -301,6 +309,7 @@ impl Engine {
                 fence: None,
                 loaded_term: None,
                 initialize: config.initialize,
+                resume_pending: false,
                 reload_error: None,
                 shutting_down: false,
             }),
@@ -442,9 +451,11 @@ impl Engine {
             .cloned()
             .collect();
         if resumable.is_empty() {
+            inner.resume_pending = false;
             return Ok(());
         }
         self.confirm(inner, fence).await?;
+        inner.resume_pending = false;
         let Inner { state, queue, .. } = inner;
         for node in resumable {
             let (Some(h), Some(q)) = (state.holders.get(&node), queue.take(&node)) else {
@@ -544,10 +555,13 @@ impl Engine {
                 leader: claim.leader,
             });
         }
-        if let Some(fence) = &inner.fence
+        if let Some(fence) = inner.fence.clone()
             && fence.term == claim.term
         {
-            return Ok(fence.clone());
+            if inner.resume_pending {
+                self.resume_stored_grants(inner, &fence).await?;
+            }
+            return Ok(fence);
         }
         if inner.loaded_term.is_some_and(|t| t != claim.term) && !inner.queue.is_empty() {
             // Another replica may have led in between: what these waiters
@@ -563,6 +577,7 @@ impl Engine {
             }
         }
         inner.fence = None;
+        inner.resume_pending = true;
         let fence = self.reload(inner, claim.term).await?;
         self.resume_stored_grants(inner, &fence).await?;
         Ok(fence)
@@ -601,21 +616,41 @@ impl Engine {
         inner: &mut Inner,
         change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
     ) -> Result<T, EngineError> {
-        let (out, ()) = self.commit_then(inner, change, |_, _, _| ()).await?;
+        self.commit_under(inner, None, change).await
+    }
+
+    /// [`Engine::commit`], but with `decided`, only onto the memory of that
+    /// fence: a change decided from one memory (a grant the rule chose) is
+    /// never applied to another that a reload brought in meanwhile (a new
+    /// term), since nothing decided it there. Then the answer is
+    /// [`EngineError::Moved`] and nothing changes.
+    async fn commit_under<T>(
+        &self,
+        inner: &mut Inner,
+        decided: Option<&Fence>,
+        change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
+    ) -> Result<T, EngineError> {
+        let (out, ()) = self
+            .commit_then(inner, decided, change, |_, _, _| ())
+            .await?;
         Ok(out)
     }
 
-    /// Like [`Engine::commit`], and once `change` succeeded, `then` may add
-    /// what follows from it to the same copy (the grants a release makes
-    /// possible at once): both are saved in one durable write, or neither.
-    /// What `then` returns is acted on (told) only after that write.
+    /// Like [`Engine::commit_under`], and once `change` succeeded, `then`
+    /// may add what follows from it to the same copy (the grants a release
+    /// makes possible at once): both are saved in one durable write, or
+    /// neither. What `then` returns is acted on (told) only after that write.
     async fn commit_then<T, U>(
         &self,
         inner: &mut Inner,
+        decided: Option<&Fence>,
         change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
         then: impl FnOnce(&Self, &mut Inner, &mut LeaseState) -> U,
     ) -> Result<(T, U), EngineError> {
         let fence = self.ensure_current(inner).await?;
+        if decided.is_some_and(|d| d != &fence) {
+            return Err(EngineError::Moved);
+        }
         // The audit stays where it is: the copy collects only the records
         // this change makes, which the save appends.
         let mut next = inner.state.without_audit();
@@ -781,6 +816,7 @@ impl Engine {
         let ((), handed) = self
             .commit_then(
                 &mut inner,
+                None,
                 |s| s.release(node, token, actor, reason, now),
                 |engine, inner, next| engine.grant_within(inner, next, now),
             )
@@ -807,6 +843,7 @@ impl Engine {
         let (token, handed) = self
             .commit_then(
                 &mut inner,
+                None,
                 |s| match expected {
                     Some(token) => s.force_release_token(node, token, actor, reason, now),
                     None => s.force_release(node, actor, reason, now),

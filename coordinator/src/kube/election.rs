@@ -329,6 +329,10 @@ impl Elector {
             (Step::Release, current) => {
                 if let Some(mut lease) = current {
                     info!(lease = %self.name, id = %self.id, "this replica's node holds the baton: handing the lease over");
+                    // Not leading from before the Lease says so: once the
+                    // write lands another replica may take over at once.
+                    let term = self.leadership.borrow().term;
+                    self.publish(false, None, term);
                     let mut spec = lease.spec.take().unwrap_or_default();
                     spec.holder_identity = None;
                     spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));

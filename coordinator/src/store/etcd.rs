@@ -233,8 +233,16 @@ impl Shared {
         let mut client = self.client.clone();
         // etcd starts the lease's TTL after this is sent.
         let granted_from = tokio::time::Instant::now();
-        let lease = within(t, client.lease_grant(ttl, None)).await?.id();
-        let result = self.clone().campaign_and_lead(lease, granted_from).await;
+        let granted = within(t, client.lease_grant(ttl, None)).await?;
+        // Time by what etcd granted (whole seconds, never more than asked):
+        // a TTL rounded down, or shortened by etcd, must shorten how long
+        // this replica believes it leads too.
+        let granted_ttl = Duration::from_secs(granted.ttl().clamp(1, ttl) as u64);
+        let lease = granted.id();
+        let result = self
+            .clone()
+            .campaign_and_lead(lease, granted_from, granted_ttl)
+            .await;
         // Step down before anything that can hang on an unreachable etcd:
         // the deadline to stop leading is now, not after the revoke below.
         match &result {
@@ -250,10 +258,11 @@ impl Shared {
         self: Arc<Self>,
         lease: i64,
         granted_from: tokio::time::Instant,
+        ttl: Duration,
     ) -> Result<(), String> {
         // A wake-up left over from an earlier term must not depose this one.
         let _ = futures::FutureExt::now_or_never(self.lost.notified());
-        let keepalive = self.clone().keep_alive(lease, granted_from);
+        let keepalive = self.clone().keep_alive(lease, granted_from, ttl);
         tokio::pin!(keepalive);
         let mut election = self.client.election_client();
         let campaign = {
@@ -306,8 +315,8 @@ impl Shared {
         self: Arc<Self>,
         lease: i64,
         granted_from: tokio::time::Instant,
+        ttl: Duration,
     ) -> Result<(), String> {
-        let ttl = self.settings.election_ttl;
         let every = ttl / 4;
         let attempt = (ttl / 8).clamp(
             Duration::from_millis(100),

@@ -323,6 +323,20 @@ impl StateStore for FileStore {
                     path.display()
                 )));
             }
+            if known.is_none() {
+                // The last write's outcome is unknown (it failed after its
+                // rename, say at the directory's fsync) or nothing was read
+                // yet: what was read may sit in the page cache only. Make it
+                // durable before anything is answered from it, or a power
+                // loss could bring back the older file after a grant from
+                // this one went out.
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io(&path, e))?;
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io(&self.dir, e))?;
+            }
             let mut state = doc.state;
             let mut records = Self::read_audit(&self.audit_path())?;
             let lines = records.len();

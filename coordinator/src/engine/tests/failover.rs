@@ -176,3 +176,74 @@ async fn a_preparation_that_hangs_is_bounded_and_the_node_keeps_waiting() {
     // The engine still answers while the preparation is retried.
     engine.confirmed_snapshot().await.unwrap();
 }
+
+/// Turns leadership over to "b" and back to "a" (a new term) while "a"
+/// is deciding, with "b" having granted y meanwhile.
+struct FlipWhileDeciding {
+    backend: Arc<MemoryBackend>,
+    granted_by_b: LeaseState,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl GrantGuard for FlipWhileDeciding {
+    fn check(&self, _: &Waiter, _: &LeaseState, _: DateTime<Utc>) -> Result<(), String> {
+        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.backend.put(&self.granted_by_b);
+            self.backend.elect_quietly("b");
+            self.backend.elect_quietly("a");
+            self.backend.publish("a");
+        }
+        Ok(())
+    }
+}
+
+/// Red-team finding on issue 9: a grant decided from one term's memory is
+/// never saved onto the memory a new term reloaded (where y holds the only
+/// slot): it is decided again there, and the granter keeps running.
+#[tokio::test]
+async fn a_grant_decided_before_a_new_term_is_never_saved_onto_its_state() {
+    let backend = MemoryBackend::new();
+    backend.put(&LeaseState::default());
+    let store = Arc::new(backend.replica("a"));
+    backend.elect("a");
+    let mut granted_by_b = LeaseState::default();
+    granted_by_b
+        .grant(&n("y"), false, false, "b granted it", Utc::now())
+        .unwrap();
+    let guard = Arc::new(FlipWhileDeciding {
+        backend: backend.clone(),
+        granted_by_b,
+        done: Default::default(),
+    });
+    let a = Engine::new(
+        store,
+        config(1),
+        vec![guard as Arc<dyn GrantGuard>],
+        Vec::new(),
+        system_clock(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let granter = tokio::spawn(a.clone().run_granter());
+    let (_, mut x) = a.acquire(request("x")).await.unwrap();
+    let told = tokio::time::timeout(std::time::Duration::from_secs(10), x.recv())
+        .await
+        .expect("x is told something");
+    assert!(
+        !matches!(told, Some(Ok(AcquireUpdate::Granted(_)))),
+        "x was granted on top of y: {told:?}"
+    );
+    let stored = backend.stored().unwrap();
+    assert_eq!(
+        stored.holders.keys().collect::<Vec<_>>(),
+        vec![&n("y")],
+        "the limit is 1 and y holds it"
+    );
+    // x asks again in the new term: it waits behind y.
+    let (_, mut x) = a.acquire(request("x")).await.unwrap();
+    let (position, reason) = next_queued(&mut x).await;
+    assert_eq!(position, 1, "{reason}");
+    assert!(!granter.is_finished(), "the granter is still running");
+    assert_eq!(backend.stored().unwrap().holders.len(), 1);
+}

@@ -119,3 +119,33 @@ async fn a_grant_saved_but_timed_out_reaches_its_waiter_and_nobody_else_is_grant
     let gy = grant_within(&mut y, StdDuration::from_secs(30)).await;
     assert_eq!(gy.fencing_token, grant.fencing_token + 1);
 }
+
+/// Red-team finding on the fix above: the reload that finds the lost grant
+/// can be cancelled (a client hangs up, a timeout) after the memory was
+/// loaded but before the grant was resumed. The next call resumes it; it
+/// is never skipped for good.
+#[tokio::test(start_paused = true)]
+async fn a_resume_cut_off_by_a_cancelled_call_is_done_by_the_next_call() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    store.backend().inject(Faults {
+        lose_save_answers: 1,
+        ..Faults::default()
+    });
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    engine.grant_pass().await;
+    assert!(store.saved().unwrap().holders.contains_key(&n("x")));
+
+    // Every store call now takes 1 s: the read below loads (1 s), then is
+    // cut off while the resume waits for its confirmation.
+    store.backend().set_latency(StdDuration::from_secs(1));
+    let cut = tokio::time::timeout(StdDuration::from_millis(1500), engine.confirmed_snapshot());
+    assert!(cut.await.is_err(), "the read was cut off");
+    store.backend().set_latency(StdDuration::ZERO);
+
+    engine.confirmed_snapshot().await.unwrap();
+    match x.try_recv() {
+        Ok(Ok(AcquireUpdate::Granted(g))) => assert!(g.resumed),
+        other => panic!("x never heard the grant the store holds: {other:?}"),
+    }
+}
