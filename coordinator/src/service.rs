@@ -240,6 +240,7 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
         coordinator_id: engine.config().coordinator_id.clone(),
         lease: Some(lease_settings(engine)),
         last_fencing_token: state.last_token,
+        queue_length: snap.queue_length as u32,
     }
 }
 

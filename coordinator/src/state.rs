@@ -9,6 +9,13 @@
 //!   and changes nothing;
 //! - nothing here drops a holder because time passed: only [`LeaseState::release`]
 //!   and [`LeaseState::force_release`] remove one.
+//!
+//! The audit is not part of the state document: a save writes the small
+//! document (holders, pause, tokens) and appends the audit records the
+//! change made to the store's audit, kept apart and bounded (see
+//! [`crate::store::StateStore::save`]). In memory the state carries the
+//! newest records; a change works on [`LeaseState::without_audit`], so
+//! neither a call nor a save copies the whole audit.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -19,10 +26,12 @@ use crate::node::NodeName;
 
 mod budget;
 
-pub use budget::{AUDIT_MAX_BYTES, CUT_MARK, DOCUMENT_MAX_BYTES, OverBudget};
+pub use budget::{AUDIT_MAX_BYTES, CUT_MARK, DOCUMENT_MAX_BYTES, OverBudget, newest_within};
 
-/// How many audit records are kept at most (oldest dropped first); the
-/// audit is also bounded in bytes ([`AUDIT_MAX_BYTES`]).
+/// How many audit records are kept at most (oldest dropped first), in
+/// memory and in every store; each record is bounded in bytes (its texts
+/// are cut to their limits), and the Kubernetes store, which keeps the
+/// audit in the state's ConfigMap, also keeps it within [`AUDIT_MAX_BYTES`].
 pub const AUDIT_KEEP: usize = 500;
 
 /// The longest reason an automatic audit record keeps (a failed step's
@@ -174,8 +183,14 @@ pub struct LeaseState {
     /// etcd nodes not verified back yet (see [`Returning`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub returning: BTreeMap<NodeName, Returning>,
-    /// Recent audit records, oldest first.
+    /// Recent audit records, oldest first, the last numbered
+    /// `audit_seq`. Not written with the document (each store keeps the
+    /// audit apart, appended); read from documents written before that.
+    #[serde(default, skip_serializing)]
     pub audit: VecDeque<AuditEntry>,
+    /// How many audit records were ever recorded: the number of the newest.
+    #[serde(default)]
+    pub audit_seq: u64,
 }
 
 /// Why a lease call was refused. Nothing changed when one is returned.
@@ -242,6 +257,38 @@ impl LeaseState {
             "--initialize: a new installation",
         );
         state
+    }
+
+    /// A copy without the audit records (the same `audit_seq`): what a
+    /// change is applied to, so that the records it makes are exactly the
+    /// ones to append when it is saved.
+    pub fn without_audit(&self) -> Self {
+        Self {
+            paused: self.paused.clone(),
+            last_token: self.last_token,
+            holders: self.holders.clone(),
+            returning: self.returning.clone(),
+            audit: VecDeque::new(),
+            audit_seq: self.audit_seq,
+        }
+    }
+
+    /// The sequence number of `self.audit[i]`.
+    pub fn audit_number(&self, i: usize) -> u64 {
+        self.audit_seq + 1 + i as u64 - self.audit.len() as u64
+    }
+
+    /// Takes `newer` (the state a change made from [`LeaseState::without_audit`]
+    /// of this one, now saved) as the current state, keeping this state's
+    /// audit records followed by the new ones, the newest [`AUDIT_KEEP`].
+    pub fn advance_to(&mut self, mut newer: LeaseState) {
+        let fresh = std::mem::take(&mut newer.audit);
+        newer.audit = std::mem::take(&mut self.audit);
+        newer.audit.extend(fresh);
+        while newer.audit.len() > AUDIT_KEEP {
+            newer.audit.pop_front();
+        }
+        *self = newer;
     }
 
     /// Grants the baton to `node` with a new fencing token and returns it.
@@ -461,6 +508,7 @@ impl LeaseState {
             actor: clean(actor, crate::text::ACTOR_BYTES),
             reason: clean(reason, crate::text::REASON_BYTES),
         });
+        self.audit_seq += 1;
         while self.audit.len() > AUDIT_KEEP {
             self.audit.pop_front();
         }

@@ -15,7 +15,8 @@
 //!
 //! Writes target/bench/agent.json and prints a table.
 
-use crate::util::{Proc, free_port, release_dir, workspace_root};
+use crate::procstat::{cpu_seconds, rss_kib};
+use crate::util::{Proc, connect, free_port, release_dir, workspace_root};
 use anyhow::{Context, Result, bail};
 use baton_proto::v1::admin_client::AdminClient;
 use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
@@ -87,7 +88,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let mut admin = runtime.block_on(connect(&url))?;
+    let mut admin = AdminClient::new(runtime.block_on(connect(&url))?);
     runtime.block_on(admin.pause(PauseRequest {
         reason: "bench: keep the agent queued".into(),
     }))?;
@@ -177,71 +178,24 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match tonic::transport::Channel::from_shared(url.to_string())?
-            .connect()
-            .await
-        {
-            Ok(ch) => return Ok(AdminClient::new(ch)),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 struct Idle {
     rss_kib_max: u64,
     rss_kib_end: u64,
     cpu_seconds: f64,
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start after
-    // the last ')'; utime and stime are fields 14 and 15 overall.
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 fn measure_idle(pid: u32, duration: Duration) -> Result<Idle> {
-    let start_ticks = cpu_ticks(pid)?;
+    let start_cpu = cpu_seconds(pid)?;
     let start = Instant::now();
     let mut rss_max = rss_kib(pid)?;
     while start.elapsed() < duration {
         std::thread::sleep(Duration::from_secs(1).min(duration));
         rss_max = rss_max.max(rss_kib(pid).context("the agent exited while idle")?);
     }
-    let ticks = cpu_ticks(pid)? - start_ticks;
     Ok(Idle {
         rss_kib_max: rss_max,
         rss_kib_end: rss_kib(pid)?,
-        cpu_seconds: ticks as f64 / clock_ticks_per_second(),
+        cpu_seconds: cpu_seconds(pid)? - start_cpu,
     })
 }
 

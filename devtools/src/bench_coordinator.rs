@@ -13,20 +13,16 @@
 //!
 //! Results go to target/bench/coordinator.json and a table on stdout.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use baton_proto::v1::{
-    self as pb, admin_client::AdminClient, coordinator_client::CoordinatorClient,
-};
+use baton_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
-use crate::util::{Proc, free_port, release_dir, workspace_root};
+use crate::floor;
+use crate::util::{connect, release_dir, start_embedded_coordinator, workspace_root};
 
 struct Options {
     waiters: usize,
@@ -58,28 +54,16 @@ fn parse(args: &[String]) -> Result<Options> {
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     let root = workspace_root();
-    let data = root.join("target/bench/coordinator-data");
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data)?;
-    let port = free_port()?;
-    let metrics_port = free_port()?;
-    let log = std::fs::File::create(root.join("target/bench/coordinator.log"))?;
-    let server = Proc(
-        Command::new(release_dir().join("baton-coordinator"))
-            .args(["serve", "--insecure", "--initialize"])
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
-            .arg(format!("--data-dir={}", data.display()))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting baton-coordinator")?,
-    );
+    let server = start_embedded_coordinator(
+        &release_dir().join("baton-coordinator"),
+        root.join("target/bench/coordinator-data"),
+        &root.join("target/bench/coordinator.log"),
+        &[],
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(bench(&opts, port, &data))?;
+    let report = runtime.block_on(bench(&opts, server.port, &server.data))?;
     drop(server);
 
     let json = serde_json::to_string_pretty(&report)?;
@@ -88,19 +72,6 @@ pub fn run(args: &[String]) -> Result<()> {
     print_table(&report);
     println!("\nwritten to {}", out.display());
     Ok(())
-}
-
-async fn connect(url: &str) -> Result<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Channel::from_shared(url.to_string())?.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// One step of the chain: when the previous holder released.
@@ -115,15 +86,9 @@ struct Chain {
 async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serde_json::Value> {
     let url = format!("http://127.0.0.1:{port}");
     let first = connect(&url).await?;
-    let mut admin = AdminClient::new(first.clone());
 
     // Baseline 1: unary gRPC round trip.
-    let mut rtt = Histogram::<u64>::new(3)?;
-    for _ in 0..500 {
-        let t = Instant::now();
-        admin.status(pb::StatusRequest {}).await?;
-        rtt.record(t.elapsed().as_micros() as u64)?;
-    }
+    let rtt = floor::grpc_round_trips(first.clone(), 500).await?;
 
     // Waiters: a holder first, then N queued behind it.
     let mut lease = CoordinatorClient::new(first.clone());
@@ -233,20 +198,7 @@ async fn bench(opts: &Options, port: u16, data: &std::path::Path) -> Result<serd
     let state_size = std::fs::metadata(data.join("state.json"))
         .map(|m| m.len())
         .unwrap_or(4096) as usize;
-    let mut fsync = Histogram::<u64>::new(3)?;
-    let scratch = data.join("baseline");
-    std::fs::create_dir_all(&scratch)?;
-    let body = vec![b'x'; state_size];
-    for _ in 0..300 {
-        let t = Instant::now();
-        let tmp = scratch.join("f.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, scratch.join("f"))?;
-        std::fs::File::open(&scratch)?.sync_all()?;
-        fsync.record(t.elapsed().as_micros() as u64)?;
-    }
+    let fsync = floor::atomic_writes(&data.join("baseline"), state_size, 300)?;
 
     let c = chain.lock().await;
     let h = &c.handoffs;

@@ -18,7 +18,6 @@ use anyhow::{Context, Result, bail};
 use baton_proto::v1::ReleaseRequest;
 use baton_tests::etcd::EtcdCluster;
 use baton_tests::etcd::coordinator::{Coordinator, acquire, wait_granted};
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::util::release_dir;
 
@@ -89,23 +88,7 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
 
     // Raw etcd: sequential guarded transactions of a state-sized document.
     let mut etcd = cluster.client().await?;
-    etcd.put("/bench/guard", "x", None).await?;
-    let rev = etcd.get("/bench/guard", None).await?.kvs()[0].create_revision();
-    let doc = vec![b'x'; 4096];
-    let started = Instant::now();
-    for _ in 0..s.txns {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                "/bench/guard",
-                CompareOp::Equal,
-                rev,
-            )])
-            .and_then([TxnOp::put("/bench/state", doc.clone(), None)]);
-        if !etcd.txn(txn).await?.succeeded() {
-            bail!("raw txn compare failed");
-        }
-    }
-    let txn_rate = s.txns as f64 / started.elapsed().as_secs_f64();
+    let (_, txn_rate) = crate::floor::etcd_txns(&mut etcd, 4096, s.txns).await?;
 
     let endpoints = cluster.endpoints();
     // The etcd nodes are declared, so the guard knows the workers w1..w3

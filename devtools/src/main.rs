@@ -12,6 +12,8 @@
 //!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
 //! - `bench agent [--duration S]`: the agent's idle footprint and reaction
 //!   time (`bench_agent`);
+//! - `bench fleet [--store etcd]`: 1,000 to 30,000 simulated agents asking
+//!   at once (`bench_fleet`);
 //! - `lab [--nodes N] [--workers M] [--chaos [--seed S]] [--keep]`: a whole
 //!   rollout through real etcd and real reboots, watched from outside
 //!   ([`lab`]);
@@ -21,13 +23,16 @@
 mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;
+mod bench_fleet;
+mod floor;
 mod gen_cli;
 mod lab;
+mod procstat;
 mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | lab [--help] | gen-cli DIR\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N] | lab [--help] | gen-cli DIR\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {
@@ -41,6 +46,7 @@ fn main() -> Result<()> {
         }
         ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
         ["bench", "agent", ..] => bench_agent::run(&args[2..]),
+        ["bench", "fleet", ..] => bench_fleet::run(&args[2..]),
         ["lab", ..] => lab::main(&args[1..]),
         ["gen-cli", ..] => gen_cli::run(&args[1..]),
         _ => bail!("{USAGE}"),

@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Child;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// The workspace root (this crate's manifest dir is `<root>/devtools`).
 pub fn workspace_root() -> PathBuf {
@@ -37,4 +37,64 @@ impl Drop for Proc {
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A gRPC channel to `url`, retried for up to 30 s while the server starts.
+pub async fn connect(url: &str) -> Result<tonic::transport::Channel> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match tonic::transport::Channel::from_shared(url.to_string())?
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A coordinator on the embedded store, started for a bench.
+pub struct EmbeddedCoordinator {
+    /// The process (killed when dropped).
+    pub process: Proc,
+    /// Its gRPC port on 127.0.0.1.
+    pub port: u16,
+    /// Its data directory (emptied first).
+    pub data: PathBuf,
+}
+
+/// Starts `binary serve --insecure` on free loopback ports with a fresh
+/// data directory `data`, `extra` arguments, logging at warn to `log` (the
+/// shipped default is info; warn keeps a slow coordinator's per-waiter
+/// lines from filling the disk).
+pub fn start_embedded_coordinator(
+    binary: &std::path::Path,
+    data: PathBuf,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> Result<EmbeddedCoordinator> {
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data)?;
+    let port = free_port()?;
+    let metrics_port = free_port()?;
+    let child = std::process::Command::new(binary)
+        // A fresh data directory holds no state: say to create it.
+        .args(["serve", "--insecure", "--initialize"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+        .arg(format!("--data-dir={}", data.display()))
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    Ok(EmbeddedCoordinator {
+        process: Proc(child),
+        port,
+        data,
+    })
 }

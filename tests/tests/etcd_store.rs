@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use baton_coordinator::node::NodeName;
-use baton_coordinator::state::LeaseState;
+use baton_coordinator::state::{AUDIT_KEEP, LeaseState};
 use baton_coordinator::store::etcd::{EtcdStore, EtcdStoreSettings};
 use baton_coordinator::store::{Fence, Revision, StateStore, StoreError};
 use baton_tests::etcd::{EtcdCluster, serial};
@@ -166,5 +166,91 @@ async fn a_re_elected_replica_cannot_overwrite_what_another_leader_wrote() -> Re
         "a revision conflict is not a lost election"
     );
     assert_eq!(a.load().await?.state, Some(by_b));
+    Ok(())
+}
+
+/// Makes the change the way the engine does: on a copy without the audit,
+/// saved, then taken as the current state.
+async fn step(
+    store: &EtcdStore,
+    fence: &mut Fence,
+    current: &mut LeaseState,
+    change: impl FnOnce(&mut LeaseState),
+) -> Result<()> {
+    let mut next = current.without_audit();
+    change(&mut next);
+    fence.revision = store.save(&next, fence).await?;
+    current.advance_to(next);
+    Ok(())
+}
+
+/// `n` pauses and resumes: `2 n` audit records.
+fn pauses(n: usize) -> impl FnOnce(&mut LeaseState) {
+    move |state| {
+        for _ in 0..n {
+            state.pause("op", "test", chrono::Utc::now());
+            state.resume("op", chrono::Utc::now());
+        }
+    }
+}
+
+/// The audit lives apart from the state document and is appended in the
+/// save's own transaction: one change that makes hundreds of records (a
+/// tick finding many holders overdue) still saves (etcd refuses a
+/// transaction of more than 128 operations: one key per record failed
+/// here), the document stays small, the audit keys stay bounded, a refused
+/// save leaves no record, and a load brings back the newest records.
+#[tokio::test]
+async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = LeaseState::default();
+    let mut etcd = cluster.client().await?;
+    step(&a, &mut fence, &mut current, pauses(150)).await?;
+    for _ in 0..30 {
+        step(&a, &mut fence, &mut current, pauses(10)).await?;
+        let keys = etcd
+            .get(
+                "/baton-test/audit/",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await?
+            .count();
+        assert!(keys as usize <= AUDIT_KEEP, "{keys} audit keys");
+    }
+    assert_eq!(current.audit_seq, 900);
+    let document = etcd.get("/baton-test/state", None).await?;
+    let document = document.kvs().first().context("no state")?.value();
+    assert!(document.len() < 4096, "{} bytes", document.len());
+    assert!(!String::from_utf8_lossy(document).contains("\"audit\":"));
+
+    // A save from a stale revision is refused and leaves no record.
+    let mut ghost = current.without_audit();
+    ghost.grant(
+        &NodeName::new("ghost")?,
+        false,
+        false,
+        "test",
+        chrono::Utc::now(),
+    )?;
+    let stale = Fence {
+        revision: Revision::At("2".to_string()),
+        ..fence.clone()
+    };
+    let refused = a.save(&ghost, &stale).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+
+    let loaded = a.load().await?.state.context("no state")?;
+    assert_eq!(loaded.audit.len(), AUDIT_KEEP);
+    assert_eq!(loaded, current);
     Ok(())
 }

@@ -271,6 +271,30 @@ async fn leader_lease_lost_the_other_replica_takes_over_with_state_intact() -> R
     assert_eq!(seen.holders[0].node, "n1");
     assert_eq!(seen.holders[0].fencing_token, token);
     assert_eq!(seen.last_fencing_token, token);
+    // The audit is kept beside the state document, not in it, and the next
+    // leader reads it back.
+    assert!(stored_state(&fake)["state"].get("audit").is_none());
+    let cm = fake
+        .get("v1/configmaps", NS, "baton-state")
+        .context("state configmap")?;
+    let audit: Vec<serde_json::Value> = serde_json::from_str(
+        cm["data"]["audit.json"]
+            .as_str()
+            .context("audit.json key")?,
+    )?;
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["action"] == "grant" && r["node"] == "n1" && r["fencing_token"] == token),
+        "{audit:?}"
+    );
+    assert!(
+        seen.audit
+            .iter()
+            .any(|r| r.action == "grant" && r.node == "n1" && r.fencing_token == token),
+        "{:?}",
+        seen.audit
+    );
     renew(&b, "agent-n1", "n1", token).await?;
     // The deposed replica refuses agents instead of answering from stale state.
     let refused = renew(&a, "agent-n1", "n1", token)

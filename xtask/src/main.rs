@@ -12,7 +12,8 @@
 //! - `lab`: deps, build, roll an update through a lab cluster of real
 //!   systemd nodes and real etcd (the main job; see baton-devtools);
 //! - `serve`: deps, build, run a local coordinator;
-//! - `bench coordinator [--store etcd]`, `bench agent`: see baton-devtools;
+//! - `bench coordinator [--store etcd]`, `bench agent`, `bench fleet
+//!   [--store etcd]`: see baton-devtools;
 //! - `image`: the agent and coordinator images (podman, no registry);
 //! - `gen-cli`: completions and man pages into docs/cli (baton-devtools).
 
@@ -33,6 +34,8 @@ tasks:
   bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
   bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency
+  bench fleet           1,000 to 30,000 agents asking at once (target/bench/fleet.json, fleet.svg)
+  bench fleet --store etcd   the same on a 3-member etcd cluster, against the raw etcd txn rate
   gen-cli               regenerate docs/cli (completions, man pages) from the CLIs
   image [--tag T] [--repository R] [--bins-from DIR]
                         build localhost/baton-agent and baton-coordinator images with podman (root)";
@@ -78,9 +81,13 @@ fn bench(rest: &[String]) -> Result<()> {
             [deps::BUILD, deps::ETCD].concat()
         }
         Some("coordinator") => deps::BUILD.to_vec(),
+        Some("fleet") if rest.iter().any(|a| a == "etcd" || a == "--store=etcd") => {
+            [deps::BUILD, deps::ETCD].concat()
+        }
+        Some("fleet") => deps::BUILD.to_vec(),
         Some("agent") => [deps::BUILD, deps::NODES].concat(),
         _ => bail!(
-            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S]"
+            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S] | fleet [--store etcd] [--waiters N,N,N] [--max-concurrent N,N]"
         ),
     };
     deps::ensure(&needs)?;

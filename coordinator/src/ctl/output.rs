@@ -51,6 +51,7 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
             "error": h.error,
             "reason": h.reason,
         })).collect::<Vec<_>>(),
+        "queue_length": s.queue_length,
         "queue": s.queue.iter().map(|q| json!({
             "node": q.node,
             "position": q.position,
@@ -129,6 +130,10 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
     out.push_str(&format!("\n{:<4} {:<30} {}\n", "POS", "WAITING", "REASON"));
     for q in &s.queue {
         out.push_str(&format!("{:<4} {:<30} {}\n", q.position, q.node, q.reason));
+    }
+    let more = (s.queue_length as usize).saturating_sub(s.queue.len());
+    if more > 0 {
+        out.push_str(&format!("     ... and {more} more waiting\n"));
     }
     if !s.audit.is_empty() {
         out.push_str("\nRECENT\n");

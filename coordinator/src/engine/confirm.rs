@@ -123,7 +123,7 @@ impl Engine {
         control_plane: bool,
         now: DateTime<Utc>,
     ) -> Result<(), String> {
-        let mut state = inner.state.clone();
+        let mut state = inner.state.without_audit();
         state.holders.remove(node);
         state.paused = None;
         let unavailable: Vec<NodeName> = inner
@@ -146,10 +146,8 @@ impl Engine {
             return Ok(());
         }
         Err(decision
-            .waiting
-            .into_iter()
-            .map(|(_, reason)| reason)
-            .next()
+            .reason_at(0)
+            .map(|reason| reason.text.to_string())
             .unwrap_or_else(|| "the grant rule did not allow it".to_string()))
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -16,8 +16,13 @@ use crate::policy::{Decision, GrantGuard, Waiter, decide};
 use crate::state::LeaseState;
 use crate::store::Fence;
 
-/// The least time between two position-only updates to one waiter.
-pub const POSITION_UPDATE_EVERY: StdDuration = StdDuration::from_secs(1);
+/// A grant written into a state copy, to be told once that copy is saved.
+pub(super) struct PlannedGrant {
+    /// The node granted.
+    pub(super) node: NodeName,
+    /// Its fencing token.
+    pub(super) token: u64,
+}
 
 /// Holds back nodes whose preparation failed until their retry time.
 pub(super) struct PrepareFailures<'a>(pub(super) &'a HashMap<NodeName, (String, DateTime<Utc>)>);
@@ -112,18 +117,87 @@ impl Engine {
     }
 
     pub(super) fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
-        let queue: Vec<Waiter> = inner.queue.iter().map(|q| q.waiter()).collect();
+        self.decide_on(inner, &inner.state, &[], now)
+    }
+
+    /// The grant rule over `state` (the memory, or a copy about to be
+    /// saved), leaving out the waiters in `planned` (granted in that copy).
+    fn decide_on(
+        &self,
+        inner: &Inner,
+        state: &LeaseState,
+        planned: &[PlannedGrant],
+        now: DateTime<Utc>,
+    ) -> Decision {
         let failures = PrepareFailures(&inner.prepare_failed);
         let mut guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         guards.push(&failures);
         decide(
-            &inner.state,
-            &queue,
+            state,
+            inner
+                .queue
+                .waiters()
+                .filter(|w| planned.iter().all(|p| p.node != w.node)),
             &inner.unavailable,
             &self.policy(),
             &guards,
             now,
         )
+    }
+
+    /// Group commit: grants, in `next` (a copy about to be saved with the
+    /// release that freed a slot), every waiter the rule allows now that
+    /// needs no preparation, in FIFO order; stops at the first one that does
+    /// (the granter prepares it and grants it in a write of its own). The
+    /// grants are told only after `next` is saved ([`Engine::deliver`]).
+    pub(super) fn grant_within(
+        &self,
+        inner: &mut Inner,
+        next: &mut LeaseState,
+        now: DateTime<Utc>,
+    ) -> Vec<PlannedGrant> {
+        let mut planned = Vec::new();
+        if self.guards.iter().any(|g| g.reads_audit()) {
+            // `next` lacks the audit such a guard judges by (who went
+            // first, the zone granted last): the granter decides on the
+            // memory instead, after this write.
+            return planned;
+        }
+        inner
+            .prepare_failed
+            .retain(|_, (_, retry_at)| *retry_at > now);
+        while let Some(candidate) = self.decide_on(inner, next, &planned, now).grant {
+            let Some(queued) = inner.queue.get(&candidate) else {
+                break;
+            };
+            if queued.events.is_closed() {
+                // Its stream is gone (the withdrawal may still be on its way).
+                inner.queue.take(&candidate);
+                continue;
+            }
+            if !self
+                .preparers
+                .iter()
+                .all(|p| p.nothing_to_prepare(&queued.waiter))
+            {
+                break;
+            }
+            let request = queued.request.clone();
+            match next.grant(
+                &candidate,
+                request.control_plane,
+                request.manual,
+                &request.reason,
+                now,
+            ) {
+                Ok(token) => planned.push(PlannedGrant {
+                    node: candidate,
+                    token,
+                }),
+                Err(_) => break,
+            }
+        }
+        planned
     }
 
     /// Grants every node the rule allows, one at a time, then tells the rest
@@ -135,11 +209,12 @@ impl Engine {
                 return;
             }
             // A new term reloads (and resumes lost grants) before deciding:
-            // the decision and its save must see the same memory.
+            // the decision and its save must see the same memory. (Closed
+            // streams are dropped as the rule meets them, in `grant`: the
+            // queue is not walked.)
             let Ok(decided) = self.ensure_current(&mut inner).await else {
                 return;
             };
-            inner.queue.retain(|q| !q.events.is_closed());
             let now = self.now();
             inner
                 .prepare_failed
@@ -155,9 +230,8 @@ impl Engine {
             if !self.preparers.is_empty() {
                 let waiter = inner
                     .queue
-                    .iter()
-                    .find(|q| q.request.node == candidate)
-                    .map(|q| q.waiter())
+                    .get(&candidate)
+                    .map(|q| q.waiter.clone())
                     .expect("candidate is queued");
                 drop(inner);
                 if let Err(reason) = self.prepare(&waiter).await {
@@ -180,7 +254,6 @@ impl Engine {
                 let Ok(current) = self.ensure_current(&mut inner).await else {
                     return;
                 };
-                inner.queue.retain(|q| !q.events.is_closed());
                 let now = self.now();
                 if current != decided
                     || self.decide_now(&inner, now).grant.as_ref() != Some(&candidate)
@@ -214,15 +287,19 @@ impl Engine {
     /// Grants `node` (which the rule just chose). False when the store
     /// refused, so the pass stops until the next wake.
     async fn grant(&self, inner: &mut Inner, node: &NodeName, decided: &Fence) -> bool {
-        let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
+        let Some((request, closed)) = inner
+            .queue
+            .get(node)
+            .map(|q| (q.request.clone(), q.events.is_closed()))
+        else {
             return true;
         };
-        if inner.queue[idx].events.is_closed() {
-            inner.queue.remove(idx);
+        if closed {
+            // Its stream is gone (the withdrawal may still be on its way).
+            inner.queue.take(node);
             return true;
         }
         let now = self.now();
-        let request = inner.queue[idx].request.clone();
         let result = self
             .commit_under(inner, Some(decided), |s| {
                 s.grant(
@@ -244,14 +321,38 @@ impl Engine {
                 return false;
             }
         };
-        // The commit may have awaited the store; find the waiter afresh.
-        let Some(idx) = inner.queue.iter().position(|q| &q.request.node == node) else {
+        let started = inner.handoff_started.take();
+        let planned = PlannedGrant {
+            node: node.clone(),
+            token,
+        };
+        self.deliver(inner, planned, now, started);
+        true
+    }
+
+    /// Tells a waiter its grant, which is saved (in the memory and the
+    /// store) by now. `handoff` is when the release it follows began.
+    pub(super) fn deliver(
+        &self,
+        inner: &mut Inner,
+        planned: PlannedGrant,
+        now: DateTime<Utc>,
+        handoff: Option<Instant>,
+    ) {
+        let PlannedGrant { node, token } = planned;
+        let Some(queued) = inner.queue.take(&node) else {
+            // Its waiter left while the grant was saved: it resumes the grant
+            // when it asks again.
             warn!(node = %node, token, "granted, but its waiter left meanwhile; it resumes the grant when it asks again");
             self.changed();
-            return true;
+            return;
         };
-        let queued = inner.queue.remove(idx);
-        let phase = inner.state.holders[node].phase;
+        let phase = inner
+            .state
+            .holders
+            .get(&node)
+            .map(|h| h.phase)
+            .unwrap_or_default();
         let _ = queued.events.send(Ok(AcquireUpdate::Granted(Grant {
             fencing_token: token,
             granted_at: now,
@@ -259,57 +360,38 @@ impl Engine {
             phase,
         })));
         self.metrics.grants.inc();
-        if let Some(started) = inner.handoff_started.take() {
+        if let Some(started) = handoff {
             self.metrics
                 .handoff_latency
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.handoffs.inc();
         }
         self.metrics.queue_length.set(inner.queue.len() as i64);
-        info!(node = %node, token, control_plane = request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
+        info!(node = %node, token, control_plane = queued.request.control_plane, waited_ms = (now - queued.since).num_milliseconds(), "granted");
         self.changed();
-        true
     }
 
-    /// Sends Queued updates to waiters whose position or reason changed. A
-    /// new reason goes out at once; a position that merely moved goes out at
-    /// most once per [`POSITION_UPDATE_EVERY`] per waiter, so a fast-moving
-    /// queue of a thousand waiters does not cost a thousand messages per
-    /// handoff (the granter's one-second tick sends what was held back).
+    /// Tells waiters what changed (see the `queue` module: new reasons at
+    /// once, positions as they move, rate-limited, without walking every
+    /// waiter on a handoff).
     fn tell_waiters(&self, inner: &mut Inner, decision: Decision) {
+        // Only a judged waiter can carry a guard's reason: the reason of the
+        // rest is a pause, the windows, the limit or another grant.
         let etcd_blocked = decision
-            .waiting
+            .judged
             .iter()
-            .filter(|(_, reason)| crate::etcd::is_guard_reason(reason))
+            .filter(|(_, reason)| crate::etcd::is_guard_reason(&reason.text))
             .count();
         self.metrics.etcd_blocked_waiters.set(etcd_blocked as i64);
-        let reasons: HashMap<NodeName, String> = decision.waiting.into_iter().collect();
-        let queue_length = inner.queue.len() as u32;
-        let now = Instant::now();
-        let mut any = false;
-        for (i, q) in inner.queue.iter_mut().enumerate() {
-            let position = i as u32 + 1;
-            let reason = reasons.get(&q.request.node).cloned().unwrap_or_default();
-            let reason_changed = q.reason != reason || q.last_told.is_none();
-            let moved = q.position != position || q.queue_length != queue_length;
-            let due = q.last_told.is_none_or(|t| now - t >= POSITION_UPDATE_EVERY);
-            if reason_changed || (moved && due) {
-                if q.reason != reason {
-                    info!(node = %q.request.node, position, reason = %reason, "waiting");
-                }
-                q.position = position;
-                q.queue_length = queue_length;
-                q.reason = reason.clone();
-                q.last_told = Some(now);
-                let _ = q.events.send(Ok(AcquireUpdate::Queued {
-                    position,
-                    queue_length,
-                    reason,
-                }));
-                any = true;
-            }
+        let telling = inner.queue.tell(&decision, Instant::now());
+        for (node, position, reason) in &telling.new_reasons {
+            info!(node = %node, position, reason = %reason.text, "waiting");
         }
-        if any {
+        if let Some(reason) = &telling.shared_changed {
+            info!(waiters = inner.queue.len(), reason = %reason.text, "every waiter waits");
+        }
+        if telling.sent > 0 {
+            self.metrics.queue_length.set(inner.queue.len() as i64);
             self.changed();
         }
     }

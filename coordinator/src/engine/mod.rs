@@ -7,7 +7,9 @@
 //! whenever something changed, prepares the chosen node (guards such as the
 //! etcd snapshot run without the lock held, bounded by a timeout), decides
 //! again and grants. Waiters hear about their position and reason, then
-//! their grant, over the channel behind their Acquire stream.
+//! their grant, over the channel behind their Acquire stream; the wait queue
+//! (module `queue`) keeps that bookkeeping independent of the queue's
+//! length, so a handoff costs the same with ten waiters or thirty thousand.
 //!
 //! Answers come only from the confirmed leader. The engine's memory is
 //! current only under a [`Fence`] (the leadership term it was loaded in and
@@ -35,6 +37,8 @@
 mod confirm;
 mod granter;
 mod plan;
+mod queue;
+mod ranks;
 
 pub use plan::{Plan, PlanEntry};
 
@@ -69,6 +73,14 @@ pub fn system_clock() -> Clock {
 pub trait GrantPreparer: Send + Sync {
     /// Prepares `candidate`; an error is the reason it keeps waiting.
     fn prepare<'a>(&'a self, candidate: &'a Waiter) -> BoxFuture<'a, Result<(), String>>;
+
+    /// True only when `candidate` certainly needs no preparation (e.g. it
+    /// carries no etcd member): then its grant may be saved in the same
+    /// write as the release that freed its slot. When unsure, false: the
+    /// granter prepares it first, as for any grant.
+    fn nothing_to_prepare(&self, _candidate: &Waiter) -> bool {
+        false
+    }
 }
 
 /// The engine's settings.
@@ -184,35 +196,23 @@ pub struct AcquireRequest {
     pub manual: bool,
 }
 
-/// A node waiting, with its channel.
-struct QueuedRequest {
-    ticket: u64,
-    request: AcquireRequest,
-    since: DateTime<Utc>,
-    reason: String,
-    position: u32,
-    queue_length: u32,
-    /// When the waiter was last sent a Queued update.
-    last_told: Option<Instant>,
-    events: mpsc::UnboundedSender<Result<AcquireUpdate, EngineError>>,
-}
+/// How many waiters a [`Snapshot`] (and so Status and Watch) lists: the
+/// head of the queue; a snapshot costs the same however many wait.
+pub const SNAPSHOT_QUEUE_HEAD: usize = 100;
 
-impl QueuedRequest {
-    fn waiter(&self) -> Waiter {
-        Waiter {
-            node: self.request.node.clone(),
-            control_plane: self.request.control_plane,
-        }
-    }
-}
+/// How many audit records a [`Snapshot`] carries: the newest (the whole
+/// audit stays in the store; a snapshot costs the same however long it is).
+pub const SNAPSHOT_AUDIT_TAIL: usize = 50;
 
 /// A read-only copy of what status shows.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// The lease state.
+    /// The lease state, with the newest [`SNAPSHOT_AUDIT_TAIL`] audit records.
     pub state: LeaseState,
-    /// Waiters in FIFO order: node, control-plane, since, request reason, wait reason.
+    /// The first [`SNAPSHOT_QUEUE_HEAD`] waiters in FIFO order.
     pub queue: Vec<QueueView>,
+    /// How many wait in all.
+    pub queue_length: usize,
     /// Holders that are overdue now.
     pub overdue: BTreeSet<NodeName>,
     /// True when the windows allow a grant now.
@@ -240,7 +240,7 @@ pub struct QueueView {
 
 struct Inner {
     state: LeaseState,
-    queue: Vec<QueuedRequest>,
+    queue: queue::WaitQueue,
     next_ticket: u64,
     /// Holders already reported overdue (so it is logged once).
     overdue_seen: BTreeSet<NodeName>,
@@ -306,7 +306,7 @@ impl Engine {
         let engine = Arc::new(Self {
             inner: Mutex::new(Inner {
                 state: LeaseState::default(),
-                queue: Vec::new(),
+                queue: queue::WaitQueue::default(),
                 next_ticket: 1,
                 overdue_seen: BTreeSet::new(),
                 handoff_started: None,
@@ -469,35 +469,36 @@ impl Engine {
         inner: &mut Inner,
         fence: &Fence,
     ) -> Result<(), EngineError> {
-        if !inner
-            .queue
-            .iter()
-            .any(|q| inner.state.holders.contains_key(&q.request.node))
-        {
+        // The holders are few (the concurrency limit); the queue may be
+        // long: look the holders up in it, never walk it.
+        let resumable: Vec<NodeName> = inner
+            .state
+            .holders
+            .keys()
+            .filter(|node| inner.queue.get(node).is_some())
+            .cloned()
+            .collect();
+        if resumable.is_empty() {
             inner.resume_pending = false;
             return Ok(());
         }
         self.confirm(inner, fence).await?;
         inner.resume_pending = false;
         let Inner { state, queue, .. } = inner;
-        let before = queue.len();
-        queue.retain(|q| {
-            let Some(h) = state.holders.get(&q.request.node) else {
-                return true;
+        for node in resumable {
+            let (Some(h), Some(q)) = (state.holders.get(&node), queue.take(&node)) else {
+                continue;
             };
-            info!(node = %q.request.node, token = h.fencing_token, "the reloaded state holds a grant for a waiter (its save's answer was lost): resuming it");
+            info!(node = %node, token = h.fencing_token, "the reloaded state holds a grant for a waiter (its save's answer was lost): resuming it");
             let _ = q.events.send(Ok(AcquireUpdate::Granted(Grant {
                 fencing_token: h.fencing_token,
                 granted_at: h.granted_at,
                 resumed: true,
                 phase: h.phase,
             })));
-            false
-        });
-        if queue.len() != before {
-            self.metrics.queue_length.set(queue.len() as i64);
-            self.changed();
         }
+        self.metrics.queue_length.set(queue.len() as i64);
+        self.changed();
         Ok(())
     }
 
@@ -553,7 +554,7 @@ impl Engine {
         warn!("not leading: not granting; waiters are sent to the new leader");
         inner.fence = None;
         let leader = self.leadership.borrow().leader.clone();
-        for q in inner.queue.drain(..) {
+        for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::NotLeader {
                 leader: leader.clone(),
             }));
@@ -597,7 +598,7 @@ impl Engine {
                 term = claim.term,
                 "leading in a new term: waiters of the old term ask again"
             );
-            for q in inner.queue.drain(..) {
+            for q in inner.queue.drain() {
                 let _ = q.events.send(Err(EngineError::NotLeader {
                     leader: claim.leader.clone(),
                 }));
@@ -657,11 +658,30 @@ impl Engine {
         decided: Option<&Fence>,
         change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
     ) -> Result<T, EngineError> {
+        let (out, ()) = self
+            .commit_then(inner, decided, change, |_, _, _| ())
+            .await?;
+        Ok(out)
+    }
+
+    /// Like [`Engine::commit_under`], and once `change` succeeded, `then`
+    /// may add what follows from it to the same copy (the grants a release
+    /// makes possible at once): both are saved in one durable write, or
+    /// neither. What `then` returns is acted on (told) only after that write.
+    async fn commit_then<T, U>(
+        &self,
+        inner: &mut Inner,
+        decided: Option<&Fence>,
+        change: impl FnOnce(&mut LeaseState) -> Result<T, LeaseError>,
+        then: impl FnOnce(&Self, &mut Inner, &mut LeaseState) -> U,
+    ) -> Result<(T, U), EngineError> {
         let fence = self.ensure_current(inner).await?;
         if decided.is_some_and(|d| d != &fence) {
             return Err(EngineError::Moved);
         }
-        let mut next = inner.state.clone();
+        // The audit stays where it is: the copy collects only the records
+        // this change makes, which the save appends.
+        let mut next = inner.state.without_audit();
         let out = match change(&mut next) {
             Ok(out) => out,
             Err(refusal) => {
@@ -669,6 +689,7 @@ impl Engine {
                 return Err(refusal.into());
             }
         };
+        let more = then(self, inner, &mut next);
         // Whatever clients sent, the document stays within its budget.
         if let Err(e) = next.fit_budget() {
             warn!(error = %e, "the change would not fit the state budget; not applied");
@@ -680,13 +701,13 @@ impl Engine {
         }
         match self.timed(self.store.save(&next, &fence)).await {
             Ok(revision) => {
-                inner.state = next;
+                inner.state.advance_to(next);
                 inner.fence = Some(Fence {
                     term: fence.term,
                     revision,
                 });
                 self.refresh_gauges(inner);
-                Ok(out)
+                Ok((out, more))
             }
             Err(e) => {
                 // Refused, or an unknown outcome: either way the memory may
@@ -756,28 +777,12 @@ impl Engine {
             })));
             return Ok((ticket, rx));
         }
-        if let Some(pos) = inner
-            .queue
-            .iter()
-            .position(|q| q.request.node == request.node)
-        {
-            let old = inner.queue.remove(pos);
-            let _ = old
-                .events
-                .send(Err(EngineError::Superseded(request.node.clone())));
-        }
         info!(node = %request.node, control_plane = request.control_plane, reason = %request.reason, "acquire: queued");
         let now = self.now();
-        inner.queue.push(QueuedRequest {
-            ticket,
-            request,
-            since: now,
-            reason: String::new(),
-            position: 0,
-            queue_length: 0,
-            last_told: None,
-            events: tx,
-        });
+        let node = request.node.clone();
+        if let Some(old) = inner.queue.push(ticket, request, now, tx) {
+            let _ = old.events.send(Err(EngineError::Superseded(node)));
+        }
         self.metrics.queue_length.set(inner.queue.len() as i64);
         drop(inner);
         self.wake.notify_one();
@@ -789,11 +794,7 @@ impl Engine {
     /// was granted or replaced meanwhile.
     pub async fn withdraw(&self, node: &NodeName, ticket: u64) {
         let mut inner = self.inner.lock().await;
-        let before = inner.queue.len();
-        inner
-            .queue
-            .retain(|q| !(q.ticket == ticket && &q.request.node == node));
-        if inner.queue.len() != before {
+        if inner.queue.withdraw(node, ticket) {
             info!(node = %node, "acquire withdrawn");
             self.metrics.queue_length.set(inner.queue.len() as i64);
             drop(inner);
@@ -847,12 +848,19 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<(), EngineError> {
+        let started = Instant::now();
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.release(node, token, actor, reason, now))
+        let ((), handed) = self
+            .commit_then(
+                &mut inner,
+                None,
+                |s| s.release(node, token, actor, reason, now),
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
             .await?;
         info!(node = %node, token, reason, "released");
-        self.after_release(&mut inner, node);
+        self.after_release(&mut inner, node, started, handed, now);
         Ok(())
     }
 
@@ -867,16 +875,22 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<u64, EngineError> {
+        let started = Instant::now();
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        let token = self
-            .commit(&mut inner, |s| match expected {
-                Some(token) => s.force_release_token(node, token, actor, reason, now),
-                None => s.force_release(node, actor, reason, now),
-            })
+        let (token, handed) = self
+            .commit_then(
+                &mut inner,
+                None,
+                |s| match expected {
+                    Some(token) => s.force_release_token(node, token, actor, reason, now),
+                    None => s.force_release(node, actor, reason, now),
+                },
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
             .await?;
         warn!(node = %node, token, actor, reason, "force-released by an operator");
-        self.after_release(&mut inner, node);
+        self.after_release(&mut inner, node, started, handed, now);
         Ok(token)
     }
 
@@ -897,24 +911,44 @@ impl Engine {
         // Judged on the current state: memory whose fence was dropped (a
         // failed save, a new term) is reloaded first, so a holder that
         // renewed through another leader is not taken on what was stale.
-        self.ensure_current(&mut inner).await?;
+        let started = Instant::now();
+        let fence = self.ensure_current(&mut inner).await?;
         let applies = inner.state.holders.get(node).is_some_and(|h| still(h, now));
         if !applies {
             return Ok(None);
         }
-        let token = self
-            .commit(&mut inner, |s| s.force_release(node, actor, reason, now))
+        let (token, handed) = self
+            .commit_then(
+                &mut inner,
+                Some(&fence),
+                |s| s.force_release(node, actor, reason, now),
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
             .await?;
         warn!(node = %node, token, actor, reason, "force-released by policy");
-        self.after_release(&mut inner, node);
+        self.after_release(&mut inner, node, started, handed, now);
         Ok(Some(token))
     }
 
-    fn after_release(&self, inner: &mut Inner, node: &NodeName) {
+    /// After a release was saved: tells the waiters granted in the same
+    /// write, and wakes the granter for whatever is left (a waiter that
+    /// needs preparing first, a guard's fresh answer).
+    fn after_release(
+        &self,
+        inner: &mut Inner,
+        node: &NodeName,
+        started: Instant,
+        handed: Vec<granter::PlannedGrant>,
+        now: DateTime<Utc>,
+    ) {
         inner.overdue_seen.remove(node);
         self.metrics.releases.inc();
-        if !inner.queue.is_empty() && inner.handoff_started.is_none() {
-            inner.handoff_started = Some(Instant::now());
+        let handed_on = !handed.is_empty();
+        for planned in handed {
+            self.deliver(inner, planned, now, Some(started));
+        }
+        if !handed_on && !inner.queue.is_empty() && inner.handoff_started.is_none() {
+            inner.handoff_started = Some(started);
         }
         self.wake.notify_one();
         self.changed();
@@ -1039,6 +1073,26 @@ impl Engine {
         self.view(&inner)
     }
 
+    /// The audit records numbered after `after` and before `before`, oldest
+    /// first, as far as this replica's memory still holds them (the newest
+    /// [`crate::state::AUDIT_KEEP`]). For observers: a snapshot carries only
+    /// the newest [`SNAPSHOT_AUDIT_TAIL`], so records made between two of
+    /// their looks are read here (a failure, a canary's release).
+    pub async fn audit_between(&self, after: u64, before: u64) -> Vec<crate::state::AuditEntry> {
+        let inner = self.inner.lock().await;
+        let state = &inner.state;
+        state
+            .audit
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let n = state.audit_number(*i);
+                n > after && n < before
+            })
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
     /// A copy of everything status shows, answered only while this replica
     /// leads and the store confirmed its memory is the latest state.
     pub async fn confirmed_snapshot(&self) -> Result<Snapshot, EngineError> {
@@ -1061,18 +1115,24 @@ impl Engine {
     fn view(&self, inner: &Inner) -> Snapshot {
         let now = self.now();
         Snapshot {
-            state: inner.state.clone(),
+            state: {
+                let mut state = inner.state.without_audit();
+                let skip = inner.state.audit.len().saturating_sub(SNAPSHOT_AUDIT_TAIL);
+                state.audit = inner.state.audit.iter().skip(skip).cloned().collect();
+                state
+            },
             queue: inner
                 .queue
-                .iter()
-                .map(|q| QueueView {
+                .head(SNAPSHOT_QUEUE_HEAD)
+                .map(|(_, q, reason)| QueueView {
                     node: q.request.node.clone(),
                     control_plane: q.request.control_plane,
                     since: q.since,
                     request_reason: q.request.reason.clone(),
-                    reason: q.reason.clone(),
+                    reason: reason.map(|r| r.text.to_string()).unwrap_or_default(),
                 })
                 .collect(),
+            queue_length: inner.queue.len(),
             overdue: inner
                 .state
                 .holders
@@ -1092,7 +1152,7 @@ impl Engine {
         let mut inner = self.inner.lock().await;
         inner.shutting_down = true;
         inner.fence = None;
-        for q in inner.queue.drain(..) {
+        for q in inner.queue.drain() {
             let _ = q.events.send(Err(EngineError::ShuttingDown));
         }
         drop(inner);

@@ -54,9 +54,14 @@ impl Engine {
         let mut state = inner.state.clone();
         let queue: Vec<Waiter> = inner
             .queue
-            .iter()
-            .filter(|q| !q.events.is_closed())
-            .map(|q| q.waiter())
+            .waiters()
+            .filter(|w| {
+                inner
+                    .queue
+                    .get(&w.node)
+                    .is_some_and(|q| !q.events.is_closed())
+            })
+            .cloned()
             .collect();
         let unavailable = inner.unavailable.clone();
         let prepare_failed = inner.prepare_failed.clone();
@@ -97,10 +102,12 @@ impl Engine {
                 // What each waits for is the first reason it is given once
                 // nobody else can go (while the rule still grants, the
                 // others only wait for that grant).
-                for (node, reason) in &decision.waiting {
-                    reasons
-                        .entry(node.clone())
-                        .or_insert_with(|| reason.clone());
+                for (i, waiter) in remaining.iter().enumerate() {
+                    if let Some(reason) = decision.reason_at(i) {
+                        reasons
+                            .entry(waiter.node.clone())
+                            .or_insert_with(|| reason.text.to_string());
+                    }
                 }
             }
             if let Some(node) = decision.grant {

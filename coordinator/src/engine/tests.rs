@@ -333,6 +333,106 @@ async fn followers_refuse_and_a_new_leader_resumes_the_state() {
     engine.renew(&n("z"), tz).await.unwrap();
 }
 
+/// A handoff does not cost a message to every waiter: with 1,000 waiting,
+/// 100 handoffs send a few position updates in all, not one per waiter per
+/// handoff (the holder's name in the shared reason changes every time).
+#[tokio::test]
+async fn handoffs_do_not_message_every_waiter() {
+    let (engine, _) = engine_with(Arc::new(MemoryStore::default()), 1, Vec::new()).await;
+    let (_, mut first) = engine.acquire(request("h")).await.unwrap();
+    let mut holder = (n("h"), next_grant(&mut first).await.fencing_token);
+    let mut waiters = Vec::new();
+    for i in 0..1000 {
+        waiters.push(engine.acquire(request(&format!("w{i}"))).await.unwrap().1);
+    }
+    for w in &mut waiters {
+        next_queued(w).await;
+    }
+    let handoffs = 100;
+    let mut updates = 0;
+    for (i, w) in waiters.iter_mut().enumerate().take(handoffs) {
+        engine
+            .release(&holder.0, holder.1, "test", "done")
+            .await
+            .unwrap();
+        let token = loop {
+            match w.recv().await.unwrap().unwrap() {
+                AcquireUpdate::Granted(g) => break g.fencing_token,
+                AcquireUpdate::Queued { .. } => updates += 1,
+            }
+        };
+        holder = (n(&format!("w{i}")), token);
+    }
+    for w in &mut waiters[handoffs..] {
+        while let Ok(Ok(AcquireUpdate::Queued { .. })) = w.try_recv() {
+            updates += 1;
+        }
+    }
+    assert!(
+        updates < handoffs * 20,
+        "{updates} Queued updates for {handoffs} handoffs with 1,000 waiting"
+    );
+}
+
+/// Group commit: a release whose slot goes at once to the next waiter is
+/// saved together with that grant, in one durable write, and the grant is
+/// told only after that write.
+#[tokio::test]
+async fn a_handoff_is_one_durable_write() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    let before = store.backend().writes();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    let gb = next_grant(&mut b).await;
+    assert_eq!(
+        store.backend().writes(),
+        before + 1,
+        "the release and the grant are one write"
+    );
+    let stored = store.saved().unwrap();
+    assert_eq!(stored.holders[&n("b")].fencing_token, gb.fencing_token);
+    assert!(!stored.holders.contains_key(&n("a")));
+}
+
+/// When the one write of a handoff fails, neither the release nor the
+/// grant happened: the waiter hears nothing and the holder keeps the baton
+/// until a release is saved.
+#[tokio::test]
+async fn a_failed_handoff_write_grants_nobody() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    next_queued(&mut b).await;
+    store.fail_next_saves(1);
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap_err();
+    let snap = engine.snapshot().await;
+    assert!(snap.state.holders.contains_key(&n("a")));
+    assert_eq!(snap.queue_length, 1);
+    while let Ok(update) = b.try_recv() {
+        assert!(
+            !matches!(update, Ok(AcquireUpdate::Granted(_))),
+            "granted although nothing was saved"
+        );
+    }
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    assert!(next_grant(&mut b).await.fencing_token > ga.fencing_token);
+}
+
 /// The store moved on behind this replica's memory (a save whose answer
 /// was lost, another writer): a read reloads and answers from the store's
 /// state, confirmed, instead of failing UNAVAILABLE; it never answers
@@ -399,4 +499,65 @@ async fn a_store_restored_to_an_older_state_never_reissues_a_token() {
         .unwrap();
     let second = next_grant(&mut events).await.fencing_token;
     assert!(second > first, "token {second} reissued after {first}");
+}
+
+/// Like the policy's canary rule: every node but `a` waits while the audit
+/// shows `a`'s grant (a guard judging by history).
+struct AfterCanary;
+
+impl GrantGuard for AfterCanary {
+    fn check(
+        &self,
+        candidate: &Waiter,
+        state: &LeaseState,
+        _: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let went_first = state
+            .audit
+            .iter()
+            .any(|r| r.action == "grant" && r.node == "a");
+        if candidate.node.as_str() != "a" && went_first {
+            return Err("canary a went first".to_string());
+        }
+        Ok(())
+    }
+    fn reads_audit(&self) -> bool {
+        true
+    }
+}
+
+/// A group commit decides on a copy holding only its own change's audit
+/// records; a guard that judges by the audit must not be asked there (it
+/// would not see the canary's grant and let the next node through in the
+/// release's own write).
+#[tokio::test]
+async fn a_guard_reading_the_audit_is_not_asked_on_a_group_commit_copy() {
+    let engine = Engine::new(
+        Arc::new(MemoryStore::default()),
+        config(1),
+        vec![Arc::new(AfterCanary) as Arc<dyn GrantGuard>],
+        Vec::new(),
+        Arc::new(Utc::now),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(engine.clone().run_granter());
+    let (_, mut a) = engine.acquire(request("a")).await.unwrap();
+    let ga = next_grant(&mut a).await;
+    let (_, mut b) = engine.acquire(request("b")).await.unwrap();
+    engine
+        .release(&n("a"), ga.fencing_token, "a", "done")
+        .await
+        .unwrap();
+    assert!(
+        !engine.snapshot().await.state.holders.contains_key(&n("b")),
+        "b was granted in the canary's release write"
+    );
+    loop {
+        let (_, reason) = next_queued(&mut b).await;
+        if reason == "canary a went first" {
+            break;
+        }
+    }
 }

@@ -428,6 +428,17 @@ impl GrantPreparer for EtcdGuard {
             result
         })
     }
+
+    /// Nodes that carry no etcd member (or are exempt) need no snapshot
+    /// and no leadership move. A node whose role cannot be told now is
+    /// prepared (and so judged) the usual way.
+    fn nothing_to_prepare(&self, candidate: &Waiter) -> bool {
+        let health = self.health();
+        matches!(
+            self.role(&candidate.node, candidate.control_plane, &health),
+            Ok(EtcdRole::NotEtcd | EtcdRole::Exempt)
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! `--store kubernetes`: the lease state in a ConfigMap (key `state.json`,
-//! the same document as the embedded store), leadership from a Lease.
+//! the same document as the embedded store; the audit beside it under
+//! `audit.json`, the newest records within [`AUDIT_MAX_BYTES`]), leadership
+//! from a Lease. An object is replaced whole, so the audit is rewritten
+//! with every save here; it stays bounded, and the ConfigMap under 1 MiB.
 //!
 //! Every save is a compare-and-swap on the ConfigMap's resourceVersion: the
 //! replace carries the version the engine's memory was read or written at
@@ -30,11 +33,16 @@ use tracing::warn;
 
 use super::KubeArgs;
 use super::election::Elector;
-use crate::state::LeaseState;
-use crate::store::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
+use crate::state::{AUDIT_KEEP, AUDIT_MAX_BYTES, LeaseState, newest_within};
+use crate::store::{
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit, decode,
+    encode, numbered,
+};
 
 /// The key of the state document in the ConfigMap.
 pub const STATE_KEY: &str = "state.json";
+/// The key of the audit in the ConfigMap.
+pub const AUDIT_KEY: &str = "audit.json";
 
 /// The Kubernetes store of one replica.
 pub struct KubeStore {
@@ -45,6 +53,9 @@ pub struct KubeStore {
     leadership: Arc<watch::Sender<Leadership>>,
     /// Keeps the channel open (and the election running) while the store lives.
     _leadership_rx: watch::Receiver<Leadership>,
+    /// The audit as last read or written (a save writes it again with the
+    /// new records).
+    audit: std::sync::Mutex<Vec<Numbered>>,
 }
 
 impl KubeStore {
@@ -69,6 +80,7 @@ impl KubeStore {
             path: format!("configmap {}/{}", args.namespace, args.state_configmap),
             leadership,
             _leadership_rx: leadership_rx,
+            audit: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -123,10 +135,25 @@ impl KubeStore {
                 detail: "it has no resourceVersion".to_string(),
             })?;
         match object.data.as_ref().and_then(|d| d.get(STATE_KEY)) {
-            Some(text) => Ok(Loaded {
-                state: Some(decode(&self.path, text.as_bytes())?),
-                revision,
-            }),
+            Some(text) => {
+                let mut state = decode(&self.path, text.as_bytes())?;
+                let records: Vec<Numbered> =
+                    match object.data.as_ref().and_then(|d| d.get(AUDIT_KEY)) {
+                        Some(audit) => {
+                            serde_json::from_str(audit).map_err(|e| StoreError::Corrupt {
+                                path: format!("{} key {AUDIT_KEY}", self.path),
+                                detail: e.to_string(),
+                            })?
+                        }
+                        None => Vec::new(),
+                    };
+                attach_audit(&mut state, records);
+                *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = numbered(&state).collect();
+                Ok(Loaded {
+                    state: Some(state),
+                    revision,
+                })
+            }
             None => Err(StoreError::Corrupt {
                 path: self.path.clone(),
                 detail: format!("it has no {STATE_KEY} key"),
@@ -138,6 +165,20 @@ impl KubeStore {
         self.check_leading(fence)?;
         let text =
             String::from_utf8(encode(state)).map_err(|e| StoreError::Backend(e.to_string()))?;
+        // The audit as stored, with this save's records, the newest that fit.
+        let mut audit: std::collections::BTreeMap<u64, Numbered> = self
+            .audit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .chain(&numbered(state).collect::<Vec<_>>())
+            .filter(|n| n.number <= state.audit_seq)
+            .map(|n| (n.number, n.clone()))
+            .collect();
+        let mut audit: Vec<Numbered> = std::mem::take(&mut audit).into_values().collect();
+        let keep = newest_within(&audit, AUDIT_MAX_BYTES).min(AUDIT_KEEP);
+        audit.drain(..audit.len() - keep);
+        let audit_text = serde_json::to_string(&audit).expect("audit records serialize");
         let version = match &fence.revision {
             Revision::Absent => None,
             Revision::At(v) => Some(v.clone()),
@@ -149,7 +190,13 @@ impl KubeStore {
                 labels: Some([("app.kubernetes.io/name".to_string(), "baton".to_string())].into()),
                 ..ObjectMeta::default()
             },
-            data: Some([(STATE_KEY.to_string(), text)].into()),
+            data: Some(
+                [
+                    (STATE_KEY.to_string(), text),
+                    (AUDIT_KEY.to_string(), audit_text),
+                ]
+                .into(),
+            ),
             ..ConfigMap::default()
         };
         let written = match version {
@@ -161,13 +208,19 @@ impl KubeStore {
             }
         };
         match written {
-            Ok(object) => object
-                .metadata
-                .resource_version
-                .map(Revision::At)
-                .ok_or_else(|| {
-                    StoreError::Backend(format!("{} written without a resourceVersion", self.path))
-                }),
+            Ok(object) => {
+                *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = audit;
+                object
+                    .metadata
+                    .resource_version
+                    .map(Revision::At)
+                    .ok_or_else(|| {
+                        StoreError::Backend(format!(
+                            "{} written without a resourceVersion",
+                            self.path
+                        ))
+                    })
+            }
             Err(::kube::Error::Api(s)) if s.code == 409 => Err(self.conflict(&s.message)),
             Err(::kube::Error::Api(s)) if s.code == 404 => {
                 Err(self.conflict("the object was deleted"))

@@ -49,14 +49,23 @@ fn first_eligible_waiter_wins() {
     ];
     let d = decide(&state, &queue, &[], &policy, &[], t0());
     assert_eq!(d.grant, Some(n("w-1")));
-    assert_eq!(d.waiting[0].0, n("cp-2"));
+    assert_eq!(d.judged[0].0, n("cp-2"));
+    assert_eq!(d.judged[0].1.kind, ReasonKind::ControlPlaneHeld);
     assert!(
-        d.waiting[0]
+        d.judged[0]
             .1
+            .text
             .contains("control-plane node cp-1 holds the baton"),
         "{:?}",
-        d.waiting
+        d.judged
     );
+    // w-2, behind the grant, was not judged: it shares one reason.
+    assert_eq!(d.judged.len(), 1);
+    assert_eq!(
+        d.reason_at(2).map(|r| r.kind),
+        Some(ReasonKind::AnotherGranted)
+    );
+    assert_eq!(d.reason_at(1), None, "the granted node has no reason");
 }
 
 #[test]
@@ -77,7 +86,7 @@ fn limit_counts_failed_overdue_and_unavailable_nodes() {
     let d = decide(&state, &queue, &[n("c")], &policy, &[], later);
     assert_eq!(d.grant, None);
     assert_eq!(
-        d.waiting[0].1,
+        &*d.reason_at(0).unwrap().text,
         "concurrency limit: 2 of 2 in use (a holds it, c is unavailable)"
     );
 }
@@ -90,7 +99,11 @@ fn pause_window_and_guards_give_their_reasons() {
     state.pause("op", "kernel regression", t0());
     let d = decide(&state, &queue, &[], &policy, &[], t0());
     assert_eq!(d.grant, None);
-    assert_eq!(d.waiting[1].1, "paused: kernel regression");
+    assert_eq!(&*d.reason_at(1).unwrap().text, "paused: kernel regression");
+    assert!(
+        d.judged.is_empty(),
+        "a pause holds every waiter back unjudged"
+    );
     state.resume("op", t0());
 
     policy.windows = WindowSet {
@@ -99,7 +112,10 @@ fn pause_window_and_guards_give_their_reasons() {
     };
     let d = decide(&state, &queue, &[], &policy, &[], t0());
     assert!(
-        d.waiting[0].1.starts_with("outside maintenance windows"),
+        d.reason_at(0)
+            .unwrap()
+            .text
+            .starts_with("outside maintenance windows"),
         "{:?}",
         d
     );
@@ -107,8 +123,14 @@ fn pause_window_and_guards_give_their_reasons() {
     let d = decide(&state, &queue, &[], &policy, &[&Deny("a")], night);
     assert_eq!(d.grant, Some(n("b")));
     assert_eq!(
-        d.waiting,
-        vec![(n("a"), "etcd: a would break quorum".to_string())]
+        d.judged,
+        vec![(
+            n("a"),
+            Reason {
+                kind: ReasonKind::Guard,
+                text: "etcd: a would break quorum".into()
+            }
+        )]
     );
 }
 
@@ -247,11 +269,14 @@ proptest! {
                 Op::Resume => { state.resume("op", now); }
                 Op::Restart => {
                     // What every store does: fit the budget and encode on
-                    // save, decode and validate on load.
+                    // save, decode and validate on load, and give the
+                    // loaded document its audit, kept apart.
                     state.fit_budget().unwrap();
                     let saved = state.clone();
                     let bytes = crate::store::encode(&state);
                     state = crate::store::decode("restart", &bytes).unwrap();
+                    prop_assert_eq!(&state, &saved.without_audit());
+                    crate::store::attach_audit(&mut state, crate::store::numbered(&saved));
                     prop_assert_eq!(&state, &saved);
                     queue.clear();
                 }
@@ -299,4 +324,195 @@ proptest! {
             prop_assert_eq!(state.last_token, last_token);
         }
     }
+}
+
+/// The grant rule written the straightforward way (as it was before reasons
+/// were shared and the queue read lazily): every waiter judged in queue
+/// order, with a reason string of its own.
+fn reference_decide(
+    state: &LeaseState,
+    queue: &[Waiter],
+    unavailable: &[NodeName],
+    policy: &Policy,
+    guards: &[&dyn GrantGuard],
+    now: DateTime<Utc>,
+) -> (Option<NodeName>, Vec<Option<String>>) {
+    let global = if let Some(pause) = &state.paused {
+        Some(if pause.reason.is_empty() {
+            "paused".to_string()
+        } else {
+            format!("paused: {}", pause.reason)
+        })
+    } else if let Err(reason) = policy.windows.check(now) {
+        Some(reason)
+    } else {
+        let down: Vec<&NodeName> = unavailable
+            .iter()
+            .filter(|n| !state.holders.contains_key(*n))
+            .collect();
+        let in_use = state.holders.len() + down.len();
+        let limit = policy.max_concurrent.max(1) as usize;
+        (in_use >= limit).then(|| {
+            let mut who: Vec<String> = state
+                .holders
+                .keys()
+                .map(|n| format!("{n} holds it"))
+                .collect();
+            who.extend(down.iter().map(|n| format!("{n} is unavailable")));
+            format!(
+                "concurrency limit: {in_use} of {limit} in use ({})",
+                who.join(", ")
+            )
+        })
+    };
+    let mut grant = None;
+    let mut reasons = Vec::new();
+    for waiter in queue {
+        let verdict = match &global {
+            Some(reason) => Err(reason.clone()),
+            None if grant.is_some() => Err("another node is being granted the baton".to_string()),
+            None => {
+                let cp = state.holders.iter().find(|(_, h)| h.control_plane);
+                match cp {
+                    Some((other, _)) if waiter.control_plane => Err(format!(
+                        "control-plane node {other} holds the baton; only one control-plane node at a time"
+                    )),
+                    _ => guards.iter().try_for_each(|g| g.check(waiter, state, now)),
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                grant = Some(waiter.node.clone());
+                reasons.push(None);
+            }
+            Err(reason) => reasons.push(Some(reason)),
+        }
+    }
+    (grant, reasons)
+}
+
+const POOL: usize = 12;
+
+/// Like [`Deny`], for a node chosen at run time.
+struct DenyNode(NodeName);
+
+impl GrantGuard for DenyNode {
+    fn check(&self, candidate: &Waiter, _: &LeaseState, _: DateTime<Utc>) -> Result<(), String> {
+        if candidate.node == self.0 {
+            Err(format!("etcd: {} would break quorum", self.0))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn pool(i: usize) -> NodeName {
+    n(&format!("n{i}"))
+}
+
+/// A random grant-rule input.
+#[derive(Clone, Debug)]
+struct Input {
+    holders: Vec<(usize, bool)>,
+    queue: Vec<(usize, bool)>,
+    unavailable: Vec<usize>,
+    max: u32,
+    paused: Option<bool>,
+    window: bool,
+    minutes: i64,
+    denied: Vec<usize>,
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    (
+        proptest::collection::vec((0..POOL, any::<bool>()), 0..4),
+        proptest::collection::vec((0..POOL, any::<bool>()), 0..POOL),
+        proptest::collection::vec(0..POOL, 0..3),
+        1u32..5,
+        proptest::option::of(any::<bool>()),
+        any::<bool>(),
+        0i64..1440,
+        proptest::collection::vec(0..POOL, 0..4),
+    )
+        .prop_map(
+            |(holders, queue, unavailable, max, paused, window, minutes, denied)| Input {
+                holders,
+                queue,
+                unavailable,
+                max,
+                paused,
+                window,
+                minutes,
+                denied,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// The fast rule (shared reasons, queue read only as far as needed)
+    /// grants the same node and gives every waiter the same reason as the
+    /// straightforward one, on any input.
+    #[test]
+    fn fast_decide_agrees_with_the_reference(input in input()) {
+        let now = t0() + Duration::minutes(input.minutes);
+        let mut state = LeaseState::default();
+        for (i, control_plane) in &input.holders {
+            let _ = state.grant(&pool(*i), *control_plane, false, "", t0());
+        }
+        if let Some(with_reason) = input.paused {
+            state.pause("op", if with_reason { "cve" } else { "" }, t0());
+        }
+        let mut queue: Vec<Waiter> = Vec::new();
+        for (i, control_plane) in &input.queue {
+            let node = pool(*i);
+            if !state.holders.contains_key(&node) && !queue.iter().any(|w| w.node == node) {
+                queue.push(Waiter { node, control_plane: *control_plane });
+            }
+        }
+        let unavailable: Vec<NodeName> = input.unavailable.iter().map(|i| pool(*i)).collect();
+        let mut policy = Policy { max_concurrent: input.max, ..Policy::default() };
+        if input.window {
+            policy.windows = WindowSet {
+                windows: vec!["daily 22:00-04:00".parse::<MaintenanceWindow>().unwrap()],
+                min_remaining: Duration::minutes(30),
+            };
+        }
+        let denies: Vec<DenyNode> = input.denied.iter().map(|i| DenyNode(pool(*i))).collect();
+        let guards: Vec<&dyn GrantGuard> = denies.iter().map(|g| g as &dyn GrantGuard).collect();
+
+        let (grant, reasons) = reference_decide(&state, &queue, &unavailable, &policy, &guards, now);
+        let fast = decide(&state, &queue, &unavailable, &policy, &guards, now);
+        prop_assert_eq!(&fast.grant, &grant);
+        for (i, expected) in reasons.iter().enumerate() {
+            let got = fast.reason_at(i).map(|r| r.text.to_string());
+            prop_assert_eq!(&got, expected, "waiter {} ({})", i, queue[i].node);
+        }
+        prop_assert!(fast.judged.len() <= queue.len());
+    }
+}
+
+#[test]
+fn decide_reads_no_waiter_while_all_wait_and_none_past_the_grant() {
+    let mut state = LeaseState::default();
+    state.grant(&n("h"), false, false, "", t0()).unwrap();
+    let queue: Vec<Waiter> = (0..1000).map(|i| waiter(&format!("w{i}"), false)).collect();
+    let read = std::cell::Cell::new(0);
+    let counted = || queue.iter().inspect(|_| read.set(read.get() + 1));
+
+    let d = decide(&state, counted(), &[], &Policy::default(), &[], t0());
+    assert_eq!(d.grant, None);
+    assert_eq!(read.get(), 0, "the limit holds every waiter back unread");
+    assert_eq!(d.reason_at(999).unwrap().kind, ReasonKind::ConcurrencyLimit);
+
+    let policy = Policy {
+        max_concurrent: 2,
+        ..Policy::default()
+    };
+    let deny = Deny("w0");
+    let d = decide(&state, counted(), &[], &policy, &[&deny], t0());
+    assert_eq!(d.grant, Some(n("w1")));
+    assert_eq!(read.get(), 2, "read up to the grant, no further");
 }

@@ -62,6 +62,7 @@ pub(crate) mod test_support {
                     reason: String::new(),
                 })
                 .collect(),
+            queue_length: waiting.len(),
             overdue: Default::default(),
             window_open: true,
             leadership: Leadership {

@@ -17,7 +17,7 @@ use super::notify::Notifier;
 use super::reload::PolicyHandle;
 use super::rule::PolicyRule;
 use super::stuck::StuckLocks;
-use crate::engine::Engine;
+use crate::engine::{Engine, Snapshot};
 
 /// The least time between two snapshots.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -51,13 +51,16 @@ impl Observers {
         // store, whose lock a restart needs) is not kept alive by a wait.
         let weak = Arc::downgrade(&engine);
         drop(engine);
+        // The number of the newest audit record the last snapshot showed.
+        let mut seen = None;
         loop {
             {
                 let Some(engine) = weak.upgrade() else { return };
                 if engine.is_shutting_down().await {
                     return;
                 }
-                let snap = engine.snapshot().await;
+                let mut snap = engine.snapshot().await;
+                fill_skipped_audit(&mut snap, &mut seen, &engine).await;
                 self.rule.observe_canaries(&snap);
                 if snap.leadership.is_leader {
                     self.releases.send_if_modified(|t| {
@@ -77,5 +80,77 @@ impl Observers {
             }
             tokio::time::sleep(COALESCE).await;
         }
+    }
+}
+
+/// A snapshot carries only the newest audit records; the ones made since
+/// the previous snapshot that its tail does not show are read from the
+/// engine and put in front, so every observer sees every record (a failure
+/// for the webhooks, a canary's grant and release) however many came in
+/// between two looks (up to what the engine keeps).
+async fn fill_skipped_audit(snap: &mut Snapshot, seen: &mut Option<u64>, engine: &Engine) {
+    let state = &mut snap.state;
+    let first = (state.audit_seq + 1).saturating_sub(state.audit.len() as u64);
+    if let Some(after) = *seen
+        && after < state.audit_seq
+        && first > after + 1
+    {
+        let older = engine.audit_between(after, first).await;
+        for record in older.into_iter().rev() {
+            state.audit.push_front(record);
+        }
+    }
+    *seen = Some(state.audit_seq);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::{EngineConfig, SNAPSHOT_AUDIT_TAIL};
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+    use crate::rollout::notify::Observer;
+    use crate::rollout::schema::EventKind;
+    use crate::store::memory::MemoryStore;
+
+    /// More records between two looks than a snapshot carries: every one
+    /// still reaches the webhooks (a failure older than the tail would
+    /// otherwise never be sent).
+    #[tokio::test]
+    async fn records_beyond_the_snapshot_tail_reach_the_observers() {
+        let engine = Engine::new(
+            Arc::new(MemoryStore::default()),
+            EngineConfig::new(Policy::default(), "test"),
+            Vec::new(),
+            Vec::new(),
+            Arc::new(Utc::now),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let (mut seen, mut filled, mut bare) = (None, Observer::default(), Observer::default());
+        let mut snap = engine.snapshot().await;
+        fill_skipped_audit(&mut snap, &mut seen, &engine).await;
+        assert!(filled.observe(&snap).is_empty() && bare.observe(&snap).is_empty());
+
+        let pairs = SNAPSHOT_AUDIT_TAIL;
+        for _ in 0..pairs {
+            engine.pause("op", "test").await.unwrap();
+            engine.resume("op").await.unwrap();
+        }
+        let bare_snap = engine.snapshot().await;
+        let mut snap = bare_snap.clone();
+        assert_eq!(snap.state.audit.len(), SNAPSHOT_AUDIT_TAIL);
+        fill_skipped_audit(&mut snap, &mut seen, &engine).await;
+        let events = filled.observe(&snap);
+        let paused = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Paused)
+            .count();
+        assert_eq!((events.len(), paused), (2 * pairs, pairs));
+        // Without the filling, the older half would be lost.
+        assert_eq!(bare.observe(&bare_snap).len(), SNAPSHOT_AUDIT_TAIL);
     }
 }

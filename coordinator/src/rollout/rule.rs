@@ -113,6 +113,15 @@ fn compare_values(a: Option<&String>, b: Option<&String>) -> Ordering {
     }
 }
 
+/// True when the policy has rules that read labels (pools, zones, order,
+/// canaries); only those read the queue.
+fn uses_labels(policy: &PolicyFile) -> bool {
+    !policy.pools.is_empty()
+        || policy.topology.is_some()
+        || policy.order.is_some()
+        || policy.canary.is_some()
+}
+
 /// The policy's rule for `candidate` (see the module documentation).
 #[allow(clippy::too_many_arguments)]
 pub fn check(
@@ -142,11 +151,7 @@ pub fn check(
             ));
         }
     }
-    let uses_labels = !policy.pools.is_empty()
-        || policy.topology.is_some()
-        || policy.order.is_some()
-        || policy.canary.is_some();
-    if !uses_labels {
+    if !uses_labels(policy) {
         return Ok(());
     }
     let Some(labels) = nodes.labels(&candidate.node) else {
@@ -452,6 +457,16 @@ impl GrantGuard for PolicyRule {
         now: DateTime<Utc>,
     ) -> Result<(), String> {
         self.check_in_queue(candidate, &[], state, now)
+    }
+
+    fn wants_queue(&self) -> bool {
+        uses_labels(&self.policy.current().effective)
+    }
+
+    /// Canaries (who went first) and `finishZoneFirst` (the zone granted
+    /// last) read the audit; both are rules about labels.
+    fn reads_audit(&self) -> bool {
+        uses_labels(&self.policy.current().effective)
     }
 
     fn check_in_queue(

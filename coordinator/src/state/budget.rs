@@ -5,12 +5,13 @@
 //!
 //! Each text a client sends is bounded (see [`crate::text`]); what is left
 //! unbounded by count alone is bounded here, in encoded bytes:
-//! - the audit keeps its newest records within [`AUDIT_MAX_BYTES`] (and
-//!   [`super::AUDIT_KEEP`] records);
-//! - when the whole document would still exceed [`DOCUMENT_MAX_BYTES`]
-//!   (many holders with long error reports), older audit records go first,
-//!   then the longest holder texts are shortened (an error report keeps its
-//!   end, where the failure is), each marked as cut.
+//! - the document (the audit is kept apart, see [`super`]): when it would
+//!   exceed [`DOCUMENT_MAX_BYTES`] (many holders with long error reports),
+//!   the longest holder texts are shortened (an error report keeps its end,
+//!   where the failure is), each marked as cut;
+//! - the audit, where a store keeps it beside the document in one object
+//!   (the Kubernetes ConfigMap), within [`AUDIT_MAX_BYTES`]
+//!   ([`newest_within`]).
 
 use super::{Holding, LeaseState};
 
@@ -68,25 +69,12 @@ fn halve(value: &str, keep_end: bool) -> String {
 }
 
 impl LeaseState {
-    /// Brings the encoded state within [`DOCUMENT_MAX_BYTES`] (and the
-    /// audit within [`AUDIT_MAX_BYTES`]); returns the encoded size.
+    /// Brings the encoded document (the audit is not part of it) within
+    /// [`DOCUMENT_MAX_BYTES`]; returns its encoded size.
     pub fn fit_budget(&mut self) -> Result<usize, OverBudget> {
         let mut size = encoded_len(self);
-        if size <= AUDIT_MAX_BYTES {
-            // The usual case: the audit is part of a document that fits.
-            return Ok(size);
-        }
-        self.fit_audit(AUDIT_MAX_BYTES);
-        size = encoded_len(self);
-        if size <= DOCUMENT_MAX_BYTES {
-            return Ok(size);
-        }
-        // Older audit records give way to the holders' current reports.
-        let audit = encoded_len(&self.audit);
-        self.fit_audit(audit.saturating_sub(size - DOCUMENT_MAX_BYTES));
-        size = encoded_len(self);
-        // Then the longest holder texts, all of them at once, halving until
-        // the document fits (a few rounds: each halves the longest).
+        // The longest holder texts, all of them at once, halving until the
+        // document fits (a few rounds: each halves the longest).
         while size > DOCUMENT_MAX_BYTES {
             let fields = [Field::Error, Field::Message, Field::Reason];
             let longest = self
@@ -113,19 +101,22 @@ impl LeaseState {
         }
         Ok(size)
     }
+}
 
-    /// Drops the oldest audit records until the encoded audit takes at most
-    /// `max` bytes.
-    fn fit_audit(&mut self, max: usize) {
-        let mut size = encoded_len(&self.audit);
-        while size > max {
-            let Some(oldest) = self.audit.pop_front() else {
-                return;
-            };
-            // A record and the comma that separated it.
-            size = size.saturating_sub(encoded_len(&oldest) + 1);
+/// How many of the newest `records` (oldest first) fit in `max` encoded
+/// bytes as a JSON array.
+pub fn newest_within<T: serde::Serialize>(records: &[T], max: usize) -> usize {
+    let mut size = 2;
+    let mut count = 0;
+    for record in records.iter().rev() {
+        // A record and the comma that separates it.
+        size += encoded_len(record) + 1;
+        if size > max {
+            break;
         }
+        count += 1;
     }
+    count
 }
 
 #[cfg(test)]
@@ -161,9 +152,8 @@ mod tests {
             assert!(size <= DOCUMENT_MAX_BYTES, "{size}");
             assert_eq!(size, serde_json::to_vec(&state).unwrap().len());
         }
-        // Twenty-four holders with full error reports do not fit beside the
-        // audit: the audit gave way, then the errors were cut, keeping
-        // their end.
+        // Twenty-four holders with full error reports do not fit: the
+        // errors were cut, keeping their end.
         let cut = state
             .holders
             .values()
@@ -175,9 +165,22 @@ mod tests {
             state.release(&node, token, "op", &reason, now).unwrap();
             assert!(state.fit_budget().unwrap() <= DOCUMENT_MAX_BYTES);
         }
-        assert!(encoded_len(&state.audit) <= AUDIT_MAX_BYTES);
-        // The newest records are the ones kept.
-        assert_eq!(state.audit.back().unwrap().node, "node-23");
-        assert_eq!(state.audit.back().unwrap().action, "release");
+        // The audit is not part of the document.
+        assert!(!state.audit.is_empty());
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&state).unwrap())
+                .unwrap()
+                .contains("\"audit\":")
+        );
+        // The newest records that fit the audit's own budget are kept.
+        for _ in 0..100 {
+            state.pause("op", &reason, now);
+            state.resume("op", now);
+        }
+        let records: Vec<_> = state.audit.iter().cloned().collect();
+        let kept = newest_within(&records, AUDIT_MAX_BYTES);
+        assert!(kept > 0 && kept < records.len());
+        assert!(encoded_len(&records[records.len() - kept..]) <= AUDIT_MAX_BYTES);
+        assert!(encoded_len(&records[records.len() - kept - 1..]) > AUDIT_MAX_BYTES);
     }
 }

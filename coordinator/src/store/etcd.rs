@@ -1,6 +1,11 @@
 //! The etcd store: the lease state as one JSON document under
-//! `<prefix>/state`, and leader election with etcd's election API under
-//! `<prefix>/election`, on a lease with a short TTL.
+//! `<prefix>/state`, the audit under `<prefix>/audit/<number>`, one key
+//! per save holding the records it made, named by the newest one's number
+//! (each save puts its batch and deletes the batches past the newest
+//! [`AUDIT_KEEP`] records, in its one transaction: a record exists exactly
+//! when the state that made it does), and leader
+//! election with etcd's election API under `<prefix>/election`, on a lease
+//! with a short TTL.
 //!
 //! Guarantees:
 //! - Every save is one transaction that writes the state only if (a) this
@@ -28,15 +33,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ElectionClient, TlsOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, ElectionClient, GetOptions, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
+use super::{
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit, decode,
+    encode, numbered,
+};
 use crate::etcd::within;
-use crate::state::LeaseState;
+use crate::state::{AUDIT_KEEP, LeaseState};
 
 /// How to reach etcd and where to keep the state.
 #[derive(Clone, Debug)]
@@ -141,6 +152,17 @@ impl EtcdStore {
 
     fn state_key(&self) -> String {
         format!("{}/state", self.shared.settings.prefix)
+    }
+
+    /// The prefix of the audit keys.
+    fn audit_prefix(&self) -> String {
+        format!("{}/audit/", self.shared.settings.prefix)
+    }
+
+    /// The key of the audit batch whose newest record is `number`
+    /// (zero-padded, so keys sort by number).
+    fn audit_key(&self, number: u64) -> String {
+        format!("{}{number:020}", self.audit_prefix())
     }
 
     /// The endpoint whose member last renewed this replica's election
@@ -478,15 +500,55 @@ impl StateStore for EtcdStore {
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
             let key = self.state_key();
+            let prefix = self.audit_prefix();
+            // One transaction reads the document and the newest audit
+            // records at the same revision.
+            let newest = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(AUDIT_KEEP as i64);
+            let read = Txn::new().and_then([
+                TxnOp::get(key.as_str(), None),
+                TxnOp::get(prefix.as_str(), Some(newest)),
+            ]);
             let mut client = self.shared.client.clone();
-            let resp = within(self.shared.settings.timeout, client.get(key.as_str(), None))
+            let resp = within(self.shared.settings.timeout, client.txn(read))
                 .await
                 .map_err(|e| StoreError::Backend(format!("reading {key}: {e}")))?;
-            match resp.kvs().first() {
-                Some(kv) => Ok(Loaded {
-                    state: Some(decode(&format!("etcd key {key}"), kv.value())?),
-                    revision: Revision::At(kv.mod_revision().to_string()),
-                }),
+            let gets: Vec<_> = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|op| match op {
+                    TxnOpResponse::Get(get) => Some(get),
+                    _ => None,
+                })
+                .collect();
+            let [document, audit] = gets.as_slice() else {
+                return Err(StoreError::Backend(format!(
+                    "reading {key}: the transaction answered {} reads, not 2",
+                    gets.len()
+                )));
+            };
+            match document.kvs().first() {
+                Some(kv) => {
+                    let mut state = decode(&format!("etcd key {key}"), kv.value())?;
+                    let mut records = Vec::new();
+                    for kv in audit.kvs() {
+                        let batch: Vec<Numbered> =
+                            serde_json::from_slice(kv.value()).map_err(|e| {
+                                StoreError::Corrupt {
+                                    path: format!("etcd key {}", String::from_utf8_lossy(kv.key())),
+                                    detail: e.to_string(),
+                                }
+                            })?;
+                        records.extend(batch);
+                    }
+                    attach_audit(&mut state, records);
+                    Ok(Loaded {
+                        state: Some(state),
+                        revision: Revision::At(kv.mod_revision().to_string()),
+                    })
+                }
                 None => Ok(Loaded {
                     state: None,
                     revision: Revision::Absent,
@@ -501,8 +563,23 @@ impl StateStore for EtcdStore {
         fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Revision, StoreError>> {
         Box::pin(async move {
-            let put = TxnOp::put(self.state_key(), encode(state), None);
-            let resp = self.fenced_txn(fence, vec![put]).await?;
+            let mut ops = vec![TxnOp::put(self.state_key(), encode(state), None)];
+            // The records this change made, as one key named by the newest
+            // one's number: one put however many (a tick that marks many
+            // holders overdue stays within etcd's operations per txn).
+            let records: Vec<Numbered> = numbered(state).collect();
+            if let Some(newest) = records.last() {
+                let batch = serde_json::to_vec(&records).expect("audit records serialize");
+                ops.push(TxnOp::put(self.audit_key(newest.number), batch, None));
+                // Batches whose newest record is past the newest AUDIT_KEEP
+                // (a batch only partly past stays; loading keeps the newest).
+                let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
+                if first_kept > 1 {
+                    let older = DeleteOptions::new().with_range(self.audit_key(first_kept));
+                    ops.push(TxnOp::delete(self.audit_prefix(), Some(older)));
+                }
+            }
+            let resp = self.fenced_txn(fence, ops).await?;
             // The transaction's revision is the put's mod_revision.
             let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
                 StoreError::Backend("transaction answered without a header".to_string())

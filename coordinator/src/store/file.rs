@@ -12,6 +12,15 @@
 //! and refuses a save or a confirmation when either differs, so a file
 //! replaced or edited behind the coordinator's back (a restored backup) is
 //! re-read, never overwritten.
+//!
+//! The audit is kept apart: the document carries only its newest records
+//! (at most [`AUDIT_TAIL`]), and a save that would carry more first appends
+//! them to `audit.jsonl` (fsynced, before the document that drops them is
+//! written), so a save writes a small document, never the whole audit. A
+//! record appended for a save that then failed has a number above the
+//! stored `audit_seq` and is ignored when loading (a later record with that
+//! number replaces it); the file is rewritten with the newest
+//! [`AUDIT_KEEP`] records once it holds twice as many.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -23,9 +32,14 @@ use futures::future::BoxFuture;
 use tokio::sync::{Mutex, watch};
 
 use super::{
-    Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode_document, encode_generation,
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit,
+    decode_document, encode_document, numbered,
 };
-use crate::state::LeaseState;
+use crate::state::{AUDIT_KEEP, LeaseState};
+
+/// The most audit records the document carries before they are moved to
+/// `audit.jsonl` (one extra fsync per this many records).
+pub const AUDIT_TAIL: usize = 32;
 
 /// The one leadership term of a file store (the lock is held for the life
 /// of the process).
@@ -65,9 +79,23 @@ pub struct FileStore {
     /// nothing read yet). Shared with the blocking task of a save, which
     /// holds it until the write has ended (see [`FileStore::save`]).
     known: Arc<Mutex<Known>>,
+    /// The document's audit tail as last read or written, and how many
+    /// lines `audit.jsonl` has (both only touched under `known`'s lock,
+    /// by a save's blocking task too).
+    audit: Arc<std::sync::Mutex<(Vec<Numbered>, usize)>>,
     /// Held open for the lock's lifetime; a save's writing task holds a
     /// clone, so the lock outlives the store while a write is running.
     lock: Arc<File>,
+}
+
+/// `records` as JSON lines.
+fn json_lines(records: &[Numbered]) -> Vec<u8> {
+    let mut text = Vec::new();
+    for record in records {
+        serde_json::to_writer(&mut text, record).expect("audit records serialize");
+        text.push(b'\n');
+    }
+    text
 }
 
 fn io(path: &Path, source: std::io::Error) -> StoreError {
@@ -106,6 +134,7 @@ impl FileStore {
             dir: dir.to_path_buf(),
             leadership,
             known: Arc::new(Mutex::new(None)),
+            audit: Arc::new(std::sync::Mutex::new((Vec::new(), 0))),
             lock: Arc::new(lock),
         })
     }
@@ -113,6 +142,96 @@ impl FileStore {
     /// The state file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+
+    /// The audit file's path.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// The records of `audit.jsonl` in file order (a later line with the
+    /// same number wins). Lines that do not parse (the torn end of an
+    /// append a crash interrupted) are skipped: the audit is a record, the
+    /// document is what must never be misread.
+    fn read_audit(path: &Path) -> Result<Vec<Numbered>, StoreError> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(path, e)),
+        };
+        let mut records = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Numbered>(line) {
+                Ok(record) => records.push(record),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable audit line")
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Appends `records` to `audit.jsonl` and fsyncs it; when the file
+    /// would hold more than twice [`AUDIT_KEEP`] lines, rewrites it (atomic)
+    /// with the newest `AUDIT_KEEP` up to `newest`. Returns its line count.
+    fn append_audit(
+        dir: &Path,
+        records: &[Numbered],
+        lines: usize,
+        newest: u64,
+    ) -> Result<usize, StoreError> {
+        let path = dir.join("audit.jsonl");
+        let text = json_lines(records);
+        if lines + records.len() > 2 * AUDIT_KEEP {
+            let mut all = Self::read_audit(&path)?;
+            all.extend(records.iter().cloned());
+            let mut state = LeaseState {
+                audit_seq: newest,
+                ..LeaseState::default()
+            };
+            attach_audit(&mut state, all);
+            let kept: Vec<Numbered> = numbered(&state).collect();
+            let text = json_lines(&kept);
+            let tmp = dir.join("audit.jsonl.tmp");
+            let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+            file.write_all(&text).map_err(|e| io(&tmp, e))?;
+            file.sync_all().map_err(|e| io(&tmp, e))?;
+            drop(file);
+            fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(dir, e))?;
+            return Ok(kept.len());
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        // A torn line left by a crash ends without a newline: start afresh.
+        let len = file.metadata().map_err(|e| io(&path, e))?.len();
+        let torn = len > 0 && {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8];
+            let mut reader = File::open(&path).map_err(|e| io(&path, e))?;
+            reader
+                .seek(SeekFrom::End(-1))
+                .and_then(|_| reader.read_exact(&mut last))
+                .map_err(|e| io(&path, e))?;
+            last[0] != b'\n'
+        };
+        if torn {
+            file.write_all(b"\n").map_err(|e| io(&path, e))?;
+        }
+        file.write_all(&text).map_err(|e| io(&path, e))?;
+        file.sync_data().map_err(|e| io(&path, e))?;
+        if lines == 0 {
+            // A new file: its directory entry must be durable too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(dir, e))?;
+        }
+        Ok(lines + records.len())
     }
 
     /// The file's identity now (`None`: there is no file).
@@ -218,9 +337,15 @@ impl StateStore for FileStore {
                     .and_then(|d| d.sync_all())
                     .map_err(|e| io(&self.dir, e))?;
             }
+            let mut state = doc.state;
+            let mut records = Self::read_audit(&self.audit_path())?;
+            let lines = records.len();
+            records.extend(doc.audit_tail.iter().cloned());
+            attach_audit(&mut state, records);
+            *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = (doc.audit_tail, lines);
             *known = after.map(|identity| Some((generation, identity)));
             Ok(Loaded {
-                state: Some(doc.state),
+                state: Some(state),
                 revision: Revision::At(generation.to_string()),
             })
         })
@@ -237,8 +362,25 @@ impl StateStore for FileStore {
             let mut known = self.known.clone().lock_owned().await;
             let current = self.check(&known, fence)?;
             let generation = current.map_or(1, |g| g + 1);
-            let bytes = encode_generation(state, Some(generation));
+            // The document's tail with this save's records (by number).
+            let (tail, lines) = self.audit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut by_number: std::collections::BTreeMap<u64, Numbered> = tail
+                .into_iter()
+                .chain(numbered(state))
+                .filter(|n| n.number <= state.audit_seq)
+                .map(|n| (n.number, n))
+                .collect();
+            let mut tail: Vec<Numbered> = std::mem::take(&mut by_number).into_values().collect();
+            let flush = tail.len() > AUDIT_TAIL;
+            let moved = if flush {
+                std::mem::take(&mut tail)
+            } else {
+                Vec::new()
+            };
+            let bytes = encode_document(state, Some(generation), &tail);
+            let newest = state.audit_seq;
             let dir = self.dir.clone();
+            let audit = self.audit.clone();
             let directory_lock = self.lock.clone();
             // The write and the bookkeeping after it run in one blocking task
             // that owns the lock. A caller that stops waiting (a timeout, a
@@ -251,16 +393,27 @@ impl StateStore for FileStore {
             let write = tokio::task::spawn_blocking(move || {
                 let _directory_lock = directory_lock;
                 // Forgotten until the write is known to have ended (so a
-                // panic in it leaves the file to be read again).
+                // panic in it leaves the files to be read again).
                 *known = None;
-                match Self::write_atomically(&dir, &bytes) {
-                    Ok(identity) => {
+                // The records leave the document only once they are durable
+                // in the audit file.
+                let written = if moved.is_empty() {
+                    Ok(lines)
+                } else {
+                    Self::append_audit(&dir, &moved, lines, newest)
+                }
+                .and_then(|lines| {
+                    Self::write_atomically(&dir, &bytes).map(|identity| (identity, lines))
+                });
+                match written {
+                    Ok((identity, lines)) => {
+                        *audit.lock().unwrap_or_else(|e| e.into_inner()) = (tail, lines);
                         *known = Some(Some((generation, identity)));
                         Ok(Revision::At(generation.to_string()))
                     }
                     Err(e) => {
-                        // The file may or may not have changed: forget it
-                        // until it is read again.
+                        // The files may or may not have changed: forget them
+                        // until they are read again.
                         *known = None;
                         Err(e)
                     }
@@ -381,7 +534,7 @@ mod tests {
 
         // Someone restores an older file behind the coordinator's back: the
         // next save and confirmation are refused until the file is re-read.
-        let restored = encode_generation(&LeaseState::default(), Some(1));
+        let restored = crate::store::encode_generation(&LeaseState::default(), Some(1));
         fs::write(store.path().with_extension("restore"), &restored).unwrap();
         fs::rename(store.path().with_extension("restore"), store.path()).unwrap();
         assert!(matches!(
@@ -438,6 +591,186 @@ mod tests {
         assert_eq!(loaded.revision, next);
         let stale = store.save(&granted("n3"), &fence(first)).await;
         assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    }
+
+    /// Applies `change` the way the engine does: to a copy without the
+    /// audit, saved, then taken as the current state.
+    async fn step(
+        store: &FileStore,
+        current: &mut LeaseState,
+        revision: &mut Revision,
+        change: impl FnOnce(&mut LeaseState),
+    ) {
+        let mut next = current.without_audit();
+        change(&mut next);
+        *revision = store.save(&next, &fence(revision.clone())).await.unwrap();
+        current.advance_to(next);
+    }
+
+    /// One pause and resume: two audit records.
+    fn pause_resume(state: &mut LeaseState) {
+        state.pause("op", "test", Utc::now());
+        state.resume("op", Utc::now());
+    }
+
+    /// A store whose document's audit tail is full: its next save moves
+    /// the tail to `audit.jsonl`. Returns the directory, the store, the
+    /// state saved and its revision.
+    async fn tail_full() -> (tempfile::TempDir, FileStore, LeaseState, Revision) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        for _ in 0..AUDIT_TAIL / 2 {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        (dir, store, current, revision)
+    }
+
+    /// Stands for a crash: the store goes away and `state.json` is put back
+    /// as it was (an atomic write that never happened), `audit.jsonl` kept.
+    fn crash_with_document(store: FileStore, document: &[u8]) -> FileStore {
+        let dir = store.dir.clone();
+        drop(store);
+        let tmp = dir.join("state.json.restore");
+        fs::write(&tmp, document).unwrap();
+        fs::rename(&tmp, dir.join("state.json")).unwrap();
+        FileStore::open(&dir, "c1").unwrap()
+    }
+
+    /// Hostile: the coordinator dies after a save appended its audit
+    /// records to `audit.jsonl` and before the document that moves them
+    /// there was written (and, for good measure, in the middle of a later
+    /// append, leaving a torn line). What was answered (every save that
+    /// completed) keeps every record; the save that never happened leaves
+    /// no record behind, although its grant's record is in the audit file;
+    /// the grant made instead, with the same number and fencing token, is
+    /// recorded once.
+    #[tokio::test]
+    async fn a_crash_between_the_audit_append_and_the_document_loses_and_doubles_nothing() {
+        let (dir, store, mut current, mut revision) = tail_full().await;
+        assert!(!store.audit_path().exists());
+        let before = fs::read(store.path()).unwrap();
+
+        // The save that dies half-way: its records reach the audit file...
+        let mut ghost = current.without_audit();
+        let ghost_token = ghost
+            .grant(
+                &NodeName::new("ghost").unwrap(),
+                false,
+                false,
+                "t",
+                Utc::now(),
+            )
+            .unwrap();
+        store.save(&ghost, &fence(revision.clone())).await.unwrap();
+        let audit = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(audit.contains("\"ghost\""), "{audit}");
+        // ...the document never changes.
+        let store = crash_with_document(store, &before);
+        let loaded = store.load().await.unwrap();
+        assert_eq!(
+            loaded.state.as_ref(),
+            Some(&current),
+            "what was answered, exactly"
+        );
+        revision = loaded.revision;
+
+        // Another node gets the grant instead, with the ghost's number and
+        // token; then a crash tears an append.
+        step(&store, &mut current, &mut revision, |s| {
+            let token = s
+                .grant(
+                    &NodeName::new("real").unwrap(),
+                    false,
+                    false,
+                    "t",
+                    Utc::now(),
+                )
+                .unwrap();
+            assert_eq!(token, ghost_token);
+        })
+        .await;
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(store.audit_path())
+            .unwrap();
+        file.write_all(br#"{"number":9999,"time":"#).unwrap();
+        drop(file);
+        // More saves move the real grant's record to the audit file too,
+        // after the ghost's and the torn line.
+        for _ in 0..AUDIT_TAIL {
+            step(&store, &mut current, &mut revision, pause_resume).await;
+        }
+        let audit = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(audit.contains("\"real\"") && audit.contains("\"ghost\""));
+
+        let store = crash_with_document(store, &fs::read(dir.path().join("state.json")).unwrap());
+        let loaded = store.load().await.unwrap().state.unwrap();
+        assert_eq!(loaded, current);
+        let grants: Vec<_> = loaded
+            .audit
+            .iter()
+            .filter(|r| r.action == "grant")
+            .collect();
+        assert_eq!(grants.len(), 1, "{grants:?}");
+        assert_eq!(
+            (grants[0].node.as_str(), grants[0].fencing_token),
+            ("real", ghost_token)
+        );
+        assert_eq!(loaded.audit.len() as u64, loaded.audit_seq);
+    }
+
+    /// Hostile: when the audit file cannot be written, the save that would
+    /// move records there fails and the document is untouched (the records
+    /// never leave the document before they are durable elsewhere).
+    #[tokio::test]
+    async fn a_save_whose_audit_append_fails_writes_nothing() {
+        let (_dir, store, current, revision) = tail_full().await;
+        let before = fs::read(store.path()).unwrap();
+        // A directory where the audit file goes: appending fails.
+        fs::create_dir(store.audit_path()).unwrap();
+        let mut next = current.without_audit();
+        pause_resume(&mut next);
+        let failed = store.save(&next, &fence(revision.clone())).await;
+        assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
+        assert_eq!(fs::read(store.path()).unwrap(), before);
+        fs::remove_dir(store.audit_path()).unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.state, Some(current));
+    }
+
+    /// The audit file stays bounded: once it holds twice [`AUDIT_KEEP`]
+    /// records it is rewritten with the newest; the document stays small
+    /// however many records were made.
+    #[tokio::test]
+    async fn the_audit_file_and_the_document_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
+        let mut largest_document = 0;
+        let saves = 3 * AUDIT_KEEP / 40;
+        for _ in 0..saves {
+            step(&store, &mut current, &mut revision, |s| {
+                (0..20).for_each(|_| pause_resume(s))
+            })
+            .await;
+            largest_document = largest_document.max(fs::metadata(store.path()).unwrap().len());
+            let lines = fs::read_to_string(store.audit_path())
+                .unwrap()
+                .lines()
+                .count();
+            assert!(lines <= 2 * AUDIT_KEEP, "{lines} lines");
+        }
+        assert_eq!(current.audit_seq, saves as u64 * 40);
+        // The tail at most: a few KiB, not the audit.
+        assert!(largest_document < 16 * 1024, "{largest_document} bytes");
+        drop(store);
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        let loaded = store.load().await.unwrap().state.unwrap();
+        assert_eq!(loaded.audit.len(), AUDIT_KEEP);
+        assert_eq!(loaded, current);
     }
 
     /// A coordinator that stops while its save is still writing keeps the

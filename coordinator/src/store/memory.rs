@@ -23,8 +23,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Fence, Leadership, Loaded, Revision, StateStore, StoreError, decode, encode};
-use crate::state::LeaseState;
+use super::{
+    Fence, Leadership, Loaded, Numbered, Revision, StateStore, StoreError, attach_audit, decode,
+    encode, numbered,
+};
+use crate::state::{AUDIT_KEEP, AuditEntry, LeaseState};
 
 /// Faults to inject into the next calls (each count is used up one call at a
 /// time).
@@ -43,8 +46,12 @@ pub struct Faults {
 #[derive(Debug, Default)]
 struct Truth {
     document: Option<Vec<u8>>,
-    /// `document` decoded (for checkers, which read it after every step).
+    /// `document` decoded (for checkers, which read it after every step);
+    /// without its audit, which is kept apart.
     decoded: Option<LeaseState>,
+    /// The audit, apart from the document, by number: the newest
+    /// [`AUDIT_KEEP`] records.
+    audit: BTreeMap<u64, AuditEntry>,
     /// Grows with every write and delete (like etcd's revision).
     revision: u64,
     /// The revision of the current document (0 when there is none).
@@ -113,6 +120,29 @@ impl Truth {
                 changed
             });
         }
+    }
+
+    /// Appends `state`'s audit records (the ones its change made) and
+    /// forgets those past [`AUDIT_KEEP`].
+    fn append_audit(&mut self, state: &LeaseState) {
+        for n in numbered(state) {
+            self.audit.insert(n.number, n.record);
+        }
+        let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
+        self.audit = self.audit.split_off(&first_kept);
+    }
+
+    /// The stored state with its audit.
+    fn with_audit(&self) -> Option<LeaseState> {
+        let mut state = self.decoded.clone()?;
+        attach_audit(
+            &mut state,
+            self.audit.iter().map(|(number, record)| Numbered {
+                number: *number,
+                record: record.clone(),
+            }),
+        );
+        Some(state)
     }
 
     fn revision(&self) -> Revision {
@@ -221,14 +251,20 @@ impl MemoryBackend {
         (truth.leader.clone(), truth.term)
     }
 
-    /// The stored state, if any.
+    /// The stored state with its audit, if any.
     pub fn stored(&self) -> Option<LeaseState> {
-        self.truth().decoded.clone()
+        self.truth().with_audit()
     }
 
-    /// Looks at the stored state without copying it.
+    /// Looks at the stored state (without its audit) without copying it.
     pub fn inspect<T>(&self, look: impl FnOnce(Option<&LeaseState>) -> T) -> T {
         look(self.truth().decoded.as_ref())
+    }
+
+    /// How many writes (and deletes) the medium took so far, like etcd's
+    /// revision: a test counts durable writes with it.
+    pub fn writes(&self) -> u64 {
+        self.truth().revision
     }
 
     /// The stored document's size in bytes (0 when there is none).
@@ -242,7 +278,10 @@ impl MemoryBackend {
         truth.revision += 1;
         truth.document_revision = truth.revision;
         truth.document = Some(encode(state));
-        truth.decoded = Some(state.clone());
+        truth.decoded = Some(state.without_audit());
+        // A restored state brings its audit along.
+        truth.audit.clear();
+        truth.append_audit(state);
         let revision = truth.revision;
         truth.oracle.record(revision, state);
     }
@@ -258,6 +297,7 @@ impl MemoryBackend {
         truth.revision += 1;
         truth.document = None;
         truth.decoded = None;
+        truth.audit.clear();
         truth.document_revision = 0;
     }
 
@@ -360,7 +400,17 @@ impl StateStore for MemoryStore {
                 return Err(StoreError::Backend("injected load failure".to_string()));
             }
             let state = match &truth.document {
-                Some(d) => Some(decode("memory", d)?),
+                Some(d) => {
+                    let mut state = decode("memory", d)?;
+                    attach_audit(
+                        &mut state,
+                        truth.audit.iter().map(|(number, record)| Numbered {
+                            number: *number,
+                            record: record.clone(),
+                        }),
+                    );
+                    Some(state)
+                }
                 None => None,
             };
             Ok(Loaded {
@@ -394,7 +444,8 @@ impl StateStore for MemoryStore {
             truth.revision += 1;
             truth.document_revision = truth.revision;
             truth.document = Some(document);
-            truth.decoded = Some(state.clone());
+            truth.decoded = Some(state.without_audit());
+            truth.append_audit(state);
             let revision = truth.revision;
             truth.oracle.record(revision, state);
             if take(&mut truth.faults.lose_save_answers) {

@@ -20,7 +20,17 @@
 //!   did not just write (refusals, reads), so a deposed replica never answers
 //!   from stale memory;
 //! - a save that fails for any reason may or may not have happened; the
-//!   engine then forgets its fence and reloads before it answers again.
+//!   engine then forgets its fence and reloads before it answers again;
+//! - the audit lives apart from the state document and is appended to: a
+//!   save writes the (small) document and the audit records its change
+//!   made, and the store keeps the newest [`AUDIT_KEEP`] records. etcd: one
+//!   key per save holding its records, in the save's transaction;
+//!   Kubernetes: a second key of the ConfigMap (written whole anyway,
+//!   bounded in bytes); embedded: a short tail inside the document, moved
+//!   to `audit.jsonl` in batches, appended and fsynced before the document
+//!   that drops them is written (a record appended for a save that never
+//!   happened is numbered past the stored `audit_seq` and ignored).
+//!   A save never rewrites the whole audit.
 
 pub mod etcd;
 pub mod file;
@@ -29,7 +39,7 @@ pub mod memory;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::state::LeaseState;
+use crate::state::{AUDIT_KEEP, AuditEntry, LeaseState};
 
 /// The version of the persisted document; a newer one is refused.
 pub const FORMAT_VERSION: u32 = 1;
@@ -165,8 +175,9 @@ pub enum StoreError {
 /// installation. See the module documentation for the contract.
 pub trait StateStore: Send + Sync + 'static {
     /// The latest stored state and its revision, read linearizably (what
-    /// any write completed before the call made). A state that cannot be
-    /// read is [`StoreError::Corrupt`], never silently replaced.
+    /// any write completed before the call made), with the newest
+    /// [`AUDIT_KEEP`] audit records. A state that cannot be read is
+    /// [`StoreError::Corrupt`], never silently replaced.
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
 
     /// Writes `state` atomically if this replica leads in `fence.term` and
@@ -174,6 +185,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// there is none); returns the new revision. Refused with
     /// [`StoreError::NotLeader`] or [`StoreError::Conflict`] otherwise, and
     /// then nothing was written. Any other error: the outcome is unknown.
+    ///
+    /// `state.audit` holds the records to append (the ones the saved change
+    /// made, numbered up to `state.audit_seq`, see [`numbered`]); they are
+    /// written in the same atomic write. A record whose number is already
+    /// stored replaces it (a retried save does not double it).
     fn save<'a>(
         &'a self,
         state: &'a LeaseState,
@@ -206,8 +222,12 @@ pub struct Document {
     /// The embedded store's generation (its [`Revision`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-    /// The lease state.
+    /// The lease state (without its audit).
     pub state: LeaseState,
+    /// The embedded store's newest audit records not yet moved to its audit
+    /// file (a few: see [`file`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit_tail: Vec<Numbered>,
 }
 
 /// Encodes `state` as a [`Document`].
@@ -217,17 +237,29 @@ pub fn encode(state: &LeaseState) -> Vec<u8> {
 
 /// Encodes `state` as a [`Document`] with a generation.
 pub fn encode_generation(state: &LeaseState, generation: Option<u64>) -> Vec<u8> {
+    encode_document(state, generation, &[])
+}
+
+/// Encodes `state` as a [`Document`] with a generation and an audit tail.
+pub fn encode_document(
+    state: &LeaseState,
+    generation: Option<u64>,
+    audit_tail: &[Numbered],
+) -> Vec<u8> {
     #[derive(serde::Serialize)]
     struct DocumentRef<'a> {
         format: u32,
         #[serde(skip_serializing_if = "Option::is_none")]
         generation: Option<u64>,
         state: &'a LeaseState,
+        #[serde(skip_serializing_if = "<[Numbered]>::is_empty")]
+        audit_tail: &'a [Numbered],
     }
     serde_json::to_vec(&DocumentRef {
         format: FORMAT_VERSION,
         generation,
         state,
+        audit_tail,
     })
     .expect("lease state serializes")
 }
@@ -243,7 +275,13 @@ pub fn decode_document(path: &str, bytes: &[u8]) -> Result<Document, StoreError>
         path: path.to_string(),
         detail,
     };
-    let doc: Document = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let mut doc: Document = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    // A document written while the audit was part of it: its records are
+    // the newest ones there are.
+    let audited = doc.state.audit.len() as u64;
+    if doc.state.audit_seq < audited {
+        doc.state.audit_seq = audited;
+    }
     if doc.format != FORMAT_VERSION {
         return Err(corrupt(format!(
             "format version {} is not {FORMAT_VERSION}, the one this coordinator understands",
@@ -262,4 +300,55 @@ pub fn decode_document(path: &str, bytes: &[u8]) -> Result<Document, StoreError>
         )));
     }
     Ok(doc)
+}
+
+/// An audit record with its number, as stores keep the audit apart from
+/// the document.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Numbered {
+    /// Its number (the first record ever is 1).
+    pub number: u64,
+    /// The record.
+    #[serde(flatten)]
+    pub record: AuditEntry,
+}
+
+/// The audit records `state` carries, with their numbers.
+pub fn numbered(state: &LeaseState) -> impl Iterator<Item = Numbered> + '_ {
+    state.audit.iter().enumerate().map(|(i, record)| Numbered {
+        number: state.audit_number(i),
+        record: record.clone(),
+    })
+}
+
+/// Gives a loaded `state` its audit: the newest [`AUDIT_KEEP`] of
+/// `records` (in any order; of two with one number, the later wins) that
+/// belong to it (numbered up to its `audit_seq`: a record of a save that
+/// did not happen is not), after any records the document itself carried
+/// (written before the audit was kept apart).
+pub fn attach_audit(state: &mut LeaseState, records: impl IntoIterator<Item = Numbered>) {
+    let mut all: std::collections::BTreeMap<u64, AuditEntry> =
+        numbered(state).map(|n| (n.number, n.record)).collect();
+    for n in records {
+        all.insert(n.number, n.record);
+    }
+    let newest = state.audit_seq;
+    state.audit = all
+        .range(newest.saturating_sub(AUDIT_KEEP as u64 - 1)..=newest)
+        .map(|(_, record)| record.clone())
+        .collect();
+    // Numbers are contiguous up to `audit_seq`; a gap (records lost) would
+    // misnumber the rest, so only the contiguous newest run is kept.
+    let mut expected = newest;
+    let mut contiguous = 0;
+    for (number, _) in all.range(..=newest).rev() {
+        if *number != expected || contiguous == AUDIT_KEEP {
+            break;
+        }
+        contiguous += 1;
+        expected = expected.saturating_sub(1);
+    }
+    while state.audit.len() > contiguous {
+        state.audit.pop_front();
+    }
 }

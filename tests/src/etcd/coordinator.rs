@@ -35,6 +35,8 @@ pub struct Coordinator {
     child: Option<Child>,
     /// The program and its arguments, for [`Coordinator::restart`].
     command: Vec<String>,
+    /// Its `RUST_LOG`.
+    rust_log: String,
 }
 
 impl Coordinator {
@@ -49,14 +51,29 @@ impl Coordinator {
     /// Like [`Coordinator::start`], with the binary at `binary` (for callers
     /// outside test executables, e.g. the bench).
     pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
+        Self::start_binary_logging(binary, id, args, "info")
+    }
+
+    /// Like [`Coordinator::start_binary`], logging at `rust_log` (a bench
+    /// whose log would otherwise fill the disk passes "warn").
+    pub fn start_binary_logging(
+        binary: &std::path::Path,
+        id: &str,
+        args: &[&str],
+        rust_log: &str,
+    ) -> Result<Self> {
         let mut all = vec!["--insecure"];
         all.extend_from_slice(args);
-        Self::start_with_auth(binary, id, &all)
+        Self::launch(binary, id, &all, rust_log)
     }
 
     /// Starts `binary serve` with `args` and no `--insecure`: the caller
     /// passes the authentication flags (the lab's mutual TLS).
     pub fn start_with_auth(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
+        Self::launch(binary, id, args, "info")
+    }
+
+    fn launch(binary: &std::path::Path, id: &str, args: &[&str], rust_log: &str) -> Result<Self> {
         let grpc = free_port();
         let metrics = free_port();
         let mut me = Self {
@@ -66,6 +83,7 @@ impl Coordinator {
             dir: tempfile::tempdir()?,
             child: None,
             command: Vec::new(),
+            rust_log: rust_log.to_string(),
         };
         let data = me.dir.path().join("data");
         me.command = [
@@ -100,7 +118,7 @@ impl Coordinator {
             .open(self.log_path())?;
         let child = Command::new(&self.command[0])
             .args(&self.command[1..])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -57,7 +57,10 @@ async fn a_decision_never_sees_fresh_node_facts_without_the_outages_they_report(
     let held = engine.decide_now(&inner, now);
     assert_eq!(held.grant, None);
     assert!(
-        held.waiting[0].1.contains("node facts are unknown"),
+        held.reason_at(0)
+            .unwrap()
+            .text
+            .contains("node facts are unknown"),
         "{held:?}"
     );
 
@@ -83,7 +86,11 @@ async fn a_decision_never_sees_fresh_node_facts_without_the_outages_they_report(
     let after = engine.decide_now(&inner, now);
     assert_eq!(after.grant, None);
     assert!(
-        after.waiting[0].1.contains("w2 is unavailable"),
+        after
+            .reason_at(0)
+            .unwrap()
+            .text
+            .contains("w2 is unavailable"),
         "{after:?}"
     );
 }

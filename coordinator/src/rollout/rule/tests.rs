@@ -30,6 +30,9 @@ impl GrantGuard for Rule<'_> {
     fn check(&self, c: &Waiter, s: &LeaseState, now: DateTime<Utc>) -> Result<(), String> {
         self.check_in_queue(c, &[], s, now)
     }
+    fn wants_queue(&self) -> bool {
+        true
+    }
     fn check_in_queue(
         &self,
         c: &Waiter,
@@ -78,7 +81,7 @@ fn grant_all(
         ..Policy::default()
     };
     let mut granted = Vec::new();
-    while let Some(node) = decide(state, queue, &[], &global, &[&rule], now).grant {
+    while let Some(node) = decide(state, queue.iter(), &[], &global, &[&rule], now).grant {
         let i = queue.iter().position(|w| w.node == node).unwrap();
         let w = queue.remove(i);
         state.grant(&node, w.control_plane, false, "", now).unwrap();
@@ -360,21 +363,23 @@ mod canaries {
         let mut tracker = CanaryTracker::default();
         let mut state = LeaseState::default();
         let mut queue = vec![waiter("a", false), waiter("b", false), waiter("c", false)];
-        let grant =
-            |state: &mut LeaseState, queue: &mut Vec<Waiter>, tracker: &CanaryTracker, now| {
-                let rule = Rule(&p, &d, tracker.phases().clone());
-                let global = Policy {
-                    max_concurrent: 5,
-                    ..Policy::default()
-                };
-                let mut out = Vec::new();
-                while let Some(node) = decide(state, queue, &[], &global, &[&rule], now).grant {
-                    queue.retain(|w| w.node != node);
-                    state.grant(&node, false, false, "", now).unwrap();
-                    out.push(node);
-                }
-                out
+        let grant = |state: &mut LeaseState,
+                     queue: &mut Vec<Waiter>,
+                     tracker: &CanaryTracker,
+                     now| {
+            let rule = Rule(&p, &d, tracker.phases().clone());
+            let global = Policy {
+                max_concurrent: 5,
+                ..Policy::default()
             };
+            let mut out = Vec::new();
+            while let Some(node) = decide(state, queue.iter(), &[], &global, &[&rule], now).grant {
+                queue.retain(|w| w.node != node);
+                state.grant(&node, false, false, "", now).unwrap();
+                out.push(node);
+            }
+            out
+        };
         tracker.observe(&snap(&state, &[], t0), &p, &d);
         // Idle: only one goes, even before the tracker saw the grant.
         assert_eq!(grant(&mut state, &mut queue, &tracker, t0), [n("a")]);

@@ -1,0 +1,380 @@
+//! `cargo xtask bench fleet`: a whole fleet asks for the baton at once (a
+//! kernel CVE on every node) against one release coordinator.
+//!
+//! For every `--max-concurrent` and every fleet size (default 1,000, 10,000
+//! and 30,000 waiters) a fresh coordinator process is started and the
+//! simulated agents ([`agents`]) all send Acquire at the same moment, over a
+//! few shared HTTP/2 connections. The run reports:
+//! - handoff latency p50/p99/max (holder sends Release → next waiter has its
+//!   grant) and grants per second;
+//! - how long the ask storm took to answer (first Queued/Granted per agent);
+//! - the coordinator's CPU seconds and peak RSS (`/proc/<pid>`, VmHWM);
+//! - in the same run, the floor: two saves on the run's store (atomic file
+//!   write, or a guarded etcd transaction of the state's size) plus two gRPC
+//!   round trips, and the raw sequential save rate (etcd: raw txn/s).
+//!
+//! `--store etcd` runs the same against a real 3-member etcd cluster
+//! ([`target`]); by default its agents release at once (`--agent instant`),
+//! so grants per second compare directly with the raw transaction rate.
+//!
+//! Writes `target/bench/fleet.json` (`fleet-etcd.json`) and an SVG plot of
+//! handoff latency and RSS against the number of waiters
+//! (`target/bench/fleet.svg`, [`plot`]), and prints a table.
+
+mod agents;
+mod plot;
+mod target;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::floor;
+use crate::procstat::{cpu_seconds, peak_rss_kib, rss_kib};
+use crate::util::{connect, release_dir, workspace_root};
+use agents::{AgentMode, Fleet};
+use target::{Backend, Store};
+
+const USAGE: &str = "bench fleet [--waiters 1000,10000,30000] [--max-concurrent 1,50] \
+[--store embedded|etcd] [--agent real|instant] [--hold-ms 4] [--per-connection 1000] \
+[--deadline SECS] [--seed N] [--coordinator PATH]";
+
+struct Options {
+    waiters: Vec<usize>,
+    max_concurrent: Vec<usize>,
+    store: Store,
+    mode: AgentMode,
+    hold_max: Duration,
+    per_connection: usize,
+    deadline: Duration,
+    seed: u64,
+    /// The coordinator binary (another build, e.g. a baseline kept aside).
+    binary: PathBuf,
+}
+
+fn list(value: &str) -> Result<Vec<usize>> {
+    value
+        .split(',')
+        .map(|v| v.trim().replace('_', "").parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{value:?} is not a comma-separated list of numbers"))
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut waiters = None;
+    let mut max_concurrent = None;
+    let mut mode = None;
+    let mut opts = Options {
+        waiters: Vec::new(),
+        max_concurrent: Vec::new(),
+        store: Store::Embedded,
+        mode: AgentMode::Real,
+        hold_max: Duration::from_millis(4),
+        per_connection: 1000,
+        deadline: Duration::from_secs(600),
+        seed: 12,
+        binary: release_dir().join("baton-coordinator"),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_string())),
+            None => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
+        };
+        match flag {
+            "fleet" => {}
+            "--waiters" => waiters = Some(list(&value()?)?),
+            "--max-concurrent" => max_concurrent = Some(list(&value()?)?),
+            "--store" => {
+                opts.store = match value()?.as_str() {
+                    "embedded" => Store::Embedded,
+                    "etcd" => Store::Etcd,
+                    other => bail!("--store {other}: embedded or etcd"),
+                }
+            }
+            "--agent" => {
+                mode = Some(match value()?.as_str() {
+                    "real" => AgentMode::Real,
+                    "instant" => AgentMode::Instant,
+                    other => bail!("--agent {other}: real or instant"),
+                })
+            }
+            "--hold-ms" => opts.hold_max = Duration::from_millis(value()?.parse()?),
+            "--per-connection" => opts.per_connection = value()?.parse()?,
+            "--deadline" => opts.deadline = Duration::from_secs(value()?.parse()?),
+            "--seed" => opts.seed = value()?.parse()?,
+            "--coordinator" => opts.binary = PathBuf::from(value()?),
+            other => bail!("unknown argument {other}; usage: {USAGE}"),
+        }
+    }
+    let etcd = opts.store == Store::Etcd;
+    opts.waiters = waiters.unwrap_or_else(|| {
+        if etcd {
+            vec![1000, 10_000]
+        } else {
+            vec![1000, 10_000, 30_000]
+        }
+    });
+    opts.max_concurrent =
+        max_concurrent.unwrap_or_else(|| if etcd { vec![1] } else { vec![1, 50] });
+    opts.mode = mode.unwrap_or(if etcd {
+        AgentMode::Instant
+    } else {
+        AgentMode::Real
+    });
+    if opts.waiters.iter().any(|w| *w < 2) || opts.max_concurrent.contains(&0) {
+        bail!("--waiters must be at least 2 and --max-concurrent at least 1");
+    }
+    if opts.per_connection == 0 {
+        bail!("--per-connection must be at least 1");
+    }
+    Ok(opts)
+}
+
+/// Runs the bench; `args` are the words after `bench`.
+pub fn run(args: &[String]) -> Result<()> {
+    let opts = parse(args)?;
+    let root = workspace_root();
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(bench(&opts))?;
+    let name = match opts.store {
+        Store::Embedded => "fleet",
+        Store::Etcd => "fleet-etcd",
+    };
+    let json_path = root.join(format!("target/bench/{name}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let svg_path = root.join(format!("target/bench/{name}.svg"));
+    std::fs::write(&svg_path, svg(&report))?;
+    print_table(&report);
+    println!(
+        "\nwritten to {} and {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
+
+async fn bench(opts: &Options) -> Result<Value> {
+    let mut backend = Backend::start(opts.store, opts.binary.clone()).await?;
+    let mut runs = Vec::new();
+    for &max in &opts.max_concurrent {
+        let mut gave_up = None;
+        for &waiters in &opts.waiters {
+            if let Some(smaller) = gave_up {
+                runs.push(json!({
+                    "waiters": waiters,
+                    "max_concurrent": max,
+                    "skipped": format!("the run with {smaller} waiters did not finish"),
+                }));
+                continue;
+            }
+            eprintln!(
+                "fleet: {waiters} waiters, --max-concurrent {max}, {} store, {} agents",
+                opts.store.name(),
+                opts.mode.name()
+            );
+            let run = one_run(opts, &mut backend, waiters, max).await?;
+            if run["finished"] != json!(true) {
+                gave_up = Some(waiters);
+            }
+            runs.push(run);
+        }
+    }
+    Ok(json!({
+        "bench": "fleet",
+        "store": opts.store.name(),
+        "agent": opts.mode.name(),
+        "hold_max_ms": opts.hold_max.as_millis() as u64,
+        "per_connection": opts.per_connection,
+        "deadline_s": opts.deadline.as_secs(),
+        "seed": opts.seed,
+        "coordinator_binary": opts.binary.display().to_string(),
+        "runs": runs,
+    }))
+}
+
+async fn one_run(
+    opts: &Options,
+    backend: &mut Backend,
+    waiters: usize,
+    max: usize,
+) -> Result<Value> {
+    let mut target = backend.coordinator(max).await?;
+    let first = connect(&target.url).await?;
+    // The gRPC floor on the idle coordinator, before the storm.
+    let rtt = floor::grpc_round_trips(first, 300).await?;
+    let mut channels = Vec::new();
+    for _ in 0..waiters.div_ceil(opts.per_connection) {
+        channels.push(connect(&target.url).await?);
+    }
+    let sampler = target.sample_saves().await?;
+    let cpu_before = cpu_seconds(target.pid)?;
+    let fleet = Fleet {
+        agents: waiters,
+        max_concurrent: max,
+        mode: opts.mode,
+        hold_max: opts.hold_max,
+        seed: opts.seed,
+        deadline: opts.deadline,
+    };
+    let outcome = agents::run(fleet, &channels).await?;
+    let cpu = cpu_seconds(target.pid)? - cpu_before;
+    let peak_kib = peak_rss_kib(target.pid)?;
+    let end_kib = rss_kib(target.pid)?;
+    drop(channels);
+    let during = sampler.finish().await?;
+    let save = target.save_floor(300).await?;
+    drop(target);
+
+    let h = &outcome.handoffs;
+    let secs = outcome.elapsed.as_secs_f64();
+    let grants_per_s = outcome.grants as f64 / secs;
+    let floor_us = 2 * during.value_at_quantile(0.5) + 2 * rtt.value_at_quantile(0.5);
+    let ms = |us: u64| us as f64 / 1000.0;
+    Ok(json!({
+        "waiters": waiters,
+        "max_concurrent": max,
+        "finished": outcome.finished,
+        "elapsed_s": secs,
+        "grants": outcome.grants,
+        "grants_per_s": grants_per_s,
+        "handoffs": h.len(),
+        "handoff_ms": {
+            "p50": ms(h.value_at_quantile(0.5)),
+            "p99": ms(h.value_at_quantile(0.99)),
+            "max": ms(h.max()),
+            "mean": h.mean() / 1000.0,
+        },
+        "first_answer_ms": {
+            "p50": ms(outcome.first_answer.value_at_quantile(0.5)),
+            "p99": ms(outcome.first_answer.value_at_quantile(0.99)),
+            "max": ms(outcome.first_answer.max()),
+        },
+        "all_answered_s": outcome.all_answered.map(|d| d.as_secs_f64()),
+        "queued_updates": outcome.queued_updates,
+        "queued_updates_per_grant": outcome.queued_updates as f64 / outcome.grants.max(1) as f64,
+        "errors": outcome.errors,
+        "first_error": outcome.first_error,
+        "coordinator": {
+            "cpu_s": cpu,
+            "cpu_cores": cpu / secs,
+            "peak_rss_mib": peak_kib as f64 / 1024.0,
+            "end_rss_mib": end_kib as f64 / 1024.0,
+        },
+        "floor": {
+            "grpc_rtt_ms_p50": ms(rtt.value_at_quantile(0.5)),
+            "save_ms_p50": ms(during.value_at_quantile(0.5)),
+            "save_ms_p99": ms(during.value_at_quantile(0.99)),
+            "save_samples": during.len(),
+            "raw_save_ms_p50_after": ms(save.save_us.value_at_quantile(0.5)),
+            "raw_saves_per_s": save.saves_per_s,
+            "state_bytes": save.state_bytes,
+            "floor_ms": ms(floor_us),
+        },
+        "handoff_p50_over_floor": h.value_at_quantile(0.5) as f64 / floor_us.max(1) as f64,
+        "grants_over_raw_saves": grants_per_s / save.saves_per_s,
+    }))
+}
+
+fn svg(report: &Value) -> String {
+    let runs = report["runs"].as_array().cloned().unwrap_or_default();
+    let mut maxes: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r["max_concurrent"].as_u64())
+        .collect();
+    maxes.dedup();
+    let series = maxes
+        .iter()
+        .map(|max| plot::Series {
+            label: format!(
+                "--max-concurrent {max} ({} store, {} agents)",
+                report["store"].as_str().unwrap_or("?"),
+                report["agent"].as_str().unwrap_or("?")
+            ),
+            points: runs
+                .iter()
+                .filter(|r| r["max_concurrent"].as_u64() == Some(*max) && r["skipped"].is_null())
+                .map(|r| plot::Point {
+                    waiters: r["waiters"].as_f64().unwrap_or(f64::NAN),
+                    p50_ms: r["handoff_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+                    p99_ms: r["handoff_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+                    rss_mib: r["coordinator"]["peak_rss_mib"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    finished: r["finished"] == json!(true),
+                })
+                .collect(),
+        })
+        .collect::<Vec<_>>();
+    plot::render("baton fleet bench", &series)
+}
+
+fn print_table(report: &Value) {
+    println!(
+        "\nfleet bench: {} store, {} agents (hold up to {} ms), {} waiters per connection",
+        report["store"].as_str().unwrap_or("?"),
+        report["agent"].as_str().unwrap_or("?"),
+        report["hold_max_ms"],
+        report["per_connection"]
+    );
+    println!(
+        "{:>7} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>9} {:>8}",
+        "waiters",
+        "max",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "grants/s",
+        "floor ms",
+        "p50/floor",
+        "raw/s",
+        "CPU s",
+        "CPU cores",
+        "RSS MiB"
+    );
+    for r in report["runs"].as_array().into_iter().flatten() {
+        if let Some(why) = r["skipped"].as_str() {
+            println!(
+                "{:>7} {:>4}  skipped: {why}",
+                r["waiters"].as_u64().unwrap_or(0),
+                r["max_concurrent"].as_u64().unwrap_or(0)
+            );
+            continue;
+        }
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>7} {:>4} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>8.1} {:>7.1} {:>9.2} {:>8.1}{}",
+            r["waiters"].as_u64().unwrap_or(0),
+            r["max_concurrent"].as_u64().unwrap_or(0),
+            f(&r["handoff_ms"]["p50"]),
+            f(&r["handoff_ms"]["p99"]),
+            f(&r["handoff_ms"]["max"]),
+            f(&r["grants_per_s"]),
+            f(&r["floor"]["floor_ms"]),
+            f(&r["handoff_p50_over_floor"]),
+            f(&r["floor"]["raw_saves_per_s"]),
+            f(&r["coordinator"]["cpu_s"]),
+            f(&r["coordinator"]["cpu_cores"]),
+            f(&r["coordinator"]["peak_rss_mib"]),
+            if r["finished"] == json!(true) {
+                String::new()
+            } else {
+                format!("  (deadline: {} of {} granted)", r["grants"], r["waiters"])
+            }
+        );
+        if let Some(e) = r["first_error"].as_str() {
+            println!("        {} agents failed; first: {e}", r["errors"]);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The coordinator under test, one fresh process per run (so its peak RSS
+//! is that run's), on the embedded store or on a real 3-member etcd
+//! cluster, and the floor of one save on that store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use baton_tests::etcd::EtcdCluster;
+use baton_tests::etcd::coordinator::Coordinator;
+use etcd_client::GetOptions;
+use hdrhistogram::Histogram;
+
+use crate::floor;
+use crate::util::{EmbeddedCoordinator, start_embedded_coordinator, workspace_root};
+
+/// Where the state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// `--store embedded` (a file under the data directory).
+    Embedded,
+    /// `--store etcd` on a 3-member cluster started for the bench.
+    Etcd,
+}
+
+impl Store {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Embedded => "embedded",
+            Store::Etcd => "etcd",
+        }
+    }
+}
+
+/// What a run needs that outlives it (the etcd cluster).
+pub struct Backend {
+    etcd: Option<EtcdCluster>,
+    binary: PathBuf,
+    runs: usize,
+}
+
+impl Backend {
+    /// Starts what `store` needs.
+    pub async fn start(store: Store, binary: PathBuf) -> Result<Self> {
+        let etcd = match store {
+            Store::Embedded => None,
+            Store::Etcd => Some(EtcdCluster::start(3).await?),
+        };
+        Ok(Self {
+            etcd,
+            binary,
+            runs: 0,
+        })
+    }
+
+    /// Starts a fresh coordinator allowing `max_concurrent` holders.
+    pub async fn coordinator(&mut self, max_concurrent: usize) -> Result<Target> {
+        self.runs += 1;
+        let max = max_concurrent.to_string();
+        match &self.etcd {
+            None => {
+                let root = workspace_root();
+                let coordinator = start_embedded_coordinator(
+                    &self.binary,
+                    root.join(format!("target/bench/fleet-data-{}", self.runs)),
+                    &root.join("target/bench/fleet-coordinator.log"),
+                    &["--max-concurrent", &max],
+                )?;
+                Ok(Target {
+                    url: format!("http://127.0.0.1:{}", coordinator.port),
+                    pid: coordinator.process.0.id(),
+                    kind: Kind::Embedded {
+                        data: coordinator.data.clone(),
+                        _coordinator: coordinator,
+                    },
+                })
+            }
+            Some(cluster) => {
+                let endpoints = cluster.endpoints();
+                let prefix = format!("/fleet-{}", self.runs);
+                let args = [
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    endpoints.as_str(),
+                    "--etcd-prefix",
+                    prefix.as_str(),
+                    "--max-concurrent",
+                    max.as_str(),
+                    // Each run has its own, new prefix.
+                    "--initialize",
+                ];
+                let coordinator =
+                    Coordinator::start_binary_logging(&self.binary, "fleet", &args, "warn")?;
+                coordinator.wait_ready().await?;
+                Ok(Target {
+                    url: coordinator.grpc_url.clone(),
+                    pid: coordinator.pid().as_raw() as u32,
+                    kind: Kind::Etcd {
+                        _coordinator: Box::new(coordinator),
+                        client: Box::new(cluster.client().await?),
+                        prefix,
+                    },
+                })
+            }
+        }
+    }
+}
+
+enum Kind {
+    Embedded {
+        _coordinator: EmbeddedCoordinator,
+        data: PathBuf,
+    },
+    Etcd {
+        _coordinator: Box<Coordinator>,
+        client: Box<etcd_client::Client>,
+        prefix: String,
+    },
+}
+
+/// A running coordinator; killed when dropped.
+pub struct Target {
+    /// Its gRPC URL.
+    pub url: String,
+    /// Its process id (for /proc).
+    pub pid: u32,
+    kind: Kind,
+}
+
+/// One save's floor on the run's store.
+pub struct SaveFloor {
+    /// Size of the stored state, bytes (the size the floor writes).
+    pub state_bytes: usize,
+    /// One save's latency, µs.
+    pub save_us: Histogram<u64>,
+    /// Sequential saves per second (raw etcd txn/s on the etcd store).
+    pub saves_per_s: f64,
+}
+
+/// Saves sampled while the fleet runs (see [`Target::sample_saves`]).
+pub struct SaveSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<Histogram<u64>>>,
+}
+
+impl SaveSampler {
+    /// Stops sampling; returns the save times seen, µs.
+    pub async fn finish(self) -> Result<Histogram<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// How often the sampler saves while the fleet runs: often enough for a
+/// distribution, rarely enough not to load the disk (or etcd) it measures.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+impl Target {
+    /// Samples one save every [`SAMPLE_EVERY`] while the fleet runs, on the
+    /// same disk (or etcd cluster) and under the same load as the
+    /// coordinator's saves: the floor of this run, not of a quieter moment.
+    pub async fn sample_saves(&self) -> Result<SaveSampler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = match &self.kind {
+            Kind::Embedded { data, .. } => {
+                let data = data.clone();
+                let dir = data.join("floor-during");
+                std::fs::create_dir_all(&dir)?;
+                tokio::task::spawn_blocking(move || {
+                    let mut saves = Histogram::<u64>::new(3)?;
+                    while !flag.load(Ordering::Relaxed) {
+                        let size = std::fs::metadata(data.join("state.json"))
+                            .map(|m| m.len() as usize)
+                            .unwrap_or(4096);
+                        saves.record(floor::atomic_write(&dir, &vec![b'x'; size])?)?;
+                        std::thread::sleep(SAMPLE_EVERY);
+                    }
+                    Ok(saves)
+                })
+            }
+            Kind::Etcd { client, prefix, .. } => {
+                let mut client = (**client).clone();
+                let prefix = prefix.clone();
+                tokio::spawn(async move {
+                    let guard = floor::etcd_guard(&mut client).await?;
+                    let mut saves = Histogram::<u64>::new(3)?;
+                    while !flag.load(Ordering::Relaxed) {
+                        let size = state_bytes(&mut client, &prefix).await?;
+                        let doc = vec![b'x'; size];
+                        saves.record(floor::etcd_txn(&mut client, guard, &doc).await?)?;
+                        tokio::time::sleep(SAMPLE_EVERY).await;
+                    }
+                    Ok(saves)
+                })
+            }
+        };
+        Ok(SaveSampler { stop, task })
+    }
+
+    /// Measures one save of a state of the size now stored: an atomic file
+    /// write, or a guarded etcd transaction on the same cluster.
+    pub async fn save_floor(&mut self, samples: usize) -> Result<SaveFloor> {
+        match &mut self.kind {
+            Kind::Embedded { data, .. } => {
+                let state_bytes = std::fs::metadata(data.join("state.json"))
+                    .map(|m| m.len() as usize)
+                    .unwrap_or(4096);
+                let started = std::time::Instant::now();
+                let save_us = floor::atomic_writes(&data.join("floor"), state_bytes, samples)?;
+                Ok(SaveFloor {
+                    state_bytes,
+                    save_us,
+                    saves_per_s: samples as f64 / started.elapsed().as_secs_f64(),
+                })
+            }
+            Kind::Etcd { client, prefix, .. } => {
+                let state_bytes = state_bytes(client, prefix).await?;
+                let (save_us, saves_per_s) = floor::etcd_txns(client, state_bytes, samples).await?;
+                Ok(SaveFloor {
+                    state_bytes,
+                    save_us,
+                    saves_per_s,
+                })
+            }
+        }
+    }
+}
+
+/// The size of the state document under `prefix`: the largest value there
+/// (the rest are election keys); 4 KiB before the first save.
+async fn state_bytes(client: &mut etcd_client::Client, prefix: &str) -> Result<usize> {
+    Ok(client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| kv.value().len())
+        .max()
+        .unwrap_or(4096))
+}
