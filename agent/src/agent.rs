@@ -545,7 +545,20 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             && self.state.update_started == Some(token)
         {
             let job = self.job(&action, "update", token);
-            self.stop_run_of_unknown_end(&job).await;
+            // Retried until it works: the node is not given back while its
+            // update may still run for a baton that is someone else's now.
+            let mut failures = 0u32;
+            while let Err(error) = self.host.stop(&job).await {
+                failures += 1;
+                tracing::warn!(%error, failures, unit = job.unit_name(), "stopping the update failed; the node is not given back until it is stopped");
+                self.pause(lease::backoff(self.settings.retry_interval, failures))
+                    .await;
+                if self.shutdown.is_cancelled() {
+                    // The phase is unchanged: a restarted agent finds the
+                    // token refused and comes back here.
+                    return Ok(());
+                }
+            }
         }
         let mut failures = 0u32;
         loop {

@@ -1256,6 +1256,30 @@ async fn losing_the_baton_in_failed_stops_an_update_that_still_runs() {
     assert!(!s.cordoned);
 }
 
+/// Red-team round 3: the stop when the baton is lost fails too. The node
+/// is not given back while its update may still run: the stop is retried.
+#[tokio::test(start_paused = true)]
+async fn a_failed_stop_when_the_baton_is_lost_is_retried_before_giving_the_node_back() {
+    let stop_fails_once = || Faults::OnPoint {
+        point: Point::Stop,
+        nth: 0,
+        fault: Fault::Fail,
+        seen: 0,
+    };
+    let d = update_unit_killed_mid_run(stop_fails_once()).await;
+    assert!(!d.sim.state().units[UPDATE_UNIT].ended);
+    d.sim.set_faults(stop_fails_once());
+    d.sim.state().force_release();
+    assert!(
+        d.run(Duration::from_secs(600), |_, a| a
+            .is_some_and(|a| a.phase == Phase::Idle))
+            .await
+    );
+    let s = d.sim.state();
+    assert!(running_units(&s).is_empty(), "stops {:?}", s.stops);
+    assert!(!s.cordoned);
+}
+
 /// Red-team of the fixes, C: every renewal succeeds but takes more than a
 /// third of the lease. Renewals scheduled from the last send keep the
 /// lease; the drain must not be stopped as Stale at every lease end and
