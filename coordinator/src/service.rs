@@ -620,6 +620,22 @@ mod tests {
     use crate::state::LeaseState;
     use crate::store::memory::MemoryStore;
 
+    /// Both services, unauthenticated, over a memory store holding `state`.
+    async fn serve(state: LeaseState) -> (Arc<MemoryStore>, Services) {
+        let store = Arc::new(MemoryStore::new(Some(state)));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig::new(Policy::default(), "service-test"),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        (store, Services::new(engine, Arc::new(Unauthenticated)))
+    }
+
     /// A client that hangs up while its Release is being saved (tonic then
     /// drops the handler's future) still has its release applied, and the
     /// next reader is answered, not told UNAVAILABLE.
@@ -631,18 +647,7 @@ mod tests {
             .grant(&node, false, false, "test", Utc::now())
             .unwrap();
         let token = state.holders[&node].fencing_token;
-        let store = Arc::new(MemoryStore::new(Some(state)));
-        let engine = Engine::new(
-            store.clone(),
-            EngineConfig::new(Policy::default(), "hangup-test"),
-            Vec::new(),
-            Vec::new(),
-            system_clock(),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        let services = Services::new(engine, Arc::new(Unauthenticated));
+        let (store, services) = serve(state).await;
         store.backend().set_latency(Duration::from_millis(200));
 
         let release = Coordinator::release(
@@ -673,18 +678,7 @@ mod tests {
     /// to run later as detached work: abandoned calls cannot pile up.
     #[tokio::test]
     async fn a_call_abandoned_before_its_turn_never_runs() {
-        let store = Arc::new(MemoryStore::new(Some(LeaseState::default())));
-        let engine = Engine::new(
-            store.clone(),
-            EngineConfig::new(Policy::default(), "backlog-test"),
-            Vec::new(),
-            Vec::new(),
-            system_clock(),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        let services = Services::new(engine, Arc::new(Unauthenticated));
+        let (store, services) = serve(LeaseState::default()).await;
         store.backend().set_latency(Duration::from_millis(300));
 
         let pause = Admin::pause(

@@ -468,15 +468,7 @@ async fn a_store_restored_to_an_older_state_never_reissues_a_token() {
     let store = Arc::new(MemoryStore::default());
     let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
     let older = store.saved().unwrap();
-    let (_, mut events) = engine
-        .acquire(AcquireRequest {
-            node: n("w1"),
-            control_plane: false,
-            reason: "test".into(),
-            manual: false,
-        })
-        .await
-        .unwrap();
+    let (_, mut events) = engine.acquire(request("w1")).await.unwrap();
     tokio::spawn(engine.clone().run_granter());
     let first = next_grant(&mut events).await.fencing_token;
     engine.release(&n("w1"), first, "w1", "done").await.unwrap();
@@ -488,15 +480,7 @@ async fn a_store_restored_to_an_older_state_never_reissues_a_token() {
         "{} < {first}",
         snap.state.last_token
     );
-    let (_, mut events) = engine
-        .acquire(AcquireRequest {
-            node: n("w2"),
-            control_plane: false,
-            reason: "test".into(),
-            manual: false,
-        })
-        .await
-        .unwrap();
+    let (_, mut events) = engine.acquire(request("w2")).await.unwrap();
     let second = next_grant(&mut events).await.fencing_token;
     assert!(second > first, "token {second} reissued after {first}");
 }

@@ -452,6 +452,14 @@ mod tests {
     use super::*;
     use crate::node::NodeName;
 
+    /// A store of replica "c1" on a new directory, its (empty) state read.
+    async fn opened() -> (tempfile::TempDir, FileStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), "c1").unwrap();
+        store.load().await.unwrap();
+        (dir, store)
+    }
+
     fn fence(revision: Revision) -> Fence {
         Fence {
             term: TERM,
@@ -512,9 +520,7 @@ mod tests {
 
     #[tokio::test]
     async fn saves_are_compare_and_swap_on_the_generation_and_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
+        let (_dir, store) = opened().await;
         let first = store
             .save(&granted("n1"), &fence(Revision::Absent))
             .await
@@ -566,9 +572,7 @@ mod tests {
     /// ("not read yet") and a late write could land after a newer save.
     #[tokio::test]
     async fn a_save_whose_caller_stops_waiting_completes_and_stays_known() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
+        let (_dir, store) = opened().await;
         let first = store
             .save(&granted("n1"), &fence(Revision::Absent))
             .await
@@ -617,9 +621,7 @@ mod tests {
     /// the tail to `audit.jsonl`. Returns the directory, the store, the
     /// state saved and its revision.
     async fn tail_full() -> (tempfile::TempDir, FileStore, LeaseState, Revision) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
+        let (dir, store) = opened().await;
         let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
         for _ in 0..AUDIT_TAIL / 2 {
             step(&store, &mut current, &mut revision, pause_resume).await;
@@ -745,9 +747,7 @@ mod tests {
     /// however many records were made.
     #[tokio::test]
     async fn the_audit_file_and_the_document_stay_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), "c1").unwrap();
-        store.load().await.unwrap();
+        let (dir, store) = opened().await;
         let (mut current, mut revision) = (LeaseState::default(), Revision::Absent);
         let mut largest_document = 0;
         let saves = 3 * AUDIT_KEEP / 40;
@@ -779,9 +779,7 @@ mod tests {
     #[tokio::test]
     async fn the_directory_stays_locked_until_a_running_write_ends() {
         for round in 0..30 {
-            let dir = tempfile::tempdir().unwrap();
-            let store = FileStore::open(dir.path(), "c1").unwrap();
-            store.load().await.unwrap();
+            let (dir, store) = opened().await;
             let state = granted("n1");
             let absent = fence(Revision::Absent);
             let mut save = store.save(&state, &absent);
