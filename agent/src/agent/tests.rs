@@ -25,6 +25,34 @@ fn kernel_update(s: &mut SimState) {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// A driver for a kernel-like update, with `tweak` applied after it.
+fn kernel_driver(tweak: impl FnOnce(&mut SimState)) -> Driver {
+    Driver::new(
+        sim(|s| {
+            kernel_update(s);
+            tweak(s);
+        }),
+        settings(),
+    )
+}
+
+/// A driver for a pending update (no reboot), with `tweak` applied after it.
+fn update_driver(tweak: impl FnOnce(&mut SimState)) -> Driver {
+    Driver::new(
+        sim(|s| {
+            s.updates_pending = true;
+            tweak(s);
+        }),
+        settings(),
+    )
+}
+
+/// Runs until the agent is Failed (within `limit`) and returns its error.
+async fn failed_with(d: &Driver, limit: Duration) -> String {
+    assert!(d.run(limit, failed).await);
+    d.agent_state().unwrap().error.unwrap()
+}
+
 /// The maintenance is over: released, idle, nothing needed.
 fn done(s: &SimState, a: Option<&AgentState>) -> bool {
     s.holder.is_none()
@@ -64,14 +92,10 @@ async fn sentinel_update_reboot_verify_release() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_update_keeps_the_baton_and_does_not_reboot() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-            s.update_output = "fetching\nE: disk on fire".into();
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_succeeds = false;
+        s.update_output = "fetching\nE: disk on fire".into();
+    });
     assert!(d.run(HOUR, failed).await);
     let state = d.agent_state().unwrap();
     assert!(state.error.unwrap().contains("exit status 3"));
@@ -206,13 +230,9 @@ async fn same_boot_id_after_restart_asks_for_the_reboot_again() {
 /// Failed (not a loop, and never a release).
 #[tokio::test(start_paused = true)]
 async fn a_reboot_that_never_happens_fails_after_bounded_requests() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.reboot_delay = Duration::from_secs(100 * 3600);
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.reboot_delay = Duration::from_secs(100 * 3600);
+    });
     assert!(d.run(10 * HOUR, failed).await);
     let state = d.agent_state().unwrap();
     assert!(state.error.unwrap().contains("did not go down"));
@@ -228,14 +248,10 @@ async fn a_reboot_that_never_happens_fails_after_bounded_requests() {
 /// Force-released while the agent was down: it gives the node back.
 #[tokio::test(start_paused = true)]
 async fn a_saved_token_that_was_force_released_drains_nothing() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.last_token = 4;
-            s.cordoned = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.last_token = 4;
+        s.cordoned = true;
+    });
     StateFile::new(d.dir.path())
         .save(&AgentState {
             phase: Phase::Preparing,
@@ -261,15 +277,11 @@ async fn a_saved_token_that_was_force_released_drains_nothing() {
 /// allows; nothing further starts until it answers again.
 #[tokio::test(start_paused = true)]
 async fn an_unreachable_coordinator_stops_the_drain_and_the_update() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.drain_duration = Duration::from_secs(600);
-            s.overdue_after = Duration::from_secs(60);
-            s.outage_on_drain = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.drain_duration = Duration::from_secs(600);
+        s.overdue_after = Duration::from_secs(60);
+        s.outage_on_drain = true;
+    });
     // One agent process through the outage: the drain (600 s) is stopped
     // once the lease is older than 60 s, and nothing else starts.
     assert!(!d.run(Duration::from_secs(900), |_, _| false).await);
@@ -305,16 +317,12 @@ async fn an_unreachable_coordinator_stops_the_drain_and_the_update() {
 /// API's limit, so the release goes through.
 #[tokio::test(start_paused = true)]
 async fn a_long_abort_reason_is_cut_and_the_baton_released() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.prepare = PrepareOutcome::DrainTimeout;
-            s.drain_pending = (0..200)
-                .map(|i| format!("apps/web-{i} (disruption budget)"))
-                .collect();
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.prepare = PrepareOutcome::DrainTimeout;
+        s.drain_pending = (0..200)
+            .map(|i| format!("apps/web-{i} (disruption budget)"))
+            .collect();
+    });
     assert!(
         d.run(HOUR, |s, a| !s.releases().is_empty()
             && a.is_some_and(|a| a.phase == Phase::Idle))
@@ -330,14 +338,10 @@ async fn a_long_abort_reason_is_cut_and_the_baton_released() {
 /// Failed report is accepted.
 #[tokio::test(start_paused = true)]
 async fn long_update_output_is_reported_within_the_limits() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-            s.update_output = "x".repeat(50_000);
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_succeeds = false;
+        s.update_output = "x".repeat(50_000);
+    });
     assert!(d.run(HOUR, failed).await);
     let s = d.sim.state();
     let (_, report) = s.reports.last().unwrap();
@@ -350,15 +354,10 @@ async fn long_update_output_is_reported_within_the_limits() {
 /// maintenance with the reason instead of retrying forever.
 #[tokio::test(start_paused = true)]
 async fn a_permanently_refused_release_ends_in_failed() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.refuse_release = true;
-        }),
-        settings(),
-    );
-    assert!(d.run(HOUR, failed).await);
-    let error = d.agent_state().unwrap().error.unwrap();
+    let d = update_driver(|s| {
+        s.refuse_release = true;
+    });
+    let error = failed_with(&d, HOUR).await;
     assert!(error.contains("PermissionDenied"), "{error}");
 }
 
@@ -367,8 +366,7 @@ async fn a_permanently_refused_release_ends_in_failed() {
 #[tokio::test(start_paused = true)]
 async fn a_sentinel_that_survives_the_reboot_ends_in_failed() {
     let d = Driver::new(sim(|s| s.persistent_sentinel = true), settings());
-    assert!(d.run(HOUR, failed).await);
-    let error = d.agent_state().unwrap().error.unwrap();
+    let error = failed_with(&d, HOUR).await;
     assert!(error.contains("after a verified reboot"), "{error}");
     // Hours later: still one reboot, still failed, still held.
     assert!(!d.run(5 * HOUR, |_, _| false).await);
@@ -385,13 +383,9 @@ async fn a_sentinel_that_survives_the_reboot_ends_in_failed() {
 /// packages) is held back, doubling, and the hold-back survives restarts.
 #[tokio::test(start_paused = true)]
 async fn a_need_that_comes_back_is_held_back_exponentially() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.update_clears_need = false;
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.update_clears_need = false;
+    });
     let base = settings().abort_backoff;
     let grants = |s: &SimState| s.count(|r| matches!(r, Rec::Granted { resumed: false, .. }));
     let started = Instant::now();
@@ -422,13 +416,9 @@ async fn a_need_that_comes_back_is_held_back_exponentially() {
 /// does not come straight back.
 #[tokio::test(start_paused = true)]
 async fn force_release_while_failed_gives_the_node_back() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_succeeds = false;
+    });
     assert!(d.run(HOUR, failed).await);
     assert!(d.sim.state().cordoned, "a failed node stays cordoned");
     d.sim.state().force_release();
@@ -451,13 +441,9 @@ async fn force_release_while_failed_gives_the_node_back() {
 /// A failing update keeps the baton (Failed) until an operator
 /// force-releases it; then the agent is idle, holding back.
 async fn idle_after_a_force_released_failure() -> Driver {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_succeeds = false;
+    });
     assert!(d.run(HOUR, failed).await);
     d.sim.state().force_release();
     assert!(
@@ -480,13 +466,9 @@ async fn the_hold_back_after_a_force_release_survives_a_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn corrupt_state_asks_the_coordinator_and_resumes_the_grant() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.hold(9, Phase::Failed);
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.hold(9, Phase::Failed);
+    });
     std::fs::write(d.dir.path().join("state.json"), b"{\"phase\":").unwrap();
     assert!(d.run(HOUR, |s, _| !s.releases().is_empty()).await);
     assert_eq!(d.sim.state().releases(), vec![9]);
@@ -495,13 +477,9 @@ async fn corrupt_state_asks_the_coordinator_and_resumes_the_grant() {
 
 #[tokio::test(start_paused = true)]
 async fn drain_timeout_aborts_releases_with_the_reason_and_holds_back() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.prepare = PrepareOutcome::DrainTimeout;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.prepare = PrepareOutcome::DrainTimeout;
+    });
     assert!(
         d.run(HOUR, |s, a| !s.releases().is_empty()
             && a.is_some_and(|a| a.phase == Phase::Idle))
@@ -525,13 +503,9 @@ async fn drain_timeout_aborts_releases_with_the_reason_and_holds_back() {
 
 #[tokio::test(start_paused = true)]
 async fn after_an_abort_the_agent_holds_back_before_asking_again() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.prepare = PrepareOutcome::DrainTimeout;
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.prepare = PrepareOutcome::DrainTimeout;
+    });
     let started = Instant::now();
     assert!(d.run(HOUR, |s, _| s.releases().len() >= 2).await);
     assert!(started.elapsed() >= settings().abort_backoff);
@@ -540,13 +514,9 @@ async fn after_an_abort_the_agent_holds_back_before_asking_again() {
 
 #[tokio::test(start_paused = true)]
 async fn other_prepare_errors_still_fail_closed() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.prepare = PrepareOutcome::Error;
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.prepare = PrepareOutcome::Error;
+    });
     assert!(d.run(HOUR, failed).await);
     assert!(d.sim.state().releases().is_empty());
     assert!(d.sim.state().cordoned);
@@ -554,13 +524,9 @@ async fn other_prepare_errors_still_fail_closed() {
 
 #[tokio::test(start_paused = true)]
 async fn blockers_keep_the_agent_from_asking_until_they_are_gone() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.blockers = vec!["ci/job-1 (matches app=ci)".into()];
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.blockers = vec!["ci/job-1 (matches app=ci)".into()];
+    });
     assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
     {
         let s = d.sim.state();
@@ -582,13 +548,9 @@ async fn blockers_keep_the_agent_from_asking_until_they_are_gone() {
 /// queue is seen after the grant: nothing is drained, the baton goes back.
 #[tokio::test(start_paused = true)]
 async fn a_blocking_pod_that_appears_after_the_grant_gives_the_baton_back() {
-    let d = Driver::new(
-        sim(|s| {
-            s.updates_pending = true;
-            s.queue_blocked = true;
-        }),
-        settings(),
-    );
+    let d = update_driver(|s| {
+        s.queue_blocked = true;
+    });
     assert!(
         d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Waiting))
             .await
@@ -612,13 +574,9 @@ async fn a_blocking_pod_that_appears_after_the_grant_gives_the_baton_back() {
 /// reported, and the update starts only once the coordinator says go.
 #[tokio::test(start_paused = true)]
 async fn the_update_waits_while_the_coordinator_says_wait() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 5];
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 5];
+    });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
     let waiting = s
@@ -644,13 +602,9 @@ async fn the_update_waits_while_the_coordinator_says_wait() {
 /// update.
 #[tokio::test(start_paused = true)]
 async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.confirm_waits = vec!["wait".into()];
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.confirm_waits = vec!["wait".into()];
+    });
     assert!(d.run(HOUR, |s, _| s.confirms == 1).await);
     d.sim.state().force_release();
     assert!(
@@ -667,13 +621,9 @@ async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
 /// see `confirm_is_asked_again_after_an_unimplemented_answer`).
 #[tokio::test(start_paused = true)]
 async fn an_older_coordinator_without_confirm_falls_back_to_renew() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.confirm_unimplemented = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.confirm_unimplemented = true;
+    });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
     // Once before the update and once before the reboot.
@@ -742,13 +692,9 @@ async fn an_update_unit_is_never_started_twice_for_a_grant() {
 /// reported, the baton renewed meanwhile; once it goes, the reboot comes.
 #[tokio::test(start_paused = true)]
 async fn a_block_inhibitor_holds_the_reboot_back_with_its_reason_reported() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.inhibit("nightly-backup", "copying /srv to tape");
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.inhibit("nightly-backup", "copying /srv to tape");
+    });
     let reported = |s: &SimState| {
         s.reports
             .iter()
@@ -778,15 +724,10 @@ async fn a_block_inhibitor_holds_the_reboot_back_with_its_reason_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn an_inhibitor_past_the_timeout_fails_without_a_reboot() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.inhibit("nightly-backup", "copying /srv to tape");
-        }),
-        settings(),
-    );
-    assert!(d.run(2 * HOUR, failed).await);
-    let error = d.agent_state().unwrap().error.unwrap();
+    let d = kernel_driver(|s| {
+        s.inhibit("nightly-backup", "copying /srv to tape");
+    });
+    let error = failed_with(&d, 2 * HOUR).await;
     assert!(error.contains("nightly-backup"), "{error}");
     assert!(error.contains("--inhibitor-timeout"), "{error}");
     let s = d.sim.state();
@@ -813,13 +754,9 @@ async fn ignore_inhibitors_reboots_through_them() {
 /// Finding 7: an update whose baton is lost is stopped.
 #[tokio::test(start_paused = true)]
 async fn an_update_whose_baton_is_lost_is_stopped() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_duration = HOUR;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_duration = HOUR;
+    });
     assert!(
         d.run(HOUR, |s, _| s
             .count(|r| matches!(r, Rec::UpdateStart { .. }))
@@ -842,15 +779,10 @@ async fn an_update_whose_baton_is_lost_is_stopped() {
 
 #[tokio::test(start_paused = true)]
 async fn an_update_past_its_timeout_is_stopped_and_fails() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_duration = 10 * HOUR;
-        }),
-        settings(),
-    );
-    assert!(d.run(2 * HOUR, failed).await);
-    let error = d.agent_state().unwrap().error.unwrap();
+    let d = kernel_driver(|s| {
+        s.update_duration = 10 * HOUR;
+    });
+    let error = failed_with(&d, 2 * HOUR).await;
     assert!(error.contains("did not finish within 10m"), "{error}");
     // The host stops a run past its timeout; the agent stops it again
     // (idempotent), because a timeout may also be a D-Bus call's whose
@@ -882,8 +814,7 @@ async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
             ..settings()
         },
     );
-    assert!(d.run(HOUR, failed).await);
-    let error = d.agent_state().unwrap().error.unwrap();
+    let error = failed_with(&d, HOUR).await;
     assert!(error.contains("only .service units"), "{error}");
 }
 
@@ -893,13 +824,9 @@ async fn the_fake_host_refuses_what_systemd_cannot_wait_for() {
 /// fails after the reboot, the baton is kept (Failed, with the reason).
 #[tokio::test(start_paused = true)]
 async fn a_failing_reboot_check_after_the_update_reboots_and_never_releases() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_breaks_sentinel = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_breaks_sentinel = true;
+    });
     assert!(
         d.run(HOUR, |s, a| failed(s, a) || !s.releases().is_empty())
             .await
@@ -952,13 +879,9 @@ async fn a_failing_need_check_asks_for_nothing_and_keeps_the_hold_back() {
 /// show it is gone).
 #[tokio::test(start_paused = true)]
 async fn a_failing_need_check_while_waiting_keeps_the_request() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.queue_blocked = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.queue_blocked = true;
+    });
     assert!(
         d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Waiting))
             .await
@@ -975,14 +898,10 @@ async fn a_failing_need_check_while_waiting_keeps_the_request() {
 /// Confirm again, and the upgraded coordinator's "wait" is honoured.
 #[tokio::test(start_paused = true)]
 async fn confirm_is_asked_again_after_an_unimplemented_answer() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.confirm_unimplemented_calls = 1;
-            s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 3];
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.confirm_unimplemented_calls = 1;
+        s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 3];
+    });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
     // UNIMPLEMENTED before the update; three "wait" and one "go" before
@@ -1065,16 +984,12 @@ async fn a_renewal_that_hangs_stops_the_drain_when_the_lease_runs_out() {
 /// is not "reported".
 #[tokio::test(start_paused = true)]
 async fn a_failed_report_that_was_lost_is_sent_again() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_succeeds = false;
-            // Unreachable from the failed update's end for two minutes:
-            // every report of the failure in that time is lost.
-            s.outage_after_update = Some(Duration::from_secs(120));
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_succeeds = false;
+        // Unreachable from the failed update's end for two minutes:
+        // every report of the failure in that time is lost.
+        s.outage_after_update = Some(Duration::from_secs(120));
+    });
     // One agent process throughout (a restart would report anew).
     assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
     let s = d.sim.state();
@@ -1095,15 +1010,11 @@ async fn a_failed_report_that_was_lost_is_sent_again() {
 /// at once; after the outage the agent asks Confirm again and waits.
 #[tokio::test(start_paused = true)]
 async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.confirm_unimplemented_calls = 1;
-            s.outage_after_unimplemented = Some(Duration::from_secs(5));
-            s.confirm_waits = vec!["etcd member n3 unhealthy".into()];
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.confirm_unimplemented_calls = 1;
+        s.outage_after_unimplemented = Some(Duration::from_secs(5));
+        s.confirm_waits = vec!["etcd member n3 unhealthy".into()];
+    });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
     let first_update = s
@@ -1130,14 +1041,10 @@ async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
 /// uncordoned: the update must have been stopped by then.
 #[tokio::test(start_paused = true)]
 async fn a_refused_renewal_stops_the_update_before_the_node_is_given_back() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.update_duration = HOUR;
-            s.refuse_renew_on_update_start = true;
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.update_duration = HOUR;
+        s.refuse_renew_on_update_start = true;
+    });
     assert!(d.run(HOUR, failed).await);
     // Stopped when the maintenance failed, not only when the baton goes.
     let error = d.agent_state().unwrap().error.unwrap();
@@ -1286,15 +1193,11 @@ async fn a_failed_stop_when_the_baton_is_lost_is_retried_before_giving_the_node_
 /// restarted from scratch forever.
 #[tokio::test(start_paused = true)]
 async fn slow_renewals_do_not_livelock_the_drain() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.overdue_after = Duration::from_secs(9);
-            s.renew_latency = Duration::from_secs(4);
-            s.drain_duration = Duration::from_secs(20);
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.overdue_after = Duration::from_secs(9);
+        s.renew_latency = Duration::from_secs(4);
+        s.drain_duration = Duration::from_secs(20);
+    });
     let finished = d.run(HOUR, |s, a| done(s, a) || failed(s, a)).await;
     let s = d.sim.state();
     let drains = s.count(|r| matches!(r, Rec::Prepare(_)));
@@ -1313,15 +1216,11 @@ async fn slow_renewals_do_not_livelock_the_drain() {
 /// released, nothing updated.
 #[tokio::test(start_paused = true)]
 async fn a_drain_stopped_by_the_lease_again_and_again_is_aborted() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.overdue_after = Duration::from_secs(9);
-            s.renew_latency = Duration::from_secs(6);
-            s.drain_duration = Duration::from_secs(20);
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.overdue_after = Duration::from_secs(9);
+        s.renew_latency = Duration::from_secs(6);
+        s.drain_duration = Duration::from_secs(20);
+    });
     assert!(
         d.run(HOUR, |s, a| s.holder.is_none()
             && a.is_some_and(|a| a.phase == Phase::Idle))
@@ -1343,14 +1242,10 @@ async fn a_drain_stopped_by_the_lease_again_and_again_is_aborted() {
 /// ran out confirms nothing: no drain starts on it.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_answered_after_its_lease_ran_out_confirms_nothing() {
-    let d = Driver::new(
-        sim(|s| {
-            kernel_update(s);
-            s.overdue_after = Duration::from_secs(9);
-            s.renew_latency = Duration::from_secs(10);
-        }),
-        settings(),
-    );
+    let d = kernel_driver(|s| {
+        s.overdue_after = Duration::from_secs(9);
+        s.renew_latency = Duration::from_secs(10);
+    });
     assert!(!d.run(Duration::from_secs(600), |_, _| false).await);
     let s = d.sim.state();
     assert!(s.renews > 3, "kept asking: {} renewals", s.renews);
