@@ -209,7 +209,10 @@ impl FileStore {
             // the oldest of the stored document's window when this save's
             // document write then fails (red-team F1).
             let first = stored.saturating_sub(AUDIT_KEEP as u64) + 1;
-            let kept: Vec<Numbered> = kept.into_values().filter(|n| (first..=newest).contains(&n.number)).collect();
+            let kept: Vec<Numbered> = kept
+                .into_values()
+                .filter(|n| (first..=newest).contains(&n.number))
+                .collect();
             let text = json_lines(&kept);
             let tmp = dir.join("audit.jsonl.tmp");
             let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
@@ -920,7 +923,13 @@ mod tests {
     /// stored window were gone once the document write did not happen.
     #[tokio::test]
     async fn a_crash_at_any_write_of_an_audit_rewrite_loses_and_doubles_nothing() {
-        for point in ["audit tmp", "audit renamed", "document tmp", "done", "fails"] {
+        for point in [
+            "audit tmp",
+            "audit renamed",
+            "document tmp",
+            "done",
+            "fails",
+        ] {
             let (dir, store, current, revision) = audit_file_full().await;
             let lines = lines_of(&store.audit_path());
             assert_eq!(lines, 2 * AUDIT_KEEP, "{point}: the rewrite is next");
@@ -1076,7 +1085,10 @@ mod tests {
         let document = fs::read_to_string(store.path()).unwrap();
         let document: serde_json::Value = serde_json::from_str(&document).unwrap();
         assert_eq!(document["state"]["audit"], serde_json::json!([]));
-        assert_eq!(document["format"], serde_json::json!(crate::store::FORMAT_VERSION));
+        assert_eq!(
+            document["format"],
+            serde_json::json!(crate::store::FORMAT_VERSION)
+        );
     }
 
     /// A document from a newer Baton (a higher format, whatever its shape)
