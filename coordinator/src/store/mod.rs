@@ -30,7 +30,13 @@
 //!   to `audit.jsonl` in batches, appended and fsynced before the document
 //!   that drops them is written (a record appended for a save that never
 //!   happened is numbered past the stored `audit_seq` and ignored).
-//!   A save never rewrites the whole audit.
+//!   A save never rewrites the whole audit. A load reads only the records
+//!   that belong to the document (numbered up to its `audit_seq`).
+//! - a document of an older [`FORMAT_VERSION`] is read; the audit records a
+//!   format-1 document carried inside are moved to the store's audit by the
+//!   first save after it, atomically with it (or, in the embedded store,
+//!   durably before it). A newer format is refused
+//!   ([`StoreError::NewerFormat`]).
 
 pub mod etcd;
 pub mod file;
@@ -243,7 +249,8 @@ pub struct Document {
     /// The embedded store's generation (its [`Revision`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-    /// The lease state (without its audit).
+    /// The lease state (its audit written empty since format 2; a format-1
+    /// document's records are read from here).
     pub state: LeaseState,
     /// The embedded store's newest audit records not yet moved to its audit
     /// file (a few: see [`file`]).
