@@ -1115,4 +1115,45 @@ mod tests {
         assert_eq!(read.holders.len(), 1);
         assert_eq!(read.audit.len(), 3);
     }
+
+    /// What the previous release (format 1) does with a document this one
+    /// wrote: its decoder, as it was (the state's `audit` required, then
+    /// the format compared), gets as far as the format and refuses it as
+    /// "format version 2 is not 1". Before `audit` was written empty it
+    /// failed with "missing field `audit`", which says nothing of a newer
+    /// Baton.
+    #[tokio::test]
+    async fn the_previous_release_refuses_a_new_document_by_its_format() {
+        use std::collections::{BTreeMap, VecDeque};
+
+        use crate::state::{AuditEntry, Holding, Pause, Returning};
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)] // Read only to see that it parses.
+        struct PreviousState {
+            paused: Option<Pause>,
+            last_token: u64,
+            holders: BTreeMap<NodeName, Holding>,
+            #[serde(default)]
+            returning: BTreeMap<NodeName, Returning>,
+            audit: VecDeque<AuditEntry>,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct PreviousDocument {
+            format: u32,
+            #[serde(default)]
+            generation: Option<u64>,
+            state: PreviousState,
+        }
+        let (_dir, store) = opened().await;
+        let mut state = granted("n1");
+        pause_resume(&mut state);
+        store.save(&state, &fence(Revision::Absent)).await.unwrap();
+        let written = fs::read(store.path()).unwrap();
+        let read: PreviousDocument = serde_json::from_slice(&written)
+            .unwrap_or_else(|e| panic!("the previous release cannot parse it: {e}"));
+        assert_eq!(read.format, crate::store::FORMAT_VERSION);
+        assert_ne!(read.format, 1, "the previous release's own format");
+        assert!(read.state.audit.is_empty());
+    }
 }
