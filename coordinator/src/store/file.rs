@@ -19,8 +19,14 @@
 //! written), so a save writes a small document, never the whole audit. A
 //! record appended for a save that then failed has a number above the
 //! stored `audit_seq` and is ignored when loading (a later record with that
-//! number replaces it); the file is rewritten with the newest
-//! [`AUDIT_KEEP`] records once it holds twice as many.
+//! number replaces it); the file is rewritten once it holds twice
+//! [`AUDIT_KEEP`] records, keeping the newest `AUDIT_KEEP` of the document
+//! on disk and the records the save adds past them, so that the stored
+//! document's whole window survives when the save's own document write
+//! then fails. A document of the previous release (format 1) carries its
+//! audit inside: those records count as the document's tail when it is
+//! read, so the first save keeps them in its document or moves them to
+//! `audit.jsonl` before writing a document without them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
