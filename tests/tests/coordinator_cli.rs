@@ -206,12 +206,13 @@ fn sigterm_ends_waiting_streams_and_exits_cleanly() {
     assert!(stderr(&out).contains("shutting down"), "{}", stderr(&out));
 }
 
-#[test]
-fn corrupt_state_file_stops_start_up_with_a_clear_error() {
+/// Starts the coordinator on a data directory whose `state.json` holds
+/// `document`; it must not start. What it printed, and the file after.
+fn start_up_refused(document: &str) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("state.json"), "not json").unwrap();
+    std::fs::write(data.join("state.json"), document).unwrap();
     let out = std::process::Command::new(baton_tests::binary("baton-coordinator"))
         .args([
             "serve",
@@ -223,12 +224,28 @@ fn corrupt_state_file_stops_start_up_with_a_clear_error() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(err.contains("state.json is corrupt"), "{err}");
-    assert_eq!(
+    (
+        stderr(&out),
         std::fs::read_to_string(data.join("state.json")).unwrap(),
-        "not json"
-    );
+    )
+}
+
+#[test]
+fn corrupt_state_file_stops_start_up_with_a_clear_error() {
+    let (err, left) = start_up_refused("not json");
+    assert!(err.contains("state.json is corrupt"), "{err}");
+    assert_eq!(left, "not json");
+}
+
+/// A state file a newer Baton wrote (a format this one does not know, in
+/// a shape it does not know either) stops start-up saying so, not as a
+/// corrupt file, and is left untouched.
+#[test]
+fn a_state_file_from_a_newer_baton_stops_start_up_saying_so() {
+    let newer = r#"{"format":3,"state":{"holders":[["n1",7]]}}"#;
+    let (err, left) = start_up_refused(newer);
+    assert!(err.contains("written by a newer Baton (format 3"), "{err}");
+    assert_eq!(left, newer);
 }
 
 #[test]

@@ -228,7 +228,9 @@ async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> R
     let document = etcd.get("/baton-test/state", None).await?;
     let document = document.kvs().first().context("no state")?.value();
     assert!(document.len() < 4096, "{} bytes", document.len());
-    assert!(!String::from_utf8_lossy(document).contains("\"audit\":"));
+    // Written empty, for the previous release's reader (FORMAT_VERSION).
+    let document: serde_json::Value = serde_json::from_slice(document)?;
+    assert_eq!(document["state"]["audit"], serde_json::json!([]));
 
     // A save from a stale revision is refused and leaves no record.
     let mut ghost = current.without_audit();
@@ -252,5 +254,187 @@ async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> R
     let loaded = a.load().await?.state.context("no state")?;
     assert_eq!(loaded.audit.len(), AUDIT_KEEP);
     assert_eq!(loaded, current);
+    Ok(())
+}
+
+/// A document as the previous release wrote it: format 1, the audit inside
+/// the state (a grant, the release of that node, the next grant).
+const PREVIOUS_RELEASE: &str =
+    include_str!("../../coordinator/src/store/testdata/previous-release.json");
+
+/// Hostile (red-team F2): an upgrade from the previous release, whose
+/// document embedded the audit. The first saves after it must keep those
+/// records: the health gate reads the last release from the audit, and a
+/// release made just before the upgrade must still be seen by the next
+/// leader. Before the fix the first save wrote one audit key with its own
+/// record only, and the next load had forgotten the release.
+#[tokio::test]
+async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()> {
+    use baton_coordinator::rollout::gate::last_release;
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
+        .await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = a.load().await?.state.context("no state")?;
+    let released = "2026-11-20T10:04:00Z".parse()?;
+    assert_eq!(last_release(&current), Some(released));
+    assert_eq!((current.audit.len(), current.audit_seq), (3, 3));
+    let n2 = NodeName::new("n2")?;
+    // A renewal (no record), then a pause (one).
+    step(&a, &mut fence, &mut current, |s| {
+        s.renew(&n2, 2, chrono::Utc::now()).expect("n2 holds")
+    })
+    .await?;
+    step(&a, &mut fence, &mut current, pauses(1)).await?;
+    drop(a);
+    let b = EtcdStore::open(settings(&cluster, "b", 30)).await?;
+    until_leader(&b).await?;
+    let read = b.load().await?.state.context("no state")?;
+    assert_eq!(read, current);
+    assert_eq!(read.audit.len(), 5);
+    assert_eq!(last_release(&read), Some(released));
+    let document = etcd.get("/baton-test/state", None).await?;
+    let document: serde_json::Value =
+        serde_json::from_slice(document.kvs().first().context("no state")?.value())?;
+    assert_eq!(document["state"]["audit"], serde_json::json!([]));
+    Ok(())
+}
+
+/// Puts `count` audit keys numbered from `first` (one record each, of node
+/// `node`), as saves of another history would have left them.
+async fn leave_audit_keys(
+    etcd: &mut etcd_client::Client,
+    first: u64,
+    count: u64,
+    node: &str,
+) -> Result<()> {
+    let numbers: Vec<u64> = (first..first + count).collect();
+    for chunk in numbers.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|n| {
+                let record = serde_json::json!([{
+                    "number": n, "time": "2026-11-20T10:00:00Z", "action": "grant",
+                    "node": node, "fencing_token": n, "actor": "coordinator",
+                }]);
+                etcd_client::TxnOp::put(
+                    format!("/baton-test/audit/{n:020}"),
+                    record.to_string(),
+                    None,
+                )
+            })
+            .collect();
+        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// Grants `node` and makes `2 pairs` more records.
+fn grant_and_pauses(node: &'static str, pairs: usize) -> impl FnOnce(&mut LeaseState) {
+    move |state| {
+        state
+            .grant(
+                &NodeName::new(node).expect("a node name"),
+                false,
+                false,
+                "test",
+                chrono::Utc::now(),
+            )
+            .expect("not a holder yet");
+        pauses(pairs)(state);
+    }
+}
+
+/// Hostile (red-team F3), a restored `state` key: the state is put back
+/// from a backup while the audit keys of what came after it stay (saves
+/// past the backup, and a long history of them). The audit read must be
+/// the backup's, not hidden by the later keys (the read of the newest
+/// keys found only those) and, after new saves numbered like the
+/// abandoned ones, not mixed with them. Before the fix the load after the
+/// restore found no record of the backup's, and later loads showed the
+/// abandoned saves' records in place of the new ones.
+#[tokio::test]
+async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..5 {
+        step(&a, &mut fence, &mut current, pauses(1)).await?;
+    }
+    let backup = etcd.get("/baton-test/state", None).await?;
+    let backup = backup.kvs().first().context("no state")?.value().to_vec();
+    let at_backup = current.clone();
+    // What came after the backup: saves of 2 and 3 records (keys 12 and
+    // 15), and a long history past them.
+    let mut abandoned = current.clone();
+    step(&a, &mut fence, &mut abandoned, grant_and_pauses("ghost", 0)).await?;
+    step(&a, &mut fence, &mut abandoned, pauses(1)).await?;
+    leave_audit_keys(&mut etcd, 16, AUDIT_KEEP as u64 + 100, "ghost").await?;
+
+    etcd.put("/baton-test/state", backup, None).await?;
+    let loaded = a.load().await?;
+    fence.revision = loaded.revision;
+    let mut current = loaded.state.context("no state")?;
+    assert_eq!(current, at_backup, "the backup's audit, not hidden");
+    // New saves numbered like the abandoned ones (keys 13 and 16).
+    step(&a, &mut fence, &mut current, grant_and_pauses("real", 1)).await?;
+    step(&a, &mut fence, &mut current, grant_and_pauses("other", 1)).await?;
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(read, current, "not mixed with the abandoned saves");
+    assert!(read.audit.iter().all(|r| r.node != "ghost"), "{read:?}");
+    Ok(())
+}
+
+/// Hostile (red-team F3), `--initialize` on an old prefix: the state key
+/// is gone but an earlier installation's audit keys stay. The new
+/// installation's audit must be its own: before the fix, once its numbers
+/// passed the old keys', loads showed the old installation's records in
+/// place of its own.
+#[tokio::test]
+async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut old = LeaseState::default();
+    for node in ["old-1", "old-2", "old-3", "old-4", "old-5"] {
+        // Two records a save: keys 2, 4, 6, ...
+        step(&a, &mut fence, &mut old, |s| {
+            grant_and_pauses(node, 0)(s);
+            let n = NodeName::new(node).expect("a node name");
+            let token = s.holders[&n].fencing_token;
+            s.release(&n, token, node, "done", chrono::Utc::now())
+                .expect("holds");
+        })
+        .await?;
+    }
+    etcd.delete("/baton-test/state", None).await?;
+
+    // The new installation, as the engine initializes it, then saves of
+    // three records.
+    let mut fence = Fence {
+        revision: a.load().await?.revision,
+        ..fence
+    };
+    assert_eq!(fence.revision, Revision::Absent);
+    let mut current = LeaseState::initial(chrono::Utc::now(), "c1");
+    fence.revision = a.save(&current, &fence).await?;
+    assert_eq!(a.load().await?.state.as_ref(), Some(&current));
+    for node in ["new-1", "new-2", "new-3"] {
+        step(&a, &mut fence, &mut current, grant_and_pauses(node, 1)).await?;
+    }
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(read, current);
+    assert!(
+        read.audit.iter().all(|r| !r.node.starts_with("old-")),
+        "{read:?}"
+    );
     Ok(())
 }

@@ -273,7 +273,8 @@ async fn leader_lease_lost_the_other_replica_takes_over_with_state_intact() -> R
     assert_eq!(seen.last_fencing_token, token);
     // The audit is kept beside the state document, not in it, and the next
     // leader reads it back.
-    assert!(stored_state(&fake)["state"].get("audit").is_none());
+    // (written empty, for the previous release's reader: FORMAT_VERSION).
+    assert_eq!(stored_state(&fake)["state"]["audit"], serde_json::json!([]));
     let cm = fake
         .get("v1/configmaps", NS, "baton-state")
         .context("state configmap")?;
@@ -877,5 +878,55 @@ async fn worst_case_texts_keep_the_state_configmap_under_one_mebibyte() -> Resul
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("16386 bytes"), "{err}");
     assert_ne!(stored_state(&fake), before, "the valid calls were stored");
+    Ok(())
+}
+
+/// The red-team's F2 checked on this store: an upgrade from the previous
+/// release, whose document embedded the audit. The ConfigMap store writes
+/// the audit it read (the embedded records with it) to `audit.json` with the
+/// first save, in the same replace, so a release made just before the
+/// upgrade is still seen by the next leader (the health gate reads it).
+/// (This store had no such gap; the test keeps it so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()> {
+    let fake = cluster(&[node("n2").build()]);
+    agent_token(&fake, "agent-n2", "n2");
+    fake.put(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "baton-state", "namespace": NS},
+        "data": {"state.json": include_str!("../../coordinator/src/store/testdata/previous-release.json")},
+    }));
+    let endpoint = fake.serve().await;
+    let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    // n2, granted before the upgrade, gives the baton back: the first save.
+    CoordinatorClient::new(channel(&a, "agent-n2").await?)
+        .release(baton_proto::v1::ReleaseRequest {
+            node: "n2".to_string(),
+            fencing_token: 2,
+            reason: "done".to_string(),
+        })
+        .await?;
+    let Replica { running, _stop } = a;
+    drop(_stop);
+    running.done.await??;
+    let b = start_replica(&endpoint.url, "coord-b", &[], false).await?;
+    eventually("replica b to lead", || leads(&b)).await;
+    let seen = status(&b).await?;
+    let actions: Vec<(&str, &str)> = seen
+        .audit
+        .iter()
+        .map(|r| (r.action.as_str(), r.node.as_str()))
+        .collect();
+    // The previous release's three records first (the first save after
+    // the upgrade found n2 overdue: its renewal is from the day before).
+    assert_eq!(
+        actions[..3],
+        [("grant", "n1"), ("release", "n1"), ("grant", "n2")],
+        "{actions:?}"
+    );
+    assert_eq!(actions.last(), Some(&("release", "n2")), "{actions:?}");
+    assert_eq!(stored_state(&fake)["state"]["audit"], serde_json::json!([]));
     Ok(())
 }

@@ -437,7 +437,8 @@ impl Engine {
             Err(
                 e @ (StoreError::Missing { .. }
                 | StoreError::AlreadyInitialized { .. }
-                | StoreError::Corrupt { .. }),
+                | StoreError::Corrupt { .. }
+                | StoreError::NewerFormat { .. }),
             ) => {
                 let reason = e.to_string();
                 tracing::error!(reason = %reason, "refusing to run");

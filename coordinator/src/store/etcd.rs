@@ -7,6 +7,15 @@
 //! election with etcd's election API under `<prefix>/election`, on a lease
 //! with a short TTL.
 //!
+//! The audit read is only what belongs to the state document: keys named
+//! past its `audit_seq` (left by saves after a backup that the `state` key
+//! was restored from) are never read, and each save deletes, in its
+//! transaction, every key its batch supersedes or that lies past it; the
+//! save that creates the document (`--initialize`) deletes every audit key
+//! an earlier installation left under the prefix. A document of the
+//! previous release (format 1, the audit inside it) has its records moved
+//! to an audit key by the first save after it, in that save's transaction.
+//!
 //! Guarantees:
 //! - Every save is one transaction that writes the state only if (a) this
 //!   replica's election key still exists with the create revision it was
@@ -84,6 +93,10 @@ struct Shared {
     kept_alive_by: Mutex<Option<String>>,
     settings: EtcdStoreSettings,
     claim: Mutex<Option<Claim>>,
+    /// The audit records a previous release's document carried (format 1)
+    /// and the revision they were read at: the save from that revision
+    /// writes them to an audit key.
+    embedded: Mutex<Option<(Revision, Vec<Numbered>)>>,
     leadership: watch::Sender<Leadership>,
     /// Wakes the election task when a save found the claim gone.
     lost: Notify,
@@ -143,6 +156,7 @@ impl EtcdStore {
             kept_alive_by: Mutex::new(None),
             settings,
             claim: Mutex::new(None),
+            embedded: Mutex::new(None),
             leadership: watch::channel(Leadership::default()).0,
             lost: Notify::new(),
         });
@@ -163,6 +177,62 @@ impl EtcdStore {
     /// (zero-padded, so keys sort by number).
     fn audit_key(&self, number: u64) -> String {
         format!("{}{number:020}", self.audit_prefix())
+    }
+
+    /// The end of the audit keys' range (the prefix with its last byte,
+    /// `/`, moved on by one).
+    fn audit_end(&self) -> String {
+        format!("{}/audit0", self.shared.settings.prefix)
+    }
+
+    /// Deletes the audit keys from `from` up to, not including, `to`.
+    fn delete_audit(&self, from: String, to: String) -> TxnOp {
+        TxnOp::delete(from, Some(DeleteOptions::new().with_range(to)))
+    }
+
+    /// The audit operations of a save of `state` from `fence`: the batch of
+    /// `records` (this change's, and those a previous release's document
+    /// carried, numbered up to `state.audit_seq`) as one key named by the
+    /// newest, and the deletes that keep only what belongs to the state.
+    fn audit_ops(&self, state: &LeaseState, fence: &Fence, records: &[Numbered]) -> Vec<TxnOp> {
+        let mut ops = Vec::new();
+        let Some((first, newest)) = records.first().zip(records.last()) else {
+            if fence.revision == Revision::Absent {
+                // A new document: whatever is under the prefix is an
+                // earlier installation's.
+                ops.push(TxnOp::delete(
+                    self.audit_prefix(),
+                    Some(DeleteOptions::new().with_prefix()),
+                ));
+            }
+            return ops;
+        };
+        let (first, newest) = (first.number, newest.number);
+        let batch = serde_json::to_vec(records).expect("audit records serialize");
+        ops.push(TxnOp::put(self.audit_key(newest), batch, None));
+        // Keys past this batch belong to no save of this state (a restored
+        // state key's abandoned future, an earlier installation).
+        ops.push(self.delete_audit(self.audit_key(newest + 1), self.audit_end()));
+        // Keys below: those past the newest AUDIT_KEEP records (a batch
+        // only partly past stays; loading keeps the newest), and those this
+        // batch supersedes (named from its first record on: its numbers are
+        // this state's now). A new document keeps none. The ranges never
+        // hold the put's own key (etcd refuses a txn that would put and
+        // delete one key).
+        let first_kept = if fence.revision == Revision::Absent {
+            newest
+        } else {
+            (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64)
+        };
+        if first <= first_kept {
+            ops.push(self.delete_audit(self.audit_prefix(), self.audit_key(newest)));
+        } else {
+            if first_kept > 1 {
+                ops.push(self.delete_audit(self.audit_prefix(), self.audit_key(first_kept)));
+            }
+            ops.push(self.delete_audit(self.audit_key(first), self.audit_key(newest)));
+        }
+        ops
     }
 
     /// The endpoint whose member last renewed this replica's election
@@ -532,6 +602,38 @@ impl StateStore for EtcdStore {
             match document.kvs().first() {
                 Some(kv) => {
                     let mut state = decode(&format!("etcd key {key}"), kv.value())?;
+                    let revision = Revision::At(kv.mod_revision().to_string());
+                    // Only keys named up to the document's newest record
+                    // belong to it. When later ones took the newest places
+                    // (a restored state key), read again below them, at the
+                    // same revision.
+                    let last = self.audit_key(state.audit_seq);
+                    let mut audit = audit.clone();
+                    if audit.kvs().iter().any(|kv| kv.key() > last.as_bytes()) {
+                        let at = resp.header().map(|h| h.revision()).ok_or_else(|| {
+                            StoreError::Backend(format!("reading {key}: no header"))
+                        })?;
+                        let below = GetOptions::new()
+                            .with_range(self.audit_key(state.audit_seq + 1))
+                            .with_sort(SortTarget::Key, SortOrder::Descend)
+                            .with_limit(AUDIT_KEEP as i64)
+                            .with_revision(at);
+                        audit = within(
+                            self.shared.settings.timeout,
+                            client.get(prefix.as_str(), Some(below)),
+                        )
+                        .await
+                        .map_err(|e| StoreError::Backend(format!("reading {prefix}: {e}")))?;
+                    }
+                    // A previous release's document: its records go to an
+                    // audit key with the first save from this revision.
+                    let embedded: Vec<Numbered> = numbered(&state).collect();
+                    *self
+                        .shared
+                        .embedded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        (!embedded.is_empty()).then(|| (revision.clone(), embedded));
                     let mut records = Vec::new();
                     for kv in audit.kvs() {
                         let batch: Vec<Numbered> =
@@ -546,7 +648,7 @@ impl StateStore for EtcdStore {
                     attach_audit(&mut state, records);
                     Ok(Loaded {
                         state: Some(state),
-                        revision: Revision::At(kv.mod_revision().to_string()),
+                        revision,
                     })
                 }
                 None => Ok(Loaded {
@@ -566,19 +668,26 @@ impl StateStore for EtcdStore {
             let mut ops = vec![TxnOp::put(self.state_key(), encode(state), None)];
             // The records this change made, as one key named by the newest
             // one's number: one put however many (a tick that marks many
-            // holders overdue stays within etcd's operations per txn).
-            let records: Vec<Numbered> = numbered(state).collect();
-            if let Some(newest) = records.last() {
-                let batch = serde_json::to_vec(&records).expect("audit records serialize");
-                ops.push(TxnOp::put(self.audit_key(newest.number), batch, None));
-                // Batches whose newest record is past the newest AUDIT_KEEP
-                // (a batch only partly past stays; loading keeps the newest).
-                let first_kept = (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64);
-                if first_kept > 1 {
-                    let older = DeleteOptions::new().with_range(self.audit_key(first_kept));
-                    ops.push(TxnOp::delete(self.audit_prefix(), Some(older)));
-                }
-            }
+            // holders overdue stays within etcd's operations per txn); with
+            // them, once, the records a previous release's document carried.
+            let embedded = self
+                .shared
+                .embedded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .filter(|(at, _)| *at == fence.revision)
+                .map(|(_, records)| records)
+                .unwrap_or_default();
+            let records: Vec<Numbered> = embedded
+                .into_iter()
+                .chain(numbered(state))
+                .filter(|n| n.number <= state.audit_seq)
+                .map(|n| (n.number, n))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_values()
+                .collect();
+            ops.extend(self.audit_ops(state, fence, &records));
             let resp = self.fenced_txn(fence, ops).await?;
             // The transaction's revision is the put's mod_revision.
             let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {

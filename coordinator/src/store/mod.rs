@@ -30,7 +30,13 @@
 //!   to `audit.jsonl` in batches, appended and fsynced before the document
 //!   that drops them is written (a record appended for a save that never
 //!   happened is numbered past the stored `audit_seq` and ignored).
-//!   A save never rewrites the whole audit.
+//!   A save never rewrites the whole audit. A load reads only the records
+//!   that belong to the document (numbered up to its `audit_seq`).
+//! - a document of an older [`FORMAT_VERSION`] is read; the audit records a
+//!   format-1 document carried inside are moved to the store's audit by the
+//!   first save after it, atomically with it (or, in the embedded store,
+//!   durably before it). A newer format is refused
+//!   ([`StoreError::NewerFormat`]).
 
 pub mod etcd;
 pub mod file;
@@ -41,8 +47,18 @@ use tokio::sync::watch;
 
 use crate::state::{AUDIT_KEEP, AuditEntry, LeaseState};
 
-/// The version of the persisted document; a newer one is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the persisted document; a newer one is refused with
+/// [`StoreError::NewerFormat`].
+///
+/// - 1: the previous release; the audit inside the state (`state.audit`).
+/// - 2: the audit kept apart (see the module documentation); `state.audit`
+///   is written empty, so that a release that reads only format 1 gets as
+///   far as the format check and refuses the document as a newer format,
+///   instead of failing on a missing field.
+///
+/// Every format up to this one is read; records a format-1 document
+/// carries are moved to the store's audit by the first save after it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Who leads the coordinators sharing a store.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -120,6 +136,17 @@ pub enum StoreError {
         path: String,
         /// What is wrong.
         detail: String,
+    },
+    /// The stored state was written by a newer Baton, in a format this one
+    /// does not know. It is left in place untouched.
+    #[error(
+        "state in {path} was written by a newer Baton (format {format}; this coordinator reads formats up to {FORMAT_VERSION}); it was left untouched: run the newer release again (a downgrade is only possible to a release that reads format {format}, or by restoring a backup taken before the upgrade)"
+    )]
+    NewerFormat {
+        /// Where it is.
+        path: String,
+        /// The format it was written in.
+        format: u32,
     },
     /// Another coordinator process uses the same data directory.
     #[error(
@@ -222,7 +249,8 @@ pub struct Document {
     /// The embedded store's generation (its [`Revision`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-    /// The lease state (without its audit).
+    /// The lease state (its audit written empty since format 2; a format-1
+    /// document's records are read from here).
     pub state: LeaseState,
     /// The embedded store's newest audit records not yet moved to its audit
     /// file (a few: see [`file`]).
@@ -246,19 +274,26 @@ pub fn encode_document(
     generation: Option<u64>,
     audit_tail: &[Numbered],
 ) -> Vec<u8> {
+    /// The state with an empty `audit` (see [`FORMAT_VERSION`]).
+    #[derive(serde::Serialize)]
+    struct StateRef<'a> {
+        #[serde(flatten)]
+        state: &'a LeaseState,
+        audit: &'a [AuditEntry],
+    }
     #[derive(serde::Serialize)]
     struct DocumentRef<'a> {
         format: u32,
         #[serde(skip_serializing_if = "Option::is_none")]
         generation: Option<u64>,
-        state: &'a LeaseState,
+        state: StateRef<'a>,
         #[serde(skip_serializing_if = "<[Numbered]>::is_empty")]
         audit_tail: &'a [Numbered],
     }
     serde_json::to_vec(&DocumentRef {
         format: FORMAT_VERSION,
         generation,
-        state,
+        state: StateRef { state, audit: &[] },
         audit_tail,
     })
     .expect("lease state serializes")
@@ -275,18 +310,29 @@ pub fn decode_document(path: &str, bytes: &[u8]) -> Result<Document, StoreError>
         path: path.to_string(),
         detail,
     };
+    // The format first, alone: a newer document may not have the shape
+    // this coordinator knows, and must be refused as newer, not as corrupt.
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let Format { format } =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("no format version: {e}")))?;
+    if format > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_string(),
+            format,
+        });
+    }
+    if format == 0 {
+        return Err(corrupt("format version 0 was never written".to_string()));
+    }
     let mut doc: Document = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    // A document written while the audit was part of it: its records are
-    // the newest ones there are.
+    // A document written while the audit was part of it (format 1): its
+    // records are the newest ones there are.
     let audited = doc.state.audit.len() as u64;
     if doc.state.audit_seq < audited {
         doc.state.audit_seq = audited;
-    }
-    if doc.format != FORMAT_VERSION {
-        return Err(corrupt(format!(
-            "format version {} is not {FORMAT_VERSION}, the one this coordinator understands",
-            doc.format
-        )));
     }
     let state = &doc.state;
     if let Some((node, h)) = state
