@@ -462,7 +462,7 @@ impl Admin for Services {
         self.identity(&request).await?.may_administer()?;
         let snap = self.engine.confirmed_snapshot().await?;
         let mut response = status_response(&self.engine, &snap);
-        response.rollout = rollout_status(self.rollout.as_ref());
+        response.rollout = rollout_status(self.rollout.as_ref(), self.policy.as_deref());
         Ok(Response::new(response))
     }
 
@@ -474,6 +474,7 @@ impl Admin for Services {
         Ok(Response::new(Box::pin(watch_stream(
             self.engine.clone(),
             self.rollout.clone(),
+            self.policy.clone(),
         ))))
     }
 
@@ -602,12 +603,13 @@ impl Admin for Services {
 fn watch_stream(
     engine: Arc<Engine>,
     rollout: Option<ViewHandle>,
+    policy: Option<Arc<PolicyHandle>>,
 ) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
     let changes = engine.subscribe();
     futures::stream::unfold(
         (engine, changes, Some(true)),
         move |(engine, mut changes, state)| {
-            let rollout = rollout.clone();
+            let (rollout, policy) = (rollout.clone(), policy.clone());
             async move {
                 let first = state?;
                 if !first && changes.changed().await.is_err() {
@@ -620,7 +622,7 @@ fn watch_stream(
                 match engine.confirmed_snapshot().await {
                     Ok(snap) => {
                         let mut response = status_response(&engine, &snap);
-                        response.rollout = rollout_status(rollout.as_ref());
+                        response.rollout = rollout_status(rollout.as_ref(), policy.as_deref());
                         Some((Ok(response), (engine, changes, Some(false))))
                     }
                     Err(e) => Some((Err(e.into()), (engine, changes, None))),
@@ -631,11 +633,23 @@ fn watch_stream(
 }
 
 /// The rollout policy's part of a status (`None` before the leader's
-/// first look, or without a policy).
-fn rollout_status(view: Option<&ViewHandle>) -> Option<pb::RolloutStatus> {
-    let view = view?.borrow().clone();
+/// first look, or without a policy). The policy's generation and last
+/// refusal are read live from `policy` (the view may be a tick old).
+fn rollout_status(
+    view: Option<&ViewHandle>,
+    policy: Option<&PolicyHandle>,
+) -> Option<pb::RolloutStatus> {
+    let mut view = view?.borrow().clone();
     if !view.known {
         return None;
+    }
+    if let Some(policy) = policy {
+        view.policy_generation = policy.generation();
+        view.policy_sha256 = policy.current().sha256.clone();
+        view.policy_reload_error = policy
+            .last_error()
+            .map(|(e, _)| e.to_string())
+            .unwrap_or_default();
     }
     Some(pb::RolloutStatus {
         gate_open: view.gate_open,

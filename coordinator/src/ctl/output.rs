@@ -68,7 +68,102 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
             "actor": a.actor,
             "reason": a.reason,
         })).collect::<Vec<_>>(),
+        "rollout": s.rollout.as_ref().map(rollout_json),
     })
+}
+
+/// The JSON form of the rollout policy's state (null before the leader's
+/// first look).
+fn rollout_json(r: &pb::RolloutStatus) -> Value {
+    json!({
+        "gate": {
+            "open": r.gate_open,
+            "cause": r.gate_cause,
+            "reason": r.gate_reason,
+        },
+        "alerts_firing": r.alerts_firing,
+        "canaries": r.canaries.iter().map(|c| json!({
+            "pool": c.pool,
+            "phase": c.phase,
+            "node": c.node,
+            "soak_until": time(c.soak_until.as_ref()),
+        })).collect::<Vec<_>>(),
+        "failure_budget": {
+            "max": r.failure_budget_max,
+            "remaining": r.failure_budget_remaining,
+            "failed_by_pool": r.failures.iter().map(|f| (f.pool.clone(), json!(f.failed))).collect::<serde_json::Map<_, _>>(),
+            "paused": r.paused_by_failure_budget,
+        },
+        "policy": {
+            "generation": r.policy_generation,
+            "sha256": r.policy_sha256,
+            "reload_error": r.policy_reload_error,
+        },
+    })
+}
+
+/// The rollout policy's lines of the human status.
+fn rollout_table(r: &pb::RolloutStatus) -> String {
+    let mut out = String::new();
+    let gate = if r.gate_open {
+        "open".to_string()
+    } else {
+        format!("WAITING ({}): {}", r.gate_cause, r.gate_reason)
+    };
+    out.push_str(&format!("health gate: {gate}\n"));
+    if !r.alerts_firing.is_empty() {
+        out.push_str(&format!(
+            "alert blockers firing: {}\n",
+            r.alerts_firing.join(", ")
+        ));
+    }
+    if r.failure_budget_max > 0 {
+        let by_pool: Vec<String> = r
+            .failures
+            .iter()
+            .map(|f| format!("{} {}", f.pool, f.failed))
+            .collect();
+        out.push_str(&format!(
+            "failure budget: {} of {} left{}{}\n",
+            r.failure_budget_remaining,
+            r.failure_budget_max,
+            if by_pool.is_empty() {
+                String::new()
+            } else {
+                format!(" (failed: {})", by_pool.join(", "))
+            },
+            if r.paused_by_failure_budget {
+                "; the rollout is PAUSED by it"
+            } else {
+                ""
+            }
+        ));
+    }
+    for c in &r.canaries {
+        let detail = match (c.phase.as_str(), c.soak_until.as_ref()) {
+            ("soaking", until) => format!(" ({} until {})", c.node, text(&time(until))),
+            ("running", _) => format!(" ({})", c.node),
+            _ => String::new(),
+        };
+        out.push_str(&format!("canary {}: {}{detail}\n", c.pool, c.phase));
+    }
+    let sha = r.policy_sha256.get(..12).unwrap_or(&r.policy_sha256);
+    out.push_str(&format!(
+        "policy: generation {}{}\n",
+        r.policy_generation,
+        if sha.is_empty() {
+            " (flags)".to_string()
+        } else {
+            format!(", sha256 {sha}")
+        }
+    ));
+    if !r.policy_reload_error.is_empty() {
+        out.push_str(&format!(
+            "policy reload REFUSED (the policy above stays): {}\n",
+            r.policy_reload_error
+        ));
+    }
+    out
 }
 
 /// Prints a status in `format`.
@@ -107,6 +202,10 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         "coordinator {}: {state}, max concurrent {}, windows: {windows}, last token {}\n\n",
         s.coordinator_id, s.max_concurrent, s.last_fencing_token
     ));
+    if let Some(r) = &s.rollout {
+        out.push_str(&rollout_table(r));
+        out.push('\n');
+    }
     out.push_str(&format!(
         "{:<30} {:>7} {:<13} {:<25} {:<8} {}\n",
         "HOLDER", "TOKEN", "PHASE", "SINCE", "OVERDUE", "MESSAGE"

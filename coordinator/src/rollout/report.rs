@@ -191,6 +191,7 @@ impl Reporter {
             } => {
                 metrics.reload("changed");
                 metrics.policy_reload_refused.set(0);
+                metrics.policy_generation.set(*generation as i64);
                 events.record(RolloutEvent::normal(
                     Subject::Rollout,
                     "PolicyReloaded",

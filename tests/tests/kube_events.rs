@@ -1,0 +1,308 @@
+//! The coordinator's Kubernetes Events against the fake API server: read
+//! back through a real `kube::Client` with a field selector on the
+//! involved object, as `kubectl describe` reads them.
+//!
+//! - a node's grant and a stuck-lock release are Events on its Node (with
+//!   the node's name as uid, which `kubectl describe node` looks for);
+//! - a refused policy reload is a Warning on the coordinators' Lease with
+//!   the file's line, a good one a Normal Event, and both are counted on
+//!   `/metrics`;
+//! - the health gate records one Event per change of what it waits for,
+//!   not one per look, and status shows the gate, its cause and reason;
+//! - an Event API that answers 500 or 429, or hangs, never holds a grant
+//!   back: the Events are dropped and counted.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use baton_proto::v1::StatusRequest;
+use baton_tests::coordinator::{InProcess, wait_granted, wait_reason};
+use baton_tests::kube_fake::FakeApi;
+use baton_tests::kube_fake::fixtures::node;
+use k8s_openapi::api::core::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+
+/// A coordinator with the node watch on `fake_url` and `policy`.
+async fn start(fake_url: &str, dir: &std::path::Path, policy: &str) -> Result<InProcess> {
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, policy)?;
+    InProcess::start(
+        dir,
+        &[
+            format!("--policy={}", path.display()),
+            "--watch-nodes".to_string(),
+            format!("--kube-api-url={fake_url}"),
+        ],
+    )
+    .await
+}
+
+/// The Events about `kind` `name` in baton-system, by field selector.
+async fn events_about(client: &kube::Client, kind: &str, name: &str) -> Result<Vec<Event>> {
+    let api: Api<Event> = Api::namespaced(client.clone(), "baton-system");
+    let params = ListParams::default().fields(&format!(
+        "involvedObject.kind={kind},involvedObject.name={name}"
+    ));
+    Ok(api.list(&params).await?.items)
+}
+
+/// Waits until an Event with `reason` is about `kind` `name`; returns it.
+async fn until_event(client: &kube::Client, kind: &str, name: &str, reason: &str) -> Result<Event> {
+    for _ in 0..100 {
+        if let Some(e) = events_about(client, kind, name)
+            .await?
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+        {
+            return Ok(e);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "no {reason} Event on {kind} {name}; there are: {:?}",
+        events_about(client, kind, name)
+            .await?
+            .iter()
+            .map(|e| (e.reason.clone(), e.message.clone()))
+            .collect::<Vec<_>>()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_and_stuck_lock_releases_are_events_on_the_node() -> Result<()> {
+    let fake = FakeApi::new();
+    for n in ["n1", "n2"] {
+        fake.put(node(n).build());
+    }
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let dir = tempfile::tempdir()?;
+    let c = start(
+        &endpoint.url,
+        dir.path(),
+        "stuckLocks:\n  deletedNodeGrace: 1s\n",
+    )
+    .await?;
+
+    let mut n1 = c.acquire("n1", false).await?;
+    let t1 = wait_granted(&mut n1, Duration::from_secs(10)).await?;
+    let granted = until_event(&client, "Node", "n1", "BatonGranted").await?;
+    assert_eq!(granted.type_.as_deref(), Some("Normal"));
+    assert!(
+        granted
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains(&format!("token {t1}"))),
+        "{granted:?}"
+    );
+    // As the kubelet's: the uid is the node's name (kubectl describe node).
+    assert_eq!(granted.involved_object.uid.as_deref(), Some("n1"));
+
+    let mut n2 = c.acquire("n2", false).await?;
+    fake.remove("v1/nodes", "", "n1");
+    wait_granted(&mut n2, Duration::from_secs(10)).await?;
+    let released = until_event(&client, "Node", "n1", "BatonStuckLockReleased").await?;
+    assert_eq!(released.type_.as_deref(), Some("Warning"));
+    assert!(
+        released
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("Node object was deleted")),
+        "{released:?}"
+    );
+    until_event(&client, "Node", "n2", "BatonGranted").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_is_a_warning_with_the_line_and_a_good_one_a_new_generation() -> Result<()>
+{
+    let fake = FakeApi::new();
+    fake.put(node("n1").build());
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let dir = tempfile::tempdir()?;
+    let c = start(&endpoint.url, dir.path(), "maxConcurrent: 1\n").await?;
+    let path = dir.path().join("policy.yaml");
+
+    // Line 3 is wrong: refused, the running policy stays.
+    std::fs::write(
+        &path,
+        "maxConcurrent: 1\npools: []\nfailureBudget: {maxFailedNodes: many}\n",
+    )?;
+    let refused = until_event(&client, "Lease", "baton-coordinator", "PolicyReloadRefused").await?;
+    assert_eq!(refused.type_.as_deref(), Some("Warning"));
+    let message = refused.message.unwrap_or_default();
+    assert!(message.contains("policy.yaml:3"), "{message}");
+    let metrics = c.metrics_text().await;
+    assert!(
+        metrics.contains("baton_policy_reloads_total{result=\"refused\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("baton_policy_reload_refused 1"),
+        "{metrics}"
+    );
+    let s = c
+        .admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    let rollout = s.rollout.expect("the rollout's status");
+    assert_eq!(rollout.policy_generation, 1);
+    assert!(
+        rollout.policy_reload_error.contains("policy.yaml:3"),
+        "{rollout:?}"
+    );
+
+    // A good file: in force, a Normal Event, generation 2.
+    std::fs::write(&path, "maxConcurrent: 2\n")?;
+    let reloaded = until_event(&client, "Lease", "baton-coordinator", "PolicyReloaded").await?;
+    assert!(
+        reloaded
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("generation 2")),
+        "{reloaded:?}"
+    );
+    let metrics = c.metrics_text().await;
+    assert!(metrics.contains("baton_policy_generation 2"), "{metrics}");
+    assert!(
+        metrics.contains("baton_policy_reload_refused 0"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_records_one_event_per_change_of_what_it_waits_for() -> Result<()> {
+    let fake = FakeApi::new();
+    for n in ["n1", "n2", "n3"] {
+        fake.put(node(n).build());
+    }
+    fake.put(node("n4").ready(false).build());
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, "maxConcurrent: 3\nhealthGate:\n  interval: 1s\n")?;
+    let c = InProcess::start(
+        dir.path(),
+        &[
+            format!("--policy={}", path.display()),
+            "--watch-nodes".to_string(),
+            format!("--kube-api-url={}", endpoint.url),
+        ],
+    )
+    .await?;
+
+    let mut n1 = c.acquire("n1", false).await?;
+    wait_reason(&mut n1, "n4 not Ready", Duration::from_secs(10)).await?;
+    let waiting = until_event(&client, "Lease", "baton-coordinator", "HealthGateWaiting").await?;
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("n4 not Ready")),
+        "{waiting:?}"
+    );
+    // Status shows the gate, its cause and its reason.
+    let s = c
+        .admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    let rollout = s.rollout.expect("the rollout's status");
+    assert!(!rollout.gate_open);
+    assert_eq!(rollout.gate_cause, "nodes_not_ready");
+    assert!(rollout.gate_reason.contains("n4 not Ready"), "{rollout:?}");
+    let metrics = c.metrics_text().await;
+    assert!(metrics.contains("baton_health_gate_open 0"), "{metrics}");
+    assert!(
+        metrics.contains("baton_health_gate_waiting{cause=\"nodes_not_ready\"} 1"),
+        "{metrics}"
+    );
+
+    // Another node goes down: the sentence changes, what the gate waits
+    // for does not; many looks later there is still one such Event.
+    fake.put(node("n3").ready(false).build());
+    wait_reason(&mut n1, "n3, n4 not Ready", Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let gate_events: Vec<Event> = events_about(&client, "Lease", "baton-coordinator")
+        .await?
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("HealthGateWaiting"))
+        .collect();
+    assert_eq!(gate_events.len(), 1, "{gate_events:?}");
+    assert_eq!(gate_events[0].count, Some(1), "{gate_events:?}");
+
+    // Healthy again: the grant goes, and the gate says it is open.
+    fake.put(node("n3").build());
+    fake.put(node("n4").build());
+    wait_granted(&mut n1, Duration::from_secs(10)).await?;
+    until_event(&client, "Lease", "baton-coordinator", "HealthGateOpen").await?;
+    Ok(())
+}
+
+/// `baton_kube_events_dropped_total{result="api_error"}` now.
+async fn dropped(c: &InProcess) -> f64 {
+    c.metrics_text()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_kube_events_dropped_total{result=\"api_error\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
+}
+
+/// Waits until more than `before` Events were dropped.
+async fn until_dropped_over(c: &InProcess, before: f64) -> Result<f64> {
+    for _ in 0..150 {
+        let now = dropped(c).await;
+        if now > before {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("no Event dropped after {before}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_api_that_fails_or_hangs_never_holds_a_grant_back() -> Result<()> {
+    let fake = FakeApi::new();
+    for n in ["n1", "n2", "n3", "n4"] {
+        fake.put(node(n).build());
+    }
+    let endpoint = fake.serve().await;
+    let dir = tempfile::tempdir()?;
+    let c = start(&endpoint.url, dir.path(), "{}\n").await?;
+
+    // 500, then 429: each grant goes, its Event is dropped and counted.
+    let mut count = 0.0;
+    for (node, code) in [("n1", 500), ("n2", 429)] {
+        endpoint.fail_writes(Some(("events", code)));
+        let mut stream = c.acquire(node, false).await?;
+        let token = wait_granted(&mut stream, Duration::from_secs(10)).await?;
+        c.release(node, token).await?;
+        count = until_dropped_over(&c, count).await?;
+    }
+    // The API hangs: grants still go one after another, while the writer
+    // waits out its timeout and drops.
+    endpoint.fail_writes(None);
+    endpoint.stall_writes(Some("events"));
+    for node in ["n3", "n4", "n1"] {
+        let mut stream = c.acquire(node, false).await?;
+        let token = wait_granted(&mut stream, Duration::from_secs(10)).await?;
+        c.release(node, token).await?;
+    }
+    until_dropped_over(&c, count).await?;
+    assert!(
+        fake.list("v1/events").is_empty(),
+        "no Event got through: {:?}",
+        fake.list("v1/events")
+    );
+    endpoint.stall_writes(None);
+    Ok(())
+}
