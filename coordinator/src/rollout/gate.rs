@@ -60,6 +60,18 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause (each has a `baton_health_gate_waiting` series).
+    pub const ALL: [Cause; 8] = [
+        Cause::AlertFiring,
+        Cause::NodesNotReady,
+        Cause::DisruptionBudgets,
+        Cause::Query,
+        Cause::Unavailable,
+        Cause::NoAnswer,
+        Cause::AfterRelease,
+        Cause::Stale,
+    ];
+
     /// The name in metrics and status.
     pub fn name(self) -> &'static str {
         match self {

@@ -119,7 +119,7 @@ pub struct RolloutMetrics {
     pub policy_info: SeriesSet<PolicyInfo>,
     /// 1 while the health gate and alert blockers let grants through.
     pub gate_open: Gauge,
-    /// 1 for the cause the gate waits for now (none while open).
+    /// 1 for the cause the gate waits for now, 0 for every other.
     pub gate_waiting: SeriesSet<CauseLabel>,
     /// 1 per alert blocker firing now.
     pub alert_blockers_firing: SeriesSet<AlertLabel>,
@@ -186,7 +186,7 @@ impl RolloutMetrics {
         let gate_waiting = SeriesSet::register(
             registry,
             "health_gate_waiting",
-            "1 for what the health gate waits for now, by cause",
+            "1 for what the health gate waits for now, 0 for the other causes",
         );
         let alert_blockers_firing = SeriesSet::register(
             registry,

@@ -243,6 +243,20 @@ impl Notifier {
                 continue;
             }
             let hook = hook_name(position, &spec);
+            if let Some(r) = &self.reporting {
+                // Every result exists from the start: increase() sees the
+                // first give-up.
+                for result in ["delivered", "retried", "given_up", "dropped"] {
+                    drop(
+                        r.metrics
+                            .webhook_deliveries
+                            .get_or_create(&super::metrics::HookResult {
+                                hook: hook.clone(),
+                                result: result.to_string(),
+                            }),
+                    );
+                }
+            }
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(deliver(
                 self.http.clone(),

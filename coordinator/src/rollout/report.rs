@@ -331,16 +331,21 @@ impl Reporter {
             1,
         )]);
         m.gate_open.set(i64::from(view.gate_open));
-        m.gate_waiting.set(if view.gate_open {
-            Vec::new()
-        } else {
-            vec![(
-                CauseLabel {
-                    cause: view.gate_cause.clone(),
-                },
-                1,
-            )]
-        });
+        // Every cause has a series (0 or 1), so a query sees 0, not nothing.
+        m.gate_waiting.set(
+            Cause::ALL
+                .iter()
+                .map(|c| {
+                    let waiting = !view.gate_open && view.gate_cause == c.name();
+                    (
+                        CauseLabel {
+                            cause: c.name().to_string(),
+                        },
+                        i64::from(waiting),
+                    )
+                })
+                .collect(),
+        );
         let alerts = loaded
             .effective
             .alert_blockers
