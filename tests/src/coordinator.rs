@@ -244,6 +244,19 @@ impl InProcess {
             .expect("scraping /metrics")
     }
 
+    /// Waits until the `/metrics` page has a line starting with `series`
+    /// (e.g. `name{labels} 1`); returns the page.
+    pub async fn until_metric(&self, series: &str) -> anyhow::Result<String> {
+        for _ in 0..100 {
+            let text = self.metrics_text().await;
+            if text.lines().any(|l| l.starts_with(series)) {
+                return Ok(text);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("no `{series}` on /metrics:\n{}", self.metrics_text().await)
+    }
+
     /// A lease client.
     pub async fn lease(
         &self,

@@ -64,6 +64,23 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
     let mut n1 = coord.acquire("n1", false).await?;
     let reason = wait_reason(&mut n1, "TestAlarm firing", Duration::from_secs(20)).await?;
     assert!(reason.starts_with("alert blocker"), "{reason}");
+    // ... and the metrics and status say so.
+    coord
+        .until_metric("baton_alert_blocker_firing{alert=\"TestAlarm\"} 1")
+        .await?;
+    let metrics = coord
+        .until_metric("baton_health_gate_waiting{cause=\"alert_firing\"} 1")
+        .await?;
+    assert!(metrics.contains("baton_health_gate_open 0"), "{metrics}");
+    let status = coord
+        .admin()
+        .await?
+        .status(baton_proto::v1::StatusRequest {})
+        .await?
+        .into_inner();
+    let rollout = status.rollout.expect("the rollout's status");
+    assert_eq!(rollout.alerts_firing, ["TestAlarm"]);
+    assert_eq!(rollout.gate_cause, "alert_firing");
     // Still not granted a few rounds later.
     let early = wait_granted(&mut n1, Duration::from_secs(3)).await;
     assert!(
@@ -76,6 +93,9 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
     // The alert clears: n1 goes.
     exporter.set("baton_test_alarm", 0.0);
     let t1 = wait_granted(&mut n1, Duration::from_secs(30)).await?;
+    coord
+        .until_metric("baton_alert_blocker_firing{alert=\"TestAlarm\"} 0")
+        .await?;
 
     // The gate's query returns a series: after n1 releases, n2 waits.
     exporter.set("baton_test_unhealthy", 1.0);
