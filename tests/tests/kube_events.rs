@@ -306,3 +306,107 @@ async fn an_event_api_that_fails_or_hangs_never_holds_a_grant_back() -> Result<(
     endpoint.stall_writes(None);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_soak_and_failure_budget_show_in_status_metrics_and_events() -> Result<()> {
+    use baton_proto::v1::{Phase, ReportRequest};
+    let fake = FakeApi::new();
+    for n in ["n1", "n2", "n3"] {
+        fake.put(node(n).build());
+    }
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let dir = tempfile::tempdir()?;
+    let c = start(
+        &endpoint.url,
+        dir.path(),
+        "maxConcurrent: 3\ncanary:\n  soak: 3s\nfailureBudget:\n  maxFailedNodes: 1\n",
+    )
+    .await?;
+
+    // The canary goes, releases, and the others wait out the soak.
+    let mut n1 = c.acquire("n1", false).await?;
+    let t1 = wait_granted(&mut n1, Duration::from_secs(10)).await?;
+    let mut n2 = c.acquire("n2", false).await?;
+    wait_reason(&mut n2, "canary", Duration::from_secs(5)).await?;
+    c.release("n1", t1).await?;
+    let soaking = until_event(&client, "Lease", "baton-coordinator", "CanarySoaking").await?;
+    assert!(
+        soaking
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("pool (no pool): canary n1 released")),
+        "{soaking:?}"
+    );
+    c.until_metric("baton_canary_soaking{pool=\"(no pool)\"} 1")
+        .await?;
+    let s = c
+        .admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    let canary = &s.rollout.expect("the rollout's status").canaries[0];
+    assert_eq!(
+        (
+            canary.pool.as_str(),
+            canary.phase.as_str(),
+            canary.node.as_str()
+        ),
+        ("(no pool)", "soaking", "n1")
+    );
+    assert!(canary.soak_until.is_some());
+    let t2 = wait_granted(&mut n2, Duration::from_secs(10)).await?;
+    until_event(&client, "Lease", "baton-coordinator", "CanarySoakDone").await?;
+
+    // n2 fails: the budget of one is spent, the rollout pauses itself.
+    c.lease()
+        .await?
+        .report(ReportRequest {
+            node: "n2".into(),
+            fencing_token: t2,
+            phase: Phase::Failed as i32,
+            error: "apt failed".into(),
+            ..Default::default()
+        })
+        .await?;
+    let failed = until_event(&client, "Node", "n2", "BatonFailed").await?;
+    assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    let paused = until_event(
+        &client,
+        "Lease",
+        "baton-coordinator",
+        "RolloutPausedByFailureBudget",
+    )
+    .await?;
+    assert_eq!(paused.type_.as_deref(), Some("Warning"));
+    let metrics = c.until_metric("baton_paused_by_failure_budget 1").await?;
+    for series in [
+        "baton_failure_budget_spent{pool=\"(no pool)\"} 1",
+        "baton_failure_budget_remaining 0",
+        "baton_failure_budget_max 1",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    let s = c
+        .admin()
+        .await?
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    let rollout = s.rollout.expect("the rollout's status");
+    assert!(s.paused && rollout.paused_by_failure_budget, "{rollout:?}");
+    assert_eq!(
+        (rollout.failure_budget_max, rollout.failure_budget_remaining),
+        (1, 0)
+    );
+    assert_eq!(rollout.failures.len(), 1);
+    assert_eq!(
+        (
+            rollout.failures[0].pool.as_str(),
+            rollout.failures[0].failed
+        ),
+        ("(no pool)", 1)
+    );
+    Ok(())
+}

@@ -356,3 +356,76 @@ pub fn print_plan(p: &pb::PlanResponse, format: Format) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_with(rollout: Option<pb::RolloutStatus>) -> pb::StatusResponse {
+        pb::StatusResponse {
+            coordinator_id: "c0".into(),
+            paused: true,
+            pause_reason: "failure budget spent".into(),
+            rollout,
+            ..Default::default()
+        }
+    }
+
+    fn rollout() -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            gate_open: false,
+            gate_cause: "nodes_not_ready".into(),
+            gate_reason: "health gate: n4 not Ready".into(),
+            alerts_firing: vec!["NodeDown".into()],
+            canaries: vec![pb::CanaryStatus {
+                pool: "web".into(),
+                phase: "soaking".into(),
+                node: "w1".into(),
+                soak_until: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+            }],
+            failure_budget_max: 2,
+            failures: vec![pb::PoolFailures {
+                pool: "web".into(),
+                failed: 2,
+            }],
+            failure_budget_remaining: 0,
+            paused_by_failure_budget: true,
+            policy_generation: 3,
+            policy_sha256: "0123456789abcdef".into(),
+            policy_reload_error: "policy.yaml:3:16: failureBudget.maxFailedNodes: invalid".into(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_gate_budget_canaries_alerts_and_policy() {
+        let table = status_table(&status_with(Some(rollout())));
+        for line in [
+            "health gate: WAITING (nodes_not_ready): health gate: n4 not Ready\n",
+            "alert blockers firing: NodeDown\n",
+            "failure budget: 0 of 2 left (failed: web 2); the rollout is PAUSED by it\n",
+            "canary web: soaking (w1 until 2023-11-14T22:13:20.000Z)\n",
+            "policy: generation 3, sha256 0123456789ab\n",
+            "policy reload REFUSED (the policy above stays): policy.yaml:3:16",
+        ] {
+            assert!(table.contains(line), "{line:?} missing from\n{table}");
+        }
+        assert!(!status_table(&status_with(None)).contains("health gate"));
+    }
+
+    #[test]
+    fn the_json_has_the_rollout_under_stable_names() {
+        let json = status_json(&status_with(Some(rollout())));
+        let r = &json["rollout"];
+        assert_eq!(r["gate"]["open"], false);
+        assert_eq!(r["gate"]["cause"], "nodes_not_ready");
+        assert_eq!(r["alerts_firing"][0], "NodeDown");
+        assert_eq!(r["canaries"][0]["phase"], "soaking");
+        assert_eq!(r["failure_budget"]["failed_by_pool"]["web"], 2);
+        assert_eq!(r["failure_budget"]["paused"], true);
+        assert_eq!(r["policy"]["generation"], 3);
+        assert!(status_json(&status_with(None))["rollout"].is_null());
+    }
+}
