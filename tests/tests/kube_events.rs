@@ -17,25 +17,50 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use baton_proto::v1::StatusRequest;
 use baton_tests::coordinator::{InProcess, wait_granted, wait_reason};
-use baton_tests::kube_fake::FakeApi;
 use baton_tests::kube_fake::fixtures::node;
+use baton_tests::kube_fake::{Endpoint, FakeApi};
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
 
-/// A coordinator with the node watch on `fake_url` and `policy`.
-async fn start(fake_url: &str, dir: &std::path::Path, policy: &str) -> Result<InProcess> {
-    let path = dir.join("policy.yaml");
+/// A coordinator with the node watch on a fake cluster.
+struct Cluster {
+    fake: FakeApi,
+    endpoint: Endpoint,
+    /// A client of the fake, to read Events back.
+    client: kube::Client,
+    c: InProcess,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a coordinator with `policy` on a fake cluster holding Ready
+/// `nodes` (and whatever `fake` already holds). Bind `_dir` when taking
+/// the result apart: the coordinator's data lives there.
+async fn cluster(fake: FakeApi, nodes: &[&str], policy: &str) -> Result<Cluster> {
+    for n in nodes {
+        fake.put(node(n).build());
+    }
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("policy.yaml");
     std::fs::write(&path, policy)?;
-    InProcess::start(
-        dir,
+    let c = InProcess::start(
+        dir.path(),
         &[
             format!("--policy={}", path.display()),
             "--watch-nodes".to_string(),
-            format!("--kube-api-url={fake_url}"),
+            format!("--kube-api-url={}", endpoint.url),
         ],
     )
-    .await
+    .await?;
+    Ok(Cluster {
+        fake,
+        endpoint,
+        client,
+        c,
+        _dir: dir,
+    })
 }
 
 /// The Events about `kind` `name` in baton-system, by field selector.
@@ -71,16 +96,15 @@ async fn until_event(client: &kube::Client, kind: &str, name: &str, reason: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_and_stuck_lock_releases_are_events_on_the_node() -> Result<()> {
-    let fake = FakeApi::new();
-    for n in ["n1", "n2"] {
-        fake.put(node(n).build());
-    }
-    let endpoint = fake.serve().await;
-    let client = endpoint.client();
-    let dir = tempfile::tempdir()?;
-    let c = start(
-        &endpoint.url,
-        dir.path(),
+    let Cluster {
+        fake,
+        client,
+        c,
+        _dir,
+        ..
+    } = cluster(
+        FakeApi::new(),
+        &["n1", "n2"],
         "stuckLocks:\n  deletedNodeGrace: 1s\n",
     )
     .await?;
@@ -118,13 +142,10 @@ async fn grants_and_stuck_lock_releases_are_events_on_the_node() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_is_a_warning_with_the_line_and_a_good_one_a_new_generation() -> Result<()>
 {
-    let fake = FakeApi::new();
-    fake.put(node("n1").build());
-    let endpoint = fake.serve().await;
-    let client = endpoint.client();
-    let dir = tempfile::tempdir()?;
-    let c = start(&endpoint.url, dir.path(), "maxConcurrent: 1\n").await?;
-    let path = dir.path().join("policy.yaml");
+    let Cluster {
+        client, c, _dir, ..
+    } = cluster(FakeApi::new(), &["n1"], "maxConcurrent: 1\n").await?;
+    let path = _dir.path().join("policy.yaml");
 
     // Line 3 is wrong: refused, the running policy stays.
     std::fs::write(
@@ -179,22 +200,17 @@ async fn a_refused_reload_is_a_warning_with_the_line_and_a_good_one_a_new_genera
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_records_one_event_per_change_of_what_it_waits_for() -> Result<()> {
     let fake = FakeApi::new();
-    for n in ["n1", "n2", "n3"] {
-        fake.put(node(n).build());
-    }
     fake.put(node("n4").ready(false).build());
-    let endpoint = fake.serve().await;
-    let client = endpoint.client();
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("policy.yaml");
-    std::fs::write(&path, "maxConcurrent: 3\nhealthGate:\n  interval: 1s\n")?;
-    let c = InProcess::start(
-        dir.path(),
-        &[
-            format!("--policy={}", path.display()),
-            "--watch-nodes".to_string(),
-            format!("--kube-api-url={}", endpoint.url),
-        ],
+    let Cluster {
+        fake,
+        client,
+        c,
+        _dir,
+        ..
+    } = cluster(
+        fake,
+        &["n1", "n2", "n3"],
+        "maxConcurrent: 3\nhealthGate:\n  interval: 1s\n",
     )
     .await?;
 
@@ -271,13 +287,13 @@ async fn until_dropped_over(c: &InProcess, before: f64) -> Result<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_api_that_fails_or_hangs_never_holds_a_grant_back() -> Result<()> {
-    let fake = FakeApi::new();
-    for n in ["n1", "n2", "n3", "n4"] {
-        fake.put(node(n).build());
-    }
-    let endpoint = fake.serve().await;
-    let dir = tempfile::tempdir()?;
-    let c = start(&endpoint.url, dir.path(), "{}\n").await?;
+    let Cluster {
+        fake,
+        endpoint,
+        c,
+        _dir,
+        ..
+    } = cluster(FakeApi::new(), &["n1", "n2", "n3", "n4"], "{}\n").await?;
 
     // 500, then 429: each grant goes, its Event is dropped and counted.
     let mut count = 0.0;
@@ -310,16 +326,11 @@ async fn an_event_api_that_fails_or_hangs_never_holds_a_grant_back() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_soak_and_failure_budget_show_in_status_metrics_and_events() -> Result<()> {
     use baton_proto::v1::{Phase, ReportRequest};
-    let fake = FakeApi::new();
-    for n in ["n1", "n2", "n3"] {
-        fake.put(node(n).build());
-    }
-    let endpoint = fake.serve().await;
-    let client = endpoint.client();
-    let dir = tempfile::tempdir()?;
-    let c = start(
-        &endpoint.url,
-        dir.path(),
+    let Cluster {
+        client, c, _dir, ..
+    } = cluster(
+        FakeApi::new(),
+        &["n1", "n2", "n3"],
         "maxConcurrent: 3\ncanary:\n  soak: 3s\nfailureBudget:\n  maxFailedNodes: 1\n",
     )
     .await?;

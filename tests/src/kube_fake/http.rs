@@ -53,26 +53,28 @@ pub(crate) fn router(
 /// The status code a write to `target` fails with, if its resource's
 /// writes are made to fail.
 fn failing_code(ctx: &Ctx, method: &Method, target: Option<&Target>) -> Option<u16> {
-    let target = target?;
-    if method == Method::GET {
-        return None;
-    }
-    let failing = ctx.failing.lock().unwrap_or_else(|e| e.into_inner());
-    match &*failing {
-        Some((resource, code)) if *resource == target.resource => Some(*code),
-        _ => None,
-    }
+    for_writes_to(&ctx.failing, method, target)
 }
 
 /// How long the answer to this request is held back after it took effect.
 fn answer_delay(ctx: &Ctx, method: &Method, target: Option<&Target>) -> Option<Duration> {
+    for_writes_to(&ctx.delayed, method, target)
+}
+
+/// The value `setting` holds for writes (anything but GET) to `target`'s
+/// resource, if it names that resource.
+fn for_writes_to<T: Copy>(
+    setting: &Mutex<Option<(String, T)>>,
+    method: &Method,
+    target: Option<&Target>,
+) -> Option<T> {
     let target = target?;
     if method == Method::GET {
         return None;
     }
-    let delayed = ctx.delayed.lock().unwrap_or_else(|e| e.into_inner());
-    match &*delayed {
-        Some((resource, delay)) if *resource == target.resource => Some(*delay),
+    let setting = setting.lock().unwrap_or_else(|e| e.into_inner());
+    match &*setting {
+        Some((resource, value)) if *resource == target.resource => Some(*value),
         _ => None,
     }
 }
