@@ -421,3 +421,65 @@ async fn canary_soak_and_failure_budget_show_in_status_metrics_and_events() -> R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_count_on_one_event_long_messages_are_cut_and_followers_write_nothing() -> Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use baton_coordinator::kube::events::{
+        EventRecorder, EventTarget, MESSAGE_BYTES, RolloutEvent, Subject,
+    };
+    let fake = FakeApi::new();
+    let endpoint = fake.serve().await;
+    let client = endpoint.client();
+    let leads = Arc::new(AtomicBool::new(true));
+    let recorder = {
+        let leads = leads.clone();
+        EventRecorder::start(
+            EventTarget {
+                client: client.clone(),
+                namespace: "baton-system".into(),
+                lease_name: "baton-coordinator".into(),
+                instance: "c0".into(),
+            },
+            baton_coordinator::metrics::Metrics::new().rollout,
+            Arc::new(move || leads.load(Ordering::SeqCst)),
+        )
+    };
+    let event =
+        |message: &str| RolloutEvent::warning(Subject::Node("n1".into()), "BatonFailed", message);
+    for _ in 0..3 {
+        recorder.record(event("apt failed"));
+    }
+    // Far over the API's limit: the fake refuses such a message (422), so
+    // it arrives only if cut.
+    recorder.record(event(&"x".repeat(10 * MESSAGE_BYTES)));
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = events_about(&client, "Node", "n1").await?;
+        if events.len() == 2 && events.iter().any(|e| e.count == Some(3)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let repeated = events
+        .iter()
+        .find(|e| e.message.as_deref() == Some("apt failed"))
+        .expect("the repeated Event");
+    assert_eq!(repeated.count, Some(3), "{events:?}");
+    let long = events
+        .iter()
+        .find(|e| e.message.as_deref() != Some("apt failed"))
+        .expect("the long Event, cut");
+    let message = long.message.clone().unwrap_or_default();
+    assert!(message.len() <= MESSAGE_BYTES && message.ends_with('…'));
+
+    // A replica that stopped leading writes nothing more.
+    leads.store(false, Ordering::SeqCst);
+    recorder.record(event("after losing leadership"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(events_about(&client, "Node", "n1").await?.len(), 2);
+    Ok(())
+}
