@@ -3,7 +3,8 @@
 //! involved object, as `kubectl describe` reads them.
 //!
 //! - a node's grant and a stuck-lock release are Events on its Node (with
-//!   the node's name as uid, which `kubectl describe node` looks for);
+//!   the node's name as uid, which `kubectl describe node` looks for), a
+//!   webhook that gave an event up one on the Lease;
 //! - a refused policy reload is a Warning on the coordinators' Lease with
 //!   the file's line, a good one a Normal Event, and both are counted on
 //!   `/metrics`;
@@ -105,7 +106,7 @@ async fn grants_and_stuck_lock_releases_are_events_on_the_node() -> Result<()> {
     } = cluster(
         FakeApi::new(),
         &["n1", "n2"],
-        "stuckLocks:\n  deletedNodeGrace: 1s\n",
+        "stuckLocks:\n  deletedNodeGrace: 1s\nwebhooks:\n  - url: http://127.0.0.1:1/hook\n    maxAttempts: 1\n    timeout: 1s\n",
     )
     .await?;
 
@@ -136,6 +137,17 @@ async fn grants_and_stuck_lock_releases_are_events_on_the_node() -> Result<()> {
         "{released:?}"
     );
     until_event(&client, "Node", "n2", "BatonGranted").await?;
+
+    // The webhook nobody answers gave its events up: a Warning on the Lease
+    // naming the hook by position and host.
+    let given_up = until_event(&client, "Lease", "baton-coordinator", "WebhookGivenUp").await?;
+    assert_eq!(given_up.type_.as_deref(), Some("Warning"));
+    assert!(
+        given_up.message.as_deref().is_some_and(
+            |m| m.starts_with("webhook 1:127.0.0.1:1 gave up on the granted event of node n1")
+        ),
+        "{given_up:?}"
+    );
     Ok(())
 }
 
