@@ -18,11 +18,10 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use baton_proto::v1::StatusRequest;
 use baton_tests::coordinator::{InProcess, wait_granted, wait_reason};
+use baton_tests::kube_fake::events::{events_about, until_event};
 use baton_tests::kube_fake::fixtures::node;
 use baton_tests::kube_fake::{Endpoint, FakeApi};
 use k8s_openapi::api::core::v1::Event;
-use kube::Api;
-use kube::api::ListParams;
 
 /// A coordinator with the node watch on a fake cluster.
 struct Cluster {
@@ -62,37 +61,6 @@ async fn cluster(fake: FakeApi, nodes: &[&str], policy: &str) -> Result<Cluster>
         c,
         _dir: dir,
     })
-}
-
-/// The Events about `kind` `name` in baton-system, by field selector.
-async fn events_about(client: &kube::Client, kind: &str, name: &str) -> Result<Vec<Event>> {
-    let api: Api<Event> = Api::namespaced(client.clone(), "baton-system");
-    let params = ListParams::default().fields(&format!(
-        "involvedObject.kind={kind},involvedObject.name={name}"
-    ));
-    Ok(api.list(&params).await?.items)
-}
-
-/// Waits until an Event with `reason` is about `kind` `name`; returns it.
-async fn until_event(client: &kube::Client, kind: &str, name: &str, reason: &str) -> Result<Event> {
-    for _ in 0..100 {
-        if let Some(e) = events_about(client, kind, name)
-            .await?
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some(reason))
-        {
-            return Ok(e);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!(
-        "no {reason} Event on {kind} {name}; there are: {:?}",
-        events_about(client, kind, name)
-            .await?
-            .iter()
-            .map(|e| (e.reason.clone(), e.message.clone()))
-            .collect::<Vec<_>>()
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -236,14 +236,13 @@ impl Reporter {
         }
         let view = self.view_of(snap, budget);
         self.publish_metrics(&view);
-        if !first {
-            self.record_changes(snap, &view);
-        } else {
-            // The first look is the baseline: what already fires or soaks
-            // was announced by whoever led before.
-            self.firing = view.alerts_firing.iter().cloned().collect();
+        if first {
+            // A new leadership announces what holds grants now (an alert
+            // that fires, the gate's wait), but not the canaries' past
+            // transitions: it starts from their phases as they are.
             self.canaries = self.rule.canaries().phases;
         }
+        self.record_changes(snap, &view);
         self.view.send_replace(view);
     }
 

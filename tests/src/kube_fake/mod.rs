@@ -36,6 +36,7 @@
 //! [`http`] routes requests; [`semantics`] holds the pure rules (selectors,
 //! merge patch, disruption budgets).
 
+pub mod events;
 pub mod fixtures;
 mod http;
 pub mod portforward;
