@@ -236,6 +236,22 @@ impl InProcess {
         })
     }
 
+    /// Starts with the node watch on the (fake) API server at
+    /// `kube_api_url` and `policy` written to `dir/policy.yaml`.
+    pub async fn in_cluster(dir: &Path, policy: &str, kube_api_url: &str) -> anyhow::Result<Self> {
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, policy)?;
+        Self::start(
+            dir,
+            &[
+                format!("--policy={}", path.display()),
+                "--watch-nodes".to_string(),
+                format!("--kube-api-url={kube_api_url}"),
+            ],
+        )
+        .await
+    }
+
     /// Its `/metrics` page in the classic text format.
     pub async fn metrics_text(&self) -> String {
         let addr = self.running.metrics_addr.to_string();

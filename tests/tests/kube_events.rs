@@ -43,17 +43,7 @@ async fn cluster(fake: FakeApi, nodes: &[&str], policy: &str) -> Result<Cluster>
     let endpoint = fake.serve().await;
     let client = endpoint.client();
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("policy.yaml");
-    std::fs::write(&path, policy)?;
-    let c = InProcess::start(
-        dir.path(),
-        &[
-            format!("--policy={}", path.display()),
-            "--watch-nodes".to_string(),
-            format!("--kube-api-url={}", endpoint.url),
-        ],
-    )
-    .await?;
+    let c = InProcess::in_cluster(dir.path(), policy, &endpoint.url).await?;
     Ok(Cluster {
         fake,
         endpoint,

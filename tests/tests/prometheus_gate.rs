@@ -59,23 +59,13 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
         "prometheus:\n  url: {}\n  interval: 1s\n  timeout: 2s\nalertBlockers:\n  alerts: [TestAlarm]\nhealthGate:\n  nodesReady: false\n  podDisruptionBudgets: false\n  query: baton_test_unhealthy > 0\n",
         prom.url
     );
-    let policy_path = dir.path().join("policy.yaml");
-    std::fs::write(&policy_path, policy)?;
     // In a (fake) cluster, so the alert blockers' Events are recorded.
     let fake = FakeApi::new();
     for n in ["n1", "n2", "n3"] {
         fake.put(node(n).build());
     }
     let endpoint = fake.serve().await;
-    let coord = InProcess::start(
-        dir.path(),
-        &[
-            format!("--policy={}", policy_path.display()),
-            "--watch-nodes".to_string(),
-            format!("--kube-api-url={}", endpoint.url),
-        ],
-    )
-    .await?;
+    let coord = InProcess::in_cluster(dir.path(), &policy, &endpoint.url).await?;
     let client = endpoint.client();
 
     // The alert fires: n1 waits, and says why.
