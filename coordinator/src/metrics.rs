@@ -69,6 +69,9 @@ pub struct Metrics {
     pub etcd_healthy_voting_members: Gauge,
     /// etcd snapshots taken before a grant, by result.
     etcd_snapshots: Family<SnapshotResult, Counter>,
+    /// The rollout policy's series (issue 13: policy, gate, canaries,
+    /// failure budget, webhooks, Events).
+    pub rollout: crate::rollout::metrics::RolloutMetrics,
 }
 
 /// The labels of `baton_holder_phase`.
@@ -198,7 +201,10 @@ impl Metrics {
             "etcd snapshots taken before granting an etcd node, by result (ok, failed)",
             etcd_snapshots.clone(),
         );
+        // The rollout policy's series, in their own module.
+        let rollout = crate::rollout::metrics::RolloutMetrics::register(&mut registry);
         Self {
+            rollout,
             registry: Arc::new(registry),
             window_open,
             holder_phase,

@@ -18,12 +18,14 @@ use crate::auth::{Authenticator, CertificateOrToken, MutualTls, Unauthenticated}
 use crate::config::{ServeArgs, StoreKind};
 use crate::engine::{Engine, EngineConfig, system_clock};
 use crate::kube::KubeWiring;
+use crate::kube::events::EventRecorder;
 use crate::metrics::{self, Metrics};
 use crate::rollout::budget::FailureBudget;
 use crate::rollout::gate::HealthGate;
 use crate::rollout::labels::LabelBook;
-use crate::rollout::notify::Notifier;
+use crate::rollout::notify::{Notifier, Reporting};
 use crate::rollout::observe::Observers;
+use crate::rollout::report::{Reporter, RolloutView, ViewHandle};
 use crate::rollout::rule::PolicyRule;
 use crate::rollout::stuck::StuckLocks;
 use crate::rollout::{FlagDefaults, PolicyHandle};
@@ -252,12 +254,38 @@ pub async fn start(
     tokio::spawn(rollout_policy.clone().run(engine.clone()));
     // What acts on the engine's changes: one follower, off its lock.
     let (releases, releases_rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(gate.run(engine.clone(), releases_rx));
+    tokio::spawn(gate.clone().run(engine.clone(), releases_rx));
+    // Kubernetes Events (only the leader's are written), the rollout's
+    // metrics and the view `batonctl status` shows.
+    let events = match &kube {
+        Some(kube) => {
+            let weak = Arc::downgrade(&engine);
+            EventRecorder::start(
+                kube.event_target(&id),
+                metrics.rollout.clone(),
+                Arc::new(move || weak.upgrade().is_some_and(|e| e.leadership().is_leader)),
+            )
+        }
+        None => EventRecorder::disabled(metrics.rollout.clone()),
+    };
+    Reporter::follow_reloads(&rollout_policy, metrics.rollout.clone(), events.clone());
+    let view: ViewHandle = Arc::new(watch::channel(RolloutView::default()).0);
     tokio::spawn(
         Observers {
             policy: rollout_policy.clone(),
-            notifier: Notifier::new(rollout_policy.clone(), &id),
+            notifier: Notifier::new(rollout_policy.clone(), &id).with_reporting(Reporting {
+                metrics: metrics.rollout.clone(),
+                events: events.clone(),
+            }),
             budget: FailureBudget::default(),
+            reporter: Reporter::new(
+                rollout_policy.clone(),
+                gate,
+                rule.clone(),
+                metrics.rollout.clone(),
+                events,
+                view.clone(),
+            ),
             rule,
             stuck: StuckLocks::new(
                 rollout_policy.clone(),
@@ -331,7 +359,8 @@ pub async fn start(
 
     let services = Services::new(engine.clone(), auth)
         .with_policy(rollout_policy.clone())
-        .with_labels(labels);
+        .with_labels(labels)
+        .with_rollout_view(view);
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -19,6 +19,7 @@ use crate::engine::{AcquireUpdate, Engine, EngineError, Snapshot, Step};
 use crate::node::NodeName;
 use crate::rollout::PolicyHandle;
 use crate::rollout::labels::{LabelBook, check_labels};
+use crate::rollout::report::ViewHandle;
 use crate::state::{Phase, Progress};
 use crate::status_map::invalid_node;
 use crate::text::{self, BOOT_ID_BYTES, ERROR_BYTES, MESSAGE_BYTES, REASON_BYTES};
@@ -30,6 +31,8 @@ pub struct Services {
     auth: Arc<dyn Authenticator>,
     policy: Option<Arc<PolicyHandle>>,
     labels: Arc<LabelBook>,
+    /// What the rollout policy does now (status).
+    rollout: Option<ViewHandle>,
     /// One changing call at a time past this point (the engine serializes
     /// them anyway): the wait for it stays cancellable, so calls whose
     /// clients gave up (a slow or down store) leave the queue instead of
@@ -45,6 +48,7 @@ impl Services {
             auth,
             policy: None,
             labels: Arc::new(LabelBook::default()),
+            rollout: None,
             changes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -52,6 +56,12 @@ impl Services {
     /// Answers GetPolicy from `policy`.
     pub fn with_policy(mut self, policy: Arc<PolicyHandle>) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// Shows the rollout policy's state (gate, canaries, budget) in status.
+    pub fn with_rollout_view(mut self, view: ViewHandle) -> Self {
+        self.rollout = Some(view);
         self
     }
 
@@ -241,6 +251,8 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
         lease: Some(lease_settings(engine)),
         last_fencing_token: state.last_token,
         queue_length: snap.queue_length as u32,
+        // Filled by the service from the rollout's view.
+        rollout: None,
     }
 }
 
@@ -449,7 +461,9 @@ impl Admin for Services {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.identity(&request).await?.may_administer()?;
         let snap = self.engine.confirmed_snapshot().await?;
-        Ok(Response::new(status_response(&self.engine, &snap)))
+        let mut response = status_response(&self.engine, &snap);
+        response.rollout = rollout_status(self.rollout.as_ref(), self.policy.as_deref());
+        Ok(Response::new(response))
     }
 
     async fn watch(
@@ -457,7 +471,11 @@ impl Admin for Services {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.identity(&request).await?.may_administer()?;
-        Ok(Response::new(Box::pin(watch_stream(self.engine.clone()))))
+        Ok(Response::new(Box::pin(watch_stream(
+            self.engine.clone(),
+            self.rollout.clone(),
+            self.policy.clone(),
+        ))))
     }
 
     async fn pause(
@@ -584,28 +602,82 @@ impl Admin for Services {
 /// leader's latest state; when it cannot be, the stream ends UNAVAILABLE.
 fn watch_stream(
     engine: Arc<Engine>,
+    rollout: Option<ViewHandle>,
+    policy: Option<Arc<PolicyHandle>>,
 ) -> impl Stream<Item = Result<pb::StatusResponse, Status>> + Send {
     let changes = engine.subscribe();
     futures::stream::unfold(
         (engine, changes, Some(true)),
-        |(engine, mut changes, state)| async move {
-            let first = state?;
-            if !first && changes.changed().await.is_err() {
-                return None;
-            }
-            changes.borrow_and_update();
-            if engine.is_shutting_down().await {
-                return None;
-            }
-            match engine.confirmed_snapshot().await {
-                Ok(snap) => {
-                    let response = status_response(&engine, &snap);
-                    Some((Ok(response), (engine, changes, Some(false))))
+        move |(engine, mut changes, state)| {
+            let (rollout, policy) = (rollout.clone(), policy.clone());
+            async move {
+                let first = state?;
+                if !first && changes.changed().await.is_err() {
+                    return None;
                 }
-                Err(e) => Some((Err(e.into()), (engine, changes, None))),
+                changes.borrow_and_update();
+                if engine.is_shutting_down().await {
+                    return None;
+                }
+                match engine.confirmed_snapshot().await {
+                    Ok(snap) => {
+                        let mut response = status_response(&engine, &snap);
+                        response.rollout = rollout_status(rollout.as_ref(), policy.as_deref());
+                        Some((Ok(response), (engine, changes, Some(false))))
+                    }
+                    Err(e) => Some((Err(e.into()), (engine, changes, None))),
+                }
             }
         },
     )
+}
+
+/// The rollout policy's part of a status (`None` before the leader's
+/// first look, or without a policy). The policy's generation and last
+/// refusal are read live from `policy` (the view may be a tick old).
+fn rollout_status(
+    view: Option<&ViewHandle>,
+    policy: Option<&PolicyHandle>,
+) -> Option<pb::RolloutStatus> {
+    let mut view = view?.borrow().clone();
+    if !view.known {
+        return None;
+    }
+    if let Some(policy) = policy {
+        view.policy_generation = policy.generation();
+        view.policy_sha256 = policy.current().sha256.clone();
+        view.policy_reload_error = policy
+            .last_error()
+            .map(|(e, _)| e.to_string())
+            .unwrap_or_default();
+    }
+    Some(pb::RolloutStatus {
+        gate_open: view.gate_open,
+        gate_cause: view.gate_cause,
+        gate_reason: view.gate_reason,
+        alerts_firing: view.alerts_firing,
+        canaries: view
+            .canaries
+            .into_iter()
+            .map(|c| pb::CanaryStatus {
+                pool: c.pool,
+                phase: c.phase.to_string(),
+                node: c.node,
+                soak_until: c.soak_until.map(timestamp),
+            })
+            .collect(),
+        failure_budget_max: view.budget_max.unwrap_or(0),
+        failures: view
+            .budget_spent
+            .into_iter()
+            .map(|(pool, failed)| pb::PoolFailures { pool, failed })
+            .collect(),
+        failure_budget_remaining: view.budget_remaining,
+        paused_by_failure_budget: view.paused_by_budget,
+        policy_generation: view.policy_generation,
+        policy_sha256: view.policy_sha256,
+        policy_reload_error: view.policy_reload_error,
+    })
 }
 
 #[cfg(test)]

@@ -145,27 +145,7 @@ impl CoordinatorProcess {
     /// `GET /metrics` as a scraper that does not ask for OpenMetrics (curl,
     /// `promtool check metrics`) sees it: the body of the classic text format.
     pub fn metrics_text(&self) -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics
-        )
-        .expect("sending the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("reading the response");
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(
-            !head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "a chunked /metrics body: {head}"
-        );
-        body.to_string()
+        scrape(&self.metrics)
     }
 
     /// Sends `signal` and waits for the process to exit; returns its status.
@@ -189,6 +169,31 @@ impl Drop for CoordinatorProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// `GET /metrics` from `addr` without asking for OpenMetrics: the body of
+/// the classic text format.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "a chunked /metrics body: {head}"
+    );
+    body.to_string()
 }
 
 /// A coordinator inside the test process (`server::start`), plaintext and
@@ -229,6 +234,43 @@ impl InProcess {
             running,
             _stop: stop,
         })
+    }
+
+    /// Starts with the node watch on the (fake) API server at
+    /// `kube_api_url` and `policy` written to `dir/policy.yaml`.
+    pub async fn in_cluster(dir: &Path, policy: &str, kube_api_url: &str) -> anyhow::Result<Self> {
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, policy)?;
+        Self::start(
+            dir,
+            &[
+                format!("--policy={}", path.display()),
+                "--watch-nodes".to_string(),
+                format!("--kube-api-url={kube_api_url}"),
+            ],
+        )
+        .await
+    }
+
+    /// Its `/metrics` page in the classic text format.
+    pub async fn metrics_text(&self) -> String {
+        let addr = self.running.metrics_addr.to_string();
+        tokio::task::spawn_blocking(move || scrape(&addr))
+            .await
+            .expect("scraping /metrics")
+    }
+
+    /// Waits until the `/metrics` page has a line starting with `series`
+    /// (e.g. `name{labels} 1`); returns the page.
+    pub async fn until_metric(&self, series: &str) -> anyhow::Result<String> {
+        for _ in 0..100 {
+            let text = self.metrics_text().await;
+            if text.lines().any(|l| l.starts_with(series)) {
+                return Ok(text);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("no `{series}` on /metrics:\n{}", self.metrics_text().await)
     }
 
     /// A lease client.

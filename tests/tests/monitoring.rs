@@ -180,6 +180,11 @@ fn alert_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
         "BatonEtcdGuardBlocking",
         "BatonNoLeader",
         "BatonEtcdSnapshotFailed",
+        "BatonPausedByFailureBudget",
+        "BatonPolicyReloadRefused",
+        "BatonHealthGateClosed",
+        "BatonWebhookGivingUp",
+        "BatonEventsDropped",
     ];
     for name in wanted {
         assert!(fired.contains(name), "{name} is missing");
@@ -328,7 +333,15 @@ fn the_dashboard_is_grafana_dashboard_json_with_queries_that_parse() -> Result<(
 #[test]
 fn real_metrics_pass_promtool_and_cover_every_alert_and_panel() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let coordinator = CoordinatorProcess::start(&dir.path().join("data"), &[]);
+    // A webhook nobody answers (given up after one attempt), so the
+    // webhook series have samples too.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "webhooks:\n  - url: http://127.0.0.1:1/hook\n    maxAttempts: 1\n    timeout: 1s\n",
+    )?;
+    let policy_flag = format!("--policy={}", policy.display());
+    let coordinator = CoordinatorProcess::start(&dir.path().join("data"), &[&policy_flag]);
     // A grant, a waiter, a release and a handoff, so every kind of series
     // (holders' phases, the latency histogram) has samples.
     let token = coordinator.ctl(&["acquire", "n1"]);
@@ -352,8 +365,24 @@ fn real_metrics_pass_promtool_and_cover_every_alert_and_panel() -> Result<()> {
     assert!(released.status.success());
     assert!(waiter.wait()?.success(), "n2 was granted");
 
+    let given_up = "baton_webhook_deliveries_total{hook=\"1:127.0.0.1:1\",result=\"given_up\"}";
+    let gave_up = (0..200).any(|_| {
+        let seen = coordinator
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with(given_up) && !l.ends_with(" 0"));
+        if !seen {
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        seen
+    });
+    assert!(gave_up, "{given_up} never counted the dead webhook");
     let text = coordinator.metrics_text();
     for series in [
+        "baton_health_gate_open 1",
+        "baton_health_gate_waiting{cause=\"nodes_not_ready\"} 0",
+        "baton_policy_generation 1",
+        "baton_webhook_deliveries_total{hook=\"1:127.0.0.1:1\",result=\"delivered\"} 0",
         "baton_holder_phase{node=\"n2\",phase=\"granted\"} 1",
         "baton_handoffs_total 1",
         "baton_grants_total 2",

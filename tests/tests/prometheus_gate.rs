@@ -2,7 +2,8 @@
 //! (Debian's package) scraping an exporter this test runs, with alert
 //! rules loaded: grants wait, with the reason, while the alert fires or
 //! the gate's query returns anything, and go when it clears; with
-//! Prometheus gone, grants are held (fail closed).
+//! Prometheus gone, grants are held (fail closed). Metrics, status and
+//! (in a fake cluster) Events show the alert firing and clearing.
 
 use std::time::Duration;
 
@@ -10,6 +11,9 @@ use anyhow::{Result, bail};
 use baton_coordinator::rollout::http::HttpClient;
 use baton_coordinator::rollout::prometheus::query;
 use baton_tests::coordinator::{InProcess, wait_granted, wait_reason};
+use baton_tests::kube_fake::FakeApi;
+use baton_tests::kube_fake::events::until_event;
+use baton_tests::kube_fake::fixtures::node;
 use baton_tests::prometheus::{Exporter, Prometheus};
 
 const RULES: &str = r#"groups:
@@ -55,15 +59,44 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
         "prometheus:\n  url: {}\n  interval: 1s\n  timeout: 2s\nalertBlockers:\n  alerts: [TestAlarm]\nhealthGate:\n  nodesReady: false\n  podDisruptionBudgets: false\n  query: baton_test_unhealthy > 0\n",
         prom.url
     );
-    let policy_path = dir.path().join("policy.yaml");
-    std::fs::write(&policy_path, policy)?;
-    let coord =
-        InProcess::start(dir.path(), &[format!("--policy={}", policy_path.display())]).await?;
+    // In a (fake) cluster, so the alert blockers' Events are recorded.
+    let fake = FakeApi::new();
+    for n in ["n1", "n2", "n3"] {
+        fake.put(node(n).build());
+    }
+    let endpoint = fake.serve().await;
+    let coord = InProcess::in_cluster(dir.path(), &policy, &endpoint.url).await?;
+    let client = endpoint.client();
 
     // The alert fires: n1 waits, and says why.
     let mut n1 = coord.acquire("n1", false).await?;
     let reason = wait_reason(&mut n1, "TestAlarm firing", Duration::from_secs(20)).await?;
     assert!(reason.starts_with("alert blocker"), "{reason}");
+    // ... and the metrics and status say so.
+    coord
+        .until_metric("baton_alert_blocker_firing{alert=\"TestAlarm\"} 1")
+        .await?;
+    let metrics = coord
+        .until_metric("baton_health_gate_waiting{cause=\"alert_firing\"} 1")
+        .await?;
+    assert!(metrics.contains("baton_health_gate_open 0"), "{metrics}");
+    let status = coord
+        .admin()
+        .await?
+        .status(baton_proto::v1::StatusRequest {})
+        .await?
+        .into_inner();
+    let rollout = status.rollout.expect("the rollout's status");
+    assert_eq!(rollout.alerts_firing, ["TestAlarm"]);
+    assert_eq!(rollout.gate_cause, "alert_firing");
+    let firing = until_event(&client, "Lease", "baton-coordinator", "AlertBlockerFiring").await?;
+    assert!(
+        firing
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("alert TestAlarm fires")),
+        "{firing:?}"
+    );
     // Still not granted a few rounds later.
     let early = wait_granted(&mut n1, Duration::from_secs(3)).await;
     assert!(
@@ -76,6 +109,10 @@ async fn grants_wait_for_alerts_and_the_gate_query_against_real_prometheus() -> 
     // The alert clears: n1 goes.
     exporter.set("baton_test_alarm", 0.0);
     let t1 = wait_granted(&mut n1, Duration::from_secs(30)).await?;
+    coord
+        .until_metric("baton_alert_blocker_firing{alert=\"TestAlarm\"} 0")
+        .await?;
+    until_event(&client, "Lease", "baton-coordinator", "AlertBlockerCleared").await?;
 
     // The gate's query returns a series: after n1 releases, n2 waits.
     exporter.set("baton_test_unhealthy", 1.0);

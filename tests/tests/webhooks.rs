@@ -144,5 +144,27 @@ async fn events_reach_a_flaky_webhook_and_a_dead_one_blocks_nothing() -> Result<
     );
     // The first two attempts failed and were retried.
     assert_eq!(*attempts.lock().unwrap(), 7);
+    // Counted by hook (position and host, never the path) and result.
+    let host = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/hook")
+        .to_string();
+    let metrics = coord
+        .until_metric(&format!(
+            "baton_webhook_deliveries_total{{hook=\"2:{host}\",result=\"delivered\"}} 5"
+        ))
+        .await?;
+    assert!(
+        metrics.contains(&format!(
+            "baton_webhook_deliveries_total{{hook=\"2:{host}\",result=\"retried\"}} 2"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "baton_webhook_queue_length{{hook=\"2:{host}\"}} 0"
+        )),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -68,7 +68,102 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
             "actor": a.actor,
             "reason": a.reason,
         })).collect::<Vec<_>>(),
+        "rollout": s.rollout.as_ref().map(rollout_json),
     })
+}
+
+/// The JSON form of the rollout policy's state (null before the leader's
+/// first look).
+fn rollout_json(r: &pb::RolloutStatus) -> Value {
+    json!({
+        "gate": {
+            "open": r.gate_open,
+            "cause": r.gate_cause,
+            "reason": r.gate_reason,
+        },
+        "alerts_firing": r.alerts_firing,
+        "canaries": r.canaries.iter().map(|c| json!({
+            "pool": c.pool,
+            "phase": c.phase,
+            "node": c.node,
+            "soak_until": time(c.soak_until.as_ref()),
+        })).collect::<Vec<_>>(),
+        "failure_budget": {
+            "max": r.failure_budget_max,
+            "remaining": r.failure_budget_remaining,
+            "failed_by_pool": r.failures.iter().map(|f| (f.pool.clone(), json!(f.failed))).collect::<serde_json::Map<_, _>>(),
+            "paused": r.paused_by_failure_budget,
+        },
+        "policy": {
+            "generation": r.policy_generation,
+            "sha256": r.policy_sha256,
+            "reload_error": r.policy_reload_error,
+        },
+    })
+}
+
+/// The rollout policy's lines of the human status.
+fn rollout_table(r: &pb::RolloutStatus) -> String {
+    let mut out = String::new();
+    let gate = if r.gate_open {
+        "open".to_string()
+    } else {
+        format!("WAITING ({}): {}", r.gate_cause, r.gate_reason)
+    };
+    out.push_str(&format!("health gate: {gate}\n"));
+    if !r.alerts_firing.is_empty() {
+        out.push_str(&format!(
+            "alert blockers firing: {}\n",
+            r.alerts_firing.join(", ")
+        ));
+    }
+    if r.failure_budget_max > 0 {
+        let by_pool: Vec<String> = r
+            .failures
+            .iter()
+            .map(|f| format!("{} {}", f.pool, f.failed))
+            .collect();
+        out.push_str(&format!(
+            "failure budget: {} of {} left{}{}\n",
+            r.failure_budget_remaining,
+            r.failure_budget_max,
+            if by_pool.is_empty() {
+                String::new()
+            } else {
+                format!(" (failed: {})", by_pool.join(", "))
+            },
+            if r.paused_by_failure_budget {
+                "; the rollout is PAUSED by it"
+            } else {
+                ""
+            }
+        ));
+    }
+    for c in &r.canaries {
+        let detail = match (c.phase.as_str(), c.soak_until.as_ref()) {
+            ("soaking", until) => format!(" ({} until {})", c.node, text(&time(until))),
+            ("running", _) => format!(" ({})", c.node),
+            _ => String::new(),
+        };
+        out.push_str(&format!("canary {}: {}{detail}\n", c.pool, c.phase));
+    }
+    let sha = r.policy_sha256.get(..12).unwrap_or(&r.policy_sha256);
+    out.push_str(&format!(
+        "policy: generation {}{}\n",
+        r.policy_generation,
+        if sha.is_empty() {
+            " (flags)".to_string()
+        } else {
+            format!(", sha256 {sha}")
+        }
+    ));
+    if !r.policy_reload_error.is_empty() {
+        out.push_str(&format!(
+            "policy reload REFUSED (the policy above stays): {}\n",
+            r.policy_reload_error
+        ));
+    }
+    out
 }
 
 /// Prints a status in `format`.
@@ -107,6 +202,10 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         "coordinator {}: {state}, max concurrent {}, windows: {windows}, last token {}\n\n",
         s.coordinator_id, s.max_concurrent, s.last_fencing_token
     ));
+    if let Some(r) = &s.rollout {
+        out.push_str(&rollout_table(r));
+        out.push('\n');
+    }
     out.push_str(&format!(
         "{:<30} {:>7} {:<13} {:<25} {:<8} {}\n",
         "HOLDER", "TOKEN", "PHASE", "SINCE", "OVERDUE", "MESSAGE"
@@ -256,4 +355,77 @@ pub fn print_plan(p: &pb::PlanResponse, format: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_with(rollout: Option<pb::RolloutStatus>) -> pb::StatusResponse {
+        pb::StatusResponse {
+            coordinator_id: "c0".into(),
+            paused: true,
+            pause_reason: "failure budget spent".into(),
+            rollout,
+            ..Default::default()
+        }
+    }
+
+    fn rollout() -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            gate_open: false,
+            gate_cause: "nodes_not_ready".into(),
+            gate_reason: "health gate: n4 not Ready".into(),
+            alerts_firing: vec!["NodeDown".into()],
+            canaries: vec![pb::CanaryStatus {
+                pool: "web".into(),
+                phase: "soaking".into(),
+                node: "w1".into(),
+                soak_until: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+            }],
+            failure_budget_max: 2,
+            failures: vec![pb::PoolFailures {
+                pool: "web".into(),
+                failed: 2,
+            }],
+            failure_budget_remaining: 0,
+            paused_by_failure_budget: true,
+            policy_generation: 3,
+            policy_sha256: "0123456789abcdef".into(),
+            policy_reload_error: "policy.yaml:3:16: failureBudget.maxFailedNodes: invalid".into(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_gate_budget_canaries_alerts_and_policy() {
+        let table = status_table(&status_with(Some(rollout())));
+        for line in [
+            "health gate: WAITING (nodes_not_ready): health gate: n4 not Ready\n",
+            "alert blockers firing: NodeDown\n",
+            "failure budget: 0 of 2 left (failed: web 2); the rollout is PAUSED by it\n",
+            "canary web: soaking (w1 until 2023-11-14T22:13:20.000Z)\n",
+            "policy: generation 3, sha256 0123456789ab\n",
+            "policy reload REFUSED (the policy above stays): policy.yaml:3:16",
+        ] {
+            assert!(table.contains(line), "{line:?} missing from\n{table}");
+        }
+        assert!(!status_table(&status_with(None)).contains("health gate"));
+    }
+
+    #[test]
+    fn the_json_has_the_rollout_under_stable_names() {
+        let json = status_json(&status_with(Some(rollout())));
+        let r = &json["rollout"];
+        assert_eq!(r["gate"]["open"], false);
+        assert_eq!(r["gate"]["cause"], "nodes_not_ready");
+        assert_eq!(r["alerts_firing"][0], "NodeDown");
+        assert_eq!(r["canaries"][0]["phase"], "soaking");
+        assert_eq!(r["failure_budget"]["failed_by_pool"]["web"], 2);
+        assert_eq!(r["failure_budget"]["paused"], true);
+        assert_eq!(r["policy"]["generation"], 3);
+        assert!(status_json(&status_with(None))["rollout"].is_null());
+    }
 }

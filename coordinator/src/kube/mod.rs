@@ -8,6 +8,8 @@
 //! - [`nodes`]: a watch on Nodes: NotReady nodes count against the
 //!   concurrency limit, control-plane nodes (node-role label) go one at a
 //!   time, unknown nodes wait;
+//! - [`events`]: Kubernetes Events from the leader, on Nodes and on the
+//!   Lease;
 //! - [`token_review`]: agents authenticate with a projected ServiceAccount
 //!   token (audience `baton`), checked with a TokenReview and bound to the
 //!   node their pod runs on.
@@ -15,6 +17,7 @@
 //! [`KubeWiring`] builds the pieces `serve` needs from [`KubeArgs`].
 
 pub mod election;
+pub mod events;
 pub mod nodes;
 pub mod store;
 pub mod token_review;
@@ -170,6 +173,17 @@ impl KubeWiring {
     /// The Kubernetes client.
     pub fn client(&self) -> ::kube::Client {
         self.client.clone()
+    }
+
+    /// Where this replica's Events go (the namespace and Lease of
+    /// `--kube-namespace` and `--lease-name`).
+    pub fn event_target(&self, id: &str) -> events::EventTarget {
+        events::EventTarget {
+            client: self.client.clone(),
+            namespace: self.args.namespace.clone(),
+            lease_name: self.args.lease_name.clone(),
+            instance: id.to_string(),
+        }
     }
 
     /// The TokenReview authenticator, when `--token-review` is set.

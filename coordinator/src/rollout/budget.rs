@@ -58,6 +58,11 @@ impl FailureBudget {
 }
 
 impl FailureBudget {
+    /// The failed grants counted against the budget now.
+    pub fn counted(&self) -> impl Iterator<Item = &(NodeName, u64)> {
+        self.counted.iter()
+    }
+
     /// Pauses `engine` when `snap` (a leader's) shows the budget spent.
     pub async fn on_snapshot(&mut self, snap: &Snapshot, policy: &PolicyHandle, engine: &Engine) {
         let max = policy

@@ -36,6 +36,75 @@ pub const DEFAULT_ROUND: Duration = Duration::from_secs(5);
 /// The most series or budgets named in a reason.
 const NAMED: usize = 3;
 
+/// What the gate waits for, from a small fixed set: the label of
+/// `baton_health_gate_waiting`, and what "the reason changed" is measured
+/// by (the sentences carry ages and times that change every round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    /// A named alert fires.
+    AlertFiring,
+    /// A node that does not hold the baton is not Ready.
+    NodesNotReady,
+    /// A PodDisruptionBudget is below its desired healthy count.
+    DisruptionBudgets,
+    /// The health query returned series.
+    Query,
+    /// A check failed, timed out or cannot run here (fail closed).
+    Unavailable,
+    /// A check has not answered yet, or not under the reloaded policy.
+    NoAnswer,
+    /// The last answer is from before the last release.
+    AfterRelease,
+    /// The last answer is too old.
+    Stale,
+}
+
+impl Cause {
+    /// Every cause (each has a `baton_health_gate_waiting` series).
+    pub const ALL: [Cause; 8] = [
+        Cause::AlertFiring,
+        Cause::NodesNotReady,
+        Cause::DisruptionBudgets,
+        Cause::Query,
+        Cause::Unavailable,
+        Cause::NoAnswer,
+        Cause::AfterRelease,
+        Cause::Stale,
+    ];
+
+    /// The name in metrics and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::AlertFiring => "alert_firing",
+            Cause::NodesNotReady => "nodes_not_ready",
+            Cause::DisruptionBudgets => "disruption_budgets",
+            Cause::Query => "query",
+            Cause::Unavailable => "check_unavailable",
+            Cause::NoAnswer => "no_answer",
+            Cause::AfterRelease => "after_release",
+            Cause::Stale => "stale_answer",
+        }
+    }
+}
+
+/// Why the gate holds grants now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// The kind of reason.
+    pub cause: Cause,
+    /// The sentence (as the waiters' reason shows it).
+    pub reason: String,
+}
+
+impl Hold {
+    fn new(cause: Cause, reason: impl Into<String>) -> Self {
+        Self {
+            cause,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// One check's last answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Observed {
@@ -45,7 +114,9 @@ struct Observed {
     /// When the check started.
     started: DateTime<Utc>,
     /// `None`: healthy; else why grants are held.
-    blocked: Option<String>,
+    blocked: Option<Hold>,
+    /// The alert blockers that fire (alerts only).
+    firing: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -109,27 +180,34 @@ fn judge(
     after: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
     max_age: chrono::Duration,
-) -> Result<(), String> {
+) -> Result<(), Hold> {
     let Some(o) = observed else {
-        return Err(format!("{what}: no answer yet"));
+        return Err(Hold::new(Cause::NoAnswer, format!("{what}: no answer yet")));
     };
     if o.key != key {
-        return Err(format!(
-            "{what}: waiting for the first answer under the reloaded policy"
+        return Err(Hold::new(
+            Cause::NoAnswer,
+            format!("{what}: waiting for the first answer under the reloaded policy"),
         ));
     }
     if let Some(t) = after
         && o.started <= t
     {
-        return Err(format!(
-            "{what}: waiting for a check that started after the last release ({})",
-            t.format("%H:%M:%SZ")
+        return Err(Hold::new(
+            Cause::AfterRelease,
+            format!(
+                "{what}: waiting for a check that started after the last release ({})",
+                t.format("%H:%M:%SZ")
+            ),
         ));
     }
     if now - o.started > max_age {
-        return Err(format!(
-            "{what}: the last answer is {}s old; holding grants until a fresh one (fail closed)",
-            (now - o.started).num_seconds()
+        return Err(Hold::new(
+            Cause::Stale,
+            format!(
+                "{what}: the last answer is {}s old; holding grants until a fresh one (fail closed)",
+                (now - o.started).num_seconds()
+            ),
         ));
     }
     o.blocked.clone().map_or(Ok(()), Err)
@@ -158,12 +236,18 @@ impl HealthGate {
             .clone()
     }
 
-    fn check_nodes(&self, state: &LeaseState) -> Result<(), String> {
+    fn check_nodes(&self, state: &LeaseState) -> Result<(), Hold> {
         let Some(nodes) = &self.nodes else {
-            return Err("health gate: nodesReady needs the Kubernetes node watch".to_string());
+            return Err(Hold::new(
+                Cause::Unavailable,
+                "health gate: nodesReady needs the Kubernetes node watch",
+            ));
         };
         let Some(facts) = nodes.snapshot() else {
-            return Err("health gate: the Node list has not been read yet".to_string());
+            return Err(Hold::new(
+                Cause::NoAnswer,
+                "health gate: the Node list has not been read yet",
+            ));
         };
         let not_ready: Vec<&String> = facts
             .iter()
@@ -175,15 +259,18 @@ impl HealthGate {
         if not_ready.is_empty() {
             return Ok(());
         }
-        Err(format!(
-            "health gate: {} not Ready{}",
-            not_ready
-                .iter()
-                .take(NAMED)
-                .map(|n| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            more(not_ready.len())
+        Err(Hold::new(
+            Cause::NodesNotReady,
+            format!(
+                "health gate: {} not Ready{}",
+                not_ready
+                    .iter()
+                    .take(NAMED)
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                more(not_ready.len())
+            ),
         ))
     }
 
@@ -248,17 +335,30 @@ impl HealthGate {
                 }
                 (None, None) => return None,
             };
-            let blocked = match found {
-                Ok(firing) if firing.is_empty() => None,
-                Ok(firing) => Some(format!("alert blocker: {} firing", firing.join(", "))),
-                Err(e) => Some(format!(
-                    "alert blocker: cannot tell whether {key} fire: {e}; holding grants (fail closed)"
-                )),
+            let (blocked, firing) = match found {
+                Ok(firing) if firing.is_empty() => (None, firing),
+                Ok(firing) => (
+                    Some(Hold::new(
+                        Cause::AlertFiring,
+                        format!("alert blocker: {} firing", firing.join(", ")),
+                    )),
+                    firing,
+                ),
+                Err(e) => (
+                    Some(Hold::new(
+                        Cause::Unavailable,
+                        format!(
+                            "alert blocker: cannot tell whether {key} fire: {e}; holding grants (fail closed)"
+                        ),
+                    )),
+                    Vec::new(),
+                ),
             };
             Some(Observed {
                 key,
                 started,
                 blocked,
+                firing,
             })
         };
         let health_query = async {
@@ -266,25 +366,30 @@ impl HealthGate {
             let prom = p.prometheus.as_ref()?;
             let blocked = match query(&self.http, &prom.url.0, q, timeout).await {
                 Ok(series) if series.is_empty() => None,
-                Ok(series) => Some(format!(
-                    "health gate: query `{q}` returned {} series: {}{}",
-                    series.len(),
-                    series
-                        .iter()
-                        .take(NAMED)
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                    more(series.len())
+                Ok(series) => Some(Hold::new(
+                    Cause::Query,
+                    format!(
+                        "health gate: query `{q}` returned {} series: {}{}",
+                        series.len(),
+                        series
+                            .iter()
+                            .take(NAMED)
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        more(series.len())
+                    ),
                 )),
-                Err(e) => Some(format!(
-                    "health gate: query `{q}` failed: {e}; holding grants (fail closed)"
+                Err(e) => Some(Hold::new(
+                    Cause::Unavailable,
+                    format!("health gate: query `{q}` failed: {e}; holding grants (fail closed)"),
                 )),
             };
             Some(Observed {
                 key: q.clone(),
                 started,
                 blocked,
+                firing: Vec::new(),
             })
         };
         let budgets = async {
@@ -292,19 +397,27 @@ impl HealthGate {
                 return None;
             }
             let blocked = match &self.kube {
-                None => {
-                    Some("health gate: podDisruptionBudgets needs the Kubernetes API".to_string())
-                }
+                None => Some(Hold::new(
+                    Cause::Unavailable,
+                    "health gate: podDisruptionBudgets needs the Kubernetes API",
+                )),
                 Some(client) => {
                     let api: ::kube::Api<PodDisruptionBudget> = ::kube::Api::all(client.clone());
                     match tokio::time::timeout(timeout, api.list(&Default::default())).await {
-                        Ok(Ok(list)) => budget_problems(&list.items),
-                        Ok(Err(e)) => Some(format!(
-                            "health gate: listing PodDisruptionBudgets failed: {e}; holding grants (fail closed)"
+                        Ok(Ok(list)) => budget_problems(&list.items)
+                            .map(|r| Hold::new(Cause::DisruptionBudgets, r)),
+                        Ok(Err(e)) => Some(Hold::new(
+                            Cause::Unavailable,
+                            format!(
+                                "health gate: listing PodDisruptionBudgets failed: {e}; holding grants (fail closed)"
+                            ),
                         )),
-                        Err(_) => Some(format!(
-                            "health gate: listing PodDisruptionBudgets took longer than {}; holding grants (fail closed)",
-                            humantime::format_duration(timeout)
+                        Err(_) => Some(Hold::new(
+                            Cause::Unavailable,
+                            format!(
+                                "health gate: listing PodDisruptionBudgets took longer than {}; holding grants (fail closed)",
+                                humantime::format_duration(timeout)
+                            ),
                         )),
                     }
                 }
@@ -313,6 +426,7 @@ impl HealthGate {
                 key: "budgets".to_string(),
                 started,
                 blocked,
+                firing: Vec::new(),
             })
         };
         let (alerts, health_query, budgets) = tokio::join!(alerts, health_query, budgets);
@@ -327,7 +441,7 @@ impl HealthGate {
             let now = new.as_ref().and_then(|o| o.blocked.clone());
             if was != now {
                 match &now {
-                    Some(reason) => warn!(check = what, reason = %reason, "health gate closed"),
+                    Some(hold) => warn!(check = what, reason = %hold.reason, "health gate closed"),
                     None => info!(check = what, "health gate open"),
                 }
             }
@@ -387,16 +501,24 @@ pub fn budget_problems(budgets: &[PodDisruptionBudget]) -> Option<String> {
     ))
 }
 
-impl GrantGuard for HealthGate {
-    /// Holds every candidate while any enabled check is unhealthy, has no
-    /// fresh answer, or (for the gate's checks) has not been seen healthy
-    /// since the last release.
-    fn check(
-        &self,
-        _candidate: &Waiter,
-        state: &LeaseState,
-        now: DateTime<Utc>,
-    ) -> Result<(), String> {
+impl HealthGate {
+    /// The alert blockers that fired at the last fresh answer (empty when
+    /// none does, or none is configured, or the answer is stale).
+    pub fn firing_alerts(&self, now: DateTime<Utc>) -> Vec<String> {
+        let loaded = self.policy.current();
+        let Some(key) = alerts_key(&loaded.effective) else {
+            return Vec::new();
+        };
+        let answers = self.answers();
+        match answers.alerts {
+            Some(o) if o.key == key && now - o.started <= max_age(&loaded.effective) => o.firing,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the gate lets grants through now, and if not why: the
+    /// same verdict [`GrantGuard::check`] gives every candidate.
+    pub fn verdict(&self, state: &LeaseState, now: DateTime<Utc>) -> Result<(), Hold> {
         let loaded = self.policy.current();
         let p = &loaded.effective;
         let answers = self.answers();
@@ -442,6 +564,20 @@ impl GrantGuard for HealthGate {
     }
 }
 
+impl GrantGuard for HealthGate {
+    /// Holds every candidate while any enabled check is unhealthy, has no
+    /// fresh answer, or (for the gate's checks) has not been seen healthy
+    /// since the last release.
+    fn check(
+        &self,
+        _candidate: &Waiter,
+        state: &LeaseState,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        self.verdict(state, now).map_err(|h| h.reason)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,7 +586,8 @@ mod tests {
         Observed {
             key: key.to_string(),
             started,
-            blocked: blocked.map(str::to_string),
+            blocked: blocked.map(|b| Hold::new(Cause::Query, b)),
+            firing: Vec::new(),
         }
     }
 
@@ -463,29 +600,33 @@ mod tests {
         assert!(
             judge("g", None, "q", None, now, age)
                 .unwrap_err()
+                .reason
                 .contains("no answer")
         );
         assert!(
             judge("g", Some(&fresh), "other", None, now, age)
                 .unwrap_err()
+                .reason
                 .contains("reloaded")
         );
         let old = observed("q", now - chrono::Duration::seconds(31), None);
         assert!(
             judge("g", Some(&old), "q", None, now, age)
                 .unwrap_err()
+                .reason
                 .contains("old")
         );
         let released = Some(now);
         assert!(
             judge("g", Some(&fresh), "q", released, now, age)
                 .unwrap_err()
+                .reason
                 .contains("after the last release")
         );
         let blocked = observed("q", now, Some("health gate: bad"));
         assert_eq!(
             judge("g", Some(&blocked), "q", None, now, age).unwrap_err(),
-            "health gate: bad"
+            Hold::new(Cause::Query, "health gate: bad")
         );
     }
 

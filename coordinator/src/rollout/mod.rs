@@ -12,7 +12,10 @@
 //! - [`gate`], [`prometheus`], [`http`]: the health gate and the alert
 //!   blockers (Prometheus, Alertmanager, nodes, disruption budgets);
 //! - [`notify`]: webhooks; [`stuck`]: stuck locks; [`budget`]: the
-//!   failure budget.
+//!   failure budget;
+//! - [`observe`]: the task that follows the engine for all of them;
+//!   [`report`] and [`metrics`]: what `batonctl status`, the metrics and
+//!   Kubernetes Events show of the policy.
 //!
 //! Each part plugs into the engine from outside: through a
 //! [`crate::policy::GrantGuard`] (hold a candidate with a reason), through
@@ -26,10 +29,12 @@ pub mod http;
 pub mod labels;
 pub mod load;
 pub mod locate;
+pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod prometheus;
 pub mod reload;
+pub mod report;
 pub mod rule;
 pub mod schema;
 pub mod stuck;

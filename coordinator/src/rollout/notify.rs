@@ -21,10 +21,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::http::HttpClient;
+use super::metrics::{HookLabel, RolloutMetrics};
 use super::reload::PolicyHandle;
 use super::schema::{EventKind, WebhookSpec};
 use super::template::Template;
 use crate::engine::Snapshot;
+use crate::kube::events::{EventRecorder, RolloutEvent, Subject};
 use crate::state::AuditEntry;
 
 /// Events queued per webhook before new ones are dropped.
@@ -157,11 +159,37 @@ pub struct Notifier {
     /// state it loads).
     observer: Option<Observer>,
     workers: Vec<Worker>,
+    reporting: Option<Reporting>,
+}
+
+/// Where deliveries are counted and given-up ones reported.
+#[derive(Clone)]
+pub struct Reporting {
+    /// The rollout's metrics.
+    pub metrics: RolloutMetrics,
+    /// Kubernetes Events (a disabled recorder outside a cluster).
+    pub events: EventRecorder,
 }
 
 struct Worker {
     spec: WebhookSpec,
+    hook: String,
     queue: mpsc::Sender<Event>,
+}
+
+/// A webhook's name in metrics and Events: its position in the policy and
+/// its URL's host (never the path, which may carry a secret).
+pub fn hook_name(position: usize, spec: &WebhookSpec) -> String {
+    let url = spec.url.0.as_str();
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    // user:password@host — keep only the host.
+    let host = host.rsplit('@').next().unwrap_or_default();
+    format!("{}:{host}", position + 1)
 }
 
 impl Notifier {
@@ -173,7 +201,15 @@ impl Notifier {
             coordinator: coordinator.to_string(),
             observer: None,
             workers: Vec::new(),
+            reporting: None,
         }
+    }
+
+    /// Counts deliveries in `reporting`'s metrics and records an Event for
+    /// every event a webhook gave up on.
+    pub fn with_reporting(mut self, reporting: Reporting) -> Self {
+        self.reporting = Some(reporting);
+        self
     }
 
     /// Queues the events since the last snapshot (never waits: a full
@@ -202,9 +238,24 @@ impl Notifier {
     fn refresh_workers(&mut self) {
         let hooks = self.policy.current().effective.webhooks.clone();
         self.workers.retain(|w| hooks.contains(&w.spec));
-        for spec in hooks {
+        for (position, spec) in hooks.into_iter().enumerate() {
             if self.workers.iter().any(|w| w.spec == spec) {
                 continue;
+            }
+            let hook = hook_name(position, &spec);
+            if let Some(r) = &self.reporting {
+                // Every result exists from the start: increase() sees the
+                // first give-up.
+                for result in ["delivered", "retried", "given_up", "dropped"] {
+                    drop(
+                        r.metrics
+                            .webhook_deliveries
+                            .get_or_create(&super::metrics::HookResult {
+                                hook: hook.clone(),
+                                result: result.to_string(),
+                            }),
+                    );
+                }
             }
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(deliver(
@@ -212,8 +263,13 @@ impl Notifier {
                 spec.clone(),
                 self.coordinator.clone(),
                 rx,
+                (hook.clone(), self.reporting.clone()),
             ));
-            self.workers.push(Worker { spec, queue: tx });
+            self.workers.push(Worker {
+                spec,
+                hook,
+                queue: tx,
+            });
         }
     }
 
@@ -224,6 +280,17 @@ impl Notifier {
             }
             if let Err(e) = w.queue.try_send(event.clone()) {
                 warn!(url = %w.spec.url, event = event.kind.name(), node = %event.node, error = %e, "webhook queue full or closed; event dropped");
+                if let Some(r) = &self.reporting {
+                    r.metrics.webhook(&w.hook, "dropped");
+                }
+            }
+            if let Some(r) = &self.reporting {
+                r.metrics
+                    .webhook_queue_length
+                    .get_or_create(&HookLabel {
+                        hook: w.hook.clone(),
+                    })
+                    .set((w.queue.max_capacity() - w.queue.capacity()) as i64);
             }
         }
     }
@@ -244,13 +311,25 @@ async fn deliver(
     spec: WebhookSpec,
     coordinator: String,
     mut queue: mpsc::Receiver<Event>,
+    (hook, reporting): (String, Option<Reporting>),
 ) {
+    let count = |result: &str| {
+        if let Some(r) = &reporting {
+            r.metrics.webhook(&hook, result);
+        }
+    };
     let template = spec
         .template
         .as_deref()
         .and_then(|t| Template::parse(t).ok())
         .unwrap_or_else(Template::default_body);
     while let Some(event) = queue.recv().await {
+        if let Some(r) = &reporting {
+            r.metrics
+                .webhook_queue_length
+                .get_or_create(&HookLabel { hook: hook.clone() })
+                .set(queue.len() as i64);
+        }
         let body = template.render(&event.values(&coordinator));
         let mut attempt = 1;
         loop {
@@ -266,6 +345,7 @@ async fn deliver(
             let failure = match result {
                 Ok((status, _)) if status.is_success() => {
                     debug!(url = %spec.url, event = event.kind.name(), node = %event.node, attempt, "webhook delivered");
+                    count("delivered");
                     break;
                 }
                 Ok((status, _)) => format!("answered {status}"),
@@ -273,8 +353,25 @@ async fn deliver(
             };
             if attempt >= spec.max_attempts {
                 warn!(url = %spec.url, event = event.kind.name(), node = %event.node, attempts = attempt, error = %failure, "webhook failed; event dropped");
+                count("given_up");
+                if let Some(r) = &reporting {
+                    r.events.record(RolloutEvent::warning(
+                        Subject::Rollout,
+                        "WebhookGivenUp",
+                        format!(
+                            "webhook {hook} gave up on the {} event{} after {attempt} attempt(s): {failure}",
+                            event.kind.name(),
+                            if event.node.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" of node {}", event.node)
+                            }
+                        ),
+                    ));
+                }
                 break;
             }
+            count("retried");
             info!(url = %spec.url, event = event.kind.name(), attempt, error = %failure, "webhook failed; retrying");
             attempt += 1;
         }
@@ -389,6 +486,21 @@ mod tests {
             .unwrap();
         loaded.pause("op", "old", then);
         assert!(o.observe(&snap(&loaded, 0, now)).is_empty());
+    }
+
+    #[test]
+    fn hooks_are_named_by_position_and_host_only() {
+        let spec = |url: &str| -> WebhookSpec {
+            serde_json::from_value(serde_json::json!({ "url": url })).unwrap()
+        };
+        assert_eq!(
+            hook_name(0, &spec("https://hooks.slack.com/services/T0/B0/SECRET")),
+            "1:hooks.slack.com"
+        );
+        assert_eq!(
+            hook_name(2, &spec("http://user:pw@127.0.0.1:8080?x=1")),
+            "3:127.0.0.1:8080"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One task follows the engine for every part of the policy that acts on
 //! what happened (webhooks, the failure budget, canaries, stuck locks, the
-//! gate's "check again after a release"): one status snapshot per change,
+//! gate's "check again after a release", and what status, metrics and
+//! Kubernetes Events show): one status snapshot per change,
 //! at most one every [`COALESCE`], taken off the engine's lock, so a burst
 //! of changes (a thousand waiters being told their place) costs a bounded
 //! number of snapshots, and nothing here can delay a grant.
@@ -15,6 +16,7 @@ use super::budget::FailureBudget;
 use super::gate::last_release;
 use super::notify::Notifier;
 use super::reload::PolicyHandle;
+use super::report::Reporter;
 use super::rule::PolicyRule;
 use super::stuck::StuckLocks;
 use crate::engine::{Engine, Snapshot};
@@ -39,6 +41,8 @@ pub struct Observers {
     pub stuck: StuckLocks,
     /// The time of the last release, for the health gate.
     pub releases: watch::Sender<Option<DateTime<Utc>>>,
+    /// Status, metrics and Kubernetes Events.
+    pub reporter: Reporter,
 }
 
 impl Observers {
@@ -70,8 +74,10 @@ impl Observers {
                     self.notifier.on_snapshot(&snap);
                     self.budget.on_snapshot(&snap, &self.policy, &engine).await;
                     self.stuck.on_snapshot(&snap, &engine).await;
+                    self.reporter.on_snapshot(&snap, &self.budget);
                 } else {
                     self.notifier.reset();
+                    self.reporter.reset();
                 }
             }
             tokio::select! {

@@ -26,6 +26,31 @@ pub struct PolicyHandle {
     path: Option<PathBuf>,
     flags: FlagDefaults,
     last_error: Mutex<Option<(PolicyError, DateTime<Utc>)>>,
+    /// Policies put in force since the start (1 = the first).
+    generation: std::sync::atomic::AtomicU64,
+    /// Told of every reload attempt (metrics, Events); must not block.
+    listeners: Mutex<Vec<ReloadListener>>,
+}
+
+/// Told of every reload attempt, under no lock of the engine's.
+pub type ReloadListener = Box<dyn Fn(&ReloadOutcome) + Send + Sync>;
+
+/// What one reload attempt did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// A new policy is in force.
+    Changed {
+        /// Its generation.
+        generation: u64,
+        /// Where it came from.
+        source: String,
+        /// Its file's SHA-256.
+        sha256: String,
+    },
+    /// The file did not change.
+    Unchanged,
+    /// Refused; the running policy stays.
+    Refused(PolicyError),
 }
 
 /// What a reload did.
@@ -50,7 +75,34 @@ impl PolicyHandle {
             path,
             flags,
             last_error: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            listeners: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// How many policies were put in force since the start (1 = the one
+    /// the coordinator started with).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Calls `listener` after every reload attempt.
+    pub fn on_reload(&self, listener: ReloadListener) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+
+    fn tell(&self, outcome: &ReloadOutcome) {
+        for listener in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            listener(outcome);
+        }
     }
 
     /// The policy in force.
@@ -75,23 +127,36 @@ impl PolicyHandle {
     /// every check. On an error the policy in force stays.
     pub fn reload(&self, now: DateTime<Utc>) -> Result<Reloaded, PolicyError> {
         let result = load(self.path.as_deref(), &self.flags, now);
-        let mut last_error = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Err(e) => {
-                warn!(error = %e, "policy reload refused; the running policy stays");
-                *last_error = Some((e.clone(), now));
-                Err(e)
-            }
-            Ok(loaded) => {
-                *last_error = None;
-                if loaded.sha256 == self.current().sha256 {
-                    return Ok(Reloaded::Unchanged);
+        let (answer, outcome) = {
+            let mut last_error = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Err(e) => {
+                    warn!(error = %e, "policy reload refused; the running policy stays");
+                    *last_error = Some((e.clone(), now));
+                    (Err(e.clone()), ReloadOutcome::Refused(e))
                 }
-                info!(source = %loaded.source, sha256 = %loaded.sha256, "policy reloaded");
-                self.current.send_replace(Arc::new(loaded));
-                Ok(Reloaded::Changed)
+                Ok(loaded) if loaded.sha256 == self.current().sha256 => {
+                    *last_error = None;
+                    (Ok(Reloaded::Unchanged), ReloadOutcome::Unchanged)
+                }
+                Ok(loaded) => {
+                    *last_error = None;
+                    info!(source = %loaded.source, sha256 = %loaded.sha256, "policy reloaded");
+                    let outcome = ReloadOutcome::Changed {
+                        generation: self
+                            .generation
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            + 1,
+                        source: loaded.source.clone(),
+                        sha256: loaded.sha256.clone(),
+                    };
+                    self.current.send_replace(Arc::new(loaded));
+                    (Ok(Reloaded::Changed), outcome)
+                }
             }
-        }
+        };
+        self.tell(&outcome);
+        answer
     }
 
     /// Keeps `engine`'s grant rule on the policy in force and reloads on

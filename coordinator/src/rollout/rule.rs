@@ -408,6 +408,27 @@ impl PolicyRule {
         }
     }
 
+    /// The canaries' phases now (for status and metrics).
+    pub fn canaries(&self) -> super::canary::Canaries {
+        self.canaries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases()
+            .clone()
+    }
+
+    /// The pool `node` belongs to under the policy in force (its name, or
+    /// [`super::canary::NO_POOL`]).
+    pub fn pool_name(&self, node: &NodeName) -> String {
+        let policy = self.policy.current();
+        self.with_directory(|d| {
+            let labels = d.labels(node).unwrap_or_default();
+            pool_of(&policy.effective, node.as_str(), &labels)
+                .map(|i| policy.effective.pools[i].name.clone())
+                .unwrap_or_else(|| super::canary::NO_POOL.to_string())
+        })
+    }
+
     /// Advances the canaries from `snap` (off the engine's lock); a
     /// follower forgets them.
     pub fn observe_canaries(&self, snap: &crate::engine::Snapshot) {

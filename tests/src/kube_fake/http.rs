@@ -22,6 +22,8 @@ use super::{FakeApi, Key, Served, kind_of, now_rfc3339};
 
 /// A resource whose writes are answered late, and how late.
 pub(crate) type Delayed = Arc<Mutex<Option<(String, Duration)>>>;
+/// A resource whose writes fail, and with which status code.
+pub(crate) type Failing = Arc<Mutex<Option<(String, u16)>>>;
 
 #[derive(Clone)]
 struct Ctx {
@@ -29,6 +31,7 @@ struct Ctx {
     partitioned: Arc<AtomicBool>,
     stalled: Arc<Mutex<Option<String>>>,
     delayed: Delayed,
+    failing: Failing,
 }
 
 pub(crate) fn router(
@@ -36,24 +39,42 @@ pub(crate) fn router(
     partitioned: Arc<AtomicBool>,
     stalled: Arc<Mutex<Option<String>>>,
     delayed: Delayed,
+    failing: Failing,
 ) -> Router {
     Router::new().fallback(handle).with_state(Ctx {
         api,
         partitioned,
         stalled,
         delayed,
+        failing,
     })
+}
+
+/// The status code a write to `target` fails with, if its resource's
+/// writes are made to fail.
+fn failing_code(ctx: &Ctx, method: &Method, target: Option<&Target>) -> Option<u16> {
+    for_writes_to(&ctx.failing, method, target)
 }
 
 /// How long the answer to this request is held back after it took effect.
 fn answer_delay(ctx: &Ctx, method: &Method, target: Option<&Target>) -> Option<Duration> {
+    for_writes_to(&ctx.delayed, method, target)
+}
+
+/// The value `setting` holds for writes (anything but GET) to `target`'s
+/// resource, if it names that resource.
+fn for_writes_to<T: Copy>(
+    setting: &Mutex<Option<(String, T)>>,
+    method: &Method,
+    target: Option<&Target>,
+) -> Option<T> {
     let target = target?;
     if method == Method::GET {
         return None;
     }
-    let delayed = ctx.delayed.lock().unwrap_or_else(|e| e.into_inner());
-    match &*delayed {
-        Some((resource, delay)) if *resource == target.resource => Some(*delay),
+    let setting = setting.lock().unwrap_or_else(|e| e.into_inner());
+    match &*setting {
+        Some((resource, value)) if *resource == target.resource => Some(*value),
         _ => None,
     }
 }
@@ -147,12 +168,20 @@ async fn handle(State(ctx): State<Ctx>, request: axum::extract::Request) -> Resp
     let (mut parts, body) = request.into_parts();
     let (method, uri) = (parts.method.clone(), parts.uri.clone());
     wait_while_stalled(&ctx, &method, Target::parse(uri.path()).as_ref()).await;
+    let failing = failing_code(&ctx, &method, Target::parse(uri.path()).as_ref());
     let response = if ctx.partitioned.load(Ordering::SeqCst) {
         status(
             503,
             "ServiceUnavailable",
             "the fake partitioned this endpoint",
         )
+    } else if let Some(code) = failing {
+        let reason = if code == 429 {
+            "TooManyRequests"
+        } else {
+            "InternalError"
+        };
+        status(code, reason, "the fake fails writes to this resource")
     } else {
         match Target::parse(uri.path()) {
             Some(Target {

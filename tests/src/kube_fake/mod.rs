@@ -8,7 +8,9 @@
 //!   carrying a stale one answers 409 Conflict, a create of an existing
 //!   name 409 AlreadyExists, a missing object 404;
 //! - a ConfigMap whose data exceeds 1 MiB is refused 422 Invalid, as the
-//!   API server's validation does;
+//!   API server's validation does; so is an Event without an involved
+//!   object, with a type other than Normal/Warning, or with a message over
+//!   1 KiB (events.k8s.io's limit, applied to core/v1 Events too);
 //! - `pods/eviction` answers 429 while a PodDisruptionBudget (integer
 //!   `minAvailable` or `maxUnavailable`, `matchLabels` selector) forbids the
 //!   disruption, and otherwise deletes the pod gracefully: it gets a
@@ -26,14 +28,15 @@
 //! Several [`Endpoint`]s can serve one store; an endpoint can be partitioned
 //! (every request and open watch fails) to cut one client off, as a network
 //! partition would, stall the writes to one resource (they hang until
-//! released), as an overloaded API server would, or answer them late (the
-//! write is done, its answer slow). An endpoint can also be in-process (no
+//! released), as an overloaded API server would, answer them late (the
+//! write is done, its answer slow), or fail them (500, 429). An endpoint can also be in-process (no
 //! socket), for tests on tokio's paused clock.
 //!
 //! Layout: this file holds the store and its public test handle;
 //! [`http`] routes requests; [`semantics`] holds the pure rules (selectors,
 //! merge patch, disruption budgets).
 
+pub mod events;
 pub mod fixtures;
 mod http;
 pub mod portforward;
@@ -115,6 +118,8 @@ pub struct Endpoint {
     stalled: Arc<Mutex<Option<String>>>,
     /// The resource whose writes are applied but answered late, and how late.
     delayed: Arc<Mutex<Option<(String, std::time::Duration)>>>,
+    /// The resource whose writes fail, and with which status code.
+    failing: http::Failing,
     /// Set for an in-process endpoint: requests go straight to the router.
     router: Option<axum::Router>,
 }
@@ -163,17 +168,20 @@ impl FakeApi {
         let partitioned = Arc::new(AtomicBool::new(false));
         let stalled = Arc::new(Mutex::new(None));
         let delayed = Arc::new(Mutex::new(None));
+        let failing = Arc::new(Mutex::new(None));
         let router = http::router(
             self.clone(),
             partitioned.clone(),
             stalled.clone(),
             delayed.clone(),
+            failing.clone(),
         );
         Endpoint {
             url,
             partitioned,
             stalled,
             delayed,
+            failing,
             router: Some(router),
         }
     }
@@ -271,6 +279,14 @@ impl Endpoint {
     /// reads and other resources are served as usual.
     pub fn stall_writes(&self, resource: Option<&str>) {
         *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = resource.map(str::to_string);
+    }
+
+    /// Makes every write (anything but GET) to `resource` (e.g. `events`)
+    /// on this endpoint fail with `code` (500, 429, ...) without effect,
+    /// until called again with `None`.
+    pub fn fail_writes(&self, failing: Option<(&str, u16)>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) =
+            failing.map(|(resource, code)| (resource.to_string(), code));
     }
 
     /// Makes every write to `resource` (e.g. `leases`) on this endpoint take

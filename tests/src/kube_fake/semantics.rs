@@ -128,10 +128,44 @@ pub fn fields_match(selector: &str, object: &Value) -> bool {
 /// (the API server's `MaxSecretSize`, 1 MiB).
 pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
 
+/// The most bytes of an Event's message: the events.k8s.io API's limit on
+/// `note`. The core/v1 API checks only the object's total size; the fake
+/// applies the stricter limit to both, so an Event that passes here reads
+/// the same through either API.
+pub const EVENT_MESSAGE_MAX_BYTES: usize = 1024;
+/// The most characters of an Event's reason (events.k8s.io's limit).
+pub const EVENT_REASON_MAX: usize = 128;
+
+/// Why the API server would refuse an Event: no involved object (kind and
+/// name), a reason over [`EVENT_REASON_MAX`], a message over
+/// [`EVENT_MESSAGE_MAX_BYTES`], a type other than Normal or Warning.
+fn invalid_event(event: &Value) -> Option<String> {
+    let name = event["metadata"]["name"].as_str().unwrap_or_default();
+    let involved = &event["involvedObject"];
+    let problem = if involved["kind"].as_str().unwrap_or_default().is_empty()
+        || involved["name"].as_str().unwrap_or_default().is_empty()
+    {
+        "involvedObject: Required value: kind and name".to_string()
+    } else if event["reason"].as_str().unwrap_or_default().len() > EVENT_REASON_MAX {
+        format!("reason: Too long: may not be more than {EVENT_REASON_MAX} bytes")
+    } else if event["message"].as_str().unwrap_or_default().len() > EVENT_MESSAGE_MAX_BYTES {
+        format!("message: Too long: may not be more than {EVENT_MESSAGE_MAX_BYTES} bytes")
+    } else if !matches!(event["type"].as_str(), Some("Normal" | "Warning")) {
+        format!("type: Unsupported value: {}", event["type"])
+    } else {
+        return None;
+    };
+    Some(format!("Event \"{name}\" is invalid: {problem}"))
+}
+
 /// Why the API server would refuse `object` as invalid (422), for the
 /// limits the fake enforces: a ConfigMap whose `data` and `binaryData`
-/// (keys and values, binary data decoded) exceed [`CONFIGMAP_MAX_BYTES`].
+/// (keys and values, binary data decoded) exceed [`CONFIGMAP_MAX_BYTES`];
+/// an Event that breaks [`invalid_event`]'s rules.
 pub fn invalid(object: &Value) -> Option<String> {
+    if object["kind"] == "Event" {
+        return invalid_event(object);
+    }
     if object["kind"] != "ConfigMap" {
         return None;
     }
