@@ -329,9 +329,12 @@ pub async fn start(
         });
     }
 
-    let services = Services::new(engine.clone(), auth)
+    let mut services = Services::new(engine.clone(), auth)
         .with_policy(rollout_policy.clone())
         .with_labels(labels);
+    if let Some(backups) = crate::etcd::wiring::backups(&args) {
+        services = services.with_backups(backups);
+    }
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -169,6 +169,12 @@ pub struct Returning {
     pub member: String,
     /// Its member ID when it went out.
     pub member_id: u64,
+    /// For a control-plane node: the etcd snapshot taken for its current
+    /// grant, which its agent's control-plane backup is kept beside
+    /// ([`crate::etcd::backup`]). Reset at every preparation, so it never
+    /// names another grant's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_snapshot: Option<String>,
 }
 
 /// The persisted lease state.

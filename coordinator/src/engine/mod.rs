@@ -34,6 +34,7 @@
 //! Holders confirm right before a destructive step ([`Engine::confirm_step`],
 //! in `confirm.rs`): the guards run again for them as if granting now.
 
+mod backup;
 mod confirm;
 mod granter;
 mod plan;
@@ -999,6 +1000,7 @@ impl Engine {
         let record = crate::state::Returning {
             member: member.to_string(),
             member_id,
+            control_plane_snapshot: None,
         };
         let mut inner = self.inner.lock().await;
         self.ensure_current(&mut inner).await?;

@@ -146,6 +146,12 @@ impl EtcdGuard {
         )
     }
 
+    /// True for a control-plane node: labelled so (with the node watch)
+    /// or claimed by its agent.
+    fn is_control_plane(&self, node: &NodeName, claimed: bool) -> bool {
+        claimed || self.addresses.get().is_some_and(|a| a.control_plane(node))
+    }
+
     /// Remembers that these nodes exist (standalone member placement).
     fn remember<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeName>) {
         if self.addresses.get().is_some() {
@@ -332,6 +338,21 @@ impl EtcdGuard {
             sha256 = %taken.sha256,
             "etcd snapshot taken and verified"
         );
+        if self.is_control_plane(&candidate.node, candidate.control_plane) {
+            // Its agent's backup of the certificates and kubeadm
+            // configuration is kept beside this snapshot; the pairing is
+            // saved before the grant says so.
+            let name = taken.path.file_name().unwrap_or_default().to_string_lossy();
+            engine
+                .record_backup_snapshot(&candidate.node, &name)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "etcd: could not record the snapshot for {}'s backup ({e}); not granting",
+                        candidate.node
+                    )
+                })?;
+        }
         if voting.len() > 1 {
             super::leader::move_away(&self.prober, &health, &target)
                 .await
@@ -506,6 +527,7 @@ mod tests {
             crate::state::Returning {
                 member: "n1".to_string(),
                 member_id: 1,
+                control_plane_snapshot: None,
             },
         );
         let reason = guard.check(&waiter("n2"), &state, now).unwrap_err();
