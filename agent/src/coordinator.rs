@@ -715,6 +715,15 @@ mod tests {
             message: String::new(),
             error: String::new(),
         };
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("ca.key"), b"KEY").unwrap();
+        let archive = crate::backup::build(
+            &[files.path().to_path_buf()],
+            &[],
+            &files.path().join("state"),
+            1,
+        )
+        .unwrap();
         // The outer bound only keeps a broken build from hanging the suite.
         let bound = Duration::from_secs(60);
         let calls = async {
@@ -736,6 +745,10 @@ mod tests {
             ));
             assert!(matches!(
                 client.acquire("r", false).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.upload_backup(1, &archive).await,
                 Err(CoordinatorError::Call(_))
             ));
         };
