@@ -145,27 +145,7 @@ impl CoordinatorProcess {
     /// `GET /metrics` as a scraper that does not ask for OpenMetrics (curl,
     /// `promtool check metrics`) sees it: the body of the classic text format.
     pub fn metrics_text(&self) -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics
-        )
-        .expect("sending the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("reading the response");
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(
-            !head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "a chunked /metrics body: {head}"
-        );
-        body.to_string()
+        metrics_text_at(&self.metrics)
     }
 
     /// Sends `signal` and waits for the process to exit; returns its status.
@@ -369,4 +349,31 @@ pub async fn wait_granted(
     tokio::time::timeout(limit, wait)
         .await
         .map_err(|_| anyhow::anyhow!("no grant in time ({limit:?})"))?
+}
+
+/// `GET /metrics` of the coordinator whose metrics listen on `addr`, as a
+/// scraper that does not ask for OpenMetrics (curl, `promtool check
+/// metrics`) sees it: the body of the classic text format.
+pub fn metrics_text_at(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        addr
+    )
+    .expect("sending the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "a chunked /metrics body: {head}"
+    );
+    body.to_string()
 }

@@ -2,8 +2,11 @@
 //! control-plane holder's backup pairs with, and the token check an upload
 //! passes before anything is written.
 
+use chrono::{DateTime, Utc};
+
 use super::{Engine, EngineError};
 use crate::node::NodeName;
+use crate::state::PairedSnapshot;
 
 impl Engine {
     /// Records that `snapshot` (a file name in the snapshot directory) was
@@ -14,7 +17,12 @@ impl Engine {
         &self,
         node: &NodeName,
         snapshot: &str,
+        taken_at: DateTime<Utc>,
     ) -> Result<(), EngineError> {
+        let paired = PairedSnapshot {
+            name: snapshot.to_string(),
+            taken_at,
+        };
         let mut inner = self.inner.lock().await;
         self.ensure_current(&mut inner).await?;
         let Some(record) = inner.state.returning.get(node) else {
@@ -24,12 +32,12 @@ impl Engine {
                 "{node} is not recorded as going out; the snapshot {snapshot} pairs with nothing"
             )));
         };
-        if record.control_plane_snapshot.as_deref() == Some(snapshot) {
+        if record.control_plane_snapshot.as_ref() == Some(&paired) {
             return Ok(());
         }
         self.commit(&mut inner, |s| {
             if let Some(r) = s.returning.get_mut(node) {
-                r.control_plane_snapshot = Some(snapshot.to_string());
+                r.control_plane_snapshot = Some(paired);
             }
             Ok(())
         })
@@ -55,7 +63,28 @@ impl Engine {
             .state
             .returning
             .get(node)
-            .and_then(|r| r.control_plane_snapshot.clone()))
+            .and_then(|r| r.control_plane_snapshot.as_ref())
+            .map(|p| p.name.clone()))
+    }
+
+    /// The snapshot recorded for `node`'s preparation, when it was taken
+    /// at or after `since`: the granter decides again after a preparation
+    /// changed the state (this record among it), and that second
+    /// preparation reuses the snapshot instead of taking (and recording)
+    /// another, which would change the state again.
+    pub async fn recent_backup_snapshot(
+        &self,
+        node: &NodeName,
+        since: DateTime<Utc>,
+    ) -> Option<String> {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .returning
+            .get(node)
+            .and_then(|r| r.control_plane_snapshot.as_ref())
+            .filter(|p| p.taken_at >= since)
+            .map(|p| p.name.clone())
     }
 
     /// True when `node`'s current grant wants a control-plane backup (what

@@ -28,7 +28,10 @@ async fn setup(paired: bool) -> (Arc<Engine>, BackupSettings, tempfile::TempDir,
         Returning {
             member: "cp-1".into(),
             member_id: 1,
-            control_plane_snapshot: paired.then(|| SNAP.to_string()),
+            control_plane_snapshot: paired.then(|| crate::state::PairedSnapshot {
+                name: SNAP.to_string(),
+                taken_at: Utc::now(),
+            }),
         },
     );
     let engine = Engine::new(

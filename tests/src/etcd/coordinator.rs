@@ -154,6 +154,11 @@ impl Coordinator {
         self.dir.path().join("data").join("etcd-snapshots")
     }
 
+    /// Its `/metrics` (the classic text format).
+    pub fn metrics_text(&self) -> String {
+        crate::coordinator::metrics_text_at(&self.metrics_addr)
+    }
+
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
