@@ -187,6 +187,28 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
         "the kept backup is counted"
     );
 
+    // Status (batonctl status) lists it with its snapshot, newest first.
+    let status = baton_proto::v1::admin_client::AdminClient::connect(coordinator.grpc_url.clone())
+        .await?
+        .status(baton_proto::v1::StatusRequest {})
+        .await?
+        .into_inner();
+    let listed = status.backups.first().context("status lists the backup")?;
+    ensure!(
+        (
+            listed.name.as_str(),
+            listed.node.as_str(),
+            listed.snapshot.as_str(),
+            listed.sha256.as_str()
+        ) == (
+            name.as_str(),
+            "cp-1",
+            snapshot.as_str(),
+            archive.sha256.as_str()
+        ),
+        "{listed:?}"
+    );
+
     // README step 2: verify both files.
     run(Command::new("sha256sum").current_dir(&dir).args([
         "-c",

@@ -68,6 +68,14 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
             "actor": a.actor,
             "reason": a.reason,
         })).collect::<Vec<_>>(),
+        "backups": s.backups.iter().map(|b| json!({
+            "name": b.name,
+            "node": b.node,
+            "snapshot": b.snapshot,
+            "size": b.size,
+            "kept_at": time(b.kept_at.as_ref()),
+            "sha256": b.sha256,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -146,6 +154,23 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
                 a.fencing_token,
                 a.actor,
                 a.reason
+            ));
+        }
+    }
+    if !s.backups.is_empty() {
+        // Newest first, each with the snapshot it restores with (same
+        // directory on the coordinator, --etcd-snapshot-dir).
+        out.push_str(&format!(
+            "\n{:<25} {:<20} {:>10} {}\n",
+            "BACKUP KEPT", "NODE", "BYTES", "FILE"
+        ));
+        for b in &s.backups {
+            out.push_str(&format!(
+                "{:<25} {:<20} {:>10} {}\n",
+                text(&time(b.kept_at.as_ref())),
+                b.node,
+                b.size,
+                b.name
             ));
         }
     }
@@ -256,4 +281,34 @@ pub fn print_plan(p: &pb::PlanResponse, format: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_newest_backups_with_their_snapshot() {
+        let name = "etcd-20261121T223000.123Z-cp-2.db.control-plane-cp-1.tar.gz";
+        let s = pb::StatusResponse {
+            backups: vec![pb::BackupRecord {
+                name: name.into(),
+                node: "cp-1".into(),
+                snapshot: "etcd-20261121T223000.123Z-cp-2.db".into(),
+                size: 4096,
+                kept_at: None,
+                sha256: "ab".repeat(32),
+            }],
+            ..Default::default()
+        };
+        let table = status_table(&s);
+        assert!(table.contains("BACKUP KEPT"), "{table}");
+        assert!(table.contains(name) && table.contains("cp-1"), "{table}");
+        let json = status_json(&s);
+        assert_eq!(
+            json["backups"][0]["snapshot"],
+            "etcd-20261121T223000.123Z-cp-2.db"
+        );
+        assert_eq!(json["backups"][0]["node"], "cp-1");
+    }
 }
