@@ -22,9 +22,9 @@
 //!    then the token confirmed with Renew): never after "wait", never on
 //!    an earlier step's answer;
 //! 4. the node is not left cordoned once the baton is gone;
-//! 4b. when grants ask for a control-plane backup, never a drain for a
+//! 5. when grants ask for a control-plane backup, never a drain for a
 //!    grant before its backup was kept;
-//! 5. no endless loop: the run ends done (released, idle, nothing needed)
+//! 6. no endless loop: the run ends done (released, idle, nothing needed)
 //!    or failed (the baton kept, Failed reported) within a bound of
 //!    virtual time, with a bounded number of grants and reboots; and it
 //!    ends done whenever the only faults were kills, force-releases,

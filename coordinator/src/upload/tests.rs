@@ -215,7 +215,7 @@ async fn an_oversized_upload_is_refused_with_resource_exhausted() {
 async fn data_before_the_header_or_a_second_header_is_refused() {
     let (engine, settings, dir, token) = setup(true).await;
     let mut stream = chunks("cp-1", token, b"pki");
-    stream.remove(0);
+    let _header = stream.remove(0);
     let refused = send(&engine, &settings, &agent("cp-1"), stream)
         .await
         .unwrap_err();
