@@ -17,30 +17,35 @@ use baton_agent::coordinator::{BearerToken, Coordinator as _, CoordinatorError, 
 use baton_tests::etcd::coordinator::Coordinator;
 use baton_tests::etcd::{EtcdCluster, etcd_binary, free_port, serial};
 
-/// A coordinator guarding `cluster` (snapshots in its data directory).
-fn guarded(cluster: &EtcdCluster, extra: &[&str]) -> Result<Coordinator> {
-    let endpoints = cluster.endpoints();
-    let mut args = vec![
-        "--etcd-endpoints",
-        endpoints.as_str(),
-        "--etcd-probe-interval",
-        "500ms",
-    ];
-    args.extend_from_slice(extra);
-    Coordinator::start("c1", &args)
-}
-
-/// The agent's client for control-plane node `node`, once `coordinator`
-/// leads.
-async fn agent(coordinator: &Coordinator, node: &str) -> Result<GrpcCoordinator> {
+/// Control-plane node cp-1's agent, once `coordinator` leads: its client,
+/// its grant, and its archive of `paths` made for that grant (as the agent
+/// makes it, in `state`).
+async fn granted_cp1(
+    coordinator: &Coordinator,
+    paths: &[PathBuf],
+    state: &Path,
+) -> Result<(
+    GrpcCoordinator,
+    baton_agent::coordinator::Grant,
+    baton_agent::backup::Archive,
+)> {
     coordinator.wait_ready().await?;
-    Ok(GrpcCoordinator::new(
+    let agent = GrpcCoordinator::new(
         &coordinator.grpc_url,
         None,
         BearerToken::none(),
-        node,
+        "cp-1",
         true,
-    )?)
+    )?;
+    let grant = tokio::time::timeout(
+        Duration::from_secs(60),
+        agent.acquire("kernel update", true),
+    )
+    .await
+    .context("no grant within a minute")??
+    .context("no grant")?;
+    let archive = baton_agent::backup::build(paths, &[], state, grant.fencing_token)?;
+    Ok((agent, grant, archive))
 }
 
 /// A kubeadm-like pki tree and configuration file with distinct modes.
@@ -123,25 +128,17 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
     let mut kv = cluster.client().await?;
     kv.put("restore/check", "written before the maintenance", None)
         .await?;
-    let coordinator = guarded(&cluster, &[])?;
+    let coordinator = Coordinator::guarding(&cluster, &[])?;
     let root = tempfile::tempdir()?;
     let paths = control_plane_files(root.path())?;
 
     // The agent's side: ask as control-plane node cp-1, archive, send.
-    let agent = agent(&coordinator, "cp-1").await?;
-    let grant = tokio::time::timeout(
-        Duration::from_secs(60),
-        agent.acquire("kernel update", true),
-    )
-    .await
-    .context("no grant within a minute")??
-    .context("no grant")?;
+    let (agent, grant, archive) =
+        granted_cp1(&coordinator, &paths, &root.path().join("state")).await?;
     ensure!(
         grant.backup_required,
         "a control-plane etcd node's grant asks for a backup"
     );
-    let archive =
-        baton_agent::backup::build(&paths, &[], &root.path().join("state"), grant.fencing_token)?;
     // A stale token is refused and keeps nothing.
     match agent.upload_backup(grant.fencing_token - 1, &archive).await {
         Err(CoordinatorError::Fenced(why)) => {
@@ -289,19 +286,11 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
 async fn a_backup_over_the_limit_is_refused_for_good_and_nothing_is_kept() -> Result<()> {
     let _serial = serial().await;
     let cluster = EtcdCluster::start_named(&["cp-1", "cp-2", "cp-3"]).await?;
-    let coordinator = guarded(&cluster, &["--backup-max-bytes", "64"])?;
+    let coordinator = Coordinator::guarding(&cluster, &["--backup-max-bytes", "64"])?;
     let root = tempfile::tempdir()?;
     let paths = control_plane_files(root.path())?;
-    let agent = agent(&coordinator, "cp-1").await?;
-    let grant = tokio::time::timeout(
-        Duration::from_secs(60),
-        agent.acquire("kernel update", true),
-    )
-    .await
-    .context("no grant within a minute")??
-    .context("no grant")?;
-    let archive =
-        baton_agent::backup::build(&paths, &[], &root.path().join("state"), grant.fencing_token)?;
+    let (agent, grant, archive) =
+        granted_cp1(&coordinator, &paths, &root.path().join("state")).await?;
     match agent.upload_backup(grant.fencing_token, &archive).await {
         // Refused is what the agent does not retry: it gives the baton back.
         Err(CoordinatorError::Refused(why)) => {

@@ -128,66 +128,67 @@ async fn the_current_holder_s_backup_is_kept_and_counted() {
     assert!(counted(&engine, "kept"), "{}", engine.metrics().encode());
 }
 
-#[tokio::test]
-async fn a_stale_token_is_refused_and_nothing_kept() {
-    let (engine, settings, dir, token) = setup(true).await;
+/// cp-1's upload, sent by `caller` with cp-1's token (`stale`: the one
+/// before it), is refused with `code` and a message containing `needle`,
+/// and nothing is kept. The engine, for what it counted.
+async fn refused(
+    paired: bool,
+    caller: &str,
+    stale: bool,
+    code: tonic::Code,
+    needle: &str,
+) -> Arc<Engine> {
+    let (engine, settings, dir, token) = setup(paired).await;
+    let token = if stale { token - 1 } else { token };
     let refused = send(
         &engine,
         &settings,
-        &agent("cp-1"),
-        chunks("cp-1", token - 1, b"pki"),
+        &agent(caller),
+        chunks("cp-1", token, b"pki"),
     )
     .await
     .unwrap_err();
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused.message().contains("not the current token"),
-        "{refused:?}"
-    );
+    assert_eq!(refused.code(), code, "{refused:?}");
+    assert!(refused.message().contains(needle), "{refused:?}");
     assert!(kept_files(dir.path()).is_empty());
+    engine
+}
+
+#[tokio::test]
+async fn a_stale_token_is_refused_and_nothing_kept() {
+    let engine = refused(
+        true,
+        "cp-1",
+        true,
+        tonic::Code::FailedPrecondition,
+        "not the current token",
+    )
+    .await;
     assert!(counted(&engine, "refused"));
 }
 
 #[tokio::test]
 async fn another_node_s_identity_is_refused_and_nothing_kept() {
-    let (engine, settings, dir, token) = setup(true).await;
-    let refused = send(
-        &engine,
-        &settings,
-        &agent("w-1"),
-        chunks("cp-1", token, b"pki"),
+    refused(
+        true,
+        "w-1",
+        false,
+        tonic::Code::PermissionDenied,
+        "may act only for",
     )
-    .await
-    .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(kept_files(dir.path()).is_empty());
+    .await;
 }
 
 #[tokio::test]
 async fn a_grant_without_a_snapshot_keeps_no_backup() {
-    let (engine, settings, dir, token) = setup(false).await;
-    let refused = send(
-        &engine,
-        &settings,
-        &agent("cp-1"),
-        chunks("cp-1", token, b"pki"),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        refused.code(),
+    refused(
+        false,
+        "cp-1",
+        false,
         tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused.message().contains("no etcd snapshot was kept"),
-        "{refused:?}"
-    );
-    assert!(kept_files(dir.path()).is_empty());
+        "no etcd snapshot was kept",
+    )
+    .await;
 }
 
 #[tokio::test]

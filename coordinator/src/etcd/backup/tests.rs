@@ -53,6 +53,12 @@ fn nothing_kept(dir: &Path) {
     );
 }
 
+/// Puts a non-empty directory at `path`: a rename onto it fails.
+fn in_the_way(path: &Path) {
+    std::fs::create_dir(path).unwrap();
+    std::fs::write(path.join("x"), b"").unwrap();
+}
+
 async fn upload(
     settings: &BackupSettings,
     data: &[u8],
@@ -161,8 +167,7 @@ async fn a_disk_error_at_the_rename_keeps_nothing_under_a_final_name() {
     let dir = with_snapshot();
     // The final name is taken by a non-empty directory: the rename fails.
     let name = format!("{SNAP}.control-plane-cp-1.tar.gz");
-    std::fs::create_dir(dir.path().join(&name)).unwrap();
-    std::fs::write(dir.path().join(&name).join("x"), b"").unwrap();
+    in_the_way(&dir.path().join(&name));
     let data = b"archive";
     let failed = upload(&settings(dir.path(), 1024), data, &sha(data), 7)
         .await
@@ -181,8 +186,7 @@ async fn a_disk_error_writing_the_checksum_removes_the_archive_too() {
     let dir = with_snapshot();
     let name = format!("{SNAP}.control-plane-cp-1.tar.gz");
     let sum = dir.path().join(format!("{name}.sha256"));
-    std::fs::create_dir(&sum).unwrap();
-    std::fs::write(sum.join("x"), b"").unwrap();
+    in_the_way(&sum);
     let data = b"archive";
     let failed = upload(&settings(dir.path(), 1024), data, &sha(data), 7)
         .await
