@@ -36,6 +36,9 @@
 //!   (INVALID_ARGUMENT, PERMISSION_DENIED) end in Failed, not in a retry
 //!   loop.
 
+mod backup_step;
+#[cfg(test)]
+mod backup_tests;
 mod hold_back;
 mod inhibitors;
 mod lease;
@@ -94,6 +97,12 @@ pub struct Settings {
     pub inhibitor_timeout: Duration,
     /// Reboot even while block inhibitors are held.
     pub ignore_inhibitors: bool,
+    /// What the control-plane backup holds, when a grant asks for one.
+    pub backup_paths: Vec<std::path::PathBuf>,
+    /// How many times a backup upload that failed in a way that may pass
+    /// (the coordinator unreachable) is tried before the maintenance is
+    /// given up.
+    pub backup_attempts: u32,
 }
 
 impl Default for Settings {
@@ -111,6 +120,8 @@ impl Default for Settings {
             call_timeout: crate::coordinator::DEFAULT_CALL_TIMEOUT,
             inhibitor_timeout: Duration::from_secs(1800),
             ignore_inhibitors: false,
+            backup_paths: vec![crate::backup::DEFAULT_PATH.into()],
+            backup_attempts: 3,
         }
     }
 }

@@ -256,6 +256,18 @@ pub struct MaintenanceArgs {
     /// bypasses logind (and every inhibitor), so it is off by default.
     #[arg(long, env = "BATON_REBOOT_FALLBACK_TARGET")]
     pub reboot_fallback_target: bool,
+    /// What the control-plane backup holds (repeatable, or comma-separated
+    /// in the environment): files or directories, archived with their
+    /// modes. The coordinator asks for the backup when it grants a
+    /// control-plane node that carries an etcd member, and keeps it beside
+    /// the etcd snapshot taken for that grant. In Kubernetes mode the
+    /// kube-system/kubeadm-config ConfigMap is added. Add the kubeadm
+    /// configuration file if this node keeps one (e.g.
+    /// `--backup-path /etc/kubernetes/pki --backup-path /etc/kubernetes/kubeadm.yaml`).
+    /// A path that does not exist fails the backup, and the node is not
+    /// drained.
+    #[arg(long = "backup-path", env = "BATON_BACKUP_PATHS", value_delimiter = ',', default_value = crate::backup::DEFAULT_PATH)]
+    pub backup_paths: Vec<PathBuf>,
 }
 
 /// Timeouts and intervals.

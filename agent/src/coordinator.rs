@@ -78,6 +78,9 @@ pub struct Grant {
     /// How long the coordinator lets a holder go without renewing before
     /// it counts as overdue (None: not told).
     pub overdue_after: Option<Duration>,
+    /// True when the coordinator wants the control-plane backup
+    /// ([`Coordinator::upload_backup`]) before the node is drained.
+    pub backup_required: bool,
 }
 
 /// A successful renewal.
@@ -169,6 +172,14 @@ pub trait Coordinator {
         fencing_token: u64,
         step: Step,
     ) -> Result<Confirmation, CoordinatorError>;
+    /// Send the control-plane backup the grant asked for; the name the
+    /// coordinator keeps it under. Too large (RESOURCE_EXHAUSTED) is
+    /// [`CoordinatorError::Refused`]: sending it again cannot help.
+    async fn upload_backup(
+        &self,
+        fencing_token: u64,
+        archive: &crate::backup::Archive,
+    ) -> Result<String, CoordinatorError>;
 }
 
 /// TLS material (PEM file contents): the coordinator's CA, and the agent's
@@ -369,6 +380,12 @@ impl GrpcCoordinator {
     }
 }
 
+/// The deadline of an upload: the call timeout, plus a second per MiB
+/// (a slow link still gets a 64 MiB backup through in about a minute).
+fn backup_deadline(call_timeout: Duration, size: u64) -> Duration {
+    call_timeout + Duration::from_secs(size / (1024 * 1024) + 1)
+}
+
 fn call_error(e: tonic::Status) -> CoordinatorError {
     e.into()
 }
@@ -378,6 +395,67 @@ fn system_time(t: baton_proto::Timestamp) -> Option<SystemTime> {
 }
 
 impl Coordinator for GrpcCoordinator {
+    async fn upload_backup(
+        &self,
+        fencing_token: u64,
+        archive: &crate::backup::Archive,
+    ) -> Result<String, CoordinatorError> {
+        use baton_proto::v1::{BackupChunk, BackupHeader, backup_chunk::Chunk};
+        use tokio::io::AsyncReadExt;
+        let file = tokio::fs::File::open(&archive.path)
+            .await
+            .map_err(|e| CoordinatorError::Call(format!("opening the backup: {e}")))?;
+        let header = BackupChunk {
+            chunk: Some(Chunk::Header(BackupHeader {
+                node: self.node.clone(),
+                fencing_token,
+                sha256: archive.sha256.clone(),
+                size: archive.size,
+            })),
+        };
+        // The archive is read while it is sent, one chunk at a time; a
+        // read error ends the stream early, which the coordinator refuses
+        // (the size and checksum do not match).
+        let data = futures::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut chunk = vec![0u8; crate::backup::CHUNK_BYTES];
+            match file.read(&mut chunk).await {
+                Ok(0) | Err(_) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some((
+                        BackupChunk {
+                            chunk: Some(Chunk::Data(chunk)),
+                        },
+                        Some(file),
+                    ))
+                }
+            }
+        });
+        let chunks = futures::StreamExt::chain(futures::stream::iter([header]), data);
+        let mut request = tonic::Request::new(chunks);
+        let deadline = backup_deadline(self.call_timeout, archive.size);
+        request.set_timeout(deadline);
+        let mut client = self.client.clone();
+        let answer = match tokio::time::timeout(deadline, client.upload_backup(request)).await {
+            Ok(Ok(answer)) => answer.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                return Err(CoordinatorError::Refused(format!(
+                    "ResourceExhausted: {}",
+                    status.message()
+                )));
+            }
+            Ok(Err(status)) => return Err(status.into()),
+            Err(_) => {
+                return Err(CoordinatorError::Call(format!(
+                    "no answer within {}",
+                    humantime::format_duration(deadline)
+                )));
+            }
+        };
+        Ok(answer.name)
+    }
+
     async fn acquire(&self, reason: &str, wait: bool) -> Result<Option<Grant>, CoordinatorError> {
         let request = AcquireRequest {
             node: self.node.clone(),
@@ -418,6 +496,7 @@ impl Coordinator for GrpcCoordinator {
                         resumed: g.resumed,
                         renew_interval: duration(lease.renew_interval),
                         overdue_after: duration(lease.overdue_after),
+                        backup_required: g.backup_required,
                     }));
                 }
                 None => {}
@@ -600,6 +679,12 @@ mod tests {
         ) -> Result<tonic::Response<baton_proto::v1::ConfirmResponse>, tonic::Status> {
             std::future::pending().await
         }
+        async fn upload_backup(
+            &self,
+            _: tonic::Request<tonic::Streaming<baton_proto::v1::BackupChunk>>,
+        ) -> Result<tonic::Response<baton_proto::v1::BackupReceipt>, tonic::Status> {
+            std::future::pending().await
+        }
     }
 
     /// Finding 7: every call has a deadline; a coordinator that hangs
@@ -630,6 +715,15 @@ mod tests {
             message: String::new(),
             error: String::new(),
         };
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("ca.key"), b"KEY").unwrap();
+        let archive = crate::backup::build(
+            &[files.path().to_path_buf()],
+            &[],
+            &files.path().join("state"),
+            1,
+        )
+        .unwrap();
         // The outer bound only keeps a broken build from hanging the suite.
         let bound = Duration::from_secs(60);
         let calls = async {
@@ -651,6 +745,10 @@ mod tests {
             ));
             assert!(matches!(
                 client.acquire("r", false).await,
+                Err(CoordinatorError::Call(_))
+            ));
+            assert!(matches!(
+                client.upload_backup(1, &archive).await,
                 Err(CoordinatorError::Call(_))
             ));
         };

@@ -22,7 +22,9 @@
 //!    then the token confirmed with Renew): never after "wait", never on
 //!    an earlier step's answer;
 //! 4. the node is not left cordoned once the baton is gone;
-//! 5. no endless loop: the run ends done (released, idle, nothing needed)
+//! 5. when grants ask for a control-plane backup, never a drain for a
+//!    grant before its backup was kept;
+//! 6. no endless loop: the run ends done (released, idle, nothing needed)
 //!    or failed (the baton kept, Failed reported) within a bound of
 //!    virtual time, with a bounded number of grants and reboots; and it
 //!    ends done whenever the only faults were kills, force-releases,
@@ -58,6 +60,18 @@ struct Scenario {
 fn kernel_update(s: &mut SimState) {
     s.updates_pending = true;
     s.update_sets_sentinel = true;
+}
+
+/// A small pki directory for the backup scenario (one per test process).
+fn pki_dir() -> std::path::PathBuf {
+    static PKI: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("ca.key"), b"KEY").expect("writing ca.key");
+        dir
+    })
+    .path()
+    .to_path_buf()
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -98,6 +112,17 @@ fn scenarios() -> Vec<Scenario> {
                 s.confirm_waits = vec!["etcd member n2 unhealthy".into()];
             },
             settings,
+        },
+        Scenario {
+            name: "control-plane node: backup before the drain",
+            setup: |s| {
+                kernel_update(s);
+                s.backup_required = true;
+            },
+            settings: || Settings {
+                backup_paths: vec![pki_dir()],
+                ..settings()
+            },
         },
         Scenario {
             name: "drain times out",
@@ -191,7 +216,25 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
     let mut last_answer: Option<(u32, bool)> = None;
     let mut last_confirm: Option<(u32, &str)> = None;
     let mut starts_this_grant = 0;
+    // The grant held now, and whether its backup was kept.
+    let mut grant: Option<u64> = None;
+    let mut backed_up = false;
     for (i, rec) in s.log.iter().enumerate() {
+        match rec {
+            Rec::Granted { token, .. } => {
+                if grant != Some(*token) {
+                    backed_up = false;
+                }
+                grant = Some(*token);
+            }
+            Rec::BackupKept(token) if grant == Some(*token) => backed_up = true,
+            _ => {}
+        }
+        if s.backup_required && matches!(rec, Rec::Prepare(_)) && !backed_up {
+            return Err(format!(
+                "#{i}: drained for grant {grant:?} before its control-plane backup was kept"
+            ));
+        }
         match rec {
             Rec::Released {
                 token,
@@ -326,8 +369,13 @@ fn crash_points_coordinators_upgraded_mid_maintenance() {
 }
 
 #[test]
-fn crash_points_drain_timeout() {
+fn crash_points_control_plane_backup() {
     exhaust(&scenarios()[4]);
+}
+
+#[test]
+fn crash_points_drain_timeout() {
+    exhaust(&scenarios()[5]);
 }
 
 /// The harness can fail: an agent that releases right after the update

@@ -22,6 +22,7 @@
 //! also with faults at every crash point (`crash_points`, test only).
 
 pub mod agent;
+pub mod backup;
 pub mod cli;
 pub mod coordinator;
 // The proxy macro generates signal-argument types without docs.
@@ -239,6 +240,8 @@ async fn run_agent(args: RunArgs) -> Result<(), RunError> {
         call_timeout: args.timing.call_timeout,
         inhibitor_timeout: args.timing.inhibitor_timeout,
         ignore_inhibitors: m.ignore_inhibitors,
+        backup_paths: m.backup_paths.clone(),
+        backup_attempts: Settings::default().backup_attempts,
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;

@@ -91,6 +91,12 @@ pub trait NodeOps {
     async fn show_waiting(&self, blockers: &[String]) {
         let _ = blockers;
     }
+    /// The kubeadm configuration the cluster keeps (Kubernetes: the
+    /// entries of the `kube-system/kubeadm-config` ConfigMap, key and
+    /// value; none on a cluster without it), for the control-plane backup.
+    async fn kubeadm_config(&self) -> Result<Vec<(String, String)>, NodeOpsError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Standalone mode: pre- and post-maintenance systemd units.
@@ -254,6 +260,13 @@ impl<H: HostOs> NodeOps for AnyNodeOps<H> {
         match self {
             AnyNodeOps::Standalone(ops) => ops.show_waiting(blockers).await,
             AnyNodeOps::Kubernetes(ops) => ops.show_waiting(blockers).await,
+        }
+    }
+
+    async fn kubeadm_config(&self) -> Result<Vec<(String, String)>, NodeOpsError> {
+        match self {
+            AnyNodeOps::Standalone(ops) => ops.kubeadm_config().await,
+            AnyNodeOps::Kubernetes(ops) => ops.kubeadm_config().await,
         }
     }
 }

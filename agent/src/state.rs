@@ -58,6 +58,12 @@ pub struct AgentState {
     /// an older agent).
     #[serde(default)]
     pub lease: Option<LeaseTerms>,
+    /// The fencing token of the grant that asked for a control-plane
+    /// backup before the drain (saved with the grant), so that a restarted
+    /// agent in Preparing makes and sends it again (the upload is
+    /// idempotent) instead of draining without it.
+    #[serde(default)]
+    pub backup_required: Option<u64>,
 }
 
 /// The lease terms a grant came with, kept so that a restarted agent
@@ -103,6 +109,7 @@ impl AgentState {
             reboot_requests: 0,
             hold_back: None,
             lease: None,
+            backup_required: None,
         }
     }
 }

@@ -186,6 +186,12 @@ pub struct EtcdArgs {
     /// How many snapshots are kept.
     #[arg(long, env = "BATON_ETCD_SNAPSHOT_KEEP", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub etcd_snapshot_keep: u64,
+    /// The largest control-plane backup (a tar.gz of /etc/kubernetes/pki
+    /// and the kubeadm configuration) an agent may send, in bytes; a bigger
+    /// one is refused and nothing is kept. Backups are kept beside the etcd
+    /// snapshot taken for the grant and rotated with it.
+    #[arg(long, env = "BATON_BACKUP_MAX_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backup_max_bytes: u64,
     /// Key prefix of the etcd store.
     #[arg(long, env = "BATON_ETCD_PREFIX", default_value = "/baton")]
     pub etcd_prefix: String,

@@ -35,6 +35,7 @@ pub mod state;
 pub mod status_map;
 pub mod store;
 pub mod text;
+pub mod upload;
 pub mod window;
 
 /// The version `--version` shows: the package version and the git revision

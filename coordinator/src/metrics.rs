@@ -72,6 +72,8 @@ pub struct Metrics {
     /// The rollout policy's series (issue 13: policy, gate, canaries,
     /// failure budget, webhooks, Events).
     pub rollout: crate::rollout::metrics::RolloutMetrics,
+    /// Control-plane backups agents sent, by result.
+    backups: Family<BackupResult, Counter>,
 }
 
 /// The labels of `baton_holder_phase`.
@@ -79,6 +81,15 @@ pub struct Metrics {
 struct HolderPhase {
     node: String,
     phase: String,
+}
+
+/// The results `baton_backups_total` counts.
+const BACKUP_RESULTS: [&str; 3] = ["kept", "refused", "failed"];
+
+/// The label of `baton_backups_total`: `kept`, `refused` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupResult {
+    result: &'static str,
 }
 
 /// The label of `baton_etcd_snapshots_total`: `ok` or `failed`.
@@ -203,6 +214,17 @@ impl Metrics {
         );
         // The rollout policy's series, in their own module.
         let rollout = crate::rollout::metrics::RolloutMetrics::register(&mut registry);
+        // Control-plane backups (issue 13 item 8): every result exists
+        // from the start, as for the snapshots.
+        let backups = Family::<BackupResult, Counter>::default();
+        for result in BACKUP_RESULTS {
+            drop(backups.get_or_create(&BackupResult { result }));
+        }
+        registry.register(
+            "backups",
+            "control-plane backups agents sent before maintenance, by result (kept; refused: a stale token, too large, a wrong checksum; failed: this coordinator could not keep it)",
+            backups.clone(),
+        );
         Self {
             rollout,
             registry: Arc::new(registry),
@@ -213,6 +235,7 @@ impl Metrics {
             etcd_voting_members,
             etcd_healthy_voting_members,
             etcd_snapshots,
+            backups,
             handoffs,
             holders,
             queue_length,
@@ -261,6 +284,16 @@ impl Metrics {
         self.etcd_snapshots
             .get_or_create(&SnapshotResult { result })
             .inc();
+    }
+
+    /// Counts one control-plane backup upload: `kept`, `refused` or
+    /// `failed` (anything else counts as `failed`).
+    pub fn backup(&self, result: &str) {
+        let result = BACKUP_RESULTS
+            .into_iter()
+            .find(|r| *r == result)
+            .unwrap_or("failed");
+        self.backups.get_or_create(&BackupResult { result }).inc();
     }
 
     /// The Prometheus text exposition of every series.

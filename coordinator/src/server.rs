@@ -357,10 +357,13 @@ pub async fn start(
         });
     }
 
-    let services = Services::new(engine.clone(), auth)
+    let mut services = Services::new(engine.clone(), auth)
         .with_policy(rollout_policy.clone())
         .with_labels(labels)
         .with_rollout_view(view);
+    if let Some(backups) = crate::etcd::wiring::backups(&args) {
+        services = services.with_backups(backups);
+    }
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -38,6 +38,9 @@ pub struct Services {
     /// clients gave up (a slow or down store) leave the queue instead of
     /// piling up as detached work.
     changes: Arc<tokio::sync::Semaphore>,
+    /// Where control-plane backups are kept (None: no etcd snapshots, so
+    /// no backups).
+    backups: Option<crate::etcd::backup::BackupSettings>,
 }
 
 impl Services {
@@ -50,7 +53,14 @@ impl Services {
             labels: Arc::new(LabelBook::default()),
             rollout: None,
             changes: Arc::new(tokio::sync::Semaphore::new(1)),
+            backups: None,
         }
+    }
+
+    /// Keeps control-plane backups as `settings` say (UploadBackup).
+    pub fn with_backups(mut self, settings: crate::etcd::backup::BackupSettings) -> Self {
+        self.backups = Some(settings);
+        self
     }
 
     /// Answers GetPolicy from `policy`.
@@ -253,6 +263,8 @@ pub fn status_response(engine: &Engine, snap: &Snapshot) -> pb::StatusResponse {
         queue_length: snap.queue_length as u32,
         // Filled by the service from the rollout's view.
         rollout: None,
+        // Listed from the snapshot directory by the Status call itself.
+        backups: Vec::new(),
     }
 }
 
@@ -310,6 +322,9 @@ impl Stream for AcquireStream {
                         } else {
                             0
                         },
+                        // Filled in by `with_backup_flag` once the stream
+                        // is polled outside this synchronous function.
+                        backup_required: false,
                     })),
                 })
             }
@@ -331,6 +346,27 @@ impl Drop for AcquireStream {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Sets `backup_required` on the Granted event from the saved grant: the
+/// grant is in memory by the time it is told, and with it whether an etcd
+/// snapshot was kept for it (see [`crate::etcd::backup`]).
+fn with_backup_flag(
+    stream: AcquireStream,
+    engine: Arc<Engine>,
+    node: NodeName,
+) -> BoxStream<pb::AcquireEvent> {
+    use futures::StreamExt;
+    Box::pin(stream.then(move |item| {
+        let (engine, node) = (engine.clone(), node.clone());
+        async move {
+            let mut event = item?;
+            if let Some(pb::acquire_event::Event::Granted(granted)) = &mut event.event {
+                granted.backup_required = engine.backup_required(&node).await;
+            }
+            Ok(event)
+        }
+    }))
+}
 
 #[tonic::async_trait]
 impl Coordinator for Services {
@@ -354,14 +390,34 @@ impl Coordinator for Services {
                 manual: req.manual,
             })
             .await?;
-        Ok(Response::new(Box::pin(AcquireStream {
+        let stream = AcquireStream {
             lease: lease_settings(&self.engine),
             engine: self.engine.clone(),
-            node,
+            node: node.clone(),
             ticket,
             events,
             done: false,
-        })))
+        };
+        Ok(Response::new(with_backup_flag(
+            stream,
+            self.engine.clone(),
+            node,
+        )))
+    }
+
+    async fn upload_backup(
+        &self,
+        request: Request<tonic::Streaming<pb::BackupChunk>>,
+    ) -> Result<Response<pb::BackupReceipt>, Status> {
+        let identity = self.identity(&request).await?;
+        let receipt = crate::upload::receive(
+            &self.engine,
+            self.backups.as_ref(),
+            &identity,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(receipt))
     }
 
     async fn renew(
@@ -463,6 +519,27 @@ impl Admin for Services {
         let snap = self.engine.confirmed_snapshot().await?;
         let mut response = status_response(&self.engine, &snap);
         response.rollout = rollout_status(self.rollout.as_ref(), self.policy.as_deref());
+        if let Some(backups) = &self.backups {
+            // A directory that cannot be read shows no backups; the status
+            // itself is still worth answering.
+            let listed = crate::etcd::backup::newest(&backups.dir, crate::etcd::backup::LISTED)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot list the control-plane backups");
+                    Vec::new()
+                });
+            response.backups = listed
+                .into_iter()
+                .map(|b| pb::BackupRecord {
+                    name: b.name,
+                    node: b.node,
+                    snapshot: b.snapshot,
+                    size: b.size,
+                    kept_at: Some(timestamp(b.kept_at)),
+                    sha256: b.sha256,
+                })
+                .collect();
+        }
         Ok(Response::new(response))
     }
 

@@ -169,6 +169,20 @@ pub struct Returning {
     pub member: String,
     /// Its member ID when it went out.
     pub member_id: u64,
+    /// For a control-plane node: the etcd snapshot taken for its grant,
+    /// which its agent's control-plane backup is kept beside
+    /// ([`crate::etcd::backup`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_snapshot: Option<PairedSnapshot>,
+}
+
+/// The etcd snapshot a control-plane node's backup pairs with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairedSnapshot {
+    /// Its file name in the snapshot directory.
+    pub name: String,
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
 }
 
 /// The persisted lease state.

@@ -12,15 +12,7 @@ use baton_tests::etcd::{EtcdCluster, serial};
 
 /// A coordinator guarding `cluster`, with `extra` flags.
 fn guarded(cluster: &EtcdCluster, extra: &[&str]) -> Result<Coordinator> {
-    let endpoints = cluster.endpoints();
-    let mut args = vec![
-        "--etcd-endpoints",
-        endpoints.as_str(),
-        "--etcd-probe-interval",
-        "500ms",
-    ];
-    args.extend_from_slice(extra);
-    Coordinator::start("c1", &args)
+    Coordinator::guarding(cluster, extra)
 }
 
 #[tokio::test]

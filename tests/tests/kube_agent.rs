@@ -482,3 +482,28 @@ async fn a_blocking_pod_keeps_the_agent_from_asking_until_it_is_gone() -> Result
     agent.stop().await;
     Ok(())
 }
+
+/// The control-plane backup adds kubeadm's ClusterConfiguration from the
+/// kube-system/kubeadm-config ConfigMap; a cluster without it (not kubeadm)
+/// adds nothing, which is no error.
+#[tokio::test]
+async fn the_backup_reads_the_kubeadm_config_map_when_there_is_one() -> Result<()> {
+    use baton_agent::node_ops::NodeOps;
+    let fake = FakeApi::new();
+    let ops = KubeNodeOps::new(fake.client().await, "n1", KubernetesArgs::default());
+    assert!(ops.kubeadm_config().await?.is_empty());
+    fake.put(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+        "data": {"ClusterConfiguration": "kind: ClusterConfiguration\n"},
+    }));
+    assert_eq!(
+        ops.kubeadm_config().await?,
+        vec![(
+            "ClusterConfiguration".to_string(),
+            "kind: ClusterConfiguration\n".to_string()
+        )]
+    );
+    Ok(())
+}

@@ -249,7 +249,15 @@ fn workloads_have_the_properties_the_design_relies_on() -> Result<()> {
             "/var/log",
             "/run/log",
             "/etc/machine-id",
+            // The control-plane backup reads /etc/kubernetes/pki.
+            "/etc/kubernetes",
         ])
+    );
+    assert!(
+        container["volumeMounts"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/kubernetes" && m["readOnly"] == true)),
+        "the node's certificates are mounted read-only"
     );
     assert!(
         volumes

@@ -58,7 +58,7 @@ pub const ETCD: &[Program] = &[
     program(
         "etcdctl",
         "etcd-client",
-        "etcd tests (snapshot checks), lab",
+        "etcd tests (snapshot checks, the restore walkthrough), lab",
     ),
 ];
 
@@ -120,7 +120,16 @@ pub const ESSENTIAL: &[Program] = &[
     program("getconf", "libc-bin", "bench agent (clock ticks)"),
     program("dpkg-deb", "dpkg", "building the test packages"),
     program("apt-get", "apt", "this installer"),
-    program("tar", "tar", "importing the images' root filesystems"),
+    program(
+        "tar",
+        "tar",
+        "importing the images' root filesystems; unpacking control-plane backups (etcd_backup)",
+    ),
+    program(
+        "sha256sum",
+        "coreutils",
+        "checking kept snapshots and backups (etcd_backup)",
+    ),
 ];
 
 /// Everything the test command needs (the essential programs are checked

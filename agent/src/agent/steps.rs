@@ -211,6 +211,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         );
         self.state.lease = Some(lease_terms(&grant, &self.settings));
         self.state.fencing_token = Some(grant.fencing_token);
+        self.state.backup_required = grant.backup_required.then_some(grant.fencing_token);
         self.advance(Event::Granted, message).await
     }
 
@@ -222,6 +223,25 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             let error = format!("blocked after the grant: {}", blockers.join("; "));
             tracing::warn!(error, "not preparing the node; giving the baton back");
             self.state.error = Some(error);
+            return self
+                .advance(Event::PrepareAborted, "maintenance aborted")
+                .await
+                .map_err(fatal);
+        }
+        // A control-plane node's certificates and kubeadm configuration go
+        // to the coordinator before anything is touched; without them the
+        // node is not drained (fail closed: the baton goes back).
+        if self.state.backup_required == Some(token)
+            && let Err(error) = self
+                .holding(token, OnStale::Stop, self.back_up(token))
+                .await?
+        {
+            if self.shutdown.is_cancelled() {
+                // A restarted agent makes and sends the backup again.
+                return Err(Interrupted::Shutdown);
+            }
+            tracing::warn!(%error, "no control-plane backup; not draining, giving the baton back");
+            self.state.error = Some(format!("control-plane backup: {error}"));
             return self
                 .advance(Event::PrepareAborted, "maintenance aborted")
                 .await

@@ -639,6 +639,7 @@ fn a_tiny_renew_interval_from_the_coordinator_is_raised() {
         resumed: false,
         renew_interval: Some(Duration::from_millis(10)),
         overdue_after: None,
+        backup_required: false,
     };
     let terms = lease_terms(&grant, &settings());
     assert_eq!(

@@ -86,6 +86,55 @@ impl SimCoordinator {
 }
 
 impl Coordinator for SimCoordinator {
+    /// As strict as the coordinator: the current token, a grant that asked
+    /// for it, the size limit, and the archive's bytes hash to what was
+    /// declared (read from the file, as the real client sends it).
+    async fn upload_backup(
+        &self,
+        token: u64,
+        archive: &crate::backup::Archive,
+    ) -> Result<String, CoordinatorError> {
+        let fault = self.enter(Point::UploadBackup).await?;
+        if self.0.state().backup_unreachable {
+            return Err(CoordinatorError::Call(
+                "Unavailable: coordinator unreachable".into(),
+            ));
+        }
+        let bytes = std::fs::read(&archive.path)
+            .map_err(|e| CoordinatorError::Call(format!("reading the archive: {e}")))?;
+        let answer = (|| {
+            self.check_token(token)?;
+            let mut state = self.0.state();
+            if let Some(why) = &state.backup_refused {
+                return Err(CoordinatorError::Fenced(why.clone()));
+            }
+            if !state.backup_required {
+                return Err(CoordinatorError::Fenced(
+                    "no etcd snapshot was kept for this grant".into(),
+                ));
+            }
+            if bytes.len() as u64 > state.backup_max_bytes || archive.size > state.backup_max_bytes
+            {
+                return Err(CoordinatorError::Refused(format!(
+                    "ResourceExhausted: the backup is {} bytes, over the limit of {}",
+                    bytes.len(),
+                    state.backup_max_bytes
+                )));
+            }
+            use sha2::Digest;
+            let actual = hex::encode(sha2::Sha256::digest(&bytes));
+            if actual != archive.sha256 || bytes.len() as u64 != archive.size {
+                return Err(CoordinatorError::Refused(
+                    "InvalidArgument: the backup's SHA-256 or size does not match".into(),
+                ));
+            }
+            state.backups.push((token, actual, archive.size));
+            state.log.push(Rec::BackupKept(token));
+            Ok(format!("backup-{token}.tar.gz"))
+        })();
+        self.0.leave(fault, answer, lost()).await
+    }
+
     async fn acquire(&self, reason: &str, wait: bool) -> Result<Option<Grant>, CoordinatorError> {
         let fault = self.enter(Point::Acquire).await?;
         check_text("reason", reason, REASON_BYTES)?;
@@ -98,6 +147,7 @@ impl Coordinator for SimCoordinator {
                     resumed,
                     renew_interval: Some(state.renew_interval),
                     overdue_after: Some(state.overdue_after),
+                    backup_required: state.backup_required,
                 };
                 if let Some(holder) = &state.holder {
                     let token = holder.token;

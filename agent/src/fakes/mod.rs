@@ -54,6 +54,8 @@ pub enum Point {
     Release,
     /// Confirm.
     Confirm,
+    /// UploadBackup.
+    UploadBackup,
     /// Host calls.
     BootId,
     /// The need check.
@@ -96,6 +98,7 @@ impl Point {
                 | Point::Report
                 | Point::Release
                 | Point::Confirm
+                | Point::UploadBackup
         )
     }
 }
@@ -235,6 +238,8 @@ pub enum Rec {
         /// "go", "wait" or "unimplemented".
         answer: &'static str,
     },
+    /// A control-plane backup was kept for this token.
+    BackupKept(u64),
     /// A drain started.
     Prepare(u32),
     /// The update unit was started.
@@ -397,6 +402,16 @@ pub struct SimState {
     pub reports: Vec<(u64, crate::coordinator::Report)>,
     /// Every release reason accepted.
     pub release_reasons: Vec<String>,
+    /// Grants say a control-plane backup is required.
+    pub backup_required: bool,
+    /// The largest backup accepted (bytes), as the coordinator's limit.
+    pub backup_max_bytes: u64,
+    /// Uploads fail as with an unreachable coordinator (other calls pass).
+    pub backup_unreachable: bool,
+    /// Uploads are refused with this answer (e.g. "no snapshot kept").
+    pub backup_refused: Option<String>,
+    /// Backups kept: (token, sha256, size), checked like the coordinator.
+    pub backups: Vec<(u64, String, u64)>,
     /// Acquire calls.
     pub acquires: u32,
     /// Renew calls answered.
@@ -465,6 +480,11 @@ impl Default for SimState {
             outage_after_update: None,
             coordinator_down_until: None,
             refuse_release: false,
+            backup_required: false,
+            backup_max_bytes: 64 * 1024 * 1024,
+            backup_unreachable: false,
+            backup_refused: None,
+            backups: Vec::new(),
             confirms: 0,
             renew_interval: Duration::from_secs(5),
             overdue_after: Duration::from_secs(60),

@@ -153,6 +153,25 @@ impl NodeOps for KubeNodeOps {
         Ok(self.blocking_pods().await?)
     }
 
+    /// The `kube-system/kubeadm-config` ConfigMap's entries (kubeadm keeps
+    /// the ClusterConfiguration there); none when the cluster has no such
+    /// ConfigMap (not a kubeadm cluster). Any other error fails the backup.
+    async fn kubeadm_config(&self) -> Result<Vec<(String, String)>, NodeOpsError> {
+        let maps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(self.client.clone(), "kube-system");
+        let map = maps
+            .get_opt("kubeadm-config")
+            .await
+            .map_err(|source| KubeError::Api {
+                action: "reading the ConfigMap kube-system/kubeadm-config".into(),
+                source,
+            })?;
+        Ok(map
+            .and_then(|m| m.data)
+            .map(|data| data.into_iter().collect())
+            .unwrap_or_default())
+    }
+
     async fn show_waiting(&self, blockers: &[String]) {
         let reason = visibility::waiting_reason(blockers);
         if reason.is_none() {

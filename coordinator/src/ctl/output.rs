@@ -69,6 +69,14 @@ pub fn status_json(s: &pb::StatusResponse) -> Value {
             "reason": a.reason,
         })).collect::<Vec<_>>(),
         "rollout": s.rollout.as_ref().map(rollout_json),
+        "backups": s.backups.iter().map(|b| json!({
+            "name": b.name,
+            "node": b.node,
+            "snapshot": b.snapshot,
+            "size": b.size,
+            "kept_at": time(b.kept_at.as_ref()),
+            "sha256": b.sha256,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -245,6 +253,23 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
                 a.fencing_token,
                 a.actor,
                 a.reason
+            ));
+        }
+    }
+    if !s.backups.is_empty() {
+        // Newest first, each with the snapshot it restores with (same
+        // directory on the coordinator, --etcd-snapshot-dir).
+        out.push_str(&format!(
+            "\n{:<25} {:<20} {:>10} {}\n",
+            "BACKUP KEPT", "NODE", "BYTES", "FILE"
+        ));
+        for b in &s.backups {
+            out.push_str(&format!(
+                "{:<25} {:<20} {:>10} {}\n",
+                text(&time(b.kept_at.as_ref())),
+                b.node,
+                b.size,
+                b.name
             ));
         }
     }
@@ -427,5 +452,30 @@ mod tests {
         assert_eq!(r["failure_budget"]["paused"], true);
         assert_eq!(r["policy"]["generation"], 3);
         assert!(status_json(&status_with(None))["rollout"].is_null());
+    }
+
+    #[test]
+    fn status_shows_the_newest_backups_with_their_snapshot() {
+        let name = "etcd-20261121T223000.123Z-cp-2.db.control-plane-cp-1.tar.gz";
+        let s = pb::StatusResponse {
+            backups: vec![pb::BackupRecord {
+                name: name.into(),
+                node: "cp-1".into(),
+                snapshot: "etcd-20261121T223000.123Z-cp-2.db".into(),
+                size: 4096,
+                kept_at: None,
+                sha256: "ab".repeat(32),
+            }],
+            ..Default::default()
+        };
+        let table = status_table(&s);
+        assert!(table.contains("BACKUP KEPT"), "{table}");
+        assert!(table.contains(name) && table.contains("cp-1"), "{table}");
+        let json = status_json(&s);
+        assert_eq!(
+            json["backups"][0]["snapshot"],
+            "etcd-20261121T223000.123Z-cp-2.db"
+        );
+        assert_eq!(json["backups"][0]["node"], "cp-1");
     }
 }

@@ -34,6 +34,7 @@
 //! Holders confirm right before a destructive step ([`Engine::confirm_step`],
 //! in `confirm.rs`): the guards run again for them as if granting now.
 
+mod backup;
 mod confirm;
 mod granter;
 mod plan;
@@ -997,12 +998,20 @@ impl Engine {
         member: &str,
         member_id: u64,
     ) -> Result<(), EngineError> {
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        // The same member going out again keeps the snapshot recorded for
+        // it (see `backup.rs`: a preparation decided again reuses it).
         let record = crate::state::Returning {
             member: member.to_string(),
             member_id,
+            control_plane_snapshot: inner
+                .state
+                .returning
+                .get(node)
+                .filter(|r| r.member == member && r.member_id == member_id)
+                .and_then(|r| r.control_plane_snapshot.clone()),
         };
-        let mut inner = self.inner.lock().await;
-        self.ensure_current(&mut inner).await?;
         if inner.state.returning.get(node) == Some(&record) {
             return Ok(());
         }

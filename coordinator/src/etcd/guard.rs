@@ -35,6 +35,10 @@ use crate::node::NodeName;
 use crate::policy::{GrantGuard, Waiter};
 use crate::state::LeaseState;
 
+/// How old a snapshot recorded for a node's preparation may be and still
+/// be reused when the granter prepares the node again right away.
+const REUSE_SNAPSHOT_WITHIN: chrono::Duration = chrono::Duration::seconds(60);
+
 /// The most node names the standalone guard remembers.
 pub const SEEN_MAX: usize = 10_000;
 
@@ -144,6 +148,12 @@ impl EtcdGuard {
             &addresses.internal_ips(node),
             health,
         )
+    }
+
+    /// True for a control-plane node: labelled so (with the node watch)
+    /// or claimed by its agent.
+    fn is_control_plane(&self, node: &NodeName, claimed: bool) -> bool {
+        claimed || self.addresses.get().is_some_and(|a| a.control_plane(node))
     }
 
     /// Remembers that these nodes exist (standalone member placement).
@@ -261,6 +271,56 @@ impl EtcdGuard {
         (going, back)
     }
 
+    /// Takes and verifies a snapshot from `source` for `candidate`'s grant;
+    /// for a control-plane node, records it as the one its backup pairs
+    /// with.
+    async fn snapshot_for(
+        &self,
+        engine: &Engine,
+        candidate: &Waiter,
+        source: &super::health::MemberHealth,
+        control_plane: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let taken = match self.prober.client(&source.endpoint).await {
+            Ok(mut client) => take(&mut client, &source.name, &self.settings.snapshots, now).await,
+            Err(e) => Err(format!("cannot reach it: {e}")),
+        };
+        if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
+            engine.metrics().etcd_snapshot(taken.is_ok());
+        }
+        let taken = taken.map_err(|e| {
+            format!(
+                "etcd: snapshot from member {} failed ({e}); not granting {}",
+                source.name, candidate.node
+            )
+        })?;
+        info!(
+            node = %candidate.node,
+            source = %source.name,
+            path = %taken.path.display(),
+            size = taken.size,
+            sha256 = %taken.sha256,
+            "etcd snapshot taken and verified"
+        );
+        if control_plane {
+            // Its agent's backup of the certificates and kubeadm
+            // configuration is kept beside this snapshot; the pairing is
+            // saved before the grant says so.
+            let name = taken.path.file_name().unwrap_or_default().to_string_lossy();
+            engine
+                .record_backup_snapshot(&candidate.node, &name, now)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "etcd: could not record the snapshot for {}'s backup ({e}); not granting",
+                        candidate.node
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
         let health = self.health();
         let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
@@ -311,27 +371,24 @@ impl EtcdGuard {
             )
         })?;
         let now = (self.clock)();
-        let taken = match self.prober.client(&source.endpoint).await {
-            Ok(mut client) => take(&mut client, &source.name, &self.settings.snapshots, now).await,
-            Err(e) => Err(format!("cannot reach it: {e}")),
+        let control_plane = self.is_control_plane(&candidate.node, candidate.control_plane);
+        // The granter decides again after this preparation changed the
+        // state (the pairing recorded below): the snapshot it just took is
+        // reused, so that the second preparation changes nothing and the
+        // grant goes through.
+        let reused = match control_plane {
+            true => engine
+                .recent_backup_snapshot(&candidate.node, now - REUSE_SNAPSHOT_WITHIN)
+                .await
+                .filter(|name| self.settings.snapshots.dir.join(name).is_file()),
+            false => None,
         };
-        if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
-            engine.metrics().etcd_snapshot(taken.is_ok());
+        if let Some(name) = reused {
+            debug!(node = %candidate.node, snapshot = %name, "etcd snapshot of this preparation reused");
+        } else {
+            self.snapshot_for(&engine, candidate, source, control_plane, now)
+                .await?;
         }
-        let taken = taken.map_err(|e| {
-            format!(
-                "etcd: snapshot from member {} failed ({e}); not granting {}",
-                source.name, candidate.node
-            )
-        })?;
-        info!(
-            node = %candidate.node,
-            source = %source.name,
-            path = %taken.path.display(),
-            size = taken.size,
-            sha256 = %taken.sha256,
-            "etcd snapshot taken and verified"
-        );
         if voting.len() > 1 {
             super::leader::move_away(&self.prober, &health, &target)
                 .await
@@ -506,6 +563,7 @@ mod tests {
             crate::state::Returning {
                 member: "n1".to_string(),
                 member_id: 1,
+                control_plane_snapshot: None,
             },
         );
         let reason = guard.check(&waiter("n2"), &state, now).unwrap_err();

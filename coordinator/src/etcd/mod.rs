@@ -10,6 +10,8 @@
 //! - [`verify`]: the pure check of a snapshot file's SHA-256 trailer;
 //! - [`probe`]: probes every member through its own client (I/O);
 //! - [`snapshot`]: takes, verifies, stores and rotates snapshots (I/O);
+//! - [`backup`]: keeps control-plane nodes' backups beside the snapshot of
+//!   their grant, rotated with it (I/O);
 //! - [`leader`]: moves etcd leadership away from a node before it goes down;
 //! - [`back`]: when a node that went out counts as back (pure);
 //! - [`guard`]: [`guard::EtcdGuard`], the [`crate::policy::GrantGuard`] and
@@ -18,6 +20,7 @@
 //! - [`wiring`]: builds the guard and the etcd store from the flags.
 
 pub mod back;
+pub mod backup;
 pub mod guard;
 pub mod health;
 pub mod leader;

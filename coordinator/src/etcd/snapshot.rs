@@ -2,8 +2,12 @@
 //! to a hidden temp file while [`TrailerCheck`] verifies it, fsynced, and
 //! only a verified file is renamed to `etcd-<time>-<member>.db` beside its
 //! `.sha256` (in `sha256sum -c` format); the directory is fsynced and only
-//! the newest `keep` snapshots are kept. A failure leaves no file behind
-//! under a final name.
+//! the newest `keep` snapshots are kept, each with the files paired with it
+//! (named after it: `etcd-<time>-<member>.db.<...>`, the control-plane
+//! backups of [`super::backup`]). A failure leaves no file behind under a
+//! final name. Renames into the directory and rotation take
+//! [`directory_lock`], so a pair is never split by a rotation running
+//! between a backup's check for its snapshot and its rename.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,23 +64,11 @@ pub async fn take(
         }
     };
     let path = settings.dir.join(&name);
+    let _dir = directory_lock().await;
     tokio::fs::rename(&part, &path)
         .await
         .map_err(|e| io("renaming to", &path, e))?;
-    let sum_path = settings.dir.join(format!("{name}.sha256"));
-    let sum_part = settings.dir.join(format!(".{name}.sha256.part"));
-    write_synced(
-        &sum_part,
-        format!("{}  {name}\n", verified.file_sha256).as_bytes(),
-    )
-    .await
-    .map_err(|e| io("writing", &sum_part, e))?;
-    tokio::fs::rename(&sum_part, &sum_path)
-        .await
-        .map_err(|e| io("renaming to", &sum_path, e))?;
-    sync_dir(&settings.dir)
-        .await
-        .map_err(|e| io("syncing", &settings.dir, e))?;
+    keep_checksum(&settings.dir, &name, &verified.file_sha256).await?;
     rotate(&settings.dir, settings.keep.max(1))
         .await
         .map_err(|e| io("rotating", &settings.dir, e))?;
@@ -95,7 +87,7 @@ async fn stream_to(
     let mut stream = within(stall, client.snapshot())
         .await
         .map_err(|e| format!("starting the snapshot: {e}"))?;
-    let mut file = tokio::fs::File::create(part)
+    let mut file = create_private(part)
         .await
         .map_err(|e| format!("creating {}: {e}", part.display()))?;
     let mut check = TrailerCheck::default();
@@ -114,32 +106,92 @@ async fn stream_to(
     check.finish().map_err(|e| e.to_string())
 }
 
+/// Held while files are renamed into the snapshot directory or rotated out
+/// of it (one directory per process, so one lock).
+pub(super) async fn directory_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Writes `<name>.sha256` beside `name` (in `sha256sum -c` format, mode
+/// 0600) through a hidden temp file, then fsyncs the directory, so that
+/// the file and its checksum are both durable once this returns.
+pub(super) async fn keep_checksum(dir: &Path, name: &str, sha256: &str) -> Result<(), String> {
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    let sum_path = dir.join(format!("{name}.sha256"));
+    let sum_part = dir.join(format!(".{name}.sha256.part"));
+    let written = match write_synced(&sum_part, format!("{sha256}  {name}\n").as_bytes()).await {
+        Ok(()) => tokio::fs::rename(&sum_part, &sum_path)
+            .await
+            .map_err(|e| io("renaming to", &sum_path, e)),
+        Err(e) => Err(io("writing", &sum_part, e)),
+    };
+    if written.is_err() {
+        // No temp file outlives a failure.
+        let _ = tokio::fs::remove_file(&sum_part).await;
+    }
+    written?;
+    sync_dir(dir).await.map_err(|e| io("syncing", dir, e))
+}
+
+/// Creates `path` for writing, mode 0600 from the start (snapshots and
+/// backups hold every secret of the cluster).
+pub(super) async fn create_private(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+}
+
 async fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = tokio::fs::File::create(path).await?;
+    let mut file = create_private(path).await?;
     file.write_all(bytes).await?;
     file.sync_all().await
 }
 
-async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Fsyncs a directory, so that the renames into it are durable.
+pub(super) async fn sync_dir(dir: &Path) -> std::io::Result<()> {
     tokio::fs::File::open(dir).await?.sync_all().await
 }
 
-/// Deletes all but the newest `keep` snapshots (names sort by time) and
-/// their checksum files.
-async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
-    let mut names = Vec::new();
+/// True for a snapshot's file name (`etcd-<time>-<member>.db`).
+pub(super) fn is_snapshot(name: &str) -> bool {
+    name.starts_with("etcd-") && name.ends_with(".db")
+}
+
+/// Deletes all but the newest `keep` snapshots (names sort by time), each
+/// with every file named after it (its checksum, the backups kept with it
+/// and theirs), and any such file whose snapshot is gone: a backup never
+/// outlives its snapshot. Call with [`directory_lock`] held.
+pub(super) async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
+    let mut snapshots = Vec::new();
+    let mut others = Vec::new();
     let mut entries = tokio::fs::read_dir(dir).await?;
     while let Some(e) = entries.next_entry().await? {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with("etcd-") && name.ends_with(".db") {
-            names.push(name);
+        if is_snapshot(&name) {
+            snapshots.push(name);
+        } else if name.starts_with("etcd-") {
+            others.push(name);
         }
     }
-    names.sort();
-    let excess = names.len().saturating_sub(keep);
-    for name in &names[..excess] {
+    snapshots.sort();
+    let excess = snapshots.len().saturating_sub(keep);
+    for name in &snapshots[..excess] {
         tokio::fs::remove_file(dir.join(name)).await?;
-        let _ = tokio::fs::remove_file(dir.join(format!("{name}.sha256"))).await;
     }
-    Ok(())
+    let kept = &snapshots[excess..];
+    for name in others {
+        let paired = kept.iter().any(|s| {
+            name.strip_prefix(s.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        });
+        if !paired {
+            tokio::fs::remove_file(dir.join(&name)).await?;
+        }
+    }
+    sync_dir(dir).await
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Identity, TlsOptions};
 
+use super::backup::BackupSettings;
 use super::guard::{EtcdGuard, GuardSettings};
 use super::mapping::{MemberMap, MemberMapError};
 use super::probe::{ProbeSettings, Prober};
@@ -82,10 +83,7 @@ pub fn guard(args: &ServeArgs, clock: Clock) -> Result<Option<Arc<EtcdGuard>>, E
         },
         probe_interval: e.etcd_probe_interval,
         snapshots: SnapshotSettings {
-            dir: e
-                .etcd_snapshot_dir
-                .clone()
-                .unwrap_or_else(|| args.data_dir.join("etcd-snapshots")),
+            dir: snapshot_dir(args),
             keep: e.etcd_snapshot_keep as usize,
             stall_timeout: Duration::from_secs(30),
         },
@@ -99,6 +97,23 @@ pub fn guard(args: &ServeArgs, clock: Clock) -> Result<Option<Arc<EtcdGuard>>, E
         read_key: format!("{}/health-probe", e.etcd_prefix),
     });
     Ok(Some(EtcdGuard::new(settings, prober, clock)))
+}
+
+/// Where snapshots (and the backups kept with them) go.
+fn snapshot_dir(args: &ServeArgs) -> std::path::PathBuf {
+    args.etcd
+        .etcd_snapshot_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("etcd-snapshots"))
+}
+
+/// Where control-plane backups are kept: beside the snapshots, when the
+/// etcd guard takes them (`--etcd-endpoints`).
+pub fn backups(args: &ServeArgs) -> Option<BackupSettings> {
+    (!args.etcd.etcd_endpoints.is_empty()).then(|| BackupSettings {
+        dir: snapshot_dir(args),
+        max_bytes: args.etcd.backup_max_bytes,
+    })
 }
 
 /// The etcd store for `--store etcd`.

@@ -91,7 +91,7 @@ _baton__agent() {
             return 0
             ;;
         baton__subcmd__agent__subcmd__run)
-            opts="-h --node --state-dir --mode --control-plane --label --dbus-address --log-format --coordinator --insecure --ca --cert --key --token-file --reboot-sentinel --reboot-sentinel-command --update-check-command --check-interval --update-unit --update-command --pre-maintenance-unit --post-maintenance-unit --post-check-unit --post-check-command --ignore-inhibitors --reboot-fallback-target --update-timeout --post-check-timeout --node-ops-timeout --reboot-timeout --renew-interval --retry-interval --abort-backoff --call-timeout --inhibitor-timeout --dbus-timeout --check-timeout --drain-timeout --force-reboot-on-drain-timeout --drain-parallelism --drain-pod-selector --delete-emptydir-data --evict-unmanaged-pods --blocking-pod-selector --node-ready-timeout --event-namespace --kube-api-url --help"
+            opts="-h --node --state-dir --mode --control-plane --label --dbus-address --log-format --coordinator --insecure --ca --cert --key --token-file --reboot-sentinel --reboot-sentinel-command --update-check-command --check-interval --update-unit --update-command --pre-maintenance-unit --post-maintenance-unit --post-check-unit --post-check-command --ignore-inhibitors --reboot-fallback-target --backup-path --update-timeout --post-check-timeout --node-ops-timeout --reboot-timeout --renew-interval --retry-interval --abort-backoff --call-timeout --inhibitor-timeout --dbus-timeout --check-timeout --drain-timeout --force-reboot-on-drain-timeout --drain-parallelism --drain-pod-selector --delete-emptydir-data --evict-unmanaged-pods --blocking-pod-selector --node-ready-timeout --event-namespace --kube-api-url --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -178,6 +178,10 @@ _baton__agent() {
                     return 0
                     ;;
                 --post-check-command)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backup-path)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -91,7 +91,7 @@ _baton__coordinator() {
             return 0
             ;;
         baton__subcmd__coordinator__subcmd__serve)
-            opts="-h --listen --metrics-listen --data-dir --store --initialize --prepare-timeout --id --max-concurrent --window --min-window-remaining --policy --renew-interval --overdue-after --tls-cert --tls-key --client-ca --admin-name --insecure --etcd-endpoints --etcd-cacert --etcd-cert --etcd-key --etcd-member-map --etcd-exempt-node --etcd-max-apply-lag --etcd-allow-degraded --etcd-allow-outage --etcd-snapshot-dir --etcd-snapshot-keep --etcd-prefix --etcd-election-ttl --etcd-probe-interval --etcd-timeout --etcd-max-health-age --etcd-back-after --kube-namespace --lease-name --state-configmap --lease-duration --lease-renew-deadline --lease-retry-period --watch-nodes --ignore-notready-nodes --node-facts-max-age --token-review --agent-service-account --token-audience --node-name --kube-admin --kube-api-url --log-format --help"
+            opts="-h --listen --metrics-listen --data-dir --store --initialize --prepare-timeout --id --max-concurrent --window --min-window-remaining --policy --renew-interval --overdue-after --tls-cert --tls-key --client-ca --admin-name --insecure --etcd-endpoints --etcd-cacert --etcd-cert --etcd-key --etcd-member-map --etcd-exempt-node --etcd-max-apply-lag --etcd-allow-degraded --etcd-allow-outage --etcd-snapshot-dir --etcd-snapshot-keep --backup-max-bytes --etcd-prefix --etcd-election-ttl --etcd-probe-interval --etcd-timeout --etcd-max-health-age --etcd-back-after --kube-namespace --lease-name --state-configmap --lease-duration --lease-renew-deadline --lease-retry-period --watch-nodes --ignore-notready-nodes --node-facts-max-age --token-review --agent-service-account --token-audience --node-name --kube-admin --kube-api-url --log-format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -194,6 +194,10 @@ _baton__coordinator() {
                     return 0
                     ;;
                 --etcd-snapshot-keep)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backup-max-bytes)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

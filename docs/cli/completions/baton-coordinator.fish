@@ -55,6 +55,7 @@ complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serv
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-max-apply-lag -d 'The largest apply lag (leader\'s raft index minus the member\'s applied index) of a healthy member, in entries' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-snapshot-dir -d 'Where verified snapshots are kept (default: <data-dir>/etcd-snapshots)' -r -F
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-snapshot-keep -d 'How many snapshots are kept' -r
+complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l backup-max-bytes -d 'The largest control-plane backup (a tar.gz of /etc/kubernetes/pki and the kubeadm configuration) an agent may send, in bytes; a bigger one is refused and nothing is kept. Backups are kept beside the etcd snapshot taken for the grant and rotated with it' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-prefix -d 'Key prefix of the etcd store' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-election-ttl -d 'TTL of the leader\'s election lease (a dead leader is replaced after about this long)' -r
 complete -c baton-coordinator -n "__fish_baton_coordinator_using_subcommand serve" -l etcd-probe-interval -d 'How often etcd\'s health is probed' -r

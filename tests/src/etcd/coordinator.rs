@@ -48,6 +48,20 @@ impl Coordinator {
         Self::start_binary(&crate::binary("baton-coordinator"), id, args)
     }
 
+    /// A coordinator guarding `cluster` (probing every 500ms), with
+    /// `extra` flags.
+    pub fn guarding(cluster: &super::EtcdCluster, extra: &[&str]) -> Result<Self> {
+        let endpoints = cluster.endpoints();
+        let mut args = vec![
+            "--etcd-endpoints",
+            endpoints.as_str(),
+            "--etcd-probe-interval",
+            "500ms",
+        ];
+        args.extend_from_slice(extra);
+        Self::start("c1", &args)
+    }
+
     /// Like [`Coordinator::start`], with the binary at `binary` (for callers
     /// outside test executables, e.g. the bench).
     pub fn start_binary(binary: &std::path::Path, id: &str, args: &[&str]) -> Result<Self> {
@@ -152,6 +166,11 @@ impl Coordinator {
     /// The default snapshot directory (`<data-dir>/etcd-snapshots`).
     pub fn snapshot_dir(&self) -> PathBuf {
         self.dir.path().join("data").join("etcd-snapshots")
+    }
+
+    /// Its `/metrics` (the classic text format).
+    pub fn metrics_text(&self) -> String {
+        crate::coordinator::scrape(&self.metrics_addr)
     }
 
     /// The process's log so far.

@@ -1,0 +1,101 @@
+//! The lease-state side of control-plane backups: which etcd snapshot a
+//! control-plane holder's backup pairs with, and the token check an upload
+//! passes before anything is written.
+
+use chrono::{DateTime, Utc};
+
+use super::{Engine, EngineError};
+use crate::node::NodeName;
+use crate::state::PairedSnapshot;
+
+impl Engine {
+    /// Records that `snapshot` (a file name in the snapshot directory) was
+    /// taken for the grant `node` is being prepared for, and that its
+    /// agent's control-plane backup is to be kept beside it. Saved before
+    /// the grant, so a restarted or new leader still knows the pairing.
+    pub async fn record_backup_snapshot(
+        &self,
+        node: &NodeName,
+        snapshot: &str,
+        taken_at: DateTime<Utc>,
+    ) -> Result<(), EngineError> {
+        let paired = PairedSnapshot {
+            name: snapshot.to_string(),
+            taken_at,
+        };
+        let mut inner = self.inner.lock().await;
+        self.ensure_current(&mut inner).await?;
+        let Some(record) = inner.state.returning.get(node) else {
+            // The preparation records the node as out first; without that
+            // record the snapshot belongs to no known preparation.
+            return Err(EngineError::Refused(format!(
+                "{node} is not recorded as going out; the snapshot {snapshot} pairs with nothing"
+            )));
+        };
+        if record.control_plane_snapshot.as_ref() == Some(&paired) {
+            return Ok(());
+        }
+        self.commit(&mut inner, |s| {
+            if let Some(r) = s.returning.get_mut(node) {
+                r.control_plane_snapshot = Some(paired);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// For an upload: renews `node`'s lease with `token` (so a stale or
+    /// foreign token is refused exactly as Renew refuses it, and the
+    /// answer comes from the confirmed leader), then names the snapshot
+    /// its backup pairs with (None: no snapshot was taken for this grant,
+    /// or the node is not a control-plane node).
+    pub async fn backup_snapshot_for(
+        &self,
+        node: &NodeName,
+        token: u64,
+    ) -> Result<Option<String>, EngineError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        self.commit(&mut inner, |s| s.renew(node, token, now))
+            .await?;
+        Ok(inner
+            .state
+            .returning
+            .get(node)
+            .and_then(|r| r.control_plane_snapshot.as_ref())
+            .map(|p| p.name.clone()))
+    }
+
+    /// The snapshot recorded for `node`'s preparation, when it was taken
+    /// at or after `since`: the granter decides again after a preparation
+    /// changed the state (this record among it), and that second
+    /// preparation reuses the snapshot instead of taking (and recording)
+    /// another, which would change the state again.
+    pub async fn recent_backup_snapshot(
+        &self,
+        node: &NodeName,
+        since: DateTime<Utc>,
+    ) -> Option<String> {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .returning
+            .get(node)
+            .and_then(|r| r.control_plane_snapshot.as_ref())
+            .filter(|p| p.taken_at >= since)
+            .map(|p| p.name.clone())
+    }
+
+    /// True when `node`'s current grant wants a control-plane backup (what
+    /// the Granted event says). From memory: the grant was just saved.
+    pub async fn backup_required(&self, node: &NodeName) -> bool {
+        let inner = self.inner.lock().await;
+        inner.state.holders.contains_key(node)
+            && inner
+                .state
+                .returning
+                .get(node)
+                .is_some_and(|r| r.control_plane_snapshot.is_some())
+    }
+}

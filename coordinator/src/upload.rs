@@ -1,0 +1,151 @@
+//! The UploadBackup call: an agent hands over its control-plane backup
+//! (see [`crate::etcd::backup`]). Checked in this order, each refusal
+//! keeping nothing: the header comes first and is well-formed; the caller
+//! may act for the node (the same check as Renew); the token is the
+//! node's current one and an etcd snapshot was kept for this grant (the
+//! lease is renewed on the way, from the confirmed leader); the bytes stay
+//! under the limit and match the declared size and SHA-256; the token is
+//! still current when the data has arrived; only then is the archive
+//! renamed into place beside its snapshot.
+
+use std::time::Duration;
+
+use baton_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::auth::Identity;
+use crate::engine::Engine;
+use crate::etcd::backup::{BackupError, BackupSettings, Incoming, is_sha256};
+use crate::node::NodeName;
+use crate::status_map::invalid_node;
+
+/// The longest wait for the next message of an upload.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Receives one upload from `identity` and keeps it, or says why not.
+/// Every outcome is counted in `baton_backups_total`.
+pub async fn receive<S>(
+    engine: &Engine,
+    settings: Option<&BackupSettings>,
+    identity: &Identity,
+    chunks: S,
+) -> Result<pb::BackupReceipt, Status>
+where
+    S: Stream<Item = Result<pb::BackupChunk, Status>> + Send + Unpin,
+{
+    let result = receive_checked(engine, settings, identity, chunks).await;
+    let outcome = match &result {
+        Ok(_) => "kept",
+        Err(status) => match status.code() {
+            tonic::Code::Internal | tonic::Code::Unavailable | tonic::Code::DataLoss => "failed",
+            _ => "refused",
+        },
+    };
+    engine.metrics().backup(outcome);
+    if let Err(status) = &result {
+        warn!(caller = %identity.name, code = ?status.code(), reason = status.message(), "control-plane backup not kept");
+    }
+    result
+}
+
+async fn next<S>(chunks: &mut S) -> Result<Option<pb::BackupChunk>, Status>
+where
+    S: Stream<Item = Result<pb::BackupChunk, Status>> + Unpin,
+{
+    match tokio::time::timeout(STALL_TIMEOUT, chunks.next()).await {
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(status))) => Err(status),
+        Ok(None) => Ok(None),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no part of the backup arrived within {}s; nothing was kept",
+            STALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn status(e: BackupError) -> Status {
+    match e {
+        BackupError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        BackupError::Checksum { .. } | BackupError::Size { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        BackupError::SnapshotGone(_) => Status::failed_precondition(e.to_string()),
+        BackupError::Io(_) => Status::internal(e.to_string()),
+    }
+}
+
+async fn receive_checked<S>(
+    engine: &Engine,
+    settings: Option<&BackupSettings>,
+    identity: &Identity,
+    mut chunks: S,
+) -> Result<pb::BackupReceipt, Status>
+where
+    S: Stream<Item = Result<pb::BackupChunk, Status>> + Send + Unpin,
+{
+    let header = match next(&mut chunks).await?.and_then(|c| c.chunk) {
+        Some(pb::backup_chunk::Chunk::Header(header)) => header,
+        _ => {
+            return Err(Status::invalid_argument(
+                "an upload starts with its header (node, fencing token, sha256, size)",
+            ));
+        }
+    };
+    let node = NodeName::new(&header.node).map_err(invalid_node)?;
+    identity.may_act_for(&node)?;
+    if !is_sha256(&header.sha256) {
+        return Err(Status::invalid_argument(
+            "sha256: not 64 lowercase hex digits",
+        ));
+    }
+    let settings = settings.ok_or_else(|| {
+        Status::failed_precondition(
+            "this coordinator keeps no backups: it takes no etcd snapshots (no --etcd-endpoints)",
+        )
+    })?;
+    let token = header.fencing_token;
+    let snapshot = engine
+        .backup_snapshot_for(&node, token)
+        .await?
+        .ok_or_else(|| no_snapshot(&node, token))?;
+    let mut incoming = Incoming::begin(settings, &snapshot, &node, header.size)
+        .await
+        .map_err(status)?;
+    while let Some(chunk) = next(&mut chunks).await? {
+        match chunk.chunk {
+            Some(pb::backup_chunk::Chunk::Data(data)) => {
+                incoming.write(&data).await.map_err(status)?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "only data may follow the header; nothing was kept",
+                ));
+            }
+        }
+    }
+    incoming.verify(&header.sha256).await.map_err(status)?;
+    // The grant may have ended while the bytes arrived (a force-release):
+    // a backup is kept only for the grant that is current now.
+    let still = engine.backup_snapshot_for(&node, token).await?;
+    if still.as_deref() != Some(snapshot.as_str()) {
+        return Err(no_snapshot(&node, token));
+    }
+    let kept = incoming.keep(&header.sha256).await.map_err(status)?;
+    info!(node = %node, token, name = %kept.name, snapshot = %kept.snapshot, size = kept.size, "control-plane backup kept beside its etcd snapshot");
+    Ok(pb::BackupReceipt {
+        name: kept.name,
+        snapshot: kept.snapshot,
+        size: kept.size,
+    })
+}
+
+fn no_snapshot(node: &NodeName, token: u64) -> Status {
+    Status::failed_precondition(format!(
+        "no etcd snapshot was kept for the grant {token} of node {node} (not a control-plane etcd node's grant); a backup is kept only beside its snapshot"
+    ))
+}
+
+#[cfg(test)]
+mod tests;
