@@ -438,3 +438,78 @@ async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
     );
     Ok(())
 }
+
+/// The previous release numbered its embedded audit 1..len (len
+/// capped at 500, so every full document is numbered 1..500). The first save
+/// after an upgrade that records nothing (a renewal) writes the migrated
+/// records as key `len`. A format-1 document put back later (a downgrade,
+/// then "go forward again"; or a restored pre-upgrade backup) has the same
+/// numbers but other records: the load must give the document's own
+/// records, not the leftover key's.
+#[tokio::test]
+async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key() -> Result<()> {
+    use baton_coordinator::rollout::gate::last_release;
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
+        .await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = a.load().await?.state.context("no state")?;
+    let n2 = NodeName::new("n2")?;
+    // The upgrade's first save: a renewal, no record of its own.
+    step(&a, &mut fence, &mut current, |s| {
+        s.renew(&n2, 2, chrono::Utc::now()).expect("n2 holds")
+    })
+    .await?;
+    // Back on the previous release, which ran on (its window, full, still
+    // numbered 1..len): n2 released at 12:00, n3 granted.
+    let mut later: serde_json::Value = serde_json::from_str(PREVIOUS_RELEASE)?;
+    later["state"]["audit"] = serde_json::json!([
+        {"time":"2026-11-20T10:05:00Z","action":"grant","node":"n2","fencing_token":2,"actor":"coordinator","reason":"kernel CVE"},
+        {"time":"2026-11-20T12:00:00Z","action":"release","node":"n2","fencing_token":2,"actor":"n2","reason":""},
+        {"time":"2026-11-20T12:01:00Z","action":"grant","node":"n3","fencing_token":3,"actor":"coordinator","reason":"kernel CVE"}
+    ]);
+    later["state"]["last_token"] = serde_json::json!(3);
+    let holding = later["state"]["holders"]["n2"].clone();
+    later["state"]["holders"] = serde_json::json!({ "n3": holding });
+    later["state"]["holders"]["n3"]["fencing_token"] = serde_json::json!(3);
+    etcd.put("/baton-test/state", later.to_string(), None)
+        .await?;
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(
+        last_release(&read),
+        Some("2026-11-20T12:00:00Z".parse()?),
+        "{:?}",
+        read.audit
+    );
+    assert_eq!(read.audit.back().map(|r| r.node.as_str()), Some("n3"));
+    Ok(())
+}
+
+/// the README says restoring only the `state` key "is safe for
+/// the audit too". When the abandoned history went on for a window's worth
+/// of records, its saves deleted every key the backup's window needs.
+#[tokio::test]
+async fn a_restored_state_key_after_a_long_abandoned_history_keeps_its_window() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..5 {
+        step(&a, &mut fence, &mut current, pauses(1)).await?;
+    }
+    let backup = etcd.get("/baton-test/state", None).await?;
+    let backup = backup.kvs().first().context("no state")?.value().to_vec();
+    let at_backup = current.clone();
+    let mut abandoned = current.clone();
+    step(&a, &mut fence, &mut abandoned, pauses(300)).await?;
+    etcd.put("/baton-test/state", backup, None).await?;
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(read.audit.len(), 10, "{read:?}");
+    assert_eq!(read, at_backup);
+    Ok(())
+}

@@ -930,3 +930,61 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
     assert_eq!(stored_state(&fake)["state"]["audit"], serde_json::json!([]));
     Ok(())
 }
+
+/// A format-1 `state.json` put back (a restored pre-upgrade
+/// backup applied over the live ConfigMap, which keeps the keys the backup
+/// lacks) beside an `audit.json` the new release wrote: records numbered
+/// like the document's own (the previous release numbered 1..len). The
+/// leader must show, and keep, the document's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<()> {
+    let fake = cluster(&[node("n2").build(), node("n3").build()]);
+    let mut later: serde_json::Value = serde_json::from_str(include_str!(
+        "../../coordinator/src/store/testdata/previous-release.json"
+    ))?;
+    let other_era = later["state"]["audit"].clone();
+    later["state"]["audit"] = serde_json::json!([
+        {"time":"2026-11-20T10:05:00Z","action":"grant","node":"n2","fencing_token":2,"actor":"coordinator","reason":"kernel CVE"},
+        {"time":"2026-11-20T12:00:00Z","action":"release","node":"n2","fencing_token":2,"actor":"n2","reason":""},
+        {"time":"2026-11-20T12:01:00Z","action":"grant","node":"n3","fencing_token":3,"actor":"coordinator","reason":"kernel CVE"}
+    ]);
+    later["state"]["last_token"] = serde_json::json!(3);
+    let holding = later["state"]["holders"]["n2"].clone();
+    later["state"]["holders"] = serde_json::json!({ "n3": holding });
+    later["state"]["holders"]["n3"]["fencing_token"] = serde_json::json!(3);
+    let audit_json: Vec<serde_json::Value> = other_era
+        .as_array()
+        .context("audit")?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            r["number"] = serde_json::json!(i + 1);
+            r
+        })
+        .collect();
+    fake.put(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "baton-state", "namespace": NS},
+        "data": {
+            "state.json": later.to_string(),
+            "audit.json": serde_json::Value::Array(audit_json).to_string(),
+        },
+    }));
+    let endpoint = fake.serve().await;
+    let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let seen = status(&a).await?;
+    let actions: Vec<(&str, &str)> = seen
+        .audit
+        .iter()
+        .map(|r| (r.action.as_str(), r.node.as_str()))
+        .collect();
+    assert_eq!(
+        actions[..3],
+        [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
+        "{actions:?}"
+    );
+    Ok(())
+}
