@@ -193,6 +193,19 @@ pub enum StoreError {
         /// The budget.
         budget: usize,
     },
+    /// The etcd key prefix lies among the audit keys of an installation at
+    /// a shorter prefix, whose saves delete every key there.
+    #[error(
+        "--etcd-prefix {prefix} lies under {audit}, where the installation at prefix \"{owner}\" keeps its audit and deletes every other key: choose a prefix without an \"audit\" path component"
+    )]
+    NestedPrefix {
+        /// The refused prefix.
+        prefix: String,
+        /// The audit key space it lies in.
+        audit: String,
+        /// The prefix whose audit that is.
+        owner: String,
+    },
     /// A backend-specific failure (etcd, Kubernetes), or no answer in time.
     #[error("state store backend: {0}")]
     Backend(String),
