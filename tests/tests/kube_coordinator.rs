@@ -939,6 +939,7 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<()> {
     let fake = cluster(&[node("n2").build(), node("n3").build()]);
+    agent_token(&fake, "agent-n3", "n3");
     let mut later: serde_json::Value = serde_json::from_str(include_str!(
         "../../coordinator/src/store/testdata/previous-release.json"
     ))?;
@@ -986,5 +987,33 @@ async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<(
         [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
         "{actions:?}"
     );
+    // The first save keeps them in audit.json, not a mix.
+    CoordinatorClient::new(channel(&a, "agent-n3").await?)
+        .release(baton_proto::v1::ReleaseRequest {
+            node: "n3".to_string(),
+            fencing_token: 3,
+            reason: "done".to_string(),
+        })
+        .await?;
+    let cm = fake
+        .get("v1/configmaps", NS, "baton-state")
+        .context("state configmap")?;
+    let stored: Vec<serde_json::Value> =
+        serde_json::from_str(cm["data"]["audit.json"].as_str().context("audit.json")?)?;
+    let stored: Vec<(&str, &str)> = stored
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or(""),
+                r["node"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored[..3],
+        [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
+        "{stored:?}"
+    );
+    assert_eq!(stored.last(), Some(&("release", "n3")), "{stored:?}");
     Ok(())
 }

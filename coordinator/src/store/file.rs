@@ -1228,6 +1228,22 @@ mod tests {
         drop(file);
         let loaded = store.load().await;
         assert!(loaded.is_ok(), "{loaded:?}");
-        assert_eq!(loaded.unwrap().state, Some(state));
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.state, Some(state.clone()));
+        // The rewrite (a save past twice AUDIT_KEEP lines) reads the file
+        // the same way and leaves it valid UTF-8, whole.
+        let mut current = state;
+        let mut revision = loaded.revision;
+        for _ in 0..2 {
+            let mut next = current.without_audit();
+            for i in 0..AUDIT_KEEP {
+                next.record(Utc::now(), "pause", "", 0, "op", &format!("r{i}"));
+            }
+            revision = store.save(&next, &fence(revision)).await.unwrap();
+            current.advance_to(next);
+        }
+        let text = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(text.lines().count() <= 2 * AUDIT_KEEP);
+        assert_eq!(store.load().await.unwrap().state, Some(current));
     }
 }
