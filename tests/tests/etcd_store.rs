@@ -12,6 +12,7 @@ use baton_coordinator::state::{AUDIT_KEEP, LeaseState};
 use baton_coordinator::store::etcd::{EtcdStore, EtcdStoreSettings};
 use baton_coordinator::store::{Fence, Revision, StateStore, StoreError};
 use baton_tests::etcd::{EtcdCluster, serial};
+use baton_tests::previous_release;
 
 fn settings(cluster: &EtcdCluster, id: &str, ttl: u64) -> EtcdStoreSettings {
     EtcdStoreSettings {
@@ -194,6 +195,22 @@ fn pauses(n: usize) -> impl FnOnce(&mut LeaseState) {
     }
 }
 
+/// Five saves of two records each on `store`; the state then and the
+/// bytes of its `state` key (a backup of that key alone).
+async fn five_saves_and_a_backup(
+    store: &EtcdStore,
+    fence: &mut Fence,
+    etcd: &mut etcd_client::Client,
+) -> Result<(LeaseState, Vec<u8>)> {
+    let mut current = LeaseState::default();
+    for _ in 0..5 {
+        step(store, fence, &mut current, pauses(1)).await?;
+    }
+    let backup = etcd.get("/baton-test/state", None).await?;
+    let backup = backup.kvs().first().context("no state")?.value().to_vec();
+    Ok((current, backup))
+}
+
 /// The audit lives apart from the state document and is appended in the
 /// save's own transaction: one change that makes hundreds of records (a
 /// tick finding many holders overdue) still saves (etcd refuses a
@@ -259,8 +276,7 @@ async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> R
 
 /// A document as the previous release wrote it: format 1, the audit inside
 /// the state (a grant, the release of that node, the next grant).
-const PREVIOUS_RELEASE: &str =
-    include_str!("../../coordinator/src/store/testdata/previous-release.json");
+const PREVIOUS_RELEASE: &str = previous_release::DOCUMENT;
 
 /// Hostile (red-team F2): an upgrade from the previous release, whose
 /// document embedded the audit. The first saves after it must keep those
@@ -363,16 +379,10 @@ async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Res
     let mut etcd = cluster.client().await?;
     let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
     let mut fence = until_leader(&a).await?;
-    let mut current = LeaseState::default();
-    for _ in 0..5 {
-        step(&a, &mut fence, &mut current, pauses(1)).await?;
-    }
-    let backup = etcd.get("/baton-test/state", None).await?;
-    let backup = backup.kvs().first().context("no state")?.value().to_vec();
-    let at_backup = current.clone();
+    let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     // What came after the backup: saves of 2 and 3 records (keys 12 and
     // 15), and a long history past them.
-    let mut abandoned = current.clone();
+    let mut abandoned = at_backup.clone();
     step(&a, &mut fence, &mut abandoned, grant_and_pauses("ghost", 0)).await?;
     step(&a, &mut fence, &mut abandoned, pauses(1)).await?;
     leave_audit_keys(&mut etcd, 16, AUDIT_KEEP as u64 + 100, "ghost").await?;
@@ -465,16 +475,7 @@ async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key(
     .await?;
     // Back on the previous release, which ran on (its window, full, still
     // numbered 1..len): n2 released at 12:00, n3 granted.
-    let mut later: serde_json::Value = serde_json::from_str(PREVIOUS_RELEASE)?;
-    later["state"]["audit"] = serde_json::json!([
-        {"time":"2026-11-20T10:05:00Z","action":"grant","node":"n2","fencing_token":2,"actor":"coordinator","reason":"kernel CVE"},
-        {"time":"2026-11-20T12:00:00Z","action":"release","node":"n2","fencing_token":2,"actor":"n2","reason":""},
-        {"time":"2026-11-20T12:01:00Z","action":"grant","node":"n3","fencing_token":3,"actor":"coordinator","reason":"kernel CVE"}
-    ]);
-    later["state"]["last_token"] = serde_json::json!(3);
-    let holding = later["state"]["holders"]["n2"].clone();
-    later["state"]["holders"] = serde_json::json!({ "n3": holding });
-    later["state"]["holders"]["n3"]["fencing_token"] = serde_json::json!(3);
+    let later = previous_release::later();
     etcd.put("/baton-test/state", later.to_string(), None)
         .await?;
     let read = a.load().await?.state.context("no state")?;
@@ -503,14 +504,8 @@ async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window
     let mut etcd = cluster.client().await?;
     let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
     let mut fence = until_leader(&a).await?;
-    let mut current = LeaseState::default();
-    for _ in 0..5 {
-        step(&a, &mut fence, &mut current, pauses(1)).await?;
-    }
-    let backup = etcd.get("/baton-test/state", None).await?;
-    let backup = backup.kvs().first().context("no state")?.value().to_vec();
-    let at_backup = current.clone();
-    let mut abandoned = current.clone();
+    let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
+    let mut abandoned = at_backup.clone();
     step(&a, &mut fence, &mut abandoned, pauses(300)).await?;
     etcd.put("/baton-test/state", backup, None).await?;
     let loaded = a.load().await?;

@@ -219,6 +219,26 @@ async fn status(r: &Replica) -> Result<StatusResponse> {
     Ok(admin.status(StatusRequest {}).await?.into_inner())
 }
 
+/// `node` (an agent holding `token`) gives the baton back.
+async fn release(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Result<()> {
+    CoordinatorClient::new(channel(r, token).await?)
+        .release(baton_proto::v1::ReleaseRequest {
+            node: node.to_string(),
+            fencing_token,
+            reason: "done".to_string(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The audit `seen` as (action, node), oldest first.
+fn audit_actions(seen: &StatusResponse) -> Vec<(&str, &str)> {
+    seen.audit
+        .iter()
+        .map(|r| (r.action.as_str(), r.node.as_str()))
+        .collect()
+}
+
 async fn renew(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Result<(), Status> {
     let mut client = CoordinatorClient::new(
         channel(r, token)
@@ -895,30 +915,20 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "baton-state", "namespace": NS},
-        "data": {"state.json": include_str!("../../coordinator/src/store/testdata/previous-release.json")},
+        "data": {"state.json": baton_tests::previous_release::DOCUMENT},
     }));
     let endpoint = fake.serve().await;
     let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
     eventually("replica a to lead", || leads(&a)).await;
     // n2, granted before the upgrade, gives the baton back: the first save.
-    CoordinatorClient::new(channel(&a, "agent-n2").await?)
-        .release(baton_proto::v1::ReleaseRequest {
-            node: "n2".to_string(),
-            fencing_token: 2,
-            reason: "done".to_string(),
-        })
-        .await?;
+    release(&a, "agent-n2", "n2", 2).await?;
     let Replica { running, _stop } = a;
     drop(_stop);
     running.done.await??;
     let b = start_replica(&endpoint.url, "coord-b", &[], false).await?;
     eventually("replica b to lead", || leads(&b)).await;
     let seen = status(&b).await?;
-    let actions: Vec<(&str, &str)> = seen
-        .audit
-        .iter()
-        .map(|r| (r.action.as_str(), r.node.as_str()))
-        .collect();
+    let actions = audit_actions(&seen);
     // The previous release's three records first (the first save after
     // the upgrade found n2 overdue: its renewal is from the day before).
     assert_eq!(
@@ -940,19 +950,11 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
 async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<()> {
     let fake = cluster(&[node("n2").build(), node("n3").build()]);
     agent_token(&fake, "agent-n3", "n3");
-    let mut later: serde_json::Value = serde_json::from_str(include_str!(
-        "../../coordinator/src/store/testdata/previous-release.json"
-    ))?;
-    let other_era = later["state"]["audit"].clone();
-    later["state"]["audit"] = serde_json::json!([
-        {"time":"2026-11-20T10:05:00Z","action":"grant","node":"n2","fencing_token":2,"actor":"coordinator","reason":"kernel CVE"},
-        {"time":"2026-11-20T12:00:00Z","action":"release","node":"n2","fencing_token":2,"actor":"n2","reason":""},
-        {"time":"2026-11-20T12:01:00Z","action":"grant","node":"n3","fencing_token":3,"actor":"coordinator","reason":"kernel CVE"}
-    ]);
-    later["state"]["last_token"] = serde_json::json!(3);
-    let holding = later["state"]["holders"]["n2"].clone();
-    later["state"]["holders"] = serde_json::json!({ "n3": holding });
-    later["state"]["holders"]["n3"]["fencing_token"] = serde_json::json!(3);
+    let later = baton_tests::previous_release::later();
+    let other_era: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        baton_tests::previous_release::DOCUMENT,
+    )?["state"]["audit"]
+        .clone();
     let audit_json: Vec<serde_json::Value> = other_era
         .as_array()
         .context("audit")?
@@ -977,24 +979,14 @@ async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<(
     let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
     eventually("replica a to lead", || leads(&a)).await;
     let seen = status(&a).await?;
-    let actions: Vec<(&str, &str)> = seen
-        .audit
-        .iter()
-        .map(|r| (r.action.as_str(), r.node.as_str()))
-        .collect();
+    let actions = audit_actions(&seen);
     assert_eq!(
         actions[..3],
         [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
         "{actions:?}"
     );
     // The first save keeps them in audit.json, not a mix.
-    CoordinatorClient::new(channel(&a, "agent-n3").await?)
-        .release(baton_proto::v1::ReleaseRequest {
-            node: "n3".to_string(),
-            fencing_token: 3,
-            reason: "done".to_string(),
-        })
-        .await?;
+    release(&a, "agent-n3", "n3", 3).await?;
     let cm = fake
         .get("v1/configmaps", NS, "baton-state")
         .context("state configmap")?;
