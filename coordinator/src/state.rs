@@ -158,6 +158,48 @@ pub struct AuditEntry {
     pub reason: String,
 }
 
+/// The longest audit action kept (the actions are short fixed words).
+const ACTION_BYTES: usize = 64;
+
+/// `text` cut to `limit` bytes on a character boundary, its control
+/// characters other than newline and tab replaced.
+fn clean(text: &str, limit: usize) -> String {
+    crate::text::truncate(text, limit)
+        .chars()
+        .map(|c| {
+            if c.is_control() && !matches!(c, '\n' | '\t') {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+impl AuditEntry {
+    /// Cuts this record's texts to the limits a new record gets (see
+    /// [`LeaseState::record`]; the node to a node name's); true when
+    /// anything changed. For records read back from a store, which may have
+    /// been edited or written by something else: a record must not carry
+    /// megabytes into Status, Watch and webhooks.
+    pub fn fit_limits(&mut self) -> bool {
+        let mut changed = false;
+        for (text, limit) in [
+            (&mut self.action, ACTION_BYTES),
+            (&mut self.node, crate::node::MAX_NODE_NAME_LEN),
+            (&mut self.actor, crate::text::ACTOR_BYTES),
+            (&mut self.reason, crate::text::REASON_BYTES),
+        ] {
+            let cleaned = clean(text, limit);
+            if cleaned != *text {
+                *text = cleaned;
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
 /// An etcd node that went out (it was granted the baton) and does not
 /// count as back yet: the etcd guard holds other etcd nodes back until its
 /// member, with this ID, votes and is healthy for several probe rounds in a
@@ -502,18 +544,6 @@ impl LeaseState {
         actor: &str,
         reason: &str,
     ) {
-        let clean = |text: &str, limit: usize| -> String {
-            crate::text::truncate(text, limit)
-                .chars()
-                .map(|c| {
-                    if c.is_control() && !matches!(c, '\n' | '\t') {
-                        char::REPLACEMENT_CHARACTER
-                    } else {
-                        c
-                    }
-                })
-                .collect()
-        };
         self.audit.push_back(AuditEntry {
             time,
             action: action.to_string(),

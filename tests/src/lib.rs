@@ -6,13 +6,15 @@
 //! Harnesses for real components live in their own modules:
 //! - [`etcd`]: real etcd clusters on loopback, and coordinator processes;
 //! - [`kube_fake`]: an in-process fake of the Kubernetes API server;
-//! - [`prometheus`]: a real Prometheus scraping an exporter the test runs.
+//! - [`prometheus`]: a real Prometheus scraping an exporter the test runs;
+//! - [`previous_release`]: state documents the previous release wrote.
 
 pub mod etcd;
 
 pub mod coordinator;
 pub mod kube_fake;
 pub mod nspawn;
+pub mod previous_release;
 pub mod prometheus;
 
 use std::path::PathBuf;

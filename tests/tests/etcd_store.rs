@@ -12,6 +12,7 @@ use baton_coordinator::state::{AUDIT_KEEP, LeaseState};
 use baton_coordinator::store::etcd::{EtcdStore, EtcdStoreSettings};
 use baton_coordinator::store::{Fence, Revision, StateStore, StoreError};
 use baton_tests::etcd::{EtcdCluster, serial};
+use baton_tests::previous_release;
 
 fn settings(cluster: &EtcdCluster, id: &str, ttl: u64) -> EtcdStoreSettings {
     EtcdStoreSettings {
@@ -194,6 +195,22 @@ fn pauses(n: usize) -> impl FnOnce(&mut LeaseState) {
     }
 }
 
+/// Five saves of two records each on `store`; the state then and the
+/// bytes of its `state` key (a backup of that key alone).
+async fn five_saves_and_a_backup(
+    store: &EtcdStore,
+    fence: &mut Fence,
+    etcd: &mut etcd_client::Client,
+) -> Result<(LeaseState, Vec<u8>)> {
+    let mut current = LeaseState::default();
+    for _ in 0..5 {
+        step(store, fence, &mut current, pauses(1)).await?;
+    }
+    let backup = etcd.get("/baton-test/state", None).await?;
+    let backup = backup.kvs().first().context("no state")?.value().to_vec();
+    Ok((current, backup))
+}
+
 /// The audit lives apart from the state document and is appended in the
 /// save's own transaction: one change that makes hundreds of records (a
 /// tick finding many holders overdue) still saves (etcd refuses a
@@ -259,8 +276,7 @@ async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> R
 
 /// A document as the previous release wrote it: format 1, the audit inside
 /// the state (a grant, the release of that node, the next grant).
-const PREVIOUS_RELEASE: &str =
-    include_str!("../../coordinator/src/store/testdata/previous-release.json");
+const PREVIOUS_RELEASE: &str = previous_release::DOCUMENT;
 
 /// Hostile (red-team F2): an upgrade from the previous release, whose
 /// document embedded the audit. The first saves after it must keep those
@@ -363,16 +379,10 @@ async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Res
     let mut etcd = cluster.client().await?;
     let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
     let mut fence = until_leader(&a).await?;
-    let mut current = LeaseState::default();
-    for _ in 0..5 {
-        step(&a, &mut fence, &mut current, pauses(1)).await?;
-    }
-    let backup = etcd.get("/baton-test/state", None).await?;
-    let backup = backup.kvs().first().context("no state")?.value().to_vec();
-    let at_backup = current.clone();
+    let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     // What came after the backup: saves of 2 and 3 records (keys 12 and
     // 15), and a long history past them.
-    let mut abandoned = current.clone();
+    let mut abandoned = at_backup.clone();
     step(&a, &mut fence, &mut abandoned, grant_and_pauses("ghost", 0)).await?;
     step(&a, &mut fence, &mut abandoned, pauses(1)).await?;
     leave_audit_keys(&mut etcd, 16, AUDIT_KEEP as u64 + 100, "ghost").await?;
@@ -436,5 +446,140 @@ async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
         read.audit.iter().all(|r| !r.node.starts_with("old-")),
         "{read:?}"
     );
+    Ok(())
+}
+
+/// The previous release numbered its embedded audit 1..len (len
+/// capped at 500, so every full document is numbered 1..500). The first save
+/// after an upgrade that records nothing (a renewal) writes the migrated
+/// records as key `len`. A format-1 document put back later (a downgrade,
+/// then "go forward again"; or a restored pre-upgrade backup) has the same
+/// numbers but other records: the load must give the document's own
+/// records, not the leftover key's.
+#[tokio::test]
+async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key() -> Result<()> {
+    use baton_coordinator::rollout::gate::last_release;
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
+        .await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let mut current = a.load().await?.state.context("no state")?;
+    let n2 = NodeName::new("n2")?;
+    // The upgrade's first save: a renewal, no record of its own.
+    step(&a, &mut fence, &mut current, |s| {
+        s.renew(&n2, 2, chrono::Utc::now()).expect("n2 holds")
+    })
+    .await?;
+    // Back on the previous release, which ran on (its window, full, still
+    // numbered 1..len): n2 released at 12:00, n3 granted.
+    let later = previous_release::later();
+    etcd.put("/baton-test/state", later.to_string(), None)
+        .await?;
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(
+        last_release(&read),
+        Some("2026-11-20T12:00:00Z".parse()?),
+        "{:?}",
+        read.audit
+    );
+    assert_eq!(read.audit.back().map(|r| r.node.as_str()), Some("n3"));
+    Ok(())
+}
+
+/// Restoring only the `state` key after the abandoned history went on
+/// for a window's worth of records: that history's saves deleted every
+/// audit key the backup's window needs (the keys stay bounded), as the
+/// README says. The state itself comes back whole, the audit with none of
+/// the backup's records and none of the abandoned ones, and the next saves
+/// number on from the backup without mixing in the abandoned key.
+/// (Red-team: the README claimed this was "safe for the audit too"; this
+/// test asked for the backup's 10 records and failed with none.)
+#[tokio::test]
+async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let mut fence = until_leader(&a).await?;
+    let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
+    let mut abandoned = at_backup.clone();
+    step(&a, &mut fence, &mut abandoned, pauses(300)).await?;
+    etcd.put("/baton-test/state", backup, None).await?;
+    let loaded = a.load().await?;
+    fence.revision = loaded.revision;
+    let mut current = loaded.state.context("no state")?;
+    assert!(current.audit.is_empty(), "{:?}", current.audit);
+    assert_eq!(current, at_backup.without_audit());
+    assert_eq!(current.audit_seq, 10);
+    // The next saves number on from the backup; the abandoned key goes.
+    step(&a, &mut fence, &mut current, pauses(1)).await?;
+    step(&a, &mut fence, &mut current, pauses(2)).await?;
+    let read = a.load().await?.state.context("no state")?;
+    assert_eq!(read, current);
+    assert_eq!(read.audit.len(), 6, "{read:?}");
+    let keys = etcd
+        .get(
+            "/baton-test/audit/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    let keys: Vec<String> = keys
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "/baton-test/audit/00000000000000000012",
+            "/baton-test/audit/00000000000000000016"
+        ],
+        "the abandoned key is deleted"
+    );
+    Ok(())
+}
+
+/// An installation whose prefix lies among another's audit keys
+/// (`/baton-test/audit/x` under `/baton-test`) is refused at start: the
+/// outer installation's saves delete key ranges under `/baton-test/audit/`
+/// (and `--initialize` the whole of it), which would take the nested
+/// installation's state with them. The outer one is unaffected.
+#[tokio::test]
+async fn a_prefix_under_another_installations_audit_keys_is_refused_at_start() -> Result<()> {
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    for nested in ["/baton-test/audit/x", "/baton-test/audit", "/audit/x"] {
+        let mut inner = settings(&cluster, "inner", 30);
+        inner.prefix = nested.to_string();
+        match EtcdStore::open(inner).await {
+            Err(e @ StoreError::NestedPrefix { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(&format!("--etcd-prefix {nested} ")), "{text}");
+                assert!(text.contains("audit/"), "{text}");
+            }
+            Err(e) => anyhow::bail!("{nested}: another error: {e}"),
+            Ok(_) => anyhow::bail!("{nested}: opened"),
+        }
+    }
+    for fine in [
+        "/baton-test/auditor",
+        "/baton-test/audits/x",
+        "/baton-test-audit",
+    ] {
+        let mut other = settings(&cluster, "other", 30);
+        other.prefix = fine.to_string();
+        EtcdStore::open(other)
+            .await
+            .with_context(|| fine.to_string())?;
+    }
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    until_leader(&a).await?;
     Ok(())
 }

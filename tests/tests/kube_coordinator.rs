@@ -219,6 +219,26 @@ async fn status(r: &Replica) -> Result<StatusResponse> {
     Ok(admin.status(StatusRequest {}).await?.into_inner())
 }
 
+/// `node` (an agent holding `token`) gives the baton back.
+async fn release(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Result<()> {
+    CoordinatorClient::new(channel(r, token).await?)
+        .release(baton_proto::v1::ReleaseRequest {
+            node: node.to_string(),
+            fencing_token,
+            reason: "done".to_string(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The audit `seen` as (action, node), oldest first.
+fn audit_actions(seen: &StatusResponse) -> Vec<(&str, &str)> {
+    seen.audit
+        .iter()
+        .map(|r| (r.action.as_str(), r.node.as_str()))
+        .collect()
+}
+
 async fn renew(r: &Replica, token: &str, node: &str, fencing_token: u64) -> Result<(), Status> {
     let mut client = CoordinatorClient::new(
         channel(r, token)
@@ -895,30 +915,20 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "baton-state", "namespace": NS},
-        "data": {"state.json": include_str!("../../coordinator/src/store/testdata/previous-release.json")},
+        "data": {"state.json": baton_tests::previous_release::DOCUMENT},
     }));
     let endpoint = fake.serve().await;
     let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
     eventually("replica a to lead", || leads(&a)).await;
     // n2, granted before the upgrade, gives the baton back: the first save.
-    CoordinatorClient::new(channel(&a, "agent-n2").await?)
-        .release(baton_proto::v1::ReleaseRequest {
-            node: "n2".to_string(),
-            fencing_token: 2,
-            reason: "done".to_string(),
-        })
-        .await?;
+    release(&a, "agent-n2", "n2", 2).await?;
     let Replica { running, _stop } = a;
     drop(_stop);
     running.done.await??;
     let b = start_replica(&endpoint.url, "coord-b", &[], false).await?;
     eventually("replica b to lead", || leads(&b)).await;
     let seen = status(&b).await?;
-    let actions: Vec<(&str, &str)> = seen
-        .audit
-        .iter()
-        .map(|r| (r.action.as_str(), r.node.as_str()))
-        .collect();
+    let actions = audit_actions(&seen);
     // The previous release's three records first (the first save after
     // the upgrade found n2 overdue: its renewal is from the day before).
     assert_eq!(
@@ -928,5 +938,74 @@ async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()
     );
     assert_eq!(actions.last(), Some(&("release", "n2")), "{actions:?}");
     assert_eq!(stored_state(&fake)["state"]["audit"], serde_json::json!([]));
+    Ok(())
+}
+
+/// A format-1 `state.json` put back (a restored pre-upgrade
+/// backup applied over the live ConfigMap, which keeps the keys the backup
+/// lacks) beside an `audit.json` the new release wrote: records numbered
+/// like the document's own (the previous release numbered 1..len). The
+/// leader must show, and keep, the document's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_document_keeps_its_own_records_over_audit_json() -> Result<()> {
+    let fake = cluster(&[node("n2").build(), node("n3").build()]);
+    agent_token(&fake, "agent-n3", "n3");
+    let later = baton_tests::previous_release::later();
+    let other_era: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        baton_tests::previous_release::DOCUMENT,
+    )?["state"]["audit"]
+        .clone();
+    let audit_json: Vec<serde_json::Value> = other_era
+        .as_array()
+        .context("audit")?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            r["number"] = serde_json::json!(i + 1);
+            r
+        })
+        .collect();
+    fake.put(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "baton-state", "namespace": NS},
+        "data": {
+            "state.json": later.to_string(),
+            "audit.json": serde_json::Value::Array(audit_json).to_string(),
+        },
+    }));
+    let endpoint = fake.serve().await;
+    let a = start_replica(&endpoint.url, "coord-a", &[], false).await?;
+    eventually("replica a to lead", || leads(&a)).await;
+    let seen = status(&a).await?;
+    let actions = audit_actions(&seen);
+    assert_eq!(
+        actions[..3],
+        [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
+        "{actions:?}"
+    );
+    // The first save keeps them in audit.json, not a mix.
+    release(&a, "agent-n3", "n3", 3).await?;
+    let cm = fake
+        .get("v1/configmaps", NS, "baton-state")
+        .context("state configmap")?;
+    let stored: Vec<serde_json::Value> =
+        serde_json::from_str(cm["data"]["audit.json"].as_str().context("audit.json")?)?;
+    let stored: Vec<(&str, &str)> = stored
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or(""),
+                r["node"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored[..3],
+        [("grant", "n2"), ("release", "n2"), ("grant", "n3")],
+        "{stored:?}"
+    );
+    assert_eq!(stored.last(), Some(&("release", "n3")), "{stored:?}");
     Ok(())
 }

@@ -9,7 +9,11 @@
 //!
 //! The audit read is only what belongs to the state document: keys named
 //! past its `audit_seq` (left by saves after a backup that the `state` key
-//! was restored from) are never read, and each save deletes, in its
+//! was restored from) are never read. A `state` key restored alone keeps
+//! only those of its records the abandoned history did not delete (its
+//! saves delete keys past their own newest [`AUDIT_KEEP`] records: the
+//! keys stay bounded); a load that finds records missing warns. Each save
+//! deletes, in its
 //! transaction, every key its batch supersedes or that lies past it; the
 //! save that creates the document (`--initialize`) deletes every audit key
 //! an earlier installation left under the prefix. A document of the
@@ -114,9 +118,27 @@ impl Drop for EtcdStore {
     }
 }
 
+/// Refuses a prefix whose keys would lie among the audit keys of an
+/// installation at a shorter prefix (`<owner>/audit/...`): that
+/// installation's saves and `--initialize` delete ranges of its audit keys,
+/// which would take this one's state with them.
+fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    let keys = format!("{prefix}/");
+    match keys.find("/audit/") {
+        Some(at) => Err(StoreError::NestedPrefix {
+            prefix: prefix.to_string(),
+            audit: format!("{}/audit/", &keys[..at]),
+            owner: keys[..at].to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl EtcdStore {
-    /// Connects and starts campaigning (in the background).
+    /// Connects and starts campaigning (in the background). Refuses a
+    /// prefix that lies among another installation's audit keys.
     pub async fn open(settings: EtcdStoreSettings) -> Result<Self, StoreError> {
+        check_prefix(&settings.prefix)?;
         // No per-request timeout on these clients: a campaign waits as long
         // as another replica leads, and a keep-alive stream lives as long as
         // the lease. Each other call gets its own deadline. (Connecting is
@@ -646,6 +668,20 @@ impl StateStore for EtcdStore {
                         records.extend(batch);
                     }
                     attach_audit(&mut state, records);
+                    // Saves delete the keys past their newest AUDIT_KEEP
+                    // records (the audit stays bounded), so a `state` key
+                    // restored alone after a long abandoned history finds
+                    // its window gone, wholly or in part: say so.
+                    let whole = state.audit_seq.min(AUDIT_KEEP as u64);
+                    if (state.audit.len() as u64) < whole {
+                        warn!(
+                            key = %key,
+                            audit_seq = state.audit_seq,
+                            found = state.audit.len(),
+                            expected = whole,
+                            "audit records of this state are missing (a state key restored without its audit keys, after saves deleted them); the health gate and the canary tracker know only the records found"
+                        );
+                    }
                     Ok(Loaded {
                         state: Some(state),
                         revision,

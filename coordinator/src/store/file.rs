@@ -168,18 +168,22 @@ impl FileStore {
     }
 
     /// The records of `audit.jsonl` in file order (a later line with the
-    /// same number wins). Lines that do not parse (the torn end of an
-    /// append a crash interrupted) are skipped: the audit is a record, the
-    /// document is what must never be misread.
+    /// same number wins). Lines that do not parse, as UTF-8 or as a record
+    /// (the torn end of an append a crash interrupted, which may cut a
+    /// character in two), are skipped: the audit is a record, the document
+    /// is what must never be misread.
     fn read_audit(path: &Path) -> Result<Vec<Numbered>, StoreError> {
-        let text = match fs::read_to_string(path) {
-            Ok(text) => text,
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(path, e)),
         };
         let mut records = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<Numbered>(line) {
+        for line in bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.trim_ascii().is_empty())
+        {
+            match serde_json::from_slice::<Numbered>(line) {
                 Ok(record) => records.push(record),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable audit line")
@@ -1161,5 +1165,85 @@ mod tests {
         assert_eq!(read.format, crate::store::FORMAT_VERSION);
         assert_ne!(read.format, 1, "the previous release's own format");
         assert!(read.state.audit.is_empty());
+    }
+
+    /// A record read back is held to the limits it was written under: an
+    /// audit.jsonl line edited (or written by something else) to carry
+    /// megabytes is cut on load, so it cannot ride in Status, Watch and
+    /// webhooks past gRPC's message limit.
+    #[tokio::test]
+    async fn an_oversized_audit_line_is_cut_to_the_record_limits_on_load() {
+        let (_dir, store) = opened().await;
+        let mut state = LeaseState::default();
+        for i in 0..(AUDIT_TAIL + 8) {
+            state.record(Utc::now(), "pause", "", 0, "op", &format!("r{i}"));
+        }
+        store.save(&state, &fence(Revision::Absent)).await.unwrap();
+        let huge = "x".repeat(4 << 20);
+        let line = serde_json::json!({
+            "number": 3, "time": "2026-11-20T10:00:00Z", "action": huge,
+            "node": huge, "fencing_token": 0, "actor": huge, "reason": huge,
+        });
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(store.audit_path())
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+        drop(file);
+        let read = store.load().await.unwrap().state.unwrap();
+        assert_eq!(read.audit.len(), state.audit.len());
+        let cut = &read.audit[2];
+        assert!(
+            cut.reason.len() <= crate::text::REASON_BYTES,
+            "{}",
+            cut.reason.len()
+        );
+        assert!(
+            cut.actor.len() <= crate::text::ACTOR_BYTES,
+            "{}",
+            cut.actor.len()
+        );
+        assert!(cut.node.len() <= crate::node::MAX_NODE_NAME_LEN);
+        assert!(cut.action.len() <= 64);
+        assert_eq!(read.audit[3], state.audit[3]);
+    }
+
+    /// A torn append (power loss or ENOSPC mid-write) that cuts a
+    /// multi-byte character leaves audit.jsonl invalid UTF-8. The torn line
+    /// belongs to a save that never happened and must be skipped like any
+    /// torn line; the state must still load.
+    #[tokio::test]
+    async fn a_torn_multibyte_character_in_audit_jsonl_still_loads() {
+        let (_dir, store) = opened().await;
+        let state = granted("n1");
+        store.save(&state, &fence(Revision::Absent)).await.unwrap();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(store.audit_path())
+            .unwrap();
+        // "é" is 0xC3 0xA9; the append stopped after its first byte.
+        file.write_all(b"{\"number\":2,\"time\":\"2026-11-20T10:00:00Z\",\"action\":\"pause\",\"node\":\"\",\"fencing_token\":0,\"actor\":\"op\",\"reason\":\"caf\xc3")
+            .unwrap();
+        drop(file);
+        let loaded = store.load().await;
+        assert!(loaded.is_ok(), "{loaded:?}");
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.state, Some(state.clone()));
+        // The rewrite (a save past twice AUDIT_KEEP lines) reads the file
+        // the same way and leaves it valid UTF-8, whole.
+        let mut current = state;
+        let mut revision = loaded.revision;
+        for _ in 0..2 {
+            let mut next = current.without_audit();
+            for i in 0..AUDIT_KEEP {
+                next.record(Utc::now(), "pause", "", 0, "op", &format!("r{i}"));
+            }
+            revision = store.save(&next, &fence(revision)).await.unwrap();
+            current.advance_to(next);
+        }
+        let text = fs::read_to_string(store.audit_path()).unwrap();
+        assert!(text.lines().count() <= 2 * AUDIT_KEEP);
+        assert_eq!(store.load().await.unwrap().state, Some(current));
     }
 }

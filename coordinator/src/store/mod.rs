@@ -193,6 +193,19 @@ pub enum StoreError {
         /// The budget.
         budget: usize,
     },
+    /// The etcd key prefix lies among the audit keys of an installation at
+    /// a shorter prefix, whose saves delete every key there.
+    #[error(
+        "--etcd-prefix {prefix} lies under {audit}, where the installation at prefix \"{owner}\" keeps its audit and deletes every other key: choose a prefix without an \"audit\" path component"
+    )]
+    NestedPrefix {
+        /// The refused prefix.
+        prefix: String,
+        /// The audit key space it lies in.
+        audit: String,
+        /// The prefix whose audit that is.
+        owner: String,
+    },
     /// A backend-specific failure (etcd, Kubernetes), or no answer in time.
     #[error("state store backend: {0}")]
     Backend(String),
@@ -370,12 +383,20 @@ pub fn numbered(state: &LeaseState) -> impl Iterator<Item = Numbered> + '_ {
 /// Gives a loaded `state` its audit: the newest [`AUDIT_KEEP`] of
 /// `records` (in any order; of two with one number, the later wins) that
 /// belong to it (numbered up to its `audit_seq`: a record of a save that
-/// did not happen is not), after any records the document itself carried
-/// (written before the audit was kept apart).
+/// did not happen is not).
+///
+/// A document that carries records itself (format 1, written before the
+/// audit was kept apart) is authoritative for its range: its records are
+/// kept and stored records numbered at or below its newest are ignored.
+/// The previous release numbered its records 1..len, so stored records
+/// with those numbers (a leftover etcd key or `audit.json` from the time
+/// after an upgrade, when this document was put back by a downgrade or a
+/// restored backup) are other records, not these.
 pub fn attach_audit(state: &mut LeaseState, records: impl IntoIterator<Item = Numbered>) {
     let mut all: std::collections::BTreeMap<u64, AuditEntry> =
         numbered(state).map(|n| (n.number, n.record)).collect();
-    for n in records {
+    let embedded_to = all.last_key_value().map_or(0, |(number, _)| *number);
+    for n in records.into_iter().filter(|n| n.number > embedded_to) {
         all.insert(n.number, n.record);
     }
     let newest = state.audit_seq;
@@ -396,5 +417,17 @@ pub fn attach_audit(state: &mut LeaseState, records: impl IntoIterator<Item = Nu
     }
     while state.audit.len() > contiguous {
         state.audit.pop_front();
+    }
+    // Records read back are held to the limits they were written under.
+    let cut = state
+        .audit
+        .iter_mut()
+        .map(|record| usize::from(record.fit_limits()))
+        .sum::<usize>();
+    if cut > 0 {
+        tracing::warn!(
+            records = cut,
+            "audit records read back had texts over their limits; cut to them"
+        );
     }
 }
