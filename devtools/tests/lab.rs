@@ -58,6 +58,7 @@ fn chaos_lab_rolls_the_update_through_every_node_with_every_monitor_green() {
         "package-updated",
         "fencing-tokens",
         "rollout",
+        "control-plane-backups",
         "chaos",
     ] {
         assert!(

@@ -21,6 +21,7 @@
 //! also cleans up after a lab that was killed outright). `--keep` leaves the
 //! cluster running until Ctrl-C and prints the batonctl commands.
 
+mod backups;
 mod certs;
 mod chaos;
 mod front;
@@ -315,7 +316,8 @@ async fn run(opts: LabArgs) -> Result<()> {
             format!("--etcd-endpoints={}", endpoints.join(",")),
             format!("--etcd-election-ttl={}s", opts.election_ttl),
             format!("--etcd-snapshot-dir={}", snapshots.display()),
-            "--etcd-snapshot-keep=5".into(),
+            // Room for every control-plane node's pair, with retries.
+            "--etcd-snapshot-keep=10".into(),
             format!("--max-concurrent={}", opts.max_concurrent),
             format!("--tls-cert={}", server.cert.display()),
             format!("--tls-key={}", server.key.display()),
@@ -527,6 +529,10 @@ async fn run(opts: LabArgs) -> Result<()> {
             .lock()
             .violation("rollout", Utc::now(), format!("no final status: {e:#}")),
     }
+    facts.backups = backups::scan(&[
+        &dir.join("coord-a").join("snapshots"),
+        &dir.join("coord-b").join("snapshots"),
+    ]);
     for node in cluster.nodes.iter() {
         let version = node
             .exec(&["dpkg-query", "-W", "-f", "${Version}", nodes::PACKAGE])

@@ -151,6 +151,49 @@ fn etcd_unit(plan: &Plan, cluster: &str) -> String {
     )
 }
 
+/// What the agents of the lab's control-plane nodes back up before their
+/// maintenance: the certificates and the kubeadm configuration, where a
+/// kubeadm control plane keeps them.
+pub const BACKUP_PATHS: &str = "/etc/kubernetes/pki,/etc/kubernetes/kubeadm-config.yaml";
+
+/// The files that make an etcd node look like a kubeadm control-plane node
+/// to its agent's backup: `/etc/kubernetes/pki` (the lab's CA and the
+/// node's own pair as the API server's, keys 0600) and a kubeadm
+/// configuration. Written on the host under the node's directory and
+/// bind-mounted read-only, as the DaemonSet mounts `/etc/kubernetes`.
+fn control_plane_files(
+    plan: &Plan,
+    inputs: &Inputs,
+    pair: &super::certs::Pair,
+) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = inputs.dir.join(&plan.name).join("kubernetes");
+    let pki = root.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    for (from, to, mode) in [
+        (&inputs.ca.ca, "ca.crt", 0o644),
+        (&pair.cert, "apiserver.crt", 0o644),
+        (&pair.key, "apiserver.key", 0o600),
+    ] {
+        let path = pki.join(to);
+        std::fs::copy(from, &path).with_context(|| format!("copying {}", from.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    }
+    let addr = plan.etcd_addr.as_deref().unwrap_or("127.0.0.1");
+    std::fs::write(
+        root.join("kubeadm-config.yaml"),
+        format!(
+            "apiVersion: kubeadm.k8s.io/v1beta3\n\
+             kind: ClusterConfiguration\n\
+             clusterName: baton-lab\n\
+             etcd:\n  local:\n    dataDir: /var/lib/etcd\n\
+             # {name}'s member listens on {addr}\n",
+            name = plan.name,
+        ),
+    )?;
+    Ok(root)
+}
+
 /// The harness's spec for `plan`.
 pub fn spec(plan: &Plan, plans: &[Plan], inputs: &Inputs) -> Result<NodeSpec> {
     let tls_dir = inputs.dir.join(&plan.name).join("tls");
@@ -194,8 +237,11 @@ pub fn spec(plan: &Plan, plans: &[Plan], inputs: &Inputs) -> Result<NodeSpec> {
         .file("var/lib/lab/timings", "")
         .bind_ro(&tls_dir, "/etc/baton/tls");
     if plan.is_etcd() {
+        let kubernetes = control_plane_files(plan, inputs, &pair)?;
         spec = spec
             .env("BATON_CONTROL_PLANE", "true")
+            .env("BATON_BACKUP_PATHS", BACKUP_PATHS)
+            .bind_ro(&kubernetes, "/etc/kubernetes")
             .unit("etcd.service", &etcd_unit(plan, &initial_cluster(plans)))
             .bind_ro(inputs.etcd, "/usr/local/bin/etcd")
             .bind_ro(inputs.etcdctl, "/usr/local/bin/etcdctl");

@@ -38,6 +38,9 @@ pub struct FinalFacts {
     pub chaos: bool,
     /// The rollout finished in time.
     pub finished_in_time: bool,
+    /// node → the control-plane backups the coordinators kept for it, as
+    /// the lab verified them.
+    pub backups: BTreeMap<String, super::backups::NodeBackups>,
 }
 
 /// Per-node figures (seconds).
@@ -430,6 +433,36 @@ pub fn verdicts(seen: &Seen, facts: &FinalFacts, figures: &Figures) -> Vec<Verdi
         },
     ));
 
+    // Control-plane backups: every etcd node whose maintenance completed
+    // has a kept archive that verifies beside its etcd snapshot.
+    let mut problems = Vec::new();
+    let mut verified = 0;
+    for name in seen.nodes.iter().filter(|(_, n)| n.etcd).map(|(n, _)| n) {
+        let completed = facts.audit.iter().any(|(_, a, n, token)| {
+            a == "release"
+                && n == name
+                && facts
+                    .audit
+                    .iter()
+                    .any(|(_, g, m, t)| g == "grant" && m == name && t == token)
+        });
+        let kept = facts.backups.get(name).cloned().unwrap_or_default();
+        verified += kept.verified;
+        if completed && kept.verified == 0 {
+            problems.push(format!("{name} was maintained without a kept backup"));
+        }
+    }
+    problems.extend(facts.backups.values().flat_map(|b| b.problems.clone()));
+    out.push(verdict(
+        "control-plane-backups",
+        problems.is_empty(),
+        if problems.is_empty() {
+            format!("{verified} control-plane backup(s) kept beside their etcd snapshots; sha256sum -c and tar -tzf pass on each")
+        } else {
+            problems.join("; ")
+        },
+    ));
+
     let mut problems = Vec::new();
     let mut last = 0u64;
     let mut grants: BTreeMap<&str, u64> = BTreeMap::new();
@@ -654,6 +687,15 @@ mod tests {
                 .audit
                 .push((t(b + 5), "release".into(), name.to_string(), token));
             facts.versions.insert(name.to_string(), "2".into());
+            if *etcd {
+                facts.backups.insert(
+                    name.to_string(),
+                    crate::lab::backups::NodeBackups {
+                        verified: 1,
+                        problems: vec![],
+                    },
+                );
+            }
         }
         facts.audit.sort_by_key(|a| a.0);
         seen.probes.push(Probe {
@@ -678,6 +720,27 @@ mod tests {
     fn a_clean_run_passes_every_monitor() {
         let (seen, facts) = run_with(&[("etcd-1", true, 10, 12), ("w-1", false, 11, 13)]);
         assert_eq!(failing(&seen, &facts), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_control_plane_node_maintained_without_a_verified_backup_fails() {
+        let (seen, mut facts) = run_with(&[("etcd-1", true, 10, 12), ("w-1", false, 11, 13)]);
+        facts.backups.clear();
+        let f = failing(&seen, &facts);
+        assert!(
+            f.iter()
+                .any(|v| v.starts_with("control-plane-backups") && v.contains("etcd-1")),
+            "{f:?}"
+        );
+        facts.backups.insert(
+            "etcd-1".into(),
+            crate::lab::backups::NodeBackups {
+                verified: 1,
+                problems: vec!["x.tar.gz: sha256sum --check: FAILED".into()],
+            },
+        );
+        let f = failing(&seen, &facts);
+        assert!(f.iter().any(|v| v.contains("FAILED")), "{f:?}");
     }
 
     #[test]
