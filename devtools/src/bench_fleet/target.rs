@@ -80,6 +80,7 @@ impl Backend {
             }
             Some(cluster) => {
                 let endpoints = cluster.endpoints();
+                let member_map = crate::bench_etcd::member_map(cluster);
                 let prefix = format!("/fleet-{}", self.runs);
                 let args = [
                     "--store",
@@ -90,6 +91,8 @@ impl Backend {
                     prefix.as_str(),
                     "--max-concurrent",
                     max.as_str(),
+                    "--etcd-member-map",
+                    member_map.as_str(),
                     // Each run has its own, new prefix.
                     "--initialize",
                 ];
