@@ -18,7 +18,9 @@
 //!   stale memory is never stored;
 //! - every answer that is not a fresh save (a refusal, a resumed grant,
 //!   status) is given only after the store confirmed the fence (one
-//!   linearizable read);
+//!   linearizable read) in a call that began after the request arrived;
+//!   acquires arriving together share one (a fleet's ask storm costs a few
+//!   round trips, not one per node);
 //! - a failed or refused save, or a change of leadership term (read on every
 //!   call, so a missed notification cannot hide it), drops the fence, and the
 //!   state is reloaded before anything is answered again; a new term also
@@ -255,6 +257,14 @@ struct Inner {
     /// failed, leadership lost): the state is reloaded before anything is
     /// answered.
     fence: Option<Fence>,
+    /// The newest proof from the store that the memory under a fence was
+    /// the latest state while this replica led: when the store call that
+    /// gave it (a confirmation, a save) *began*, and that fence. A request
+    /// that arrived before that moment, answered while the fence is
+    /// unchanged, is answered from memory the store confirmed after it
+    /// arrived, so it needs no confirmation of its own (the ask storm of a
+    /// whole fleet shares a few, see [`Engine::acquire`]).
+    proven: Option<(Instant, Fence)>,
     /// The term of the last load: waiters of an older term are sent away.
     loaded_term: Option<u64>,
     /// `--initialize` not used up yet.
@@ -313,6 +323,7 @@ impl Engine {
                 unavailable: Vec::new(),
                 prepare_failed: HashMap::new(),
                 fence: None,
+                proven: None,
                 loaded_term: None,
                 initialize: config.initialize,
                 resume_pending: false,
@@ -425,6 +436,8 @@ impl Engine {
         let result = self.load_fenced(inner, term).await;
         match &result {
             Ok(fence) => {
+                // New memory: no earlier proof covers it.
+                inner.proven = None;
                 let (holders, last_token) = (inner.state.holders.len(), inner.state.last_token);
                 info!(holders, last_token, term, revision = %fence.revision, store = self.store.kind(), "leading: lease state loaded");
                 inner.fence = Some(fence.clone());
@@ -614,12 +627,35 @@ impl Engine {
     /// Proves with the store that the memory under `fence` is still the
     /// latest state and this replica still leads; forgets the fence if not.
     async fn confirm(&self, inner: &mut Inner, fence: &Fence) -> Result<(), EngineError> {
+        let began = Instant::now();
         if let Err(e) = self.timed(self.store.confirm(fence)).await {
             warn!(error = %e, "could not confirm leadership and state; not answering");
             inner.fence = None;
+            inner.proven = None;
             return Err(e.into());
         }
+        inner.proven = Some((began, fence.clone()));
         Ok(())
+    }
+
+    /// Like [`Engine::confirm`], unless a store call that began after
+    /// `arrived` (when the request being answered arrived) already proved
+    /// the memory under `fence`: the memory changes only with its fence, so
+    /// that proof is of this very memory, made after the request came.
+    async fn confirm_since(
+        &self,
+        inner: &mut Inner,
+        fence: &Fence,
+        arrived: Instant,
+    ) -> Result<(), EngineError> {
+        let covered = inner
+            .proven
+            .as_ref()
+            .is_some_and(|(began, proven)| *began >= arrived && proven == fence);
+        if covered {
+            return Ok(());
+        }
+        self.confirm(inner, fence).await
     }
 
     fn changed(&self) {
@@ -699,13 +735,18 @@ impl Engine {
             }
             .into());
         }
+        let began = Instant::now();
         match self.timed(self.store.save(&next, &fence)).await {
             Ok(revision) => {
                 inner.state.advance_to(next);
-                inner.fence = Some(Fence {
+                let saved = Fence {
                     term: fence.term,
                     revision,
-                });
+                };
+                // A save is a compare-and-swap under leadership: it proves
+                // the new memory as a confirmation would.
+                inner.proven = Some((began, saved.clone()));
+                inner.fence = Some(saved);
                 self.refresh_gauges(inner);
                 Ok((out, more))
             }
@@ -751,6 +792,10 @@ impl Engine {
     /// a ticket to withdraw it with. A node that already holds the baton gets
     /// its grant at once (resumed). A node already waiting replaces its older
     /// request (that stream ends with [`EngineError::Superseded`]).
+    ///
+    /// Answered only after the store confirmed this replica's memory in a
+    /// call that began after the request arrived: its own, or one made for
+    /// a request ahead of it while it waited for the lock.
     pub async fn acquire(
         &self,
         request: AcquireRequest,
@@ -761,10 +806,13 @@ impl Engine {
         ),
         EngineError,
     > {
+        // Taken before the lock: the answer needs a confirmation that began
+        // after this (its own, or one made while it waited for the lock).
+        let arrived = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.inner.lock().await;
         let fence = self.ensure_current(&mut inner).await?;
-        self.confirm(&mut inner, &fence).await?;
+        self.confirm_since(&mut inner, &fence, arrived).await?;
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
         if let Some(h) = inner.state.holders.get(&request.node) {

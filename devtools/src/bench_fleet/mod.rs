@@ -218,6 +218,10 @@ async fn one_run(
     for _ in 0..waiters.div_ceil(opts.per_connection) {
         channels.push(connect(&target.url).await?);
     }
+    // The raw save rate before the storm, and again after it: the machine
+    // is shared, so the run is bracketed by its baseline.
+    let save_before = target.save_floor(300).await?;
+    let etcd_before = backend.etcd_counters()?;
     let sampler = target.sample_saves().await?;
     let cpu_before = cpu_seconds(target.pid)?;
     let own_cpu_before = cpu_seconds(std::process::id())?;
@@ -236,12 +240,24 @@ async fn one_run(
     let end_kib = rss_kib(target.pid)?;
     drop(channels);
     let during = sampler.finish().await?;
+    // What the run cost etcd per grant (the sampler's one save per 50 ms
+    // and its size lookups included, as noted in the report).
+    let etcd_per_grant: serde_json::Map<String, Value> = backend
+        .etcd_counters()?
+        .into_iter()
+        .map(|(name, after)| {
+            let before = etcd_before.get(&name).copied().unwrap_or(0.0);
+            (name, json!((after - before) / outcome.grants.max(1) as f64))
+        })
+        .filter(|(_, v)| v.as_f64().is_some_and(|v| v > 0.0))
+        .collect();
     let save = target.save_floor(300).await?;
     drop(target);
 
     let h = &outcome.handoffs;
     let secs = outcome.elapsed.as_secs_f64();
     let grants_per_s = outcome.grants as f64 / secs;
+    let raw_per_s = (save_before.saves_per_s + save.saves_per_s) / 2.0;
     let floor_us = 2 * during.value_at_quantile(0.5) + 2 * rtt.value_at_quantile(0.5);
     // The same floor at the 99th percentile, and the tail of the one
     // durable write a handoff costs since group commit: a handoff p99 near
@@ -287,13 +303,18 @@ async fn one_run(
             "peak_rss_mib": peak_rss_kib(std::process::id())? as f64 / 1024.0,
         },
         "by_tenth": by_tenth(&outcome.grant_log, waiters),
+        "etcd_per_grant": etcd_per_grant,
         "floor": {
             "grpc_rtt_ms_p50": ms(rtt.value_at_quantile(0.5)),
             "save_ms_p50": ms(during.value_at_quantile(0.5)),
             "save_ms_p99": ms(during.value_at_quantile(0.99)),
             "save_samples": during.len(),
             "raw_save_ms_p50_after": ms(save.save_us.value_at_quantile(0.5)),
-            "raw_saves_per_s": save.saves_per_s,
+            "raw_saves_per_s": raw_per_s,
+            "raw_saves_per_s_before": save_before.saves_per_s,
+            "raw_saves_per_s_after": save.saves_per_s,
+            "raw_save_ms_p99_before": ms(save_before.save_us.value_at_quantile(0.99)),
+            "raw_save_ms_p99_after": ms(save.save_us.value_at_quantile(0.99)),
             "state_bytes": save.state_bytes,
             "floor_ms": ms(floor_us),
             "grpc_rtt_ms_p99": ms(rtt.value_at_quantile(0.99)),
@@ -302,7 +323,7 @@ async fn one_run(
         "handoff_p50_over_floor": h.value_at_quantile(0.5) as f64 / floor_us.max(1) as f64,
         "handoff_p99_over_floor_p99": h.value_at_quantile(0.99) as f64 / floor_p99_us.max(1) as f64,
         "handoff_p99_over_save_p99": h.value_at_quantile(0.99) as f64 / save_p99_us.max(1) as f64,
-        "grants_over_raw_saves": grants_per_s / save.saves_per_s,
+        "grants_over_raw_saves": grants_per_s / raw_per_s,
     }))
 }
 
@@ -321,7 +342,9 @@ fn by_tenth(log: &[(Duration, Option<u64>)], waiters: usize) -> Vec<Value> {
         let end = slice[slice.len() - 1].0;
         let mut handoffs: Vec<u64> = slice.iter().filter_map(|(_, h)| *h).collect();
         handoffs.sort_unstable();
-        let p50 = handoffs.get(handoffs.len() / 2).map(|us| *us as f64 / 1000.0);
+        let p50 = handoffs
+            .get(handoffs.len() / 2)
+            .map(|us| *us as f64 / 1000.0);
         tenths.push(json!({
             "waiting_at_start": waiters - from,
             "grants": slice.len(),

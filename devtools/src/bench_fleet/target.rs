@@ -2,6 +2,8 @@
 //! is that run's), on the embedded store or on a real 3-member etcd
 //! cluster, and the floor of one save on that store.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +56,28 @@ impl Backend {
             binary,
             runs: 0,
         })
+    }
+
+    /// What the etcd members counted so far (summed over the members; the
+    /// proposals committed as the most any member counts): how many
+    /// requests of each kind a grant costs. Empty on the embedded store.
+    pub fn etcd_counters(&self) -> Result<BTreeMap<String, f64>> {
+        let mut sums = BTreeMap::new();
+        for member in self.etcd.iter().flat_map(|c| &c.members) {
+            let addr = member
+                .client_url
+                .strip_prefix("http://")
+                .unwrap_or(&member.client_url);
+            for (name, value) in etcd_metrics(addr)? {
+                let slot = sums.entry(name.clone()).or_insert(0.0);
+                if name == "proposals_committed" {
+                    *slot = f64::max(*slot, value);
+                } else {
+                    *slot += value;
+                }
+            }
+        }
+        Ok(sums)
     }
 
     /// Starts a fresh coordinator allowing `max_concurrent` holders.
@@ -245,4 +269,52 @@ async fn state_bytes(client: &mut etcd_client::Client, prefix: &str) -> Result<u
         .map(|kv| kv.value().len())
         .max()
         .unwrap_or(4096))
+}
+
+/// The counters of one etcd member's `/metrics` (plain HTTP on its client
+/// address) that tell what a grant costs there: gRPC calls by method,
+/// raft proposals committed, WAL fsyncs.
+fn etcd_metrics(addr: &str) -> Result<Vec<(String, f64)>> {
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)?;
+    let mut out = Vec::new();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let name = if key == "etcd_server_proposals_committed_total" {
+            "proposals_committed".to_string()
+        } else if key == "etcd_disk_wal_fsync_duration_seconds_count" {
+            "wal_fsyncs".to_string()
+        } else if let Some(labels) = key.strip_prefix("grpc_server_handled_total{") {
+            let Some(method) = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("grpc_method=\""))
+                .and_then(|m| m.strip_suffix('"'))
+            else {
+                continue;
+            };
+            format!("grpc_{method}")
+        } else if let Some(labels) = key.strip_prefix("grpc_server_msg_received_total{") {
+            // Streams (keep-alives, watches) count their messages here.
+            let Some(method) = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("grpc_method=\""))
+                .and_then(|m| m.strip_suffix('"'))
+            else {
+                continue;
+            };
+            format!("msgs_{method}")
+        } else {
+            continue;
+        };
+        out.push((name, value));
+    }
+    Ok(out)
 }
