@@ -38,6 +38,7 @@
 
 mod confirm;
 mod granter;
+mod group;
 mod plan;
 mod queue;
 mod ranks;
@@ -291,6 +292,8 @@ pub struct Engine {
     preparers: Vec<Arc<dyn GrantPreparer>>,
     clock: Clock,
     metrics: Metrics,
+    /// Holders' changes waiting to be committed together (see `group`).
+    pending: std::sync::Mutex<Vec<group::Pending>>,
     /// Wakes the granter.
     wake: Notify,
     /// Bumped on every visible change (drives Watch streams).
@@ -337,6 +340,7 @@ impl Engine {
             preparers,
             clock,
             metrics,
+            pending: std::sync::Mutex::new(Vec::new()),
             wake: Notify::new(),
             changes: watch::channel(0).0,
             leadership,
@@ -852,19 +856,18 @@ impl Engine {
     }
 
     /// Records that the holder is alive; returns when it becomes overdue.
+    /// Saved together with the other holders' renewals and reports that
+    /// arrive meanwhile (group commit, see `group`), answered after that save.
     pub async fn renew(&self, node: &NodeName, token: u64) -> Result<DateTime<Utc>, EngineError> {
         let now = self.now();
-        let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.renew(node, token, now))
+        self.commit_holder_change(node, token, group::HolderChange::Renew, now)
             .await?;
-        if inner.overdue_seen.remove(node) {
-            info!(node = %node, token, "holder renewed again; no longer overdue");
-            self.changed();
-        }
         Ok(now + self.config.overdue_after)
     }
 
-    /// Records the holder's progress.
+    /// Records the holder's progress; saved together with the other
+    /// holders' renewals and reports that arrive meanwhile (group commit,
+    /// see `group`), answered after that save.
     pub async fn report(
         &self,
         node: &NodeName,
@@ -872,20 +875,8 @@ impl Engine {
         progress: Progress,
     ) -> Result<(), EngineError> {
         let now = self.now();
-        let mut inner = self.inner.lock().await;
-        let phase = progress.phase;
-        let error = progress.error.clone();
-        self.commit(&mut inner, |s| s.report(node, token, progress, now))
-            .await?;
-        inner.overdue_seen.remove(node);
-        if error.is_empty() {
-            info!(node = %node, token, phase = phase.name(), "holder reported");
-        } else {
-            warn!(node = %node, token, phase = phase.name(), error = %error, "holder reported an error");
-        }
-        drop(inner);
-        self.changed();
-        Ok(())
+        self.commit_holder_change(node, token, group::HolderChange::Report(progress), now)
+            .await
     }
 
     /// Gives the baton back; the next eligible waiter is granted at once.

@@ -10,6 +10,7 @@ use crate::state::Phase;
 use crate::store::memory::MemoryStore;
 
 mod failover;
+mod group;
 mod initialize;
 mod lost_answer;
 mod node_facts;

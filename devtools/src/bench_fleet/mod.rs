@@ -39,7 +39,18 @@ use target::{Backend, Store};
 
 const USAGE: &str = "bench fleet [--waiters 1000,10000,30000] [--max-concurrent 1,50] \
 [--store embedded|etcd] [--agent real|instant] [--hold-ms 4] [--per-connection 1000] \
-[--deadline SECS] [--seed N] [--coordinator PATH]";
+[--deadline SECS (default: 60 ms per waiter, at least 600)] [--seed N] [--coordinator PATH]";
+
+/// The default time a run is given per waiter. A real agent's turn is five
+/// durable saves in a row (Draining, renew, Rebooting, Verifying, the
+/// release with the next grant) plus its hold: 25-35 ms on this machine's
+/// disk whatever the queue's length, so 30,000 waiters need 15-18 minutes.
+/// The deadline scales with the fleet so every size can finish; it only
+/// stops a run that is far slower than that.
+const DEADLINE_PER_WAITER: Duration = Duration::from_millis(60);
+
+/// The least default deadline (small fleets).
+const DEADLINE_MIN: Duration = Duration::from_secs(600);
 
 struct Options {
     waiters: Vec<usize>,
@@ -48,7 +59,8 @@ struct Options {
     mode: AgentMode,
     hold_max: Duration,
     per_connection: usize,
-    deadline: Duration,
+    /// `None`: [`DEADLINE_PER_WAITER`] per waiter, at least [`DEADLINE_MIN`].
+    deadline: Option<Duration>,
     seed: u64,
     /// The coordinator binary (another build, e.g. a baseline kept aside).
     binary: PathBuf,
@@ -73,7 +85,7 @@ fn parse(args: &[String]) -> Result<Options> {
         mode: AgentMode::Real,
         hold_max: Duration::from_millis(4),
         per_connection: 1000,
-        deadline: Duration::from_secs(600),
+        deadline: None,
         seed: 12,
         binary: release_dir().join("baton-coordinator"),
     };
@@ -109,7 +121,7 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             "--hold-ms" => opts.hold_max = Duration::from_millis(value()?.parse()?),
             "--per-connection" => opts.per_connection = value()?.parse()?,
-            "--deadline" => opts.deadline = Duration::from_secs(value()?.parse()?),
+            "--deadline" => opts.deadline = Some(Duration::from_secs(value()?.parse()?)),
             "--seed" => opts.seed = value()?.parse()?,
             "--coordinator" => opts.binary = PathBuf::from(value()?),
             other => bail!("unknown argument {other}; usage: {USAGE}"),
@@ -197,7 +209,8 @@ async fn bench(opts: &Options) -> Result<Value> {
         "agent": opts.mode.name(),
         "hold_max_ms": opts.hold_max.as_millis() as u64,
         "per_connection": opts.per_connection,
-        "deadline_s": opts.deadline.as_secs(),
+        "deadline_s": opts.deadline.map(|d| d.as_secs()),
+        "deadline_per_waiter_ms": DEADLINE_PER_WAITER.as_millis() as u64,
         "seed": opts.seed,
         "coordinator_binary": opts.binary.display().to_string(),
         "runs": runs,
@@ -231,8 +244,11 @@ async fn one_run(
         mode: opts.mode,
         hold_max: opts.hold_max,
         seed: opts.seed,
-        deadline: opts.deadline,
+        deadline: opts
+            .deadline
+            .unwrap_or_else(|| (DEADLINE_PER_WAITER * waiters as u32).max(DEADLINE_MIN)),
     };
+    let deadline = fleet.deadline;
     let outcome = agents::run(fleet, &channels).await?;
     let cpu = cpu_seconds(target.pid)? - cpu_before;
     let own_cpu = cpu_seconds(std::process::id())? - own_cpu_before;
@@ -269,6 +285,7 @@ async fn one_run(
         "waiters": waiters,
         "max_concurrent": max,
         "finished": outcome.finished,
+        "deadline_s": deadline.as_secs(),
         "elapsed_s": secs,
         "grants": outcome.grants,
         "grants_per_s": grants_per_s,
