@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use super::{Engine, EngineError, Inner};
 use crate::node::NodeName;
 use crate::state::{LeaseError, LeaseState, Progress};
-use crate::store::{Fence, StoreError};
+use crate::store::StoreError;
 
 /// A holder's change waiting to be committed with others.
 pub(super) struct Pending {
@@ -185,37 +185,6 @@ impl Engine {
         }
         if changed {
             self.changed();
-        }
-    }
-
-    /// Saves `next`, decided from the memory current under `fence`, and
-    /// makes it current; on failure drops the fence (the memory is reloaded
-    /// before the next answer).
-    async fn save_copy(
-        &self,
-        inner: &mut Inner,
-        next: LeaseState,
-        fence: &Fence,
-    ) -> Result<(), EngineError> {
-        let began = std::time::Instant::now();
-        match self.timed(self.store.save(&next, fence)).await {
-            Ok(revision) => {
-                inner.state.advance_to(next);
-                let saved = Fence {
-                    term: fence.term,
-                    revision,
-                };
-                inner.proven = Some((began, saved.clone()));
-                inner.fence = Some(saved);
-                self.refresh_gauges(inner);
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "state save failed; the changes were not applied and the state is reloaded before the next answer");
-                self.metrics.store_errors.inc();
-                inner.fence = None;
-                Err(e.into())
-            }
         }
     }
 

@@ -739,8 +739,21 @@ impl Engine {
             }
             .into());
         }
+        self.save_copy(inner, next, &fence).await?;
+        Ok((out, more))
+    }
+
+    /// Saves `next`, decided from the memory current under `fence`, and
+    /// makes it current; on failure drops the fence (the memory is reloaded
+    /// before the next answer).
+    async fn save_copy(
+        &self,
+        inner: &mut Inner,
+        next: LeaseState,
+        fence: &Fence,
+    ) -> Result<(), EngineError> {
         let began = Instant::now();
-        match self.timed(self.store.save(&next, &fence)).await {
+        match self.timed(self.store.save(&next, fence)).await {
             Ok(revision) => {
                 inner.state.advance_to(next);
                 let saved = Fence {
@@ -752,12 +765,10 @@ impl Engine {
                 inner.proven = Some((began, saved.clone()));
                 inner.fence = Some(saved);
                 self.refresh_gauges(inner);
-                Ok((out, more))
+                Ok(())
             }
             Err(e) => {
-                // Refused, or an unknown outcome: either way the memory may
-                // not be the stored state any more.
-                warn!(error = %e, "state save failed; the change was not applied and the state is reloaded before the next answer");
+                warn!(error = %e, "state save failed; nothing of it was applied and the state is reloaded before the next answer");
                 self.metrics.store_errors.inc();
                 inner.fence = None;
                 Err(e.into())

@@ -293,21 +293,13 @@ fn etcd_metrics(addr: &str) -> Result<Vec<(String, f64)>> {
         } else if key == "etcd_disk_wal_fsync_duration_seconds_count" {
             "wal_fsyncs".to_string()
         } else if let Some(labels) = key.strip_prefix("grpc_server_handled_total{") {
-            let Some(method) = labels
-                .split(',')
-                .find_map(|l| l.strip_prefix("grpc_method=\""))
-                .and_then(|m| m.strip_suffix('"'))
-            else {
+            let Some(method) = grpc_method(labels) else {
                 continue;
             };
             format!("grpc_{method}")
         } else if let Some(labels) = key.strip_prefix("grpc_server_msg_received_total{") {
             // Streams (keep-alives, watches) count their messages here.
-            let Some(method) = labels
-                .split(',')
-                .find_map(|l| l.strip_prefix("grpc_method=\""))
-                .and_then(|m| m.strip_suffix('"'))
-            else {
+            let Some(method) = grpc_method(labels) else {
                 continue;
             };
             format!("msgs_{method}")
@@ -317,4 +309,12 @@ fn etcd_metrics(addr: &str) -> Result<Vec<(String, f64)>> {
         out.push((name, value));
     }
     Ok(out)
+}
+
+/// The `grpc_method` label of a metric's labels.
+fn grpc_method(labels: &str) -> Option<&str> {
+    labels
+        .split(',')
+        .find_map(|l| l.strip_prefix("grpc_method=\""))
+        .and_then(|m| m.strip_suffix('"'))
 }
