@@ -39,7 +39,8 @@ use target::{Backend, Store};
 
 const USAGE: &str = "bench fleet [--waiters 1000,10000,30000] [--max-concurrent 1,50] \
 [--store embedded|etcd] [--agent real|instant] [--hold-ms 4] [--per-connection 1000] \
-[--deadline SECS (default: 60 ms per waiter, at least 600)] [--seed N] [--coordinator PATH]";
+[--deadline SECS (default: 60 ms per waiter, at least 600)] [--seed N] [--coordinator PATH] \
+| bench fleet --replot OUT.json IN.json...";
 
 /// The default time a run is given per waiter. A real agent's turn is five
 /// durable saves in a row (Draining, renew, Rebooting, Verifying, the
@@ -153,6 +154,9 @@ fn parse(args: &[String]) -> Result<Options> {
 
 /// Runs the bench; `args` are the words after `bench`.
 pub fn run(args: &[String]) -> Result<()> {
+    if let Some(at) = args.iter().position(|a| a == "--replot") {
+        return replot(&args[at + 1..]);
+    }
     let opts = parse(args)?;
     let root = workspace_root();
     std::fs::create_dir_all(root.join("target/bench"))?;
@@ -174,6 +178,43 @@ pub fn run(args: &[String]) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
+    Ok(())
+}
+
+/// `bench fleet --replot OUT.json IN.json...`: one report of the runs of
+/// several (e.g. a 30,000-waiter run made on its own, with its own
+/// deadline, and the smaller sizes), written to `OUT.json` with its plot
+/// beside it (`OUT.svg`) and its table; the settings are the first
+/// report's, and each run keeps its own floor.
+fn replot(paths: &[String]) -> Result<()> {
+    let [out, inputs @ ..] = paths else {
+        bail!("usage: bench fleet --replot OUT.json IN.json [IN.json...]");
+    };
+    let mut merged: Option<Value> = None;
+    for path in inputs {
+        let report: Value = serde_json::from_slice(
+            &std::fs::read(path).with_context(|| format!("reading {path}"))?,
+        )
+        .with_context(|| format!("{path} is not a fleet report"))?;
+        let runs = report["runs"].as_array().cloned().unwrap_or_default();
+        match &mut merged {
+            None => merged = Some(report),
+            Some(m) => {
+                if let Some(all) = m["runs"].as_array_mut() {
+                    all.extend(runs);
+                }
+            }
+        }
+    }
+    let mut report = merged.context("no reports given")?;
+    if let Some(runs) = report["runs"].as_array_mut() {
+        runs.sort_by_key(|r| (r["max_concurrent"].as_u64(), r["waiters"].as_u64()));
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    let svg_path = PathBuf::from(out).with_extension("svg");
+    std::fs::write(&svg_path, svg(&report))?;
+    print_table(&report);
+    println!("\nwritten to {out} and {}", svg_path.display());
     Ok(())
 }
 
@@ -235,6 +276,7 @@ async fn one_run(
     // is shared, so the run is bracketed by its baseline.
     let save_before = target.save_floor(300).await?;
     let etcd_before = backend.etcd_counters()?;
+    let saves_before = target.saves_so_far();
     let sampler = target.sample_saves().await?;
     let cpu_before = cpu_seconds(target.pid)?;
     let own_cpu_before = cpu_seconds(std::process::id())?;
@@ -256,6 +298,11 @@ async fn one_run(
     let end_kib = rss_kib(target.pid)?;
     drop(channels);
     let during = sampler.finish().await?;
+    // Durable writes per grant (embedded store): what group commit saves.
+    let saves_per_grant = target
+        .saves_so_far()
+        .zip(saves_before)
+        .map(|(after, before)| (after - before) as f64 / outcome.grants.max(1) as f64);
     // What the run cost etcd per grant (the sampler's one save per 50 ms
     // and its size lookups included, as noted in the report).
     let etcd_per_grant: serde_json::Map<String, Value> = backend
@@ -321,6 +368,7 @@ async fn one_run(
         },
         "by_tenth": by_tenth(&outcome.grant_log, waiters),
         "etcd_per_grant": etcd_per_grant,
+        "saves_per_grant": saves_per_grant,
         "floor": {
             "grpc_rtt_ms_p50": ms(rtt.value_at_quantile(0.5)),
             "save_ms_p50": ms(during.value_at_quantile(0.5)),
@@ -379,6 +427,7 @@ fn svg(report: &Value) -> String {
         .iter()
         .filter_map(|r| r["max_concurrent"].as_u64())
         .collect();
+    maxes.sort_unstable();
     maxes.dedup();
     let series = maxes
         .iter()
@@ -467,8 +516,9 @@ fn print_table(report: &Value) {
             .collect();
         if !tenths.is_empty() {
             println!(
-                "        p99: {:.2}x the save's p99 ({:.1} ms), {:.2}x the floor's p99 ({:.1} ms); \
+                "        saves per grant {:.2}; p99: {:.2}x the save's p99 ({:.1} ms), {:.2}x the floor's p99 ({:.1} ms); \
                  grants/s by tenth of the run: {}; bench process {:.2} cores",
+                f(&r["saves_per_grant"]),
                 f(&r["handoff_p99_over_save_p99"]),
                 f(&r["floor"]["save_ms_p99"]),
                 f(&r["handoff_p99_over_floor_p99"]),

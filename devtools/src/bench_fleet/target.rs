@@ -229,6 +229,19 @@ impl Target {
         Ok(SaveSampler { stop, task })
     }
 
+    /// How many saves the coordinator made so far, when the store says
+    /// (the embedded store's generation, which grows by one per save).
+    pub fn saves_so_far(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Embedded { data, .. } => {
+                let doc = std::fs::read(data.join("state.json")).ok()?;
+                let doc: serde_json::Value = serde_json::from_slice(&doc).ok()?;
+                doc["generation"].as_u64()
+            }
+            Kind::Etcd { .. } => None,
+        }
+    }
+
     /// Measures one save of a state of the size now stored: an atomic file
     /// write, or a guarded etcd transaction on the same cluster.
     pub async fn save_floor(&mut self, samples: usize) -> Result<SaveFloor> {
