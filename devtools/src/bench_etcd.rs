@@ -75,6 +75,19 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `--etcd-member-map` for a bench cluster: each member on a node of its
+/// own name, so the guard knows the bench's nodes carry none (as the workers
+/// of a real fleet; without it every node might carry an unplaced member
+/// and none is granted).
+pub fn member_map(cluster: &EtcdCluster) -> String {
+    let map: Vec<String> = cluster
+        .members
+        .iter()
+        .map(|m| format!("{0}={0}", m.name))
+        .collect();
+    map.join(",")
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -93,12 +106,7 @@ async fn measure(s: &Settings, binary: &std::path::Path) -> Result<serde_json::V
     let endpoints = cluster.endpoints();
     // The etcd nodes are declared, so the guard knows the workers w1..w3
     // carry no member.
-    let member_map: Vec<String> = cluster
-        .members
-        .iter()
-        .map(|m| format!("{0}={0}", m.name))
-        .collect();
-    let member_map = member_map.join(",");
+    let member_map = member_map(&cluster);
     let args = [
         "--store",
         "etcd",

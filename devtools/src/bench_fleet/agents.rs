@@ -80,6 +80,10 @@ pub struct Outcome {
     pub errors: u64,
     /// The first failure, for the report.
     pub first_error: Option<String>,
+    /// Every grant in order: when it came (since the start) and its
+    /// handoff latency (µs; `None` for the first `max_concurrent`). Shows
+    /// whether a grant costs more while the queue is long.
+    pub grant_log: Vec<(Duration, Option<u64>)>,
 }
 
 struct Tally {
@@ -91,6 +95,7 @@ struct Tally {
     all_answered: Option<Duration>,
     errors: u64,
     first_error: Option<String>,
+    grant_log: Vec<(Duration, Option<u64>)>,
 }
 
 struct Shared {
@@ -121,11 +126,15 @@ impl Shared {
         let now = Instant::now();
         let mut t = self.tally();
         t.grants += 1;
+        let mut handoff = None;
         if t.grants > self.fleet.max_concurrent as u64
             && let Some(released) = t.pending_releases.pop_front()
         {
-            let _ = t.handoffs.record((now - released).as_micros() as u64);
+            let us = (now - released).as_micros() as u64;
+            let _ = t.handoffs.record(us);
+            handoff = Some(us);
         }
+        t.grant_log.push((now - self.start, handoff));
     }
 
     fn releasing(&self) {
@@ -161,6 +170,7 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
             all_answered: None,
             errors: 0,
             first_error: None,
+            grant_log: Vec::with_capacity(fleet.agents),
         }),
         queued_updates: AtomicU64::new(0),
         finished: AtomicUsize::new(0),
@@ -195,6 +205,7 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
         queued_updates: shared.queued_updates.load(Ordering::Relaxed),
         errors: t.errors,
         first_error: t.first_error.clone(),
+        grant_log: t.grant_log.clone(),
     })
 }
 

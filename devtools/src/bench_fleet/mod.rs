@@ -39,7 +39,19 @@ use target::{Backend, Store};
 
 const USAGE: &str = "bench fleet [--waiters 1000,10000,30000] [--max-concurrent 1,50] \
 [--store embedded|etcd] [--agent real|instant] [--hold-ms 4] [--per-connection 1000] \
-[--deadline SECS] [--seed N] [--coordinator PATH]";
+[--deadline SECS (default: 60 ms per waiter, at least 600)] [--seed N] [--coordinator PATH] \
+| bench fleet --replot OUT.json IN.json...";
+
+/// The default time a run is given per waiter. A real agent's turn is five
+/// durable saves in a row (Draining, renew, Rebooting, Verifying, the
+/// release with the next grant) plus its hold: 25-35 ms on this machine's
+/// disk whatever the queue's length, so 30,000 waiters need 15-18 minutes.
+/// The deadline scales with the fleet so every size can finish; it only
+/// stops a run that is far slower than that.
+const DEADLINE_PER_WAITER: Duration = Duration::from_millis(60);
+
+/// The least default deadline (small fleets).
+const DEADLINE_MIN: Duration = Duration::from_secs(600);
 
 struct Options {
     waiters: Vec<usize>,
@@ -48,7 +60,8 @@ struct Options {
     mode: AgentMode,
     hold_max: Duration,
     per_connection: usize,
-    deadline: Duration,
+    /// `None`: [`DEADLINE_PER_WAITER`] per waiter, at least [`DEADLINE_MIN`].
+    deadline: Option<Duration>,
     seed: u64,
     /// The coordinator binary (another build, e.g. a baseline kept aside).
     binary: PathBuf,
@@ -73,7 +86,7 @@ fn parse(args: &[String]) -> Result<Options> {
         mode: AgentMode::Real,
         hold_max: Duration::from_millis(4),
         per_connection: 1000,
-        deadline: Duration::from_secs(600),
+        deadline: None,
         seed: 12,
         binary: release_dir().join("baton-coordinator"),
     };
@@ -109,7 +122,7 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             "--hold-ms" => opts.hold_max = Duration::from_millis(value()?.parse()?),
             "--per-connection" => opts.per_connection = value()?.parse()?,
-            "--deadline" => opts.deadline = Duration::from_secs(value()?.parse()?),
+            "--deadline" => opts.deadline = Some(Duration::from_secs(value()?.parse()?)),
             "--seed" => opts.seed = value()?.parse()?,
             "--coordinator" => opts.binary = PathBuf::from(value()?),
             other => bail!("unknown argument {other}; usage: {USAGE}"),
@@ -141,6 +154,9 @@ fn parse(args: &[String]) -> Result<Options> {
 
 /// Runs the bench; `args` are the words after `bench`.
 pub fn run(args: &[String]) -> Result<()> {
+    if let Some(at) = args.iter().position(|a| a == "--replot") {
+        return replot(&args[at + 1..]);
+    }
     let opts = parse(args)?;
     let root = workspace_root();
     std::fs::create_dir_all(root.join("target/bench"))?;
@@ -162,6 +178,43 @@ pub fn run(args: &[String]) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
+    Ok(())
+}
+
+/// `bench fleet --replot OUT.json IN.json...`: one report of the runs of
+/// several (e.g. a 30,000-waiter run made on its own, with its own
+/// deadline, and the smaller sizes), written to `OUT.json` with its plot
+/// beside it (`OUT.svg`) and its table; the settings are the first
+/// report's, and each run keeps its own floor.
+fn replot(paths: &[String]) -> Result<()> {
+    let [out, inputs @ ..] = paths else {
+        bail!("usage: bench fleet --replot OUT.json IN.json [IN.json...]");
+    };
+    let mut merged: Option<Value> = None;
+    for path in inputs {
+        let report: Value = serde_json::from_slice(
+            &std::fs::read(path).with_context(|| format!("reading {path}"))?,
+        )
+        .with_context(|| format!("{path} is not a fleet report"))?;
+        let runs = report["runs"].as_array().cloned().unwrap_or_default();
+        match &mut merged {
+            None => merged = Some(report),
+            Some(m) => {
+                if let Some(all) = m["runs"].as_array_mut() {
+                    all.extend(runs);
+                }
+            }
+        }
+    }
+    let mut report = merged.context("no reports given")?;
+    if let Some(runs) = report["runs"].as_array_mut() {
+        runs.sort_by_key(|r| (r["max_concurrent"].as_u64(), r["waiters"].as_u64()));
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    let svg_path = PathBuf::from(out).with_extension("svg");
+    std::fs::write(&svg_path, svg(&report))?;
+    print_table(&report);
+    println!("\nwritten to {out} and {}", svg_path.display());
     Ok(())
 }
 
@@ -197,7 +250,8 @@ async fn bench(opts: &Options) -> Result<Value> {
         "agent": opts.mode.name(),
         "hold_max_ms": opts.hold_max.as_millis() as u64,
         "per_connection": opts.per_connection,
-        "deadline_s": opts.deadline.as_secs(),
+        "deadline_s": opts.deadline.map(|d| d.as_secs()),
+        "deadline_per_waiter_ms": DEADLINE_PER_WAITER.as_millis() as u64,
         "seed": opts.seed,
         "coordinator_binary": opts.binary.display().to_string(),
         "runs": runs,
@@ -218,34 +272,67 @@ async fn one_run(
     for _ in 0..waiters.div_ceil(opts.per_connection) {
         channels.push(connect(&target.url).await?);
     }
+    // The raw save rate before the storm, and again after it: the machine
+    // is shared, so the run is bracketed by its baseline.
+    let save_before = target.save_floor(300).await?;
+    let etcd_before = backend.etcd_counters()?;
+    let saves_before = target.saves_so_far();
     let sampler = target.sample_saves().await?;
     let cpu_before = cpu_seconds(target.pid)?;
+    let own_cpu_before = cpu_seconds(std::process::id())?;
     let fleet = Fleet {
         agents: waiters,
         max_concurrent: max,
         mode: opts.mode,
         hold_max: opts.hold_max,
         seed: opts.seed,
-        deadline: opts.deadline,
+        deadline: opts
+            .deadline
+            .unwrap_or_else(|| (DEADLINE_PER_WAITER * waiters as u32).max(DEADLINE_MIN)),
     };
+    let deadline = fleet.deadline;
     let outcome = agents::run(fleet, &channels).await?;
     let cpu = cpu_seconds(target.pid)? - cpu_before;
+    let own_cpu = cpu_seconds(std::process::id())? - own_cpu_before;
     let peak_kib = peak_rss_kib(target.pid)?;
     let end_kib = rss_kib(target.pid)?;
     drop(channels);
     let during = sampler.finish().await?;
+    // Durable writes per grant (embedded store): what group commit saves.
+    let saves_per_grant = target
+        .saves_so_far()
+        .zip(saves_before)
+        .map(|(after, before)| (after - before) as f64 / outcome.grants.max(1) as f64);
+    // What the run cost etcd per grant (the sampler's one save per 50 ms
+    // and its size lookups included, as noted in the report).
+    let etcd_per_grant: serde_json::Map<String, Value> = backend
+        .etcd_counters()?
+        .into_iter()
+        .map(|(name, after)| {
+            let before = etcd_before.get(&name).copied().unwrap_or(0.0);
+            (name, json!((after - before) / outcome.grants.max(1) as f64))
+        })
+        .filter(|(_, v)| v.as_f64().is_some_and(|v| v > 0.0))
+        .collect();
     let save = target.save_floor(300).await?;
     drop(target);
 
     let h = &outcome.handoffs;
     let secs = outcome.elapsed.as_secs_f64();
     let grants_per_s = outcome.grants as f64 / secs;
+    let raw_per_s = (save_before.saves_per_s + save.saves_per_s) / 2.0;
     let floor_us = 2 * during.value_at_quantile(0.5) + 2 * rtt.value_at_quantile(0.5);
+    // The same floor at the 99th percentile, and the tail of the one
+    // durable write a handoff costs since group commit: a handoff p99 near
+    // the bare save's p99 is the disk's (or etcd's) tail, not ours.
+    let save_p99_us = during.value_at_quantile(0.99);
+    let floor_p99_us = 2 * save_p99_us + 2 * rtt.value_at_quantile(0.99);
     let ms = |us: u64| us as f64 / 1000.0;
     Ok(json!({
         "waiters": waiters,
         "max_concurrent": max,
         "finished": outcome.finished,
+        "deadline_s": deadline.as_secs(),
         "elapsed_s": secs,
         "grants": outcome.grants,
         "grants_per_s": grants_per_s,
@@ -272,19 +359,66 @@ async fn one_run(
             "peak_rss_mib": peak_kib as f64 / 1024.0,
             "end_rss_mib": end_kib as f64 / 1024.0,
         },
+        // The simulated agents and the sampler run in this process, on the
+        // same 2 cores as the coordinator.
+        "bench_process": {
+            "cpu_s": own_cpu,
+            "cpu_cores": own_cpu / secs,
+            "peak_rss_mib": peak_rss_kib(std::process::id())? as f64 / 1024.0,
+        },
+        "by_tenth": by_tenth(&outcome.grant_log, waiters),
+        "etcd_per_grant": etcd_per_grant,
+        "saves_per_grant": saves_per_grant,
         "floor": {
             "grpc_rtt_ms_p50": ms(rtt.value_at_quantile(0.5)),
             "save_ms_p50": ms(during.value_at_quantile(0.5)),
             "save_ms_p99": ms(during.value_at_quantile(0.99)),
             "save_samples": during.len(),
             "raw_save_ms_p50_after": ms(save.save_us.value_at_quantile(0.5)),
-            "raw_saves_per_s": save.saves_per_s,
+            "raw_saves_per_s": raw_per_s,
+            "raw_saves_per_s_before": save_before.saves_per_s,
+            "raw_saves_per_s_after": save.saves_per_s,
+            "raw_save_ms_p99_before": ms(save_before.save_us.value_at_quantile(0.99)),
+            "raw_save_ms_p99_after": ms(save.save_us.value_at_quantile(0.99)),
             "state_bytes": save.state_bytes,
             "floor_ms": ms(floor_us),
+            "grpc_rtt_ms_p99": ms(rtt.value_at_quantile(0.99)),
+            "floor_p99_ms": ms(floor_p99_us),
         },
         "handoff_p50_over_floor": h.value_at_quantile(0.5) as f64 / floor_us.max(1) as f64,
-        "grants_over_raw_saves": grants_per_s / save.saves_per_s,
+        "handoff_p99_over_floor_p99": h.value_at_quantile(0.99) as f64 / floor_p99_us.max(1) as f64,
+        "handoff_p99_over_save_p99": h.value_at_quantile(0.99) as f64 / save_p99_us.max(1) as f64,
+        "grants_over_raw_saves": grants_per_s / raw_per_s,
     }))
+}
+
+/// The run cut into tenths of its grants: for each, the waiters left when
+/// it began, its grants per second and its handoff p50 (ms). A per-grant
+/// cost that grew with the queue's length would show as a rate rising
+/// towards the end.
+fn by_tenth(log: &[(Duration, Option<u64>)], waiters: usize) -> Vec<Value> {
+    let mut tenths = Vec::new();
+    let mut before = Duration::ZERO;
+    for k in 0..10 {
+        let (from, to) = (k * log.len() / 10, (k + 1) * log.len() / 10);
+        let Some(slice) = log.get(from..to).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let end = slice[slice.len() - 1].0;
+        let mut handoffs: Vec<u64> = slice.iter().filter_map(|(_, h)| *h).collect();
+        handoffs.sort_unstable();
+        let p50 = handoffs
+            .get(handoffs.len() / 2)
+            .map(|us| *us as f64 / 1000.0);
+        tenths.push(json!({
+            "waiting_at_start": waiters - from,
+            "grants": slice.len(),
+            "grants_per_s": slice.len() as f64 / (end - before).as_secs_f64().max(1e-9),
+            "handoff_ms_p50": p50,
+        }));
+        before = end;
+    }
+    tenths
 }
 
 fn svg(report: &Value) -> String {
@@ -293,6 +427,7 @@ fn svg(report: &Value) -> String {
         .iter()
         .filter_map(|r| r["max_concurrent"].as_u64())
         .collect();
+    maxes.sort_unstable();
     maxes.dedup();
     let series = maxes
         .iter()
@@ -373,6 +508,25 @@ fn print_table(report: &Value) {
                 format!("  (deadline: {} of {} granted)", r["grants"], r["waiters"])
             }
         );
+        let tenths: Vec<String> = r["by_tenth"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("{:.1}", f(&t["grants_per_s"])))
+            .collect();
+        if !tenths.is_empty() {
+            println!(
+                "        saves per grant {:.2}; p99: {:.2}x the save's p99 ({:.1} ms), {:.2}x the floor's p99 ({:.1} ms); \
+                 grants/s by tenth of the run: {}; bench process {:.2} cores",
+                f(&r["saves_per_grant"]),
+                f(&r["handoff_p99_over_save_p99"]),
+                f(&r["floor"]["save_ms_p99"]),
+                f(&r["handoff_p99_over_floor_p99"]),
+                f(&r["floor"]["floor_p99_ms"]),
+                tenths.join(" "),
+                f(&r["bench_process"]["cpu_cores"])
+            );
+        }
         if let Some(e) = r["first_error"].as_str() {
             println!("        {} agents failed; first: {e}", r["errors"]);
         }

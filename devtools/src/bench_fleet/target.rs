@@ -2,6 +2,8 @@
 //! is that run's), on the embedded store or on a real 3-member etcd
 //! cluster, and the floor of one save on that store.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +58,28 @@ impl Backend {
         })
     }
 
+    /// What the etcd members counted so far (summed over the members; the
+    /// proposals committed as the most any member counts): how many
+    /// requests of each kind a grant costs. Empty on the embedded store.
+    pub fn etcd_counters(&self) -> Result<BTreeMap<String, f64>> {
+        let mut sums = BTreeMap::new();
+        for member in self.etcd.iter().flat_map(|c| &c.members) {
+            let addr = member
+                .client_url
+                .strip_prefix("http://")
+                .unwrap_or(&member.client_url);
+            for (name, value) in etcd_metrics(addr)? {
+                let slot = sums.entry(name.clone()).or_insert(0.0);
+                if name == "proposals_committed" {
+                    *slot = f64::max(*slot, value);
+                } else {
+                    *slot += value;
+                }
+            }
+        }
+        Ok(sums)
+    }
+
     /// Starts a fresh coordinator allowing `max_concurrent` holders.
     pub async fn coordinator(&mut self, max_concurrent: usize) -> Result<Target> {
         self.runs += 1;
@@ -80,6 +104,7 @@ impl Backend {
             }
             Some(cluster) => {
                 let endpoints = cluster.endpoints();
+                let member_map = crate::bench_etcd::member_map(cluster);
                 let prefix = format!("/fleet-{}", self.runs);
                 let args = [
                     "--store",
@@ -90,6 +115,8 @@ impl Backend {
                     prefix.as_str(),
                     "--max-concurrent",
                     max.as_str(),
+                    "--etcd-member-map",
+                    member_map.as_str(),
                     // Each run has its own, new prefix.
                     "--initialize",
                 ];
@@ -202,6 +229,19 @@ impl Target {
         Ok(SaveSampler { stop, task })
     }
 
+    /// How many saves the coordinator made so far, when the store says
+    /// (the embedded store's generation, which grows by one per save).
+    pub fn saves_so_far(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Embedded { data, .. } => {
+                let doc = std::fs::read(data.join("state.json")).ok()?;
+                let doc: serde_json::Value = serde_json::from_slice(&doc).ok()?;
+                doc["generation"].as_u64()
+            }
+            Kind::Etcd { .. } => None,
+        }
+    }
+
     /// Measures one save of a state of the size now stored: an atomic file
     /// write, or a guarded etcd transaction on the same cluster.
     pub async fn save_floor(&mut self, samples: usize) -> Result<SaveFloor> {
@@ -242,4 +282,52 @@ async fn state_bytes(client: &mut etcd_client::Client, prefix: &str) -> Result<u
         .map(|kv| kv.value().len())
         .max()
         .unwrap_or(4096))
+}
+
+/// The counters of one etcd member's `/metrics` (plain HTTP on its client
+/// address) that tell what a grant costs there: gRPC calls by method,
+/// raft proposals committed, WAL fsyncs.
+fn etcd_metrics(addr: &str) -> Result<Vec<(String, f64)>> {
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)?;
+    let mut out = Vec::new();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let name = if key == "etcd_server_proposals_committed_total" {
+            "proposals_committed".to_string()
+        } else if key == "etcd_disk_wal_fsync_duration_seconds_count" {
+            "wal_fsyncs".to_string()
+        } else if let Some(labels) = key.strip_prefix("grpc_server_handled_total{") {
+            let Some(method) = grpc_method(labels) else {
+                continue;
+            };
+            format!("grpc_{method}")
+        } else if let Some(labels) = key.strip_prefix("grpc_server_msg_received_total{") {
+            // Streams (keep-alives, watches) count their messages here.
+            let Some(method) = grpc_method(labels) else {
+                continue;
+            };
+            format!("msgs_{method}")
+        } else {
+            continue;
+        };
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// The `grpc_method` label of a metric's labels.
+fn grpc_method(labels: &str) -> Option<&str> {
+    labels
+        .split(',')
+        .find_map(|l| l.strip_prefix("grpc_method=\""))
+        .and_then(|m| m.strip_suffix('"'))
 }
