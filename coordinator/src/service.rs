@@ -104,25 +104,6 @@ impl Services {
 }
 
 impl Services {
-    /// Runs a holder's renewal or report to completion in a task of its own
-    /// (a hang-up cannot cut its save off), without waiting for the turn of
-    /// [`Services::to_completion`]: the engine saves the renewals and
-    /// reports that arrive together in one write (group commit), so they
-    /// must reach it together. A client that hangs up does not take its
-    /// renewal or report back; it is small, checked against the holder's
-    /// token, and joins the next write with the others, so none pile up as
-    /// writes of their own.
-    async fn grouped<T, F>(&self, call: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
-    {
-        tokio::spawn(call)
-            .await
-            .map_err(|e| Status::internal(format!("the engine's task failed: {e}")))?
-            .map_err(Status::from)
-    }
-
     /// Runs one changing engine call to completion in a task of its own and
     /// returns its answer. When a client hangs up mid-call, tonic drops the
     /// handler's future; a save cut off there would leave the store and the
@@ -446,7 +427,7 @@ impl Coordinator for Services {
         let (_, node) = self.for_node(&request, &request.get_ref().node).await?;
         let (engine, token) = (self.engine.clone(), request.get_ref().fencing_token);
         let overdue_at = self
-            .grouped(async move { engine.renew(&node, token).await })
+            .to_completion(async move { engine.renew(&node, token).await })
             .await?;
         Ok(Response::new(pb::RenewResponse {
             overdue_at: Some(timestamp(overdue_at)),
@@ -470,7 +451,7 @@ impl Coordinator for Services {
             error: req.error,
         };
         let engine = self.engine.clone();
-        self.grouped(async move { engine.report(&node, req.fencing_token, progress).await })
+        self.to_completion(async move { engine.report(&node, req.fencing_token, progress).await })
             .await?;
         Ok(Response::new(pb::ReportResponse {}))
     }

@@ -18,9 +18,7 @@
 //!   stale memory is never stored;
 //! - every answer that is not a fresh save (a refusal, a resumed grant,
 //!   status) is given only after the store confirmed the fence (one
-//!   linearizable read) in a call that began after the request arrived;
-//!   acquires arriving together share one (a fleet's ask storm costs a few
-//!   round trips, not one per node);
+//!   linearizable read);
 //! - a failed or refused save, or a change of leadership term (read on every
 //!   call, so a missed notification cannot hide it), drops the fence, and the
 //!   state is reloaded before anything is answered again; a new term also
@@ -39,7 +37,6 @@
 mod backup;
 mod confirm;
 mod granter;
-mod group;
 mod plan;
 mod queue;
 mod ranks;
@@ -259,14 +256,6 @@ struct Inner {
     /// failed, leadership lost): the state is reloaded before anything is
     /// answered.
     fence: Option<Fence>,
-    /// The newest proof from the store that the memory under a fence was
-    /// the latest state while this replica led: when the store call that
-    /// gave it (a confirmation, a save) *began*, and that fence. A request
-    /// that arrived before that moment, answered while the fence is
-    /// unchanged, is answered from memory the store confirmed after it
-    /// arrived, so it needs no confirmation of its own (the ask storm of a
-    /// whole fleet shares a few, see [`Engine::acquire`]).
-    proven: Option<(Instant, Fence)>,
     /// The term of the last load: waiters of an older term are sent away.
     loaded_term: Option<u64>,
     /// `--initialize` not used up yet.
@@ -293,8 +282,6 @@ pub struct Engine {
     preparers: Vec<Arc<dyn GrantPreparer>>,
     clock: Clock,
     metrics: Metrics,
-    /// Holders' changes waiting to be committed together (see `group`).
-    pending: std::sync::Mutex<Vec<group::Pending>>,
     /// Wakes the granter.
     wake: Notify,
     /// Bumped on every visible change (drives Watch streams).
@@ -327,7 +314,6 @@ impl Engine {
                 unavailable: Vec::new(),
                 prepare_failed: HashMap::new(),
                 fence: None,
-                proven: None,
                 loaded_term: None,
                 initialize: config.initialize,
                 resume_pending: false,
@@ -341,7 +327,6 @@ impl Engine {
             preparers,
             clock,
             metrics,
-            pending: std::sync::Mutex::new(Vec::new()),
             wake: Notify::new(),
             changes: watch::channel(0).0,
             leadership,
@@ -441,8 +426,6 @@ impl Engine {
         let result = self.load_fenced(inner, term).await;
         match &result {
             Ok(fence) => {
-                // New memory: no earlier proof covers it.
-                inner.proven = None;
                 let (holders, last_token) = (inner.state.holders.len(), inner.state.last_token);
                 info!(holders, last_token, term, revision = %fence.revision, store = self.store.kind(), "leading: lease state loaded");
                 inner.fence = Some(fence.clone());
@@ -633,35 +616,12 @@ impl Engine {
     /// Proves with the store that the memory under `fence` is still the
     /// latest state and this replica still leads; forgets the fence if not.
     async fn confirm(&self, inner: &mut Inner, fence: &Fence) -> Result<(), EngineError> {
-        let began = Instant::now();
         if let Err(e) = self.timed(self.store.confirm(fence)).await {
             warn!(error = %e, "could not confirm leadership and state; not answering");
             inner.fence = None;
-            inner.proven = None;
             return Err(e.into());
         }
-        inner.proven = Some((began, fence.clone()));
         Ok(())
-    }
-
-    /// Like [`Engine::confirm`], unless a store call that began after
-    /// `arrived` (when the request being answered arrived) already proved
-    /// the memory under `fence`: the memory changes only with its fence, so
-    /// that proof is of this very memory, made after the request came.
-    async fn confirm_since(
-        &self,
-        inner: &mut Inner,
-        fence: &Fence,
-        arrived: Instant,
-    ) -> Result<(), EngineError> {
-        let covered = inner
-            .proven
-            .as_ref()
-            .is_some_and(|(began, proven)| *began >= arrived && proven == fence);
-        if covered {
-            return Ok(());
-        }
-        self.confirm(inner, fence).await
     }
 
     fn changed(&self) {
@@ -741,36 +701,20 @@ impl Engine {
             }
             .into());
         }
-        self.save_copy(inner, next, &fence).await?;
-        Ok((out, more))
-    }
-
-    /// Saves `next`, decided from the memory current under `fence`, and
-    /// makes it current; on failure drops the fence (the memory is reloaded
-    /// before the next answer).
-    async fn save_copy(
-        &self,
-        inner: &mut Inner,
-        next: LeaseState,
-        fence: &Fence,
-    ) -> Result<(), EngineError> {
-        let began = Instant::now();
-        match self.timed(self.store.save(&next, fence)).await {
+        match self.timed(self.store.save(&next, &fence)).await {
             Ok(revision) => {
                 inner.state.advance_to(next);
-                let saved = Fence {
+                inner.fence = Some(Fence {
                     term: fence.term,
                     revision,
-                };
-                // A save is a compare-and-swap under leadership: it proves
-                // the new memory as a confirmation would.
-                inner.proven = Some((began, saved.clone()));
-                inner.fence = Some(saved);
+                });
                 self.refresh_gauges(inner);
-                Ok(())
+                Ok((out, more))
             }
             Err(e) => {
-                warn!(error = %e, "state save failed; nothing of it was applied and the state is reloaded before the next answer");
+                // Refused, or an unknown outcome: either way the memory may
+                // not be the stored state any more.
+                warn!(error = %e, "state save failed; the change was not applied and the state is reloaded before the next answer");
                 self.metrics.store_errors.inc();
                 inner.fence = None;
                 Err(e.into())
@@ -809,10 +753,6 @@ impl Engine {
     /// a ticket to withdraw it with. A node that already holds the baton gets
     /// its grant at once (resumed). A node already waiting replaces its older
     /// request (that stream ends with [`EngineError::Superseded`]).
-    ///
-    /// Answered only after the store confirmed this replica's memory in a
-    /// call that began after the request arrived: its own, or one made for
-    /// a request ahead of it while it waited for the lock.
     pub async fn acquire(
         &self,
         request: AcquireRequest,
@@ -823,13 +763,10 @@ impl Engine {
         ),
         EngineError,
     > {
-        // Taken before the lock: the answer needs a confirmation that began
-        // after this (its own, or one made while it waited for the lock).
-        let arrived = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.inner.lock().await;
         let fence = self.ensure_current(&mut inner).await?;
-        self.confirm_since(&mut inner, &fence, arrived).await?;
+        self.confirm(&mut inner, &fence).await?;
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
         if let Some(h) = inner.state.holders.get(&request.node) {
@@ -869,18 +806,19 @@ impl Engine {
     }
 
     /// Records that the holder is alive; returns when it becomes overdue.
-    /// Saved together with the other holders' renewals and reports that
-    /// arrive meanwhile (group commit, see `group`), answered after that save.
     pub async fn renew(&self, node: &NodeName, token: u64) -> Result<DateTime<Utc>, EngineError> {
         let now = self.now();
-        self.commit_holder_change(node, token, group::HolderChange::Renew, now)
+        let mut inner = self.inner.lock().await;
+        self.commit(&mut inner, |s| s.renew(node, token, now))
             .await?;
+        if inner.overdue_seen.remove(node) {
+            info!(node = %node, token, "holder renewed again; no longer overdue");
+            self.changed();
+        }
         Ok(now + self.config.overdue_after)
     }
 
-    /// Records the holder's progress; saved together with the other
-    /// holders' renewals and reports that arrive meanwhile (group commit,
-    /// see `group`), answered after that save.
+    /// Records the holder's progress.
     pub async fn report(
         &self,
         node: &NodeName,
@@ -888,8 +826,20 @@ impl Engine {
         progress: Progress,
     ) -> Result<(), EngineError> {
         let now = self.now();
-        self.commit_holder_change(node, token, group::HolderChange::Report(progress), now)
-            .await
+        let mut inner = self.inner.lock().await;
+        let phase = progress.phase;
+        let error = progress.error.clone();
+        self.commit(&mut inner, |s| s.report(node, token, progress, now))
+            .await?;
+        inner.overdue_seen.remove(node);
+        if error.is_empty() {
+            info!(node = %node, token, phase = phase.name(), "holder reported");
+        } else {
+            warn!(node = %node, token, phase = phase.name(), error = %error, "holder reported an error");
+        }
+        drop(inner);
+        self.changed();
+        Ok(())
     }
 
     /// Gives the baton back; the next eligible waiter is granted at once.

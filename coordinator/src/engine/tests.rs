@@ -10,7 +10,6 @@ use crate::state::Phase;
 use crate::store::memory::MemoryStore;
 
 mod failover;
-mod group;
 mod initialize;
 mod lost_answer;
 mod node_facts;
@@ -545,35 +544,4 @@ async fn a_guard_reading_the_audit_is_not_asked_on_a_group_commit_copy() {
             break;
         }
     }
-}
-
-/// A whole fleet asks at once (issue 12's ask storm): acquires that arrive
-/// together share the store's confirmation instead of taking one round
-/// trip each under the lock. Each is still answered only after a
-/// confirmation that began after it arrived: a deposed replica's old
-/// proof covers nobody (`a_deposed_replica_never_answers_from_stale_memory`).
-#[tokio::test]
-async fn acquires_arriving_together_share_a_confirmation() {
-    let store = Arc::new(MemoryStore::default());
-    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
-    store
-        .backend()
-        .set_latency(std::time::Duration::from_millis(20));
-    let before = store.backend().confirms();
-    let asks = (0..50).map(|i| {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.acquire(request(&format!("w{i}"))).await })
-    });
-    let mut streams = Vec::new();
-    for ask in futures::future::join_all(asks).await {
-        streams.push(ask.unwrap().unwrap());
-    }
-    let confirms = store.backend().confirms() - before;
-    assert!(
-        confirms <= 5,
-        "{confirms} confirmations for 50 acquires arriving together"
-    );
-    // Every one of them is queued or granted as usual.
-    let snapshot = engine.snapshot().await;
-    assert_eq!(snapshot.queue_length + snapshot.state.holders.len(), 50);
 }

@@ -61,8 +61,6 @@ struct Truth {
     faults: Faults,
     latency: Duration,
     budget: Option<usize>,
-    /// Confirmations asked for (answered or not).
-    confirms: u64,
     views: BTreeMap<String, watch::Sender<Leadership>>,
     oracle: Oracle,
 }
@@ -251,11 +249,6 @@ impl MemoryBackend {
     pub fn leader(&self) -> (Option<String>, u64) {
         let truth = self.truth();
         (truth.leader.clone(), truth.term)
-    }
-
-    /// How many confirmations replicas asked for so far.
-    pub fn confirms(&self) -> u64 {
-        self.truth().confirms
     }
 
     /// The stored state with its audit, if any.
@@ -466,7 +459,6 @@ impl StateStore for MemoryStore {
 
     fn confirm<'a>(&'a self, fence: &'a Fence) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.backend.truth().confirms += 1;
             self.backend.pause().await;
             let mut truth = self.backend.truth();
             if take(&mut truth.faults.fail_confirms) {

@@ -87,35 +87,6 @@ async fn a_deposed_replica_never_answers_from_stale_memory() {
     assert!(err.to_string().contains("the leader is b"), "{err}");
 }
 
-/// Acquires share confirmations (the ask storm), but never one made before
-/// they arrived: a replica deposed without noticing, whose last word with
-/// the store was a successful save, must not answer the next Acquire from
-/// that memory. The dangerous answer is a resumed grant to a node that the
-/// new leader force-released (it would reboot while another node is down).
-#[tokio::test]
-async fn an_acquire_is_not_answered_from_a_proof_older_than_itself() {
-    let (backend, a, b) = pair(Vec::new()).await;
-    let (_, mut w1) = a.acquire(request("w1")).await.unwrap();
-    let t1 = next_grant(&mut w1).await.fencing_token;
-
-    // a's last store call was that grant's save. Now b leads; a has not
-    // noticed, and has no reason to talk to the store.
-    backend.elect_quietly("b");
-    backend.publish("b");
-    b.force_release(&n("w1"), Some(t1), "op", "dead")
-        .await
-        .unwrap();
-    let (_, mut w2) = b.acquire(request("w2")).await.unwrap();
-    next_grant(&mut w2).await;
-
-    // w1's agent restarts and asks a again: a's memory says w1 holds t1.
-    let err = a.acquire(request("w1")).await.unwrap_err();
-    assert_eq!(code(err), tonic::Code::Unavailable);
-    // A new node is not queued on a's word either.
-    let err = a.acquire(request("w3")).await.unwrap_err();
-    assert_eq!(code(err), tonic::Code::Unavailable);
-}
-
 /// A preparer that waits until the test lets it finish.
 #[derive(Default)]
 struct Gate {
