@@ -125,7 +125,11 @@ pub fn record(shared: &Shared, status: &pb::StatusResponse) {
         let queued = status.queue.iter().find(|q| q.node == name);
         let finished = {
             let n = &seen.nodes[&name];
-            started.is_some_and(|s| n.releases.iter().any(|(t, ..)| *t >= s))
+            started.is_some_and(|s| {
+                n.releases
+                    .iter()
+                    .any(|(t, _, _, reason)| *t >= s && !super::seen::aborted(reason))
+            })
         };
         let node = seen.nodes.get_mut(&name).expect("listed above");
         match (holder, queued) {

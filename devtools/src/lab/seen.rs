@@ -181,6 +181,17 @@ impl Seen {
         let Some(start) = self.started else {
             return false;
         };
-        node.releases.iter().any(|(t, ..)| *t >= start) && node.token == 0
+        node.releases
+            .iter()
+            .any(|(t, _, _, reason)| *t >= start && !aborted(reason))
+            && node.token == 0
     }
+}
+
+/// True for the release of a maintenance its agent aborted before taking
+/// the node down (e.g. its control-plane backup could not be kept, after a
+/// coordinator failover): nothing was done, no reboot is owed, and the node
+/// asks again after its hold-back.
+pub fn aborted(reason: &str) -> bool {
+    reason.starts_with("maintenance aborted")
 }

@@ -371,6 +371,13 @@ pub fn verdicts(seen: &Seen, facts: &FinalFacts, figures: &Figures) -> Vec<Verdi
             .audit
             .iter()
             .filter(|(t, a, n, _)| a == "grant" && n == name && *t >= start)
+            // An aborted maintenance took nothing down: no reboot is owed.
+            .filter(|(_, _, _, token)| {
+                !node
+                    .releases
+                    .iter()
+                    .any(|(_, t, _, r)| t == token && super::seen::aborted(r))
+            })
             .filter_map(|(g, _, _, token)| {
                 let r = facts
                     .audit
@@ -437,10 +444,14 @@ pub fn verdicts(seen: &Seen, facts: &FinalFacts, figures: &Figures) -> Vec<Verdi
     // has a kept archive that verifies beside its etcd snapshot.
     let mut problems = Vec::new();
     let mut verified = 0;
-    for name in seen.nodes.iter().filter(|(_, n)| n.etcd).map(|(n, _)| n) {
+    for (name, node) in seen.nodes.iter().filter(|(_, n)| n.etcd) {
         let completed = facts.audit.iter().any(|(_, a, n, token)| {
             a == "release"
                 && n == name
+                && !node
+                    .releases
+                    .iter()
+                    .any(|(_, t, _, r)| t == token && super::seen::aborted(r))
                 && facts
                     .audit
                     .iter()
@@ -741,6 +752,33 @@ mod tests {
         );
         let f = failing(&seen, &facts);
         assert!(f.iter().any(|v| v.contains("FAILED")), "{f:?}");
+    }
+
+    /// A maintenance its agent aborted before taking the node down (its
+    /// backup could not be kept after a failover) owes no reboot and no
+    /// backup; the node's next maintenance does.
+    #[test]
+    fn an_aborted_maintenance_owes_no_reboot_but_the_next_one_does() {
+        let (mut seen, mut facts) = run_with(&[("etcd-1", true, 10, 12)]);
+        let node = seen.nodes.get_mut("etcd-1").unwrap();
+        node.grants.push((t(20), 2));
+        node.releases.push((
+            t(21),
+            2,
+            "release by cert:etcd-1".into(),
+            "maintenance aborted: control-plane backup: snapshot gone".into(),
+        ));
+        facts.audit.push((t(20), "grant".into(), "etcd-1".into(), 2));
+        facts
+            .audit
+            .push((t(2), "release".into(), "etcd-1".into(), 7));
+        facts.audit.sort_by_key(|a| a.0);
+        assert_eq!(failing(&seen, &facts), Vec::<String>::new());
+        assert!(seen.finished_node(&seen.nodes["etcd-1"]));
+        // Without its completed maintenance the node is not finished.
+        let node = seen.nodes.get_mut("etcd-1").unwrap();
+        node.releases.retain(|r| r.1 == 2);
+        assert!(!seen.finished_node(&seen.nodes["etcd-1"]));
     }
 
     #[test]
