@@ -768,10 +768,12 @@ mod tests {
             "release by cert:etcd-1".into(),
             "maintenance aborted: control-plane backup: snapshot gone".into(),
         ));
-        facts.audit.push((t(20), "grant".into(), "etcd-1".into(), 2));
         facts
             .audit
-            .push((t(2), "release".into(), "etcd-1".into(), 7));
+            .push((t(20), "grant".into(), "etcd-1".into(), 2));
+        facts
+            .audit
+            .push((t(21), "release".into(), "etcd-1".into(), 2));
         facts.audit.sort_by_key(|a| a.0);
         assert_eq!(failing(&seen, &facts), Vec::<String>::new());
         assert!(seen.finished_node(&seen.nodes["etcd-1"]));
