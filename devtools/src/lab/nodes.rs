@@ -230,6 +230,10 @@ pub fn spec(plan: &Plan, plans: &[Plan], inputs: &Inputs) -> Result<NodeSpec> {
         )
         .env("BATON_POST_CHECK_TIMEOUT", "2m")
         .env("BATON_REBOOT_TIMEOUT", "2m")
+        // The lab runs in minutes, not hours: a maintenance aborted before
+        // the node went down (a backup refused after a failover) is asked
+        // again soon, as its hold-back would after 5 minutes in production.
+        .env("BATON_ABORT_BACKOFF", "10s")
         .env("RUST_LOG", "info")
         .file("usr/local/sbin/lab-update-check", UPDATE_CHECK)
         .file("usr/local/sbin/lab-update", UPDATE)
