@@ -7,9 +7,12 @@
 //!
 //! Handoff latency is measured on the client's clock: from a holder sending
 //! Release to the next waiter receiving its grant. With more than one holder
-//! at a time, grants after the first `max_concurrent` are paired in order
-//! with the releases that freed their slots (first in, first out), which is
-//! exact for one holder and within the spread of concurrent releases
+//! at a time, only a release of a full house (every slot held, or freed by
+//! a release still owed its grant) frees a slot a waiter needs; such
+//! releases are paired in order with the grants that follow (first in,
+//! first out). Grants into slots that were free anyway (the first
+//! `max_concurrent`, or slots freed while those were still coming) are no
+//! handoffs. Exact for one holder, within the spread of concurrent releases
 //! otherwise.
 
 use std::collections::VecDeque;
@@ -81,13 +84,17 @@ pub struct Outcome {
     /// The first failure, for the report.
     pub first_error: Option<String>,
     /// Every grant in order: when it came (since the start) and its
-    /// handoff latency (µs; `None` for the first `max_concurrent`). Shows
+    /// handoff latency (µs; `None` for a grant into a free slot). Shows
     /// whether a grant costs more while the queue is long.
     pub grant_log: Vec<(Duration, Option<u64>)>,
 }
 
 struct Tally {
+    /// Releases of a full house (every slot held) not yet followed by the
+    /// grant they made possible.
     pending_releases: VecDeque<Instant>,
+    /// Grants held now (granted, Release not yet sent).
+    held: u64,
     grants: u64,
     handoffs: Histogram<u64>,
     first_answer: Histogram<u64>,
@@ -96,6 +103,50 @@ struct Tally {
     errors: u64,
     first_error: Option<String>,
     grant_log: Vec<(Duration, Option<u64>)>,
+}
+
+impl Tally {
+    fn new(agents: usize) -> Result<Self> {
+        Ok(Self {
+            pending_releases: VecDeque::new(),
+            held: 0,
+            grants: 0,
+            handoffs: Histogram::new(3)?,
+            first_answer: Histogram::new(3)?,
+            answered: 0,
+            all_answered: None,
+            errors: 0,
+            first_error: None,
+            grant_log: Vec::with_capacity(agents),
+        })
+    }
+
+    /// A grant at `now`: a handoff when it follows a release of a full
+    /// house (its latency in µs), else a grant into a slot that was free
+    /// anyway (the first `max_concurrent`, or a slot freed while the first
+    /// ones were still being granted), which is no handoff.
+    fn granted(&mut self, now: Instant) -> Option<u64> {
+        self.grants += 1;
+        self.held += 1;
+        let released = self.pending_releases.pop_front()?;
+        let us = (now - released).as_micros() as u64;
+        let _ = self.handoffs.record(us);
+        Some(us)
+    }
+
+    /// A holder sends its Release at `now`. Only a release of a full house
+    /// (every slot held, or freed by a release still owed its grant) makes
+    /// a waiter's grant possible; pairing every release
+    /// with the next grant in order would pair grants with releases made
+    /// while the first `max` grants were still coming, many places early.
+    fn releasing(&mut self, now: Instant, max: u64) {
+        // Slots in use: held, or freed by a release whose grant is still
+        // owed.
+        if self.held + self.pending_releases.len() as u64 >= max {
+            self.pending_releases.push_back(now);
+        }
+        self.held = self.held.saturating_sub(1);
+    }
 }
 
 struct Shared {
@@ -125,20 +176,13 @@ impl Shared {
     fn granted(&self) {
         let now = Instant::now();
         let mut t = self.tally();
-        t.grants += 1;
-        let mut handoff = None;
-        if t.grants > self.fleet.max_concurrent as u64
-            && let Some(released) = t.pending_releases.pop_front()
-        {
-            let us = (now - released).as_micros() as u64;
-            let _ = t.handoffs.record(us);
-            handoff = Some(us);
-        }
+        let handoff = t.granted(now);
         t.grant_log.push((now - self.start, handoff));
     }
 
     fn releasing(&self) {
-        self.tally().pending_releases.push_back(Instant::now());
+        let max = self.fleet.max_concurrent as u64;
+        self.tally().releasing(Instant::now(), max);
     }
 
     fn done(&self, result: Result<()>) {
@@ -161,17 +205,7 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
         bail!("no connections");
     }
     let shared = Arc::new(Shared {
-        tally: std::sync::Mutex::new(Tally {
-            pending_releases: VecDeque::new(),
-            grants: 0,
-            handoffs: Histogram::new(3)?,
-            first_answer: Histogram::new(3)?,
-            answered: 0,
-            all_answered: None,
-            errors: 0,
-            first_error: None,
-            grant_log: Vec::with_capacity(fleet.agents),
-        }),
+        tally: std::sync::Mutex::new(Tally::new(fleet.agents)?),
         queued_updates: AtomicU64::new(0),
         finished: AtomicUsize::new(0),
         all_finished: Notify::new(),
@@ -292,4 +326,34 @@ fn unit(seed: u64) -> f64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With 3 slots, a release made while the first grants were still
+    /// coming freed a slot nobody waited for: the grants after it are no
+    /// handoffs, and the next release of a full house pairs with the next
+    /// grant (the old in-order pairing paired the 4th grant with the first
+    /// release, many places early).
+    #[test]
+    fn only_a_release_of_a_full_house_pairs_with_the_next_grant() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut t = Tally::new(8).unwrap();
+        assert_eq!(t.granted(at(0)), None);
+        assert_eq!(t.granted(at(1)), None);
+        t.releasing(at(2), 3);
+        assert_eq!(t.granted(at(3)), None);
+        assert_eq!(t.granted(at(4)), None);
+        t.releasing(at(10), 3);
+        assert_eq!(t.granted(at(13)), Some(3_000));
+        t.releasing(at(20), 3);
+        t.releasing(at(21), 3);
+        assert_eq!(t.granted(at(25)), Some(5_000));
+        assert_eq!(t.granted(at(26)), Some(5_000), "both slots were needed");
+        assert_eq!(t.granted(at(27)), None, "no release is owed a grant");
+        assert_eq!(t.handoffs.len(), 3);
+    }
 }
