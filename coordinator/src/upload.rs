@@ -133,6 +133,10 @@ where
         return Err(no_snapshot(&node, token));
     }
     let kept = incoming.keep(&header.sha256).await.map_err(status)?;
+    // Only once recorded (on the confirmed leader) does Confirm let the
+    // drain through; a failure here leaves the grant held and the agent
+    // sends the backup again.
+    engine.record_backup_kept(&node, token, &kept.name).await?;
     info!(node = %node, token, name = %kept.name, snapshot = %kept.snapshot, size = kept.size, "control-plane backup kept beside its etcd snapshot");
     Ok(pb::BackupReceipt {
         name: kept.name,

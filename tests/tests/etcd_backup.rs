@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use baton_agent::coordinator::{BearerToken, Coordinator as _, CoordinatorError, GrpcCoordinator};
+use baton_agent::coordinator::{
+    BearerToken, Coordinator as _, CoordinatorError, GrpcCoordinator, Step,
+};
 use baton_tests::etcd::coordinator::Coordinator;
 use baton_tests::etcd::{EtcdCluster, etcd_binary, free_port, serial};
 
@@ -146,7 +148,18 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
         }
         other => bail!("a stale token must be refused, got {other:?}"),
     }
+    // Until the backup is kept the coordinator holds every destructive
+    // step, whatever the agent does (an older agent ignores the flag).
+    for step in [Step::Drain, Step::Update, Step::Reboot] {
+        let held = agent.confirm(grant.fencing_token, step).await?;
+        ensure!(
+            !held.proceed && held.reason.contains("control-plane backup"),
+            "{step:?} before the backup was kept: {held:?}"
+        );
+    }
     let name = agent.upload_backup(grant.fencing_token, &archive).await?;
+    let confirmed = agent.confirm(grant.fencing_token, Step::Drain).await?;
+    ensure!(confirmed.proceed, "the backup was kept: {confirmed:?}");
 
     // Kept beside the snapshot of this grant, named after it, private.
     let dir = coordinator.snapshot_dir();
@@ -298,6 +311,14 @@ async fn a_backup_over_the_limit_is_refused_for_good_and_nothing_is_kept() -> Re
         }
         other => bail!("an oversized backup must be refused, got {other:?}"),
     }
+    // An agent that never gets a backup kept (too large here; an older
+    // agent that does not send one at all) is held at Confirm, never
+    // drained, with a reason that says what to do.
+    let held = agent.confirm(grant.fencing_token, Step::Drain).await?;
+    ensure!(
+        !held.proceed && held.reason.contains("upgrade the agent"),
+        "{held:?}"
+    );
     let kept: Vec<String> = std::fs::read_dir(coordinator.snapshot_dir())?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
         .collect::<Result<_, _>>()?;

@@ -59,12 +59,30 @@ impl Engine {
         let mut inner = self.inner.lock().await;
         self.commit(&mut inner, |s| s.renew(node, token, now))
             .await?;
-        Ok(inner
-            .state
-            .returning
-            .get(node)
-            .and_then(|r| r.control_plane_snapshot.as_ref())
-            .map(|p| p.name.clone()))
+        Ok(inner.state.backup_snapshot(node).map(str::to_string))
+    }
+
+    /// Records that `node`'s control-plane backup `name` was kept for the
+    /// grant `token` (a save on the confirmed leader): from then on
+    /// Confirm lets that grant's destructive steps through (see
+    /// [`crate::state::LeaseState::backup_missing`]).
+    pub async fn record_backup_kept(
+        &self,
+        node: &NodeName,
+        token: u64,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        self.commit(&mut inner, |s| {
+            s.renew(node, token, now)?;
+            if let Some(h) = s.holders.get_mut(node) {
+                h.backup_kept = Some(name.to_string());
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// The snapshot recorded for `node`'s preparation, when it was taken
@@ -91,11 +109,6 @@ impl Engine {
     /// the Granted event says). From memory: the grant was just saved.
     pub async fn backup_required(&self, node: &NodeName) -> bool {
         let inner = self.inner.lock().await;
-        inner.state.holders.contains_key(node)
-            && inner
-                .state
-                .returning
-                .get(node)
-                .is_some_and(|r| r.control_plane_snapshot.is_some())
+        inner.state.backup_snapshot(node).is_some()
     }
 }

@@ -92,7 +92,12 @@ impl Engine {
             self.changed();
         }
         let control_plane = inner.state.holders[node].control_plane;
-        let wait = self.recheck(&inner, node, control_plane, now).err();
+        // The backup first, checked here and not only by the agent, so
+        // that an agent too old to send it is held, never drained.
+        let wait = match inner.state.backup_missing(node) {
+            Some(reason) => Some(reason),
+            None => self.recheck(&inner, node, control_plane, now).err(),
+        };
         match &wait {
             None => {
                 info!(node = %node, token, step = step.name(), "confirmed: the holder may proceed")
@@ -318,6 +323,57 @@ mod tests {
         assert_eq!(
             engine
                 .confirm_step(&n("cp-1"), t1, Step::Reboot)
+                .await
+                .unwrap()
+                .wait,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_needs_a_backup_is_held_at_every_step_until_one_was_kept() {
+        let engine = engine(1, Arc::default()).await;
+        // The etcd guard's preparation: cp-1 goes out, a snapshot pairs
+        // with its grant.
+        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
+        let at = engine.now();
+        engine
+            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
+            .await
+            .unwrap();
+        let t1 = grant(&engine, "cp-1", true).await;
+        for step in [Step::Drain, Step::Update, Step::Reboot] {
+            let held = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
+            let reason = held.wait.expect("held until the backup is kept");
+            assert!(reason.contains("control-plane backup"), "{reason}");
+            assert!(reason.contains("upgrade the agent"), "{reason}");
+        }
+        // A backup kept for another token does not count.
+        assert!(
+            engine
+                .record_backup_kept(
+                    &n("cp-1"),
+                    t1 + 1,
+                    "etcd-x-cp-2.db.control-plane-cp-1.tar.gz"
+                )
+                .await
+                .is_err()
+        );
+        assert!(
+            engine
+                .confirm_step(&n("cp-1"), t1, Step::Drain)
+                .await
+                .unwrap()
+                .wait
+                .is_some()
+        );
+        engine
+            .record_backup_kept(&n("cp-1"), t1, "etcd-x-cp-2.db.control-plane-cp-1.tar.gz")
+            .await
+            .unwrap();
+        assert_eq!(
+            engine
+                .confirm_step(&n("cp-1"), t1, Step::Drain)
                 .await
                 .unwrap()
                 .wait,
