@@ -380,4 +380,37 @@ mod tests {
             None
         );
     }
+
+    #[tokio::test]
+    async fn counting_a_holder_as_back_keeps_its_backup_pairing() {
+        // The etcd guard read the holders before the grant and counts cp-1
+        // as back; the grant commits before its mark_returned.
+        let engine = engine(1, Arc::default()).await;
+        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
+        let at = engine.now();
+        engine
+            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
+            .await
+            .unwrap();
+        let t1 = grant(&engine, "cp-1", true).await;
+        engine.mark_returned(&n("cp-1")).await.unwrap();
+        assert!(engine.backup_required(&n("cp-1")).await);
+        assert_eq!(
+            engine
+                .backup_snapshot_for(&n("cp-1"), t1)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("etcd-x-cp-2.db")
+        );
+        // A holder is out, not back: its record stays.
+        assert!(
+            engine
+                .snapshot()
+                .await
+                .state
+                .returning
+                .contains_key(&n("cp-1"))
+        );
+    }
 }
