@@ -64,6 +64,12 @@ pub struct AgentState {
     /// idempotent) instead of draining without it.
     #[serde(default)]
     pub backup_required: Option<u64>,
+    /// The fencing token of the grant whose `backup_required` this agent
+    /// learned from the coordinator. A state saved by an older agent lacks
+    /// it: the agent asks again before the drain instead of taking the
+    /// missing field for "no backup needed".
+    #[serde(default)]
+    pub backup_learned: Option<u64>,
 }
 
 /// The lease terms a grant came with, kept so that a restarted agent
@@ -110,6 +116,7 @@ impl AgentState {
             hold_back: None,
             lease: None,
             backup_required: None,
+            backup_learned: None,
         }
     }
 }
