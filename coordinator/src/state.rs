@@ -376,12 +376,14 @@ impl LeaseState {
         }
         self.last_token += 1;
         let token = self.last_token;
+        // The pairing moves to the grant: one left in `returning` belongs
+        // to a preparation not granted yet, never to an earlier grant.
         let backup_snapshot = self
             .returning
-            .get(node)
+            .get_mut(node)
+            .and_then(|r| r.control_plane_snapshot.take())
             .filter(|_| control_plane)
-            .and_then(|r| r.control_plane_snapshot.as_ref())
-            .map(|p| p.name.clone());
+            .map(|p| p.name);
         let phase = if manual {
             Phase::Manual
         } else {

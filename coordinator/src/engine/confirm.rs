@@ -413,4 +413,29 @@ mod tests {
                 .contains_key(&n("cp-1"))
         );
     }
+
+    #[tokio::test]
+    async fn a_grant_takes_its_snapshot_pairing_and_a_later_preparation_reuses_nothing() {
+        let engine = engine(1, Arc::default()).await;
+        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
+        let at = engine.now();
+        engine
+            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
+            .await
+            .unwrap();
+        let t1 = grant(&engine, "cp-1", true).await;
+        engine
+            .release(&n("cp-1"), t1, "cp-1", "done")
+            .await
+            .unwrap();
+        // cp-1 asks again before it counts as back: its next preparation
+        // must take a new snapshot, not pair with the one taken before
+        // this maintenance.
+        assert_eq!(
+            engine
+                .recent_backup_snapshot(&n("cp-1"), at - Duration::hours(1))
+                .await,
+            None
+        );
+    }
 }

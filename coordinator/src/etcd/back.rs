@@ -23,6 +23,11 @@ pub struct Away {
     pub passes: u32,
     /// True while it holds the baton.
     pub holding: bool,
+    /// True while it is being prepared for the baton (a snapshot, the
+    /// leader moved away): not a holder yet, but going out, not back, so
+    /// no pass counts (a slow snapshot must not make it "back" before its
+    /// grant).
+    pub preparing: bool,
 }
 
 /// The etcd nodes not verified back yet.
@@ -32,8 +37,9 @@ pub struct Returns {
 }
 
 impl Returns {
-    /// Records that `node` (member `member`, ID `member_id`) is going out.
-    /// An existing record restarts its count.
+    /// Records that `node` (member `member`, ID `member_id`) is going out,
+    /// being prepared until [`Returns::prepared`] or its grant. An
+    /// existing record restarts its count.
     pub fn going_out(&mut self, node: &NodeName, member: &str, member_id: u64) {
         self.away.insert(
             node.clone(),
@@ -42,11 +48,13 @@ impl Returns {
                 member_id,
                 passes: 0,
                 holding: true,
+                preparing: true,
             },
         );
     }
 
-    /// Advances one probe round: holders' counts restart; others count a
+    /// Advances one probe round: holders' and prepared nodes' counts
+    /// restart; others count a
     /// pass when their member has the same ID, votes and is healthy, and
     /// are dropped (back) after `needed` passes in a row. Returns the nodes
     /// that came back.
@@ -60,6 +68,11 @@ impl Returns {
         for (node, away) in &mut self.away {
             if holders.contains(node) {
                 away.holding = true;
+                away.preparing = false;
+                away.passes = 0;
+                continue;
+            }
+            if away.preparing {
                 away.passes = 0;
                 continue;
             }
@@ -84,7 +97,9 @@ impl Returns {
         self.away
             .iter()
             .map(|(node, a)| {
-                let why = if a.holding {
+                let why = if a.preparing {
+                    "is going out (being prepared for the baton)".to_string()
+                } else if a.holding {
                     "holds the baton".to_string()
                 } else {
                     match health.member(&a.member) {
@@ -116,7 +131,16 @@ impl Returns {
             member_id,
             passes: 0,
             holding: false,
+            preparing: false,
         });
+    }
+
+    /// Ends `node`'s preparation, granted or not: from the next round it
+    /// counts passes unless it holds the baton.
+    pub fn prepared(&mut self, node: &NodeName) {
+        if let Some(away) = self.away.get_mut(node) {
+            away.preparing = false;
+        }
     }
 
     /// True when `node` is tracked.
@@ -170,6 +194,7 @@ mod tests {
         let n1 = NodeName::new("n1").unwrap();
         let mut r = Returns::default();
         r.going_out(&n1, "n1", 1);
+        r.prepared(&n1);
         let replaced = cluster(
             Utc::now(),
             vec![member(9, "n1"), member(2, "n2"), member(3, "n3")],
@@ -178,5 +203,28 @@ mod tests {
             assert!(r.advance(&BTreeSet::new(), &replaced, 3).is_empty());
         }
         assert!(r.out(&replaced, 3)[0].why.contains("replaced"));
+    }
+
+    #[test]
+    fn a_node_being_prepared_counts_no_pass_until_its_preparation_ends() {
+        // The preparation (a slow snapshot) outlasts several probe rounds:
+        // the node is not a holder yet, but it is going out, not back.
+        let n1 = NodeName::new("n1").unwrap();
+        let mut r = Returns::default();
+        r.going_out(&n1, "n1", 1);
+        let healthy = cluster(
+            Utc::now(),
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        let none = BTreeSet::new();
+        for _ in 0..10 {
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+        }
+        assert!(r.contains(&n1));
+        // The preparation failed (no grant): it counts back as usual.
+        r.prepared(&n1);
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
     }
 }

@@ -162,9 +162,10 @@ pub(super) fn is_snapshot(name: &str) -> bool {
     name.starts_with("etcd-") && name.ends_with(".db")
 }
 
-/// Deletes all but the newest `keep` snapshots (names sort by time), each
-/// with every file named after it (its checksum, the backups kept with it
-/// and theirs), and any such file whose snapshot is gone: a backup never
+/// Deletes all but the newest `keep` snapshots (names sort by time) and
+/// the newest one holding each node's control-plane backup, each with
+/// every file named after it (its checksum, the backups kept with it and
+/// theirs), and any such file whose snapshot is gone: a backup never
 /// outlives its snapshot. Call with [`directory_lock`] held.
 pub(super) async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
     let mut snapshots = Vec::new();
@@ -180,10 +181,30 @@ pub(super) async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
     }
     snapshots.sort();
     let excess = snapshots.len().saturating_sub(keep);
-    for name in &snapshots[..excess] {
-        tokio::fs::remove_file(dir.join(name)).await?;
+    // Each node's newest control-plane backup stays with its snapshot,
+    // however many snapshots came after it (a grant retried many times
+    // must not rotate away the last good pair).
+    let mut newest_pair: std::collections::BTreeMap<&str, &str> = Default::default();
+    for name in &others {
+        if let Some((snapshot, node)) = super::backup::parse_backup_name(name)
+            && snapshots.iter().any(|s| s == snapshot)
+        {
+            let newest = newest_pair.entry(node).or_insert(snapshot);
+            if snapshot > *newest {
+                *newest = snapshot;
+            }
+        }
     }
-    let kept = &snapshots[excess..];
+    let pinned: Vec<String> = newest_pair.values().map(|s| s.to_string()).collect();
+    let (old, newest) = snapshots.split_at(excess);
+    let mut kept: Vec<String> = newest.to_vec();
+    for name in old {
+        if pinned.contains(name) {
+            kept.push(name.clone());
+        } else {
+            tokio::fs::remove_file(dir.join(name)).await?;
+        }
+    }
     for name in others {
         let paired = kept.iter().any(|s| {
             name.strip_prefix(s.as_str())

@@ -285,3 +285,31 @@ async fn status_lists_the_newest_backups_with_their_snapshot_and_checksum() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn rotation_keeps_the_newest_pair_of_each_node_whatever_came_after() {
+    // S0 holds cp-0's backup; then more snapshots than kept, without one
+    // (say a control-plane grant retried with a new snapshot each time).
+    let dir = tempfile::tempdir().unwrap();
+    let s0 = "etcd-20261121T200000.000Z-m1.db";
+    let pair = [
+        s0.to_string(),
+        format!("{s0}.sha256"),
+        format!("{s0}.control-plane-cp-0.tar.gz"),
+        format!("{s0}.control-plane-cp-0.tar.gz.sha256"),
+    ];
+    for file in &pair {
+        std::fs::write(dir.path().join(file), b"x").unwrap();
+    }
+    let later: Vec<String> = (0..6)
+        .map(|i| format!("etcd-20261121T21{i}000.000Z-m2.db"))
+        .collect();
+    for snap in &later {
+        std::fs::write(dir.path().join(snap), b"x").unwrap();
+    }
+    super::super::snapshot::rotate(dir.path(), 5).await.unwrap();
+    let mut expected: Vec<String> = pair.to_vec();
+    expected.extend(later[1..].iter().cloned());
+    expected.sort();
+    assert_eq!(names(dir.path()), expected);
+}
