@@ -132,7 +132,13 @@ where
     if still.as_deref() != Some(snapshot.as_str()) {
         return Err(no_snapshot(&node, token));
     }
-    let kept = incoming.keep(&header.sha256).await.map_err(status)?;
+    // Run to completion even if this handler is dropped (the agent hung
+    // up): the pair is never left half replaced by a cancelled keep.
+    let sha256 = header.sha256.clone();
+    let kept = tokio::spawn(async move { incoming.keep(&sha256).await })
+        .await
+        .map_err(|e| Status::internal(format!("keeping the backup: {e}")))?
+        .map_err(status)?;
     // Only once recorded (on the confirmed leader) does Confirm let the
     // drain through; a failure here leaves the grant held and the agent
     // sends the backup again.
