@@ -37,13 +37,39 @@ pub const LISTED: usize = 10;
 /// What sits between a snapshot's name and the node in a backup's name.
 const MARK: &str = ".control-plane-";
 
-/// Where backups go and how big one may be.
+/// The longest an upload may take from its first message to its last.
+pub const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How often an upload in progress checks that its grant is still current.
+pub const TOKEN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where backups go, how big one may be, and how uploads are bounded.
 #[derive(Clone, Debug)]
 pub struct BackupSettings {
     /// The snapshot directory.
     pub dir: PathBuf,
     /// The largest archive accepted, in bytes.
     pub max_bytes: u64,
+    /// Uploads received at once (see [`crate::upload::MAX_UPLOADS`]).
+    pub uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The longest one upload may take ([`UPLOAD_DEADLINE`]).
+    pub deadline: std::time::Duration,
+    /// How often an upload re-checks its token ([`TOKEN_RECHECK`]).
+    pub recheck: std::time::Duration,
+}
+
+impl BackupSettings {
+    /// Backups kept in `dir`, at most `max_bytes` each, uploads bounded
+    /// by the defaults.
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
+        Self {
+            dir,
+            max_bytes,
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(crate::upload::MAX_UPLOADS)),
+            deadline: UPLOAD_DEADLINE,
+            recheck: TOKEN_RECHECK,
+        }
+    }
 }
 
 /// Why a backup was not kept. Nothing is kept under a final name when one

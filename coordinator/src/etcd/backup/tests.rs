@@ -11,10 +11,7 @@ use super::*;
 const SNAP: &str = "etcd-20261121T223000.123Z-m2.db";
 
 fn settings(dir: &Path, max_bytes: u64) -> BackupSettings {
-    BackupSettings {
-        dir: dir.to_path_buf(),
-        max_bytes,
-    }
+    BackupSettings::new(dir.to_path_buf(), max_bytes)
 }
 
 fn node(name: &str) -> NodeName {
