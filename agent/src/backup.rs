@@ -7,8 +7,9 @@
 //! Layout of the archive: each path under its absolute path without the
 //! leading `/` (`etc/kubernetes/pki/ca.key`), with its mode, owner and
 //! mtime, symlinks kept as symlinks; the ConfigMap's entries as
-//! `kubeadm-config/<key>` (mode 0600). So `tar -xzpf ARCHIVE -C /`
-//! restores the files in place, and `-C DIR` unpacks them for a look.
+//! `kubeadm-config/<key>` (mode 0600). The README's restore lists it
+//! (`tar -tzvf`) and unpacks it into a private staging directory
+//! (`-C DIR`), never straight onto `/`.
 //!
 //! The archive holds private keys: it is written mode 0600 into the
 //! agent's state directory, never logged, and removed when it is dropped

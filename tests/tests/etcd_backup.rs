@@ -278,7 +278,15 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
     );
 
     // README step 4: the certificates and the kubeadm configuration come
-    // back byte for byte and mode for mode.
+    // back byte for byte and mode for mode. Listed first: every entry is
+    // relative and stays inside the tree.
+    let listed = run(Command::new("tar").arg("-tzf").arg(dir.join(&name)))?;
+    ensure!(
+        listed
+            .lines()
+            .all(|e| !e.starts_with('/') && !e.split('/').any(|part| part == "..")),
+        "{listed}"
+    );
     let unpacked = root.path().join("unpacked");
     std::fs::create_dir(&unpacked)?;
     run(Command::new("tar")
