@@ -112,3 +112,47 @@ impl Engine {
         inner.state.backup_snapshot(node).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use crate::node::NodeName;
+    use crate::state::{LeaseState, PairedSnapshot, Returning};
+    use crate::store::{FORMAT_VERSION, decode, encode_document};
+
+    /// The pairing and the kept backup travel only in format-2 documents,
+    /// which the previous release (format 1) refuses as a whole ("format
+    /// version 2 is not 1", checked in its decode_document after parsing):
+    /// it never loads such a state and so cannot save it back without
+    /// them. This release keeps both across a save and a load.
+    #[test]
+    fn the_pairing_and_the_kept_backup_travel_in_a_document_the_previous_release_refuses() {
+        let now = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 21, 12, 0, 0)
+            .unwrap();
+        let cp1 = NodeName::new("cp-1").unwrap();
+        let mut state = LeaseState::default();
+        state.returning.insert(
+            cp1.clone(),
+            Returning {
+                member: "cp-1".into(),
+                member_id: 7,
+                control_plane_snapshot: Some(PairedSnapshot {
+                    name: "etcd-x-cp-2.db".into(),
+                    taken_at: now,
+                }),
+            },
+        );
+        state.grant(&cp1, true, false, "test", now).unwrap();
+        state.holders.get_mut(&cp1).unwrap().backup_kept =
+            Some("etcd-x-cp-2.db.control-plane-cp-1.tar.gz".into());
+        let bytes = encode_document(&state, None, &[]);
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(FORMAT_VERSION, 2);
+        assert_eq!(doc["format"], 2, "not a format the previous release reads");
+        let read = decode("test", &bytes).unwrap();
+        assert_eq!(read.backup_snapshot(&cp1), Some("etcd-x-cp-2.db"));
+        assert_eq!(read.backup_missing(&cp1), None, "kept, as recorded");
+    }
+}
