@@ -341,3 +341,47 @@ async fn a_backup_over_the_limit_is_refused_for_good_and_nothing_is_kept() -> Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_snapshot_slower_than_the_probe_rounds_still_pairs_with_its_grant() -> Result<()> {
+    // Red-team finding 3: a node being prepared is no holder yet; when its
+    // snapshot outlasted the "counts as back" rounds, its record went, the
+    // pairing was refused and every retry took another snapshot.
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start_named(&["cp-1", "cp-2", "cp-3"]).await?;
+    let mut kv = cluster.client().await?;
+    let value = "x".repeat(1024 * 1024);
+    for i in 0..24 {
+        kv.put(format!("bulk/{i}"), value.clone(), None).await?;
+    }
+    let endpoints = cluster.endpoints();
+    // Rounds every 20ms, back after one: the ~24 MB snapshot spans many.
+    let coordinator = Coordinator::start(
+        "c1",
+        &[
+            "--etcd-endpoints",
+            endpoints.as_str(),
+            "--etcd-probe-interval",
+            "20ms",
+            "--etcd-back-after",
+            "1",
+        ],
+    )?;
+    let root = tempfile::tempdir()?;
+    let paths = control_plane_files(root.path())?;
+    let (agent, grant, archive) =
+        granted_cp1(&coordinator, &paths, &root.path().join("state")).await?;
+    ensure!(grant.backup_required, "the grant pairs with its snapshot");
+    agent.upload_backup(grant.fencing_token, &archive).await?;
+    let snapshots: Vec<String> = std::fs::read_dir(coordinator.snapshot_dir())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|n| n.ends_with(".db"))
+        .collect();
+    ensure!(
+        snapshots.len() == 1,
+        "one snapshot for one grant: {snapshots:?}"
+    );
+    Ok(())
+}

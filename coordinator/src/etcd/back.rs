@@ -28,7 +28,15 @@ pub struct Away {
     /// no pass counts (a slow snapshot must not make it "back" before its
     /// grant).
     pub preparing: bool,
+    /// Rounds still to wait after a preparation that succeeded before any
+    /// pass counts: its grant follows at once, unless the decision that
+    /// follows grants another node (then it counts back after these).
+    pub grace: u32,
 }
+
+/// How many probe rounds a node whose preparation succeeded counts no
+/// pass while its grant is committed.
+pub const GRACE_ROUNDS: u32 = 10;
 
 /// The etcd nodes not verified back yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,6 +57,7 @@ impl Returns {
                 passes: 0,
                 holding: true,
                 preparing: true,
+                grace: 0,
             },
         );
     }
@@ -69,10 +78,16 @@ impl Returns {
             if holders.contains(node) {
                 away.holding = true;
                 away.preparing = false;
+                away.grace = 0;
                 away.passes = 0;
                 continue;
             }
             if away.preparing {
+                away.passes = 0;
+                continue;
+            }
+            if away.grace > 0 {
+                away.grace -= 1;
                 away.passes = 0;
                 continue;
             }
@@ -132,14 +147,17 @@ impl Returns {
             passes: 0,
             holding: false,
             preparing: false,
+            grace: 0,
         });
     }
 
-    /// Ends `node`'s preparation, granted or not: from the next round it
-    /// counts passes unless it holds the baton.
-    pub fn prepared(&mut self, node: &NodeName) {
+    /// Ends `node`'s preparation: after a failure it counts passes from
+    /// the next round; after a success (`ok`) only after
+    /// [`GRACE_ROUNDS`] more, unless it holds the baton by then.
+    pub fn prepared(&mut self, node: &NodeName, ok: bool) {
         if let Some(away) = self.away.get_mut(node) {
             away.preparing = false;
+            away.grace = if ok { GRACE_ROUNDS } else { 0 };
         }
     }
 
@@ -194,7 +212,7 @@ mod tests {
         let n1 = NodeName::new("n1").unwrap();
         let mut r = Returns::default();
         r.going_out(&n1, "n1", 1);
-        r.prepared(&n1);
+        r.prepared(&n1, false);
         let replaced = cluster(
             Utc::now(),
             vec![member(9, "n1"), member(2, "n2"), member(3, "n3")],
@@ -221,8 +239,18 @@ mod tests {
             assert!(r.advance(&none, &healthy, 3).is_empty());
         }
         assert!(r.contains(&n1));
-        // The preparation failed (no grant): it counts back as usual.
-        r.prepared(&n1);
+        // The preparation succeeded but no grant followed (the decision
+        // after it granted another node): it counts back, after a grace.
+        r.prepared(&n1, true);
+        for _ in 0..GRACE_ROUNDS {
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+        }
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
+        // The preparation failed: it counts back as usual.
+        r.going_out(&n1, "n1", 1);
+        r.prepared(&n1, false);
         assert!(r.advance(&none, &healthy, 3).is_empty());
         assert!(r.advance(&none, &healthy, 3).is_empty());
         assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);

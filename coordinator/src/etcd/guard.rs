@@ -324,14 +324,15 @@ impl EtcdGuard {
     }
 
     /// Prepares `candidate`'s etcd member for its grant (see
-    /// [`EtcdGuard::prepare_member_out`]); once that ends, granted or not,
-    /// the node counts passes like any node out that does not hold.
+    /// [`EtcdGuard::prepare_member_out`]); once that ends the node counts
+    /// passes like any node out that does not hold (after a success, only
+    /// after a grace of a few rounds while its grant is committed).
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
         let result = self.prepare_member_out(candidate).await;
         self.returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .prepared(&candidate.node);
+            .prepared(&candidate.node, result.is_ok());
         result
     }
 
