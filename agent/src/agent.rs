@@ -325,7 +325,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
             Loaded::Missing => self.state = AgentState::idle(),
             Loaded::Valid(state) => {
                 tracing::info!(phase = %state.phase, token = ?state.fencing_token, "resuming from state file");
-                self.state = state;
+                self.state = *state;
             }
             Loaded::Corrupt { moved_to, error } => {
                 tracing::error!(moved_to = %moved_to.display(), %error, "state file corrupt; kept aside, asking the coordinator what this node holds");

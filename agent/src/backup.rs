@@ -7,13 +7,18 @@
 //! Layout of the archive: each path under its absolute path without the
 //! leading `/` (`etc/kubernetes/pki/ca.key`), with its mode, owner and
 //! mtime, symlinks kept as symlinks; the ConfigMap's entries as
-//! `kubeadm-config/<key>` (mode 0600). So `tar -xzpf ARCHIVE -C /`
-//! restores the files in place, and `-C DIR` unpacks them for a look.
+//! `kubeadm-config/<key>` (mode 0600). The README's restore lists it
+//! (`tar -tzvf`) and unpacks it into a private staging directory
+//! (`-C DIR`), never straight onto `/`.
 //!
 //! The archive holds private keys: it is written mode 0600 into the
 //! agent's state directory, never logged, and removed when it is dropped
 //! (after the upload, sent or not). A given path that does not exist is
-//! an error: a backup missing the certificates is no backup.
+//! an error: a backup missing the certificates is no backup. So is one
+//! holding no regular file, or a `pki` directory without a `*.key` or
+//! `*.crt`. A path that is a symlink (a relocated `/etc/kubernetes/pki`)
+//! is archived as what it points to, under its own name; links inside it
+//! stay links.
 
 use std::fs::File;
 use std::io::Write;
@@ -39,6 +44,15 @@ pub enum BackupError {
     Missing {
         /// The path.
         path: PathBuf,
+    },
+    /// A path holds nothing worth keeping (no regular file; a `pki`
+    /// directory without a `*.key` or `*.crt`).
+    #[error("{path} holds {what}: no backup is made of it")]
+    Empty {
+        /// The path.
+        path: PathBuf,
+        /// What it lacks.
+        what: &'static str,
     },
     /// No path to back up was given.
     #[error("no --backup-path given")]
@@ -93,6 +107,58 @@ fn remove_leftovers(dir: &Path) {
     }
 }
 
+/// The most directory entries looked at to tell whether a path holds
+/// anything worth keeping.
+const CONTENT_SCAN_LIMIT: usize = 100_000;
+
+/// Checks that `real` (what the given `path` resolves to) holds at least
+/// one regular file, and for a `pki` directory a `*.key` or `*.crt`:
+/// an empty tree archived would count as a backup and be none.
+fn check_contents(path: &Path, real: &Path) -> Result<(), BackupError> {
+    let pki = path.file_name().is_some_and(|n| n == "pki");
+    let mut files = 0usize;
+    let mut keys = 0usize;
+    let mut seen = 0usize;
+    let mut stack = vec![real.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let meta =
+            std::fs::symlink_metadata(&at).map_err(io(format!("reading {}", at.display())))?;
+        if meta.is_file() {
+            files += 1;
+            if at.extension().is_some_and(|e| e == "key" || e == "crt") {
+                keys += 1;
+            }
+        } else if meta.is_dir() {
+            for entry in std::fs::read_dir(&at).map_err(io(format!("reading {}", at.display())))? {
+                seen += 1;
+                if seen > CONTENT_SCAN_LIMIT {
+                    // Fail closed: nothing worth keeping found that far.
+                    return Err(BackupError::Empty {
+                        path: path.to_path_buf(),
+                        what: "nothing worth keeping among its first 100000 entries",
+                    });
+                }
+                stack.push(
+                    entry
+                        .map_err(io(format!("reading {}", at.display())))?
+                        .path(),
+                );
+            }
+        }
+        if keys > 0 || (files > 0 && !pki) {
+            return Ok(());
+        }
+    }
+    Err(BackupError::Empty {
+        path: path.to_path_buf(),
+        what: if pki && files > 0 {
+            "no *.key or *.crt"
+        } else {
+            "no regular file"
+        },
+    })
+}
+
 /// Counts and hashes what passes through to the file.
 struct Hashing {
     file: File,
@@ -125,10 +191,15 @@ pub fn build(
     if paths.is_empty() {
         return Err(BackupError::NoPaths);
     }
+    // Each path as what it points to (a symlinked /etc/kubernetes/pki is
+    // archived as its files, not as a link), and worth keeping.
+    let mut sources = Vec::with_capacity(paths.len());
     for path in paths {
-        if std::fs::symlink_metadata(path).is_err() {
+        let Ok(real) = std::fs::canonicalize(path) else {
             return Err(BackupError::Missing { path: path.clone() });
-        }
+        };
+        check_contents(path, &real)?;
+        sources.push((path, real));
     }
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     remove_leftovers(dir);
@@ -155,8 +226,8 @@ pub fn build(
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Complete);
     tar.follow_symlinks(false);
-    for source in paths {
-        let name = source.strip_prefix("/").unwrap_or(source);
+    for (given, source) in &sources {
+        let name = given.strip_prefix("/").unwrap_or(given);
         let meta = std::fs::symlink_metadata(source)
             .map_err(io(format!("reading {}", source.display())))?;
         if meta.is_dir() {
@@ -164,7 +235,7 @@ pub fn build(
         } else {
             tar.append_path_with_name(source, name)
         }
-        .map_err(io(format!("archiving {}", source.display())))?;
+        .map_err(io(format!("archiving {}", given.display())))?;
     }
     for (key, value) in kubeadm_config {
         let mut header = tar::Header::new_gnu();
@@ -308,5 +379,51 @@ mod tests {
         let archive = build(std::slice::from_ref(&pki), &[], &work, 7).unwrap();
         assert!(!archive_path(&work, 3).exists());
         assert!(archive.path.exists());
+    }
+
+    #[test]
+    fn a_symlinked_path_is_archived_as_what_it_points_to() {
+        // /etc/kubernetes/pki as a link to the real tree.
+        let root = tempfile::tempdir().unwrap();
+        let real = pki(root.path());
+        let link = root.path().join("linked").join("pki");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let work = root.path().join("state");
+        let archive = build(std::slice::from_ref(&link), &[], &work, 7).unwrap();
+        let prefix = link
+            .strip_prefix("/")
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let entries = entries(&archive.path);
+        assert!(
+            entries
+                .iter()
+                .any(|(n, _, d)| *n == format!("{prefix}/ca.key") && d == b"KEY"),
+            "the files under the link's name: {entries:?}"
+        );
+    }
+
+    #[test]
+    fn a_pki_directory_without_a_key_or_certificate_is_no_backup() {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("state");
+        let empty = root.path().join("empty").join("pki");
+        std::fs::create_dir_all(&empty).unwrap();
+        let error = build(std::slice::from_ref(&empty), &[], &work, 7).unwrap_err();
+        assert!(matches!(error, BackupError::Empty { .. }), "{error}");
+        // Only a README: still no key or certificate.
+        let other = root.path().join("other").join("pki");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("README"), b"x").unwrap();
+        let error = build(std::slice::from_ref(&other), &[], &work, 7).unwrap_err();
+        assert!(matches!(error, BackupError::Empty { .. }), "{error}");
+        // A directory that is not a pki holding no regular file at all.
+        let dir = root.path().join("conf");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let error = build(std::slice::from_ref(&dir), &[], &work, 7).unwrap_err();
+        assert!(matches!(error, BackupError::Empty { .. }), "{error}");
+        assert!(!archive_path(&work, 7).exists());
     }
 }

@@ -64,6 +64,12 @@ pub struct AgentState {
     /// idempotent) instead of draining without it.
     #[serde(default)]
     pub backup_required: Option<u64>,
+    /// The fencing token of the grant whose `backup_required` this agent
+    /// learned from the coordinator. A state saved by an older agent lacks
+    /// it: the agent asks again before the drain instead of taking the
+    /// missing field for "no backup needed".
+    #[serde(default)]
+    pub backup_learned: Option<u64>,
 }
 
 /// The lease terms a grant came with, kept so that a restarted agent
@@ -110,6 +116,7 @@ impl AgentState {
             hold_back: None,
             lease: None,
             backup_required: None,
+            backup_learned: None,
         }
     }
 }
@@ -149,7 +156,7 @@ pub enum Loaded {
     /// No state file: the agent never held the baton here (or released it).
     Missing,
     /// A valid state.
-    Valid(AgentState),
+    Valid(Box<AgentState>),
     /// The file could not be parsed; it was moved to `moved_to`.
     Corrupt {
         /// Where the unreadable file now lives.
@@ -261,7 +268,7 @@ impl StateFile {
             Err(e) => return Err(io_err(&path)(e)),
         };
         match serde_json::from_slice::<AgentState>(&bytes) {
-            Ok(state) => Ok(Loaded::Valid(state)),
+            Ok(state) => Ok(Loaded::Valid(Box::new(state))),
             Err(parse) => {
                 let moved_to = (0u32..)
                     .map(|n| self.dir.join(format!("state.json.corrupt-{n}")))
@@ -330,7 +337,7 @@ mod tests {
         };
         file.save(&state).unwrap();
         match file.load().unwrap() {
-            Loaded::Valid(s) => assert_eq!(s, state),
+            Loaded::Valid(s) => assert_eq!(*s, state),
             other => panic!("unexpected {other:?}"),
         }
         assert!(!dir.path().join("baton/state.json.tmp").exists());

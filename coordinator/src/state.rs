@@ -118,6 +118,16 @@ pub struct Holding {
     /// Why the node asked for the baton.
     #[serde(default)]
     pub reason: String,
+    /// For a control-plane etcd node: the etcd snapshot taken for this
+    /// grant (its file name), which the node's control-plane backup is
+    /// kept beside. Copied from [`Returning`] at the grant, so that the
+    /// grant keeps asking for its backup whatever happens to that record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_snapshot: Option<String>,
+    /// The control-plane backup kept for this grant (its file name), when
+    /// one was: Confirm holds a grant that needs one until it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_kept: Option<String>,
 }
 
 impl Holding {
@@ -366,6 +376,14 @@ impl LeaseState {
         }
         self.last_token += 1;
         let token = self.last_token;
+        // The pairing moves to the grant: one left in `returning` belongs
+        // to a preparation not granted yet, never to an earlier grant.
+        let backup_snapshot = self
+            .returning
+            .get_mut(node)
+            .and_then(|r| r.control_plane_snapshot.take())
+            .filter(|_| control_plane)
+            .map(|p| p.name);
         let phase = if manual {
             Phase::Manual
         } else {
@@ -384,10 +402,39 @@ impl LeaseState {
                 message: String::new(),
                 error: String::new(),
                 reason: reason.to_string(),
+                backup_snapshot,
+                backup_kept: None,
             },
         );
         self.record(now, "grant", node.as_str(), token, "coordinator", reason);
         Ok(token)
+    }
+
+    /// The etcd snapshot `node`'s current grant pairs its control-plane
+    /// backup with (None: the grant needs no backup, or `node` holds
+    /// nothing).
+    pub fn backup_snapshot(&self, node: &NodeName) -> Option<&str> {
+        let holding = self.holders.get(node)?;
+        holding.backup_snapshot.as_deref().or_else(|| {
+            // A grant recorded before the holder carried the pairing.
+            self.returning
+                .get(node)
+                .filter(|_| holding.control_plane)
+                .and_then(|r| r.control_plane_snapshot.as_ref())
+                .map(|p| p.name.as_str())
+        })
+    }
+
+    /// Why `node`'s grant may not take a destructive step yet because of
+    /// its control-plane backup (None: it needs none, or it was kept).
+    pub fn backup_missing(&self, node: &NodeName) -> Option<String> {
+        let snapshot = self.backup_snapshot(node)?;
+        if self.holders.get(node)?.backup_kept.is_some() {
+            return None;
+        }
+        Some(format!(
+            "this grant needs a control-plane backup first (kept beside the etcd snapshot {snapshot}) and none was kept yet; the agent sends it before draining (an agent that does not: upgrade the agent)"
+        ))
     }
 
     /// The holding of `node` if `token` is its current token.

@@ -5,8 +5,11 @@
 //! node's current one and an etcd snapshot was kept for this grant (the
 //! lease is renewed on the way, from the confirmed leader); the bytes stay
 //! under the limit and match the declared size and SHA-256; the token is
-//! still current when the data has arrived; only then is the archive
-//! renamed into place beside its snapshot.
+//! still current while the data arrives (checked every few seconds) and
+//! when it has arrived; only then is the archive renamed into place beside
+//! its snapshot, and the kept backup recorded on the holder (what Confirm
+//! waits for). At most [`MAX_UPLOADS`] are received at once, each within
+//! [`crate::etcd::backup::UPLOAD_DEADLINE`] in all.
 
 use std::time::Duration;
 
@@ -24,6 +27,12 @@ use crate::status_map::invalid_node;
 /// The longest wait for the next message of an upload.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most uploads received at once; one more is told to come back
+/// (UNAVAILABLE, which the agent retries). Only the control-plane node
+/// being granted sends one, so this bounds what stolen node credentials
+/// can tie up.
+pub const MAX_UPLOADS: usize = 4;
+
 /// Receives one upload from `identity` and keeps it, or says why not.
 /// Every outcome is counted in `baton_backups_total`.
 pub async fn receive<S>(
@@ -35,7 +44,18 @@ pub async fn receive<S>(
 where
     S: Stream<Item = Result<pb::BackupChunk, Status>> + Send + Unpin,
 {
-    let result = receive_checked(engine, settings, identity, chunks).await;
+    let deadline = settings.map_or(crate::etcd::backup::UPLOAD_DEADLINE, |s| s.deadline);
+    let result = tokio::time::timeout(
+        deadline,
+        receive_checked(engine, settings, identity, chunks),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "the upload took longer than {}s in all; nothing was kept",
+            deadline.as_secs_f64()
+        )))
+    });
     let outcome = match &result {
         Ok(_) => "kept",
         Err(status) => match status.code() {
@@ -105,6 +125,11 @@ where
             "this coordinator keeps no backups: it takes no etcd snapshots (no --etcd-endpoints)",
         )
     })?;
+    let _permit = settings.uploads.clone().try_acquire_owned().map_err(|_| {
+        Status::unavailable(format!(
+            "{MAX_UPLOADS} backups are being received already; send it again shortly"
+        ))
+    })?;
     let token = header.fencing_token;
     let snapshot = engine
         .backup_snapshot_for(&node, token)
@@ -113,7 +138,17 @@ where
     let mut incoming = Incoming::begin(settings, &snapshot, &node, header.size)
         .await
         .map_err(status)?;
+    let mut checked = tokio::time::Instant::now();
     while let Some(chunk) = next(&mut chunks).await? {
+        // A grant that ended (a force-release) stops its upload now, not
+        // when the last byte arrives.
+        if checked.elapsed() >= settings.recheck {
+            let still = engine.backup_snapshot_for(&node, token).await?;
+            if still.as_deref() != Some(snapshot.as_str()) {
+                return Err(no_snapshot(&node, token));
+            }
+            checked = tokio::time::Instant::now();
+        }
         match chunk.chunk {
             Some(pb::backup_chunk::Chunk::Data(data)) => {
                 incoming.write(&data).await.map_err(status)?
@@ -132,7 +167,17 @@ where
     if still.as_deref() != Some(snapshot.as_str()) {
         return Err(no_snapshot(&node, token));
     }
-    let kept = incoming.keep(&header.sha256).await.map_err(status)?;
+    // Run to completion even if this handler is dropped (the agent hung
+    // up): the pair is never left half replaced by a cancelled keep.
+    let sha256 = header.sha256.clone();
+    let kept = tokio::spawn(async move { incoming.keep(&sha256).await })
+        .await
+        .map_err(|e| Status::internal(format!("keeping the backup: {e}")))?
+        .map_err(status)?;
+    // Only once recorded (on the confirmed leader) does Confirm let the
+    // drain through; a failure here leaves the grant held and the agent
+    // sends the backup again.
+    engine.record_backup_kept(&node, token, &kept.name).await?;
     info!(node = %node, token, name = %kept.name, snapshot = %kept.snapshot, size = kept.size, "control-plane backup kept beside its etcd snapshot");
     Ok(pb::BackupReceipt {
         name: kept.name,

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use baton_agent::coordinator::{BearerToken, Coordinator as _, CoordinatorError, GrpcCoordinator};
+use baton_agent::coordinator::{
+    BearerToken, Coordinator as _, CoordinatorError, GrpcCoordinator, Step,
+};
 use baton_tests::etcd::coordinator::Coordinator;
 use baton_tests::etcd::{EtcdCluster, etcd_binary, free_port, serial};
 
@@ -146,7 +148,18 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
         }
         other => bail!("a stale token must be refused, got {other:?}"),
     }
+    // Until the backup is kept the coordinator holds every destructive
+    // step, whatever the agent does (an older agent ignores the flag).
+    for step in [Step::Drain, Step::Update, Step::Reboot] {
+        let held = agent.confirm(grant.fencing_token, step).await?;
+        ensure!(
+            !held.proceed && held.reason.contains("control-plane backup"),
+            "{step:?} before the backup was kept: {held:?}"
+        );
+    }
     let name = agent.upload_backup(grant.fencing_token, &archive).await?;
+    let confirmed = agent.confirm(grant.fencing_token, Step::Drain).await?;
+    ensure!(confirmed.proceed, "the backup was kept: {confirmed:?}");
 
     // Kept beside the snapshot of this grant, named after it, private.
     let dir = coordinator.snapshot_dir();
@@ -265,7 +278,15 @@ async fn a_control_plane_grant_keeps_its_backup_beside_the_snapshot_and_the_read
     );
 
     // README step 4: the certificates and the kubeadm configuration come
-    // back byte for byte and mode for mode.
+    // back byte for byte and mode for mode. Listed first: every entry is
+    // relative and stays inside the tree.
+    let listed = run(Command::new("tar").arg("-tzf").arg(dir.join(&name)))?;
+    ensure!(
+        listed
+            .lines()
+            .all(|e| !e.starts_with('/') && !e.split('/').any(|part| part == "..")),
+        "{listed}"
+    );
     let unpacked = root.path().join("unpacked");
     std::fs::create_dir(&unpacked)?;
     run(Command::new("tar")
@@ -298,6 +319,14 @@ async fn a_backup_over_the_limit_is_refused_for_good_and_nothing_is_kept() -> Re
         }
         other => bail!("an oversized backup must be refused, got {other:?}"),
     }
+    // An agent that never gets a backup kept (too large here; an older
+    // agent that does not send one at all) is held at Confirm, never
+    // drained, with a reason that says what to do.
+    let held = agent.confirm(grant.fencing_token, Step::Drain).await?;
+    ensure!(
+        !held.proceed && held.reason.contains("upgrade the agent"),
+        "{held:?}"
+    );
     let kept: Vec<String> = std::fs::read_dir(coordinator.snapshot_dir())?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
         .collect::<Result<_, _>>()?;
@@ -309,6 +338,50 @@ async fn a_backup_over_the_limit_is_refused_for_good_and_nothing_is_kept() -> Re
         coordinator
             .metrics_text()
             .contains("baton_backups_total{result=\"refused\"} 1")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_snapshot_slower_than_the_probe_rounds_still_pairs_with_its_grant() -> Result<()> {
+    // Red-team finding 3: a node being prepared is no holder yet; when its
+    // snapshot outlasted the "counts as back" rounds, its record went, the
+    // pairing was refused and every retry took another snapshot.
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start_named(&["cp-1", "cp-2", "cp-3"]).await?;
+    let mut kv = cluster.client().await?;
+    let value = "x".repeat(1024 * 1024);
+    for i in 0..24 {
+        kv.put(format!("bulk/{i}"), value.clone(), None).await?;
+    }
+    let endpoints = cluster.endpoints();
+    // Rounds every 20ms, back after one: the ~24 MB snapshot spans many.
+    let coordinator = Coordinator::start(
+        "c1",
+        &[
+            "--etcd-endpoints",
+            endpoints.as_str(),
+            "--etcd-probe-interval",
+            "20ms",
+            "--etcd-back-after",
+            "1",
+        ],
+    )?;
+    let root = tempfile::tempdir()?;
+    let paths = control_plane_files(root.path())?;
+    let (agent, grant, archive) =
+        granted_cp1(&coordinator, &paths, &root.path().join("state")).await?;
+    ensure!(grant.backup_required, "the grant pairs with its snapshot");
+    agent.upload_backup(grant.fencing_token, &archive).await?;
+    let snapshots: Vec<String> = std::fs::read_dir(coordinator.snapshot_dir())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|n| n.ends_with(".db"))
+        .collect();
+    ensure!(
+        snapshots.len() == 1,
+        "one snapshot for one grant: {snapshots:?}"
     );
     Ok(())
 }

@@ -329,6 +329,13 @@ async fn confirm_says_wait_while_a_member_is_frozen_after_the_grant() -> Result<
         fencing_token: token,
         step: Step::Reboot as i32,
     };
+    // A control-plane etcd node's grant is held until its backup is kept.
+    let held = client.confirm(ask()).await?.into_inner();
+    assert!(
+        !held.proceed && held.reason.contains("control-plane backup"),
+        "{held:?}"
+    );
+    send_backup(&mut client, "n1", token, b"pki and kubeadm config").await?;
     // Polls Confirm (bounded) until its answer satisfies `done`.
     async fn until(
         client: &mut baton_proto::v1::coordinator_client::CoordinatorClient<
@@ -368,6 +375,32 @@ async fn confirm_says_wait_while_a_member_is_frozen_after_the_grant() -> Result<
     assert!(wait.retry_after.is_some() && wait.overdue_at.is_some());
     // n2 is back: n1 may reboot.
     until(&mut client, ask, |a| a.proceed).await?;
+    Ok(())
+}
+
+/// Sends `archive` as `node`'s control-plane backup for the grant `token`.
+async fn send_backup(
+    client: &mut baton_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    node: &str,
+    token: u64,
+    archive: &[u8],
+) -> Result<()> {
+    use baton_proto::v1::{BackupChunk, BackupHeader, backup_chunk::Chunk};
+    use sha2::Digest;
+    let chunks = vec![
+        BackupChunk {
+            chunk: Some(Chunk::Header(BackupHeader {
+                node: node.into(),
+                fencing_token: token,
+                sha256: hex(&sha2::Sha256::digest(archive)),
+                size: archive.len() as u64,
+            })),
+        },
+        BackupChunk {
+            chunk: Some(Chunk::Data(archive.to_vec())),
+        },
+    ];
+    client.upload_backup(futures::stream::iter(chunks)).await?;
     Ok(())
 }
 

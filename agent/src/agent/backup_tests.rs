@@ -194,3 +194,48 @@ async fn an_agent_killed_after_the_upload_sends_it_again_before_the_drain() {
     assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 1);
     no_archive_left(&d);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_grant_resumed_from_an_older_agents_state_asks_whether_it_needs_a_backup() {
+    let root = tempfile::tempdir().unwrap();
+    // An older agent held grant 1 and saved Preparing without the
+    // backup_required field (it did not know it); the coordinator wants
+    // the backup for that grant.
+    let d = driver(vec![pki(root.path())], Faults::None, |s| {
+        s.last_token = 1;
+        s.holder = Some(crate::fakes::Holder {
+            token: 1,
+            phase: Some(Phase::Preparing),
+            message: String::new(),
+            error: String::new(),
+            updated: false,
+        });
+    });
+    let mut old = serde_json::to_value(AgentState {
+        phase: Phase::Preparing,
+        fencing_token: Some(1),
+        reason: "updates pending".into(),
+        ..AgentState::idle()
+    })
+    .unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.retain(|k, _| !k.starts_with("backup"));
+    std::fs::write(
+        d.dir.path().join("state.json"),
+        serde_json::to_vec(&old).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none() && given_back(s, a))
+            .await
+    );
+    let s = d.sim.state();
+    let kept = s.log.iter().position(|r| *r == Rec::BackupKept(1));
+    let drained = s.log.iter().position(|r| matches!(r, Rec::Prepare(_)));
+    assert!(
+        kept.is_some() && kept < drained,
+        "the backup is kept before the drain: {:?}",
+        s.log
+    );
+    no_archive_left(&d);
+}

@@ -212,6 +212,7 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
         self.state.lease = Some(lease_terms(&grant, &self.settings));
         self.state.fencing_token = Some(grant.fencing_token);
         self.state.backup_required = grant.backup_required.then_some(grant.fencing_token);
+        self.state.backup_learned = Some(grant.fencing_token);
         self.advance(Event::Granted, message).await
     }
 
@@ -227,6 +228,11 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 .advance(Event::PrepareAborted, "maintenance aborted")
                 .await
                 .map_err(fatal);
+        }
+        // A grant resumed from an older agent's state: whether it needs a
+        // backup was never saved; ask before anything is touched.
+        if self.state.backup_learned != Some(token) {
+            self.learn_backup_required(token).await?;
         }
         // A control-plane node's certificates and kubeadm configuration go
         // to the coordinator before anything is touched; without them the

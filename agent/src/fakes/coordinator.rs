@@ -276,6 +276,20 @@ impl Coordinator for SimCoordinator {
             if state.holder.as_ref().is_none_or(|h| h.token != token) {
                 state.log.push(Rec::TokenRefused { inc, token });
                 Err(fenced(token))
+            } else if state.backup_required && !state.backups.iter().any(|b| b.0 == token) {
+                // As the real coordinator: no step before the backup the
+                // grant asked for was kept.
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    answer: "wait",
+                });
+                Ok(Confirmation {
+                    proceed: false,
+                    reason: "this grant needs a control-plane backup first; upgrade the agent"
+                        .into(),
+                    overdue_at,
+                    retry_after: Some(Duration::from_secs(2)),
+                })
             } else if state.confirm_waits.is_empty() {
                 state.log.push(Rec::TokenOk { inc, token });
                 state.log.push(Rec::Confirmed { inc, answer: "go" });

@@ -59,12 +59,30 @@ impl Engine {
         let mut inner = self.inner.lock().await;
         self.commit(&mut inner, |s| s.renew(node, token, now))
             .await?;
-        Ok(inner
-            .state
-            .returning
-            .get(node)
-            .and_then(|r| r.control_plane_snapshot.as_ref())
-            .map(|p| p.name.clone()))
+        Ok(inner.state.backup_snapshot(node).map(str::to_string))
+    }
+
+    /// Records that `node`'s control-plane backup `name` was kept for the
+    /// grant `token` (a save on the confirmed leader): from then on
+    /// Confirm lets that grant's destructive steps through (see
+    /// [`crate::state::LeaseState::backup_missing`]).
+    pub async fn record_backup_kept(
+        &self,
+        node: &NodeName,
+        token: u64,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().await;
+        self.commit(&mut inner, |s| {
+            s.renew(node, token, now)?;
+            if let Some(h) = s.holders.get_mut(node) {
+                h.backup_kept = Some(name.to_string());
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// The snapshot recorded for `node`'s preparation, when it was taken
@@ -91,11 +109,50 @@ impl Engine {
     /// the Granted event says). From memory: the grant was just saved.
     pub async fn backup_required(&self, node: &NodeName) -> bool {
         let inner = self.inner.lock().await;
-        inner.state.holders.contains_key(node)
-            && inner
-                .state
-                .returning
-                .get(node)
-                .is_some_and(|r| r.control_plane_snapshot.is_some())
+        inner.state.backup_snapshot(node).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use crate::node::NodeName;
+    use crate::state::{LeaseState, PairedSnapshot, Returning};
+    use crate::store::{FORMAT_VERSION, decode, encode_document};
+
+    /// The pairing and the kept backup travel only in format-2 documents,
+    /// which the previous release (format 1) refuses as a whole ("format
+    /// version 2 is not 1", checked in its decode_document after parsing):
+    /// it never loads such a state and so cannot save it back without
+    /// them. This release keeps both across a save and a load.
+    #[test]
+    fn the_pairing_and_the_kept_backup_travel_in_a_document_the_previous_release_refuses() {
+        let now = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 21, 12, 0, 0)
+            .unwrap();
+        let cp1 = NodeName::new("cp-1").unwrap();
+        let mut state = LeaseState::default();
+        state.returning.insert(
+            cp1.clone(),
+            Returning {
+                member: "cp-1".into(),
+                member_id: 7,
+                control_plane_snapshot: Some(PairedSnapshot {
+                    name: "etcd-x-cp-2.db".into(),
+                    taken_at: now,
+                }),
+            },
+        );
+        state.grant(&cp1, true, false, "test", now).unwrap();
+        state.holders.get_mut(&cp1).unwrap().backup_kept =
+            Some("etcd-x-cp-2.db.control-plane-cp-1.tar.gz".into());
+        let bytes = encode_document(&state, None, &[]);
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(FORMAT_VERSION, 2);
+        assert_eq!(doc["format"], 2, "not a format the previous release reads");
+        let read = decode("test", &bytes).unwrap();
+        assert_eq!(read.backup_snapshot(&cp1), Some("etcd-x-cp-2.db"));
+        assert_eq!(read.backup_missing(&cp1), None, "kept, as recorded");
     }
 }

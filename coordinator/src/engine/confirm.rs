@@ -92,7 +92,12 @@ impl Engine {
             self.changed();
         }
         let control_plane = inner.state.holders[node].control_plane;
-        let wait = self.recheck(&inner, node, control_plane, now).err();
+        // The backup first, checked here and not only by the agent, so
+        // that an agent too old to send it is held, never drained.
+        let wait = match inner.state.backup_missing(node) {
+            Some(reason) => Some(reason),
+            None => self.recheck(&inner, node, control_plane, now).err(),
+        };
         match &wait {
             None => {
                 info!(node = %node, token, step = step.name(), "confirmed: the holder may proceed")
@@ -321,6 +326,110 @@ mod tests {
                 .await
                 .unwrap()
                 .wait,
+            None
+        );
+    }
+
+    /// As the etcd guard prepares control-plane node cp-1: out, a
+    /// snapshot paired with its grant; then the grant. Its token, and when
+    /// the snapshot was taken.
+    async fn granted_with_a_snapshot(engine: &Engine) -> (u64, DateTime<Utc>) {
+        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
+        let at = engine.now();
+        engine
+            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
+            .await
+            .unwrap();
+        (grant(engine, "cp-1", true).await, at)
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_needs_a_backup_is_held_at_every_step_until_one_was_kept() {
+        let engine = engine(1, Arc::default()).await;
+        // The etcd guard's preparation: cp-1 goes out, a snapshot pairs
+        // with its grant.
+        let (t1, _) = granted_with_a_snapshot(&engine).await;
+        for step in [Step::Drain, Step::Update, Step::Reboot] {
+            let held = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
+            let reason = held.wait.expect("held until the backup is kept");
+            assert!(reason.contains("control-plane backup"), "{reason}");
+            assert!(reason.contains("upgrade the agent"), "{reason}");
+        }
+        // A backup kept for another token does not count.
+        assert!(
+            engine
+                .record_backup_kept(
+                    &n("cp-1"),
+                    t1 + 1,
+                    "etcd-x-cp-2.db.control-plane-cp-1.tar.gz"
+                )
+                .await
+                .is_err()
+        );
+        assert!(
+            engine
+                .confirm_step(&n("cp-1"), t1, Step::Drain)
+                .await
+                .unwrap()
+                .wait
+                .is_some()
+        );
+        engine
+            .record_backup_kept(&n("cp-1"), t1, "etcd-x-cp-2.db.control-plane-cp-1.tar.gz")
+            .await
+            .unwrap();
+        assert_eq!(
+            engine
+                .confirm_step(&n("cp-1"), t1, Step::Drain)
+                .await
+                .unwrap()
+                .wait,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn counting_a_holder_as_back_keeps_its_backup_pairing() {
+        // The etcd guard read the holders before the grant and counts cp-1
+        // as back; the grant commits before its mark_returned.
+        let engine = engine(1, Arc::default()).await;
+        let (t1, _) = granted_with_a_snapshot(&engine).await;
+        engine.mark_returned(&n("cp-1")).await.unwrap();
+        assert!(engine.backup_required(&n("cp-1")).await);
+        assert_eq!(
+            engine
+                .backup_snapshot_for(&n("cp-1"), t1)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("etcd-x-cp-2.db")
+        );
+        // A holder is out, not back: its record stays.
+        assert!(
+            engine
+                .snapshot()
+                .await
+                .state
+                .returning
+                .contains_key(&n("cp-1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_takes_its_snapshot_pairing_and_a_later_preparation_reuses_nothing() {
+        let engine = engine(1, Arc::default()).await;
+        let (t1, at) = granted_with_a_snapshot(&engine).await;
+        engine
+            .release(&n("cp-1"), t1, "cp-1", "done")
+            .await
+            .unwrap();
+        // cp-1 asks again before it counts as back: its next preparation
+        // must take a new snapshot, not pair with the one taken before
+        // this maintenance.
+        assert_eq!(
+            engine
+                .recent_backup_snapshot(&n("cp-1"), at - Duration::hours(1))
+                .await,
             None
         );
     }

@@ -1026,11 +1026,13 @@ impl Engine {
     }
 
     /// Records that `node` counts as back (its member passed the guard's
-    /// rounds).
+    /// rounds). A node that holds the baton now is out, not back (the
+    /// guard may have counted its rounds from holders read before a grant
+    /// committed): its record stays.
     pub async fn mark_returned(&self, node: &NodeName) -> Result<(), EngineError> {
         let mut inner = self.inner.lock().await;
         self.ensure_current(&mut inner).await?;
-        if !inner.state.returning.contains_key(node) {
+        if !inner.state.returning.contains_key(node) || inner.state.holders.contains_key(node) {
             return Ok(());
         }
         self.commit(&mut inner, |s| {

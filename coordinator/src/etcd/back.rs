@@ -23,7 +23,20 @@ pub struct Away {
     pub passes: u32,
     /// True while it holds the baton.
     pub holding: bool,
+    /// True while it is being prepared for the baton (a snapshot, the
+    /// leader moved away): not a holder yet, but going out, not back, so
+    /// no pass counts (a slow snapshot must not make it "back" before its
+    /// grant).
+    pub preparing: bool,
+    /// Rounds still to wait after a preparation that succeeded before any
+    /// pass counts: its grant follows at once, unless the decision that
+    /// follows grants another node (then it counts back after these).
+    pub grace: u32,
 }
+
+/// How many probe rounds a node whose preparation succeeded counts no
+/// pass while its grant is committed.
+pub const GRACE_ROUNDS: u32 = 10;
 
 /// The etcd nodes not verified back yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,8 +45,9 @@ pub struct Returns {
 }
 
 impl Returns {
-    /// Records that `node` (member `member`, ID `member_id`) is going out.
-    /// An existing record restarts its count.
+    /// Records that `node` (member `member`, ID `member_id`) is going out,
+    /// being prepared until [`Returns::prepared`] or its grant. An
+    /// existing record restarts its count.
     pub fn going_out(&mut self, node: &NodeName, member: &str, member_id: u64) {
         self.away.insert(
             node.clone(),
@@ -42,11 +56,14 @@ impl Returns {
                 member_id,
                 passes: 0,
                 holding: true,
+                preparing: true,
+                grace: 0,
             },
         );
     }
 
-    /// Advances one probe round: holders' counts restart; others count a
+    /// Advances one probe round: holders' and prepared nodes' counts
+    /// restart; others count a
     /// pass when their member has the same ID, votes and is healthy, and
     /// are dropped (back) after `needed` passes in a row. Returns the nodes
     /// that came back.
@@ -60,6 +77,17 @@ impl Returns {
         for (node, away) in &mut self.away {
             if holders.contains(node) {
                 away.holding = true;
+                away.preparing = false;
+                away.grace = 0;
+                away.passes = 0;
+                continue;
+            }
+            if away.preparing {
+                away.passes = 0;
+                continue;
+            }
+            if away.grace > 0 {
+                away.grace -= 1;
                 away.passes = 0;
                 continue;
             }
@@ -84,7 +112,9 @@ impl Returns {
         self.away
             .iter()
             .map(|(node, a)| {
-                let why = if a.holding {
+                let why = if a.preparing {
+                    "is going out (being prepared for the baton)".to_string()
+                } else if a.holding {
                     "holds the baton".to_string()
                 } else {
                     match health.member(&a.member) {
@@ -116,7 +146,19 @@ impl Returns {
             member_id,
             passes: 0,
             holding: false,
+            preparing: false,
+            grace: 0,
         });
+    }
+
+    /// Ends `node`'s preparation: after a failure it counts passes from
+    /// the next round; after a success (`ok`) only after
+    /// [`GRACE_ROUNDS`] more, unless it holds the baton by then.
+    pub fn prepared(&mut self, node: &NodeName, ok: bool) {
+        if let Some(away) = self.away.get_mut(node) {
+            away.preparing = false;
+            away.grace = if ok { GRACE_ROUNDS } else { 0 };
+        }
     }
 
     /// True when `node` is tracked.
@@ -170,6 +212,7 @@ mod tests {
         let n1 = NodeName::new("n1").unwrap();
         let mut r = Returns::default();
         r.going_out(&n1, "n1", 1);
+        r.prepared(&n1, false);
         let replaced = cluster(
             Utc::now(),
             vec![member(9, "n1"), member(2, "n2"), member(3, "n3")],
@@ -178,5 +221,38 @@ mod tests {
             assert!(r.advance(&BTreeSet::new(), &replaced, 3).is_empty());
         }
         assert!(r.out(&replaced, 3)[0].why.contains("replaced"));
+    }
+
+    #[test]
+    fn a_node_being_prepared_counts_no_pass_until_its_preparation_ends() {
+        // The preparation (a slow snapshot) outlasts several probe rounds:
+        // the node is not a holder yet, but it is going out, not back.
+        let n1 = NodeName::new("n1").unwrap();
+        let mut r = Returns::default();
+        r.going_out(&n1, "n1", 1);
+        let healthy = cluster(
+            Utc::now(),
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        let none = BTreeSet::new();
+        for _ in 0..10 {
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+        }
+        assert!(r.contains(&n1));
+        // The preparation succeeded but no grant followed (the decision
+        // after it granted another node): it counts back, after a grace.
+        r.prepared(&n1, true);
+        for _ in 0..GRACE_ROUNDS {
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+        }
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
+        // The preparation failed: it counts back as usual.
+        r.going_out(&n1, "n1", 1);
+        r.prepared(&n1, false);
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
     }
 }

@@ -5,9 +5,10 @@
 //! archive is written to a hidden temp file (mode 0600) while it is counted
 //! against the size limit and hashed; fsynced; checked against the SHA-256
 //! the agent declared; then, with the snapshot directory's lock held and
-//! only while the snapshot it pairs with is still kept, renamed to
-//! `<snapshot>.control-plane-<node>.tar.gz` beside its `.sha256` (in
-//! `sha256sum -c` format) and the directory fsynced: the same discipline
+//! only while the snapshot it pairs with is still kept, its `.sha256` (in
+//! `sha256sum -c` format) is written and the archive renamed to
+//! `<snapshot>.control-plane-<node>.tar.gz` beside it, and the directory
+//! fsynced: the same discipline
 //! and helpers as [`super::snapshot`]. Rotation there removes a backup with
 //! its snapshot. A refused or failed upload leaves nothing under a final
 //! name (the temp file goes when the upload is dropped).
@@ -36,13 +37,39 @@ pub const LISTED: usize = 10;
 /// What sits between a snapshot's name and the node in a backup's name.
 const MARK: &str = ".control-plane-";
 
-/// Where backups go and how big one may be.
+/// The longest an upload may take from its first message to its last.
+pub const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How often an upload in progress checks that its grant is still current.
+pub const TOKEN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where backups go, how big one may be, and how uploads are bounded.
 #[derive(Clone, Debug)]
 pub struct BackupSettings {
     /// The snapshot directory.
     pub dir: PathBuf,
     /// The largest archive accepted, in bytes.
     pub max_bytes: u64,
+    /// Uploads received at once (see [`crate::upload::MAX_UPLOADS`]).
+    pub uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The longest one upload may take ([`UPLOAD_DEADLINE`]).
+    pub deadline: std::time::Duration,
+    /// How often an upload re-checks its token ([`TOKEN_RECHECK`]).
+    pub recheck: std::time::Duration,
+}
+
+impl BackupSettings {
+    /// Backups kept in `dir`, at most `max_bytes` each, uploads bounded
+    /// by the defaults.
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
+        Self {
+            dir,
+            max_bytes,
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(crate::upload::MAX_UPLOADS)),
+            deadline: UPLOAD_DEADLINE,
+            recheck: TOKEN_RECHECK,
+        }
+    }
 }
 
 /// Why a backup was not kept. Nothing is kept under a final name when one
@@ -153,10 +180,11 @@ impl Incoming {
         }
         // Unique per upload: a retry may overlap an upload its agent gave
         // up on; each writes its own temp file and the last rename wins.
+        // Short, whatever the node's name: only the final names carry it.
         static UPLOADS: AtomicU64 = AtomicU64::new(0);
         let name = backup_name(snapshot, node);
         let part = settings.dir.join(format!(
-            ".{name}.{}.{}.part",
+            ".backup-{}-{}.part",
             std::process::id(),
             UPLOADS.fetch_add(1, Ordering::Relaxed)
         ));
@@ -232,16 +260,37 @@ impl Incoming {
             return Err(BackupError::SnapshotGone(self.snapshot.clone()));
         }
         let path = self.dir.join(&self.name);
-        tokio::fs::rename(&self.part, &path)
+        let sum = self.dir.join(format!("{}.sha256", self.name));
+        // The checksum goes first: an archive under its final name never
+        // lacks one, and a crash between the two renames leaves an old
+        // archive beside the new checksum, which `sha256sum -c` flags,
+        // never a new archive that nothing vouches for.
+        let previous = tokio::fs::read_to_string(&sum).await.ok();
+        keep_checksum(&self.dir, &self.name, sha256)
             .await
-            .map_err(|e| io_error("renaming to", &path, e))?;
-        self.kept = true;
-        if let Err(e) = keep_checksum(&self.dir, &self.name, sha256).await {
-            // Without its checksum the archive is not kept either.
-            let _ = tokio::fs::remove_file(&path).await;
-            let _ = sync_dir(&self.dir).await;
-            return Err(BackupError::Io(e));
+            .map_err(BackupError::Io)?;
+        if let Err(e) = tokio::fs::rename(&self.part, &path).await {
+            // The archive kept before (a backup sent again) gets its own
+            // checksum back; with none before, none is left.
+            match previous
+                .as_deref()
+                .and_then(|t| t.split_whitespace().next())
+                .filter(|old| is_sha256(old))
+            {
+                Some(old) => {
+                    let _ = keep_checksum(&self.dir, &self.name, old).await;
+                }
+                None => {
+                    let _ = tokio::fs::remove_file(&sum).await;
+                    let _ = sync_dir(&self.dir).await;
+                }
+            }
+            return Err(io_error("renaming to", &path, e));
         }
+        self.kept = true;
+        sync_dir(&self.dir)
+            .await
+            .map_err(|e| io_error("syncing", &self.dir, e))?;
         Ok(Kept {
             name: self.name.clone(),
             snapshot: self.snapshot.clone(),

@@ -308,8 +308,10 @@ impl EtcdGuard {
             // configuration is kept beside this snapshot; the pairing is
             // saved before the grant says so.
             let name = taken.path.file_name().unwrap_or_default().to_string_lossy();
+            // Stamped when it was taken and verified, not when asked for:
+            // a slow snapshot is still reused by the decision that follows.
             engine
-                .record_backup_snapshot(&candidate.node, &name, now)
+                .record_backup_snapshot(&candidate.node, &name, (self.clock)())
                 .await
                 .map_err(|e| {
                     format!(
@@ -321,7 +323,22 @@ impl EtcdGuard {
         Ok(())
     }
 
+    /// Prepares `candidate`'s etcd member for its grant (see
+    /// [`EtcdGuard::prepare_member_out`]); once that ends the node counts
+    /// passes like any node out that does not hold (after a success, only
+    /// after a grace of a few rounds while its grant is committed).
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
+        let result = self.prepare_member_out(candidate).await;
+        self.returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prepared(&candidate.node, result.is_ok());
+        result
+    }
+
+    /// Records the member as out, takes (or reuses) the snapshot and moves
+    /// etcd's leader away from it.
+    async fn prepare_member_out(&self, candidate: &Waiter) -> Result<(), String> {
         let health = self.health();
         let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
             EtcdRole::Member(m) => m,

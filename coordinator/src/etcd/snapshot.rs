@@ -119,7 +119,8 @@ pub(super) async fn directory_lock() -> tokio::sync::MutexGuard<'static, ()> {
 pub(super) async fn keep_checksum(dir: &Path, name: &str, sha256: &str) -> Result<(), String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     let sum_path = dir.join(format!("{name}.sha256"));
-    let sum_part = dir.join(format!(".{name}.sha256.part"));
+    // One fixed, short temp name: every caller holds `directory_lock`.
+    let sum_part = dir.join(".checksum.sha256.part");
     let written = match write_synced(&sum_part, format!("{sha256}  {name}\n").as_bytes()).await {
         Ok(()) => tokio::fs::rename(&sum_part, &sum_path)
             .await
@@ -162,9 +163,16 @@ pub(super) fn is_snapshot(name: &str) -> bool {
     name.starts_with("etcd-") && name.ends_with(".db")
 }
 
-/// Deletes all but the newest `keep` snapshots (names sort by time), each
-/// with every file named after it (its checksum, the backups kept with it
-/// and theirs), and any such file whose snapshot is gone: a backup never
+/// How long since its last write a hidden `.part` file in the snapshot
+/// directory counts as left behind by a crash (an upload stalls out after
+/// 30 s, a snapshot stream after its stall timeout).
+const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+
+/// Deletes hidden temp files a crash left behind (see [`LEFTOVER_AGE`]),
+/// and all but the newest `keep` snapshots (names sort by time) and
+/// the newest one holding each node's control-plane backup, each with
+/// every file named after it (its checksum, the backups kept with it and
+/// theirs), and any such file whose snapshot is gone: a backup never
 /// outlives its snapshot. Call with [`directory_lock`] held.
 pub(super) async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
     let mut snapshots = Vec::new();
@@ -176,14 +184,48 @@ pub(super) async fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
             snapshots.push(name);
         } else if name.starts_with("etcd-") {
             others.push(name);
+        } else if name.starts_with('.') && name.ends_with(".part") {
+            // A temp file a crash left behind (they hold every secret of
+            // the cluster); one written to within the hour may be an
+            // upload or a snapshot in progress.
+            let stale = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > LEFTOVER_AGE);
+            if stale {
+                tokio::fs::remove_file(dir.join(&name)).await?;
+            }
         }
     }
     snapshots.sort();
     let excess = snapshots.len().saturating_sub(keep);
-    for name in &snapshots[..excess] {
-        tokio::fs::remove_file(dir.join(name)).await?;
+    // Each node's newest control-plane backup stays with its snapshot,
+    // however many snapshots came after it (a grant retried many times
+    // must not rotate away the last good pair).
+    let mut newest_pair: std::collections::BTreeMap<&str, &str> = Default::default();
+    for name in &others {
+        if let Some((snapshot, node)) = super::backup::parse_backup_name(name)
+            && snapshots.iter().any(|s| s == snapshot)
+        {
+            let newest = newest_pair.entry(node).or_insert(snapshot);
+            if snapshot > *newest {
+                *newest = snapshot;
+            }
+        }
     }
-    let kept = &snapshots[excess..];
+    let pinned: Vec<String> = newest_pair.values().map(|s| s.to_string()).collect();
+    let (old, newest) = snapshots.split_at(excess);
+    let mut kept: Vec<String> = newest.to_vec();
+    for name in old {
+        if pinned.contains(name) {
+            kept.push(name.clone());
+        } else {
+            tokio::fs::remove_file(dir.join(name)).await?;
+        }
+    }
     for name in others {
         let paired = kept.iter().any(|s| {
             name.strip_prefix(s.as_str())

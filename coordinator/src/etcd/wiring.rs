@@ -110,10 +110,8 @@ fn snapshot_dir(args: &ServeArgs) -> std::path::PathBuf {
 /// Where control-plane backups are kept: beside the snapshots, when the
 /// etcd guard takes them (`--etcd-endpoints`).
 pub fn backups(args: &ServeArgs) -> Option<BackupSettings> {
-    (!args.etcd.etcd_endpoints.is_empty()).then(|| BackupSettings {
-        dir: snapshot_dir(args),
-        max_bytes: args.etcd.backup_max_bytes,
-    })
+    (!args.etcd.etcd_endpoints.is_empty())
+        .then(|| BackupSettings::new(snapshot_dir(args), args.etcd.backup_max_bytes))
 }
 
 /// The etcd store for `--store etcd`.

@@ -46,10 +46,7 @@ async fn setup(paired: bool) -> (Arc<Engine>, BackupSettings, tempfile::TempDir,
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(SNAP), b"snapshot").unwrap();
-    let settings = BackupSettings {
-        dir: dir.path().to_path_buf(),
-        max_bytes: 1024,
-    };
+    let settings = BackupSettings::new(dir.path().to_path_buf(), 1024);
     (engine, settings, dir, token)
 }
 
@@ -227,5 +224,112 @@ async fn data_before_the_header_or_a_second_header_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(kept_files(dir.path()).is_empty());
+}
+
+/// cp-1's upload that declares `data` but sends a byte every `every`,
+/// forever (each well within the stall timeout).
+fn trickle(
+    token: u64,
+    every: std::time::Duration,
+) -> impl futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send + Unpin {
+    let header = chunks("cp-1", token, &[0u8; 1000]).remove(0);
+    let bytes = futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(every).await;
+        Some((
+            Ok(pb::BackupChunk {
+                chunk: Some(pb::backup_chunk::Chunk::Data(vec![0])),
+            }),
+            (),
+        ))
+    });
+    Box::pin(futures::stream::iter([header]).chain(bytes))
+}
+
+#[tokio::test]
+async fn an_upload_that_trickles_ends_at_its_overall_deadline_keeping_nothing() {
+    let (engine, mut settings, dir, token) = setup(true).await;
+    settings.deadline = std::time::Duration::from_millis(300);
+    let failed = receive(
+        &engine,
+        Some(&settings),
+        &agent("cp-1"),
+        trickle(token, std::time::Duration::from_millis(20)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::DeadlineExceeded, "{failed:?}");
+    assert!(failed.message().contains("nothing was kept"), "{failed:?}");
+    assert!(
+        kept_files(dir.path()).is_empty(),
+        "{:?}",
+        kept_files(dir.path())
+    );
+}
+
+#[tokio::test]
+async fn uploads_beyond_the_limit_at_once_are_told_to_come_back() {
+    let (engine, settings, dir, token) = setup(true).await;
+    // MAX_UPLOADS slow uploads in progress.
+    let mut slow = Vec::new();
+    for _ in 0..MAX_UPLOADS {
+        let (engine, settings) = (engine.clone(), settings.clone());
+        slow.push(tokio::spawn(async move {
+            receive(
+                &engine,
+                Some(&settings),
+                &agent("cp-1"),
+                trickle(token, std::time::Duration::from_millis(50)),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let busy = send(
+        &engine,
+        &settings,
+        &agent("cp-1"),
+        chunks("cp-1", token, b"pki"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::Unavailable, "{busy:?}");
+    for task in slow {
+        task.abort();
+    }
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_grant_that_ends_while_its_upload_trickles_stops_the_upload() {
+    let (engine, mut settings, dir, token) = setup(true).await;
+    settings.recheck = std::time::Duration::from_millis(50);
+    let upload = {
+        let (engine, settings) = (engine.clone(), settings.clone());
+        tokio::spawn(async move {
+            receive(
+                &engine,
+                Some(&settings),
+                &agent("cp-1"),
+                trickle(token, std::time::Duration::from_millis(10)),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    engine
+        .release(&NodeName::new("cp-1").unwrap(), token, "cp-1", "done")
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), upload)
+        .await
+        .expect("the upload stops soon after the grant ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        stopped.code(),
+        tonic::Code::FailedPrecondition,
+        "{stopped:?}"
+    );
     assert!(kept_files(dir.path()).is_empty());
 }

@@ -11,10 +11,7 @@ use super::*;
 const SNAP: &str = "etcd-20261121T223000.123Z-m2.db";
 
 fn settings(dir: &Path, max_bytes: u64) -> BackupSettings {
-    BackupSettings {
-        dir: dir.to_path_buf(),
-        max_bytes,
-    }
+    BackupSettings::new(dir.to_path_buf(), max_bytes)
 }
 
 fn node(name: &str) -> NodeName {
@@ -284,4 +281,104 @@ async fn status_lists_the_newest_backups_with_their_snapshot_and_checksum() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_newest_pair_of_each_node_whatever_came_after() {
+    // S0 holds cp-0's backup; then more snapshots than kept, without one
+    // (say a control-plane grant retried with a new snapshot each time).
+    let dir = tempfile::tempdir().unwrap();
+    let s0 = "etcd-20261121T200000.000Z-m1.db";
+    let pair = [
+        s0.to_string(),
+        format!("{s0}.sha256"),
+        format!("{s0}.control-plane-cp-0.tar.gz"),
+        format!("{s0}.control-plane-cp-0.tar.gz.sha256"),
+    ];
+    for file in &pair {
+        std::fs::write(dir.path().join(file), b"x").unwrap();
+    }
+    let later: Vec<String> = (0..6)
+        .map(|i| format!("etcd-20261121T21{i}000.000Z-m2.db"))
+        .collect();
+    for snap in &later {
+        std::fs::write(dir.path().join(snap), b"x").unwrap();
+    }
+    super::super::snapshot::rotate(dir.path(), 5).await.unwrap();
+    let mut expected: Vec<String> = pair.to_vec();
+    expected.extend(later[1..].iter().cloned());
+    expected.sort();
+    assert_eq!(names(dir.path()), expected);
+}
+
+#[tokio::test]
+async fn a_failed_replacement_keeps_the_previous_pair_whole() {
+    let dir = with_snapshot();
+    let settings = settings(dir.path(), 1024);
+    let first = b"the first archive";
+    upload(&settings, first, &sha(first), first.len() as u64)
+        .await
+        .unwrap();
+    // The agent sends it again; writing the new checksum fails.
+    in_the_way(&dir.path().join(".checksum.sha256.part"));
+    in_the_way(
+        &dir.path()
+            .join(format!(".{SNAP}.control-plane-cp-1.tar.gz.sha256.part")),
+    );
+    let again = b"the second archive";
+    let failed = upload(&settings, again, &sha(again), again.len() as u64)
+        .await
+        .unwrap_err();
+    assert!(matches!(failed, BackupError::Io(_)), "{failed:?}");
+    let name = format!("{SNAP}.control-plane-cp-1.tar.gz");
+    assert_eq!(
+        std::fs::read(dir.path().join(&name)).unwrap(),
+        first,
+        "the kept archive stays"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(format!("{name}.sha256"))).unwrap(),
+        format!("{}  {name}\n", sha(first)),
+        "with its own checksum"
+    );
+}
+
+#[tokio::test]
+async fn a_long_node_name_is_kept_while_its_final_names_fit() {
+    let dir = with_snapshot();
+    // The longest node whose checksum file name still fits in 255 bytes.
+    let room = 255 - format!("{SNAP}.control-plane-.tar.gz.sha256").len();
+    let labels = format!("{}.", "n".repeat(62)).repeat(5);
+    let long = node(labels[..room.min(crate::node::MAX_NODE_NAME_LEN)].trim_end_matches('.'));
+    let data = b"archive";
+    let mut incoming = Incoming::begin(&settings(dir.path(), 1024), SNAP, &long, 7)
+        .await
+        .unwrap();
+    incoming.write(data).await.unwrap();
+    incoming.verify(&sha(data)).await.unwrap();
+    let kept = incoming.keep(&sha(data)).await.unwrap();
+    assert!(dir.path().join(&kept.name).is_file());
+    assert!(dir.path().join(format!("{}.sha256", kept.name)).is_file());
+}
+
+#[tokio::test]
+async fn rotation_removes_temp_files_a_crash_left_behind_but_not_fresh_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir
+        .path()
+        .join(".etcd-x.db.control-plane-cp-1.tar.gz.1.2.part");
+    let fresh = dir.path().join(".bk-1-3.part");
+    for file in [&old, &fresh] {
+        std::fs::write(file, b"private keys").unwrap();
+    }
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(day_ago)
+        .unwrap();
+    super::super::snapshot::rotate(dir.path(), 5).await.unwrap();
+    assert!(!old.exists(), "a day-old temp file is a leftover");
+    assert!(fresh.exists(), "a fresh one may be an upload in progress");
 }
