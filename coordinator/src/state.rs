@@ -377,12 +377,14 @@ impl LeaseState {
         self.last_token += 1;
         let token = self.last_token;
         // The pairing moves to the grant: one left in `returning` belongs
-        // to a preparation not granted yet, never to an earlier grant.
+        // to a preparation not granted yet, never to an earlier grant. It
+        // exists only because the etcd guard judged the node a
+        // control-plane node (by its label or its agent's claim), so it is
+        // not filtered again by the agent's claim alone.
         let backup_snapshot = self
             .returning
             .get_mut(node)
             .and_then(|r| r.control_plane_snapshot.take())
-            .filter(|_| control_plane)
             .map(|p| p.name);
         let phase = if manual {
             Phase::Manual
@@ -419,7 +421,6 @@ impl LeaseState {
             // A grant recorded before the holder carried the pairing.
             self.returning
                 .get(node)
-                .filter(|_| holding.control_plane)
                 .and_then(|r| r.control_plane_snapshot.as_ref())
                 .map(|p| p.name.as_str())
         })

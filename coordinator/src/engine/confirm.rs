@@ -415,6 +415,27 @@ mod tests {
         );
     }
 
+    /// A node the guard judged a control-plane node by its label, whose
+    /// agent does not say `--control-plane` (the flag's default), still
+    /// needs its backup: the pairing exists only because the guard judged
+    /// so.
+    #[tokio::test]
+    async fn a_control_plane_node_known_by_its_label_alone_still_needs_its_backup() {
+        let engine = engine(1, Arc::default()).await;
+        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
+        let at = engine.now();
+        engine
+            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
+            .await
+            .unwrap();
+        let t1 = grant(&engine, "cp-1", false).await;
+        assert!(engine.backup_required(&n("cp-1")).await);
+        for step in [Step::Drain, Step::Update, Step::Reboot] {
+            let held = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
+            assert!(held.wait.is_some(), "{step:?} went ahead without a backup");
+        }
+    }
+
     #[tokio::test]
     async fn a_grant_takes_its_snapshot_pairing_and_a_later_preparation_reuses_nothing() {
         let engine = engine(1, Arc::default()).await;

@@ -7,6 +7,7 @@
 //! (counting their rounds from zero).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use super::health::HealthSnapshot;
 use super::rule::OutNode;
@@ -167,6 +168,40 @@ impl Returns {
     }
 }
 
+/// Runs `preparation` of `node` and ends the node's preparation in
+/// `returns` however it ends: with its result, or as failed when its future
+/// is dropped before it ended (the granter's prepare timeout drops it).
+/// Otherwise a node cut off mid-preparation would stay "being prepared",
+/// counting no pass, and hold every other etcd node back until a restart.
+pub async fn preparing<T, E>(
+    returns: &Mutex<Returns>,
+    node: &NodeName,
+    preparation: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    /// Ends the preparation when dropped: as failed unless `ok` was set.
+    struct Ending<'a> {
+        returns: &'a Mutex<Returns>,
+        node: &'a NodeName,
+        ok: bool,
+    }
+    impl Drop for Ending<'_> {
+        fn drop(&mut self) {
+            self.returns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .prepared(self.node, self.ok);
+        }
+    }
+    let mut ending = Ending {
+        returns,
+        node,
+        ok: false,
+    };
+    let result = preparation.await;
+    ending.ok = result.is_ok();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
@@ -221,6 +256,40 @@ mod tests {
             assert!(r.advance(&BTreeSet::new(), &replaced, 3).is_empty());
         }
         assert!(r.out(&replaced, 3)[0].why.contains("replaced"));
+    }
+
+    #[test]
+    /// The granter's prepare timeout drops a preparation mid-way (a
+    /// snapshot that stalls): the node counts passes again, as after a
+    /// failure, instead of staying "being prepared" for good.
+    #[tokio::test]
+    async fn a_preparation_cut_off_by_its_timeout_ends_as_failed() {
+        let n1 = NodeName::new("n1").unwrap();
+        let returns = Mutex::new(Returns::default());
+        returns.lock().unwrap().going_out(&n1, "n1", 1);
+        let stalled = preparing(&returns, &n1, std::future::pending::<Result<(), String>>());
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(5), stalled).await;
+        assert!(cut.is_err(), "the preparation never ends by itself");
+        let healthy = cluster(
+            Utc::now(),
+            vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
+        );
+        let none = BTreeSet::new();
+        let mut r = returns.lock().unwrap();
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert!(r.advance(&none, &healthy, 3).is_empty());
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
+        drop(r);
+        // A preparation that ends well still gets its grace.
+        returns.lock().unwrap().going_out(&n1, "n1", 1);
+        preparing(&returns, &n1, async { Ok::<(), String>(()) })
+            .await
+            .unwrap();
+        let mut r = returns.lock().unwrap();
+        for _ in 0..GRACE_ROUNDS + 2 {
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+        }
+        assert_eq!(r.advance(&none, &healthy, 3), vec![n1]);
     }
 
     #[test]

@@ -328,12 +328,12 @@ impl EtcdGuard {
     /// passes like any node out that does not hold (after a success, only
     /// after a grace of a few rounds while its grant is committed).
     async fn prepare_member(&self, candidate: &Waiter) -> Result<(), String> {
-        let result = self.prepare_member_out(candidate).await;
-        self.returns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .prepared(&candidate.node, result.is_ok());
-        result
+        super::back::preparing(
+            &self.returns,
+            &candidate.node,
+            self.prepare_member_out(candidate),
+        )
+        .await
     }
 
     /// Records the member as out, takes (or reuses) the snapshot and moves
