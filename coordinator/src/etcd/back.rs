@@ -258,7 +258,6 @@ mod tests {
         assert!(r.out(&replaced, 3)[0].why.contains("replaced"));
     }
 
-    #[test]
     /// The granter's prepare timeout drops a preparation mid-way (a
     /// snapshot that stalls): the node counts passes again, as after a
     /// failure, instead of staying "being prepared" for good.
