@@ -274,11 +274,12 @@ mod tests {
             vec![member(1, "n1"), member(2, "n2"), member(3, "n3")],
         );
         let none = BTreeSet::new();
-        let mut r = returns.lock().unwrap();
-        assert!(r.advance(&none, &healthy, 3).is_empty());
-        assert!(r.advance(&none, &healthy, 3).is_empty());
-        assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
-        drop(r);
+        {
+            let mut r = returns.lock().unwrap();
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+            assert!(r.advance(&none, &healthy, 3).is_empty());
+            assert_eq!(r.advance(&none, &healthy, 3), vec![n1.clone()]);
+        }
         // A preparation that ends well still gets its grace.
         returns.lock().unwrap().going_out(&n1, "n1", 1);
         preparing(&returns, &n1, async { Ok::<(), String>(()) })
