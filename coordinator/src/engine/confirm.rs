@@ -333,14 +333,17 @@ mod tests {
     /// As the etcd guard prepares control-plane node cp-1: out, a
     /// snapshot paired with its grant; then the grant. Its token, and when
     /// the snapshot was taken.
-    async fn granted_with_a_snapshot(engine: &Engine) -> (u64, DateTime<Utc>) {
+    /// The etcd guard's preparation of cp-1 (it goes out, a snapshot pairs
+    /// with its grant), then the grant; `claims` is whether its agent says
+    /// `--control-plane`.
+    async fn granted_with_a_snapshot(engine: &Engine, claims: bool) -> (u64, DateTime<Utc>) {
         engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
         let at = engine.now();
         engine
             .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
             .await
             .unwrap();
-        (grant(engine, "cp-1", true).await, at)
+        (grant(engine, "cp-1", claims).await, at)
     }
 
     #[tokio::test]
@@ -348,7 +351,7 @@ mod tests {
         let engine = engine(1, Arc::default()).await;
         // The etcd guard's preparation: cp-1 goes out, a snapshot pairs
         // with its grant.
-        let (t1, _) = granted_with_a_snapshot(&engine).await;
+        let (t1, _) = granted_with_a_snapshot(&engine, true).await;
         for step in [Step::Drain, Step::Update, Step::Reboot] {
             let held = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
             let reason = held.wait.expect("held until the backup is kept");
@@ -393,7 +396,7 @@ mod tests {
         // The etcd guard read the holders before the grant and counts cp-1
         // as back; the grant commits before its mark_returned.
         let engine = engine(1, Arc::default()).await;
-        let (t1, _) = granted_with_a_snapshot(&engine).await;
+        let (t1, _) = granted_with_a_snapshot(&engine, true).await;
         engine.mark_returned(&n("cp-1")).await.unwrap();
         assert!(engine.backup_required(&n("cp-1")).await);
         assert_eq!(
@@ -422,13 +425,7 @@ mod tests {
     #[tokio::test]
     async fn a_control_plane_node_known_by_its_label_alone_still_needs_its_backup() {
         let engine = engine(1, Arc::default()).await;
-        engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
-        let at = engine.now();
-        engine
-            .record_backup_snapshot(&n("cp-1"), "etcd-x-cp-2.db", at)
-            .await
-            .unwrap();
-        let t1 = grant(&engine, "cp-1", false).await;
+        let (t1, _) = granted_with_a_snapshot(&engine, false).await;
         assert!(engine.backup_required(&n("cp-1")).await);
         for step in [Step::Drain, Step::Update, Step::Reboot] {
             let held = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
@@ -439,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn a_grant_takes_its_snapshot_pairing_and_a_later_preparation_reuses_nothing() {
         let engine = engine(1, Arc::default()).await;
-        let (t1, at) = granted_with_a_snapshot(&engine).await;
+        let (t1, at) = granted_with_a_snapshot(&engine, true).await;
         engine
             .release(&n("cp-1"), t1, "cp-1", "done")
             .await
