@@ -763,25 +763,13 @@ mod tests {
 
     use super::*;
     use crate::auth::Unauthenticated;
-    use crate::engine::{EngineConfig, system_clock};
-    use crate::metrics::Metrics;
-    use crate::policy::Policy;
     use crate::state::LeaseState;
     use crate::store::memory::MemoryStore;
 
     /// Both services, unauthenticated, over a memory store holding `state`.
     async fn serve(state: LeaseState) -> (Arc<MemoryStore>, Services) {
         let store = Arc::new(MemoryStore::new(Some(state)));
-        let engine = Engine::new(
-            store.clone(),
-            EngineConfig::new(Policy::default(), "service-test"),
-            Vec::new(),
-            Vec::new(),
-            system_clock(),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
+        let engine = Engine::over(store.clone(), "service-test").await;
         (store, Services::new(engine, Arc::new(Unauthenticated)))
     }
 

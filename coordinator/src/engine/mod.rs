@@ -292,6 +292,22 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// For tests: an engine over `store` with the default policy, no
+    /// guards or preparers, the system clock and its own metrics.
+    #[cfg(test)]
+    pub(crate) async fn over(store: Arc<dyn StateStore>, id: &str) -> Arc<Engine> {
+        Self::new(
+            store,
+            EngineConfig::new(Policy::default(), id),
+            Vec::new(),
+            Vec::new(),
+            system_clock(),
+            Metrics::new(),
+        )
+        .await
+        .expect("an engine over a readable store")
+    }
+
     /// Builds an engine over `store` and loads its state when this replica
     /// leads. Fails when the stored state cannot be read, is missing (and
     /// `initialize` is not set) or exists (and `initialize` is set).

@@ -114,9 +114,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::engine::{EngineConfig, SNAPSHOT_AUDIT_TAIL};
-    use crate::metrics::Metrics;
-    use crate::policy::Policy;
+    use crate::engine::SNAPSHOT_AUDIT_TAIL;
     use crate::rollout::notify::Observer;
     use crate::rollout::schema::EventKind;
     use crate::store::memory::MemoryStore;
@@ -126,16 +124,7 @@ mod tests {
     /// otherwise never be sent).
     #[tokio::test]
     async fn records_beyond_the_snapshot_tail_reach_the_observers() {
-        let engine = Engine::new(
-            Arc::new(MemoryStore::default()),
-            EngineConfig::new(Policy::default(), "test"),
-            Vec::new(),
-            Vec::new(),
-            Arc::new(Utc::now),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
+        let engine = Engine::over(Arc::new(MemoryStore::default()), "test").await;
         let (mut seen, mut filled, mut bare) = (None, Observer::default(), Observer::default());
         let mut snap = engine.snapshot().await;
         fill_skipped_audit(&mut snap, &mut seen, &engine).await;

@@ -8,9 +8,6 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::auth::Scope;
-use crate::engine::{EngineConfig, system_clock};
-use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::state::{LeaseState, Returning};
 use crate::store::memory::MemoryStore;
 
@@ -34,16 +31,7 @@ async fn setup(paired: bool) -> (Arc<Engine>, BackupSettings, tempfile::TempDir,
             }),
         },
     );
-    let engine = Engine::new(
-        Arc::new(MemoryStore::new(Some(state))),
-        EngineConfig::new(Policy::default(), "upload-test"),
-        Vec::new(),
-        Vec::new(),
-        system_clock(),
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
+    let engine = Engine::over(Arc::new(MemoryStore::new(Some(state))), "upload-test").await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(SNAP), b"snapshot").unwrap();
     let settings = BackupSettings::new(dir.path().to_path_buf(), 1024);
