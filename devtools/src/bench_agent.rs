@@ -16,10 +16,11 @@
 //! Writes target/bench/agent.json and prints a table.
 
 use crate::procstat::{cpu_seconds, rss_kib};
-use crate::util::{Proc, connect, free_port, release_dir, workspace_root};
+use crate::util::{Proc, connect, release_dir, workspace_root};
 use anyhow::{Context, Result, bail};
 use baton_proto::v1::admin_client::AdminClient;
 use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
+use baton_tests::ports::free_port;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,7 +71,7 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     wait_until("the D-Bus socket", || bus_path.exists())?;
 
-    let port = free_port()?;
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = Proc(
         Command::new(release.join("baton-coordinator"))

@@ -1,10 +1,10 @@
 //! Small helpers shared by the benches.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Child;
 
 use anyhow::{Context, Result};
+use baton_tests::ports::free_port;
 
 /// The workspace root (this crate's manifest dir is `<root>/devtools`).
 pub fn workspace_root() -> PathBuf {
@@ -32,11 +32,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A gRPC channel to `url`, retried for up to 30 s while the server starts.
@@ -78,8 +73,8 @@ pub fn start_embedded_coordinator(
 ) -> Result<EmbeddedCoordinator> {
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
-    let port = free_port()?;
-    let metrics_port = free_port()?;
+    let port = free_port();
+    let metrics_port = free_port();
     let child = std::process::Command::new(binary)
         // A fresh data directory holds no state: say to create it.
         .args(["serve", "--insecure", "--initialize"])

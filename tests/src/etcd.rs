@@ -16,7 +16,6 @@ pub mod coordinator;
 pub mod history;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -26,21 +25,14 @@ use etcd_client::{Client, ConnectOptions, MemberAddOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::ports::free_port;
+
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs scenarios with real processes one at a time within a test binary
 /// (a panicking test releases it too).
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
-}
-
-/// A free TCP port on 127.0.0.1 (the listener is closed before use; the
-/// race with other processes is accepted in tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a free port")
-        .port()
 }
 
 /// The etcd binary (Debian installs it to /usr/bin/etcd).
@@ -75,7 +67,15 @@ pub struct EtcdCluster {
     /// The members, in start order.
     pub members: Vec<Member>,
     quota_bytes: Option<u64>,
+    start_attempts: usize,
 }
+
+/// How many times a new cluster is started on fresh ports before giving up.
+const START_ATTEMPTS: usize = 3;
+
+/// How long a new cluster may take to form (etcd needs ~1 s; a loaded
+/// 2-core machine running a test suite, much more).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl EtcdCluster {
     /// Starts members named `n1`..`nN` and waits until every one answers.
@@ -97,33 +97,171 @@ impl EtcdCluster {
     }
 
     async fn start_members(names: &[String], quota_bytes: Option<u64>) -> Result<Self> {
-        let n = names.len();
-        let dir = tempfile::tempdir()?;
-        let members: Vec<Member> = names
-            .iter()
-            .map(|name| {
-                let name = name.clone();
-                Member {
+        Self::start_members_checked(names, quota_bytes, |_, _| {}).await
+    }
+
+    /// Starts a new cluster of `names` and waits until it has formed. A
+    /// member that exits before it has (its port taken between choosing it
+    /// and binding it: "address already in use") makes the whole cluster
+    /// start again on fresh ports with empty data directories, up to
+    /// [`START_ATTEMPTS`] times: every member's peer URL is in the others'
+    /// `--initial-cluster`, so one member cannot move alone before the
+    /// cluster has formed. `before_spawn(attempt, members)` runs right
+    /// before each attempt's members start (a test takes a port there).
+    async fn start_members_checked(
+        names: &[String],
+        quota_bytes: Option<u64>,
+        mut before_spawn: impl FnMut(usize, &[Member]),
+    ) -> Result<Self> {
+        let mut cluster = Self {
+            dir: tempfile::tempdir()?,
+            members: Vec::new(),
+            quota_bytes,
+            start_attempts: 0,
+        };
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.kill_all();
+            cluster.start_attempts = attempt;
+            cluster.members = names
+                .iter()
+                .map(|name| Member {
                     client_url: format!("http://127.0.0.1:{}", free_port()),
                     peer_url: format!("http://127.0.0.1:{}", free_port()),
-                    data_dir: dir.path().join(&name),
-                    name,
+                    data_dir: cluster.dir.path().join(name),
+                    name: name.clone(),
                     child: None,
                     stopped: false,
-                }
-            })
-            .collect();
-        let mut cluster = Self {
-            dir,
-            members,
-            quota_bytes,
-        };
-        let initial = cluster.initial_cluster(&[]);
-        for i in 0..n {
-            cluster.spawn(i, &initial, "new")?;
+                })
+                .collect();
+            for (i, m) in cluster.members.iter().enumerate() {
+                // A member of a failed attempt may have written its data
+                // directory with the old cluster's identity; its log is
+                // kept aside (this attempt reads its own for failures).
+                let _ = std::fs::remove_dir_all(&m.data_dir);
+                let log = cluster.log_path(i);
+                let _ = std::fs::rename(
+                    &log,
+                    log.with_extension(format!("attempt-{}.log", attempt - 1)),
+                );
+            }
+            before_spawn(attempt, &cluster.members);
+            let initial = cluster.initial_cluster(&[]);
+            for i in 0..cluster.members.len() {
+                cluster.spawn(i, &initial, "new")?;
+            }
+            match cluster.wait_formed().await? {
+                None => return Ok(cluster),
+                Some(exited) => failures.push(format!("attempt {attempt}: {exited}")),
+            }
         }
-        cluster.wait_ready().await?;
-        Ok(cluster)
+        cluster.kill_all();
+        bail!(
+            "the etcd cluster did not start in {START_ATTEMPTS} attempts on fresh ports:\n{}\n(logs in {})",
+            failures.join("\n"),
+            cluster.dir.path().display()
+        )
+    }
+
+    /// Waits (bounded) until every member of a new cluster answers Status
+    /// with a leader and serves a read. `Some(why)` when a member exited
+    /// first (why: its name, exit status and the end of its log), so the
+    /// caller can start again on fresh ports; an error when the cluster
+    /// did not form in time with every member still running.
+    async fn wait_formed(&mut self) -> Result<Option<String>> {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        let mut ready = vec![false; self.members.len()];
+        loop {
+            for i in 0..self.members.len() {
+                if let Some(exited) = self.exited_at_start(i) {
+                    return Ok(Some(exited));
+                }
+            }
+            for (i, m) in self.members.iter().enumerate() {
+                if !ready[i] {
+                    ready[i] = self.answers(&m.name).await;
+                }
+            }
+            if ready.iter().all(|r| *r) {
+                return Ok(None);
+            }
+            if std::time::Instant::now() > deadline {
+                let waiting: Vec<&str> = self
+                    .members
+                    .iter()
+                    .zip(&ready)
+                    .filter(|(_, r)| !**r)
+                    .map(|(m, _)| m.name.as_str())
+                    .collect();
+                bail!(
+                    "etcd member(s) {} did not become ready within {READY_TIMEOUT:?}; see {}",
+                    waiting.join(", "),
+                    self.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Why member `i` cannot join a forming cluster: it exited (reaped
+    /// here), or it logged that its address was taken (etcd exits then; the
+    /// log can say so first). `None` while it runs normally.
+    fn exited_at_start(&mut self, i: usize) -> Option<String> {
+        let log_path = self.log_path(i);
+        let m = &mut self.members[i];
+        let status = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let taken = log.contains("address already in use");
+        if status.is_none() && !taken {
+            return None;
+        }
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Some(format!(
+            "member {} ({}, {}) {}; its log ends: {}",
+            m.name,
+            m.client_url,
+            m.peer_url,
+            status.map_or(
+                "logged \"address already in use\"".to_string(),
+                |s| format!("exited ({s})")
+            ),
+            tail.join(" | ")
+        ))
+    }
+
+    /// True when member `name` answers Status with a leader and a read.
+    async fn answers(&self, name: &str) -> bool {
+        if let Ok(mut c) = self.client_of(name).await
+            && let Ok(s) = c.status().await
+            && s.leader() != 0
+            && c.get("ready-probe", None).await.is_ok()
+        {
+            return true;
+        }
+        false
+    }
+
+    /// How many starts the cluster took (1 unless a port was taken).
+    pub fn start_attempts(&self) -> usize {
+        self.start_attempts
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("{}.log", self.members[i].name))
+    }
+
+    /// Kills and reaps every member (a failed start, or drop).
+    fn kill_all(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     fn initial_cluster(&self, extra: &[(&str, &str)]) -> String {
@@ -136,10 +274,7 @@ impl EtcdCluster {
     }
 
     fn spawn(&mut self, i: usize, initial_cluster: &str, state: &str) -> Result<()> {
-        let log_path = self
-            .dir
-            .path()
-            .join(format!("{}.log", self.members[i].name));
+        let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,11 +357,7 @@ impl EtcdCluster {
         {
             let mut ok = false;
             for _ in 0..300 {
-                if let Ok(mut c) = self.client_of(&m.name).await
-                    && let Ok(s) = c.status().await
-                    && s.leader() != 0
-                    && c.get("ready-probe", None).await.is_ok()
-                {
+                if self.answers(&m.name).await {
                     ok = true;
                     break;
                 }
@@ -367,12 +498,56 @@ impl EtcdCluster {
 
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
-        for m in &mut self.members {
-            if let Some(mut child) = m.child.take() {
-                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-                let _ = child.kill();
-                let _ = child.wait();
+        self.kill_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn port_of(url: &str) -> u16 {
+        url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Someone takes member n2's peer port between the harness choosing it
+    /// and etcd binding it (what an outgoing connection did to a CI run):
+    /// n2 exits with "address already in use", and the harness starts the
+    /// cluster again on fresh ports instead of failing the test.
+    #[tokio::test]
+    async fn a_cluster_whose_port_was_taken_before_it_bound_starts_on_fresh_ports() {
+        let _serial = serial().await;
+        let names: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
+        let mut squatter = None;
+        let cluster = EtcdCluster::start_members_checked(&names, None, |attempt, members| {
+            if attempt == 1 {
+                let port = port_of(&members[1].peer_url);
+                squatter = Some(TcpListener::bind(("127.0.0.1", port)).expect("taking the port"));
             }
+        })
+        .await
+        .expect("the cluster starts despite the taken port");
+        let taken = squatter.as_ref().unwrap().local_addr().unwrap().port();
+        assert_eq!(cluster.start_attempts(), 2);
+        for m in &cluster.members {
+            assert_ne!(
+                port_of(&m.peer_url),
+                taken,
+                "{} kept the taken port",
+                m.name
+            );
         }
+        let first_log =
+            std::fs::read_to_string(cluster.dir.path().join("n2.attempt-1.log")).unwrap();
+        assert!(
+            first_log.contains("address already in use"),
+            "n2's first log: {first_log}"
+        );
+        let mut client = cluster.client().await.unwrap();
+        client.put("after-restart", "yes", None).await.unwrap();
+        let got = client.get("after-restart", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"yes");
     }
 }

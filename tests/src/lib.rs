@@ -1,7 +1,9 @@
 //! Support code shared by the end-to-end tests in `tests/tests/`:
 //! - [`binary`]: the path of a workspace binary, built on demand;
 //! - [`require_root`]: tests that need root (nspawn, etcd on privileged
-//!   paths) say so clearly instead of failing obscurely.
+//!   paths) say so clearly instead of failing obscurely;
+//! - [`ports`]: loopback ports for test servers, outside the kernel's
+//!   ephemeral range so no outgoing connection takes them first.
 //!
 //! Harnesses for real components live in their own modules:
 //! - [`etcd`]: real etcd clusters on loopback, and coordinator processes;
@@ -14,6 +16,7 @@ pub mod etcd;
 pub mod coordinator;
 pub mod kube_fake;
 pub mod nspawn;
+pub mod ports;
 pub mod previous_release;
 pub mod prometheus;
 

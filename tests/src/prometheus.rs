@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::coordinator::free_port;
+use crate::ports::free_port;
 
 /// Gauges served on `/metrics` that the test sets.
 #[derive(Clone)]

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use baton_tests::binary;
-use baton_tests::coordinator::free_port;
+use baton_tests::ports::free_port;
 
 /// Runs `program` with `args` (no BATON_* settings from the environment);
 /// returns its stderr after checking it failed.

@@ -17,7 +17,8 @@ use baton_agent::coordinator::{
     BearerToken, Coordinator as _, CoordinatorError, GrpcCoordinator, Step,
 };
 use baton_tests::etcd::coordinator::Coordinator;
-use baton_tests::etcd::{EtcdCluster, etcd_binary, free_port, serial};
+use baton_tests::etcd::{EtcdCluster, etcd_binary, serial};
+use baton_tests::ports::free_port;
 
 /// Control-plane node cp-1's agent, once `coordinator` leads: its client,
 /// its grant, and its archive of `paths` made for that grant (as the agent

@@ -150,7 +150,7 @@ async fn a_two_member_cluster_never_grants() -> Result<()> {
 #[tokio::test]
 async fn unreachable_etcd_never_grants() -> Result<()> {
     let _serial = serial().await;
-    let port = baton_tests::etcd::free_port();
+    let port = baton_tests::ports::free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let coordinator = Coordinator::start("c1", &["--etcd-endpoints", &endpoint])?;
     let mut client = coordinator.client().await?;

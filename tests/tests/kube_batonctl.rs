@@ -273,7 +273,7 @@ async fn batonctl_kube_fails_closed_and_says_what_to_do() -> Result<()> {
 
     // The pod refuses the port: the kubelet's message is shown.
     c.fake.put(lease(NS, "dead-lease", "coord-1"));
-    let closed = baton_tests::coordinator::free_port();
+    let closed = baton_tests::ports::free_port();
     c.fake.put(
         pod(NS, "coord-1")
             .serving("127.0.0.1", "grpc", closed)

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::free_port;
+use crate::ports::free_port;
 
 /// How long a helper waits before it calls a scenario stuck.
 pub const BOUND: Duration = Duration::from_secs(60);
