@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Child;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use baton_tests::ports::free_port;
 
 /// The workspace root (this crate's manifest dir is `<root>/devtools`).
@@ -59,6 +59,48 @@ pub struct EmbeddedCoordinator {
     pub port: u16,
     /// Its data directory (emptied first).
     pub data: PathBuf,
+}
+
+impl EmbeddedCoordinator {
+    /// Waits (bounded) until it accepts connections on its gRPC port; an
+    /// error carrying its exit status and the end of `log` when it exits
+    /// first (a wrong binary, a refused flag), instead of a connect that
+    /// retries against a dead process.
+    pub fn wait_listening(&mut self, log: &std::path::Path) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.process.0.try_wait()? {
+                bail!(
+                    "the coordinator exited at start ({status}); its log ({}) ends:\n{}",
+                    log.display(),
+                    log_tail(log, 10)
+                );
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the coordinator did not listen on 127.0.0.1:{} within 30 s; its log ({}) ends:\n{}",
+                    self.port,
+                    log.display(),
+                    log_tail(log, 10)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// The last `lines` lines of the file at `path` ("(nothing)" when it is
+/// empty or unreadable).
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    if tail.is_empty() {
+        return "(nothing)".to_string();
+    }
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// Starts `binary serve --insecure` on free loopback ports with a fresh

@@ -15,7 +15,7 @@
 //! handoffs. Exact for one holder, within the spread of concurrent releases
 //! otherwise.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -87,6 +87,9 @@ pub struct Outcome {
     /// handoff latency (µs; `None` for a grant into a free slot). Shows
     /// whether a grant costs more while the queue is long.
     pub grant_log: Vec<(Duration, Option<u64>)>,
+    /// The distinct fencing tokens the grants carried: as many as
+    /// [`Outcome::grants`] unless two grants shared one.
+    pub tokens: BTreeSet<u64>,
 }
 
 struct Tally {
@@ -103,6 +106,7 @@ struct Tally {
     errors: u64,
     first_error: Option<String>,
     grant_log: Vec<(Duration, Option<u64>)>,
+    tokens: BTreeSet<u64>,
 }
 
 impl Tally {
@@ -118,6 +122,7 @@ impl Tally {
             errors: 0,
             first_error: None,
             grant_log: Vec::with_capacity(agents),
+            tokens: BTreeSet::new(),
         })
     }
 
@@ -173,9 +178,10 @@ impl Shared {
         }
     }
 
-    fn granted(&self) {
+    fn granted(&self, token: u64) {
         let now = Instant::now();
         let mut t = self.tally();
+        t.tokens.insert(token);
         let handoff = t.granted(now);
         t.grant_log.push((now - self.start, handoff));
     }
@@ -240,6 +246,7 @@ pub async fn run(fleet: Fleet, channels: &[Channel]) -> Result<Outcome> {
         errors: t.errors,
         first_error: t.first_error.clone(),
         grant_log: t.grant_log.clone(),
+        tokens: t.tokens.clone(),
     })
 }
 
@@ -277,7 +284,7 @@ async fn agent(i: usize, mut client: CoordinatorClient<Channel>, shared: &Shared
             None => {}
         }
     };
-    shared.granted();
+    shared.granted(token);
     drop(stream);
     if shared.fleet.mode == AgentMode::Real {
         let hold = shared

@@ -17,9 +17,16 @@
 //! ([`target`]); by default its agents release at once (`--agent instant`),
 //! so grants per second compare directly with the raw transaction rate.
 //!
-//! Writes `target/bench/fleet.json` (`fleet-etcd.json`) and an SVG plot of
-//! handoff latency and RSS against the number of waiters
-//! (`target/bench/fleet.svg`, [`plot`]), and prints a table.
+//! Writes `fleet.json` (`fleet-etcd.json`) and an SVG plot of handoff
+//! latency and RSS against the number of waiters (`fleet.svg`, [`plot`])
+//! into `--out DIR` (default `target/bench`), and prints a table.
+//!
+//! A bench that did not do its job fails: when a run did not grant every
+//! waiter exactly once (deadline, agent errors, a coordinator that exited
+//! or never started, duplicate fencing tokens) or was skipped, the report
+//! says which in its `verdict` and the bench exits non-zero after writing
+//! it, so a suite that runs it (devtools/tests/bench_fleet.rs) notices a
+//! bench that stopped granting.
 
 mod agents;
 mod plot;
@@ -40,7 +47,7 @@ use target::{Backend, Store};
 const USAGE: &str = "bench fleet [--waiters 1000,10000,30000] [--max-concurrent 1,50] \
 [--store embedded|etcd] [--agent real|instant] [--hold-ms 4] [--per-connection 1000] \
 [--deadline SECS (default: 60 ms per waiter, at least 600)] [--seed N] [--coordinator PATH] \
-| bench fleet --replot OUT.json IN.json...";
+[--floor-samples N (default 300)] [--out DIR (default: target/bench)] | bench fleet --replot OUT.json IN.json...";
 
 /// The default time a run is given per waiter. A real agent's turn is five
 /// durable saves in a row (Draining, renew, Rebooting, Verifying, the
@@ -65,6 +72,11 @@ struct Options {
     seed: u64,
     /// The coordinator binary (another build, e.g. a baseline kept aside).
     binary: PathBuf,
+    /// Where the report, the plot, the coordinators' data and logs go.
+    out: PathBuf,
+    /// Saves and round trips measured for each floor (before and after
+    /// every run); fewer make a quick run (the suite's) quicker.
+    floor_samples: usize,
 }
 
 fn list(value: &str) -> Result<Vec<usize>> {
@@ -89,6 +101,8 @@ fn parse(args: &[String]) -> Result<Options> {
         deadline: None,
         seed: 12,
         binary: release_dir().join("baton-coordinator"),
+        out: workspace_root().join("target/bench"),
+        floor_samples: 300,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -125,6 +139,8 @@ fn parse(args: &[String]) -> Result<Options> {
             "--deadline" => opts.deadline = Some(Duration::from_secs(value()?.parse()?)),
             "--seed" => opts.seed = value()?.parse()?,
             "--coordinator" => opts.binary = PathBuf::from(value()?),
+            "--out" => opts.out = PathBuf::from(value()?),
+            "--floor-samples" => opts.floor_samples = value()?.parse()?,
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
@@ -146,6 +162,9 @@ fn parse(args: &[String]) -> Result<Options> {
     if opts.waiters.iter().any(|w| *w < 2) || opts.max_concurrent.contains(&0) {
         bail!("--waiters must be at least 2 and --max-concurrent at least 1");
     }
+    if opts.floor_samples < 10 {
+        bail!("--floor-samples must be at least 10 (a floor needs a distribution)");
+    }
     if opts.per_connection == 0 {
         bail!("--per-connection must be at least 1");
     }
@@ -158,19 +177,21 @@ pub fn run(args: &[String]) -> Result<()> {
         return replot(&args[at + 1..]);
     }
     let opts = parse(args)?;
-    let root = workspace_root();
-    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(bench(&opts))?;
+    let mut report = runtime.block_on(bench(&opts))?;
+    let failures = verdict(&report);
+    report["verdict"] = json!({ "ok": failures.is_empty(), "failures": failures });
     let name = match opts.store {
         Store::Embedded => "fleet",
         Store::Etcd => "fleet-etcd",
     };
-    let json_path = root.join(format!("target/bench/{name}.json"));
+    let json_path = opts.out.join(format!("{name}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-    let svg_path = root.join(format!("target/bench/{name}.svg"));
+    let svg_path = opts.out.join(format!("{name}.svg"));
     std::fs::write(&svg_path, svg(&report))?;
     print_table(&report);
     println!(
@@ -178,7 +199,68 @@ pub fn run(args: &[String]) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
+    if !failures.is_empty() {
+        bail!(
+            "bench fleet did not do its job (report written to {}):\n  {}",
+            json_path.display(),
+            failures.join("\n  ")
+        );
+    }
     Ok(())
+}
+
+/// What went wrong in `report`'s runs, one line each; empty when every run
+/// ran to the end and granted every waiter exactly once (one grant and one
+/// distinct fencing token per waiter), with no agent failing and the
+/// coordinator still running at the end.
+fn verdict(report: &Value) -> Vec<String> {
+    let runs = report["runs"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if runs.is_empty() {
+        return vec!["no run was made".to_string()];
+    }
+    let mut failures = Vec::new();
+    for r in runs {
+        let waiters = r["waiters"].as_u64().unwrap_or(0);
+        let which = format!(
+            "{waiters} waiters, --max-concurrent {}",
+            r["max_concurrent"].as_u64().unwrap_or(0)
+        );
+        if let Some(why) = r["skipped"].as_str() {
+            failures.push(format!("{which}: skipped ({why})"));
+            continue;
+        }
+        if let Some(why) = r["failed"].as_str() {
+            failures.push(format!("{which}: failed: {why}"));
+            continue;
+        }
+        let grants = r["grants"].as_u64().unwrap_or(0);
+        if r["finished"] != json!(true) {
+            failures.push(format!(
+                "{which}: unfinished at the {} s deadline ({grants} of {waiters} granted)",
+                r["deadline_s"]
+            ));
+        } else if grants != waiters {
+            failures.push(format!("{which}: {grants} of {waiters} granted"));
+        }
+        if let Some(errors) = r["errors"].as_u64().filter(|e| *e > 0) {
+            failures.push(format!(
+                "{which}: {errors} agents failed; first: {}",
+                r["first_error"].as_str().unwrap_or("?")
+            ));
+        }
+        let distinct = r["fencing_tokens"]["distinct"].as_u64().unwrap_or(0);
+        if distinct != grants {
+            failures.push(format!(
+                "{which}: {grants} grants carried {distinct} distinct fencing tokens"
+            ));
+        }
+        if let Some(exit) = r["coordinator_exited"].as_str() {
+            failures.push(format!(
+                "{which}: the coordinator exited during the run ({exit})"
+            ));
+        }
+    }
+    failures
 }
 
 /// `bench fleet --replot OUT.json IN.json...`: one report of the runs of
@@ -219,7 +301,7 @@ fn replot(paths: &[String]) -> Result<()> {
 }
 
 async fn bench(opts: &Options) -> Result<Value> {
-    let mut backend = Backend::start(opts.store, opts.binary.clone()).await?;
+    let mut backend = Backend::start(opts.store, opts.binary.clone(), opts.out.clone()).await?;
     let mut runs = Vec::new();
     for &max in &opts.max_concurrent {
         let mut gave_up = None;
@@ -237,7 +319,20 @@ async fn bench(opts: &Options) -> Result<Value> {
                 opts.store.name(),
                 opts.mode.name()
             );
-            let run = one_run(opts, &mut backend, waiters, max).await?;
+            // A run that cannot be made (the coordinator does not start, or
+            // dies) is part of the report, which is still written.
+            let run = match one_run(opts, &mut backend, waiters, max).await {
+                Ok(run) => run,
+                Err(e) => {
+                    eprintln!("fleet: the run failed: {e:#}");
+                    json!({
+                        "waiters": waiters,
+                        "max_concurrent": max,
+                        "finished": false,
+                        "failed": format!("{e:#}"),
+                    })
+                }
+            };
             if run["finished"] != json!(true) {
                 gave_up = Some(waiters);
             }
@@ -267,14 +362,14 @@ async fn one_run(
     let mut target = backend.coordinator(max).await?;
     let first = connect(&target.url).await?;
     // The gRPC floor on the idle coordinator, before the storm.
-    let rtt = floor::grpc_round_trips(first, 300).await?;
+    let rtt = floor::grpc_round_trips(first, opts.floor_samples).await?;
     let mut channels = Vec::new();
     for _ in 0..waiters.div_ceil(opts.per_connection) {
         channels.push(connect(&target.url).await?);
     }
     // The raw save rate before the storm, and again after it: the machine
     // is shared, so the run is bracketed by its baseline.
-    let save_before = target.save_floor(300).await?;
+    let save_before = target.save_floor(opts.floor_samples).await?;
     let etcd_before = backend.etcd_counters()?;
     let saves_before = target.saves_so_far();
     let sampler = target.sample_saves().await?;
@@ -298,6 +393,9 @@ async fn one_run(
     let end_kib = rss_kib(target.pid)?;
     drop(channels);
     let during = sampler.finish().await?;
+    // A coordinator that died under the storm is a failed run even when
+    // every agent happened to be done first.
+    let coordinator_exited = target.exit_status();
     // Durable writes per grant (embedded store): what group commit saves.
     let saves_per_grant = target
         .saves_so_far()
@@ -314,7 +412,7 @@ async fn one_run(
         })
         .filter(|(_, v)| v.as_f64().is_some_and(|v| v > 0.0))
         .collect();
-    let save = target.save_floor(300).await?;
+    let save = target.save_floor(opts.floor_samples).await?;
     drop(target);
 
     let h = &outcome.handoffs;
@@ -353,6 +451,12 @@ async fn one_run(
         "queued_updates_per_grant": outcome.queued_updates as f64 / outcome.grants.max(1) as f64,
         "errors": outcome.errors,
         "first_error": outcome.first_error,
+        "fencing_tokens": {
+            "distinct": outcome.tokens.len(),
+            "min": outcome.tokens.first(),
+            "max": outcome.tokens.last(),
+        },
+        "coordinator_exited": coordinator_exited,
         "coordinator": {
             "cpu_s": cpu,
             "cpu_cores": cpu / secs,
@@ -439,7 +543,11 @@ fn svg(report: &Value) -> String {
             ),
             points: runs
                 .iter()
-                .filter(|r| r["max_concurrent"].as_u64() == Some(*max) && r["skipped"].is_null())
+                .filter(|r| {
+                    r["max_concurrent"].as_u64() == Some(*max)
+                        && r["skipped"].is_null()
+                        && r["failed"].is_null()
+                })
                 .map(|r| plot::Point {
                     waiters: r["waiters"].as_f64().unwrap_or(f64::NAN),
                     p50_ms: r["handoff_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
@@ -479,9 +587,14 @@ fn print_table(report: &Value) {
         "RSS MiB"
     );
     for r in report["runs"].as_array().into_iter().flatten() {
-        if let Some(why) = r["skipped"].as_str() {
+        if let Some(why) = r["skipped"].as_str().or(r["failed"].as_str()) {
+            let what = if r["failed"].is_null() {
+                "skipped"
+            } else {
+                "failed"
+            };
             println!(
-                "{:>7} {:>4}  skipped: {why}",
+                "{:>7} {:>4}  {what}: {why}",
                 r["waiters"].as_u64().unwrap_or(0),
                 r["max_concurrent"].as_u64().unwrap_or(0)
             );

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use baton_tests::etcd::EtcdCluster;
 use baton_tests::etcd::coordinator::Coordinator;
 use etcd_client::GetOptions;
 use hdrhistogram::Histogram;
 
 use crate::floor;
-use crate::util::{EmbeddedCoordinator, start_embedded_coordinator, workspace_root};
+use crate::util::{EmbeddedCoordinator, log_tail, start_embedded_coordinator};
 
 /// Where the state lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +41,15 @@ impl Store {
 pub struct Backend {
     etcd: Option<EtcdCluster>,
     binary: PathBuf,
+    /// Where the coordinators' data directories and logs go (`--out`).
+    out: PathBuf,
     runs: usize,
 }
 
 impl Backend {
-    /// Starts what `store` needs.
-    pub async fn start(store: Store, binary: PathBuf) -> Result<Self> {
+    /// Starts what `store` needs; coordinators will run `binary` and keep
+    /// their data and logs under `out`.
+    pub async fn start(store: Store, binary: PathBuf, out: PathBuf) -> Result<Self> {
         let etcd = match store {
             Store::Embedded => None,
             Store::Etcd => Some(EtcdCluster::start(3).await?),
@@ -54,6 +57,7 @@ impl Backend {
         Ok(Self {
             etcd,
             binary,
+            out,
             runs: 0,
         })
     }
@@ -86,19 +90,22 @@ impl Backend {
         let max = max_concurrent.to_string();
         match &self.etcd {
             None => {
-                let root = workspace_root();
-                let coordinator = start_embedded_coordinator(
+                let log = self
+                    .out
+                    .join(format!("fleet-coordinator-{}.log", self.runs));
+                let mut coordinator = start_embedded_coordinator(
                     &self.binary,
-                    root.join(format!("target/bench/fleet-data-{}", self.runs)),
-                    &root.join("target/bench/fleet-coordinator.log"),
+                    self.out.join(format!("fleet-data-{}", self.runs)),
+                    &log,
                     &["--max-concurrent", &max],
                 )?;
+                coordinator.wait_listening(&log)?;
                 Ok(Target {
                     url: format!("http://127.0.0.1:{}", coordinator.port),
                     pid: coordinator.process.0.id(),
                     kind: Kind::Embedded {
                         data: coordinator.data.clone(),
-                        _coordinator: coordinator,
+                        coordinator,
                     },
                 })
             }
@@ -120,14 +127,14 @@ impl Backend {
                     // Each run has its own, new prefix.
                     "--initialize",
                 ];
-                let coordinator =
+                let mut coordinator =
                     Coordinator::start_binary_logging(&self.binary, "fleet", &args, "warn")?;
-                coordinator.wait_ready().await?;
+                wait_leading(&mut coordinator).await?;
                 Ok(Target {
                     url: coordinator.grpc_url.clone(),
                     pid: coordinator.pid().as_raw() as u32,
                     kind: Kind::Etcd {
-                        _coordinator: Box::new(coordinator),
+                        coordinator: Box::new(coordinator),
                         client: Box::new(cluster.client().await?),
                         prefix,
                     },
@@ -137,13 +144,39 @@ impl Backend {
     }
 }
 
+/// Waits (bounded) until `coordinator` leads; an error with its exit
+/// status and log when it exits first.
+async fn wait_leading(coordinator: &mut Coordinator) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = coordinator.exit_status() {
+            bail!(
+                "the coordinator exited at start ({status}); its log ({}) ends:\n{}",
+                coordinator.log_path().display(),
+                log_tail(&coordinator.log_path(), 10)
+            );
+        }
+        if coordinator.ready() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the coordinator did not lead within 60 s; its log ({}) ends:\n{}",
+                coordinator.log_path().display(),
+                log_tail(&coordinator.log_path(), 10)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 enum Kind {
     Embedded {
-        _coordinator: EmbeddedCoordinator,
+        coordinator: EmbeddedCoordinator,
         data: PathBuf,
     },
     Etcd {
-        _coordinator: Box<Coordinator>,
+        coordinator: Box<Coordinator>,
         client: Box<etcd_client::Client>,
         prefix: String,
     },
@@ -187,6 +220,15 @@ impl SaveSampler {
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 impl Target {
+    /// How the coordinator ended, when it exited (`None` while it runs).
+    pub fn exit_status(&mut self) -> Option<String> {
+        let status = match &mut self.kind {
+            Kind::Embedded { coordinator, .. } => coordinator.process.0.try_wait().ok().flatten(),
+            Kind::Etcd { coordinator, .. } => coordinator.exit_status(),
+        };
+        status.map(|s| s.to_string())
+    }
+
     /// Samples one save every [`SAMPLE_EVERY`] while the fleet runs, on the
     /// same disk (or etcd cluster) and under the same load as the
     /// coordinator's saves: the floor of this run, not of a quieter moment.

@@ -158,6 +158,14 @@ impl Coordinator {
         self.child.is_some()
     }
 
+    /// How the process ended, if it exited on its own (`None` while it
+    /// runs, or after [`Coordinator::kill`]); reaps it.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Where its log goes.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("coordinator.log")
