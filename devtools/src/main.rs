@@ -12,8 +12,9 @@
 //!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
 //! - `bench agent [--duration S]`: the agent's idle footprint and reaction
 //!   time (`bench_agent`);
-//! - `bench fleet [--store etcd]`: 1,000 to 30,000 simulated agents asking
-//!   at once (`bench_fleet`);
+//! - `bench fleet [--store etcd] [--out DIR]`: 1,000 to 30,000 simulated
+//!   agents asking at once; exits non-zero when a run did not grant every
+//!   waiter (`bench_fleet`);
 //! - `lab [--nodes N] [--workers M] [--chaos [--seed S]] [--keep]`: a whole
 //!   rollout through real etcd and real reboots, watched from outside
 //!   ([`lab`]);
@@ -32,7 +33,7 @@ mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N] | lab [--help] | gen-cli DIR\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N] [--deadline S] [--out DIR] | lab [--help] | gen-cli DIR\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {

@@ -149,7 +149,7 @@ fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
             "--agent",
             "real",
             "--deadline",
-            "120",
+            "60",
         ],
     );
     assert!(run.status.success(), "{}", text(&run));
@@ -185,7 +185,7 @@ fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
             "--max-concurrent",
             "1",
             "--deadline",
-            "120",
+            "60",
         ],
     );
     assert!(run.status.success(), "{}", text(&run));
