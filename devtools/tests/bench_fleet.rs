@@ -21,30 +21,87 @@ use serde_json::Value;
 /// cluster), and the machine has 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs `baton-devtools bench fleet` with `args` against the debug
-/// coordinator (built first when stale), writing into `out`.
-fn bench_fleet(out: &Path, coordinator: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_baton-devtools"))
-        .args(["bench", "fleet"])
-        .args(args)
-        .arg("--coordinator")
-        .arg(coordinator)
-        .arg("--out")
-        .arg(out)
-        // Enough for a floor, few enough for a quick run.
-        .args(["--floor-samples", "30"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running baton-devtools bench fleet")
+/// What one `bench fleet` run left: its output, its report, and the
+/// directory holding them (removed when dropped).
+struct Bench {
+    output: Output,
+    report: Value,
+    out: tempfile::TempDir,
 }
 
-fn report(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+impl Bench {
+    /// Runs `baton-devtools bench fleet` with `args` into a fresh
+    /// directory, against `coordinator` or the workspace's debug
+    /// coordinator (built first when stale), one bench at a time; reads
+    /// the report it must write whatever happened (`name`.json).
+    fn run(coordinator: Option<&Path>, args: &[&str], name: &str) -> Self {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let coordinator = coordinator
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| baton_tests::binary("baton-coordinator"));
+        let out = tempfile::tempdir().expect("temp dir");
+        let output = Command::new(env!("CARGO_BIN_EXE_baton-devtools"))
+            .args(["bench", "fleet"])
+            .args(args)
+            .arg("--coordinator")
+            .arg(&coordinator)
+            .arg("--out")
+            .arg(out.path())
+            // Enough for a floor, few enough for a quick run.
+            .args(["--floor-samples", "30"])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running baton-devtools bench fleet");
+        let path = out.path().join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{} not written ({e}); {}",
+                path.display(),
+                describe(&output)
+            )
+        });
+        let report = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        Self {
+            output,
+            report,
+            out,
+        }
+    }
+
+    /// The run succeeded and its report's verdict agrees; its runs.
+    fn succeeded(&self) -> &[Value] {
+        assert!(self.output.status.success(), "{}", describe(&self.output));
+        assert_eq!(
+            self.report["verdict"]["ok"],
+            Value::Bool(true),
+            "{:#}",
+            self.report
+        );
+        self.report["runs"].as_array().expect("runs")
+    }
+
+    /// The run failed, saying `why` on stderr, and its report's verdict
+    /// agrees; its runs.
+    fn failed(&self, why: &str) -> &[Value] {
+        assert!(!self.output.status.success(), "{}", describe(&self.output));
+        let stderr = String::from_utf8_lossy(&self.output.stderr);
+        assert!(
+            stderr.contains("did not do its job") && stderr.contains(why),
+            "{}",
+            describe(&self.output)
+        );
+        assert_eq!(
+            self.report["verdict"]["ok"],
+            Value::Bool(false),
+            "{:#}",
+            self.report
+        );
+        self.report["runs"].as_array().expect("runs")
+    }
 }
 
-fn text(out: &Output) -> String {
+fn describe(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
         out.status,
@@ -135,12 +192,8 @@ fn assert_svg(path: &Path, points: usize) {
 
 #[test]
 fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let coordinator = baton_tests::binary("baton-coordinator");
-    let out = tempfile::tempdir().expect("temp dir");
-    let run = bench_fleet(
-        out.path(),
-        &coordinator,
+    let bench = Bench::run(
+        None,
         &[
             "--waiters",
             "30",
@@ -151,14 +204,12 @@ fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
             "--deadline",
             "60",
         ],
+        "fleet",
     );
-    assert!(run.status.success(), "{}", text(&run));
-    let report = report(&out.path().join("fleet.json"));
-    assert_eq!(report["verdict"]["ok"], Value::Bool(true), "{report:#}");
-    assert_eq!(report["store"], "embedded");
-    assert_eq!(report["agent"], "real");
-    let runs = report["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2, "{report:#}");
+    let runs = bench.succeeded();
+    assert_eq!(bench.report["store"], "embedded");
+    assert_eq!(bench.report["agent"], "real");
+    assert_eq!(runs.len(), 2, "{:#}", bench.report);
     for (run, max) in runs.iter().zip([1, 2]) {
         assert_eq!(run["max_concurrent"], max);
         assert_granted_everyone(run, 30);
@@ -166,17 +217,13 @@ fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
         // write per grant.
         assert!(number(run, "/saves_per_grant") > 1.0, "{run:#}");
     }
-    assert_svg(&out.path().join("fleet.svg"), 2);
+    assert_svg(&bench.out.path().join("fleet.svg"), 2);
 }
 
 #[test]
 fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let coordinator = baton_tests::binary("baton-coordinator");
-    let out = tempfile::tempdir().expect("temp dir");
-    let run = bench_fleet(
-        out.path(),
-        &coordinator,
+    let bench = Bench::run(
+        None,
         &[
             "--store",
             "etcd",
@@ -187,17 +234,15 @@ fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
             "--deadline",
             "60",
         ],
+        "fleet-etcd",
     );
-    assert!(run.status.success(), "{}", text(&run));
-    let report = report(&out.path().join("fleet-etcd.json"));
-    assert_eq!(report["verdict"]["ok"], Value::Bool(true), "{report:#}");
-    assert_eq!(report["store"], "etcd");
+    let runs = bench.succeeded();
+    assert_eq!(bench.report["store"], "etcd");
     assert_eq!(
-        report["agent"], "instant",
+        bench.report["agent"], "instant",
         "etcd defaults to instant agents"
     );
-    let runs = report["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 1, "{report:#}");
+    assert_eq!(runs.len(), 1, "{:#}", bench.report);
     let run = &runs[0];
     assert_granted_everyone(run, 20);
     // The raw etcd transaction rate, measured before and after the run.
@@ -208,16 +253,13 @@ fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
         number(run, "/etcd_per_grant/proposals_committed") >= 1.0,
         "{run:#}"
     );
-    assert_svg(&out.path().join("fleet-etcd.svg"), 1);
+    assert_svg(&bench.out.path().join("fleet-etcd.svg"), 1);
 }
 
 #[test]
 fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = tempfile::tempdir().expect("temp dir");
-    let run = bench_fleet(
-        out.path(),
-        Path::new("/bin/false"),
+    let bench = Bench::run(
+        Some(Path::new("/bin/false")),
         &[
             "--waiters",
             "10",
@@ -226,23 +268,15 @@ fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
             "--deadline",
             "60",
         ],
+        "fleet",
     );
-    assert!(!run.status.success(), "{}", text(&run));
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let runs = bench.failed("exited at start");
+    assert_eq!(runs[0]["finished"], Value::Bool(false), "{runs:#?}");
     assert!(
-        stderr.contains("did not do its job") && stderr.contains("exited at start"),
-        "{}",
-        text(&run)
-    );
-    let report = report(&out.path().join("fleet.json"));
-    assert_eq!(report["verdict"]["ok"], Value::Bool(false), "{report:#}");
-    let run = &report["runs"][0];
-    assert_eq!(run["finished"], Value::Bool(false), "{report:#}");
-    assert!(
-        run["failed"]
+        runs[0]["failed"]
             .as_str()
             .is_some_and(|f| f.contains("exited at start")),
-        "{report:#}"
+        "{runs:#?}"
     );
 }
 
@@ -250,12 +284,8 @@ fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
 /// least 2 s whatever the machine's speed: a 1 s deadline cannot be met.
 #[test]
 fn a_run_cut_by_its_deadline_fails_the_bench_and_is_reported_unfinished() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let coordinator = baton_tests::binary("baton-coordinator");
-    let out = tempfile::tempdir().expect("temp dir");
-    let run = bench_fleet(
-        out.path(),
-        &coordinator,
+    let bench = Bench::run(
+        None,
         &[
             "--waiters",
             "100,200",
@@ -268,24 +298,16 @@ fn a_run_cut_by_its_deadline_fails_the_bench_and_is_reported_unfinished() {
             "--deadline",
             "1",
         ],
+        "fleet",
     );
-    assert!(!run.status.success(), "{}", text(&run));
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        stderr.contains("unfinished at the 1 s deadline"),
-        "{}",
-        text(&run)
-    );
-    let report = report(&out.path().join("fleet.json"));
-    assert_eq!(report["verdict"]["ok"], Value::Bool(false), "{report:#}");
-    let runs = report["runs"].as_array().expect("runs");
-    assert_eq!(runs[0]["finished"], Value::Bool(false), "{report:#}");
-    assert!(runs[0]["grants"].as_u64().unwrap() < 100, "{report:#}");
+    let runs = bench.failed("unfinished at the 1 s deadline");
+    assert_eq!(runs[0]["finished"], Value::Bool(false), "{runs:#?}");
+    assert!(runs[0]["grants"].as_u64().unwrap() < 100, "{runs:#?}");
     // The larger fleet is not run after the smaller did not finish, and
     // the verdict counts the skip too.
-    assert!(runs[1]["skipped"].is_string(), "{report:#}");
-    let failures = report["verdict"]["failures"].as_array().unwrap();
-    assert_eq!(failures.len(), 2, "{report:#}");
+    assert!(runs[1]["skipped"].is_string(), "{runs:#?}");
+    let failures = bench.report["verdict"]["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2, "{:#}", bench.report);
     // The plot still has the unfinished run.
-    assert_svg(&out.path().join("fleet.svg"), 1);
+    assert_svg(&bench.out.path().join("fleet.svg"), 1);
 }
