@@ -645,3 +645,45 @@ fn print_table(report: &Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(grants: u64, distinct: u64) -> Value {
+        json!({
+            "waiters": 3,
+            "max_concurrent": 1,
+            "finished": true,
+            "deadline_s": 600,
+            "grants": grants,
+            "errors": 0,
+            "fencing_tokens": { "distinct": distinct },
+            "coordinator_exited": null,
+        })
+    }
+
+    #[test]
+    fn only_a_run_that_granted_every_waiter_once_passes() {
+        assert!(verdict(&json!({ "runs": [run(3, 3)] })).is_empty());
+        assert_eq!(verdict(&json!({ "runs": [] })), ["no run was made"]);
+        let shared_token = verdict(&json!({ "runs": [run(3, 2)] }));
+        assert_eq!(
+            shared_token,
+            ["3 waiters, --max-concurrent 1: 3 grants carried 2 distinct fencing tokens"]
+        );
+        let mut short = run(2, 2);
+        short["finished"] = json!(false);
+        assert_eq!(
+            verdict(&json!({ "runs": [short] })),
+            ["3 waiters, --max-concurrent 1: unfinished at the 600 s deadline (2 of 3 granted)"]
+        );
+        let mut died = run(3, 3);
+        died["coordinator_exited"] = json!("signal: 9 (SIGKILL)");
+        died["errors"] = json!(1);
+        died["first_error"] = json!("release: transport error");
+        assert_eq!(verdict(&json!({ "runs": [died] })).len(), 2);
+        let skipped = json!({ "waiters": 5, "max_concurrent": 1, "skipped": "the run with 3 waiters did not finish" });
+        assert_eq!(verdict(&json!({ "runs": [run(3, 3), skipped] })).len(), 1);
+    }
+}
