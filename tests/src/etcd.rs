@@ -1,5 +1,8 @@
 //! A harness for real etcd clusters (Debian's `etcd`, 3.4) on loopback: each
-//! member gets free ports and its own data directory under a temp dir.
+//! member gets free ports ([`crate::ports`], outside the kernel's ephemeral
+//! range) and its own data directory under a temp dir. A new cluster whose
+//! member exits before the cluster has formed (its port taken after all) is
+//! started again on fresh ports, a bounded number of times.
 //! Members can be SIGKILLed, SIGSTOPped (hung), restarted and added as
 //! learners; a tiny `--quota-backend-bytes` provokes a NOSPACE alarm.
 //!
@@ -74,8 +77,9 @@ pub struct EtcdCluster {
 const START_ATTEMPTS: usize = 3;
 
 /// How long a new cluster may take to form (etcd needs ~1 s; a loaded
-/// 2-core machine running a test suite, much more).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// 2-core machine running a test suite, much more). A member that exits
+/// ends the wait at once, so only a cluster that hangs waits this long.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl EtcdCluster {
     /// Starts members named `n1`..`nN` and waits until every one answers.
