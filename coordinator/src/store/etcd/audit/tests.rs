@@ -93,10 +93,7 @@ fn a_batch_longer_than_the_window_deletes_the_previous_window_only() {
         plans[1].ops,
         [
             AuditOp::Put(newest),
-            AuditOp::Delete(Span::new(
-                Edge::Key(1_000_002 - KEEP),
-                Edge::Key(1_000_002)
-            )),
+            AuditOp::Delete(Span::new(Edge::Key(1_000_002 - KEEP), Edge::Key(1_000_002))),
         ]
     );
     assert_eq!(
