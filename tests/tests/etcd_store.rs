@@ -38,6 +38,29 @@ async fn until_leader(store: &EtcdStore) -> Result<Fence> {
     })
 }
 
+/// What the audit tests start from: the serial guard, one member, a
+/// client of it, and replica `a` leading, with its fence, over no state or
+/// over `document` put as the state key before it started.
+type Leading = (
+    tokio::sync::MutexGuard<'static, ()>,
+    EtcdCluster,
+    etcd_client::Client,
+    EtcdStore,
+    Fence,
+);
+
+async fn leading(document: Option<&str>) -> Result<Leading> {
+    let serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    if let Some(document) = document {
+        etcd.put("/baton-test/state", document, None).await?;
+    }
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let fence = until_leader(&a).await?;
+    Ok((serial, cluster, etcd, a, fence))
+}
+
 /// Waits until `store` no longer leads.
 async fn until_deposed(store: &EtcdStore) -> Result<()> {
     let mut rx = store.leadership();
@@ -219,27 +242,13 @@ async fn five_saves_and_a_backup(
 /// save leaves no record, and a load brings back the newest records.
 #[tokio::test]
 async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut current = LeaseState::default();
-    let mut etcd = cluster.client().await?;
     step(&a, &mut fence, &mut current, pauses(150)).await?;
     for _ in 0..30 {
         step(&a, &mut fence, &mut current, pauses(10)).await?;
-        let keys = etcd
-            .get(
-                "/baton-test/audit/",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only(),
-                ),
-            )
-            .await?
-            .count();
-        assert!(keys as usize <= AUDIT_KEEP, "{keys} audit keys");
+        let keys = audit_keys(&mut etcd).await?.len();
+        assert!(keys <= AUDIT_KEEP, "{keys} audit keys");
     }
     assert_eq!(current.audit_seq, 900);
     let document = etcd.get("/baton-test/state", None).await?;
@@ -287,13 +296,7 @@ const PREVIOUS_RELEASE: &str = previous_release::DOCUMENT;
 #[tokio::test]
 async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()> {
     use baton_coordinator::rollout::gate::last_release;
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
-        .await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
     let mut current = a.load().await?.state.context("no state")?;
     let released = "2026-11-20T10:04:00Z".parse()?;
     assert_eq!(last_release(&current), Some(released));
@@ -374,11 +377,7 @@ fn grant_and_pauses(node: &'static str, pairs: usize) -> impl FnOnce(&mut LeaseS
 /// abandoned saves' records in place of the new ones.
 #[tokio::test]
 async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     // What came after the backup: saves of 2 and 3 records (keys 12 and
     // 15), and a long history past them.
@@ -408,11 +407,7 @@ async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Res
 /// place of its own.
 #[tokio::test]
 async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut old = LeaseState::default();
     for node in ["old-1", "old-2", "old-3", "old-4", "old-5"] {
         // Two records a save: keys 2, 4, 6, ...
@@ -459,13 +454,7 @@ async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
 #[tokio::test]
 async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key() -> Result<()> {
     use baton_coordinator::rollout::gate::last_release;
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
-        .await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
     let mut current = a.load().await?.state.context("no state")?;
     let n2 = NodeName::new("n2")?;
     // The upgrade's first save: a renewal, no record of its own.
@@ -499,11 +488,7 @@ async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key(
 /// test asked for the backup's 10 records and failed with none.)
 #[tokio::test]
 async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     let mut abandoned = at_backup.clone();
     step(&a, &mut fence, &mut abandoned, pauses(300)).await?;
@@ -520,27 +505,9 @@ async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window
     let read = a.load().await?.state.context("no state")?;
     assert_eq!(read, current);
     assert_eq!(read.audit.len(), 6, "{read:?}");
-    let keys = etcd
-        .get(
-            "/baton-test/audit/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await?;
-    let keys: Vec<String> = keys
-        .kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-        .collect();
     assert_eq!(
-        keys,
-        [
-            "/baton-test/audit/00000000000000000012",
-            "/baton-test/audit/00000000000000000016"
-        ],
+        audit_keys(&mut etcd).await?,
+        [12, 16],
         "the abandoned key is deleted"
     );
     Ok(())
@@ -660,11 +627,7 @@ async fn hand_over(
 #[tokio::test]
 async fn a_leaders_saves_delete_only_in_their_window_not_from_the_start_of_the_prefix() -> Result<()>
 {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut current = LeaseState::default();
     for _ in 0..2_000 {
         step(&a, &mut fence, &mut current, records(1)).await?;
@@ -705,11 +668,7 @@ async fn a_leaders_saves_delete_only_in_their_window_not_from_the_start_of_the_p
 /// window and a load reads exactly the newest AUDIT_KEEP records.
 #[tokio::test]
 async fn straddling_and_overlong_batches_leave_exactly_the_window() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut current = LeaseState::default();
     for _ in 0..80 {
         step(&a, &mut fence, &mut current, records(7)).await?;
@@ -738,15 +697,9 @@ async fn straddling_and_overlong_batches_leave_exactly_the_window() -> Result<()
 /// and past them); the next saves keep exactly the window.
 #[tokio::test]
 async fn the_first_save_after_a_format_1_document_leaves_only_its_records() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
     leave_audit_keys(&mut etcd, 2, 1, "earlier-upgrade").await?;
     leave_audit_keys(&mut etcd, 700, 3, "earlier-upgrade").await?;
-    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
-        .await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
     let mut current = a.load().await?.state.context("no state")?;
     step(&a, &mut fence, &mut current, records(2)).await?;
     assert_eq!(audit_keys(&mut etcd).await?, [5]);
@@ -776,11 +729,7 @@ async fn the_first_save_after_a_format_1_document_leaves_only_its_records() -> R
 #[tokio::test]
 async fn restored_state_keys_behind_and_ahead_of_the_audit_keys_read_and_keep_their_own()
 -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     // The history after the backup: over three windows of records.
     let mut abandoned = at_backup.clone();
