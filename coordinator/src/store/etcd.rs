@@ -19,11 +19,12 @@
 //! an earlier installation left under the prefix. A document of the
 //! previous release (format 1, the audit inside it) has its records moved
 //! to an audit key by the first save after it, in that save's transaction.
-//! The deletes walk only where keys can be live: after this replica's own
-//! save, that save's window (etcd keeps deleted keys in its index until a
-//! compaction, and a range walks them all, so a range from the start of
+//! The deletes walk only where keys can be live: from this replica's own
+//! last save, that save's window (etcd keeps deleted keys in its index until
+//! a compaction, and a range walks them all, so a range from the start of
 //! the prefix would grow by a key per save); from a state it did not write
-//! (after any load), the whole prefix, once. [`audit`] has the argument.
+//! (another leader's, a restored one), the whole prefix, once. The module
+//! `audit` (`store/etcd/audit.rs`) has the argument.
 //!
 //! Guarantees:
 //! - Every save is one transaction that writes the state only if (a) this

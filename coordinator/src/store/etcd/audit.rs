@@ -21,25 +21,34 @@
 //!   it still holds when this save commits, because the transaction commits
 //!   only while the state key is still at that save's revision: no save
 //!   since, and only saves write audit keys.
-//! - Only the replica that made that save knows its span. A save from a
-//!   state it did not write (the first after a load: a new term, another
-//!   leader's state, a `state` key restored from a backup, whose keys can
-//!   lie anywhere below or above its window, a format-1 document, a new
-//!   document) assumes keys may be live anywhere ([`Span::ALL`]): it deletes
-//!   from the start of the prefix to its end, once.
+//! - Only the replica that made that save knows its span (the store keeps it
+//!   with the revision the save answered). A save from any other state
+//!   assumes keys may be live anywhere ([`Span::ALL`]) and deletes from the
+//!   start of the prefix to its end: the first save from another leader's
+//!   state (a new term), from a `state` key restored from a backup (whose
+//!   window the abandoned history deleted, and under which another
+//!   history's keys can lie below the window or past it), from a format-1
+//!   document, a new document (`--initialize`), or a state whose save's
+//!   answer was lost.
+//! - The bound cannot be taken from the save's own numbers (its batch's
+//!   first number minus [`AUDIT_KEEP`]): a change that made more records
+//!   than the window holds carries only the newest of them, so its batch
+//!   starts past the previous window; and a restored `state` key can lie
+//!   above another history's keys (the tests keep both cases).
 //!
 //! What each save walks is therefore bounded: in a run of saves by one
 //! leader, every range lies within the previous save's span, which is at
-//! most its window (`AUDIT_KEEP` numbers) plus its batch's key; the deletes
-//! of a save whose batch is `b` records long remove the `b` numbers that fell
-//! out of the window (at most the whole previous window), however long the
-//! history and however long since etcd compacted. The range past the batch
-//! (a restored `state` key's abandoned future, whose deleted keys stay in
-//! etcd's index until a compaction) is walked by the first save after the
-//! load only: that save leaves nothing past its batch, so the next ones
-//! have nothing to delete there. A replica walks the whole prefix once per
-//! load (a new term, a reload after a failed save), as the load's own read
-//! of the prefix does.
+//! most its window ([`AUDIT_KEEP`] numbers); the deletes of a save whose
+//! batch is `b` records long remove the `b` numbers that fell out of the
+//! window (at most the whole previous window), however long the history and
+//! however long since etcd compacted. The range past the batch (a restored
+//! `state` key's abandoned future, whose deleted keys stay in etcd's index
+//! until a compaction) is walked by the first save from the restored state
+//! only: that save leaves nothing past its batch, so the next ones have
+//! nothing to delete there. A replica walks the whole prefix once for each
+//! state it starts from that it did not write, as the load of that state
+//! reads the prefix too. (Keys put under the prefix by hand, by no save,
+//! are deleted by that first save only.)
 
 use crate::state::AUDIT_KEEP;
 

@@ -19,6 +19,16 @@ fn deleted_numbers(plan: &AuditPlan) -> Option<u64> {
     })
 }
 
+/// The batch a change of `records` records from `audit_seq` carries: the
+/// state keeps only the newest AUDIT_KEEP of them.
+fn carried(audit_seq: u64, records: u64) -> (u64, u64) {
+    let newest = audit_seq + records;
+    (
+        (audit_seq + 1).max((newest + 1).saturating_sub(KEEP)),
+        newest,
+    )
+}
+
 /// A run of saves by one leader: the first after its load, then saves of
 /// `sizes` records each, each from the span the one before left.
 fn run(audit_seq: u64, sizes: &[u64]) -> Vec<AuditPlan> {
@@ -26,7 +36,7 @@ fn run(audit_seq: u64, sizes: &[u64]) -> Vec<AuditPlan> {
     let mut seq = audit_seq;
     let mut plans = Vec::new();
     for &size in sizes {
-        let batch = (size > 0).then(|| (seq + 1, seq + size));
+        let batch = (size > 0).then(|| carried(seq, size));
         seq += size;
         let plan = plan(seq, false, batch, live);
         live = plan.live_after;
@@ -83,8 +93,11 @@ fn an_ordinary_save_deletes_a_bounded_range_however_long_the_history() {
     }
 }
 
-/// A batch longer than the window replaces the whole previous window: the
-/// range is the previous span, still not the prefix.
+/// A change that made more records than the window holds carries only the
+/// newest AUDIT_KEEP of them (so its batch starts past the previous save's
+/// newest plus one: a range from there minus AUDIT_KEEP would miss the
+/// previous window), and replaces the whole previous window: the range is
+/// the previous span, still not the prefix.
 #[test]
 fn a_batch_longer_than_the_window_deletes_the_previous_window_only() {
     let plans = run(1_000_000, &[1, 2 * KEEP]);
@@ -247,7 +260,7 @@ proptest! {
                     (records, true)
                 }
             };
-            let batch = (records > 0).then(|| (audit_seq + 1, audit_seq + records));
+            let batch = (records > 0).then(|| carried(audit_seq, records));
             audit_seq += records;
             let live = written.unwrap_or(Span::ALL);
             prop_assert!(keys.iter().all(|k| k.in_span(live)), "{keys:?} outside {live:?}");
