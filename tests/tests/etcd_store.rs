@@ -662,6 +662,34 @@ async fn a_leaders_saves_delete_only_in_their_window_not_from_the_start_of_the_p
     Ok(())
 }
 
+/// Red-team finding on the narrow ranges: a remembered span is good only
+/// along an unbroken chain of the replica's own saves. After an etcd
+/// snapshot restore revisions repeat, so the state key can be found at the
+/// remembered revision with keys of another history the span does not
+/// cover. Keys left while the state key stays at its revision stand for
+/// them here: the first save after a load deletes them (it failed before:
+/// the span was kept across the load and both keys survived).
+#[tokio::test]
+async fn the_first_save_after_a_load_deletes_what_the_span_does_not_cover_at_the_same_revision()
+-> Result<()> {
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..600 {
+        step(&a, &mut fence, &mut current, records(1)).await?;
+    }
+    leave_audit_keys(&mut etcd, 5, 1, "other-history").await?;
+    leave_audit_keys(&mut etcd, 1_000_000, 1, "other-history").await?;
+    let at = fence.revision.clone();
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(fence.revision, at, "the state key did not move");
+    step(&a, &mut fence, &mut current, records(1)).await?;
+    assert_eq!(
+        audit_keys(&mut etcd).await?,
+        (102..=601).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 /// Hostile: a batch that straddles the window's lower edge stays whole
 /// (the load keeps its newest records); a batch longer than the window
 /// replaces it all; after each, the keys are exactly those named in the

@@ -23,7 +23,8 @@
 //! last save, that save's window (etcd keeps deleted keys in its index until
 //! a compaction, and a range walks them all, so a range from the start of
 //! the prefix would grow by a key per save); from a state it did not write
-//! (another leader's, a restored one), the whole prefix, once. The module
+//! (another leader's, a restored one) and after any load, the whole prefix,
+//! once. The module
 //! `audit` (`store/etcd/audit.rs`) has the argument.
 //!
 //! Guarantees:
@@ -601,6 +602,16 @@ impl EtcdStore {
 impl StateStore for EtcdStore {
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
+            // A remembered span is good only along an unbroken chain of
+            // this replica's own saves: a state key found at the same
+            // revision may be another history's (an etcd snapshot restore
+            // repeats revisions), with audit keys the span does not cover.
+            // The first save after a load deletes the whole prefix.
+            *self
+                .shared
+                .audit_written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
             let key = self.state_key();
             let prefix = self.audit_prefix();
             // One transaction reads the document and the newest audit

@@ -30,6 +30,11 @@
 //!   history's keys can lie below the window or past it), from a format-1
 //!   document, a new document (`--initialize`), or a state whose save's
 //!   answer was lost.
+//! - A load forgets the span: it is good only along an unbroken chain of
+//!   this replica's own saves. After an etcd snapshot restore, revisions
+//!   repeat, so a state key found at the remembered revision may be
+//!   another history's, with keys the span does not cover (found by a
+//!   red-team review; `the_first_save_after_a_load_deletes_what_the_span_does_not_cover_at_the_same_revision`).
 //! - The bound cannot be taken from the save's own numbers (its batch's
 //!   first number minus [`AUDIT_KEEP`]): a change that made more records
 //!   than the window holds carries only the newest of them, so its batch
