@@ -38,6 +38,29 @@ async fn until_leader(store: &EtcdStore) -> Result<Fence> {
     })
 }
 
+/// What the audit tests start from: the serial guard, one member, a
+/// client of it, and replica `a` leading, with its fence, over no state or
+/// over `document` put as the state key before it started.
+type Leading = (
+    tokio::sync::MutexGuard<'static, ()>,
+    EtcdCluster,
+    etcd_client::Client,
+    EtcdStore,
+    Fence,
+);
+
+async fn leading(document: Option<&str>) -> Result<Leading> {
+    let serial = serial().await;
+    let cluster = EtcdCluster::start(1).await?;
+    let mut etcd = cluster.client().await?;
+    if let Some(document) = document {
+        etcd.put("/baton-test/state", document, None).await?;
+    }
+    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
+    let fence = until_leader(&a).await?;
+    Ok((serial, cluster, etcd, a, fence))
+}
+
 /// Waits until `store` no longer leads.
 async fn until_deposed(store: &EtcdStore) -> Result<()> {
     let mut rx = store.leadership();
@@ -219,27 +242,13 @@ async fn five_saves_and_a_backup(
 /// save leaves no record, and a load brings back the newest records.
 #[tokio::test]
 async fn the_audit_is_appended_in_the_saves_transaction_and_stays_bounded() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut current = LeaseState::default();
-    let mut etcd = cluster.client().await?;
     step(&a, &mut fence, &mut current, pauses(150)).await?;
     for _ in 0..30 {
         step(&a, &mut fence, &mut current, pauses(10)).await?;
-        let keys = etcd
-            .get(
-                "/baton-test/audit/",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only(),
-                ),
-            )
-            .await?
-            .count();
-        assert!(keys as usize <= AUDIT_KEEP, "{keys} audit keys");
+        let keys = audit_keys(&mut etcd).await?.len();
+        assert!(keys <= AUDIT_KEEP, "{keys} audit keys");
     }
     assert_eq!(current.audit_seq, 900);
     let document = etcd.get("/baton-test/state", None).await?;
@@ -287,13 +296,7 @@ const PREVIOUS_RELEASE: &str = previous_release::DOCUMENT;
 #[tokio::test]
 async fn an_upgrade_keeps_the_audit_the_previous_release_embedded() -> Result<()> {
     use baton_coordinator::rollout::gate::last_release;
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
-        .await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
     let mut current = a.load().await?.state.context("no state")?;
     let released = "2026-11-20T10:04:00Z".parse()?;
     assert_eq!(last_release(&current), Some(released));
@@ -374,11 +377,7 @@ fn grant_and_pauses(node: &'static str, pairs: usize) -> impl FnOnce(&mut LeaseS
 /// abandoned saves' records in place of the new ones.
 #[tokio::test]
 async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     // What came after the backup: saves of 2 and 3 records (keys 12 and
     // 15), and a long history past them.
@@ -408,11 +407,7 @@ async fn a_restored_state_key_reads_its_own_audit_not_the_abandoned_one() -> Res
 /// place of its own.
 #[tokio::test]
 async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let mut old = LeaseState::default();
     for node in ["old-1", "old-2", "old-3", "old-4", "old-5"] {
         // Two records a save: keys 2, 4, 6, ...
@@ -459,13 +454,7 @@ async fn initialize_on_an_old_prefix_reads_only_the_new_audit() -> Result<()> {
 #[tokio::test]
 async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key() -> Result<()> {
     use baton_coordinator::rollout::gate::last_release;
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    etcd.put("/baton-test/state", PREVIOUS_RELEASE, None)
-        .await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
     let mut current = a.load().await?.state.context("no state")?;
     let n2 = NodeName::new("n2")?;
     // The upgrade's first save: a renewal, no record of its own.
@@ -499,11 +488,7 @@ async fn a_format_1_document_reads_its_own_records_not_a_leftover_migration_key(
 /// test asked for the backup's 10 records and failed with none.)
 #[tokio::test]
 async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window() -> Result<()> {
-    let _serial = serial().await;
-    let cluster = EtcdCluster::start(1).await?;
-    let mut etcd = cluster.client().await?;
-    let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
-    let mut fence = until_leader(&a).await?;
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
     let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
     let mut abandoned = at_backup.clone();
     step(&a, &mut fence, &mut abandoned, pauses(300)).await?;
@@ -520,27 +505,9 @@ async fn a_restored_state_key_after_a_long_abandoned_history_has_lost_its_window
     let read = a.load().await?.state.context("no state")?;
     assert_eq!(read, current);
     assert_eq!(read.audit.len(), 6, "{read:?}");
-    let keys = etcd
-        .get(
-            "/baton-test/audit/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await?;
-    let keys: Vec<String> = keys
-        .kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-        .collect();
     assert_eq!(
-        keys,
-        [
-            "/baton-test/audit/00000000000000000012",
-            "/baton-test/audit/00000000000000000016"
-        ],
+        audit_keys(&mut etcd).await?,
+        [12, 16],
         "the abandoned key is deleted"
     );
     Ok(())
@@ -581,5 +548,256 @@ async fn a_prefix_under_another_installations_audit_keys_is_refused_at_start() -
     }
     let a = EtcdStore::open(settings(&cluster, "a", 30)).await?;
     until_leader(&a).await?;
+    Ok(())
+}
+
+/// The numbers of the live audit keys, in key order.
+async fn audit_keys(etcd: &mut etcd_client::Client) -> Result<Vec<u64>> {
+    let keys = etcd
+        .get(
+            "/baton-test/audit/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    keys.kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            key.strip_prefix("/baton-test/audit/")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("{key} is not an audit key"))
+        })
+        .collect()
+}
+
+/// `n` audit records (pauses and resumes in turn).
+fn records(n: usize) -> impl FnOnce(&mut LeaseState) {
+    move |state| {
+        for _ in 0..n {
+            if !state.pause("op", "test", chrono::Utc::now()) {
+                state.resume("op", chrono::Utc::now());
+            }
+        }
+    }
+}
+
+/// Loads `store` again, checks that the load reads exactly `current` (its
+/// window, nothing else) and takes the load's revision.
+async fn reload(store: &EtcdStore, fence: &mut Fence, current: &LeaseState) -> Result<()> {
+    let loaded = store.load().await?;
+    assert_eq!(
+        loaded.state.as_ref(),
+        Some(current),
+        "the load reads the window"
+    );
+    fence.revision = loaded.revision;
+    Ok(())
+}
+
+/// Deposes `old` (its lease revoked, the replica gone) and elects a new
+/// replica `b`, whose saves start from a state it did not write.
+async fn hand_over(
+    cluster: &EtcdCluster,
+    etcd: &mut etcd_client::Client,
+    old: EtcdStore,
+) -> Result<(EtcdStore, Fence)> {
+    let lease = old.election_lease().context("the old replica leads")?;
+    drop(old);
+    etcd.lease_revoke(lease).await?;
+    let b = EtcdStore::open(settings(cluster, "b", 30)).await?;
+    let fence = until_leader(&b).await?;
+    Ok((b, fence))
+}
+
+/// Issue 12 (BENCHMARKS.md, "etcd store"): every save deleted the batches
+/// that fell out of the window with a range from the start of the audit
+/// prefix, and etcd walks every key deleted since its last compaction in
+/// such a range, so saves slowed down by a key per save. Now a save from
+/// this replica's own last save deletes only in the window that save left.
+/// etcd shows no walk, so keys no save of this installation would leave
+/// stand for the ranges: one below every window, one past every batch. A
+/// save from the leader's own state leaves both (it walks neither end of
+/// the prefix; before the fix it deleted the one below); the first save
+/// after a load (which cannot know what lies where) deletes both. Through
+/// two thousand saves the keys are exactly the window's.
+#[tokio::test]
+async fn a_leaders_saves_delete_only_in_their_window_not_from_the_start_of_the_prefix() -> Result<()>
+{
+    let (_serial, cluster, mut etcd, a, mut fence) = leading(None).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..2_000 {
+        step(&a, &mut fence, &mut current, records(1)).await?;
+    }
+    assert_eq!(current.audit_seq, 2_000);
+    assert_eq!(
+        audit_keys(&mut etcd).await?,
+        (1_501..=2_000).collect::<Vec<_>>()
+    );
+    leave_audit_keys(&mut etcd, 1, 1, "below").await?;
+    leave_audit_keys(&mut etcd, 1_000_000, 1, "past").await?;
+    step(&a, &mut fence, &mut current, records(3)).await?;
+    let keys = audit_keys(&mut etcd).await?;
+    assert_eq!(
+        keys.first(),
+        Some(&1),
+        "the save walked from the start: {keys:?}"
+    );
+    assert_eq!(
+        keys.last(),
+        Some(&1_000_000),
+        "the save walked past its batch"
+    );
+    let window: Vec<u64> = (1_504..=2_000).chain([2_003]).collect();
+    assert_eq!(keys[1..keys.len() - 1], window[..]);
+    reload(&a, &mut fence, &current).await?;
+    let (b, mut fence) = hand_over(&cluster, &mut etcd, a).await?;
+    step(&b, &mut fence, &mut current, records(1)).await?;
+    let window: Vec<u64> = (1_505..=2_000).chain([2_003, 2_004]).collect();
+    assert_eq!(audit_keys(&mut etcd).await?, window);
+    reload(&b, &mut fence, &current).await?;
+    Ok(())
+}
+
+/// Red-team finding on the narrow ranges: a remembered span is good only
+/// along an unbroken chain of the replica's own saves. After an etcd
+/// snapshot restore revisions repeat, so the state key can be found at the
+/// remembered revision with keys of another history the span does not
+/// cover. Keys left while the state key stays at its revision stand for
+/// them here: the first save after a load deletes them (it failed before:
+/// the span was kept across the load and both keys survived).
+#[tokio::test]
+async fn the_first_save_after_a_load_deletes_what_the_span_does_not_cover_at_the_same_revision()
+-> Result<()> {
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..600 {
+        step(&a, &mut fence, &mut current, records(1)).await?;
+    }
+    leave_audit_keys(&mut etcd, 5, 1, "other-history").await?;
+    leave_audit_keys(&mut etcd, 1_000_000, 1, "other-history").await?;
+    let at = fence.revision.clone();
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(fence.revision, at, "the state key did not move");
+    step(&a, &mut fence, &mut current, records(1)).await?;
+    assert_eq!(
+        audit_keys(&mut etcd).await?,
+        (102..=601).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Hostile: a batch that straddles the window's lower edge stays whole
+/// (the load keeps its newest records); a batch longer than the window
+/// replaces it all; after each, the keys are exactly those named in the
+/// window and a load reads exactly the newest AUDIT_KEEP records.
+#[tokio::test]
+async fn straddling_and_overlong_batches_leave_exactly_the_window() -> Result<()> {
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
+    let mut current = LeaseState::default();
+    for _ in 0..80 {
+        step(&a, &mut fence, &mut current, records(7)).await?;
+    }
+    // The window is 61..=560; key 63 holds 57..=63.
+    let multiples_of_7: Vec<u64> = (63..=560).step_by(7).collect();
+    assert_eq!(audit_keys(&mut etcd).await?, multiples_of_7);
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(current.audit.len(), AUDIT_KEEP);
+    step(&a, &mut fence, &mut current, records(7)).await?;
+    step(&a, &mut fence, &mut current, records(600)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [1_167]);
+    step(&a, &mut fence, &mut current, records(1)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [1_167, 1_168]);
+    step(&a, &mut fence, &mut current, records(600)).await?;
+    step(&a, &mut fence, &mut current, records(2)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [1_768, 1_770]);
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(current.audit.len(), AUDIT_KEEP);
+    Ok(())
+}
+
+/// Hostile: the first save after a previous release's document (its
+/// records inside it) moves them to a key and deletes what an earlier
+/// upgrade left anywhere under the prefix (below the document's numbers
+/// and past them); the next saves keep exactly the window.
+#[tokio::test]
+async fn the_first_save_after_a_format_1_document_leaves_only_its_records() -> Result<()> {
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(Some(PREVIOUS_RELEASE)).await?;
+    leave_audit_keys(&mut etcd, 2, 1, "earlier-upgrade").await?;
+    leave_audit_keys(&mut etcd, 700, 3, "earlier-upgrade").await?;
+    let mut current = a.load().await?.state.context("no state")?;
+    step(&a, &mut fence, &mut current, records(2)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [5]);
+    for _ in 0..300 {
+        step(&a, &mut fence, &mut current, records(2)).await?;
+    }
+    // The window is 106..=605: keys 107, 109, ...
+    assert_eq!(
+        audit_keys(&mut etcd).await?,
+        (107..=605).step_by(2).collect::<Vec<_>>()
+    );
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(current.audit.len(), AUDIT_KEEP);
+    assert!(current.audit.iter().all(|r| r.node != "earlier-upgrade"));
+    Ok(())
+}
+
+/// Hostile: `state` keys restored from backups, several windows behind the
+/// history abandoned after them, and then ahead of the audit keys left by
+/// the history that ran on from the older backup (another history's keys,
+/// below the restored state's window). Each load reads only the restored
+/// state's window (none of the other histories' records), and the first
+/// save after it leaves only its own keys. A save that deleted only from
+/// its batch's first number minus AUDIT_KEEP (enough after the leader's
+/// own saves) would keep the other history's keys below the window, and
+/// loads would show them.
+#[tokio::test]
+async fn restored_state_keys_behind_and_ahead_of_the_audit_keys_read_and_keep_their_own()
+-> Result<()> {
+    let (_serial, _cluster, mut etcd, a, mut fence) = leading(None).await?;
+    let (at_backup, backup) = five_saves_and_a_backup(&a, &mut fence, &mut etcd).await?;
+    // The history after the backup: over three windows of records.
+    let mut abandoned = at_backup.clone();
+    for _ in 0..160 {
+        step(&a, &mut fence, &mut abandoned, records(10)).await?;
+    }
+    assert_eq!(abandoned.audit_seq, 1_610);
+    let ahead = etcd.get("/baton-test/state", None).await?;
+    let ahead = ahead.kvs().first().context("no state")?.value().to_vec();
+
+    // Behind: its window is gone; the abandoned keys past it go with the
+    // first save, and only the new history's keys stay.
+    etcd.put("/baton-test/state", backup, None).await?;
+    let loaded = a.load().await?;
+    fence.revision = loaded.revision;
+    let mut behind = loaded.state.context("no state")?;
+    assert_eq!(behind, at_backup.without_audit());
+    for node in ["behind-1", "behind-2", "behind-3"] {
+        step(&a, &mut fence, &mut behind, grant_and_pauses(node, 1)).await?;
+    }
+    assert_eq!(audit_keys(&mut etcd).await?, [13, 16, 19]);
+    reload(&a, &mut fence, &behind).await?;
+
+    // Ahead: the keys 13, 16 and 19 are another history's, below this
+    // state's window (1111..=1610, deleted by the history behind).
+    etcd.put("/baton-test/state", ahead, None).await?;
+    let loaded = a.load().await?;
+    fence.revision = loaded.revision;
+    let mut current = loaded.state.context("no state")?;
+    assert_eq!(
+        current,
+        abandoned.without_audit(),
+        "the other history's records are not this state's"
+    );
+    step(&a, &mut fence, &mut current, records(2)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [1_612]);
+    step(&a, &mut fence, &mut current, records(1)).await?;
+    assert_eq!(audit_keys(&mut etcd).await?, [1_612, 1_613]);
+    reload(&a, &mut fence, &current).await?;
+    assert_eq!(current.audit.len(), 3);
+    assert!(current.audit.iter().all(|r| !r.node.starts_with("behind")));
     Ok(())
 }

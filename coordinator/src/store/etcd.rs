@@ -19,6 +19,13 @@
 //! an earlier installation left under the prefix. A document of the
 //! previous release (format 1, the audit inside it) has its records moved
 //! to an audit key by the first save after it, in that save's transaction.
+//! The deletes walk only where keys can be live: from this replica's own
+//! last save, that save's window (etcd keeps deleted keys in its index until
+//! a compaction, and a range walks them all, so a range from the start of
+//! the prefix would grow by a key per save); from a state it did not write
+//! (another leader's, a restored one) and after any load, the whole prefix,
+//! once. The module
+//! `audit` (`store/etcd/audit.rs`) has the argument.
 //!
 //! Guarantees:
 //! - Every save is one transaction that writes the state only if (a) this
@@ -43,6 +50,8 @@
 //! - Followers keep [`Leadership::leader`] current (the leader's id), so
 //!   their calls are refused with UNAVAILABLE naming the leader.
 
+mod audit;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +70,7 @@ use super::{
 };
 use crate::etcd::within;
 use crate::state::{AUDIT_KEEP, LeaseState};
+use audit::{AuditOp, Edge, Span};
 
 /// How to reach etcd and where to keep the state.
 #[derive(Clone, Debug)]
@@ -101,6 +111,10 @@ struct Shared {
     /// and the revision they were read at: the save from that revision
     /// writes them to an audit key.
     embedded: Mutex<Option<(Revision, Vec<Numbered>)>>,
+    /// The revision of this replica's last save and where that save left
+    /// live audit keys: the next save from that revision deletes only
+    /// there (see [`audit`]).
+    audit_written: Mutex<Option<(Revision, Span)>>,
     leadership: watch::Sender<Leadership>,
     /// Wakes the election task when a save found the claim gone.
     lost: Notify,
@@ -179,6 +193,7 @@ impl EtcdStore {
             settings,
             claim: Mutex::new(None),
             embedded: Mutex::new(None),
+            audit_written: Mutex::new(None),
             leadership: watch::channel(Leadership::default()).0,
             lost: Notify::new(),
         });
@@ -207,54 +222,50 @@ impl EtcdStore {
         format!("{}/audit0", self.shared.settings.prefix)
     }
 
-    /// Deletes the audit keys from `from` up to, not including, `to`.
-    fn delete_audit(&self, from: String, to: String) -> TxnOp {
-        TxnOp::delete(from, Some(DeleteOptions::new().with_range(to)))
+    /// The key at `edge` of the audit keys' order.
+    fn audit_edge(&self, edge: Edge) -> String {
+        match edge {
+            Edge::Start => self.audit_prefix(),
+            Edge::Key(number) => self.audit_key(number),
+            Edge::End => self.audit_end(),
+        }
     }
 
     /// The audit operations of a save of `state` from `fence`: the batch of
     /// `records` (this change's, and those a previous release's document
     /// carried, numbered up to `state.audit_seq`) as one key named by the
-    /// newest, and the deletes that keep only what belongs to the state.
-    fn audit_ops(&self, state: &LeaseState, fence: &Fence, records: &[Numbered]) -> Vec<TxnOp> {
-        let mut ops = Vec::new();
-        let Some((first, newest)) = records.first().zip(records.last()) else {
-            if fence.revision == Revision::Absent {
-                // A new document: whatever is under the prefix is an
-                // earlier installation's.
-                ops.push(TxnOp::delete(
-                    self.audit_prefix(),
-                    Some(DeleteOptions::new().with_prefix()),
-                ));
-            }
-            return ops;
-        };
-        let (first, newest) = (first.number, newest.number);
-        let batch = serde_json::to_vec(records).expect("audit records serialize");
-        ops.push(TxnOp::put(self.audit_key(newest), batch, None));
-        // Keys past this batch belong to no save of this state (a restored
-        // state key's abandoned future, an earlier installation).
-        ops.push(self.delete_audit(self.audit_key(newest + 1), self.audit_end()));
-        // Keys below: those past the newest AUDIT_KEEP records (a batch
-        // only partly past stays; loading keeps the newest), and those this
-        // batch supersedes (named from its first record on: its numbers are
-        // this state's now). A new document keeps none. The ranges never
-        // hold the put's own key (etcd refuses a txn that would put and
-        // delete one key).
-        let first_kept = if fence.revision == Revision::Absent {
-            newest
-        } else {
-            (state.audit_seq + 1).saturating_sub(AUDIT_KEEP as u64)
-        };
-        if first <= first_kept {
-            ops.push(self.delete_audit(self.audit_prefix(), self.audit_key(newest)));
-        } else {
-            if first_kept > 1 {
-                ops.push(self.delete_audit(self.audit_prefix(), self.audit_key(first_kept)));
-            }
-            ops.push(self.delete_audit(self.audit_key(first), self.audit_key(newest)));
-        }
-        ops
+    /// newest, and the deletes that keep only what belongs to the state,
+    /// within `live`, where the save that wrote the state left live keys
+    /// (see [`audit`]). Also where live keys are once this save commits.
+    fn audit_ops(
+        &self,
+        state: &LeaseState,
+        fence: &Fence,
+        records: &[Numbered],
+        live: Span,
+    ) -> (Vec<TxnOp>, Span) {
+        let batch = records.first().zip(records.last());
+        let plan = audit::plan(
+            state.audit_seq,
+            fence.revision == Revision::Absent,
+            batch.map(|(first, newest)| (first.number, newest.number)),
+            live,
+        );
+        let ops = plan
+            .ops
+            .iter()
+            .map(|op| match *op {
+                AuditOp::Put(newest) => {
+                    let batch = serde_json::to_vec(records).expect("audit records serialize");
+                    TxnOp::put(self.audit_key(newest), batch, None)
+                }
+                AuditOp::Delete(Span { from, to }) => TxnOp::delete(
+                    self.audit_edge(from),
+                    Some(DeleteOptions::new().with_range(self.audit_edge(to))),
+                ),
+            })
+            .collect();
+        (ops, plan.live_after)
     }
 
     /// The endpoint whose member last renewed this replica's election
@@ -591,6 +602,16 @@ impl EtcdStore {
 impl StateStore for EtcdStore {
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
         Box::pin(async move {
+            // A remembered span is good only along an unbroken chain of
+            // this replica's own saves: a state key found at the same
+            // revision may be another history's (an etcd snapshot restore
+            // repeats revisions), with audit keys the span does not cover.
+            // The first save after a load deletes the whole prefix.
+            *self
+                .shared
+                .audit_written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
             let key = self.state_key();
             let prefix = self.audit_prefix();
             // One transaction reads the document and the newest audit
@@ -723,13 +744,32 @@ impl StateStore for EtcdStore {
                 .collect::<std::collections::BTreeMap<_, _>>()
                 .into_values()
                 .collect();
-            ops.extend(self.audit_ops(state, fence, &records));
+            // Where live audit keys can be: known only when this replica
+            // wrote the state the save starts from (the transaction commits
+            // only while the state key is still at that revision, so no
+            // save has moved them since); anywhere otherwise.
+            let live = self
+                .shared
+                .audit_written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(at, _)| *at == fence.revision)
+                .map_or(Span::ALL, |(_, live)| *live);
+            let (audit, live_after) = self.audit_ops(state, fence, &records, live);
+            ops.extend(audit);
             let resp = self.fenced_txn(fence, ops).await?;
             // The transaction's revision is the put's mod_revision.
             let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
                 StoreError::Backend("transaction answered without a header".to_string())
             })?;
-            Ok(Revision::At(revision.to_string()))
+            let revision = Revision::At(revision.to_string());
+            *self
+                .shared
+                .audit_written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((revision.clone(), live_after));
+            Ok(revision)
         })
     }
 
