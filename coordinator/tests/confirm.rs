@@ -87,6 +87,7 @@ async fn granted(client: &mut CoordinatorClient<Channel>, node: &str) -> u64 {
             reason: "test".into(),
             manual: false,
             labels: Default::default(),
+            backs_up_control_plane: true,
         })
         .await
         .unwrap()

@@ -144,6 +144,11 @@ impl Engine {
         let waiter = Waiter {
             node: node.clone(),
             control_plane,
+            // What this grant needs was settled when it was made: a backup
+            // it asked for is checked first (`backup_missing`); a grant
+            // made without one (an older coordinator's) is not held for
+            // its agent's age.
+            backs_up_control_plane: true,
         };
         let guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         let decision = decide(&state, &[waiter], &unavailable, &policy, &guards, now);
@@ -228,6 +233,7 @@ mod tests {
                 control_plane,
                 reason: "test".into(),
                 manual: false,
+                backs_up_control_plane: true,
             })
             .await
             .unwrap();

@@ -154,6 +154,10 @@ impl WaitQueue {
                 waiter: Waiter {
                     node: request.node.clone(),
                     control_plane: request.control_plane,
+                    // An operator's hold runs no agent steps: nothing of
+                    // it drains on its own, and it was never asked for a
+                    // backup (the operator does the work by hand).
+                    backs_up_control_plane: request.backs_up_control_plane || request.manual,
                 },
                 request,
                 since,
