@@ -235,6 +235,8 @@ pub enum Rec {
     Confirmed {
         /// The agent incarnation.
         inc: u32,
+        /// The step asked about.
+        step: crate::coordinator::Step,
         /// "go", "wait" or "unimplemented".
         answer: &'static str,
     },
@@ -363,8 +365,9 @@ pub struct SimState {
     pub last_token: u64,
     /// The holder.
     pub holder: Option<Holder>,
-    /// Confirm answers "wait" with these reasons first.
-    pub confirm_waits: Vec<String>,
+    /// Confirm answers "wait" to a step with the first reason scripted
+    /// here for that step (used up as it is answered); other steps go.
+    pub confirm_waits: Vec<(crate::coordinator::Step, String)>,
     /// Confirm is not implemented (an older coordinator).
     pub confirm_unimplemented: bool,
     /// Renew answers PERMISSION_DENIED (refused for good) while set.
@@ -560,6 +563,17 @@ impl SimState {
             .iter()
             .filter_map(|r| match r {
                 Rec::Released { token, .. } => Some(*token),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every Confirm answered, in order: the step and the answer.
+    pub fn confirmed(&self) -> Vec<(crate::coordinator::Step, &'static str)> {
+        self.log
+            .iter()
+            .filter_map(|r| match r {
+                Rec::Confirmed { step, answer, .. } => Some((*step, *answer)),
                 _ => None,
             })
             .collect()
