@@ -274,6 +274,23 @@ mod tests {
         );
     }
 
+    /// Agents ask Confirm before the drain too. A grant that asked for no
+    /// backup (a worker, or a control-plane node with no etcd snapshot
+    /// paired) may drain at once: the answer is the one its update's
+    /// Confirm gets right after.
+    #[tokio::test]
+    async fn a_grant_that_needs_no_backup_may_drain_at_once() {
+        let engine = engine(2, Arc::default()).await;
+        for (node, control_plane) in [("w1", false), ("cp-1", true)] {
+            let token = grant(&engine, node, control_plane).await;
+            assert!(!engine.backup_required(&n(node)).await);
+            for step in [Step::Drain, Step::Update] {
+                let answer = engine.confirm_step(&n(node), token, step).await.unwrap();
+                assert_eq!(answer.wait, None, "{node} {step:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_stale_token_is_refused_and_renews_nothing() {
         let engine = engine(1, Arc::default()).await;
