@@ -211,8 +211,11 @@ async fn the_backup_capability_reaches_the_grant_rule_as_sent() {
     // Nobody is granted: each waiter stays in the queue and is judged.
     *guard.refuse.lock().unwrap() = Some("held for the test".into());
     let mut streams = Vec::new();
-    for (node, backs_up, manual) in [("n1", true, false), ("n2", false, false), ("n3", false, true)]
-    {
+    for (node, backs_up, manual) in [
+        ("n1", true, false),
+        ("n2", false, false),
+        ("n3", false, true),
+    ] {
         let request = pb::AcquireRequest {
             node: node.into(),
             control_plane: true,

@@ -6,8 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::fakes::driver::{Driver, settings};
 use crate::coordinator::Step;
+use crate::fakes::driver::{Driver, settings};
 use crate::fakes::{Faults, Point, Rec, Sim, SimState};
 
 const HOUR: Duration = Duration::from_secs(3600);

@@ -3,11 +3,11 @@
 //! (`crate::crash_points`) runs the same simulation with faults.
 
 use super::*;
+use crate::coordinator::Step;
 use crate::fakes::driver::{Driver, settings};
 use crate::fakes::{
     Fault, Faults, Point, PrepareOutcome, Rec, Sim, SimState, UPDATE_UNIT, UnitKind,
 };
-use crate::coordinator::Step;
 use crate::state::{HoldBack, SaveStage};
 use tokio::time::Instant;
 
@@ -622,7 +622,11 @@ async fn the_drain_waits_while_the_coordinator_says_wait() {
         s.confirmed(),
         [
             vec![(Step::Drain, "wait"); 3],
-            vec![(Step::Drain, "go"), (Step::Update, "go"), (Step::Reboot, "go")]
+            vec![
+                (Step::Drain, "go"),
+                (Step::Update, "go"),
+                (Step::Reboot, "go")
+            ]
         ]
         .concat()
     );
@@ -665,7 +669,8 @@ async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
         s.confirm_waits = vec![(Step::Update, "wait".into())];
     });
     assert!(
-        d.run(HOUR, |s, _| s.confirmed().last() == Some(&(Step::Update, "wait")))
+        d.run(HOUR, |s, _| s.confirmed().last()
+            == Some(&(Step::Update, "wait")))
             .await
     );
     d.sim.state().force_release();

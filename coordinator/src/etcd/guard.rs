@@ -631,11 +631,16 @@ mod tests {
         for claims in [false, true] {
             let reason = guard.check(&old("cp-1", claims), &state, now).unwrap_err();
             assert!(
-                reason.starts_with("agent does not support control-plane backups; upgrade baton-agent on this node"),
+                reason.starts_with(
+                    "agent does not support control-plane backups; upgrade baton-agent on this node"
+                ),
                 "{reason}"
             );
             assert!(reason.contains("etcd-1"), "{reason}");
-            assert!(!crate::etcd::is_guard_reason(&reason), "not an etcd outage: {reason}");
+            assert!(
+                !crate::etcd::is_guard_reason(&reason),
+                "not an etcd outage: {reason}"
+            );
         }
         assert_eq!(guard.check(&waiter("cp-1"), &state, now), Ok(()));
         // A worker carrying a member is a control-plane node by its
@@ -696,9 +701,8 @@ mod tests {
                     .1
             }
         };
-        type Events = tokio::sync::mpsc::UnboundedReceiver<
-            Result<AcquireUpdate, crate::engine::EngineError>,
-        >;
+        type Events =
+            tokio::sync::mpsc::UnboundedReceiver<Result<AcquireUpdate, crate::engine::EngineError>>;
         async fn next(events: &mut Events) -> AcquireUpdate {
             tokio::time::timeout(Duration::from_secs(10), events.recv())
                 .await
@@ -716,9 +720,17 @@ mod tests {
                 AcquireUpdate::Granted(g) => panic!("an older agent was granted cp-1: {g:?}"),
             }
         };
-        assert!(reason.contains("upgrade baton-agent on this node"), "{reason}");
+        assert!(
+            reason.contains("upgrade baton-agent on this node"),
+            "{reason}"
+        );
         let status = engine.snapshot().await;
-        assert!(!status.state.holders.contains_key(&NodeName::new("cp-1").unwrap()));
+        assert!(
+            !status
+                .state
+                .holders
+                .contains_key(&NodeName::new("cp-1").unwrap())
+        );
         assert_eq!(status.queue[0].reason, reason, "status shows why");
         assert_eq!(engine.metrics().waiters_without_backup_support.get(), 1);
 
