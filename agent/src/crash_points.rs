@@ -142,20 +142,13 @@ fn scenarios() -> Vec<Scenario> {
                 kernel_update(s);
                 s.backup_required = true;
                 // Grant 1 is held; the older agent saved Preparing.
-                s.last_token = 1;
-                s.holder = Some(crate::fakes::Holder {
-                    token: 1,
-                    phase: Some(Phase::Preparing),
-                    message: String::new(),
-                    error: String::new(),
-                    updated: false,
-                });
+                s.hold(1, Phase::Preparing);
             },
             settings: || Settings {
                 backup_paths: vec![pki_dir()],
                 ..settings()
             },
-            state_file: Some(older_agents_state),
+            state_file: Some(|| crate::fakes::older_agents_state(1)),
         },
         Scenario {
             name: "drain times out",
@@ -167,22 +160,6 @@ fn scenarios() -> Vec<Scenario> {
             state_file: None,
         },
     ]
-}
-
-/// The state file of an agent from before backups, holding grant 1 in
-/// Preparing: it has none of the backup fields.
-fn older_agents_state() -> serde_json::Value {
-    let mut old = serde_json::to_value(AgentState {
-        phase: Phase::Preparing,
-        fencing_token: Some(1),
-        reason: "updates pending".into(),
-        ..AgentState::idle()
-    })
-    .expect("state as JSON");
-    if let Some(fields) = old.as_object_mut() {
-        fields.retain(|k, _| !k.starts_with("backup"));
-    }
-    old
 }
 
 /// What a run ended in.

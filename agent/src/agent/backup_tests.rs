@@ -203,27 +203,11 @@ async fn a_grant_resumed_from_an_older_agents_state_asks_whether_it_needs_a_back
     // backup_required field (it did not know it); the coordinator wants
     // the backup for that grant.
     let d = driver(vec![pki(root.path())], Faults::None, |s| {
-        s.last_token = 1;
-        s.holder = Some(crate::fakes::Holder {
-            token: 1,
-            phase: Some(Phase::Preparing),
-            message: String::new(),
-            error: String::new(),
-            updated: false,
-        });
+        s.hold(1, Phase::Preparing);
     });
-    let mut old = serde_json::to_value(AgentState {
-        phase: Phase::Preparing,
-        fencing_token: Some(1),
-        reason: "updates pending".into(),
-        ..AgentState::idle()
-    })
-    .unwrap();
-    let fields = old.as_object_mut().unwrap();
-    fields.retain(|k, _| !k.starts_with("backup"));
     std::fs::write(
         d.dir.path().join("state.json"),
-        serde_json::to_vec(&old).unwrap(),
+        serde_json::to_vec(&crate::fakes::older_agents_state(1)).unwrap(),
     )
     .unwrap();
     assert!(

@@ -887,3 +887,19 @@ fn applicable(point: &Point, fault: Fault) -> Fault {
         _ => fault,
     }
 }
+
+/// The state file an agent from before control-plane backups saved while
+/// it held grant `token` in Preparing: none of the backup fields.
+pub fn older_agents_state(token: u64) -> serde_json::Value {
+    let mut old = serde_json::to_value(AgentState {
+        phase: Phase::Preparing,
+        fencing_token: Some(token),
+        reason: "updates pending".into(),
+        ..AgentState::idle()
+    })
+    .expect("state as JSON");
+    if let Some(fields) = old.as_object_mut() {
+        fields.retain(|k, _| !k.starts_with("backup"));
+    }
+    old
+}

@@ -579,6 +579,37 @@ mod tests {
         EtcdGuard::new(settings, prober, Arc::new(move || now))
     }
 
+    /// An engine on a memory store, its clock stopped at `now`, whose only
+    /// guard is `guard`, with `max_concurrent` holders at most; its
+    /// granter runs.
+    async fn engine_guarded_by(
+        guard: &Arc<EtcdGuard>,
+        max_concurrent: u32,
+        now: DateTime<Utc>,
+    ) -> Arc<Engine> {
+        use crate::engine::EngineConfig;
+        use crate::metrics::Metrics;
+        use crate::policy::Policy;
+        use crate::store::memory::MemoryStore;
+
+        let policy = Policy {
+            max_concurrent,
+            ..Policy::default()
+        };
+        let engine = Engine::new(
+            Arc::new(MemoryStore::default()),
+            EngineConfig::new(policy, "test"),
+            vec![guard.clone() as Arc<dyn GrantGuard>],
+            Vec::new(),
+            Arc::new(move || now),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(engine.clone().run_granter());
+        engine
+    }
+
     /// A waiter whose agent claims nothing and makes backups (every
     /// current agent).
     fn waiter(node: &str) -> Waiter {
@@ -589,10 +620,9 @@ mod tests {
         }
     }
 
-    /// Three healthy members on 10.0.0.1-3, known to the node watch as
-    /// `cp-1` (10.0.0.1, labelled control-plane), `w2` (10.0.0.2, a worker
-    /// carrying a member) and `w9` (10.0.0.9, no member).
-    fn labelled_cluster(now: DateTime<Utc>) -> Arc<EtcdGuard> {
+    /// A guard whose last probe saw three healthy members, etcd-1..3,
+    /// advertising peer URLs on 10.0.0.1..3.
+    fn guard_of_three_by_ip(now: DateTime<Utc>) -> Arc<EtcdGuard> {
         let guard = guard(now);
         guard.set_health(cluster(
             now,
@@ -602,6 +632,14 @@ mod tests {
                 member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
             ],
         ));
+        guard
+    }
+
+    /// [`guard_of_three_by_ip`], the members known to the node watch as
+    /// `cp-1` (10.0.0.1, labelled control-plane), `w2` (10.0.0.2, a worker
+    /// carrying a member) and `w9` (10.0.0.9, no member).
+    fn labelled_cluster(now: DateTime<Utc>) -> Arc<EtcdGuard> {
+        let guard = guard_of_three_by_ip(now);
         guard.map_by_internal_ip(Arc::new(Addresses(
             [
                 ("cp-1", "10.0.0.1".parse().unwrap()),
@@ -659,31 +697,11 @@ mod tests {
     /// held back by it.
     #[tokio::test]
     async fn an_older_agent_waits_for_its_upgrade_and_holds_nobody_back() {
-        use crate::engine::{AcquireRequest, AcquireUpdate, EngineConfig};
-        use crate::metrics::Metrics;
-        use crate::policy::Policy;
-        use crate::store::memory::MemoryStore;
-        use crate::window::WindowSet;
+        use crate::engine::{AcquireRequest, AcquireUpdate};
 
         let now = Utc::now();
         let guard = labelled_cluster(now);
-        let engine = Engine::new(
-            Arc::new(MemoryStore::default()),
-            EngineConfig::new(
-                Policy {
-                    max_concurrent: 3,
-                    windows: WindowSet::default(),
-                },
-                "test",
-            ),
-            vec![guard.clone() as Arc<dyn GrantGuard>],
-            Vec::new(),
-            Arc::new(move || now),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(engine.clone().run_granter());
+        let engine = engine_guarded_by(&guard, 3, now).await;
         let ask = |node: &str, backs_up: bool, manual: bool| {
             let engine = engine.clone();
             let node = NodeName::new(node).unwrap();
@@ -789,26 +807,13 @@ mod tests {
     /// while another etcd node's record still counts.
     #[tokio::test]
     async fn confirm_does_not_count_the_holders_own_out_records_against_it() {
-        use crate::engine::{AcquireRequest, AcquireUpdate, EngineConfig, Step};
-        use crate::metrics::Metrics;
-        use crate::policy::Policy;
-        use crate::store::memory::MemoryStore;
+        use crate::engine::{AcquireRequest, AcquireUpdate, Step};
 
         let now = Utc::now();
         let guard = guard(now);
         let healthy = cluster(now, vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
         guard.set_health(healthy.clone());
-        let engine = Engine::new(
-            Arc::new(MemoryStore::default()),
-            EngineConfig::new(Policy::default(), "test"),
-            vec![guard.clone() as Arc<dyn GrantGuard>],
-            Vec::new(),
-            Arc::new(move || now),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(engine.clone().run_granter());
+        let engine = engine_guarded_by(&guard, 1, now).await;
         let n1 = NodeName::new("n1").unwrap();
         let (_, mut events) = engine
             .acquire(AcquireRequest {
@@ -904,15 +909,7 @@ mod tests {
     #[test]
     fn the_control_plane_label_decides_not_the_agents_claim() {
         let now = Utc::now();
-        let guard = guard(now);
-        guard.set_health(cluster(
-            now,
-            vec![
-                member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
-                member(2, "etcd-2").advertising(&["https://10.0.0.2:2380"], &[]),
-                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
-            ],
-        ));
+        let guard = guard_of_three_by_ip(now);
         // cp-9's member advertises a host name, so no InternalIP matches.
         guard.map_by_internal_ip(Arc::new(Addresses(
             [("cp-9", "10.0.0.9".parse().unwrap())].into(),
