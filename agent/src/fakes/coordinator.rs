@@ -1,5 +1,6 @@
 //! The simulated coordinator: one holder, growing tokens, fencing after a
-//! force-release, the published text limits, Confirm with "wait".
+//! force-release, the published text limits, Confirm with "wait" (scripted
+//! per step, and for every step of a grant whose backup was not kept).
 
 use super::{Holder, Injected, Point, Rec, Sim};
 use crate::coordinator::{
