@@ -458,8 +458,8 @@ async fn hold(
         reason,
         manual: true,
         labels: Default::default(),
-        // A hold runs no agent steps; the coordinator asks it for no
-        // backup (manual is enough).
+        // A hold runs no agent steps (the operator does the work); the
+        // coordinator grants it for `manual` alone.
         backs_up_control_plane: false,
     };
     let Some(granted) = acquire(&mut lease, request, wait_timeout).await? else {
