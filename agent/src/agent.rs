@@ -11,9 +11,11 @@
 //! and every external call):
 //! - **No step on an unconfirmed token.** Before every step (and when it
 //!   resumes from its state file) the token is confirmed with the
-//!   coordinator in this process; right before the update (also when a
+//!   coordinator in this process; right before the drain (after a
+//!   control-plane backup the grant asked for), the update (also when a
 //!   restarted agent resumes it) and the reboot the coordinator is asked to
-//!   confirm the step itself (`Confirm`) and may answer "wait"; an older
+//!   confirm the step itself (`Confirm`) and may answer "wait" (it does
+//!   until a backup the grant asked for was kept); an older
 //!   coordinator's UNIMPLEMENTED makes Renew the confirmation for that one
 //!   step only. While the lease is older than the coordinator
 //!   allows, no new eviction or unit is started. See [`lease`].

@@ -463,6 +463,9 @@ impl Coordinator for GrpcCoordinator {
             reason: reason.to_string(),
             manual: false,
             labels: self.labels.clone(),
+            // This agent makes and sends the backup a grant asks for, and
+            // asks Confirm before the drain (`crate::agent`).
+            backs_up_control_plane: true,
         };
         tracing::info!(node = %self.node, reason, "acquire sent");
         let mut client = self.client.clone();

@@ -16,14 +16,15 @@
 //! 2. never a drain, an update (started or followed) or a reboot request
 //!    unless the coordinator's last answer about the token in *this*
 //!    agent process accepted it;
-//! 3. the update is started at most once per grant, and every update
-//!    start and reboot request comes after its own Confirm in this agent
-//!    process, answered "go" (or UNIMPLEMENTED by an older coordinator,
-//!    then the token confirmed with Renew): never after "wait", never on
-//!    an earlier step's answer;
+//! 3. the update is started at most once per grant, and every drain,
+//!    update start and reboot request comes after its own Confirm (of
+//!    that step) in this agent process, answered "go" (or UNIMPLEMENTED by
+//!    an older coordinator, then the token confirmed with Renew): never
+//!    after "wait", never on another step's answer;
 //! 4. the node is not left cordoned once the baton is gone;
 //! 5. when grants ask for a control-plane backup, never a drain for a
-//!    grant before its backup was kept;
+//!    grant before its backup was kept, nor on a Confirm(drain) answered
+//!    before that backup was kept;
 //! 6. no endless loop: the run ends done (released, idle, nothing needed)
 //!    or failed (the baton kept, Failed reported) within a bound of
 //!    virtual time, with a bounded number of grants and reboots; and it
@@ -36,6 +37,7 @@
 //! single-threaded.
 
 use crate::agent::{Action, Settings};
+use crate::coordinator::Step;
 use crate::fakes::driver::{Driver, settings};
 use crate::fakes::{
     Fault, Faults, Point, PrepareOutcome, Rec, Rng, Sim, SimState, UPDATE_UNIT, UnitKind,
@@ -55,6 +57,8 @@ struct Scenario {
     name: &'static str,
     setup: fn(&mut SimState),
     settings: fn() -> Settings,
+    /// The state file the first agent process finds (None: none).
+    state_file: Option<fn() -> serde_json::Value>,
 }
 
 fn kernel_update(s: &mut SimState) {
@@ -80,19 +84,24 @@ fn scenarios() -> Vec<Scenario> {
             name: "update command, reboot",
             setup: kernel_update,
             settings,
+            state_file: None,
         },
         Scenario {
             name: "update unit, reboot, coordinator says wait",
             setup: |s| {
                 kernel_update(s);
                 s.known_units.insert(UPDATE_UNIT.into(), UnitKind::Oneshot);
-                s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 2];
+                s.confirm_waits = vec![
+                    (Step::Drain, "etcd member n2 unhealthy".into()),
+                    (Step::Update, "etcd member n2 unhealthy".into()),
+                ];
             },
             settings: || Settings {
                 update: Some(Action::Unit(UPDATE_UNIT.into())),
                 post_check: Some(Action::Command("true".into())),
                 ..settings()
             },
+            state_file: None,
         },
         Scenario {
             name: "update without reboot, older coordinator",
@@ -101,17 +110,19 @@ fn scenarios() -> Vec<Scenario> {
                 s.confirm_unimplemented = true;
             },
             settings,
+            state_file: None,
         },
         Scenario {
             name: "coordinators upgraded during the maintenance",
             setup: |s| {
                 kernel_update(s);
-                // UNIMPLEMENTED before the update, then "wait" before the
-                // reboot from the upgraded coordinator.
+                // UNIMPLEMENTED before the drain, then "wait" before the
+                // update from the upgraded coordinator.
                 s.confirm_unimplemented_calls = 1;
-                s.confirm_waits = vec!["etcd member n2 unhealthy".into()];
+                s.confirm_waits = vec![(Step::Update, "etcd member n2 unhealthy".into())];
             },
             settings,
+            state_file: None,
         },
         Scenario {
             name: "control-plane node: backup before the drain",
@@ -123,6 +134,21 @@ fn scenarios() -> Vec<Scenario> {
                 backup_paths: vec![pki_dir()],
                 ..settings()
             },
+            state_file: None,
+        },
+        Scenario {
+            name: "control-plane node resumed from an older agent's state",
+            setup: |s| {
+                kernel_update(s);
+                s.backup_required = true;
+                // Grant 1 is held; the older agent saved Preparing.
+                s.hold(1, Phase::Preparing);
+            },
+            settings: || Settings {
+                backup_paths: vec![pki_dir()],
+                ..settings()
+            },
+            state_file: Some(|| crate::fakes::older_agents_state(1)),
         },
         Scenario {
             name: "drain times out",
@@ -131,6 +157,7 @@ fn scenarios() -> Vec<Scenario> {
                 s.prepare = PrepareOutcome::DrainTimeout;
             },
             settings,
+            state_file: None,
         },
     ]
 }
@@ -178,6 +205,13 @@ fn run(scenario: &Scenario, faults: Faults) -> Result<(End, usize), String> {
         let aborts = state.prepare == PrepareOutcome::DrainTimeout;
         let sim = Sim::new(state, faults);
         let driver = Driver::new(sim.clone(), (scenario.settings)());
+        if let Some(state_file) = scenario.state_file {
+            std::fs::write(
+                driver.dir.path().join("state.json"),
+                serde_json::to_vec(&state_file()).expect("state as JSON"),
+            )
+            .expect("writing the state file");
+        }
         let finished = driver
             .run(LIMIT, |s, a| {
                 failed(s, a) || if aborts { aborted(s, a) } else { done(s, a) }
@@ -214,7 +248,7 @@ fn run(scenario: &Scenario, faults: Faults) -> Result<(End, usize), String> {
 /// The invariants of the module docs.
 fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
     let mut last_answer: Option<(u32, bool)> = None;
-    let mut last_confirm: Option<(u32, &str)> = None;
+    let mut last_confirm: Option<(u32, Step, &str)> = None;
     let mut starts_this_grant = 0;
     // The grant held now, and whether its backup was kept.
     let mut grant: Option<u64> = None;
@@ -227,7 +261,12 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
                 }
                 grant = Some(*token);
             }
-            Rec::BackupKept(token) if grant == Some(*token) => backed_up = true,
+            Rec::BackupKept(token) if grant == Some(*token) => {
+                backed_up = true;
+                // A Confirm answered before the backup was kept does not
+                // let the drain through.
+                last_confirm = None;
+            }
             _ => {}
         }
         if s.backup_required && matches!(rec, Rec::Prepare(_)) && !backed_up {
@@ -251,7 +290,7 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
                 last_answer = None;
                 last_confirm = None;
             }
-            Rec::Confirmed { inc, answer } => last_confirm = Some((*inc, answer)),
+            Rec::Confirmed { inc, step, answer } => last_confirm = Some((*inc, *step, answer)),
             Rec::Granted { resumed: false, .. } => starts_this_grant = 0,
             _ => {}
         }
@@ -267,10 +306,17 @@ fn check(s: &SimState, end: &End, error: Option<&str>) -> Result<(), String> {
                 "#{i}: {rec:?} without the token confirmed in this process (last answer {last_answer:?})"
             ));
         }
-        if let Rec::UpdateStart { inc, .. } | Rec::RebootRequest(inc) = rec {
-            if !matches!(last_confirm, Some((i, "go" | "unimplemented")) if i == *inc) {
+        let own_step = match rec {
+            Rec::Prepare(inc) => Some((*inc, Step::Drain)),
+            Rec::UpdateStart { inc, .. } => Some((*inc, Step::Update)),
+            Rec::RebootRequest(inc) => Some((*inc, Step::Reboot)),
+            _ => None,
+        };
+        if let Some((inc, step)) = own_step {
+            if !matches!(last_confirm, Some((i, s, "go" | "unimplemented")) if i == inc && s == step)
+            {
                 return Err(format!(
-                    "#{i}: {rec:?} without its own Confirm answered go in this process (last answer {last_confirm:?})"
+                    "#{i}: {rec:?} without its own Confirm({step}) answered go in this process (last answer {last_confirm:?})"
                 ));
             }
             last_confirm = None;
@@ -374,8 +420,13 @@ fn crash_points_control_plane_backup() {
 }
 
 #[test]
-fn crash_points_drain_timeout() {
+fn crash_points_control_plane_resumed_from_an_older_agents_state() {
     exhaust(&scenarios()[5]);
+}
+
+#[test]
+fn crash_points_drain_timeout() {
+    exhaust(&scenarios()[6]);
 }
 
 /// The harness can fail: an agent that releases right after the update
@@ -411,13 +462,15 @@ fn the_checks_catch_a_release_with_a_reboot_pending() {
     assert!(why.contains("without the token confirmed"), "{why}");
     // A reboot on the update's Confirm (as an agent that remembered an
     // UNIMPLEMENTED answer for good would do), or after "wait".
+    let confirmed = |step, answer| Rec::Confirmed {
+        inc: 1,
+        step,
+        answer,
+    };
     for answers in [vec!["unimplemented"], vec!["go", "wait"]] {
         let mut log = vec![
             Rec::AgentStarted(1),
-            Rec::Confirmed {
-                inc: 1,
-                answer: "unimplemented",
-            },
+            confirmed(Step::Update, "unimplemented"),
             Rec::TokenOk { inc: 1, token: 1 },
             Rec::UpdateStart {
                 inc: 1,
@@ -427,17 +480,11 @@ fn the_checks_catch_a_release_with_a_reboot_pending() {
         log.extend(
             answers[1..]
                 .iter()
-                .map(|answer| Rec::Confirmed { inc: 1, answer }),
+                .map(|answer| confirmed(Step::Reboot, answer)),
         );
         log.extend([Rec::TokenOk { inc: 1, token: 1 }, Rec::RebootRequest(1)]);
         if answers[0] == "go" {
-            log.insert(
-                4,
-                Rec::Confirmed {
-                    inc: 1,
-                    answer: "go",
-                },
-            );
+            log.insert(4, confirmed(Step::Reboot, "go"));
         }
         let s = SimState {
             log,
@@ -445,9 +492,46 @@ fn the_checks_catch_a_release_with_a_reboot_pending() {
         };
         let why = check(&s, &End::Done, None).unwrap_err();
         assert!(
-            why.contains("without its own Confirm"),
+            why.contains("without its own Confirm(reboot)"),
             "{answers:?}: {why}"
         );
     }
+    // A drain with no Confirm of its own (the token confirmed by Renew
+    // only, as the agent before the drain's Confirm did), or on the
+    // answer for another step.
+    for before in [vec![], vec![confirmed(Step::Update, "go")]] {
+        let mut log = vec![Rec::AgentStarted(1)];
+        log.extend(before);
+        log.extend([Rec::TokenOk { inc: 1, token: 1 }, Rec::Prepare(1)]);
+        let s = SimState {
+            log,
+            ..SimState::default()
+        };
+        let why = check(&s, &End::Done, None).unwrap_err();
+        assert!(why.contains("without its own Confirm(drain)"), "{why}");
+    }
+    // With a backup asked for: a drain on a Confirm answered before the
+    // backup was kept; and the order that is right.
+    let backup_log = |confirm_first: bool| {
+        let mut log = vec![
+            Rec::AgentStarted(1),
+            Rec::Granted {
+                token: 1,
+                resumed: false,
+            },
+            Rec::BackupKept(1),
+        ];
+        let at = if confirm_first { 2 } else { 3 };
+        log.insert(at, confirmed(Step::Drain, "go"));
+        log.extend([Rec::TokenOk { inc: 1, token: 1 }, Rec::Prepare(1)]);
+        SimState {
+            log,
+            backup_required: true,
+            ..SimState::default()
+        }
+    };
+    let why = check(&backup_log(true), &End::Done, None).unwrap_err();
+    assert!(why.contains("without its own Confirm(drain)"), "{why}");
+    assert_eq!(check(&backup_log(false), &End::Done, None), Ok(()));
     let _ = Point::Renew;
 }

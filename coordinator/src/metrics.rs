@@ -63,6 +63,9 @@ pub struct Metrics {
     holder_phase_set: Arc<Mutex<Vec<HolderPhase>>>,
     /// Waiters the etcd quorum guard holds back now.
     pub etcd_blocked_waiters: Gauge,
+    /// Waiters held back because their agent makes no control-plane
+    /// backups (an agent from before backups on a control-plane etcd node).
+    pub waiters_without_backup_support: Gauge,
     /// Voting etcd members in the last health snapshot.
     pub etcd_voting_members: Gauge,
     /// Healthy voting etcd members in the last health snapshot.
@@ -189,6 +192,12 @@ impl Metrics {
             "Waiters the etcd quorum guard holds back now",
             etcd_blocked_waiters.clone(),
         );
+        let waiters_without_backup_support = Gauge::default();
+        registry.register(
+            "waiters_without_backup_support",
+            "Waiters held back because their agent makes no control-plane backups: upgrade baton-agent on those nodes",
+            waiters_without_backup_support.clone(),
+        );
         let etcd_voting_members = Gauge::default();
         registry.register(
             "etcd_voting_members",
@@ -232,6 +241,7 @@ impl Metrics {
             holder_phase,
             holder_phase_set: Arc::default(),
             etcd_blocked_waiters,
+            waiters_without_backup_support,
             etcd_voting_members,
             etcd_healthy_voting_members,
             etcd_snapshots,

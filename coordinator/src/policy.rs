@@ -49,6 +49,11 @@ pub struct Waiter {
     pub node: NodeName,
     /// True for control-plane nodes.
     pub control_plane: bool,
+    /// True when the requester makes and sends the control-plane backup a
+    /// grant may ask for (every current agent), or is an operator's hold
+    /// (which runs no agent steps). The etcd guard never lets a waiter
+    /// without it have a control-plane node that carries an etcd member.
+    pub backs_up_control_plane: bool,
 }
 
 /// A check beyond the built-in rule (the etcd quorum guard, blockers). It

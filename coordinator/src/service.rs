@@ -388,6 +388,7 @@ impl Coordinator for Services {
                 control_plane: req.control_plane,
                 reason: req.reason,
                 manual: req.manual,
+                backs_up_control_plane: req.backs_up_control_plane,
             })
             .await?;
         let stream = AcquireStream {

@@ -2,6 +2,7 @@
 //! checked, the lease renewed, every guard re-run for the holder, and the
 //! answer comes only from the leader.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,17 +22,23 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic::transport::{Channel, Server};
 
-/// A guard the test switches; it records the holders it was shown.
+/// A guard the test switches; it records the holders it was shown, and
+/// what each waiter's request said about control-plane backups.
 #[derive(Default)]
 struct Switch {
     refuse: Mutex<Option<String>>,
     holders_seen: Mutex<Vec<String>>,
+    backs_up_seen: Mutex<BTreeMap<String, bool>>,
 }
 
 impl GrantGuard for Switch {
-    fn check(&self, _: &Waiter, state: &LeaseState, _: DateTime<Utc>) -> Result<(), String> {
+    fn check(&self, waiter: &Waiter, state: &LeaseState, _: DateTime<Utc>) -> Result<(), String> {
         *self.holders_seen.lock().unwrap() =
             state.holders.keys().map(ToString::to_string).collect();
+        self.backs_up_seen
+            .lock()
+            .unwrap()
+            .insert(waiter.node.to_string(), waiter.backs_up_control_plane);
         self.refuse.lock().unwrap().clone().map_or(Ok(()), Err)
     }
 }
@@ -87,6 +94,7 @@ async fn granted(client: &mut CoordinatorClient<Channel>, node: &str) -> u64 {
             reason: "test".into(),
             manual: false,
             labels: Default::default(),
+            backs_up_control_plane: true,
         })
         .await
         .unwrap()
@@ -189,4 +197,49 @@ async fn only_the_leader_confirms() {
         .await
         .expect_err("a replica that does not lead must not confirm");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
+}
+
+/// `AcquireRequest.backs_up_control_plane` reaches the grant rule (the
+/// etcd guard judges by it) as the client sent it; an older agent leaves
+/// it out, which reads as false. An operator's hold needs no backup from
+/// an agent and counts as one that makes it.
+#[tokio::test]
+async fn the_backup_capability_reaches_the_grant_rule_as_sent() {
+    let Served {
+        mut client, guard, ..
+    } = serve().await;
+    // Nobody is granted: each waiter stays in the queue and is judged.
+    *guard.refuse.lock().unwrap() = Some("held for the test".into());
+    let mut streams = Vec::new();
+    for (node, backs_up, manual) in [
+        ("n1", true, false),
+        ("n2", false, false),
+        ("n3", false, true),
+    ] {
+        let request = pb::AcquireRequest {
+            node: node.into(),
+            control_plane: true,
+            reason: "test".into(),
+            manual,
+            labels: Default::default(),
+            backs_up_control_plane: backs_up,
+        };
+        streams.push(client.acquire(request).await.unwrap().into_inner());
+    }
+    let expected: BTreeMap<String, bool> = [("n1", true), ("n2", false), ("n3", true)]
+        .map(|(n, b)| (n.to_string(), b))
+        .into();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if *guard.backs_up_seen.lock().unwrap() == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the guard saw {:?}",
+            guard.backs_up_seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(streams);
 }

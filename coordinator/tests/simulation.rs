@@ -418,6 +418,7 @@ impl Sim {
                 control_plane,
                 reason: "sim".to_string(),
                 manual: false,
+                backs_up_control_plane: true,
             })
             .await;
         match result {

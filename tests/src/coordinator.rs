@@ -300,6 +300,8 @@ impl InProcess {
             node: node.to_string(),
             control_plane,
             reason: "test".to_string(),
+            // As a current agent says.
+            backs_up_control_plane: true,
             ..Default::default()
         };
         Ok(self.lease().await?.acquire(request).await?.into_inner())
@@ -318,6 +320,7 @@ impl InProcess {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            backs_up_control_plane: true,
             ..Default::default()
         };
         Ok(self.lease().await?.acquire(request).await?.into_inner())

@@ -386,3 +386,66 @@ async fn a_snapshot_slower_than_the_probe_rounds_still_pairs_with_its_grant() ->
     );
     Ok(())
 }
+
+/// An agent from before backups (its Acquire has no
+/// `backs_up_control_plane`, as this raw request) asks for control-plane
+/// node cp-2: it is never granted, waits with a reason that says to
+/// upgrade its agent, and does not hold back cp-1's current agent queued
+/// behind it.
+#[tokio::test]
+async fn an_older_agent_is_never_granted_a_control_plane_etcd_node_and_holds_nobody_back()
+-> Result<()> {
+    use baton_proto::v1::{self as pb, acquire_event::Event};
+
+    let _serial = serial().await;
+    let cluster = EtcdCluster::start_named(&["cp-1", "cp-2", "cp-3"]).await?;
+    let coordinator = Coordinator::guarding(&cluster, &[])?;
+    coordinator.wait_ready().await?;
+    let mut old = pb::coordinator_client::CoordinatorClient::connect(coordinator.grpc_url.clone())
+        .await?
+        .acquire(pb::AcquireRequest {
+            node: "cp-2".into(),
+            control_plane: true,
+            reason: "kernel update".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let reason = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match old.message().await?.and_then(|e| e.event) {
+                Some(Event::Queued(q)) if q.reason.contains("upgrade baton-agent") => {
+                    return Ok(q.reason);
+                }
+                Some(Event::Queued(_)) => {}
+                Some(Event::Granted(g)) => bail!("an older agent was granted cp-2: {g:?}"),
+                None => bail!("the stream ended"),
+            }
+        }
+    })
+    .await
+    .context("no reason within a minute")??;
+    ensure!(
+        reason.starts_with("agent does not support control-plane backups"),
+        "{reason}"
+    );
+    ensure!(
+        coordinator
+            .metrics_text()
+            .contains("baton_waiters_without_backup_support 1"),
+        "counted"
+    );
+
+    // cp-1's current agent, queued behind it, is granted.
+    let root = tempfile::tempdir()?;
+    let paths = control_plane_files(root.path())?;
+    let (_agent, grant, _) = granted_cp1(&coordinator, &paths, &root.path().join("state")).await?;
+    ensure!(grant.backup_required, "cp-1's grant asks for its backup");
+    // And cp-2 still has nothing (its stream says why it waits, no grant).
+    while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), old.message()).await {
+        if let Some(Event::Granted(g)) = event?.and_then(|e| e.event) {
+            bail!("an older agent was granted cp-2: {g:?}");
+        }
+    }
+    Ok(())
+}

@@ -230,6 +230,7 @@ impl Lease {
                 reason: "nemesis".into(),
                 manual: false,
                 labels: Default::default(),
+                backs_up_control_plane: true,
             };
             let outcome = match self.clients[at].clone().acquire(request).await {
                 Err(status) => outcome_of(&status),

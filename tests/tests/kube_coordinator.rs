@@ -193,6 +193,7 @@ async fn acquire(
         reason: "reboot required".to_string(),
         manual: false,
         labels: Default::default(),
+        backs_up_control_plane: true,
     };
     Ok(client.acquire(request).await?.into_inner())
 }
@@ -729,6 +730,7 @@ async fn node_facts_that_cannot_be_refreshed_expire_and_hold_grants_back() -> Re
         reason: "reboot required".to_string(),
         manual: false,
         labels: Default::default(),
+        backs_up_control_plane: true,
     };
     let mut w1 = client.acquire(request()).await?.into_inner();
     let token = granted(&mut w1).await?;

@@ -178,6 +178,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
         "BatonNodeFailed",
         "BatonRolloutStalled",
         "BatonEtcdGuardBlocking",
+        "BatonAgentWithoutBackups",
         "BatonNoLeader",
         "BatonEtcdSnapshotFailed",
         "BatonPausedByFailureBudget",

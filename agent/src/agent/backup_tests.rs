@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::coordinator::Step;
 use crate::fakes::driver::{Driver, settings};
 use crate::fakes::{Faults, Point, Rec, Sim, SimState};
 
@@ -202,27 +203,11 @@ async fn a_grant_resumed_from_an_older_agents_state_asks_whether_it_needs_a_back
     // backup_required field (it did not know it); the coordinator wants
     // the backup for that grant.
     let d = driver(vec![pki(root.path())], Faults::None, |s| {
-        s.last_token = 1;
-        s.holder = Some(crate::fakes::Holder {
-            token: 1,
-            phase: Some(Phase::Preparing),
-            message: String::new(),
-            error: String::new(),
-            updated: false,
-        });
+        s.hold(1, Phase::Preparing);
     });
-    let mut old = serde_json::to_value(AgentState {
-        phase: Phase::Preparing,
-        fencing_token: Some(1),
-        reason: "updates pending".into(),
-        ..AgentState::idle()
-    })
-    .unwrap();
-    let fields = old.as_object_mut().unwrap();
-    fields.retain(|k, _| !k.starts_with("backup"));
     std::fs::write(
         d.dir.path().join("state.json"),
-        serde_json::to_vec(&old).unwrap(),
+        serde_json::to_vec(&crate::fakes::older_agents_state(1)).unwrap(),
     )
     .unwrap();
     assert!(
@@ -231,11 +216,75 @@ async fn a_grant_resumed_from_an_older_agents_state_asks_whether_it_needs_a_back
     );
     let s = d.sim.state();
     let kept = s.log.iter().position(|r| *r == Rec::BackupKept(1));
+    let confirmed = s.log.iter().position(|r| {
+        matches!(
+            r,
+            Rec::Confirmed {
+                step: Step::Drain,
+                answer: "go",
+                ..
+            }
+        )
+    });
     let drained = s.log.iter().position(|r| matches!(r, Rec::Prepare(_)));
     assert!(
-        kept.is_some() && kept < drained,
-        "the backup is kept before the drain: {:?}",
+        kept.is_some() && kept < confirmed && confirmed < drained,
+        "the backup is kept, then the drain confirmed, then the node drained: {:?}",
         s.log
     );
     no_archive_left(&d);
+}
+
+/// A grant whose backup this agent skipped (its state says it learned
+/// that no backup is needed: an older coordinator replica answered during
+/// a rolling upgrade, or any other path past the backup) is not drained
+/// while the coordinator wants the backup: Confirm(drain) says wait, the
+/// agent reports why and keeps the baton, undrained and uncordoned; it
+/// drains once the coordinator says go.
+#[tokio::test(start_paused = true)]
+async fn a_grant_that_skipped_its_backup_is_not_drained_until_the_coordinator_says_go() {
+    let root = tempfile::tempdir().unwrap();
+    let d = driver(vec![pki(root.path())], Faults::None, |s| {
+        s.hold(1, Phase::Preparing);
+    });
+    let state = AgentState {
+        phase: Phase::Preparing,
+        fencing_token: Some(1),
+        reason: "updates pending".into(),
+        backup_learned: Some(1),
+        backup_required: None,
+        ..AgentState::idle()
+    };
+    std::fs::write(
+        d.dir.path().join("state.json"),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+    // An hour of waiting: never drained, never cordoned, the baton kept.
+    assert!(!d.run(HOUR, |s, _| !s.node_calls.is_empty()).await);
+    {
+        let s = d.sim.state();
+        assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 0, "{:?}", s.log);
+        assert!(!s.cordoned);
+        assert_eq!(s.holder.as_ref().map(|h| h.token), Some(1));
+        assert!(s.confirmed().iter().all(|c| *c == (Step::Drain, "wait")));
+        assert!(
+            s.holder
+                .as_ref()
+                .is_some_and(|h| h.message.contains("before the drain")
+                    && h.message.contains("control-plane backup")),
+            "the reason is shown: {:?}",
+            s.holder
+        );
+    }
+    // The backup arrives (an operator's, or the coordinator changed its
+    // mind): the next Confirm says go and the maintenance goes on.
+    d.sim.state().backups.push((1, "sha".into(), 3));
+    assert!(
+        d.run(HOUR, |s, a| s.holder.is_none() && given_back(s, a))
+            .await
+    );
+    let s = d.sim.state();
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 1);
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 1);
 }

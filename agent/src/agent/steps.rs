@@ -253,6 +253,13 @@ impl<H: HostOs, C: Coordinator, N: NodeOps> Agent<H, C, N> {
                 .await
                 .map_err(fatal);
         }
+        // The coordinator's go-ahead right before the node is touched, as
+        // before the update and the reboot: it holds the drain of a grant
+        // whose backup was not kept (whatever path this agent took past
+        // the backup step) and re-runs the guards, which may have changed
+        // since the grant. For an ordinary grant it is one call answered
+        // "go", the same answer the update's Confirm would give.
+        self.confirm_step(token, Step::Drain).await?;
         match self
             .holding(token, OnStale::Stop, self.node_ops.prepare())
             .await?

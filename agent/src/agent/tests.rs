@@ -3,6 +3,7 @@
 //! (`crate::crash_points`) runs the same simulation with faults.
 
 use super::*;
+use crate::coordinator::Step;
 use crate::fakes::driver::{Driver, settings};
 use crate::fakes::{
     Fault, Faults, Point, PrepareOutcome, Rec, Sim, SimState, UPDATE_UNIT, UnitKind,
@@ -575,7 +576,7 @@ async fn a_blocking_pod_that_appears_after_the_grant_gives_the_baton_back() {
 #[tokio::test(start_paused = true)]
 async fn the_update_waits_while_the_coordinator_says_wait() {
     let d = kernel_driver(|s| {
-        s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 5];
+        s.confirm_waits = vec![(Step::Update, "etcd member n2 unhealthy".into()); 5];
     });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
@@ -585,9 +586,18 @@ async fn the_update_waits_while_the_coordinator_says_wait() {
         .find(|(_, r)| r.message.contains("etcd member n2 unhealthy"))
         .expect("the reason was reported");
     assert_eq!(waiting.1.phase, Phase::Updating);
-    // Five "wait" answers, then one "go" for the update and one for the
-    // reboot.
-    assert_eq!(s.confirms, 7);
+    // One "go" for the drain, five "wait" answers, then one "go" for the
+    // update and one for the reboot.
+    assert_eq!(s.confirms, 8);
+    assert_eq!(
+        s.confirmed(),
+        [
+            vec![(Step::Drain, "go")],
+            vec![(Step::Update, "wait"); 5],
+            vec![(Step::Update, "go"), (Step::Reboot, "go")]
+        ]
+        .concat()
+    );
     // The reason was reported once, not on every answer.
     assert_eq!(
         s.reports
@@ -598,14 +608,71 @@ async fn the_update_waits_while_the_coordinator_says_wait() {
     );
 }
 
+/// Confirm says "wait" before the drain: the node is neither cordoned nor
+/// drained until the coordinator says go, and the reason is reported (in
+/// Preparing) once.
+#[tokio::test(start_paused = true)]
+async fn the_drain_waits_while_the_coordinator_says_wait() {
+    let d = kernel_driver(|s| {
+        s.confirm_waits = vec![(Step::Drain, "etcd member n2 unhealthy".into()); 3];
+    });
+    assert!(d.run(HOUR, done).await);
+    let s = d.sim.state();
+    assert_eq!(
+        s.confirmed(),
+        [
+            vec![(Step::Drain, "wait"); 3],
+            vec![
+                (Step::Drain, "go"),
+                (Step::Update, "go"),
+                (Step::Reboot, "go")
+            ]
+        ]
+        .concat()
+    );
+    let go = s
+        .log
+        .iter()
+        .position(|r| {
+            matches!(
+                r,
+                Rec::Confirmed {
+                    step: Step::Drain,
+                    answer: "go",
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let drained = s.log.iter().position(|r| matches!(r, Rec::Prepare(_)));
+    assert!(drained > Some(go), "drained before the go: {:?}", s.log);
+    let waiting: Vec<_> = s
+        .reports
+        .iter()
+        .filter(|(_, r)| r.message.contains("unhealthy"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "reported once");
+    assert_eq!(waiting[0].1.phase, Phase::Preparing);
+    assert!(
+        waiting[0].1.message.contains("before the drain"),
+        "{:?}",
+        waiting[0].1
+    );
+    assert_eq!(s.count(|r| matches!(r, Rec::Prepare(_))), 1);
+}
+
 /// Finding 8: a token refused by Confirm stops the maintenance before the
 /// update.
 #[tokio::test(start_paused = true)]
 async fn a_confirm_that_refuses_the_token_stops_before_the_update() {
     let d = kernel_driver(|s| {
-        s.confirm_waits = vec!["wait".into()];
+        s.confirm_waits = vec![(Step::Update, "wait".into())];
     });
-    assert!(d.run(HOUR, |s, _| s.confirms == 1).await);
+    assert!(
+        d.run(HOUR, |s, _| s.confirmed().last()
+            == Some(&(Step::Update, "wait")))
+            .await
+    );
     d.sim.state().force_release();
     assert!(
         d.run(HOUR, |_, a| a.is_some_and(|a| a.phase == Phase::Idle))
@@ -626,8 +693,11 @@ async fn an_older_coordinator_without_confirm_falls_back_to_renew() {
     });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
-    // Once before the update and once before the reboot.
-    assert_eq!(s.confirms, 2);
+    // Once before each of the drain, the update and the reboot.
+    assert_eq!(
+        s.confirmed(),
+        [Step::Drain, Step::Update, Step::Reboot].map(|step| (step, "unimplemented"))
+    );
     assert_eq!(s.boot, 2);
 }
 
@@ -901,19 +971,27 @@ async fn a_failing_need_check_while_waiting_keeps_the_request() {
 async fn confirm_is_asked_again_after_an_unimplemented_answer() {
     let d = kernel_driver(|s| {
         s.confirm_unimplemented_calls = 1;
-        s.confirm_waits = vec!["etcd member n2 unhealthy".into(); 3];
+        s.confirm_waits = vec![(Step::Update, "etcd member n2 unhealthy".into()); 3];
     });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
-    // UNIMPLEMENTED before the update; three "wait" and one "go" before
-    // the reboot.
-    assert_eq!(s.confirms, 5);
+    // UNIMPLEMENTED before the drain; three "wait" and one "go" before
+    // the update; "go" before the reboot.
+    assert_eq!(
+        s.confirmed(),
+        [
+            vec![(Step::Drain, "unimplemented")],
+            vec![(Step::Update, "wait"); 3],
+            vec![(Step::Update, "go"), (Step::Reboot, "go")]
+        ]
+        .concat()
+    );
     let waited = s
         .reports
         .iter()
         .position(|(_, r)| r.message.contains("unhealthy"))
         .expect("the wait was reported");
-    assert_eq!(s.reports[waited].1.phase, Phase::Rebooting);
+    assert_eq!(s.reports[waited].1.phase, Phase::Updating);
     assert_eq!(s.boot, 2);
 }
 
@@ -942,6 +1020,9 @@ async fn a_stale_token_at_confirm_after_an_unimplemented_answer_stops_the_agent(
             .await
     );
     let s = d.sim.state();
+    // Force-released at the update's Confirm, right after the drain's
+    // UNIMPLEMENTED answer.
+    assert_eq!(s.count(|r| matches!(r, Rec::UpdateStart { .. })), 0);
     assert_eq!(s.count(|r| matches!(r, Rec::RebootRequest(_))), 0);
     assert_eq!(s.boot, 1);
     assert!(!s.cordoned);
@@ -1005,7 +1086,7 @@ async fn a_failed_report_that_was_lost_is_sent_again() {
 }
 
 /// Red-team of the fixes, A: the coordinator answers UNIMPLEMENTED to
-/// Confirm(update) just before it is upgraded (an outage of a few
+/// Confirm(drain) just before it is upgraded (an outage of a few
 /// seconds), and the upgraded one says "wait". The Renew fallback counts
 /// only when the Renew sent right after the UNIMPLEMENTED answer succeeds
 /// at once; after the outage the agent asks Confirm again and waits.
@@ -1014,25 +1095,30 @@ async fn an_outage_after_an_unimplemented_confirm_asks_confirm_again() {
     let d = kernel_driver(|s| {
         s.confirm_unimplemented_calls = 1;
         s.outage_after_unimplemented = Some(Duration::from_secs(5));
-        s.confirm_waits = vec!["etcd member n3 unhealthy".into()];
+        s.confirm_waits = vec![(Step::Drain, "etcd member n3 unhealthy".into())];
     });
     assert!(d.run(HOUR, done).await);
     let s = d.sim.state();
-    let first_update = s
+    let first_drain = s
         .log
         .iter()
-        .position(|r| matches!(r, Rec::UpdateStart { .. }))
+        .position(|r| matches!(r, Rec::Prepare(_)))
         .unwrap();
-    let confirms: Vec<_> = s.log[..first_update]
+    let confirms: Vec<_> = s.log[..first_drain]
         .iter()
         .filter_map(|r| match r {
-            Rec::Confirmed { answer, .. } => Some(*answer),
+            Rec::Confirmed { step, answer, .. } => Some((*step, *answer)),
             _ => None,
         })
         .collect();
-    assert!(
-        confirms.contains(&"wait"),
-        "the update started after an outage on the old coordinator's UNIMPLEMENTED; the upgraded coordinator was never asked: {confirms:?}"
+    assert_eq!(
+        confirms,
+        [
+            (Step::Drain, "unimplemented"),
+            (Step::Drain, "wait"),
+            (Step::Drain, "go")
+        ],
+        "the drain started after an outage on the old coordinator's UNIMPLEMENTED; the upgraded coordinator was never asked"
     );
 }
 

@@ -1,5 +1,6 @@
 //! The simulated coordinator: one holder, growing tokens, fencing after a
-//! force-release, the published text limits, Confirm with "wait".
+//! force-release, the published text limits, Confirm with "wait" (scripted
+//! per step, and for every step of a grant whose backup was not kept).
 
 use super::{Holder, Injected, Point, Rec, Sim};
 use crate::coordinator::{
@@ -260,6 +261,7 @@ impl Coordinator for SimCoordinator {
                 let inc = state.incarnation;
                 state.log.push(Rec::Confirmed {
                     inc,
+                    step,
                     answer: "unimplemented",
                 });
             }
@@ -281,6 +283,7 @@ impl Coordinator for SimCoordinator {
                 // grant asked for was kept.
                 state.log.push(Rec::Confirmed {
                     inc,
+                    step,
                     answer: "wait",
                 });
                 Ok(Confirmation {
@@ -290,19 +293,12 @@ impl Coordinator for SimCoordinator {
                     overdue_at,
                     retry_after: Some(Duration::from_secs(2)),
                 })
-            } else if state.confirm_waits.is_empty() {
-                state.log.push(Rec::TokenOk { inc, token });
-                state.log.push(Rec::Confirmed { inc, answer: "go" });
-                Ok(Confirmation {
-                    proceed: true,
-                    overdue_at,
-                    ..Confirmation::default()
-                })
-            } else {
+            } else if let Some(at) = state.confirm_waits.iter().position(|(s, _)| *s == step) {
                 // "Wait" renews the lease but confirms no step.
-                let reason = state.confirm_waits.remove(0);
+                let (_, reason) = state.confirm_waits.remove(at);
                 state.log.push(Rec::Confirmed {
                     inc,
+                    step,
                     answer: "wait",
                 });
                 Ok(Confirmation {
@@ -310,6 +306,18 @@ impl Coordinator for SimCoordinator {
                     reason: format!("{step}: {reason}"),
                     overdue_at,
                     retry_after: Some(Duration::from_secs(2)),
+                })
+            } else {
+                state.log.push(Rec::TokenOk { inc, token });
+                state.log.push(Rec::Confirmed {
+                    inc,
+                    step,
+                    answer: "go",
+                });
+                Ok(Confirmation {
+                    proceed: true,
+                    overdue_at,
+                    ..Confirmation::default()
                 })
             }
         };

@@ -235,6 +235,8 @@ pub enum Rec {
     Confirmed {
         /// The agent incarnation.
         inc: u32,
+        /// The step asked about.
+        step: crate::coordinator::Step,
         /// "go", "wait" or "unimplemented".
         answer: &'static str,
     },
@@ -363,8 +365,9 @@ pub struct SimState {
     pub last_token: u64,
     /// The holder.
     pub holder: Option<Holder>,
-    /// Confirm answers "wait" with these reasons first.
-    pub confirm_waits: Vec<String>,
+    /// Confirm answers "wait" to a step with the first reason scripted
+    /// here for that step (used up as it is answered); other steps go.
+    pub confirm_waits: Vec<(crate::coordinator::Step, String)>,
     /// Confirm is not implemented (an older coordinator).
     pub confirm_unimplemented: bool,
     /// Renew answers PERMISSION_DENIED (refused for good) while set.
@@ -560,6 +563,17 @@ impl SimState {
             .iter()
             .filter_map(|r| match r {
                 Rec::Released { token, .. } => Some(*token),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every Confirm answered, in order: the step and the answer.
+    pub fn confirmed(&self) -> Vec<(crate::coordinator::Step, &'static str)> {
+        self.log
+            .iter()
+            .filter_map(|r| match r {
+                Rec::Confirmed { step, answer, .. } => Some((*step, *answer)),
                 _ => None,
             })
             .collect()
@@ -872,4 +886,20 @@ fn applicable(point: &Point, fault: Fault) -> Fault {
         (Point::Need | Point::RebootRequired, Fault::LoseAnswer) => Fault::Fail,
         _ => fault,
     }
+}
+
+/// The state file an agent from before control-plane backups saved while
+/// it held grant `token` in Preparing: none of the backup fields.
+pub fn older_agents_state(token: u64) -> serde_json::Value {
+    let mut old = serde_json::to_value(AgentState {
+        phase: Phase::Preparing,
+        fencing_token: Some(token),
+        reason: "updates pending".into(),
+        ..AgentState::idle()
+    })
+    .expect("state as JSON");
+    if let Some(fields) = old.as_object_mut() {
+        fields.retain(|k, _| !k.starts_with("backup"));
+    }
+    old
 }

@@ -348,6 +348,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 reason,
                 manual: false,
                 labels: Default::default(),
+                // batonctl makes no control-plane backup: a control-plane
+                // etcd node waits (its reason says so); `batonctl hold`
+                // is the way for manual work there.
+                backs_up_control_plane: false,
             };
             match acquire(&mut lease, request, wait_timeout).await? {
                 Some(granted) => {
@@ -454,6 +458,9 @@ async fn hold(
         reason,
         manual: true,
         labels: Default::default(),
+        // A hold runs no agent steps (the operator does the work); the
+        // coordinator grants it for `manual` alone.
+        backs_up_control_plane: false,
     };
     let Some(granted) = acquire(&mut lease, request, wait_timeout).await? else {
         return Ok(EXIT_TIMEOUT);

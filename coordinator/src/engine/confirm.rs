@@ -144,6 +144,11 @@ impl Engine {
         let waiter = Waiter {
             node: node.clone(),
             control_plane,
+            // What this grant needs was settled when it was made: a backup
+            // it asked for is checked first (`backup_missing`); a grant
+            // made without one (an older coordinator's) is not held for
+            // its agent's age.
+            backs_up_control_plane: true,
         };
         let guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
         let decision = decide(&state, &[waiter], &unavailable, &policy, &guards, now);
@@ -228,6 +233,7 @@ mod tests {
                 control_plane,
                 reason: "test".into(),
                 manual: false,
+                backs_up_control_plane: true,
             })
             .await
             .unwrap();
@@ -266,6 +272,23 @@ mod tests {
             engine.snapshot().await.state.holders[&n("n1")].fencing_token,
             t1
         );
+    }
+
+    /// Agents ask Confirm before the drain too. A grant that asked for no
+    /// backup (a worker, or a control-plane node with no etcd snapshot
+    /// paired) may drain at once: the answer is the one its update's
+    /// Confirm gets right after.
+    #[tokio::test]
+    async fn a_grant_that_needs_no_backup_may_drain_at_once() {
+        let engine = engine(2, Arc::default()).await;
+        for (node, control_plane) in [("w1", false), ("cp-1", true)] {
+            let token = grant(&engine, node, control_plane).await;
+            assert!(!engine.backup_required(&n(node)).await);
+            for step in [Step::Drain, Step::Update] {
+                let answer = engine.confirm_step(&n(node), token, step).await.unwrap();
+                assert_eq!(answer.wait, None, "{node} {step:?}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -383,6 +383,14 @@ impl Engine {
             .filter(|(_, reason)| crate::etcd::is_guard_reason(&reason.text))
             .count();
         self.metrics.etcd_blocked_waiters.set(etcd_blocked as i64);
+        let without_backups = decision
+            .judged
+            .iter()
+            .filter(|(_, reason)| crate::etcd::is_no_backup_support_reason(&reason.text))
+            .count();
+        self.metrics
+            .waiters_without_backup_support
+            .set(without_backups as i64);
         let telling = inner.queue.tell(&decision, Instant::now());
         for (node, position, reason) in &telling.new_reasons {
             info!(node = %node, position, reason = %reason.text, "waiting");

@@ -195,6 +195,9 @@ pub struct AcquireRequest {
     pub reason: String,
     /// Operator hold (phase starts as Manual).
     pub manual: bool,
+    /// The requester makes and sends a control-plane backup when a grant
+    /// asks for one (`AcquireRequest.backs_up_control_plane`).
+    pub backs_up_control_plane: bool,
 }
 
 /// How many waiters a [`Snapshot`] (and so Status and Watch) lists: the

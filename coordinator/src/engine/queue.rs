@@ -154,6 +154,11 @@ impl WaitQueue {
                 waiter: Waiter {
                     node: request.node.clone(),
                     control_plane: request.control_plane,
+                    // An operator's hold runs no agent steps: nothing of
+                    // it drains on its own; the operator does the work by
+                    // hand, as before backups (batonctl hold does not read
+                    // `backup_required`).
+                    backs_up_control_plane: request.backs_up_control_plane || request.manual,
                 },
                 request,
                 since,

@@ -85,6 +85,7 @@ fn request(node: &str) -> AcquireRequest {
         control_plane: false,
         reason: "test".into(),
         manual: false,
+        backs_up_control_plane: true,
     }
 }
 

@@ -415,6 +415,16 @@ impl EtcdGuard {
     }
 }
 
+/// The reason a control-plane etcd node waits when its agent makes no
+/// backups. It starts with [`super::NO_BACKUP_SUPPORT`] (what
+/// `baton_waiters_without_backup_support` counts).
+fn no_backup_support(node: &NodeName, member: &str) -> String {
+    format!(
+        "{}; upgrade baton-agent on this node (control-plane node {node} carries etcd member {member}: its grant needs a control-plane backup kept beside the etcd snapshot, and this request says its agent cannot make one; for manual work use batonctl hold)",
+        super::NO_BACKUP_SUPPORT
+    )
+}
+
 /// One line for logs: "n1 ok, n2 connection refused; alarms: none".
 fn summarize(health: &HealthSnapshot) -> String {
     if let Some(reason) = &health.unreadable {
@@ -450,6 +460,15 @@ impl GrantGuard for EtcdGuard {
             EtcdRole::Member(m) => m,
             EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
         };
+        // Its grant would ask for a control-plane backup (the preparation
+        // pairs a snapshot with it): an agent that cannot make one would
+        // drain the node without it. Checked before the quorum, so the
+        // reason shown is the one that lasts until the agent is upgraded.
+        if !candidate.backs_up_control_plane
+            && self.is_control_plane(&candidate.node, candidate.control_plane)
+        {
+            return Err(no_backup_support(&candidate.node, &member));
+        }
         let mut out = self
             .returns
             .lock()
@@ -560,10 +579,198 @@ mod tests {
         EtcdGuard::new(settings, prober, Arc::new(move || now))
     }
 
+    /// An engine on a memory store, its clock stopped at `now`, whose only
+    /// guard is `guard`, with `max_concurrent` holders at most; its
+    /// granter runs.
+    async fn engine_guarded_by(
+        guard: &Arc<EtcdGuard>,
+        max_concurrent: u32,
+        now: DateTime<Utc>,
+    ) -> Arc<Engine> {
+        use crate::engine::EngineConfig;
+        use crate::metrics::Metrics;
+        use crate::policy::Policy;
+        use crate::store::memory::MemoryStore;
+
+        let policy = Policy {
+            max_concurrent,
+            ..Policy::default()
+        };
+        let engine = Engine::new(
+            Arc::new(MemoryStore::default()),
+            EngineConfig::new(policy, "test"),
+            vec![guard.clone() as Arc<dyn GrantGuard>],
+            Vec::new(),
+            Arc::new(move || now),
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(engine.clone().run_granter());
+        engine
+    }
+
+    /// A waiter whose agent claims nothing and makes backups (every
+    /// current agent).
     fn waiter(node: &str) -> Waiter {
         Waiter {
             node: NodeName::new(node).unwrap(),
             control_plane: false,
+            backs_up_control_plane: true,
+        }
+    }
+
+    /// A guard whose last probe saw three healthy members, etcd-1..3,
+    /// advertising peer URLs on 10.0.0.1..3.
+    fn guard_of_three_by_ip(now: DateTime<Utc>) -> Arc<EtcdGuard> {
+        let guard = guard(now);
+        guard.set_health(cluster(
+            now,
+            vec![
+                member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
+                member(2, "etcd-2").advertising(&["https://10.0.0.2:2380"], &[]),
+                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
+            ],
+        ));
+        guard
+    }
+
+    /// [`guard_of_three_by_ip`], the members known to the node watch as
+    /// `cp-1` (10.0.0.1, labelled control-plane), `w2` (10.0.0.2, a worker
+    /// carrying a member) and `w9` (10.0.0.9, no member).
+    fn labelled_cluster(now: DateTime<Utc>) -> Arc<EtcdGuard> {
+        let guard = guard_of_three_by_ip(now);
+        guard.map_by_internal_ip(Arc::new(Addresses(
+            [
+                ("cp-1", "10.0.0.1".parse().unwrap()),
+                ("w2", "10.0.0.2".parse().unwrap()),
+                ("w9", "10.0.0.9".parse().unwrap()),
+            ]
+            .into(),
+        )));
+        guard
+    }
+
+    /// A node whose grant would ask for a control-plane backup (a
+    /// control-plane node, by its label or its agent's claim, carrying an
+    /// etcd member) is never let through for an agent that cannot make
+    /// one; nodes whose grants ask for none are not held back by it.
+    #[test]
+    fn an_agent_without_backups_never_passes_for_a_control_plane_etcd_node() {
+        let now = Utc::now();
+        let guard = labelled_cluster(now);
+        let state = LeaseState::default();
+        let old = |node: &str, claims: bool| Waiter {
+            control_plane: claims,
+            backs_up_control_plane: false,
+            ..waiter(node)
+        };
+        // Labelled control-plane, whatever its agent claims.
+        for claims in [false, true] {
+            let reason = guard.check(&old("cp-1", claims), &state, now).unwrap_err();
+            assert!(
+                reason.starts_with(
+                    "agent does not support control-plane backups; upgrade baton-agent on this node"
+                ),
+                "{reason}"
+            );
+            assert!(reason.contains("etcd-1"), "{reason}");
+            assert!(
+                !crate::etcd::is_guard_reason(&reason),
+                "not an etcd outage: {reason}"
+            );
+        }
+        assert_eq!(guard.check(&waiter("cp-1"), &state, now), Ok(()));
+        // A worker carrying a member is a control-plane node by its
+        // agent's claim alone.
+        assert!(guard.check(&old("w2", true), &state, now).is_err());
+        // No backup is asked for a worker's grant, whether it carries a
+        // member or not.
+        assert_eq!(guard.check(&old("w2", false), &state, now), Ok(()));
+        assert_eq!(guard.check(&old("w9", false), &state, now), Ok(()));
+    }
+
+    /// The engine with the guard: an older agent's Acquire for cp-1 is
+    /// never granted and waits with the reason, while a node queued behind
+    /// it is granted; cp-1 asking again with the capability is granted. An
+    /// operator's hold (`batonctl hold`) runs no agent steps and is not
+    /// held back by it.
+    #[tokio::test]
+    async fn an_older_agent_waits_for_its_upgrade_and_holds_nobody_back() {
+        use crate::engine::{AcquireRequest, AcquireUpdate};
+
+        let now = Utc::now();
+        let guard = labelled_cluster(now);
+        let engine = engine_guarded_by(&guard, 3, now).await;
+        let ask = |node: &str, backs_up: bool, manual: bool| {
+            let engine = engine.clone();
+            let node = NodeName::new(node).unwrap();
+            async move {
+                engine
+                    .acquire(AcquireRequest {
+                        node,
+                        control_plane: false,
+                        reason: "test".into(),
+                        manual,
+                        backs_up_control_plane: backs_up,
+                    })
+                    .await
+                    .unwrap()
+                    .1
+            }
+        };
+        type Events =
+            tokio::sync::mpsc::UnboundedReceiver<Result<AcquireUpdate, crate::engine::EngineError>>;
+        async fn next(events: &mut Events) -> AcquireUpdate {
+            tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("an answer in time")
+                .unwrap()
+                .unwrap()
+        }
+        let mut cp1 = ask("cp-1", false, false).await;
+        let mut w9 = ask("w9", false, false).await;
+        assert!(matches!(next(&mut w9).await, AcquireUpdate::Granted(_)));
+        let reason = loop {
+            match next(&mut cp1).await {
+                AcquireUpdate::Queued { reason, .. } if !reason.is_empty() => break reason,
+                AcquireUpdate::Queued { .. } => {}
+                AcquireUpdate::Granted(g) => panic!("an older agent was granted cp-1: {g:?}"),
+            }
+        };
+        assert!(
+            reason.contains("upgrade baton-agent on this node"),
+            "{reason}"
+        );
+        let status = engine.snapshot().await;
+        assert!(
+            !status
+                .state
+                .holders
+                .contains_key(&NodeName::new("cp-1").unwrap())
+        );
+        assert_eq!(status.queue[0].reason, reason, "status shows why");
+        assert_eq!(engine.metrics().waiters_without_backup_support.get(), 1);
+
+        // Upgraded: the same node asks again, saying it backs up.
+        let mut cp1 = ask("cp-1", true, false).await;
+        let token = loop {
+            if let AcquireUpdate::Granted(g) = next(&mut cp1).await {
+                break g.fencing_token;
+            }
+        };
+        let cp1_name = NodeName::new("cp-1").unwrap();
+        engine
+            .release(&cp1_name, token, "cp-1", "done")
+            .await
+            .unwrap();
+        // An operator's hold on the control-plane etcd node is granted as
+        // before: no agent steps run under it.
+        let mut held = ask("cp-1", false, true).await;
+        loop {
+            if let AcquireUpdate::Granted(_) = next(&mut held).await {
+                break;
+            }
         }
     }
 
@@ -600,26 +807,13 @@ mod tests {
     /// while another etcd node's record still counts.
     #[tokio::test]
     async fn confirm_does_not_count_the_holders_own_out_records_against_it() {
-        use crate::engine::{AcquireRequest, AcquireUpdate, EngineConfig, Step};
-        use crate::metrics::Metrics;
-        use crate::policy::Policy;
-        use crate::store::memory::MemoryStore;
+        use crate::engine::{AcquireRequest, AcquireUpdate, Step};
 
         let now = Utc::now();
         let guard = guard(now);
         let healthy = cluster(now, vec![member(1, "n1"), member(2, "n2"), member(3, "n3")]);
         guard.set_health(healthy.clone());
-        let engine = Engine::new(
-            Arc::new(MemoryStore::default()),
-            EngineConfig::new(Policy::default(), "test"),
-            vec![guard.clone() as Arc<dyn GrantGuard>],
-            Vec::new(),
-            Arc::new(move || now),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(engine.clone().run_granter());
+        let engine = engine_guarded_by(&guard, 1, now).await;
         let n1 = NodeName::new("n1").unwrap();
         let (_, mut events) = engine
             .acquire(AcquireRequest {
@@ -627,6 +821,7 @@ mod tests {
                 control_plane: false,
                 reason: "test".into(),
                 manual: false,
+                backs_up_control_plane: true,
             })
             .await
             .unwrap();
@@ -714,15 +909,7 @@ mod tests {
     #[test]
     fn the_control_plane_label_decides_not_the_agents_claim() {
         let now = Utc::now();
-        let guard = guard(now);
-        guard.set_health(cluster(
-            now,
-            vec![
-                member(1, "etcd-1").advertising(&["https://10.0.0.1:2380"], &[]),
-                member(2, "etcd-2").advertising(&["https://10.0.0.2:2380"], &[]),
-                member(3, "etcd-3").advertising(&["https://10.0.0.3:2380"], &[]),
-            ],
-        ));
+        let guard = guard_of_three_by_ip(now);
         // cp-9's member advertises a host name, so no InternalIP matches.
         guard.map_by_internal_ip(Arc::new(Addresses(
             [("cp-9", "10.0.0.9".parse().unwrap())].into(),
@@ -734,8 +921,8 @@ mod tests {
         assert!(reason.contains("--etcd-member-map cp-9=MEMBER"), "{reason}");
         // A worker that claims control-plane is held back the same way.
         let claimed = Waiter {
-            node: NodeName::new("w9").unwrap(),
             control_plane: true,
+            ..waiter("w9")
         };
         assert!(guard.check(&claimed, &state, now).is_err());
         assert_eq!(guard.check(&waiter("w9"), &state, now), Ok(()));

@@ -495,6 +495,7 @@ mod tests {
         let waiter = |n: &str| Waiter {
             node: NodeName::new(n).unwrap(),
             control_plane: false,
+            backs_up_control_plane: true,
         };
         let state = LeaseState::default();
         assert!(
@@ -545,6 +546,7 @@ mod tests {
         Waiter {
             node: NodeName::new(node).unwrap(),
             control_plane,
+            backs_up_control_plane: true,
         }
     }
 

@@ -16,6 +16,7 @@ fn waiter(s: &str, control_plane: bool) -> Waiter {
     Waiter {
         node: n(s),
         control_plane,
+        backs_up_control_plane: true,
     }
 }
 
@@ -227,7 +228,7 @@ proptest! {
                 Op::Acquire { node, control_plane } => {
                     let name = n(NODES[node]);
                     if !state.holders.contains_key(&name) && !queue.iter().any(|w| w.node == name) {
-                        queue.push(Waiter { node: name, control_plane });
+                        queue.push(Waiter { node: name, control_plane, backs_up_control_plane: true });
                     }
                 }
                 Op::Withdraw { node } => queue.retain(|w| w.node.as_str() != NODES[node]),
@@ -469,7 +470,7 @@ proptest! {
         for (i, control_plane) in &input.queue {
             let node = pool(*i);
             if !state.holders.contains_key(&node) && !queue.iter().any(|w| w.node == node) {
-                queue.push(Waiter { node, control_plane: *control_plane });
+                queue.push(Waiter { node, control_plane: *control_plane, backs_up_control_plane: true });
             }
         }
         let unavailable: Vec<NodeName> = input.unavailable.iter().map(|i| pool(*i)).collect();

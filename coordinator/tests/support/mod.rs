@@ -111,6 +111,7 @@ pub async fn acquire(
             reason: "test".into(),
             manual: false,
             labels: Default::default(),
+            backs_up_control_plane: true,
         })
         .await
         .map(|r| r.into_inner())

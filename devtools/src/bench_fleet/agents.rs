@@ -261,6 +261,7 @@ async fn agent(i: usize, mut client: CoordinatorClient<Channel>, shared: &Shared
             reason: "kernel security update (bench)".into(),
             manual: false,
             labels: Default::default(),
+            backs_up_control_plane: true,
         })
         .await
         .context("acquire")?

@@ -295,6 +295,7 @@ pub async fn acquire(
             reason: "test".to_string(),
             manual: false,
             labels: Default::default(),
+            backs_up_control_plane: true,
         })
         .await?
         .into_inner())

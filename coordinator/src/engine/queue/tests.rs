@@ -21,6 +21,7 @@ fn request(i: usize) -> AcquireRequest {
         control_plane: false,
         reason: String::new(),
         manual: false,
+        backs_up_control_plane: true,
     }
 }
 

@@ -63,6 +63,7 @@ fn waiter(name: &str, cp: bool) -> Waiter {
     Waiter {
         node: n(name),
         control_plane: cp,
+        backs_up_control_plane: true,
     }
 }
 
@@ -318,7 +319,7 @@ proptest! {
                 Step::Ask(i) => {
                     let Some(node) = names.get(i) else { continue };
                     if !state.holders.contains_key(node) && !queue.iter().any(|w| &w.node == node) {
-                        queue.push(Waiter { node: node.clone(), control_plane: false });
+                        queue.push(Waiter { node: node.clone(), control_plane: false, backs_up_control_plane: true });
                     }
                 }
                 Step::Release(i) => {
