@@ -19,25 +19,35 @@
 //! confirmation already in flight, or one made before the caller arrived,
 //! never answers it.
 //!
-//! What keeps it from losing an Acquire: the lock holder may be cancelled
-//! (its client went away) while it awaits the confirmation; the Acquires it
-//! took are then dropped unanswered and unqueued (nothing is queued before
-//! the confirmation succeeded, and nothing is awaited from then until every
-//! answer is sent), and their callers put them back on the list and try
-//! again. A caller that gave up before its Acquire was answered is never
-//! left in the queue: an answer that cannot be delivered withdraws the
-//! request in the same hold.
+//! What keeps it from losing an Acquire, or queueing one nobody waits for:
+//! - the lock holder may be cancelled (its client went away) while it
+//!   awaits the confirmation: the Acquires it took go back to the front of
+//!   the list, unanswered and unqueued, for the next holder (nothing is
+//!   queued before the confirmation succeeded, and nothing is awaited from
+//!   then until every answer is sent);
+//! - a caller waits for its answer and for the lock at once, and leaves as
+//!   soon as its answer came: a caller already answered never holds up the
+//!   lock's line (so a release waits behind at most the holds that answer
+//!   the Acquires that arrived before it, [`BATCH_MAX`] per hold);
+//! - an answer is handed over before its request is queued, and only if its
+//!   caller still waits: a caller that gave up changes nothing (it does not
+//!   supersede its node's live request);
+//! - a caller that gives up after its answer was handed over, before it
+//!   read it, leaves its ticket on the departed list, which the next holder
+//!   of the lock (the granter's next pass at the latest) withdraws.
 
 use std::collections::VecDeque;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
-use super::{AcquireRequest, AcquireUpdate, Engine, EngineError, Grant};
+use crate::node::NodeName;
+
+use super::{AcquireRequest, AcquireUpdate, Engine, EngineError, Grant, Inner};
 
 /// The most Acquires one hold of the lock answers: the rest are taken by
-/// the next holder (one of their own callers), so a release never waits
-/// behind more than this many.
+/// the next holder (one of their own callers, which wait for the lock until
+/// answered).
 pub(super) const BATCH_MAX: usize = 512;
 
 /// The events of one Acquire stream.
@@ -52,13 +62,26 @@ pub(super) struct Arrival {
     answer: oneshot::Sender<Answer>,
 }
 
-/// The Acquires that arrived and were not taken yet.
+/// The Acquires that arrived and were not taken yet, and the tickets of
+/// callers that left with their answer unread.
 #[derive(Default)]
-pub(super) struct Arrivals(std::sync::Mutex<VecDeque<Arrival>>);
+pub(super) struct Arrivals {
+    list: std::sync::Mutex<VecDeque<Arrival>>,
+    departed: std::sync::Mutex<Vec<(NodeName, u64)>>,
+}
 
 impl Arrivals {
     fn push(&self, arrival: Arrival) {
         self.list().push_back(arrival);
+    }
+
+    /// Puts back, at the front and in their order, arrivals a cancelled
+    /// holder took.
+    fn put_back(&self, batch: Vec<Arrival>) {
+        let mut list = self.list();
+        for arrival in batch.into_iter().rev() {
+            list.push_front(arrival);
+        }
     }
 
     /// Takes the oldest [`BATCH_MAX`] arrivals whose callers still wait.
@@ -83,7 +106,53 @@ impl Arrivals {
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, VecDeque<Arrival>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many callers left with their answer unread, not withdrawn yet.
+    #[cfg(test)]
+    pub(super) fn departed_len(&self) -> usize {
+        self.departed().len()
+    }
+
+    fn departed(&self) -> std::sync::MutexGuard<'_, Vec<(NodeName, u64)>> {
+        self.departed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The arrivals a holder took, until answered: if the holder is cancelled
+/// first, they go back to the list for the next one.
+struct Taken<'a> {
+    arrivals: &'a Arrivals,
+    batch: Vec<Arrival>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.batch.is_empty() {
+            self.arrivals.put_back(std::mem::take(&mut self.batch));
+        }
+    }
+}
+
+/// A caller's wait for its answer: if it gives up after the answer was
+/// handed over but before reading it, its request is withdrawn.
+struct Waiting<'a> {
+    engine: &'a Engine,
+    node: NodeName,
+    answer: oneshot::Receiver<Answer>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.answer.close();
+        if let Ok(Ok((ticket, _))) = self.answer.try_recv() {
+            self.engine
+                .arrivals
+                .departed()
+                .push((self.node.clone(), ticket));
+            self.engine.wake.notify_one();
+        }
     }
 }
 
@@ -114,35 +183,71 @@ impl Engine {
     /// only after a store confirmation that started after it arrived (see
     /// the module's docs), shared with the Acquires that arrived with it.
     pub async fn acquire(&self, request: AcquireRequest) -> Answer {
-        loop {
+        'ask: loop {
             let (tx, rx) = oneshot::channel();
             self.arrivals.push(Arrival {
                 request: request.clone(),
                 answer: tx,
             });
-            {
-                let mut inner = self.inner.lock().await;
-                let batch = self.arrivals.take();
-                if !batch.is_empty() {
-                    self.answer_arrivals(&mut inner, batch).await;
+            let mut waiting = Waiting {
+                engine: self,
+                node: request.node.clone(),
+                answer: rx,
+            };
+            loop {
+                // The answer first: a caller answered by another holder
+                // leaves the lock's line at once.
+                tokio::select! {
+                    biased;
+                    answer = &mut waiting.answer => match answer {
+                        Ok(answer) => return answer,
+                        // Unreachable while the engine lives (a cancelled
+                        // holder puts its batch back): ask again.
+                        Err(oneshot::error::RecvError { .. }) => continue 'ask,
+                    },
+                    mut inner = self.inner.lock() => {
+                        let batch = self.arrivals.take();
+                        if !batch.is_empty() {
+                            self.answer_arrivals(&mut inner, batch).await;
+                        }
+                    }
                 }
             }
-            match rx.await {
-                Ok(answer) => return answer,
-                // The holder that took it was cancelled before answering:
-                // it was not queued; ask again.
-                Err(oneshot::error::RecvError { .. }) => continue,
+        }
+    }
+
+    /// Withdraws the requests of callers that left with their answer
+    /// unread (see [`Waiting`]).
+    pub(super) fn withdraw_departed(&self, inner: &mut Inner) {
+        let departed = std::mem::take(&mut *self.arrivals.departed());
+        let mut withdrawn = false;
+        for (node, ticket) in departed {
+            if inner.queue.withdraw(&node, ticket) {
+                info!(node = %node, "acquire withdrawn: its caller left before reading the answer");
+                withdrawn = true;
             }
+        }
+        if withdrawn {
+            self.metrics.queue_length.set(inner.queue.len() as i64);
+            self.changed();
         }
     }
 
     /// Confirms once and answers every Acquire of `batch`, in this one hold
     /// of the lock.
-    async fn answer_arrivals(&self, inner: &mut super::Inner, batch: Vec<Arrival>) {
+    async fn answer_arrivals(&self, inner: &mut Inner, batch: Vec<Arrival>) {
+        let mut taken = Taken {
+            arrivals: &self.arrivals,
+            batch,
+        };
+        self.withdraw_departed(inner);
         let confirmed = match self.ensure_current(inner).await {
             Ok(fence) => self.confirm(inner, &fence).await,
             Err(e) => Err(e),
         };
+        // No await from here on: every answer goes out on the memory the
+        // confirmation proved, and the batch can no longer be put back.
+        let batch = std::mem::take(&mut taken.batch);
         if let Err(e) = confirmed {
             let mut batch = batch.into_iter();
             let first = batch.next().map(|a| a.answer);
@@ -154,33 +259,35 @@ impl Engine {
             }
             return;
         }
-        // No await from here on: every answer goes out on the memory the
-        // confirmation proved.
         let mut queued = false;
         for Arrival { request, answer } in batch {
             let (events, rx) = mpsc::unbounded_channel();
             let ticket = inner.next_ticket;
             inner.next_ticket += 1;
             if let Some(h) = inner.state.holders.get(&request.node) {
-                info!(node = %request.node, token = h.fencing_token, "acquire: node already holds the baton");
-                let _ = events.send(Ok(AcquireUpdate::Granted(Grant {
+                let grant = Grant {
                     fencing_token: h.fencing_token,
                     granted_at: h.granted_at,
                     resumed: true,
                     phase: h.phase,
-                })));
-                let _ = answer.send(Ok((ticket, rx)));
+                };
+                let _ = events.send(Ok(AcquireUpdate::Granted(grant)));
+                if answer.send(Ok((ticket, rx))).is_ok() {
+                    info!(node = %request.node, token = h.fencing_token, "acquire: node already holds the baton");
+                }
+                continue;
+            }
+            // Handed over before it is queued: a caller that gave up
+            // changes nothing (in particular it does not supersede its
+            // node's live request).
+            if answer.send(Ok((ticket, rx))).is_err() {
                 continue;
             }
             info!(node = %request.node, control_plane = request.control_plane, reason = %request.reason, "acquire: queued");
             let now = self.now();
             let node = request.node.clone();
             if let Some(old) = inner.queue.push(ticket, request, now, events) {
-                let _ = old.events.send(Err(EngineError::Superseded(node.clone())));
-            }
-            if answer.send(Ok((ticket, rx))).is_err() {
-                // Its caller gave up meanwhile: never leave it waiting.
-                inner.queue.withdraw(&node, ticket);
+                let _ = old.events.send(Err(EngineError::Superseded(node)));
             }
             queued = true;
         }

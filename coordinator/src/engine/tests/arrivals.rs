@@ -283,3 +283,117 @@ async fn a_failed_shared_confirmation_answers_every_acquire_it_held_and_queues_n
     // The next one is answered again.
     engine.acquire(request("n0")).await.unwrap();
 }
+
+/// Red-team finding 1: under a steady stream of Acquires (one per half a
+/// store round trip), callers already answered stood in the lock's line
+/// and each took the next arrivals and confirmed before returning: answers
+/// came at one per round trip, the backlog grew, and a release waited
+/// behind all of it. Virtual time: every figure is exact.
+#[tokio::test(start_paused = true)]
+async fn a_steady_stream_of_acquires_holds_up_neither_its_answers_nor_a_release() {
+    const RTT: std::time::Duration = std::time::Duration::from_millis(20);
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    let tx = next_grant(&mut x).await.fencing_token;
+    store.backend().set_latency(RTT);
+    let mut asking = Vec::new();
+    let mut release = None;
+    for i in 0..300 {
+        let asker = engine.clone();
+        asking.push(tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let (_, events) = asker.acquire(request(&format!("n{i}"))).await.unwrap();
+            (started.elapsed(), events)
+        }));
+        if i == 150 {
+            let engine = engine.clone();
+            release = Some(tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                engine.release(&n("x"), tx, "x", "done").await.unwrap();
+                started.elapsed()
+            }));
+        }
+        tokio::time::sleep(RTT / 2).await;
+    }
+    let mut slowest = std::time::Duration::ZERO;
+    let mut streams = Vec::new();
+    for a in asking {
+        let (took, events) = a.await.unwrap();
+        slowest = slowest.max(took);
+        streams.push(events);
+    }
+    // The hold in progress, then the one that takes it: two round trips
+    // (and the granter's pass); one per Acquire would be seconds.
+    assert!(slowest <= RTT * 3, "an Acquire took {slowest:?}");
+    let took = release.unwrap().await.unwrap();
+    // The hold in progress, a batch taken meanwhile, the release's save and
+    // the next grant's: about four round trips.
+    assert!(took <= RTT * 6, "the release took {took:?}");
+}
+
+/// Red-team finding 2: a caller answered by another holder while it still
+/// waited, that gave up before reading its answer, stayed queued (no
+/// stream was built, so nothing withdrew it).
+#[tokio::test]
+async fn a_caller_that_leaves_with_its_answer_unread_is_withdrawn() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    next_grant(&mut x).await;
+    let busy = engine.inner.lock().await;
+    let h = ask_behind(&engine, &["h".into()]).await.remove(0);
+    // w asks and waits behind h; h will answer it; w is never polled again.
+    let mut w = Box::pin(engine.acquire(request("w")));
+    assert!(futures::poll!(w.as_mut()).is_pending());
+    drop(busy);
+    let _h = h.await.unwrap().unwrap();
+    // (w's turn at the lock came while it is not polled: nothing else can
+    // take the lock until it is dropped.)
+    drop(w);
+    assert_eq!(
+        engine.arrivals.departed_len(),
+        1,
+        "w had been answered and queued when it left"
+    );
+    engine.grant_pass().await;
+    assert_eq!(queued(&engine).await, vec!["h".to_string()]);
+}
+
+/// Red-team finding 3: a second Acquire for a waiting node, whose caller
+/// gave up during the shared confirmation, still replaced the live request
+/// (told Superseded) and was then withdrawn: the node lost its place.
+#[tokio::test]
+async fn a_caller_that_gave_up_does_not_supersede_its_nodes_live_request() {
+    let store = GatedConfirms::new(MemoryStore::default());
+    let (engine, _) = engine_with_store(store.clone(), 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    next_grant(&mut x).await;
+    let (_, mut live) = engine.acquire(request("n")).await.unwrap();
+    next_queued(&mut live).await;
+    store.close();
+    let busy = engine.inner.lock().await;
+    let h = ask_behind(&engine, &["h".into()]).await.remove(0);
+    let mut again = Box::pin(engine.acquire(request("n")));
+    assert!(futures::poll!(again.as_mut()).is_pending());
+    let before = store.started();
+    drop(busy);
+    until("h's batch is being confirmed", || {
+        store.started() == before + 1
+    })
+    .await;
+    drop(again);
+    store.open();
+    let _h = h.await.unwrap().unwrap();
+    assert!(
+        matches!(
+            live.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+        ),
+        "the live request was told something"
+    );
+    assert_eq!(
+        queued(&engine).await,
+        vec!["h".to_string(), "n".to_string()]
+    );
+}
