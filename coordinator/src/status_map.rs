@@ -21,6 +21,7 @@ pub fn code(e: &EngineError) -> tonic::Code {
             | LeaseError::AlreadyHolder { .. },
         ) => tonic::Code::FailedPrecondition,
         EngineError::Store(_)
+        | EngineError::StoreFailed(_)
         | EngineError::NotLeader { .. }
         | EngineError::ShuttingDown
         | EngineError::Refused(_)

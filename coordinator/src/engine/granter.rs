@@ -205,6 +205,7 @@ impl Engine {
     pub(super) async fn grant_pass(&self) {
         loop {
             let mut inner = self.inner.lock().await;
+            self.withdraw_departed(&mut inner);
             if inner.fence.is_none() || inner.shutting_down {
                 return;
             }

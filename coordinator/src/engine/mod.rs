@@ -34,6 +34,7 @@
 //! Holders confirm right before a destructive step ([`Engine::confirm_step`],
 //! in `confirm.rs`): the guards run again for them as if granting now.
 
+mod arrivals;
 mod backup;
 mod confirm;
 mod granter;
@@ -41,6 +42,7 @@ mod plan;
 mod queue;
 mod ranks;
 
+pub use arrivals::AcquireEvents;
 pub use plan::{Plan, PlanEntry};
 
 pub use confirm::{CONFIRM_RETRY, Confirmation, Step};
@@ -51,7 +53,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
 use futures::future::BoxFuture;
-use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::sync::{Mutex, Notify, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -134,6 +136,10 @@ pub enum EngineError {
     /// The store could not save; nothing changed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store failed a call that another caller's answer waited for
+    /// too (Acquires that share one confirmation); its message.
+    #[error("{0}")]
+    StoreFailed(String),
     /// This replica refuses to run at all (see [`Engine::refused`]).
     #[error("this coordinator refuses to run: {0}")]
     Refused(String),
@@ -285,6 +291,8 @@ pub struct Engine {
     preparers: Vec<Arc<dyn GrantPreparer>>,
     clock: Clock,
     metrics: Metrics,
+    /// Acquires waiting for a confirmation (see `arrivals`).
+    arrivals: arrivals::Arrivals,
     /// Wakes the granter.
     wake: Notify,
     /// Bumped on every visible change (drives Watch streams).
@@ -346,6 +354,7 @@ impl Engine {
             preparers,
             clock,
             metrics,
+            arrivals: arrivals::Arrivals::default(),
             wake: Notify::new(),
             changes: watch::channel(0).0,
             leadership,
@@ -766,49 +775,6 @@ impl Engine {
                 .iter()
                 .map(|(node, h)| (node.as_str(), h.phase.name())),
         );
-    }
-
-    /// Queues `request` and returns the channel its progress arrives on, and
-    /// a ticket to withdraw it with. A node that already holds the baton gets
-    /// its grant at once (resumed). A node already waiting replaces its older
-    /// request (that stream ends with [`EngineError::Superseded`]).
-    pub async fn acquire(
-        &self,
-        request: AcquireRequest,
-    ) -> Result<
-        (
-            u64,
-            mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>,
-        ),
-        EngineError,
-    > {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut inner = self.inner.lock().await;
-        let fence = self.ensure_current(&mut inner).await?;
-        self.confirm(&mut inner, &fence).await?;
-        let ticket = inner.next_ticket;
-        inner.next_ticket += 1;
-        if let Some(h) = inner.state.holders.get(&request.node) {
-            info!(node = %request.node, token = h.fencing_token, "acquire: node already holds the baton");
-            let _ = tx.send(Ok(AcquireUpdate::Granted(Grant {
-                fencing_token: h.fencing_token,
-                granted_at: h.granted_at,
-                resumed: true,
-                phase: h.phase,
-            })));
-            return Ok((ticket, rx));
-        }
-        info!(node = %request.node, control_plane = request.control_plane, reason = %request.reason, "acquire: queued");
-        let now = self.now();
-        let node = request.node.clone();
-        if let Some(old) = inner.queue.push(ticket, request, now, tx) {
-            let _ = old.events.send(Err(EngineError::Superseded(node)));
-        }
-        self.metrics.queue_length.set(inner.queue.len() as i64);
-        drop(inner);
-        self.wake.notify_one();
-        self.changed();
-        Ok((ticket, rx))
     }
 
     /// Withdraws a waiting request (its stream was closed). Does nothing if it

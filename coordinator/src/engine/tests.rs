@@ -9,6 +9,7 @@ use super::*;
 use crate::state::Phase;
 use crate::store::memory::MemoryStore;
 
+mod arrivals;
 mod failover;
 mod initialize;
 mod lost_answer;
@@ -89,7 +90,7 @@ fn request(node: &str) -> AcquireRequest {
     }
 }
 
-type Events = mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>;
+type Events = AcquireEvents;
 
 async fn next_grant(events: &mut Events) -> Grant {
     loop {
