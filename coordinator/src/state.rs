@@ -280,6 +280,25 @@ pub enum LeaseError {
         /// The current token.
         current: u64,
     },
+    /// An agent asked for a node an operator holds, or has a hold queued
+    /// for (`batonctl hold`): an agent's request neither takes over nor
+    /// replaces an operator's.
+    #[error(
+        "node {node} is held, or queued to be held, by an operator (batonctl hold): the agent's request neither takes it over nor replaces it; it is asked again once the hold is released"
+    )]
+    OperatorHold {
+        /// The node.
+        node: NodeName,
+    },
+    /// The node's grant needs a control-plane backup and the request comes
+    /// from an agent that cannot make one (an older baton-agent).
+    #[error(
+        "node {node}'s grant needs a control-plane backup, which this agent cannot make: upgrade baton-agent on this node"
+    )]
+    BackupUnsupported {
+        /// The node.
+        node: NodeName,
+    },
     /// The node already holds the baton.
     #[error("node {node} already holds the baton (token {token})")]
     AlreadyHolder {

@@ -18,7 +18,9 @@ pub fn code(e: &EngineError) -> tonic::Code {
         EngineError::Lease(
             LeaseError::StaleToken { .. }
             | LeaseError::NotHolder { .. }
-            | LeaseError::AlreadyHolder { .. },
+            | LeaseError::AlreadyHolder { .. }
+            | LeaseError::OperatorHold { .. }
+            | LeaseError::BackupUnsupported { .. },
         ) => tonic::Code::FailedPrecondition,
         EngineError::Store(_)
         | EngineError::StoreFailed(_)

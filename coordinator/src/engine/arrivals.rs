@@ -42,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use crate::node::NodeName;
+use crate::state::{LeaseError, Phase};
 
 use super::{AcquireRequest, AcquireUpdate, Engine, EngineError, Grant, Inner};
 
@@ -156,6 +157,33 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Why `request` may be neither handed its node's grant nor queued:
+/// - an agent's request (not `manual`) never takes over an operator's hold
+///   (a resumed grant would send the agent to drain, update and reboot the
+///   node during the operator's work, or to release the hold when its need
+///   went away), nor replaces an operator's queued hold;
+/// - an agent that cannot make control-plane backups is never handed a
+///   grant that still needs one (it would drain without it): the guard
+///   never grants it one, and this keeps it from resuming one made for a
+///   hold or for a current agent.
+fn refusal(inner: &Inner, request: &AcquireRequest) -> Option<LeaseError> {
+    if request.manual {
+        return None;
+    }
+    let node = &request.node;
+    if let Some(h) = inner.state.holders.get(node) {
+        if h.phase == Phase::Manual {
+            return Some(LeaseError::OperatorHold { node: node.clone() });
+        }
+        if !request.backs_up_control_plane && inner.state.backup_missing(node).is_some() {
+            return Some(LeaseError::BackupUnsupported { node: node.clone() });
+        }
+    } else if inner.queue.get(node).is_some_and(|q| q.request.manual) {
+        return Some(LeaseError::OperatorHold { node: node.clone() });
+    }
+    None
+}
+
 impl EngineError {
     /// The same answer for another caller held up by the same failure
     /// (a store error keeps its message, and its gRPC code).
@@ -264,6 +292,10 @@ impl Engine {
             let (events, rx) = mpsc::unbounded_channel();
             let ticket = inner.next_ticket;
             inner.next_ticket += 1;
+            if let Some(refusal) = refusal(inner, &request) {
+                let _ = answer.send(Err(refusal.into()));
+                continue;
+            }
             if let Some(h) = inner.state.holders.get(&request.node) {
                 let grant = Grant {
                     fencing_token: h.fencing_token,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::Semaphore;
 
 use super::*;
+use crate::state::LeaseError;
 use crate::store::memory::{Faults, MemoryBackend};
 use crate::store::{Loaded, Revision};
 
@@ -396,4 +397,99 @@ async fn a_caller_that_gave_up_does_not_supersede_its_nodes_live_request() {
         queued(&engine).await,
         vec!["h".to_string(), "n".to_string()]
     );
+}
+
+fn hold(node: &str) -> AcquireRequest {
+    AcquireRequest {
+        manual: true,
+        ..request(node)
+    }
+}
+
+fn refused(answer: Result<(u64, Events), EngineError>) -> LeaseError {
+    match answer {
+        Err(EngineError::Lease(e)) => e,
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("answered instead of refused"),
+    }
+}
+
+/// Red-team finding on the backup capability: an agent that asked while
+/// an operator held its node (`batonctl hold`, the runbook's way around
+/// an older agent) was handed the hold's grant, resumed, and drained,
+/// updated and rebooted the node under the operator's work (an older
+/// agent without a backup); an agent whose need went away released the
+/// operator's hold.
+#[tokio::test]
+async fn an_agent_is_never_handed_an_operators_hold() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut held) = engine.acquire(hold("cp")).await.unwrap();
+    let token = next_grant(&mut held).await.fencing_token;
+    for agent in [
+        request("cp"),
+        AcquireRequest {
+            backs_up_control_plane: false,
+            ..request("cp")
+        },
+    ] {
+        let refusal = refused(engine.acquire(agent).await);
+        assert_eq!(refusal, LeaseError::OperatorHold { node: n("cp") });
+        assert_eq!(
+            tonic::Status::from(EngineError::Lease(refusal)).code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+    // The operator's own process asking again still resumes it.
+    let (_, mut again) = engine.acquire(hold("cp")).await.unwrap();
+    assert_eq!(next_grant(&mut again).await.fencing_token, token);
+    assert_eq!(
+        store.saved().unwrap().holders[&n("cp")].fencing_token,
+        token
+    );
+}
+
+/// The same finding, the other way round: an agent's retry (its request
+/// was superseded by the operator's hold) replaced the hold while it
+/// waited its turn, and `batonctl hold` failed.
+#[tokio::test]
+async fn an_agents_request_does_not_replace_an_operators_queued_hold() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    let tx = next_grant(&mut x).await.fencing_token;
+    let (_, mut agent) = engine.acquire(request("cp")).await.unwrap();
+    next_queued(&mut agent).await;
+    let (_, mut held) = engine.acquire(hold("cp")).await.unwrap();
+    assert!(matches!(
+        agent.recv().await,
+        Some(Err(EngineError::Superseded(_)))
+    ));
+    let refusal = refused(engine.acquire(request("cp")).await);
+    assert_eq!(refusal, LeaseError::OperatorHold { node: n("cp") });
+    engine.release(&n("x"), tx, "x", "done").await.unwrap();
+    assert_eq!(next_grant(&mut held).await.fencing_token, tx + 1);
+}
+
+/// An agent that cannot make control-plane backups (rolled back to an
+/// older release) is not handed its node's grant while that grant still
+/// needs a backup: it would drain without one. A current agent is.
+#[tokio::test]
+async fn an_agent_without_backups_is_not_handed_a_grant_that_still_needs_one() {
+    let now = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap();
+    let mut state = LeaseState::default();
+    let token = state.grant(&n("cp"), true, false, "test", now).unwrap();
+    state.holders.get_mut(&n("cp")).unwrap().backup_snapshot = Some("etcd-x.db".into());
+    assert!(state.backup_missing(&n("cp")).is_some());
+    let store = Arc::new(MemoryStore::new(Some(state)));
+    let (engine, _) = engine_with(store, 1, Vec::new()).await;
+    let older = AcquireRequest {
+        backs_up_control_plane: false,
+        ..request("cp")
+    };
+    let refusal = refused(engine.acquire(older).await);
+    assert_eq!(refusal, LeaseError::BackupUnsupported { node: n("cp") });
+    let (_, mut current) = engine.acquire(request("cp")).await.unwrap();
+    let grant = next_grant(&mut current).await;
+    assert_eq!((grant.fencing_token, grant.resumed), (token, true));
 }
