@@ -20,11 +20,15 @@
 //! never answers it.
 //!
 //! What keeps it from losing an Acquire, or queueing one nobody waits for:
-//! - the lock holder may be cancelled (its client went away) while it
-//!   awaits the confirmation: the Acquires it took go back to the front of
-//!   the list, unanswered and unqueued, for the next holder (nothing is
-//!   queued before the confirmation succeeded, and nothing is awaited from
-//!   then until every answer is sent);
+//! - the confirmation and the answers of a batch run in a task of their
+//!   own, which holds the lock: the caller that took the batch may be
+//!   cancelled (its deadline, its client) without throwing away the others'
+//!   answers (a chain of holders each cancelled at its deadline would
+//!   otherwise answer nobody while arrivals stay dense); were that task
+//!   dropped (the runtime shutting down), the Acquires it took go back to
+//!   the front of the list, unanswered and unqueued (nothing is queued
+//!   before the confirmation succeeded, and nothing is awaited from then
+//!   until every answer is sent);
 //! - a caller waits for its answer and for the lock at once, and leaves as
 //!   soon as its answer came: a caller already answered never holds up the
 //!   lock's line (so a release waits behind at most the holds that answer
@@ -33,10 +37,14 @@
 //!   caller still waits: a caller that gave up changes nothing (it does not
 //!   supersede its node's live request);
 //! - a caller that gives up after its answer was handed over, before it
-//!   read it, leaves its ticket on the departed list, which the next holder
-//!   of the lock (the granter's next pass at the latest) withdraws.
+//!   read it, leaves its ticket on the departed list, which the next batch
+//!   or the granter's next pass withdraws (meanwhile it is never granted:
+//!   its stream is closed, and grants skip closed streams);
+//! - entries of callers that gave up before their batch are pruned as the
+//!   list grows, not only when taken.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
@@ -50,6 +58,10 @@ use super::{AcquireRequest, AcquireUpdate, Engine, EngineError, Grant, Inner};
 /// the next holder (one of their own callers, which wait for the lock until
 /// answered).
 pub(super) const BATCH_MAX: usize = 512;
+
+/// The arrivals list's length from which entries of callers that gave up
+/// are pruned (at each power of two).
+const PRUNE_AT: usize = 1024;
 
 /// The events of one Acquire stream.
 pub type AcquireEvents = mpsc::UnboundedReceiver<Result<AcquireUpdate, EngineError>>;
@@ -73,7 +85,13 @@ pub(super) struct Arrivals {
 
 impl Arrivals {
     fn push(&self, arrival: Arrival) {
-        self.list().push_back(arrival);
+        let mut list = self.list();
+        if list.len() >= PRUNE_AT && list.len().is_power_of_two() {
+            // Callers that gave up while the lock was busy (and nobody took
+            // the list since): at every doubling, so amortized O(1).
+            list.retain(|a| !a.answer.is_closed());
+        }
+        list.push_back(arrival);
     }
 
     /// Puts back, at the front and in their order, arrivals a cancelled
@@ -210,7 +228,7 @@ impl Engine {
     /// request (that stream ends with [`EngineError::Superseded`]). Answered
     /// only after a store confirmation that started after it arrived (see
     /// the module's docs), shared with the Acquires that arrived with it.
-    pub async fn acquire(&self, request: AcquireRequest) -> Answer {
+    pub async fn acquire(self: &Arc<Self>, request: AcquireRequest) -> Answer {
         'ask: loop {
             let (tx, rx) = oneshot::channel();
             self.arrivals.push(Arrival {
@@ -233,10 +251,24 @@ impl Engine {
                         // holder puts its batch back): ask again.
                         Err(oneshot::error::RecvError { .. }) => continue 'ask,
                     },
-                    mut inner = self.inner.lock() => {
+                    mut inner = self.inner.clone().lock_owned() => {
+                        // Answered meanwhile (by a holder on another
+                        // thread): no hold of its own.
+                        if let Ok(answer) = waiting.answer.try_recv() {
+                            return answer;
+                        }
                         let batch = self.arrivals.take();
                         if !batch.is_empty() {
-                            self.answer_arrivals(&mut inner, batch).await;
+                            // The confirmation and the answers run to the
+                            // end even if this caller goes away (its
+                            // deadline, its client): a caller's
+                            // cancellation never throws away the answers
+                            // of the others.
+                            let engine = self.clone();
+                            let answering = tokio::spawn(async move {
+                                engine.answer_arrivals(&mut inner, batch).await;
+                            });
+                            let _ = answering.await;
                         }
                     }
                 }

@@ -226,7 +226,7 @@ mod tests {
         engine
     }
 
-    async fn grant(engine: &Engine, node: &str, control_plane: bool) -> u64 {
+    async fn grant(engine: &Arc<Engine>, node: &str, control_plane: bool) -> u64 {
         let (_, mut events) = engine
             .acquire(AcquireRequest {
                 node: n(node),
@@ -359,7 +359,7 @@ mod tests {
     /// The etcd guard's preparation of cp-1 (it goes out, a snapshot pairs
     /// with its grant), then the grant; `claims` is whether its agent says
     /// `--control-plane`.
-    async fn granted_with_a_snapshot(engine: &Engine, claims: bool) -> (u64, DateTime<Utc>) {
+    async fn granted_with_a_snapshot(engine: &Arc<Engine>, claims: bool) -> (u64, DateTime<Utc>) {
         engine.mark_returning(&n("cp-1"), "cp-1", 7).await.unwrap();
         let at = engine.now();
         engine

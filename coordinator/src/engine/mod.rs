@@ -281,7 +281,9 @@ struct Inner {
 
 /// The lease engine. Cheap to share (`Arc`).
 pub struct Engine {
-    inner: Mutex<Inner>,
+    /// Shared so that a batch of Acquires can be answered by a task of its
+    /// own (see `arrivals`).
+    inner: Arc<Mutex<Inner>>,
     store: Arc<dyn StateStore>,
     config: EngineConfig,
     /// The grant rule's settings in force (starts as `config.policy`; a
@@ -332,7 +334,7 @@ impl Engine {
     ) -> Result<Arc<Self>, StoreError> {
         let leadership = store.leadership();
         let engine = Arc::new(Self {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 state: LeaseState::default(),
                 queue: queue::WaitQueue::default(),
                 next_ticket: 1,
@@ -346,7 +348,7 @@ impl Engine {
                 resume_pending: false,
                 reload_error: None,
                 shutting_down: false,
-            }),
+            })),
             store,
             policy: std::sync::RwLock::new(Arc::new(config.policy.clone())),
             config,

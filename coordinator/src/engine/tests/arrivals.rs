@@ -493,3 +493,87 @@ async fn an_agent_without_backups_is_not_handed_a_grant_that_still_needs_one() {
     let grant = next_grant(&mut current).await;
     assert_eq!((grant.fencing_token, grant.resumed), (token, true));
 }
+
+/// Red-team round 2, finding 1: callers carry deadlines. After one stall
+/// of the lock as long as a deadline, the oldest caller got the lock with
+/// less than a confirmation's time left and was cancelled mid-way, its
+/// batch went back, and the next oldest got the lock exactly at that
+/// deadline with only the gap to its predecessor left: while Acquires kept
+/// coming closer together than one confirmation, none was answered again.
+/// The batch's confirmation now runs to the end whatever its caller does.
+/// Virtual time.
+#[tokio::test(start_paused = true)]
+async fn one_stall_as_long_as_a_deadline_does_not_stop_acquires_being_answered() {
+    const RTT: std::time::Duration = std::time::Duration::from_millis(20);
+    const DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store.clone(), 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    next_grant(&mut x).await;
+    store.backend().set_latency(RTT);
+    let start = tokio::time::Instant::now();
+    {
+        // The lock is busy for a deadline (a slow save, a new term's
+        // reload during a store brown-out).
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let _busy = engine.inner.lock().await;
+            tokio::time::sleep(DEADLINE).await;
+        });
+    }
+    let mut asking = Vec::new();
+    for i in 0..1600 {
+        let engine = engine.clone();
+        let at = start.elapsed();
+        asking.push((
+            at,
+            tokio::spawn(async move {
+                let answer =
+                    tokio::time::timeout(DEADLINE, engine.acquire(request(&format!("n{i}"))));
+                answer.await.map(|a| a.map(|(_, events)| events))
+            }),
+        ));
+        tokio::time::sleep(RTT / 4).await;
+    }
+    let (mut late, mut answered) = (0, 0);
+    let mut streams = Vec::new();
+    for (at, asking) in asking {
+        let answer = asking.await.unwrap();
+        if at >= std::time::Duration::from_secs(4) {
+            late += 1;
+            if let Ok(Ok(events)) = answer {
+                answered += 1;
+                streams.push(events);
+            }
+        }
+    }
+    assert_eq!(late, 800);
+    assert_eq!(answered, late, "asked long after the stall, answered");
+}
+
+/// Red-team round 2, finding 2: entries of callers that gave up while the
+/// lock was busy stayed on the arrivals list until an Acquire took it.
+/// They are pruned as the list grows.
+#[tokio::test]
+async fn arrivals_of_callers_that_gave_up_are_pruned_as_the_list_grows() {
+    let store = Arc::new(MemoryStore::default());
+    let (engine, _) = engine_with(store, 1, Vec::new()).await;
+    let (_, mut x) = engine.acquire(request("x")).await.unwrap();
+    next_grant(&mut x).await;
+    let busy = engine.inner.lock().await;
+    let gone = ask_behind(&engine, &names("g", 1024)).await;
+    for asking in gone {
+        asking.abort();
+        assert!(asking.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(engine.arrivals.len(), 1024);
+    let last = ask(&engine, "last");
+    until("the last one arrived and the rest were pruned", || {
+        engine.arrivals.len() == 1
+    })
+    .await;
+    drop(busy);
+    let _last = last.await.unwrap().unwrap();
+    assert_eq!(queued(&engine).await, vec!["last".to_string()]);
+}
