@@ -425,8 +425,27 @@ impl Sim {
             Ok((_, mut events)) => {
                 self.answered_by_leader(&id, &format!("acquire {node}"))?;
                 match events.try_recv() {
+                    // The granter may grant it (a save of its own) before
+                    // the Acquire's answer reached the caller: the Acquires
+                    // of a batch are answered by a task of their own.
+                    Ok(Ok(AcquireUpdate::Granted(g))) if !g.resumed => {
+                        let stored_for =
+                            self.backend.oracle().tokens.get(&g.fencing_token).cloned();
+                        if stored_for.as_deref() != Some(node.as_str()) {
+                            return Err(format!(
+                                "acquire {node} on {id}: granted token {} at once, which the store has for {stored_for:?}",
+                                g.fencing_token
+                            ));
+                        }
+                        self.log(format!(
+                            "acquire {node} on {id}: granted token {} at once",
+                            g.fencing_token
+                        ));
+                        self.stats.grants += 1;
+                        self.agents[i].holding = Some(g.fencing_token);
+                    }
                     Ok(Ok(AcquireUpdate::Granted(g))) => {
-                        if !g.resumed || !self.holds(&node, g.fencing_token) {
+                        if !self.holds(&node, g.fencing_token) {
                             return Err(format!(
                                 "acquire {node} on {id}: immediate grant {g:?} that the store does not hold"
                             ));
