@@ -429,20 +429,7 @@ impl Sim {
                     // the Acquire's answer reached the caller: the Acquires
                     // of a batch are answered by a task of their own.
                     Ok(Ok(AcquireUpdate::Granted(g))) if !g.resumed => {
-                        let stored_for =
-                            self.backend.oracle().tokens.get(&g.fencing_token).cloned();
-                        if stored_for.as_deref() != Some(node.as_str()) {
-                            return Err(format!(
-                                "acquire {node} on {id}: granted token {} at once, which the store has for {stored_for:?}",
-                                g.fencing_token
-                            ));
-                        }
-                        self.log(format!(
-                            "acquire {node} on {id}: granted token {} at once",
-                            g.fencing_token
-                        ));
-                        self.stats.grants += 1;
-                        self.agents[i].holding = Some(g.fencing_token);
+                        self.take_grant(i, g.fencing_token, &format!("at once by {id}"))?;
                     }
                     Ok(Ok(AcquireUpdate::Granted(g))) => {
                         if !self.holds(&node, g.fencing_token) {
@@ -821,9 +808,24 @@ impl Sim {
         }
     }
 
+    /// Agent `i` takes a grant of `token` (streamed, or found at once on
+    /// its Acquire's stream): the store must have stored it for its node.
+    fn take_grant(&mut self, i: usize, token: u64, how: &str) -> Result<(), String> {
+        let node = self.agents[i].node.clone();
+        let stored_for = self.backend.oracle().tokens.get(&token).cloned();
+        if stored_for.as_deref() != Some(node.as_str()) {
+            return Err(format!(
+                "{node} was granted token {token} {how}, which the store has for {stored_for:?}"
+            ));
+        }
+        self.log(format!("{node} granted token {token} {how}"));
+        self.stats.grants += 1;
+        self.agents[i].holding = Some(token);
+        Ok(())
+    }
+
     /// Delivers what the Acquire streams carry.
     fn poll_streams(&mut self) -> Result<(), String> {
-        let oracle = self.backend.oracle();
         for i in 0..self.agents.len() {
             let Some((r, mut events)) = self.agents[i].waiting.take() else {
                 continue;
@@ -834,19 +836,7 @@ impl Sim {
                 match events.try_recv() {
                     Ok(Ok(AcquireUpdate::Queued { .. })) => {}
                     Ok(Ok(AcquireUpdate::Granted(g))) => {
-                        let stored_for = oracle.tokens.get(&g.fencing_token);
-                        if stored_for.map(String::as_str) != Some(node.as_str()) {
-                            return Err(format!(
-                                "{node} was granted token {} by {replica}, which the store has for {stored_for:?}",
-                                g.fencing_token
-                            ));
-                        }
-                        self.log(format!(
-                            "{node} granted token {} by {replica}",
-                            g.fencing_token
-                        ));
-                        self.stats.grants += 1;
-                        self.agents[i].holding = Some(g.fencing_token);
+                        self.take_grant(i, g.fencing_token, &format!("by {replica}"))?;
                         break;
                     }
                     Ok(Err(e)) => {
