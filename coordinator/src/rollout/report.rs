@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::budget::{self, FailureBudget};
 use super::canary::CanaryPhase;
-use super::gate::{Cause, HealthGate};
+use super::gate::{Cause, HealthGate, Hold};
 use super::metrics::{AlertLabel, CauseLabel, PolicyInfo, PoolLabel, RolloutMetrics};
 use super::notify::{Event as AuditEvent, Observer};
 use super::reload::{PolicyHandle, ReloadOutcome};
@@ -234,7 +234,10 @@ impl Reporter {
                 self.events.record(event);
             }
         }
-        let view = self.view_of(snap, budget);
+        // One verdict per snapshot: the view, the metrics and the Events
+        // say the same thing.
+        let verdict = self.gate.verdict(&snap.state, snap.now);
+        let view = self.view_of(snap, budget, &verdict);
         self.publish_metrics(&view);
         if first {
             // A new leadership announces what holds grants now (an alert
@@ -242,13 +245,17 @@ impl Reporter {
             // transitions: it starts from their phases as they are.
             self.canaries = self.rule.canaries().phases;
         }
-        self.record_changes(snap, &view);
+        self.record_changes(snap, &view, verdict.err());
         self.view.send_replace(view);
     }
 
-    fn view_of(&self, snap: &Snapshot, budget: &FailureBudget) -> RolloutView {
+    fn view_of(
+        &self,
+        snap: &Snapshot,
+        budget: &FailureBudget,
+        verdict: &Result<(), Hold>,
+    ) -> RolloutView {
         let loaded = self.policy.current();
-        let verdict = self.gate.verdict(&snap.state, snap.now);
         let canaries = self.rule.canaries();
         let mut spent: BTreeMap<String, u32> = BTreeMap::new();
         for (node, _) in budget.counted() {
@@ -268,7 +275,11 @@ impl Reporter {
                 .err()
                 .map(|h| h.cause.name().to_string())
                 .unwrap_or_default(),
-            gate_reason: verdict.err().map(|h| h.reason).unwrap_or_default(),
+            gate_reason: verdict
+                .as_ref()
+                .err()
+                .map(|h| h.reason.clone())
+                .unwrap_or_default(),
             alerts_firing: self.gate.firing_alerts(snap.now),
             canaries: canaries
                 .phases
@@ -387,9 +398,8 @@ impl Reporter {
             .set(i64::from(view.paused_by_budget));
     }
 
-    fn record_changes(&mut self, snap: &Snapshot, view: &RolloutView) {
+    fn record_changes(&mut self, snap: &Snapshot, view: &RolloutView, cause: Option<Hold>) {
         // The gate: once per change of what it waits for, while a node waits.
-        let cause = self.gate.verdict(&snap.state, snap.now).err();
         match (&cause, self.announced) {
             (Some(hold), announced) if !snap.queue.is_empty() && announced != Some(hold.cause) => {
                 self.announced = Some(hold.cause);
