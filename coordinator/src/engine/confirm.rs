@@ -171,7 +171,6 @@ mod tests {
 
     use super::*;
     use crate::engine::{AcquireRequest, AcquireUpdate, EngineConfig};
-    use crate::metrics::Metrics;
     use crate::state::{LeaseError, LeaseState};
     use crate::store::memory::MemoryStore;
 
@@ -203,27 +202,17 @@ mod tests {
     async fn engine(max: u32, guard: Arc<Switch>) -> Arc<Engine> {
         let store = Arc::new(MemoryStore::new(Some(LeaseState::default())));
         let now = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap();
-        let engine = Engine::new(
-            store,
-            EngineConfig {
-                overdue_after: Duration::seconds(60),
-                ..EngineConfig::new(
-                    Policy {
-                        max_concurrent: max,
-                        windows: WindowSet::default(),
-                    },
-                    "test",
-                )
-            },
-            vec![guard],
-            Vec::new(),
-            Arc::new(move || now),
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(engine.clone().run_granter());
-        engine
+        let config = EngineConfig {
+            overdue_after: Duration::seconds(60),
+            ..EngineConfig::new(
+                Policy {
+                    max_concurrent: max,
+                    windows: WindowSet::default(),
+                },
+                "test",
+            )
+        };
+        Engine::guarded(store, config, guard, now).await
     }
 
     async fn grant(engine: &Arc<Engine>, node: &str, control_plane: bool) -> u64 {

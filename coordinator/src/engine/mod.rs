@@ -321,6 +321,29 @@ impl Engine {
         .expect("an engine over a readable store")
     }
 
+    /// For tests: an engine over `store` with `config`, one `guard`, a
+    /// clock stopped at `now` and its own metrics; its granter runs.
+    #[cfg(test)]
+    pub(crate) async fn guarded(
+        store: Arc<dyn StateStore>,
+        config: EngineConfig,
+        guard: Arc<dyn GrantGuard>,
+        now: DateTime<Utc>,
+    ) -> Arc<Engine> {
+        let engine = Self::new(
+            store,
+            config,
+            vec![guard],
+            Vec::new(),
+            Arc::new(move || now),
+            Metrics::new(),
+        )
+        .await
+        .expect("an engine over a readable store");
+        tokio::spawn(engine.clone().run_granter());
+        engine
+    }
+
     /// Builds an engine over `store` and loads its state when this replica
     /// leads. Fails when the stored state cannot be read, is missing (and
     /// `initialize` is not set) or exists (and `initialize` is set).

@@ -588,7 +588,6 @@ mod tests {
         now: DateTime<Utc>,
     ) -> Arc<Engine> {
         use crate::engine::EngineConfig;
-        use crate::metrics::Metrics;
         use crate::policy::Policy;
         use crate::store::memory::MemoryStore;
 
@@ -596,18 +595,13 @@ mod tests {
             max_concurrent,
             ..Policy::default()
         };
-        let engine = Engine::new(
+        Engine::guarded(
             Arc::new(MemoryStore::default()),
             EngineConfig::new(policy, "test"),
-            vec![guard.clone() as Arc<dyn GrantGuard>],
-            Vec::new(),
-            Arc::new(move || now),
-            Metrics::new(),
+            guard.clone(),
+            now,
         )
         .await
-        .unwrap();
-        tokio::spawn(engine.clone().run_granter());
-        engine
     }
 
     /// A waiter whose agent claims nothing and makes backups (every
