@@ -39,7 +39,7 @@ pub mod upload;
 pub mod window;
 
 /// The version `--version` shows: the package version and the git revision
-/// the binary was built from (see build-support/git_revision.rs).
+/// the binary was built from (see build-support/build.rs).
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
