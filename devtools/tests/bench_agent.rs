@@ -72,7 +72,12 @@ fn a_debug_agent_idles_then_queues_and_withdraws_three_times() {
     assert_eq!(report["bench"], "agent");
     assert_eq!(
         report["agent_binary"].as_str(),
-        Some(baton_tests::binary("baton-agent").display().to_string().as_str())
+        Some(
+            baton_tests::binary("baton-agent")
+                .display()
+                .to_string()
+                .as_str()
+        )
     );
     // A debug agent is not held to the release build's RSS goal.
     assert_eq!(report["agent_build"], "debug", "{report:#}");
@@ -93,6 +98,11 @@ fn a_debug_agent_idles_then_queues_and_withdraws_three_times() {
     assert!(0.0 < p50 && p50 <= p90 && p90 <= max, "{report:#}");
     let stdout = String::from_utf8_lossy(&bench.output.stdout);
     assert!(stdout.contains("sentinel -> queued p50"), "{stdout}");
+    // The bus, the logs and the state went under --out too.
+    let work = bench.out.path().join("agent-work");
+    for kept in ["agent.log", "coordinator.log", "state", "coordinator"] {
+        assert!(work.join(kept).exists(), "no {kept} in {}", work.display());
+    }
 }
 
 #[test]
@@ -122,10 +132,7 @@ fn an_agent_that_exits_while_idle_fails_the_bench_with_the_end_of_its_log() {
     let report = bench.failed("the agent exited while idle");
     // Its log is the real agent's, which said what it was doing.
     assert!(failed_because(report).contains("its log"), "{report:#}");
-    assert!(
-        !failed_because(report).ends_with("(nothing)"),
-        "{report:#}"
-    );
+    assert!(!failed_because(report).ends_with("(nothing)"), "{report:#}");
     assert_eq!(number(report, "/sentinel_to_queued_ms/samples"), 0.0);
 }
 

@@ -35,7 +35,9 @@ use baton_proto::v1::admin_client::AdminClient;
 use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
 
 use crate::procstat::{cpu_seconds, rss_kib};
-use crate::util::{Proc, connect, log_tail, release_dir, start_embedded_coordinator, workspace_root};
+use crate::util::{
+    Proc, connect, log_tail, release_dir, start_embedded_coordinator, workspace_root,
+};
 use report::{Budget, Build, Idle, Measured};
 
 const USAGE: &str = "bench agent [--duration SECS (default 60)] [--samples N (default 20)] \
@@ -337,13 +339,27 @@ async fn measure_reaction(
         let created = Instant::now();
         std::fs::write(sentinel, b"")
             .with_context(|| format!("creating {}", sentinel.display()))?;
-        let step = format!("queue within {} s of the sentinel's creation", opts.timeout.as_secs());
+        let step = format!(
+            "queue within {} s of the sentinel's creation",
+            opts.timeout.as_secs()
+        );
         until(&mut watch, queued, opts.timeout, procs, &step, &which).await?;
         latencies.push(created.elapsed());
         std::fs::remove_file(sentinel)
             .with_context(|| format!("removing {}", sentinel.display()))?;
-        let step = format!("withdraw within {} s of the sentinel's removal", opts.timeout.as_secs());
-        until(&mut watch, |s| !queued(s), opts.timeout, procs, &step, &which).await?;
+        let step = format!(
+            "withdraw within {} s of the sentinel's removal",
+            opts.timeout.as_secs()
+        );
+        until(
+            &mut watch,
+            |s| !queued(s),
+            opts.timeout,
+            procs,
+            &step,
+            &which,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -370,7 +386,9 @@ async fn until(
                 // a moment to be seen, so the error names the cause.
                 procs.sleep(Duration::from_secs(1), &when)?;
                 match ended {
-                    Err(status) => bail!("the coordinator's Watch stream failed ({which}): {status}"),
+                    Err(status) => {
+                        bail!("the coordinator's Watch stream failed ({which}): {status}")
+                    }
                     Ok(_) => bail!("the coordinator ended its Watch stream ({which})"),
                 }
             }

@@ -28,7 +28,11 @@ impl Build {
     /// The build of the binary at `path` (symbolic links followed).
     pub fn of(path: &Path) -> Self {
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        match path.parent().and_then(Path::file_name).and_then(|d| d.to_str()) {
+        match path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|d| d.to_str())
+        {
             Some("release") => Build::Release,
             Some("debug") => Build::Debug,
             _ => Build::Unknown,
@@ -160,11 +164,17 @@ pub fn failures(report: &Value) -> Vec<String> {
     if let Some(why) = report["failed"].as_str() {
         failures.push(why.to_string());
     } else {
-        if report["idle_rss_kib_max"].as_u64().is_none_or(|kib| kib == 0) {
+        if report["idle_rss_kib_max"]
+            .as_u64()
+            .is_none_or(|kib| kib == 0)
+        {
             failures.push("no idle RSS was measured".to_string());
         }
         let reaction = &report["sentinel_to_queued_ms"];
-        let (done, asked) = (reaction["samples"].as_u64(), reaction["samples_asked"].as_u64());
+        let (done, asked) = (
+            reaction["samples"].as_u64(),
+            reaction["samples_asked"].as_u64(),
+        );
         if done != asked {
             failures.push(format!(
                 "{} of {} reaction samples were measured",
@@ -259,7 +269,11 @@ mod tests {
 
     #[test]
     fn a_complete_run_within_its_budget_passes_with_its_percentiles() {
-        let report = build(&setup(Budget::default_for(Build::Release)), &complete(), None);
+        let report = build(
+            &setup(Budget::default_for(Build::Release)),
+            &complete(),
+            None,
+        );
         assert_eq!(report["verdict"]["ok"], true, "{report:#}");
         assert_eq!(report["sentinel_to_queued_ms"]["p50"], 20.0);
         assert_eq!(report["sentinel_to_queued_ms"]["max"], 30.0);
@@ -326,7 +340,10 @@ mod tests {
     #[test]
     fn the_build_is_told_from_the_directory_cargo_put_the_binary_in() {
         let of = |p: &str| Build::of(Path::new(p));
-        assert_eq!(of("/nonexistent/target/release/baton-agent"), Build::Release);
+        assert_eq!(
+            of("/nonexistent/target/release/baton-agent"),
+            Build::Release
+        );
         assert_eq!(of("/nonexistent/target/debug/baton-agent"), Build::Debug);
         assert_eq!(of("/nonexistent/baseline/baton-agent"), Build::Unknown);
         assert_eq!(of("baton-agent"), Build::Unknown);
