@@ -36,7 +36,7 @@ use baton_proto::v1::{PauseRequest, StatusResponse, WatchRequest};
 
 use crate::procstat::{cpu_seconds, rss_kib};
 use crate::util::{
-    Proc, connect, log_tail, release_dir, start_embedded_coordinator, workspace_root,
+    Flags, Proc, connect, log_tail, release_dir, start_embedded_coordinator, workspace_root,
 };
 use report::{Budget, Build, Idle, Measured};
 
@@ -78,18 +78,9 @@ fn parse(args: &[String]) -> Result<Options> {
         budget: None,
         timeout: Duration::from_secs(10),
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
-        };
+    let mut flags = Flags::new(args, USAGE);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value();
         let seconds = |v: String| -> Result<Duration> {
             let s: u64 = v
                 .parse()
@@ -99,7 +90,7 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             Ok(Duration::from_secs(s))
         };
-        match flag {
+        match flag.as_str() {
             "--duration" => opts.duration = seconds(value()?)?,
             "--timeout" => opts.timeout = seconds(value()?)?,
             "--samples" => {
@@ -396,6 +387,49 @@ async fn until(
         }
         if Instant::now() > deadline {
             bail!("the agent did not {step} ({which})");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &str) -> Vec<String> {
+        words.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_take_their_value_after_a_space_or_an_equals_sign() {
+        let opts = parse(&args(
+            "--agent /a/debug/baton-agent --duration=3 --samples 4 --timeout=5 --out /o --max-idle-rss-kib none",
+        ))
+        .unwrap();
+        assert_eq!(opts.agent, Path::new("/a/debug/baton-agent"));
+        assert_eq!(opts.duration, Duration::from_secs(3));
+        assert_eq!(opts.samples, 4);
+        assert_eq!(opts.timeout, Duration::from_secs(5));
+        assert_eq!(opts.out, Path::new("/o"));
+        assert_eq!(opts.budget, Some(Budget::None));
+        // Without the flag the budget follows the agent's build.
+        assert_eq!(parse(&[]).unwrap().budget, None);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_usage() {
+        for (words, says) in [
+            ("--duration 0", "at least 1 second"),
+            ("--samples 0", "at least 1"),
+            ("--timeout soon", "not a whole number"),
+            ("--max-idle-rss-kib 10MB", "a positive number of KiB"),
+            ("--agent", "--agent needs a value; usage: bench agent"),
+            (
+                "--waiters 3",
+                "unknown argument --waiters; usage: bench agent",
+            ),
+        ] {
+            let error = format!("{:#}", parse(&args(words)).err().expect(words));
+            assert!(error.contains(says), "{words}: {error}");
         }
     }
 }
