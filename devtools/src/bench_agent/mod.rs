@@ -204,6 +204,8 @@ fn measure(opts: &Options, work: &Path, measured: &mut Measured) -> Result<()> {
         .arg(format!("--dbus-address={bus_address}"))
         .args(["--check-interval", "1h"])
         .env("RUST_LOG", "info")
+        // Its log is a file, whose end a failure quotes in the report.
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&agent_log)?)
         .spawn()
@@ -233,6 +235,16 @@ struct Watched {
 /// The processes a run depends on, in the order they were started.
 #[derive(Default)]
 struct Processes(Vec<Watched>);
+
+impl Drop for Processes {
+    /// Stops them in the reverse order: the agent before the coordinator
+    /// and the bus it talks to, so its log ends without their errors.
+    fn drop(&mut self) {
+        while let Some(last) = self.0.pop() {
+            drop(last);
+        }
+    }
+}
 
 impl Processes {
     fn watch(&mut self, name: &'static str, process: Proc, log: PathBuf) {
