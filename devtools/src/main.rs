@@ -10,8 +10,9 @@
 //!   the embedded store (`bench_coordinator`);
 //! - `bench coordinator --store etcd`: the same on a real 3-member etcd
 //!   cluster, with the raw etcd transaction rate and failover (`bench_etcd`);
-//! - `bench agent [--duration S]`: the agent's idle footprint and reaction
-//!   time (`bench_agent`);
+//! - `bench agent [--duration S] [--agent PATH] [--out DIR]`: the agent's
+//!   idle footprint and reaction time; exits non-zero when the run did not
+//!   measure them or the idle RSS is over its budget (`bench_agent`);
 //! - `bench fleet [--store etcd] [--out DIR]`: 1,000 to 30,000 simulated
 //!   agents asking at once; exits non-zero when a run did not grant every
 //!   waiter (`bench_fleet`);
@@ -33,7 +34,7 @@ mod util;
 
 use anyhow::{Result, bail};
 
-const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N] [--deadline S] [--out DIR] | lab [--help] | gen-cli DIR\n\
+const USAGE: &str = "usage: baton-devtools bench coordinator [--waiters N] [--store etcd] | bench agent [--duration S] [--samples N] [--agent PATH] [--coordinator PATH] [--max-idle-rss-kib N|none] [--timeout S] [--out DIR] | bench fleet [--store etcd] [--waiters N,N] [--max-concurrent N,N] [--deadline S] [--out DIR] | lab [--help] | gen-cli DIR\n\
      (started by `cargo xtask bench ...`, which installs and builds what it needs first)";
 
 fn main() -> Result<()> {

@@ -135,3 +135,51 @@ pub fn start_embedded_coordinator(
         data,
     })
 }
+
+/// A bench's command-line flags, each written `--flag value` or
+/// `--flag=value`.
+pub struct Flags<'a> {
+    rest: std::slice::Iter<'a, String>,
+    usage: &'a str,
+    /// The flag [`Flags::next_flag`] returned last.
+    flag: String,
+    /// Its value when it was written `--flag=value`.
+    inline: Option<String>,
+}
+
+impl<'a> Flags<'a> {
+    /// The flags in `args`; `usage` ends the error of a flag without value.
+    pub fn new(args: &'a [String], usage: &'a str) -> Self {
+        Self {
+            rest: args.iter(),
+            usage,
+            flag: String::new(),
+            inline: None,
+        }
+    }
+
+    /// The next flag's name (`--flag` of `--flag=value`); `None` at the end.
+    pub fn next_flag(&mut self) -> Option<String> {
+        let arg = self.rest.next()?;
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_string())),
+            None => (arg.as_str(), None),
+        };
+        self.flag = flag.to_string();
+        self.inline = inline;
+        Some(self.flag.clone())
+    }
+
+    /// The value of the flag [`Flags::next_flag`] returned last: after its
+    /// `=`, or the next argument.
+    pub fn value(&mut self) -> Result<String> {
+        match self.inline.take() {
+            Some(v) => Ok(v),
+            None => self
+                .rest
+                .next()
+                .cloned()
+                .with_context(|| format!("{} needs a value; usage: {}", self.flag, self.usage)),
+        }
+    }
+}

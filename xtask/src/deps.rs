@@ -67,7 +67,11 @@ pub const ETCD: &[Program] = &[
 pub const NODES: &[Program] = &[
     program("systemd-nspawn", "systemd-container", "nspawn tests, lab"),
     program("debootstrap", "debootstrap", "the nodes' root filesystem"),
-    program("dbus-daemon", "dbus", "bench agent (a private system bus)"),
+    program(
+        "dbus-daemon",
+        "dbus",
+        "bench agent and its tests (a private bus)",
+    ),
     program("journalctl", "systemd", "the agent (update unit output)"),
 ];
 

@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 
 use crate::floor;
 use crate::procstat::{cpu_seconds, peak_rss_kib, rss_kib};
-use crate::util::{connect, release_dir, workspace_root};
+use crate::util::{Flags, connect, release_dir, workspace_root};
 use agents::{AgentMode, Fleet};
 use target::{Backend, Store};
 
@@ -104,19 +104,10 @@ fn parse(args: &[String]) -> Result<Options> {
         out: workspace_root().join("target/bench"),
         floor_samples: 300,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
-        };
-        match flag {
+    let mut flags = Flags::new(args, USAGE);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value();
+        match flag.as_str() {
             "fleet" => {}
             "--waiters" => waiters = Some(list(&value()?)?),
             "--max-concurrent" => max_concurrent = Some(list(&value()?)?),
