@@ -96,6 +96,17 @@ pub trait GrantGuard: Send + Sync {
     fn reads_audit(&self) -> bool {
         false
     }
+
+    /// True when this guard's preparation of a grant of `candidate` pairs
+    /// a control-plane backup with it (the etcd guard: a control-plane
+    /// node carrying an etcd member), judged now. Confirm releases a grant
+    /// this says should carry a pairing and does not (one made by a
+    /// release before backups, or while the node's role was not known
+    /// yet), so the node asks again and its new grant pairs one, instead
+    /// of draining without a backup.
+    fn pairs_backup(&self, _candidate: &Waiter) -> bool {
+        false
+    }
 }
 
 /// What keeps a waiter waiting, as a kind of cause. Waiters are told at once

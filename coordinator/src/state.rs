@@ -299,6 +299,19 @@ pub enum LeaseError {
         /// The node.
         node: NodeName,
     },
+    /// The node's grant should carry a control-plane backup pairing and
+    /// does not (made by a release before backups, or before the node was
+    /// known to carry an etcd member): it was released at its Confirm, so
+    /// that no step is taken on it and the node's next grant pairs one.
+    #[error(
+        "node {node}'s grant (token {token}) was made without the control-plane backup its etcd member needs (by an older coordinator, or before the member was known): it was released before any step; the agent asks again, and the new grant asks for the backup"
+    )]
+    UnpairedGrant {
+        /// The node.
+        node: NodeName,
+        /// The released token.
+        token: u64,
+    },
     /// The node already holds the baton.
     #[error("node {node} already holds the baton (token {token})")]
     AlreadyHolder {

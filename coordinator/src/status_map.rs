@@ -20,7 +20,8 @@ pub fn code(e: &EngineError) -> tonic::Code {
             | LeaseError::NotHolder { .. }
             | LeaseError::AlreadyHolder { .. }
             | LeaseError::OperatorHold { .. }
-            | LeaseError::BackupUnsupported { .. },
+            | LeaseError::BackupUnsupported { .. }
+            | LeaseError::UnpairedGrant { .. },
         ) => tonic::Code::FailedPrecondition,
         EngineError::Store(_)
         | EngineError::StoreFailed(_)

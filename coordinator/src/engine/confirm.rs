@@ -21,6 +21,13 @@
 //!
 //! Any reason the rule gives becomes "wait, with this reason"; the agent
 //! keeps renewing and asks again after `retry_after`.
+//!
+//! Before the rule, the grant's control-plane backup: a grant that asked
+//! for one waits until it was kept; a grant that should have asked for one
+//! and carries no pairing (an older release's grant of a control-plane etcd
+//! node, read during an upgrade in the middle of a maintenance) is released
+//! and refused, so no step is ever confirmed on it and the node's next
+//! grant asks for the backup.
 
 use std::time::Duration as StdDuration;
 
@@ -30,6 +37,7 @@ use tracing::{info, warn};
 use super::{Engine, EngineError, Inner};
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Policy, Waiter, decide};
+use crate::state::{LeaseError, Phase};
 use crate::window::WindowSet;
 
 /// The longest a holder told to wait is asked to wait before asking again
@@ -92,6 +100,11 @@ impl Engine {
             self.changed();
         }
         let control_plane = inner.state.holders[node].control_plane;
+        if self.lacks_its_backup_pairing(&inner, node, control_plane) {
+            return Err(self
+                .release_unpaired(&mut inner, node, token, step, now)
+                .await);
+        }
         // The backup first, checked here and not only by the agent, so
         // that an agent too old to send it is held, never drained.
         let wait = match inner.state.backup_missing(node) {
@@ -117,6 +130,77 @@ impl Engine {
             overdue_at: now + self.config.overdue_after,
             retry_after,
         })
+    }
+
+    /// True when `node`'s grant carries no control-plane backup pairing
+    /// (and kept no backup) while a guard's preparation would pair one
+    /// with a grant of it now: a grant made by a release before backups
+    /// (read from its state during an upgrade in the middle of a
+    /// maintenance), or before the node was known to carry an etcd
+    /// member. Confirming its steps would drain, update and reboot a
+    /// control-plane etcd node without a backup. An operator's hold is
+    /// the operator's; it is never judged here.
+    fn lacks_its_backup_pairing(
+        &self,
+        inner: &Inner,
+        node: &NodeName,
+        control_plane: bool,
+    ) -> bool {
+        let holding = &inner.state.holders[node];
+        if holding.phase == Phase::Manual
+            || holding.backup_kept.is_some()
+            || inner.state.backup_snapshot(node).is_some()
+        {
+            return false;
+        }
+        let waiter = Waiter {
+            node: node.clone(),
+            control_plane,
+            backs_up_control_plane: true,
+        };
+        self.guards.iter().any(|g| g.pairs_backup(&waiter))
+    }
+
+    /// Releases `node`'s grant `token`, which lacks its backup pairing
+    /// (audited; its slot goes to the next waiter as after any release),
+    /// and gives the error that tells its agent: FAILED_PRECONDITION, on
+    /// which the agent gives the node back (nothing destructive was
+    /// confirmed on this grant by this release), holds back as after a
+    /// lost baton, and asks again; the new grant pairs a snapshot and asks
+    /// for the backup. An agent that cannot make one then waits with the
+    /// guard's "upgrade baton-agent" reason instead.
+    async fn release_unpaired(
+        &self,
+        inner: &mut Inner,
+        node: &NodeName,
+        token: u64,
+        step: Step,
+        now: DateTime<Utc>,
+    ) -> EngineError {
+        let started = std::time::Instant::now();
+        let reason = format!(
+            "released at its Confirm({}): the grant carries no control-plane backup pairing, which this etcd member's grant needs; the node asks again and its new grant asks for the backup",
+            step.name()
+        );
+        let released = self
+            .commit_then(
+                inner,
+                None,
+                |s| s.force_release_token(node, token, "coordinator", &reason, now),
+                |engine, inner, next| engine.grant_within(inner, next, now),
+            )
+            .await;
+        match released {
+            Ok((token, handed)) => {
+                warn!(node = %node, token, step = step.name(), "{reason}");
+                self.after_release(inner, node, started, handed, now);
+                EngineError::Lease(LeaseError::UnpairedGrant {
+                    node: node.clone(),
+                    token,
+                })
+            }
+            Err(e) => e,
+        }
     }
 
     /// The grant rule for holder `node` as if it asked now: `Err` is the
@@ -145,9 +229,9 @@ impl Engine {
             node: node.clone(),
             control_plane,
             // What this grant needs was settled when it was made: a backup
-            // it asked for is checked first (`backup_missing`); a grant
-            // made without one (an older coordinator's) is not held for
-            // its agent's age.
+            // it asked for is checked first (`backup_missing`), and a grant
+            // that should have asked for one and did not was released
+            // before this (`lacks_its_backup_pairing`).
             backs_up_control_plane: true,
         };
         let guards: Vec<&dyn GrantGuard> = self.guards.iter().map(|g| g.as_ref()).collect();
@@ -180,6 +264,9 @@ mod tests {
     struct Switch {
         refuse: Mutex<Option<String>>,
         holders_seen: Mutex<Vec<Vec<String>>>,
+        /// Nodes whose grants this guard's preparation would pair a
+        /// control-plane backup with (none unless a test says).
+        pairs: Mutex<Vec<String>>,
     }
 
     impl GrantGuard for Switch {
@@ -192,6 +279,13 @@ mod tests {
                 Some(reason) => Err(reason),
                 None => Ok(()),
             }
+        }
+
+        fn pairs_backup(&self, candidate: &Waiter) -> bool {
+            self.pairs
+                .lock()
+                .unwrap()
+                .contains(&candidate.node.to_string())
         }
     }
 
@@ -462,5 +556,128 @@ mod tests {
                 .await,
             None
         );
+    }
+
+    /// A grant of a control-plane etcd node made without a backup pairing
+    /// (an older release's, read during an upgrade in the middle of a
+    /// maintenance: its agent was told no backup is needed) is released at
+    /// its first Confirm, whichever step, and never confirmed: its slot
+    /// goes to the next waiter, and the node's next grant is prepared (and
+    /// paired) like any other.
+    #[tokio::test]
+    async fn a_grant_that_lacks_its_backup_pairing_is_released_at_its_confirm_never_confirmed() {
+        for step in [Step::Drain, Step::Update, Step::Reboot] {
+            let guard = Arc::new(Switch::default());
+            let engine = engine(1, guard.clone()).await;
+            // Granted as the previous release granted it: no pairing.
+            let t1 = grant(&engine, "cp-1", true).await;
+            assert!(!engine.backup_required(&n("cp-1")).await);
+            let (_, mut next) = engine
+                .acquire(AcquireRequest {
+                    node: n("w1"),
+                    control_plane: false,
+                    reason: "test".into(),
+                    manual: false,
+                    backs_up_control_plane: true,
+                })
+                .await
+                .unwrap();
+            // This release's guard would pair a backup with cp-1's grant.
+            guard.pairs.lock().unwrap().push("cp-1".into());
+            let err = engine
+                .confirm_step(&n("cp-1"), t1, step)
+                .await
+                .expect_err("confirmed a step on a grant that lacks its backup pairing");
+            assert!(
+                matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
+                "{step:?}: {err}"
+            );
+            assert_eq!(
+                crate::status_map::code(&err),
+                tonic::Code::FailedPrecondition
+            );
+            let state = engine.snapshot().await.state;
+            assert!(!state.holders.contains_key(&n("cp-1")), "{step:?}");
+            let record = state
+                .audit
+                .iter()
+                .find(|r| r.action == "force-release" && r.node == "cp-1")
+                .expect("the release is audited");
+            assert_eq!(
+                (record.fencing_token, record.actor.as_str()),
+                (t1, "coordinator")
+            );
+            assert!(
+                record.reason.contains("backup pairing"),
+                "{}",
+                record.reason
+            );
+            // Refused for good: the token is not current any more.
+            assert!(engine.confirm_step(&n("cp-1"), t1, step).await.is_err());
+            // The slot went on.
+            loop {
+                match next.recv().await.unwrap().unwrap() {
+                    AcquireUpdate::Granted(g) => {
+                        assert!(g.fencing_token > t1);
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+        }
+    }
+
+    /// What is not released: a paired grant (held until its backup was
+    /// kept, as before), a grant the guard would not pair (a worker, a
+    /// control-plane node without an etcd member), and an operator's hold.
+    #[tokio::test]
+    async fn only_a_grant_that_should_carry_a_pairing_and_does_not_is_released() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(3, guard.clone()).await;
+        let (paired, _) = granted_with_a_snapshot(&engine, true).await;
+        let worker = grant(&engine, "w1", false).await;
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        let held = engine
+            .confirm_step(&n("cp-1"), paired, Step::Drain)
+            .await
+            .unwrap();
+        assert!(
+            held.wait
+                .is_some_and(|r| r.contains("control-plane backup"))
+        );
+        let ok = engine
+            .confirm_step(&n("w1"), worker, Step::Drain)
+            .await
+            .unwrap();
+        assert_eq!(ok.wait, None);
+
+        let (_, mut hold) = engine
+            .acquire(AcquireRequest {
+                node: n("w3"),
+                control_plane: false,
+                reason: "operator".into(),
+                manual: true,
+                backs_up_control_plane: false,
+            })
+            .await
+            .unwrap();
+        let token = loop {
+            if let AcquireUpdate::Granted(g) = hold.recv().await.unwrap().unwrap() {
+                break g.fencing_token;
+            }
+        };
+        // (One control-plane node at a time: the hold is of a worker the
+        // guard is told to pair, which only a hold can lack.)
+        guard.pairs.lock().unwrap().push("w3".into());
+        assert!(
+            engine
+                .confirm_step(&n("w3"), token, Step::Drain)
+                .await
+                .is_ok()
+        );
+        let state = engine.snapshot().await.state;
+        for node in ["cp-1", "w1", "w3"] {
+            assert!(state.holders.contains_key(&n(node)), "{node} was released");
+        }
     }
 }

@@ -509,6 +509,18 @@ impl GrantGuard for EtcdGuard {
             health.age(),
         )
     }
+
+    /// What [`EtcdGuard::prepare_member_out`] decides: a snapshot is paired
+    /// with the grant when the node carries an etcd member and is a
+    /// control-plane node (by its label or its agent's claim). Not known
+    /// (the member list unread): false; Confirm's re-check then holds the
+    /// step on the guard's own reason, and asks this again next time.
+    fn pairs_backup(&self, candidate: &Waiter) -> bool {
+        matches!(
+            self.role(&candidate.node, candidate.control_plane, &self.health()),
+            Ok(EtcdRole::Member(_))
+        ) && self.is_control_plane(&candidate.node, candidate.control_plane)
+    }
 }
 
 impl GrantPreparer for EtcdGuard {
@@ -682,6 +694,53 @@ mod tests {
         // member or not.
         assert_eq!(guard.check(&old("w2", false), &state, now), Ok(()));
         assert_eq!(guard.check(&old("w9", false), &state, now), Ok(()));
+    }
+
+    /// Confirm releases a grant that lacks the pairing this says it needs
+    /// (`Engine::confirm_step`): it names exactly the grants the
+    /// preparation pairs, which are the ones an agent without backups is
+    /// refused for, and nothing while the member list is unread.
+    #[test]
+    fn the_grants_that_pair_a_backup_are_the_ones_an_agent_without_backups_is_refused() {
+        let now = Utc::now();
+        let labelled = labelled_cluster(now);
+        let state = LeaseState::default();
+        for (node, claims, pairs) in [
+            ("cp-1", false, true),
+            ("cp-1", true, true),
+            ("w2", true, true),
+            ("w2", false, false),
+            // Its agent says control-plane and etcd-3 (10.0.0.3) is on no
+            // known node: whether it carries it is not known, so no pairing
+            // is judged; the guard holds it with that reason.
+            ("w9", true, false),
+            ("w9", false, false),
+        ] {
+            let candidate = Waiter {
+                control_plane: claims,
+                ..waiter(node)
+            };
+            assert_eq!(labelled.pairs_backup(&candidate), pairs, "{node} {claims}");
+            let without_backups = Waiter {
+                backs_up_control_plane: false,
+                ..candidate.clone()
+            };
+            let refused = labelled.check(&without_backups, &state, now).err();
+            assert_eq!(
+                refused
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(super::super::NO_BACKUP_SUPPORT)),
+                pairs,
+                "{node} {claims}: {refused:?}"
+            );
+        }
+        // Unread: not known to pair (Confirm's re-check holds the step on
+        // the guard's own reason meanwhile).
+        let unread = guard(now);
+        assert!(!unread.pairs_backup(&Waiter {
+            control_plane: true,
+            ..waiter("cp-1")
+        }));
     }
 
     /// The engine with the guard: an older agent's Acquire for cp-1 is
