@@ -66,6 +66,9 @@ pub struct Metrics {
     /// Waiters held back because their agent makes no control-plane
     /// backups (an agent from before backups on a control-plane etcd node).
     pub waiters_without_backup_support: Gauge,
+    /// Grants released at their Confirm(drain) for lacking their backup
+    /// pairing (`baton_unpaired_grants_released_total`).
+    pub unpaired_grants_released: Counter,
     /// Voting etcd members in the last health snapshot.
     pub etcd_voting_members: Gauge,
     /// Healthy voting etcd members in the last health snapshot.
@@ -192,6 +195,12 @@ impl Metrics {
             "Waiters the etcd quorum guard holds back now",
             etcd_blocked_waiters.clone(),
         );
+        let unpaired_grants_released = Counter::default();
+        registry.register(
+            "unpaired_grants_released",
+            "Grants of control-plane etcd nodes released at their Confirm(drain) because they carried no backup pairing (made by an older coordinator): about one per such node after an upgrade; more is a loop",
+            unpaired_grants_released.clone(),
+        );
         let waiters_without_backup_support = Gauge::default();
         registry.register(
             "waiters_without_backup_support",
@@ -242,6 +251,7 @@ impl Metrics {
             holder_phase_set: Arc::default(),
             etcd_blocked_waiters,
             waiters_without_backup_support,
+            unpaired_grants_released,
             etcd_voting_members,
             etcd_healthy_voting_members,
             etcd_snapshots,

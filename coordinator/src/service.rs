@@ -178,7 +178,15 @@ fn phase_from_proto(value: i32) -> Result<Phase, Status> {
         Ok(pb::Phase::Verifying) => Phase::Verifying,
         Ok(pb::Phase::Uncordoning) => Phase::Uncordoning,
         Ok(pb::Phase::Failed) => Phase::Failed,
-        Ok(pb::Phase::Manual) => Phase::Manual,
+        // An operator's hold is Manual from its grant (`batonctl hold`) and
+        // is never reported so: a holder reporting it would pass for an
+        // operator's hold, which Confirm's backup judgement and an agent's
+        // Acquire treat as the operator's.
+        Ok(pb::Phase::Manual) => {
+            return Err(Status::invalid_argument(
+                "phase: manual is what `batonctl hold` is granted as; it is never reported",
+            ));
+        }
         Ok(pb::Phase::Unspecified) | Err(_) => {
             return Err(Status::invalid_argument(format!(
                 "phase: {value} is not a reportable phase"
@@ -809,6 +817,36 @@ mod tests {
             status.holders
         );
         assert!(store.saved().unwrap().holders.is_empty(), "and saved");
+    }
+
+    /// No holder reports itself into an operator's hold: Manual is only
+    /// ever granted (`batonctl hold`). A holder that could would escape
+    /// Confirm's backup judgement and turn away its own agent's Acquire.
+    #[tokio::test]
+    async fn a_holder_cannot_report_itself_into_an_operators_hold() {
+        let node = NodeName::new("cp-1").unwrap();
+        let mut state = LeaseState::default();
+        state.grant(&node, true, false, "test", Utc::now()).unwrap();
+        let token = state.holders[&node].fencing_token;
+        let (store, services) = serve(state).await;
+        let refused = Coordinator::report(
+            &services,
+            Request::new(pb::ReportRequest {
+                node: "cp-1".into(),
+                fencing_token: token,
+                phase: pb::Phase::Manual as i32,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect_err("a Manual report was taken");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("batonctl hold"), "{refused}");
+        assert_eq!(
+            store.saved().unwrap().holders[&node].phase,
+            Phase::Granted,
+            "the holding is unchanged"
+        );
     }
 
     /// A changing call whose client gives up before its turn comes (the

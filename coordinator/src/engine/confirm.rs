@@ -100,16 +100,19 @@ impl Engine {
             self.changed();
         }
         let control_plane = inner.state.holders[node].control_plane;
-        if self.lacks_its_backup_pairing(&inner, node, control_plane) {
-            return Err(self
-                .release_unpaired(&mut inner, node, token, step, now)
-                .await);
+        let unpaired = self.lacks_its_backup_pairing(&inner, node, control_plane);
+        if unpaired && step == Step::Drain {
+            return Err(self.release_unpaired(&mut inner, node, token, now).await);
         }
         // The backup first, checked here and not only by the agent, so
         // that an agent too old to send it is held, never drained.
-        let wait = match inner.state.backup_missing(node) {
-            Some(reason) => Some(reason),
-            None => self.recheck(&inner, node, control_plane, now).err(),
+        let wait = if unpaired {
+            Some(past_its_drain_unpaired(node))
+        } else {
+            match inner.state.backup_missing(node) {
+                Some(reason) => Some(reason),
+                None => self.recheck(&inner, node, control_plane, now).err(),
+            }
         };
         match &wait {
             None => {
@@ -161,38 +164,41 @@ impl Engine {
         self.guards.iter().any(|g| g.pairs_backup(&waiter))
     }
 
-    /// Releases `node`'s grant `token`, which lacks its backup pairing
-    /// (audited; its slot goes to the next waiter as after any release),
-    /// and gives the error that tells its agent: FAILED_PRECONDITION, on
-    /// which the agent gives the node back (nothing destructive was
-    /// confirmed on this grant by this release), holds back as after a
-    /// lost baton, and asks again; the new grant pairs a snapshot and asks
-    /// for the backup. An agent that cannot make one then waits with the
-    /// guard's "upgrade baton-agent" reason instead.
+    /// Releases `node`'s grant `token`, which lacks its backup pairing, at
+    /// its Confirm(drain): nothing was touched on the node yet (audited;
+    /// its slot goes to the next waiter as after any release). Gives the
+    /// error that tells its agent: FAILED_PRECONDITION, on which the agent
+    /// gives the node back, holds back as after a lost baton, and asks
+    /// again; the new grant pairs a snapshot and asks for the backup. An
+    /// agent that cannot make one then waits with the guard's "upgrade
+    /// baton-agent" reason instead.
+    ///
+    /// Only at the drain: later, the node may be drained, its update
+    /// running (a restarted agent confirms the update it follows) or its
+    /// reboot requested, and a release would stop the update half-way or
+    /// give back a node whose reboot is still to come. Those steps wait
+    /// ([`past_its_drain_unpaired`]).
     async fn release_unpaired(
         &self,
         inner: &mut Inner,
         node: &NodeName,
         token: u64,
-        step: Step,
         now: DateTime<Utc>,
     ) -> EngineError {
         let started = std::time::Instant::now();
-        let reason = format!(
-            "released at its Confirm({}): the grant carries no control-plane backup pairing, which this etcd member's grant needs; the node asks again and its new grant asks for the backup",
-            step.name()
-        );
+        let reason = "released at its Confirm(drain), before any step: the grant carries no control-plane backup pairing, which a grant of this etcd member needs; the node asks again, and its new grant asks for the backup (an agent that makes none waits for its upgrade)";
         let released = self
             .commit_then(
                 inner,
                 None,
-                |s| s.force_release_token(node, token, "coordinator", &reason, now),
+                |s| s.force_release_token(node, token, "coordinator", reason, now),
                 |engine, inner, next| engine.grant_within(inner, next, now),
             )
             .await;
         match released {
             Ok((token, handed)) => {
-                warn!(node = %node, token, step = step.name(), "{reason}");
+                warn!(node = %node, token, "{reason}");
+                self.metrics.unpaired_grants_released.inc();
                 self.after_release(inner, node, started, handed, now);
                 EngineError::Lease(LeaseError::UnpairedGrant {
                     node: node.clone(),
@@ -244,6 +250,15 @@ impl Engine {
             .map(|reason| reason.text.to_string())
             .unwrap_or_else(|| "the grant rule did not allow it".to_string()))
     }
+}
+
+/// Why a grant that lacks its backup pairing is held at its update or
+/// reboot: past its drain nothing is released automatically (see
+/// `Engine::release_unpaired`), and nothing is confirmed either.
+fn past_its_drain_unpaired(node: &NodeName) -> String {
+    format!(
+        "this grant carries no control-plane backup pairing (an older coordinator's grant, or one made before the node's etcd member was known) and the node is past its drain: no update or reboot is confirmed on it. Check the node, then `batonctl force-release {node}`: the agent stops an update it started, gives the node back and asks again, and its new grant asks for the backup"
+    )
 }
 
 #[cfg(test)]
@@ -561,70 +576,102 @@ mod tests {
     /// A grant of a control-plane etcd node made without a backup pairing
     /// (an older release's, read during an upgrade in the middle of a
     /// maintenance: its agent was told no backup is needed) is released at
-    /// its first Confirm, whichever step, and never confirmed: its slot
-    /// goes to the next waiter, and the node's next grant is prepared (and
-    /// paired) like any other.
+    /// its Confirm(drain), before anything was touched, and never
+    /// confirmed: its slot goes to the next waiter, and the node's next
+    /// grant is prepared (and paired) like any other.
     #[tokio::test]
-    async fn a_grant_that_lacks_its_backup_pairing_is_released_at_its_confirm_never_confirmed() {
-        for step in [Step::Drain, Step::Update, Step::Reboot] {
-            let guard = Arc::new(Switch::default());
-            let engine = engine(1, guard.clone()).await;
-            // Granted as the previous release granted it: no pairing.
-            let t1 = grant(&engine, "cp-1", true).await;
-            assert!(!engine.backup_required(&n("cp-1")).await);
-            let (_, mut next) = engine
-                .acquire(AcquireRequest {
-                    node: n("w1"),
-                    control_plane: false,
-                    reason: "test".into(),
-                    manual: false,
-                    backs_up_control_plane: true,
-                })
+    async fn a_grant_that_lacks_its_backup_pairing_is_released_at_its_drain_never_confirmed() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(1, guard.clone()).await;
+        // Granted as the previous release granted it: no pairing.
+        let t1 = grant(&engine, "cp-1", true).await;
+        assert!(!engine.backup_required(&n("cp-1")).await);
+        let (_, mut next) = engine
+            .acquire(AcquireRequest {
+                node: n("w1"),
+                control_plane: false,
+                reason: "test".into(),
+                manual: false,
+                backs_up_control_plane: true,
+            })
+            .await
+            .unwrap();
+        // This release's guard would pair a backup with cp-1's grant.
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        let err = engine
+            .confirm_step(&n("cp-1"), t1, Step::Drain)
+            .await
+            .expect_err("confirmed a drain on a grant that lacks its backup pairing");
+        assert!(
+            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
+            "{err}"
+        );
+        assert_eq!(
+            crate::status_map::code(&err),
+            tonic::Code::FailedPrecondition
+        );
+        let state = engine.snapshot().await.state;
+        assert!(!state.holders.contains_key(&n("cp-1")));
+        let record = state
+            .audit
+            .iter()
+            .find(|r| r.action == "force-release" && r.node == "cp-1")
+            .expect("the release is audited");
+        assert_eq!(
+            (record.fencing_token, record.actor.as_str()),
+            (t1, "coordinator")
+        );
+        assert!(
+            record.reason.contains("backup pairing"),
+            "{}",
+            record.reason
+        );
+        assert_eq!(engine.metrics().unpaired_grants_released.get(), 1);
+        // Refused for good: the token is not current any more.
+        assert!(
+            engine
+                .confirm_step(&n("cp-1"), t1, Step::Drain)
                 .await
-                .unwrap();
-            // This release's guard would pair a backup with cp-1's grant.
-            guard.pairs.lock().unwrap().push("cp-1".into());
-            let err = engine
-                .confirm_step(&n("cp-1"), t1, step)
-                .await
-                .expect_err("confirmed a step on a grant that lacks its backup pairing");
-            assert!(
-                matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
-                "{step:?}: {err}"
-            );
-            assert_eq!(
-                crate::status_map::code(&err),
-                tonic::Code::FailedPrecondition
-            );
-            let state = engine.snapshot().await.state;
-            assert!(!state.holders.contains_key(&n("cp-1")), "{step:?}");
-            let record = state
-                .audit
-                .iter()
-                .find(|r| r.action == "force-release" && r.node == "cp-1")
-                .expect("the release is audited");
-            assert_eq!(
-                (record.fencing_token, record.actor.as_str()),
-                (t1, "coordinator")
-            );
-            assert!(
-                record.reason.contains("backup pairing"),
-                "{}",
-                record.reason
-            );
-            // Refused for good: the token is not current any more.
-            assert!(engine.confirm_step(&n("cp-1"), t1, step).await.is_err());
-            // The slot went on.
-            loop {
-                match next.recv().await.unwrap().unwrap() {
-                    AcquireUpdate::Granted(g) => {
-                        assert!(g.fencing_token > t1);
-                        break;
-                    }
-                    _ => continue,
-                }
+                .is_err()
+        );
+        // The slot went on.
+        loop {
+            if let AcquireUpdate::Granted(g) = next.recv().await.unwrap().unwrap() {
+                assert!(g.fencing_token > t1);
+                break;
             }
         }
+    }
+
+    /// Past its drain such a grant is neither released nor confirmed: the
+    /// node may be drained, its update running (a restarted agent confirms
+    /// the update it follows) or its reboot requested, and a release would
+    /// stop the update half-way (the agent stops it on a lost baton) or
+    /// give back a node whose reboot is still to come. Its update and
+    /// reboot wait, with what to do, and it keeps the baton.
+    #[tokio::test]
+    async fn past_its_drain_a_grant_that_lacks_its_pairing_is_held_not_released() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(1, guard.clone()).await;
+        let t1 = grant(&engine, "cp-1", true).await;
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        for step in [Step::Update, Step::Reboot] {
+            let held = engine
+                .confirm_step(&n("cp-1"), t1, step)
+                .await
+                .unwrap_or_else(|e| panic!("{step:?}: released past the drain: {e}"));
+            let reason = held.wait.expect("confirmed without a backup");
+            assert!(
+                reason.contains("no control-plane backup pairing"),
+                "{reason}"
+            );
+            assert!(reason.contains("batonctl force-release cp-1"), "{reason}");
+        }
+        assert_eq!(
+            engine.snapshot().await.state.holders[&n("cp-1")].fencing_token,
+            t1
+        );
+        assert_eq!(engine.metrics().unpaired_grants_released.get(), 0);
     }
 
     /// What is not released: a paired grant (held until its backup was

@@ -150,6 +150,15 @@ impl EtcdGuard {
         )
     }
 
+    /// The one judgement of which grants pair a control-plane backup
+    /// (used by the check, the preparation and Confirm's
+    /// [`GrantGuard::pairs_backup`]): a node in `role` carrying an etcd
+    /// member that is a control-plane node.
+    fn pairs_backup_as(&self, role: &EtcdRole, candidate: &Waiter) -> bool {
+        matches!(role, EtcdRole::Member(_))
+            && self.is_control_plane(&candidate.node, candidate.control_plane)
+    }
+
     /// True for a control-plane node: labelled so (with the node watch)
     /// or claimed by its agent.
     fn is_control_plane(&self, node: &NodeName, claimed: bool) -> bool {
@@ -340,9 +349,10 @@ impl EtcdGuard {
     /// etcd's leader away from it.
     async fn prepare_member_out(&self, candidate: &Waiter) -> Result<(), String> {
         let health = self.health();
-        let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
-            EtcdRole::Member(m) => m,
-            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
+        let role = self.role(&candidate.node, candidate.control_plane, &health)?;
+        let control_plane = self.pairs_backup_as(&role, candidate);
+        let EtcdRole::Member(member) = role else {
+            return Ok(());
         };
         let target = health
             .member(&member)
@@ -388,7 +398,6 @@ impl EtcdGuard {
             )
         })?;
         let now = (self.clock)();
-        let control_plane = self.is_control_plane(&candidate.node, candidate.control_plane);
         // The granter decides again after this preparation changed the
         // state (the pairing recorded below): the snapshot it just took is
         // reused, so that the second preparation changes nothing and the
@@ -456,17 +465,16 @@ impl GrantGuard for EtcdGuard {
     ) -> Result<(), String> {
         self.remember(std::iter::once(&candidate.node).chain(state.holders.keys()));
         let health = self.health();
-        let member = match self.role(&candidate.node, candidate.control_plane, &health)? {
-            EtcdRole::Member(m) => m,
-            EtcdRole::NotEtcd | EtcdRole::Exempt => return Ok(()),
-        };
+        let role = self.role(&candidate.node, candidate.control_plane, &health)?;
         // Its grant would ask for a control-plane backup (the preparation
         // pairs a snapshot with it): an agent that cannot make one would
         // drain the node without it. Checked before the quorum, so the
         // reason shown is the one that lasts until the agent is upgraded.
-        if !candidate.backs_up_control_plane
-            && self.is_control_plane(&candidate.node, candidate.control_plane)
-        {
+        let pairs = self.pairs_backup_as(&role, candidate);
+        let EtcdRole::Member(member) = role else {
+            return Ok(());
+        };
+        if pairs && !candidate.backs_up_control_plane {
             return Err(no_backup_support(&candidate.node, &member));
         }
         let mut out = self
@@ -516,10 +524,8 @@ impl GrantGuard for EtcdGuard {
     /// (the member list unread): false; Confirm's re-check then holds the
     /// step on the guard's own reason, and asks this again next time.
     fn pairs_backup(&self, candidate: &Waiter) -> bool {
-        matches!(
-            self.role(&candidate.node, candidate.control_plane, &self.health()),
-            Ok(EtcdRole::Member(_))
-        ) && self.is_control_plane(&candidate.node, candidate.control_plane)
+        self.role(&candidate.node, candidate.control_plane, &self.health())
+            .is_ok_and(|role| self.pairs_backup_as(&role, candidate))
     }
 }
 
