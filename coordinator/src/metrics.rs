@@ -63,8 +63,9 @@ pub struct Metrics {
     holder_phase_set: Arc<Mutex<Vec<HolderPhase>>>,
     /// Waiters the etcd quorum guard holds back now.
     pub etcd_blocked_waiters: Gauge,
-    /// Waiters held back because their agent makes no control-plane
-    /// backups (an agent from before backups on a control-plane etcd node).
+    /// Waiters whose agent makes no control-plane backups on a node whose
+    /// grant needs one (an agent from before backups on a control-plane
+    /// etcd node), counted from the queue whatever they are told now.
     pub waiters_without_backup_support: Gauge,
     /// Grants released at their Confirm(drain) for lacking their backup
     /// pairing (`baton_unpaired_grants_released_total`).
@@ -204,7 +205,7 @@ impl Metrics {
         let waiters_without_backup_support = Gauge::default();
         registry.register(
             "waiters_without_backup_support",
-            "Waiters held back because their agent makes no control-plane backups: upgrade baton-agent on those nodes",
+            "Waiters whose agent makes no control-plane backups on a node whose grant needs one: never granted until baton-agent is upgraded there, whatever else holds them now",
             waiters_without_backup_support.clone(),
         );
         let etcd_voting_members = Gauge::default();

@@ -429,11 +429,21 @@ async fn an_older_agent_is_never_granted_a_control_plane_etcd_node_and_holds_nob
         reason.starts_with("agent does not support control-plane backups"),
         "{reason}"
     );
-    ensure!(
-        coordinator
+    // Counted from the queue at most twice a second.
+    let mut counted = false;
+    for _ in 0..100 {
+        if coordinator
             .metrics_text()
-            .contains("baton_waiters_without_backup_support 1"),
-        "counted"
+            .contains("baton_waiters_without_backup_support 1")
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        counted,
+        "baton_waiters_without_backup_support does not count cp-2"
     );
 
     // cp-1's current agent, queued behind it, is granted.

@@ -39,6 +39,10 @@ impl GrantGuard for PrepareFailures<'_> {
     }
 }
 
+/// How often `baton_waiters_without_backup_support` is counted (a look at
+/// every waiter).
+const BACKUP_SUPPORT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Engine {
     /// Runs until shutdown. Spawn exactly one per engine.
     pub async fn run_granter(self: Arc<Self>) {
@@ -114,6 +118,43 @@ impl Engine {
             }
         }
         self.refresh_gauges(&inner);
+        self.count_waiters_without_backup_support(&mut inner);
+    }
+
+    /// Has `baton_waiters_without_backup_support` counted at the granter's
+    /// next turn, which it starts now.
+    #[cfg(test)]
+    pub(crate) async fn count_backup_support_now(&self) {
+        self.inner.lock().await.backup_support_counted = None;
+        self.wake.notify_one();
+    }
+
+    /// Sets `baton_waiters_without_backup_support`: the waiters whose
+    /// agent makes no control-plane backups on a node whose grant needs one
+    /// (a guard's [`crate::policy::GrantGuard::pairs_backup`]). They are
+    /// never granted until that agent is upgraded, whatever holds them now:
+    /// counted from the queue, not from the reasons told, because a pause,
+    /// the windows or the limit is what such a waiter is told while it
+    /// applies to every waiter, and the alert on this gauge would then
+    /// wait for it to pass. At most every [`BACKUP_SUPPORT_COUNT_EVERY`]:
+    /// a look at every waiter, which no handoff pays for.
+    fn count_waiters_without_backup_support(&self, inner: &mut Inner) {
+        if inner
+            .backup_support_counted
+            .is_some_and(|at| at.elapsed() < BACKUP_SUPPORT_COUNT_EVERY)
+        {
+            return;
+        }
+        inner.backup_support_counted = Some(Instant::now());
+        let count = inner
+            .queue
+            .waiters()
+            .filter(|w| !w.backs_up_control_plane)
+            .filter(|w| self.guards.iter().any(|g| g.pairs_backup(w)))
+            .count();
+        self.metrics
+            .waiters_without_backup_support
+            .set(count as i64);
     }
 
     pub(super) fn decide_now(&self, inner: &Inner, now: DateTime<Utc>) -> Decision {
@@ -384,14 +425,6 @@ impl Engine {
             .filter(|(_, reason)| crate::etcd::is_guard_reason(&reason.text))
             .count();
         self.metrics.etcd_blocked_waiters.set(etcd_blocked as i64);
-        let without_backups = decision
-            .judged
-            .iter()
-            .filter(|(_, reason)| crate::etcd::is_no_backup_support_reason(&reason.text))
-            .count();
-        self.metrics
-            .waiters_without_backup_support
-            .set(without_backups as i64);
         let telling = inner.queue.tell(&decision, Instant::now());
         for (node, position, reason) in &telling.new_reasons {
             info!(node = %node, position, reason = %reason.text, "waiting");

@@ -276,6 +276,9 @@ struct Inner {
     /// The last reload error logged (so a store that stays down is logged
     /// once, not every second).
     reload_error: Option<String>,
+    /// When `baton_waiters_without_backup_support` was last counted (see
+    /// `Engine::count_waiters_without_backup_support`).
+    backup_support_counted: Option<Instant>,
     shutting_down: bool,
 }
 
@@ -370,6 +373,7 @@ impl Engine {
                 initialize: config.initialize,
                 resume_pending: false,
                 reload_error: None,
+                backup_support_counted: None,
                 shutting_down: false,
             })),
             store,

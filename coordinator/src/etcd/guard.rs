@@ -425,8 +425,9 @@ impl EtcdGuard {
 }
 
 /// The reason a control-plane etcd node waits when its agent makes no
-/// backups. It starts with [`super::NO_BACKUP_SUPPORT`] (what
-/// `baton_waiters_without_backup_support` counts).
+/// backups. It starts with [`super::NO_BACKUP_SUPPORT`]
+/// (`baton_waiters_without_backup_support` counts such waiters from the
+/// queue, whatever reason they are told).
 fn no_backup_support(node: &NodeName, member: &str) -> String {
     format!(
         "{}; upgrade baton-agent on this node (control-plane node {node} carries etcd member {member}: its grant needs a control-plane backup kept beside the etcd snapshot, and this request says its agent cannot make one; for manual work use batonctl hold)",
@@ -702,6 +703,22 @@ mod tests {
         assert_eq!(guard.check(&old("w9", false), &state, now), Ok(()));
     }
 
+    /// Waits (bounded) until `baton_waiters_without_backup_support` reads
+    /// `want` (it is counted at most twice a second).
+    async fn wait_for_gauge(engine: &Engine, want: i64) {
+        let gauge = &engine.metrics().waiters_without_backup_support;
+        for _ in 0..200 {
+            if gauge.get() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "baton_waiters_without_backup_support is {}, not {want}",
+            gauge.get()
+        );
+    }
+
     /// Confirm releases a grant that lacks the pairing this says it needs
     /// (`Engine::confirm_step`): it names exactly the grants the
     /// preparation pairs, which are the ones an agent without backups is
@@ -809,7 +826,23 @@ mod tests {
                 .contains_key(&NodeName::new("cp-1").unwrap())
         );
         assert_eq!(status.queue[0].reason, reason, "status shows why");
-        assert_eq!(engine.metrics().waiters_without_backup_support.get(), 1);
+        wait_for_gauge(&engine, 1).await;
+        // Paused, cp-1 is told the pause (it applies to every waiter), and
+        // it is still counted: the alert does not wait for the pause.
+        engine.pause("op", "freeze").await.unwrap();
+        let paused = loop {
+            match next(&mut cp1).await {
+                AcquireUpdate::Queued { reason, .. } if reason.contains("paused") => break reason,
+                AcquireUpdate::Queued { .. } => {}
+                AcquireUpdate::Granted(g) => panic!("an older agent was granted cp-1: {g:?}"),
+            }
+        };
+        assert!(!paused.contains("upgrade baton-agent"), "{paused}");
+        // Counted again while paused (the -1 shows it was).
+        engine.metrics().waiters_without_backup_support.set(-1);
+        engine.count_backup_support_now().await;
+        wait_for_gauge(&engine, 1).await;
+        engine.resume("op").await.unwrap();
 
         // Upgraded: the same node asks again, saying it backs up.
         let mut cp1 = ask("cp-1", true, false).await;

@@ -38,13 +38,6 @@ use std::time::Duration;
 /// backups, asking for a control-plane node that carries an etcd member).
 pub const NO_BACKUP_SUPPORT: &str = "agent does not support control-plane backups";
 
-/// True when a waiter waits for its agent to be upgraded (see
-/// [`NO_BACKUP_SUPPORT`]); `baton_waiters_without_backup_support` counts
-/// them.
-pub fn is_no_backup_support_reason(reason: &str) -> bool {
-    reason.starts_with(NO_BACKUP_SUPPORT)
-}
-
 /// True when a waiter's reason comes from the etcd guard: every reason the
 /// guard gives (the quorum rule, the member mapping, a failed preparation)
 /// starts with "etcd: ". `baton_etcd_blocked_waiters` counts them.
