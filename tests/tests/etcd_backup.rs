@@ -429,7 +429,7 @@ async fn an_older_agent_is_never_granted_a_control_plane_etcd_node_and_holds_nob
         reason.starts_with("agent does not support control-plane backups"),
         "{reason}"
     );
-    // Counted from the queue at most twice a second.
+    // Counted from the queue every 2 s.
     let mut counted = false;
     for _ in 0..100 {
         if coordinator

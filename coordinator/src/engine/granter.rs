@@ -39,9 +39,10 @@ impl GrantGuard for PrepareFailures<'_> {
     }
 }
 
-/// How often `baton_waiters_without_backup_support` is counted (a look at
-/// every waiter).
-const BACKUP_SUPPORT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often `baton_waiters_without_backup_support` is counted: a look at
+/// every waiter (and the guards' judgement of those whose agent makes no
+/// backups), under the engine's lock. Its alert waits 10 minutes.
+const BACKUP_SUPPORT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Engine {
     /// Runs until shutdown. Spawn exactly one per engine.

@@ -704,7 +704,8 @@ mod tests {
     }
 
     /// Waits (bounded) until `baton_waiters_without_backup_support` reads
-    /// `want` (it is counted at most twice a second).
+    /// `want` (it is counted every few seconds, or at once on
+    /// `count_backup_support_now`).
     async fn wait_for_gauge(engine: &Engine, want: i64) {
         let gauge = &engine.metrics().waiters_without_backup_support;
         for _ in 0..200 {
@@ -826,6 +827,7 @@ mod tests {
                 .contains_key(&NodeName::new("cp-1").unwrap())
         );
         assert_eq!(status.queue[0].reason, reason, "status shows why");
+        engine.count_backup_support_now().await;
         wait_for_gauge(&engine, 1).await;
         // Paused, cp-1 is told the pause (it applies to every waiter), and
         // it is still counted: the alert does not wait for the pause.
