@@ -11,109 +11,27 @@
 //! fails in that time instead of the default ten minutes. Needs etcd
 //! (Debian's etcd-server), which `cargo xtask test` installs.
 
-use std::path::Path;
-use std::process::{Command, Output};
-use std::sync::Mutex;
+mod common;
 
+use std::path::Path;
+
+use common::{Bench, assert_positive, number};
 use serde_json::Value;
 
-/// One bench at a time: each starts its own coordinators (and etcd
-/// cluster), and the machine has 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// What one `bench fleet` run left: its output, its report, and the
-/// directory holding them (removed when dropped).
-struct Bench {
-    output: Output,
-    report: Value,
-    out: tempfile::TempDir,
+/// Runs `bench fleet` with `args` (see [`Bench::run`]), with a floor of
+/// few samples: enough for a distribution, few enough for a quick run.
+fn fleet(coordinator: Option<&Path>, args: &[&str], name: &str) -> Bench {
+    let words: Vec<&str> = ["fleet"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .chain(["--floor-samples", "30"])
+        .collect();
+    Bench::run(&words, coordinator, name)
 }
 
-impl Bench {
-    /// Runs `baton-devtools bench fleet` with `args` into a fresh
-    /// directory, against `coordinator` or the workspace's debug
-    /// coordinator (built first when stale), one bench at a time; reads
-    /// the report it must write whatever happened (`name`.json).
-    fn run(coordinator: Option<&Path>, args: &[&str], name: &str) -> Self {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let coordinator = coordinator
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| baton_tests::binary("baton-coordinator"));
-        let out = tempfile::tempdir().expect("temp dir");
-        let output = Command::new(env!("CARGO_BIN_EXE_baton-devtools"))
-            .args(["bench", "fleet"])
-            .args(args)
-            .arg("--coordinator")
-            .arg(&coordinator)
-            .arg("--out")
-            .arg(out.path())
-            // Enough for a floor, few enough for a quick run.
-            .args(["--floor-samples", "30"])
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .expect("running baton-devtools bench fleet");
-        let path = out.path().join(format!("{name}.json"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{} not written ({e}); {}",
-                path.display(),
-                describe(&output)
-            )
-        });
-        let report = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-        Self {
-            output,
-            report,
-            out,
-        }
-    }
-
-    /// The run succeeded and its report's verdict agrees; its runs.
-    fn succeeded(&self) -> &[Value] {
-        assert!(self.output.status.success(), "{}", describe(&self.output));
-        assert_eq!(
-            self.report["verdict"]["ok"],
-            Value::Bool(true),
-            "{:#}",
-            self.report
-        );
-        self.report["runs"].as_array().expect("runs")
-    }
-
-    /// The run failed, saying `why` on stderr, and its report's verdict
-    /// agrees; its runs.
-    fn failed(&self, why: &str) -> &[Value] {
-        assert!(!self.output.status.success(), "{}", describe(&self.output));
-        let stderr = String::from_utf8_lossy(&self.output.stderr);
-        assert!(
-            stderr.contains("did not do its job") && stderr.contains(why),
-            "{}",
-            describe(&self.output)
-        );
-        assert_eq!(
-            self.report["verdict"]["ok"],
-            Value::Bool(false),
-            "{:#}",
-            self.report
-        );
-        self.report["runs"].as_array().expect("runs")
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn number(run: &Value, pointer: &str) -> f64 {
-    run.pointer(pointer)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("no number at {pointer} in {run:#}"))
+/// A fleet report's runs.
+fn runs(report: &Value) -> &[Value] {
+    report["runs"].as_array().expect("runs")
 }
 
 /// Checks one run that must have done its whole job: finished, every
@@ -144,21 +62,22 @@ fn assert_granted_everyone(run: &Value, waiters: u64) {
         Some(waiters - max_concurrent),
         "{run:#}"
     );
-    for p in [
-        "/handoff_ms/p50",
-        "/handoff_ms/p99",
-        "/handoff_ms/max",
-        "/grants_per_s",
-        "/floor/floor_ms",
-        "/floor/grpc_rtt_ms_p50",
-        "/floor/save_ms_p50",
-        "/floor/raw_saves_per_s",
-        "/handoff_p50_over_floor",
-        "/grants_over_raw_saves",
-        "/coordinator/peak_rss_mib",
-    ] {
-        assert!(number(run, p) > 0.0, "{p} is not positive: {run:#}");
-    }
+    assert_positive(
+        run,
+        &[
+            "/handoff_ms/p50",
+            "/handoff_ms/p99",
+            "/handoff_ms/max",
+            "/grants_per_s",
+            "/floor/floor_ms",
+            "/floor/grpc_rtt_ms_p50",
+            "/floor/save_ms_p50",
+            "/floor/raw_saves_per_s",
+            "/handoff_p50_over_floor",
+            "/grants_over_raw_saves",
+            "/coordinator/peak_rss_mib",
+        ],
+    );
     assert!(number(run, "/handoff_ms/p99") >= number(run, "/handoff_ms/p50"));
 }
 
@@ -192,7 +111,7 @@ fn assert_svg(path: &Path, points: usize) {
 
 #[test]
 fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
-    let bench = Bench::run(
+    let bench = fleet(
         None,
         &[
             "--waiters",
@@ -206,7 +125,7 @@ fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
         ],
         "fleet",
     );
-    let runs = bench.succeeded();
+    let runs = runs(bench.succeeded());
     assert_eq!(bench.report["store"], "embedded");
     assert_eq!(bench.report["agent"], "real");
     assert_eq!(runs.len(), 2, "{:#}", bench.report);
@@ -222,7 +141,7 @@ fn thirty_real_agents_are_each_granted_once_at_one_and_two_holders() {
 
 #[test]
 fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
-    let bench = Bench::run(
+    let bench = fleet(
         None,
         &[
             "--store",
@@ -236,7 +155,7 @@ fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
         ],
         "fleet-etcd",
     );
-    let runs = bench.succeeded();
+    let runs = runs(bench.succeeded());
     assert_eq!(bench.report["store"], "etcd");
     assert_eq!(
         bench.report["agent"], "instant",
@@ -258,7 +177,7 @@ fn twenty_instant_agents_are_each_granted_once_on_a_real_etcd_cluster() {
 
 #[test]
 fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
-    let bench = Bench::run(
+    let bench = fleet(
         Some(Path::new("/bin/false")),
         &[
             "--waiters",
@@ -270,7 +189,7 @@ fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
         ],
         "fleet",
     );
-    let runs = bench.failed("exited at start");
+    let runs = runs(bench.failed("exited at start"));
     assert_eq!(runs[0]["finished"], Value::Bool(false), "{runs:#?}");
     assert!(
         runs[0]["failed"]
@@ -284,7 +203,7 @@ fn a_coordinator_that_exits_at_once_fails_the_bench_after_its_report() {
 /// least 2 s whatever the machine's speed: a 1 s deadline cannot be met.
 #[test]
 fn a_run_cut_by_its_deadline_fails_the_bench_and_is_reported_unfinished() {
-    let bench = Bench::run(
+    let bench = fleet(
         None,
         &[
             "--waiters",
@@ -300,7 +219,7 @@ fn a_run_cut_by_its_deadline_fails_the_bench_and_is_reported_unfinished() {
         ],
         "fleet",
     );
-    let runs = bench.failed("unfinished at the 1 s deadline");
+    let runs = runs(bench.failed("unfinished at the 1 s deadline"));
     assert_eq!(runs[0]["finished"], Value::Bool(false), "{runs:#?}");
     assert!(runs[0]["grants"].as_u64().unwrap() < 100, "{runs:#?}");
     // The larger fleet is not run after the smaller did not finish, and

@@ -30,7 +30,7 @@
 
 mod agents;
 mod plot;
-mod target;
+pub(crate) mod target;
 
 use std::path::PathBuf;
 use std::time::Duration;
