@@ -376,7 +376,8 @@ async fn bench(opts: &Options, port: u16, process: &mut Child, data: &Path) -> R
 
     // Waiters: a holder first, then N queued behind it.
     let mut lease = CoordinatorClient::new(first.clone());
-    let holder_token = tokio::time::timeout_at(deadline, async {
+    let mut told = String::from("nothing");
+    let holder = tokio::time::timeout_at(deadline, async {
         let mut holder = lease
             .acquire(pb::AcquireRequest {
                 node: "bench-holder".into(),
@@ -387,13 +388,19 @@ async fn bench(opts: &Options, port: u16, process: &mut Child, data: &Path) -> R
         loop {
             match holder.message().await?.and_then(|e| e.event) {
                 Some(pb::acquire_event::Event::Granted(g)) => break Ok(g.fencing_token),
-                Some(_) => {}
+                Some(pb::acquire_event::Event::Queued(q)) => told = format!("queued: {}", q.reason),
                 None => bail!("the first holder's Acquire stream ended without a grant"),
             }
         }
     })
-    .await
-    .context("the first holder was not granted before the deadline")??;
+    .await;
+    let holder_token = match holder {
+        Ok(token) => token.context("the first holder's Acquire")?,
+        Err(_) => bail!(
+            "unfinished at the {} s deadline: the first holder was not granted (it was told {told})",
+            opts.deadline.as_secs()
+        ),
+    };
     let chain = Arc::new(Mutex::new(Chain {
         released_at: None,
         holding: Some(HOLDER),

@@ -119,6 +119,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let outcome = runtime.block_on(measure(&settings, &mut figures));
     let mut report = Value::Object(figures);
     report["etcd_members"] = json!(3);
+    // "release" for `cargo xtask bench` (the default), "debug" in tests.
+    let profile = settings
+        .binary
+        .parent()
+        .and_then(Path::file_name)
+        .map(|d| d.to_string_lossy().into_owned())
+        .filter(|d| d == "release" || d == "debug")
+        .unwrap_or_else(|| "other".to_string());
+    report["coordinator_profile"] = json!(profile);
     report["coordinator_binary"] = json!(settings.binary.display().to_string());
     report["election_ttl"] = json!(settings.election_ttl);
     report["deadline_s"] = json!(settings.deadline.as_secs());
