@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use baton_proto::v1::ReleaseRequest;
 use baton_proto::v1::coordinator_client::CoordinatorClient;
 use baton_tests::etcd::EtcdCluster;
@@ -203,17 +203,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// phase fails.
 async fn measure(s: &Settings, report: &mut Map<String, Value>) -> Result<()> {
     let deadline = tokio::time::Instant::now() + s.deadline;
-    let late = || format!("the {} s deadline passed", s.deadline.as_secs());
+    let late = |_| anyhow!("the {} s deadline passed", s.deadline.as_secs());
     let cluster = tokio::time::timeout_at(deadline, EtcdCluster::start(3))
         .await
-        .with_context(late)??;
+        .map_err(late)??;
 
     // Raw etcd: sequential guarded transactions of a state-sized document.
     let mut etcd = cluster.client().await?;
     let (_, txn_rate) =
         tokio::time::timeout_at(deadline, crate::floor::etcd_txns(&mut etcd, 4096, s.txns))
             .await
-            .with_context(late)??;
+            .map_err(late)??;
     report.insert("raw_etcd_txn_per_s".into(), json!(txn_rate));
 
     let endpoints = cluster.endpoints();
@@ -242,7 +242,7 @@ async fn measure(s: &Settings, report: &mut Map<String, Value>) -> Result<()> {
         grants(s, &mut a, b, report).await
     })
     .await
-    .with_context(late)
+    .map_err(late)
     .and_then(|r| r);
     // The coordinators' logs (their data directories go with them).
     keep_log(&a, &s.out.join("coordinator-etcd-a.log"));
