@@ -21,7 +21,7 @@
 //! report's `verdict` says which, and the bench exits non-zero after
 //! writing it (devtools/tests/bench_coordinator.rs runs it small).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,8 +33,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 use tonic::transport::Channel;
 
+use crate::args::{Args, Run};
 use crate::floor;
-use crate::util::{connect, release_dir, start_embedded_coordinator, workspace_root};
+use crate::util::{connect, start_embedded_coordinator};
 
 const USAGE: &str = "bench coordinator [--waiters N (default 1000)] [--per-connection N (default 50)] \
 [--coordinator PATH (default: the release build)] [--out DIR (default: target/bench)] \
@@ -43,57 +44,28 @@ const USAGE: &str = "bench coordinator [--waiters N (default 1000)] [--per-conne
 struct Options {
     waiters: usize,
     per_connection: usize,
-    /// The coordinator binary (another build, e.g. a debug one in tests).
-    binary: PathBuf,
-    /// Where the report, the coordinator's data and its log go.
-    out: PathBuf,
+    /// `--coordinator`, `--out`, `--deadline`.
+    run: Run,
     /// Round trips and writes measured for the floor; `None`: 500 round
     /// trips and 300 writes.
     floor_samples: Option<usize>,
-    /// How long the waiters may take to queue and run down the chain.
-    deadline: Duration,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut opts = Options {
         waiters: 1000,
         per_connection: 50,
-        binary: release_dir().join("baton-coordinator"),
-        out: workspace_root().join("target/bench"),
+        run: Run::default(),
         floor_samples: None,
-        deadline: Duration::from_secs(600),
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
-        };
-        let number = |v: String| {
-            v.replace('_', "")
-                .parse::<usize>()
-                .with_context(|| format!("{flag} {v:?} is not a number; usage: {USAGE}"))
-        };
-        match flag {
+    let mut args = Args::new(args, USAGE);
+    while let Some(flag) = args.flag() {
+        match flag.as_str() {
             "coordinator" => {}
-            "--store" => {
-                let store = value()?;
-                if store != "embedded" {
-                    bail!("this bench measures --store embedded, not {store}; usage: {USAGE}");
-                }
-            }
-            "--waiters" => opts.waiters = number(value()?)?,
-            "--per-connection" => opts.per_connection = number(value()?)?,
-            "--coordinator" => opts.binary = PathBuf::from(value()?),
-            "--out" => opts.out = PathBuf::from(value()?),
-            "--floor-samples" => opts.floor_samples = Some(number(value()?)?),
-            "--deadline" => opts.deadline = Duration::from_secs(number(value()?)? as u64),
+            "--waiters" => opts.waiters = args.number()?,
+            "--per-connection" => opts.per_connection = args.number()?,
+            "--floor-samples" => opts.floor_samples = Some(args.number()?),
+            other if args.run_flag(other, &mut opts.run, "embedded")? => {}
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
@@ -106,27 +78,28 @@ fn parse(args: &[String]) -> Result<Options> {
     if opts.floor_samples.is_some_and(|n| n < 10) {
         bail!("--floor-samples must be at least 10 (a floor needs a distribution)");
     }
-    if opts.deadline.is_zero() {
-        bail!("--deadline must be at least 1 s");
-    }
     Ok(opts)
 }
 
 /// Runs the bench; `args` are the words after `bench`.
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.run.out)
+        .with_context(|| format!("creating {}", opts.run.out.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let log = opts.out.join("coordinator.log");
-    let started =
-        start_embedded_coordinator(&opts.binary, opts.out.join("coordinator-data"), &log, &[])
-            .and_then(|mut server| {
-                server.wait_listening(&log)?;
-                Ok(server)
-            });
+    let log = opts.run.out.join("coordinator.log");
+    let started = start_embedded_coordinator(
+        &opts.run.binary,
+        opts.run.out.join("coordinator-data"),
+        &log,
+        &[],
+    )
+    .and_then(|mut server| {
+        server.wait_listening(&log)?;
+        Ok(server)
+    });
     let mut report = match started {
         Ok(mut server) => {
             let data = server.data.clone();
@@ -137,12 +110,12 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     report["waiters"] = json!(opts.waiters);
     report["store"] = json!("embedded");
-    report["coordinator_binary"] = json!(opts.binary.display().to_string());
-    report["deadline_s"] = json!(opts.deadline.as_secs());
+    report["coordinator_binary"] = json!(opts.run.binary.display().to_string());
+    report["deadline_s"] = json!(opts.run.deadline.as_secs());
     let failures = verdict(&report);
     report["verdict"] = json!({ "ok": failures.is_empty(), "failures": failures });
 
-    let out = opts.out.join("coordinator.json");
+    let out = opts.run.out.join("coordinator.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     print_table(&report);
     println!("\nwritten to {}", out.display());
@@ -369,7 +342,7 @@ async fn waiter(
 async fn bench(opts: &Options, port: u16, process: &mut Child, data: &Path) -> Result<Value> {
     let url = format!("http://127.0.0.1:{port}");
     let first = connect(&url).await?;
-    let deadline = tokio::time::Instant::now() + opts.deadline;
+    let deadline = tokio::time::Instant::now() + opts.run.deadline;
 
     // Baseline 1: unary gRPC round trip.
     let rtt = floor::grpc_round_trips(first.clone(), opts.floor_samples.unwrap_or(500)).await?;
@@ -398,7 +371,7 @@ async fn bench(opts: &Options, port: u16, process: &mut Child, data: &Path) -> R
         Ok(token) => token.context("the first holder's Acquire")?,
         Err(_) => bail!(
             "unfinished at the {} s deadline: the first holder was not granted (it was told {told})",
-            opts.deadline.as_secs()
+            opts.run.deadline.as_secs()
         ),
     };
     let chain = Arc::new(Mutex::new(Chain {
@@ -431,7 +404,7 @@ async fn bench(opts: &Options, port: u16, process: &mut Child, data: &Path) -> R
     }
     drop(notes_tx);
     let mut counts = Counts::default();
-    let context = (&*chain, opts.waiters, opts.deadline);
+    let context = (&*chain, opts.waiters, opts.run.deadline);
     let waiters = opts.waiters;
     let mut stopped = wait_for(
         &mut notes,

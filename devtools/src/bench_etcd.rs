@@ -21,7 +21,7 @@
 //! bench exits non-zero after writing it (devtools/tests/bench_coordinator.rs
 //! runs it small).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -32,8 +32,8 @@ use baton_tests::etcd::coordinator::{Coordinator, acquire, wait_granted};
 use serde_json::{Map, Value, json};
 use tonic::transport::Channel;
 
+use crate::args::{Args, Run};
 use crate::bench_fleet::target::wait_leading;
-use crate::util::{release_dir, workspace_root};
 
 const USAGE: &str = "bench coordinator --store etcd [--txns N (default 500)] [--cycles N (default 100)] \
 [--handoffs N (default 50)] [--election-ttl D (default 2s)] [--coordinator PATH (default: the release build)] \
@@ -45,12 +45,8 @@ struct Settings {
     cycles: usize,
     handoffs: usize,
     election_ttl: String,
-    /// The coordinator binary (another build, e.g. a debug one in tests).
-    binary: PathBuf,
-    /// Where the report and the coordinators' logs go.
-    out: PathBuf,
-    /// How long the whole run may take.
-    deadline: Duration,
+    /// `--coordinator`, `--out`, `--deadline`.
+    run: Run,
 }
 
 fn parse(args: &[String]) -> Result<Settings> {
@@ -59,42 +55,17 @@ fn parse(args: &[String]) -> Result<Settings> {
         cycles: 100,
         handoffs: 50,
         election_ttl: "2s".to_string(),
-        binary: release_dir().join("baton-coordinator"),
-        out: workspace_root().join("target/bench"),
-        deadline: Duration::from_secs(600),
+        run: Run::default(),
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
-        };
-        let number = |v: String| {
-            v.replace('_', "")
-                .parse::<usize>()
-                .with_context(|| format!("{flag} {v:?} is not a number; usage: {USAGE}"))
-        };
-        match flag {
+    let mut args = Args::new(args, USAGE);
+    while let Some(flag) = args.flag() {
+        match flag.as_str() {
             "coordinator" => {}
-            "--store" => {
-                let store = value()?;
-                if store != "etcd" {
-                    bail!("this bench measures --store etcd, not {store}");
-                }
-            }
-            "--txns" => s.txns = number(value()?)?,
-            "--cycles" => s.cycles = number(value()?)?,
-            "--handoffs" => s.handoffs = number(value()?)?,
-            "--election-ttl" => s.election_ttl = value()?,
-            "--coordinator" => s.binary = PathBuf::from(value()?),
-            "--out" => s.out = PathBuf::from(value()?),
-            "--deadline" => s.deadline = Duration::from_secs(number(value()?)? as u64),
+            "--txns" => s.txns = args.number()?,
+            "--cycles" => s.cycles = args.number()?,
+            "--handoffs" => s.handoffs = args.number()?,
+            "--election-ttl" => s.election_ttl = args.value()?,
+            other if args.run_flag(other, &mut s.run, "etcd")? => {}
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
@@ -103,17 +74,14 @@ fn parse(args: &[String]) -> Result<Settings> {
             "--txns, --cycles and --handoffs must be at least 1 (a bench of nothing measures nothing)"
         );
     }
-    if s.deadline.is_zero() {
-        bail!("--deadline must be at least 1 s");
-    }
     Ok(s)
 }
 
 /// Runs the bench; `args` are the words after `bench`.
 pub fn run(args: &[String]) -> Result<()> {
     let settings = parse(args)?;
-    std::fs::create_dir_all(&settings.out)
-        .with_context(|| format!("creating {}", settings.out.display()))?;
+    std::fs::create_dir_all(&settings.run.out)
+        .with_context(|| format!("creating {}", settings.run.out.display()))?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut figures = Map::new();
     let outcome = runtime.block_on(measure(&settings, &mut figures));
@@ -121,6 +89,7 @@ pub fn run(args: &[String]) -> Result<()> {
     report["etcd_members"] = json!(3);
     // "release" for `cargo xtask bench` (the default), "debug" in tests.
     let profile = settings
+        .run
         .binary
         .parent()
         .and_then(Path::file_name)
@@ -128,9 +97,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .filter(|d| d == "release" || d == "debug")
         .unwrap_or_else(|| "other".to_string());
     report["coordinator_profile"] = json!(profile);
-    report["coordinator_binary"] = json!(settings.binary.display().to_string());
+    report["coordinator_binary"] = json!(settings.run.binary.display().to_string());
     report["election_ttl"] = json!(settings.election_ttl);
-    report["deadline_s"] = json!(settings.deadline.as_secs());
+    report["deadline_s"] = json!(settings.run.deadline.as_secs());
     report["grant_cycles"] = json!(settings.cycles);
     report["handoffs"] = json!(settings.handoffs);
     if let Err(e) = outcome {
@@ -138,7 +107,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let failures = verdict(&report);
     report["verdict"] = json!({ "ok": failures.is_empty(), "failures": failures });
-    let path = settings.out.join("coordinator-etcd.json");
+    let path = settings.run.out.join("coordinator-etcd.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     print_table(&report);
     println!("\nwritten to {}", path.display());
@@ -202,8 +171,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Measures into `report`, which keeps what was measured when a later
 /// phase fails.
 async fn measure(s: &Settings, report: &mut Map<String, Value>) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + s.deadline;
-    let late = |_| anyhow!("the {} s deadline passed", s.deadline.as_secs());
+    let deadline = tokio::time::Instant::now() + s.run.deadline;
+    let late = |_| anyhow!("the {} s deadline passed", s.run.deadline.as_secs());
     let cluster = tokio::time::timeout_at(deadline, EtcdCluster::start(3))
         .await
         .map_err(late)??;
@@ -234,20 +203,20 @@ async fn measure(s: &Settings, report: &mut Map<String, Value>) -> Result<()> {
     ];
     // a creates the state (a new installation); b finds it.
     let first: Vec<&str> = args.iter().copied().chain(["--initialize"]).collect();
-    let mut a = Coordinator::start_binary(&s.binary, "a", &first)?;
+    let mut a = Coordinator::start_binary(&s.run.binary, "a", &first)?;
     let mut b = None;
     let outcome = tokio::time::timeout_at(deadline, async {
         wait_leading(&mut a).await?;
-        let b = b.insert(Coordinator::start_binary(&s.binary, "b", &args)?);
+        let b = b.insert(Coordinator::start_binary(&s.run.binary, "b", &args)?);
         grants(s, &mut a, b, report).await
     })
     .await
     .map_err(late)
     .and_then(|r| r);
     // The coordinators' logs (their data directories go with them).
-    keep_log(&a, &s.out.join("coordinator-etcd-a.log"));
+    keep_log(&a, &s.run.out.join("coordinator-etcd-a.log"));
     if let Some(b) = &b {
-        keep_log(b, &s.out.join("coordinator-etcd-b.log"));
+        keep_log(b, &s.run.out.join("coordinator-etcd-b.log"));
     }
     outcome
 }

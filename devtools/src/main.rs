@@ -23,6 +23,7 @@
 //! - `gen-cli DIR`: completions and man pages of the three programs
 //!   (`gen_cli`; `cargo xtask gen-cli` writes docs/cli).
 
+mod args;
 mod bench_agent;
 mod bench_coordinator;
 mod bench_etcd;

@@ -38,6 +38,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use crate::args::Args;
 use crate::floor;
 use crate::procstat::{cpu_seconds, peak_rss_kib, rss_kib};
 use crate::util::{connect, release_dir, workspace_root};
@@ -104,43 +105,33 @@ fn parse(args: &[String]) -> Result<Options> {
         out: workspace_root().join("target/bench"),
         floor_samples: 300,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))
-        };
-        match flag {
+    let mut args = Args::new(args, USAGE);
+    while let Some(flag) = args.flag() {
+        match flag.as_str() {
             "fleet" => {}
-            "--waiters" => waiters = Some(list(&value()?)?),
-            "--max-concurrent" => max_concurrent = Some(list(&value()?)?),
+            "--waiters" => waiters = Some(list(&args.value()?)?),
+            "--max-concurrent" => max_concurrent = Some(list(&args.value()?)?),
             "--store" => {
-                opts.store = match value()?.as_str() {
+                opts.store = match args.value()?.as_str() {
                     "embedded" => Store::Embedded,
                     "etcd" => Store::Etcd,
                     other => bail!("--store {other}: embedded or etcd"),
                 }
             }
             "--agent" => {
-                mode = Some(match value()?.as_str() {
+                mode = Some(match args.value()?.as_str() {
                     "real" => AgentMode::Real,
                     "instant" => AgentMode::Instant,
                     other => bail!("--agent {other}: real or instant"),
                 })
             }
-            "--hold-ms" => opts.hold_max = Duration::from_millis(value()?.parse()?),
-            "--per-connection" => opts.per_connection = value()?.parse()?,
-            "--deadline" => opts.deadline = Some(Duration::from_secs(value()?.parse()?)),
-            "--seed" => opts.seed = value()?.parse()?,
-            "--coordinator" => opts.binary = PathBuf::from(value()?),
-            "--out" => opts.out = PathBuf::from(value()?),
-            "--floor-samples" => opts.floor_samples = value()?.parse()?,
+            "--hold-ms" => opts.hold_max = Duration::from_millis(args.number()?),
+            "--per-connection" => opts.per_connection = args.number()?,
+            "--deadline" => opts.deadline = Some(Duration::from_secs(args.number()?)),
+            "--seed" => opts.seed = args.number()?,
+            "--coordinator" => opts.binary = PathBuf::from(args.value()?),
+            "--out" => opts.out = PathBuf::from(args.value()?),
+            "--floor-samples" => opts.floor_samples = args.number()?,
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
