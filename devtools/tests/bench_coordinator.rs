@@ -190,23 +190,30 @@ fn a_coordinator_that_exits_at_once_fails_the_etcd_bench_after_its_report() {
     );
 }
 
-/// A coordinator guarding an etcd cluster it cannot reach grants nothing
-/// (it fails closed): the bench gives up at its 2 s deadline instead of
-/// the default ten minutes, and says so.
-#[test]
-fn a_coordinator_that_never_grants_fails_the_bench_at_its_deadline() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let script = dir.path().join("coordinator-guarding-nothing");
+/// A script in `dir` that runs the workspace's debug coordinator with
+/// `extra` arguments after the bench's.
+fn coordinator_with(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let script = dir.join("coordinator-with");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nexec '{}' \"$@\" --etcd-endpoints http://127.0.0.1:1\n",
+            "#!/bin/sh\nexec '{}' \"$@\" {extra}\n",
             baton_tests::binary("baton-coordinator").display()
         ),
     )
     .expect("writing the wrapper");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
         .expect("chmod the wrapper");
+    script
+}
+
+/// A coordinator guarding an etcd cluster it cannot reach grants nothing
+/// (it fails closed): the bench gives up at its 2 s deadline instead of
+/// the default ten minutes, and says so.
+#[test]
+fn a_coordinator_that_never_grants_fails_the_bench_at_its_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = coordinator_with(dir.path(), "--etcd-endpoints http://127.0.0.1:1");
     let bench = Bench::run(
         &["coordinator", "--waiters", "10", "--deadline", "2"],
         Some(&script),
@@ -216,7 +223,32 @@ fn a_coordinator_that_never_grants_fails_the_bench_at_its_deadline() {
     assert!(
         report["failed"]
             .as_str()
-            .is_some_and(|f| f.contains("deadline")),
+            .is_some_and(|f| f.contains("deadline") && f.contains("first holder was not granted")),
         "{report:#}"
     );
+}
+
+/// A coordinator that lets two nodes hold at once breaks the rule the
+/// bench measures: the first waiter's grant comes while the first holder
+/// still holds, and the run stops there (not at its 60 s deadline) with a
+/// verdict that says so.
+#[test]
+fn a_coordinator_that_grants_two_at_once_fails_the_bench_at_the_first_overlap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = coordinator_with(dir.path(), "--max-concurrent 2");
+    let bench = Bench::run(
+        &["coordinator", "--waiters", "10", "--deadline", "60"],
+        Some(&script),
+        "coordinator",
+    );
+    let report = bench.failed("still held the baton");
+    let stopped = report["stopped"].as_str().expect("stopped");
+    assert!(
+        stopped.starts_with("a waiter failed: bench-")
+            && stopped.contains("while the first holder still held the baton"),
+        "{report:#}"
+    );
+    assert!(!stopped.contains("deadline"), "{report:#}");
+    // No floor for a run that did not do its job.
+    assert!(report["handoff_p50_over_floor"].is_null(), "{report:#}");
 }
