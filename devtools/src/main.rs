@@ -47,16 +47,32 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
-        ["bench", "coordinator", rest @ ..]
-            if rest.iter().any(|a| *a == "etcd" || *a == "--store=etcd") =>
-        {
-            bench_etcd::run(&args[2..])
-        }
+        ["bench", "coordinator", rest @ ..] if store_is_etcd(rest) => bench_etcd::run(&args[2..]),
         ["bench", "coordinator", ..] => bench_coordinator::run(&args[2..]),
         ["bench", "agent", ..] => bench_agent::run(&args[2..]),
         ["bench", "fleet", ..] => bench_fleet::run(&args[2..]),
         ["lab", ..] => lab::main(&args[1..]),
         ["gen-cli", ..] => gen_cli::run(&args[1..]),
         _ => bail!("{USAGE}"),
+    }
+}
+
+/// Whether a bench's words ask for `--store etcd` (or `--store=etcd`):
+/// that flag, not a word `etcd` anywhere (`--out etcd` is a directory).
+fn store_is_etcd(words: &[&str]) -> bool {
+    words.contains(&"--store=etcd") || words.windows(2).any(|w| w == ["--store", "etcd"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_is_etcd;
+
+    #[test]
+    fn only_the_store_flag_picks_the_etcd_bench() {
+        assert!(store_is_etcd(&["--waiters", "3", "--store", "etcd"]));
+        assert!(store_is_etcd(&["--store=etcd"]));
+        assert!(!store_is_etcd(&["--out", "etcd"]));
+        assert!(!store_is_etcd(&["--store", "embedded", "--out", "etcd"]));
+        assert!(!store_is_etcd(&[]));
     }
 }
