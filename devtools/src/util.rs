@@ -1,6 +1,6 @@
 //! Small helpers shared by the benches.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use anyhow::{Context, Result, bail};
@@ -136,50 +136,71 @@ pub fn start_embedded_coordinator(
     })
 }
 
-/// A bench's command-line flags, each written `--flag value` or
-/// `--flag=value`.
-pub struct Flags<'a> {
-    rest: std::slice::Iter<'a, String>,
-    usage: &'a str,
-    /// The flag [`Flags::next_flag`] returned last.
-    flag: String,
-    /// Its value when it was written `--flag=value`.
-    inline: Option<String>,
+/// A bench's last word: `Ok` when its verdict found no failure; else an
+/// error saying that `bench` did not do its job (the words the suite's
+/// bench tests look for), where its report is (`written`) and each
+/// failure, so the bench exits non-zero after writing its report.
+pub fn job_done(bench: &str, written: &str, failures: &[String]) -> Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{bench} did not do its job ({written}):\n  {}",
+        failures.join("\n  ")
+    )
 }
 
-impl<'a> Flags<'a> {
-    /// The flags in `args`; `usage` ends the error of a flag without value.
-    pub fn new(args: &'a [String], usage: &'a str) -> Self {
-        Self {
-            rest: args.iter(),
-            usage,
-            flag: String::new(),
-            inline: None,
+/// Which cargo profile built a binary, told cheaply from the directory
+/// cargo put it in (`target/release/`, `target/debug/`); a binary kept
+/// elsewhere (a baseline copied aside) is [`Build::Unknown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// In a `release` directory.
+    Release,
+    /// In a `debug` directory.
+    Debug,
+    /// Anywhere else.
+    Unknown,
+}
+
+impl Build {
+    /// The build of the binary at `path` (symbolic links followed).
+    pub fn of(path: &Path) -> Self {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        match path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|d| d.to_str())
+        {
+            Some("release") => Build::Release,
+            Some("debug") => Build::Debug,
+            _ => Build::Unknown,
         }
     }
 
-    /// The next flag's name (`--flag` of `--flag=value`); `None` at the end.
-    pub fn next_flag(&mut self) -> Option<String> {
-        let arg = self.rest.next()?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        self.flag = flag.to_string();
-        self.inline = inline;
-        Some(self.flag.clone())
-    }
-
-    /// The value of the flag [`Flags::next_flag`] returned last: after its
-    /// `=`, or the next argument.
-    pub fn value(&mut self) -> Result<String> {
-        match self.inline.take() {
-            Some(v) => Ok(v),
-            None => self
-                .rest
-                .next()
-                .cloned()
-                .with_context(|| format!("{} needs a value; usage: {}", self.flag, self.usage)),
+    /// Its name in a report: `release`, `debug` or `unknown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Release => "release",
+            Build::Debug => "debug",
+            Build::Unknown => "unknown",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_is_told_from_the_directory_cargo_put_the_binary_in() {
+        let of = |p: &str| Build::of(Path::new(p));
+        assert_eq!(
+            of("/nonexistent/target/release/baton-agent"),
+            Build::Release
+        );
+        assert_eq!(of("/nonexistent/target/debug/baton-agent"), Build::Debug);
+        assert_eq!(of("/nonexistent/baseline/baton-agent"), Build::Unknown);
+        assert_eq!(of("baton-agent"), Build::Unknown);
     }
 }

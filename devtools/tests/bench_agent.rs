@@ -13,41 +13,28 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{Bench, number};
+use common::{Bench, assert_positive, number, program, script};
 use serde_json::Value;
 
 /// Runs `bench agent --duration 2 --samples 3` and `args` against `agent`
 /// or the workspace's debug agent, and `coordinator` or the workspace's
-/// debug coordinator (both built first when stale).
+/// debug coordinator (both built first when stale), with `env` added to
+/// its environment.
 fn bench(
     agent: Option<&Path>,
     coordinator: Option<&Path>,
     args: &[&str],
     env: &[(&str, &OsStr)],
 ) -> Bench {
-    let or_built = |given: Option<&Path>, name| {
-        given
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| baton_tests::binary(name))
-            .display()
-            .to_string()
-    };
-    let agent = or_built(agent, "baton-agent");
-    let coordinator = or_built(coordinator, "baton-coordinator");
-    let small = [
-        "--agent",
-        &agent,
-        "--coordinator",
-        &coordinator,
-        "--duration",
-        "2",
-        "--samples",
-        "3",
-    ];
-    Bench::run("agent", small.iter().chain(args), env, "agent")
+    let agent = program(agent, "baton-agent");
+    let small = ["--duration", "2", "--samples", "3"].map(OsStr::new);
+    let args = [OsStr::new("--agent"), agent.as_os_str()]
+        .into_iter()
+        .chain(small)
+        .chain(args.iter().map(OsStr::new));
+    Bench::run("agent", coordinator, args, env, "agent")
 }
 
 /// The end of the run's failure, for assertions about its cause.
@@ -55,14 +42,6 @@ fn failed_because(report: &Value) -> &str {
     report["failed"]
         .as_str()
         .unwrap_or_else(|| panic!("no failure in {report:#}"))
-}
-
-/// An executable shell script `name` in `dir` running `body`.
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("writing a script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path
 }
 
 #[test]
@@ -83,8 +62,7 @@ fn a_debug_agent_idles_then_queues_and_withdraws_three_times() {
     assert_eq!(report["agent_build"], "debug", "{report:#}");
     assert_eq!(report["idle_rss_budget_kib"], Value::Null, "{report:#}");
     assert_eq!(report["failed"], Value::Null, "{report:#}");
-    assert!(number(report, "/idle_rss_kib_max") > 0.0, "{report:#}");
-    assert!(number(report, "/idle_rss_kib_end") > 0.0, "{report:#}");
+    assert_positive(report, &["/idle_rss_kib_max", "/idle_rss_kib_end"]);
     assert!(number(report, "/idle_rss_kib_end") <= number(report, "/idle_rss_kib_max"));
     assert!(number(report, "/idle_cpu_seconds") >= 0.0, "{report:#}");
     assert!(number(report, "/idle_cpu_percent") >= 0.0, "{report:#}");

@@ -15,23 +15,18 @@ mod common;
 
 use std::path::Path;
 
-use common::{Bench, number};
+use common::{Bench, assert_positive, number};
 use serde_json::Value;
 
-/// Runs `baton-devtools bench fleet` with `args` against `coordinator` or
-/// the workspace's debug coordinator (built first when stale), with a
-/// floor of few samples; reads its report (`name`.json).
-fn fleet(coordinator: Option<&Path>, args: &[&str], name: &str) -> Bench {
-    let coordinator = coordinator
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| baton_tests::binary("baton-coordinator"));
-    let coordinator = coordinator.display().to_string();
-    // Enough for a floor, few enough for a quick run.
-    let common = ["--coordinator", &coordinator, "--floor-samples", "30"];
-    Bench::run("fleet", args.iter().chain(&common), &[], name)
+/// Runs `bench fleet` with `args` against `coordinator` (see
+/// [`Bench::run`]), with a floor of few samples: enough for a
+/// distribution, few enough for a quick run.
+fn fleet(coordinator: Option<&Path>, args: &[&str], report: &str) -> Bench {
+    let small = ["--floor-samples", "30"];
+    Bench::run("fleet", coordinator, args.iter().chain(&small), &[], report)
 }
 
-/// The runs of a fleet report.
+/// A fleet report's runs.
 fn runs(report: &Value) -> &[Value] {
     report["runs"].as_array().expect("runs")
 }
@@ -64,21 +59,22 @@ fn assert_granted_everyone(run: &Value, waiters: u64) {
         Some(waiters - max_concurrent),
         "{run:#}"
     );
-    for p in [
-        "/handoff_ms/p50",
-        "/handoff_ms/p99",
-        "/handoff_ms/max",
-        "/grants_per_s",
-        "/floor/floor_ms",
-        "/floor/grpc_rtt_ms_p50",
-        "/floor/save_ms_p50",
-        "/floor/raw_saves_per_s",
-        "/handoff_p50_over_floor",
-        "/grants_over_raw_saves",
-        "/coordinator/peak_rss_mib",
-    ] {
-        assert!(number(run, p) > 0.0, "{p} is not positive: {run:#}");
-    }
+    assert_positive(
+        run,
+        &[
+            "/handoff_ms/p50",
+            "/handoff_ms/p99",
+            "/handoff_ms/max",
+            "/grants_per_s",
+            "/floor/floor_ms",
+            "/floor/grpc_rtt_ms_p50",
+            "/floor/save_ms_p50",
+            "/floor/raw_saves_per_s",
+            "/handoff_p50_over_floor",
+            "/grants_over_raw_saves",
+            "/coordinator/peak_rss_mib",
+        ],
+    );
     assert!(number(run, "/handoff_ms/p99") >= number(run, "/handoff_ms/p50"));
 }
 

@@ -31,9 +31,12 @@ tasks:
   deps                  install the Debian packages the build and tests need (root)
   test [ARGS]           install deps, build, run every test (ARGS go to cargo test)
   serve [ARGS]          install deps, build, run a local coordinator (ARGS go to serve)
-  bench coordinator     handoff latency and throughput (target/bench/coordinator.json)
+  bench coordinator     handoff latency and throughput (target/bench/coordinator.json; --waiters N
+                        --per-connection N --floor-samples N --deadline S --coordinator PATH --out DIR)
   bench coordinator --store etcd   the same on the etcd store, with raw etcd txn rate and failover
-  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency (target/bench/agent.json)
+                        (--txns N --cycles N --handoffs N --election-ttl D --deadline S --coordinator PATH --out DIR)
+  bench agent           idle RSS and CPU of the agent, sentinel-to-Acquire latency (target/bench/agent.json;
+                        --duration S --samples N --agent PATH --coordinator PATH --max-idle-rss-kib N|none --out DIR)
   bench fleet           1,000 to 30,000 agents asking at once (target/bench/fleet.json, fleet.svg)
   bench fleet --store etcd   the same on a 3-member etcd cluster, against the raw etcd txn rate
   gen-cli               regenerate docs/cli (completions, man pages) from the CLIs
@@ -87,7 +90,7 @@ fn bench(rest: &[String]) -> Result<()> {
         Some("fleet") => deps::BUILD.to_vec(),
         Some("agent") => [deps::BUILD, deps::NODES].concat(),
         _ => bail!(
-            "usage: cargo xtask bench coordinator [--waiters N] [--store etcd] | agent [--duration S] [--max-idle-rss-kib N|none] [--out DIR] | fleet [--store etcd] [--waiters N,N,N] [--max-concurrent N,N]"
+            "usage: cargo xtask bench coordinator [--store etcd] [--waiters N] [--deadline S] [--coordinator PATH] [--out DIR] | agent [--duration S] [--agent PATH] [--max-idle-rss-kib N|none] [--out DIR] | fleet [--store etcd] [--waiters N,N,N] [--max-concurrent N,N] [--deadline S] [--out DIR]"
         ),
     };
     deps::ensure(&needs)?;

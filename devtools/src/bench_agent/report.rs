@@ -7,46 +7,11 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
+use crate::util::Build;
+
 /// The goal for the agent: idle RSS under 10 MiB, for the release
 /// build (a debug build is several times bigger and is not held to it).
 pub const RELEASE_IDLE_RSS_GOAL_KIB: u64 = 10 * 1024;
-
-/// Which cargo profile built a binary, told cheaply from the directory
-/// cargo put it in (`target/release/`, `target/debug/`); a binary kept
-/// elsewhere (a baseline copied aside) is [`Build::Unknown`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Build {
-    /// In a `release` directory.
-    Release,
-    /// In a `debug` directory.
-    Debug,
-    /// Anywhere else.
-    Unknown,
-}
-
-impl Build {
-    /// The build of the binary at `path` (symbolic links followed).
-    pub fn of(path: &Path) -> Self {
-        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        match path
-            .parent()
-            .and_then(Path::file_name)
-            .and_then(|d| d.to_str())
-        {
-            Some("release") => Build::Release,
-            Some("debug") => Build::Debug,
-            _ => Build::Unknown,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Build::Release => "release",
-            Build::Debug => "debug",
-            Build::Unknown => "unknown",
-        }
-    }
-}
 
 /// The most idle RSS the verdict accepts, and why that figure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,17 +300,5 @@ mod tests {
         ));
         assert!(Budget::parse("0").is_err());
         assert!(Budget::parse("10MB").is_err());
-    }
-
-    #[test]
-    fn the_build_is_told_from_the_directory_cargo_put_the_binary_in() {
-        let of = |p: &str| Build::of(Path::new(p));
-        assert_eq!(
-            of("/nonexistent/target/release/baton-agent"),
-            Build::Release
-        );
-        assert_eq!(of("/nonexistent/target/debug/baton-agent"), Build::Debug);
-        assert_eq!(of("/nonexistent/baseline/baton-agent"), Build::Unknown);
-        assert_eq!(of("baton-agent"), Build::Unknown);
     }
 }

@@ -30,7 +30,7 @@
 
 mod agents;
 mod plot;
-mod target;
+pub(crate) mod target;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,9 +38,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use crate::args::Args;
 use crate::floor;
 use crate::procstat::{cpu_seconds, peak_rss_kib, rss_kib};
-use crate::util::{Flags, connect, release_dir, workspace_root};
+use crate::util::{connect, job_done, release_dir, workspace_root};
 use agents::{AgentMode, Fleet};
 use target::{Backend, Store};
 
@@ -104,34 +105,33 @@ fn parse(args: &[String]) -> Result<Options> {
         out: workspace_root().join("target/bench"),
         floor_samples: 300,
     };
-    let mut flags = Flags::new(args, USAGE);
-    while let Some(flag) = flags.next_flag() {
-        let mut value = || flags.value();
+    let mut args = Args::new(args, USAGE);
+    while let Some(flag) = args.flag() {
         match flag.as_str() {
             "fleet" => {}
-            "--waiters" => waiters = Some(list(&value()?)?),
-            "--max-concurrent" => max_concurrent = Some(list(&value()?)?),
+            "--waiters" => waiters = Some(list(&args.value()?)?),
+            "--max-concurrent" => max_concurrent = Some(list(&args.value()?)?),
             "--store" => {
-                opts.store = match value()?.as_str() {
+                opts.store = match args.value()?.as_str() {
                     "embedded" => Store::Embedded,
                     "etcd" => Store::Etcd,
                     other => bail!("--store {other}: embedded or etcd"),
                 }
             }
             "--agent" => {
-                mode = Some(match value()?.as_str() {
+                mode = Some(match args.value()?.as_str() {
                     "real" => AgentMode::Real,
                     "instant" => AgentMode::Instant,
                     other => bail!("--agent {other}: real or instant"),
                 })
             }
-            "--hold-ms" => opts.hold_max = Duration::from_millis(value()?.parse()?),
-            "--per-connection" => opts.per_connection = value()?.parse()?,
-            "--deadline" => opts.deadline = Some(Duration::from_secs(value()?.parse()?)),
-            "--seed" => opts.seed = value()?.parse()?,
-            "--coordinator" => opts.binary = PathBuf::from(value()?),
-            "--out" => opts.out = PathBuf::from(value()?),
-            "--floor-samples" => opts.floor_samples = value()?.parse()?,
+            "--hold-ms" => opts.hold_max = Duration::from_millis(args.number()?),
+            "--per-connection" => opts.per_connection = args.at_least(1)?,
+            "--deadline" => opts.deadline = Some(args.seconds()?),
+            "--seed" => opts.seed = args.number()?,
+            "--coordinator" => opts.binary = PathBuf::from(args.value()?),
+            "--out" => opts.out = PathBuf::from(args.value()?),
+            "--floor-samples" => opts.floor_samples = args.number()?,
             other => bail!("unknown argument {other}; usage: {USAGE}"),
         }
     }
@@ -155,9 +155,6 @@ fn parse(args: &[String]) -> Result<Options> {
     }
     if opts.floor_samples < 10 {
         bail!("--floor-samples must be at least 10 (a floor needs a distribution)");
-    }
-    if opts.per_connection == 0 {
-        bail!("--per-connection must be at least 1");
     }
     Ok(opts)
 }
@@ -190,14 +187,8 @@ pub fn run(args: &[String]) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
-    if !failures.is_empty() {
-        bail!(
-            "bench fleet did not do its job (report written to {}):\n  {}",
-            json_path.display(),
-            failures.join("\n  ")
-        );
-    }
-    Ok(())
+    let written = format!("report written to {}", json_path.display());
+    job_done("bench fleet", &written, &failures)
 }
 
 /// What went wrong in `report`'s runs, one line each; empty when every run

@@ -146,7 +146,7 @@ impl Backend {
 
 /// Waits (bounded) until `coordinator` leads; an error with its exit
 /// status and log when it exits first.
-async fn wait_leading(coordinator: &mut Coordinator) -> Result<()> {
+pub async fn wait_leading(coordinator: &mut Coordinator) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = coordinator.exit_status() {
