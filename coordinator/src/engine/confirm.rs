@@ -38,6 +38,7 @@ use super::{Engine, EngineError, Inner};
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Policy, Waiter, decide};
 use crate::state::{LeaseError, Phase};
+use crate::store::Fence;
 use crate::window::WindowSet;
 
 /// The longest a holder told to wait is asked to wait before asking again
@@ -101,13 +102,23 @@ impl Engine {
         }
         let control_plane = inner.state.holders[node].control_plane;
         let unpaired = self.lacks_its_backup_pairing(&inner, node, control_plane);
-        if unpaired && step == Step::Drain {
-            return Err(self.release_unpaired(&mut inner, node, token, now).await);
+        // Released only while nothing is known to have been done on the
+        // node: a restarted agent (or one that lost its state file) asks
+        // Confirm(drain) again, and the phase its reports left says whether
+        // its update already ran.
+        let untouched = matches!(
+            inner.state.holders[node].phase,
+            Phase::Granted | Phase::Draining
+        );
+        if unpaired && step == Step::Drain && untouched {
+            return Err(self
+                .release_unpaired(&mut inner, node, token, None, "its Confirm(drain)", now)
+                .await);
         }
         // The backup first, checked here and not only by the agent, so
         // that an agent too old to send it is held, never drained.
         let wait = if unpaired {
-            Some(past_its_drain_unpaired(node))
+            Some(past_its_drain_unpaired(node, token))
         } else {
             match inner.state.backup_missing(node) {
                 Some(reason) => Some(reason),
@@ -122,12 +133,13 @@ impl Engine {
                 warn!(node = %node, token, step = step.name(), reason = %reason, "confirm: the holder must wait")
             }
         }
-        let retry_after = self
-            .config
-            .renew_interval
-            .to_std()
-            .unwrap_or(CONFIRM_RETRY)
-            .clamp(StdDuration::from_millis(100), CONFIRM_RETRY);
+        let renew = self.config.renew_interval.to_std().unwrap_or(CONFIRM_RETRY);
+        // Held for lacking its pairing, it waits for an operator: asked
+        // again at its renewal pace, not a guard's.
+        let retry_after = match unpaired {
+            true => renew.max(CONFIRM_RETRY),
+            false => renew.clamp(StdDuration::from_millis(100), CONFIRM_RETRY),
+        };
         Ok(Confirmation {
             wait,
             overdue_at: now + self.config.overdue_after,
@@ -143,7 +155,7 @@ impl Engine {
     /// member. Confirming its steps would drain, update and reboot a
     /// control-plane etcd node without a backup. An operator's hold is
     /// the operator's; it is never judged here.
-    fn lacks_its_backup_pairing(
+    pub(super) fn lacks_its_backup_pairing(
         &self,
         inner: &Inner,
         node: &NodeName,
@@ -164,9 +176,12 @@ impl Engine {
         self.guards.iter().any(|g| g.pairs_backup(&waiter))
     }
 
-    /// Releases `node`'s grant `token`, which lacks its backup pairing, at
-    /// its Confirm(drain): nothing was touched on the node yet (audited;
-    /// its slot goes to the next waiter as after any release). Gives the
+    /// Releases `node`'s grant `token`, which lacks its backup pairing,
+    /// `at` a point where nothing was touched on the node yet (its report
+    /// that it starts draining, or its Confirm(drain) while its phase is
+    /// still Granted or Draining), onto the memory of `decided` when given
+    /// (audited; its slot goes to the next waiter as after any release).
+    /// Gives the
     /// error that tells its agent: FAILED_PRECONDITION, on which the agent
     /// gives the node back, holds back as after a lost baton, and asks
     /// again; the new grant pairs a snapshot and asks for the backup. An
@@ -178,20 +193,24 @@ impl Engine {
     /// reboot requested, and a release would stop the update half-way or
     /// give back a node whose reboot is still to come. Those steps wait
     /// ([`past_its_drain_unpaired`]).
-    async fn release_unpaired(
+    pub(super) async fn release_unpaired(
         &self,
         inner: &mut Inner,
         node: &NodeName,
         token: u64,
+        decided: Option<&Fence>,
+        at: &str,
         now: DateTime<Utc>,
     ) -> EngineError {
         let started = std::time::Instant::now();
-        let reason = "released at its Confirm(drain), before any step: the grant carries no control-plane backup pairing, which a grant of this etcd member needs; the node asks again, and its new grant asks for the backup (an agent that makes none waits for its upgrade)";
+        let reason = format!(
+            "released at {at}, before any step: the grant carries no control-plane backup pairing, which a grant of this etcd member needs; the node asks again, and its new grant asks for the backup (an agent that makes none waits for its upgrade)"
+        );
         let released = self
             .commit_then(
                 inner,
-                None,
-                |s| s.force_release_token(node, token, "coordinator", reason, now),
+                decided,
+                |s| s.force_release_token(node, token, "coordinator", &reason, now),
                 |engine, inner, next| engine.grant_within(inner, next, now),
             )
             .await;
@@ -255,9 +274,9 @@ impl Engine {
 /// Why a grant that lacks its backup pairing is held at its update or
 /// reboot: past its drain nothing is released automatically (see
 /// `Engine::release_unpaired`), and nothing is confirmed either.
-fn past_its_drain_unpaired(node: &NodeName) -> String {
+fn past_its_drain_unpaired(node: &NodeName, token: u64) -> String {
     format!(
-        "this grant carries no control-plane backup pairing (an older coordinator's grant, or one made before the node's etcd member was known) and the node is past its drain: no update or reboot is confirmed on it. Check the node, then `batonctl force-release {node}`: the agent stops an update it started, gives the node back and asks again, and its new grant asks for the backup"
+        "this grant carries no control-plane backup pairing (an older coordinator's grant, or one made before the node's etcd member was known) and the node is past its drain: no update or reboot is confirmed on it. An update already running goes on (unit baton-update-{token}.service); once it has ended, `batonctl force-release {node} --token {token} --reason 'no backup pairing'`: the agent gives the node back and asks again, and its new grant asks for the backup"
     )
 }
 
@@ -672,6 +691,109 @@ mod tests {
             t1
         );
         assert_eq!(engine.metrics().unpaired_grants_released.get(), 0);
+    }
+
+    fn progress(phase: crate::state::Phase) -> crate::state::Progress {
+        crate::state::Progress {
+            phase,
+            ..Default::default()
+        }
+    }
+
+    /// An agent too old to ask Confirm before its drain reports that it
+    /// starts draining, then renews, then drains: the report is where such
+    /// a grant is released (current agents send it too, before anything is
+    /// touched), and the renewal that follows is refused, so it never
+    /// drains. A paired grant's and a worker's reports go through.
+    #[tokio::test]
+    async fn the_report_that_an_unpaired_grant_starts_draining_releases_it() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(3, guard.clone()).await;
+        let t1 = grant(&engine, "cp-1", true).await;
+        let worker = grant(&engine, "w1", false).await;
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        let err = engine
+            .report(&n("cp-1"), t1, progress(Phase::Draining))
+            .await
+            .expect_err("an unpaired grant started its drain");
+        assert!(
+            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
+            "{err}"
+        );
+        assert!(engine.renew(&n("cp-1"), t1).await.is_err(), "renewed");
+        let state = engine.snapshot().await.state;
+        assert!(!state.holders.contains_key(&n("cp-1")));
+        let record = state
+            .audit
+            .iter()
+            .find(|r| r.action == "force-release" && r.node == "cp-1")
+            .expect("audited");
+        assert!(
+            record.reason.contains("its report that it starts draining"),
+            "{}",
+            record.reason
+        );
+        assert_eq!(engine.metrics().unpaired_grants_released.get(), 1);
+        engine
+            .report(&n("w1"), worker, progress(Phase::Draining))
+            .await
+            .unwrap();
+        engine
+            .release(&n("w1"), worker, "w1", "done")
+            .await
+            .unwrap();
+        let (paired, _) = granted_with_a_snapshot(&engine, true).await;
+        engine
+            .report(&n("cp-1"), paired, progress(Phase::Draining))
+            .await
+            .unwrap();
+    }
+
+    /// A holder whose reports say its update ran or runs (Updating and
+    /// later) is never released at a Confirm(drain), which an agent that
+    /// lost its state file asks again: it would be given back with its
+    /// update still running. It waits like any step past the drain.
+    /// Still at Granted or Draining (an agent restarted during its drain,
+    /// the coordinator upgraded meanwhile), it is released: the node is
+    /// given back, which costs capacity (a cordoned node until its agent
+    /// uncordons it) and touches nothing else.
+    #[tokio::test]
+    async fn a_confirm_of_the_drain_releases_only_a_holder_whose_reports_say_nothing_ran() {
+        for (reported, released) in [
+            (Phase::Updating, false),
+            (Phase::Rebooting, false),
+            (Phase::Verifying, false),
+            (Phase::Draining, true),
+        ] {
+            let guard = Arc::new(Switch::default());
+            let engine = engine(1, guard.clone()).await;
+            let t1 = grant(&engine, "cp-1", true).await;
+            engine
+                .report(&n("cp-1"), t1, progress(reported))
+                .await
+                .unwrap();
+            guard.pairs.lock().unwrap().push("cp-1".into());
+            let answer = engine.confirm_step(&n("cp-1"), t1, Step::Drain).await;
+            if released {
+                assert!(
+                    matches!(
+                        answer,
+                        Err(EngineError::Lease(LeaseError::UnpairedGrant { .. }))
+                    ),
+                    "{reported:?}: {answer:?}"
+                );
+            } else {
+                let held = answer.unwrap_or_else(|e| panic!("{reported:?}: released: {e}"));
+                let reason = held.wait.expect("confirmed without a backup");
+                assert!(reason.contains("baton-update-"), "{reason}");
+                assert!(
+                    reason.contains(&format!("batonctl force-release cp-1 --token {t1}")),
+                    "{reason}"
+                );
+                // An operator's matter: asked again at the renewal pace.
+                assert!(held.retry_after >= CONFIRM_RETRY);
+            }
+        }
     }
 
     /// What is not released: a paired grant (held until its backup was

@@ -59,7 +59,7 @@ use tracing::{info, warn};
 use crate::metrics::Metrics;
 use crate::node::NodeName;
 use crate::policy::{GrantGuard, Policy, Waiter};
-use crate::state::{LeaseError, LeaseState, Progress};
+use crate::state::{LeaseError, LeaseState, Phase, Progress};
 use crate::store::{Fence, Leadership, StateStore, StoreError};
 
 /// The clock the engine reads; tests pass their own.
@@ -842,6 +842,32 @@ impl Engine {
         let now = self.now();
         let mut inner = self.inner.lock().await;
         let phase = progress.phase;
+        // The report that a grant starts its drain comes before anything
+        // is touched, from current agents and from those too old to ask
+        // Confirm before their drain: a grant that lacks its backup
+        // pairing is released there (see `confirm`), judged on the
+        // current state.
+        let fence = self.ensure_current(&mut inner).await?;
+        let starts = phase == Phase::Draining
+            && inner
+                .state
+                .check_token(node, token)
+                .is_ok_and(|h| h.phase == Phase::Granted);
+        if starts {
+            let control_plane = inner.state.holders[node].control_plane;
+            if self.lacks_its_backup_pairing(&inner, node, control_plane) {
+                return Err(self
+                    .release_unpaired(
+                        &mut inner,
+                        node,
+                        token,
+                        Some(&fence),
+                        "its report that it starts draining",
+                        now,
+                    )
+                    .await);
+            }
+        }
         let error = progress.error.clone();
         self.commit(&mut inner, |s| s.report(node, token, progress, now))
             .await?;
