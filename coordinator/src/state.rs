@@ -128,6 +128,14 @@ pub struct Holding {
     /// one was: Confirm holds a grant that needs one until it is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_kept: Option<String>,
+    /// Set for good once a report of this grant said, or replaced, a phase
+    /// past the drain (updating, rebooting, verifying, uncordoning,
+    /// failed): an agent that lost its state file reports Granted and
+    /// Draining again for a grant whose update ran, and only this says so
+    /// then. A grant that lacks its backup pairing is released only while
+    /// it is unset (`Engine::release_unpaired`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub past_drain: bool,
 }
 
 impl Holding {
@@ -438,6 +446,7 @@ impl LeaseState {
                 reason: reason.to_string(),
                 backup_snapshot,
                 backup_kept: None,
+                past_drain: false,
             },
         );
         self.record(now, "grant", node.as_str(), token, "coordinator", reason);
@@ -491,6 +500,14 @@ impl LeaseState {
         Ok(self.holders.get_mut(node).expect("checked above"))
     }
 
+    /// True while nothing is known to have been done on `node` under its
+    /// grant: its reports went no further than the drain's start, ever.
+    pub fn untouched(&self, node: &NodeName) -> bool {
+        self.holders
+            .get(node)
+            .is_some_and(|h| matches!(h.phase, Phase::Granted | Phase::Draining) && !h.past_drain)
+    }
+
     /// Records that the holder is alive.
     pub fn renew(
         &mut self,
@@ -512,6 +529,8 @@ impl LeaseState {
     ) -> Result<(), LeaseError> {
         let holding = self.holding_mut(node, token)?;
         let newly_failed = progress.phase == Phase::Failed && holding.phase != Phase::Failed;
+        let past = |p: Phase| !matches!(p, Phase::Granted | Phase::Draining | Phase::Manual);
+        holding.past_drain |= past(holding.phase) || past(progress.phase);
         if holding.phase != progress.phase {
             holding.phase_since = now;
         }

@@ -106,11 +106,7 @@ impl Engine {
         // node: a restarted agent (or one that lost its state file) asks
         // Confirm(drain) again, and the phase its reports left says whether
         // its update already ran.
-        let untouched = matches!(
-            inner.state.holders[node].phase,
-            Phase::Granted | Phase::Draining
-        );
-        if unpaired && step == Step::Drain && untouched {
+        if unpaired && step == Step::Drain && inner.state.untouched(node) {
             return Err(self
                 .release_unpaired(&mut inner, node, token, None, "its Confirm(drain)", now)
                 .await);
@@ -176,10 +172,42 @@ impl Engine {
         self.guards.iter().any(|g| g.pairs_backup(&waiter))
     }
 
+    /// At a call that comes before a drain (a report that it starts, an
+    /// older agent's renewal): releases `node`'s grant `token` if it is
+    /// current, its reports went no further than its grant (and never past
+    /// the drain: [`crate::state::LeaseState::untouched`]) and it lacks its
+    /// backup pairing; the error is the answer then. Anything else: `Ok`, and the
+    /// call goes on (a stale token is refused by its own commit).
+    pub(super) async fn release_if_unpaired(
+        &self,
+        inner: &mut Inner,
+        node: &NodeName,
+        token: u64,
+        fence: &Fence,
+        at: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), EngineError> {
+        let Ok(holding) = inner.state.check_token(node, token) else {
+            return Ok(());
+        };
+        // Reported no further than its grant: a holder already draining
+        // renews and reports progress through its drain, and is judged at
+        // its Confirm of the next step instead.
+        let control_plane = holding.control_plane;
+        let granted_only = holding.phase == Phase::Granted && inner.state.untouched(node);
+        if !granted_only || !self.lacks_its_backup_pairing(inner, node, control_plane) {
+            return Ok(());
+        }
+        Err(self
+            .release_unpaired(inner, node, token, Some(fence), at, now)
+            .await)
+    }
+
     /// Releases `node`'s grant `token`, which lacks its backup pairing,
-    /// `at` a point where nothing was touched on the node yet (its report
-    /// that it starts draining, or its Confirm(drain) while its phase is
-    /// still Granted or Draining), onto the memory of `decided` when given
+    /// `at` a point where nothing is known to have been touched on the node
+    /// (see [`Engine::release_if_unpaired`]; its Confirm(drain) while
+    /// [`crate::state::LeaseState::untouched`]), onto the memory of
+    /// `decided` when given
     /// (audited; its slot goes to the next waiter as after any release).
     /// Gives the
     /// error that tells its agent: FAILED_PRECONDITION, on which the agent
@@ -794,6 +822,82 @@ mod tests {
                 assert!(held.retry_after >= CONFIRM_RETRY);
             }
         }
+    }
+
+    /// An agent that lost its state file during its update resumes its
+    /// grant and reports Granted, then Draining, again: the grant's record
+    /// remembers that its reports went past the drain, so neither that
+    /// report nor its Confirm(drain) releases the node with its update
+    /// running; it is held like any step past the drain.
+    #[tokio::test]
+    async fn a_holder_whose_reports_went_past_the_drain_is_never_released_on_reporting_it_again() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(1, guard.clone()).await;
+        let t1 = grant(&engine, "cp-1", true).await;
+        for phase in [Phase::Draining, Phase::Updating] {
+            engine
+                .report(&n("cp-1"), t1, progress(phase))
+                .await
+                .unwrap();
+        }
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        // The state file lost: it resumes the grant from Granted.
+        for phase in [Phase::Granted, Phase::Draining] {
+            engine
+                .report(&n("cp-1"), t1, progress(phase))
+                .await
+                .unwrap_or_else(|e| panic!("{phase:?}: released with its update running: {e}"));
+        }
+        engine.renew(&n("cp-1"), t1).await.unwrap();
+        let held = engine
+            .confirm_step(&n("cp-1"), t1, Step::Drain)
+            .await
+            .expect("released with its update running");
+        assert!(held.wait.is_some_and(|r| r.contains("past its drain")));
+        let state = engine.snapshot().await.state;
+        assert!(state.holders[&n("cp-1")].past_drain);
+        assert_eq!(engine.metrics().unpaired_grants_released.get(), 0);
+    }
+
+    /// An older agent reports once, best effort, that it starts draining,
+    /// then renews and drains. When the report did not release its
+    /// unpaired grant (lost, or its save failed), the renewal does, so it
+    /// never drains. A holder already draining renews through its drain
+    /// and is not released by it (its next step is held instead).
+    #[tokio::test]
+    async fn the_renewal_before_an_older_agents_drain_releases_a_grant_its_report_did_not() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(2, guard.clone()).await;
+        let t1 = grant(&engine, "cp-1", true).await;
+        // (One control-plane node at a time: the second is a node the
+        // guard is told to pair.)
+        let t2 = grant(&engine, "w2", false).await;
+        engine
+            .report(&n("w2"), t2, progress(Phase::Draining))
+            .await
+            .unwrap();
+        guard
+            .pairs
+            .lock()
+            .unwrap()
+            .extend(["cp-1".into(), "w2".into()]);
+        // cp-1's report was lost: its renewal is the last call before it
+        // would drain.
+        let err = engine.renew(&n("cp-1"), t1).await.unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
+            "{err}"
+        );
+        // w2 was draining already: renewed, and held at its update.
+        engine.renew(&n("w2"), t2).await.unwrap();
+        let held = engine
+            .confirm_step(&n("w2"), t2, Step::Update)
+            .await
+            .unwrap();
+        assert!(held.wait.is_some());
+        let state = engine.snapshot().await.state;
+        assert!(!state.holders.contains_key(&n("cp-1")));
+        assert!(state.holders.contains_key(&n("w2")));
     }
 
     /// What is not released: a paired grant (held until its backup was

@@ -823,6 +823,20 @@ impl Engine {
     pub async fn renew(&self, node: &NodeName, token: u64) -> Result<DateTime<Utc>, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
+        // An agent too old to ask Confirm before its drain reports once,
+        // best effort, then renews and drains: a grant that lacks its
+        // backup pairing is released at that renewal if the report did
+        // not release it (lost, or its save failed).
+        let fence = self.ensure_current(&mut inner).await?;
+        self.release_if_unpaired(
+            &mut inner,
+            node,
+            token,
+            &fence,
+            "its renewal before its drain",
+            now,
+        )
+        .await?;
         self.commit(&mut inner, |s| s.renew(node, token, now))
             .await?;
         if inner.overdue_seen.remove(node) {
@@ -848,25 +862,16 @@ impl Engine {
         // pairing is released there (see `confirm`), judged on the
         // current state.
         let fence = self.ensure_current(&mut inner).await?;
-        let starts = phase == Phase::Draining
-            && inner
-                .state
-                .check_token(node, token)
-                .is_ok_and(|h| h.phase == Phase::Granted);
-        if starts {
-            let control_plane = inner.state.holders[node].control_plane;
-            if self.lacks_its_backup_pairing(&inner, node, control_plane) {
-                return Err(self
-                    .release_unpaired(
-                        &mut inner,
-                        node,
-                        token,
-                        Some(&fence),
-                        "its report that it starts draining",
-                        now,
-                    )
-                    .await);
-            }
+        if phase == Phase::Draining {
+            self.release_if_unpaired(
+                &mut inner,
+                node,
+                token,
+                &fence,
+                "its report that it starts draining",
+                now,
+            )
+            .await?;
         }
         let error = progress.error.clone();
         self.commit(&mut inner, |s| s.report(node, token, progress, now))
