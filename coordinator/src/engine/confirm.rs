@@ -649,30 +649,7 @@ mod tests {
             .confirm_step(&n("cp-1"), t1, Step::Drain)
             .await
             .expect_err("confirmed a drain on a grant that lacks its backup pairing");
-        assert!(
-            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
-            "{err}"
-        );
-        assert_eq!(
-            crate::status_map::code(&err),
-            tonic::Code::FailedPrecondition
-        );
-        let state = engine.snapshot().await.state;
-        assert!(!state.holders.contains_key(&n("cp-1")));
-        let record = state
-            .audit
-            .iter()
-            .find(|r| r.action == "force-release" && r.node == "cp-1")
-            .expect("the release is audited");
-        assert_eq!(
-            (record.fencing_token, record.actor.as_str()),
-            (t1, "coordinator")
-        );
-        assert!(
-            record.reason.contains("backup pairing"),
-            "{}",
-            record.reason
-        );
+        assert_released_unpaired(&engine, &err, "cp-1", t1, "its Confirm(drain)").await;
         assert_eq!(engine.metrics().unpaired_grants_released.get(), 1);
         // Refused for good: the token is not current any more.
         assert!(
@@ -721,6 +698,43 @@ mod tests {
         assert_eq!(engine.metrics().unpaired_grants_released.get(), 0);
     }
 
+    /// `err` refused `node`'s grant `token` for lacking its backup pairing
+    /// (FAILED_PRECONDITION), and the grant was released: audited as the
+    /// coordinator's, at the point named `at`.
+    async fn assert_released_unpaired(
+        engine: &Engine,
+        err: &EngineError,
+        node: &str,
+        token: u64,
+        at: &str,
+    ) {
+        assert!(
+            matches!(err, EngineError::Lease(LeaseError::UnpairedGrant { token: t, .. }) if *t == token),
+            "{err}"
+        );
+        assert_eq!(
+            crate::status_map::code(err),
+            tonic::Code::FailedPrecondition
+        );
+        let state = engine.snapshot().await.state;
+        assert!(!state.holders.contains_key(&n(node)), "{node} still holds");
+        let record = state
+            .audit
+            .iter()
+            .find(|r| r.action == "force-release" && r.node == node)
+            .expect("the release is audited");
+        assert_eq!(
+            (record.fencing_token, record.actor.as_str()),
+            (token, "coordinator")
+        );
+        assert!(
+            record.reason.contains("backup pairing"),
+            "{}",
+            record.reason
+        );
+        assert!(record.reason.contains(at), "{}", record.reason);
+    }
+
     fn progress(phase: crate::state::Phase) -> crate::state::Progress {
         crate::state::Progress {
             phase,
@@ -744,23 +758,15 @@ mod tests {
             .report(&n("cp-1"), t1, progress(Phase::Draining))
             .await
             .expect_err("an unpaired grant started its drain");
-        assert!(
-            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
-            "{err}"
-        );
+        assert_released_unpaired(
+            &engine,
+            &err,
+            "cp-1",
+            t1,
+            "its report that it starts draining",
+        )
+        .await;
         assert!(engine.renew(&n("cp-1"), t1).await.is_err(), "renewed");
-        let state = engine.snapshot().await.state;
-        assert!(!state.holders.contains_key(&n("cp-1")));
-        let record = state
-            .audit
-            .iter()
-            .find(|r| r.action == "force-release" && r.node == "cp-1")
-            .expect("audited");
-        assert!(
-            record.reason.contains("its report that it starts draining"),
-            "{}",
-            record.reason
-        );
         assert_eq!(engine.metrics().unpaired_grants_released.get(), 1);
         engine
             .report(&n("w1"), worker, progress(Phase::Draining))
@@ -884,10 +890,7 @@ mod tests {
         // cp-1's report was lost: its renewal is the last call before it
         // would drain.
         let err = engine.renew(&n("cp-1"), t1).await.unwrap_err();
-        assert!(
-            matches!(&err, EngineError::Lease(LeaseError::UnpairedGrant { token, .. }) if *token == t1),
-            "{err}"
-        );
+        assert_released_unpaired(&engine, &err, "cp-1", t1, "its renewal before its drain").await;
         // w2 was draining already: renewed, and held at its update.
         engine.renew(&n("w2"), t2).await.unwrap();
         let held = engine
@@ -895,9 +898,7 @@ mod tests {
             .await
             .unwrap();
         assert!(held.wait.is_some());
-        let state = engine.snapshot().await.state;
-        assert!(!state.holders.contains_key(&n("cp-1")));
-        assert!(state.holders.contains_key(&n("w2")));
+        assert!(engine.snapshot().await.state.holders.contains_key(&n("w2")));
     }
 
     /// What is not released: a paired grant (held until its backup was
