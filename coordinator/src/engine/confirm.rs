@@ -94,8 +94,19 @@ impl Engine {
     ) -> Result<Confirmation, EngineError> {
         let now = self.now();
         let mut inner = self.inner.lock().await;
-        self.commit(&mut inner, |s| s.renew(node, token, now))
-            .await?;
+        self.commit(&mut inner, |s| {
+            s.renew(node, token, now)?;
+            // Asked before its update or reboot, its drain is done,
+            // whatever its best-effort reports said (they may all have
+            // been lost): no renewal or report releases it from now on.
+            if step != Step::Drain
+                && let Some(holding) = s.holders.get_mut(node)
+            {
+                holding.past_drain = true;
+            }
+            Ok(())
+        })
+        .await?;
         if inner.overdue_seen.remove(node) {
             info!(node = %node, token, "holder confirmed; no longer overdue");
             self.changed();
@@ -899,6 +910,38 @@ mod tests {
             .unwrap();
         assert!(held.wait.is_some());
         assert!(engine.snapshot().await.state.holders.contains_key(&n("w2")));
+    }
+
+    /// A holder whose reports were all lost (best effort) asked Confirm
+    /// before its update and was let through while its grant needed no
+    /// pairing; then the node turns out to carry an etcd member. Its
+    /// renewals during the update must not release it (the agent would
+    /// stop the update half-way): asking Confirm(update) marked it past
+    /// its drain. Its next step waits instead.
+    #[tokio::test]
+    async fn a_holder_that_asked_confirm_before_its_update_is_never_released_by_a_renewal() {
+        let guard = Arc::new(Switch::default());
+        let engine = engine(1, guard.clone()).await;
+        let t1 = grant(&engine, "cp-1", true).await;
+        for step in [Step::Drain, Step::Update] {
+            let go = engine.confirm_step(&n("cp-1"), t1, step).await.unwrap();
+            assert_eq!(go.wait, None, "{step:?}");
+        }
+        guard.pairs.lock().unwrap().push("cp-1".into());
+        engine
+            .renew(&n("cp-1"), t1)
+            .await
+            .expect("released during its update");
+        engine
+            .report(&n("cp-1"), t1, progress(Phase::Draining))
+            .await
+            .expect("released during its update");
+        let held = engine
+            .confirm_step(&n("cp-1"), t1, Step::Reboot)
+            .await
+            .unwrap();
+        assert!(held.wait.is_some_and(|r| r.contains("past its drain")));
+        assert_eq!(engine.metrics().unpaired_grants_released.get(), 0);
     }
 
     /// What is not released: a paired grant (held until its backup was
