@@ -75,6 +75,13 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// True for the phases that come after a drain ended (an update, a
+    /// reboot, what follows them, a failure): not Granted, Draining or an
+    /// operator's Manual hold. See [`Holding::past_drain`].
+    pub fn past_drain(self) -> bool {
+        !matches!(self, Phase::Granted | Phase::Draining | Phase::Manual)
+    }
+
     /// The lowercase name shown in status and logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -505,7 +512,7 @@ impl LeaseState {
     pub fn untouched(&self, node: &NodeName) -> bool {
         self.holders
             .get(node)
-            .is_some_and(|h| matches!(h.phase, Phase::Granted | Phase::Draining) && !h.past_drain)
+            .is_some_and(|h| !h.past_drain && !h.phase.past_drain())
     }
 
     /// Records that the holder is alive.
@@ -529,8 +536,7 @@ impl LeaseState {
     ) -> Result<(), LeaseError> {
         let holding = self.holding_mut(node, token)?;
         let newly_failed = progress.phase == Phase::Failed && holding.phase != Phase::Failed;
-        let past = |p: Phase| !matches!(p, Phase::Granted | Phase::Draining | Phase::Manual);
-        holding.past_drain |= past(holding.phase) || past(progress.phase);
+        holding.past_drain |= holding.phase.past_drain() || progress.phase.past_drain();
         if holding.phase != progress.phase {
             holding.phase_since = now;
         }

@@ -112,7 +112,7 @@ impl Engine {
             self.changed();
         }
         let control_plane = inner.state.holders[node].control_plane;
-        let unpaired = self.lacks_its_backup_pairing(&inner, node, control_plane);
+        let unpaired = self.lacks_its_backup_pairing(&inner, node);
         // Released only while nothing is known to have been done on the
         // node: a restarted agent (or one that lost its state file) asks
         // Confirm(drain) again, and the phase its reports left says whether
@@ -162,12 +162,7 @@ impl Engine {
     /// member. Confirming its steps would drain, update and reboot a
     /// control-plane etcd node without a backup. An operator's hold is
     /// the operator's; it is never judged here.
-    pub(super) fn lacks_its_backup_pairing(
-        &self,
-        inner: &Inner,
-        node: &NodeName,
-        control_plane: bool,
-    ) -> bool {
+    pub(super) fn lacks_its_backup_pairing(&self, inner: &Inner, node: &NodeName) -> bool {
         let holding = &inner.state.holders[node];
         if holding.phase == Phase::Manual
             || holding.backup_kept.is_some()
@@ -177,60 +172,56 @@ impl Engine {
         }
         let waiter = Waiter {
             node: node.clone(),
-            control_plane,
+            control_plane: holding.control_plane,
             backs_up_control_plane: true,
         };
         self.guards.iter().any(|g| g.pairs_backup(&waiter))
     }
 
     /// At a call that comes before a drain (a report that it starts, an
-    /// older agent's renewal): releases `node`'s grant `token` if it is
-    /// current, its reports went no further than its grant (and never past
-    /// the drain: [`crate::state::LeaseState::untouched`]) and it lacks its
-    /// backup pairing; the error is the answer then. Anything else: `Ok`, and the
-    /// call goes on (a stale token is refused by its own commit).
+    /// older agent's renewal), judged on the current state: releases
+    /// `node`'s grant `token` if it is current, its reports went no further
+    /// than its grant, ever, and it lacks its backup pairing; the error is
+    /// the answer then. Anything else: `Ok`, and the call goes on (a stale
+    /// token is refused by its own commit).
     pub(super) async fn release_if_unpaired(
         &self,
         inner: &mut Inner,
         node: &NodeName,
         token: u64,
-        fence: &Fence,
         at: &str,
         now: DateTime<Utc>,
     ) -> Result<(), EngineError> {
-        let Ok(holding) = inner.state.check_token(node, token) else {
-            return Ok(());
-        };
-        // Reported no further than its grant: a holder already draining
-        // renews and reports progress through its drain, and is judged at
-        // its Confirm of the next step instead.
-        let control_plane = holding.control_plane;
-        let granted_only = holding.phase == Phase::Granted && inner.state.untouched(node);
-        if !granted_only || !self.lacks_its_backup_pairing(inner, node, control_plane) {
+        let fence = self.ensure_current(inner).await?;
+        // A holder already draining renews and reports progress through
+        // its drain: it is judged at its Confirm of the next step instead.
+        let granted_only = inner
+            .state
+            .check_token(node, token)
+            .is_ok_and(|h| h.phase == Phase::Granted && !h.past_drain);
+        if !granted_only || !self.lacks_its_backup_pairing(inner, node) {
             return Ok(());
         }
         Err(self
-            .release_unpaired(inner, node, token, Some(fence), at, now)
+            .release_unpaired(inner, node, token, Some(&fence), at, now)
             .await)
     }
 
     /// Releases `node`'s grant `token`, which lacks its backup pairing,
-    /// `at` a point where nothing is known to have been touched on the node
-    /// (see [`Engine::release_if_unpaired`]; its Confirm(drain) while
+    /// `at` a point where nothing is known to have been touched on the
+    /// node ([`Engine::release_if_unpaired`], or its Confirm(drain) while
     /// [`crate::state::LeaseState::untouched`]), onto the memory of
-    /// `decided` when given
-    /// (audited; its slot goes to the next waiter as after any release).
-    /// Gives the
-    /// error that tells its agent: FAILED_PRECONDITION, on which the agent
-    /// gives the node back, holds back as after a lost baton, and asks
-    /// again; the new grant pairs a snapshot and asks for the backup. An
-    /// agent that cannot make one then waits with the guard's "upgrade
-    /// baton-agent" reason instead.
+    /// `decided` when given (audited; its slot goes to the next waiter as
+    /// after any release). Gives the error that tells its agent:
+    /// FAILED_PRECONDITION, on which the agent gives the node back, holds
+    /// back as after a lost baton, and asks again; the new grant pairs a
+    /// snapshot and asks for the backup. An agent that cannot make one
+    /// then waits with the guard's "upgrade baton-agent" reason instead.
     ///
-    /// Only at the drain: later, the node may be drained, its update
-    /// running (a restarted agent confirms the update it follows) or its
-    /// reboot requested, and a release would stop the update half-way or
-    /// give back a node whose reboot is still to come. Those steps wait
+    /// Never later: the node may be drained, its update running (a
+    /// restarted agent confirms the update it follows) or its reboot
+    /// requested, and a release would stop the update half-way or give
+    /// back a node whose reboot is still to come. Those steps wait
     /// ([`past_its_drain_unpaired`]).
     pub(super) async fn release_unpaired(
         &self,

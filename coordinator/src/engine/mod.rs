@@ -827,16 +827,8 @@ impl Engine {
         // best effort, then renews and drains: a grant that lacks its
         // backup pairing is released at that renewal if the report did
         // not release it (lost, or its save failed).
-        let fence = self.ensure_current(&mut inner).await?;
-        self.release_if_unpaired(
-            &mut inner,
-            node,
-            token,
-            &fence,
-            "its renewal before its drain",
-            now,
-        )
-        .await?;
+        self.release_if_unpaired(&mut inner, node, token, "its renewal before its drain", now)
+            .await?;
         self.commit(&mut inner, |s| s.renew(node, token, now))
             .await?;
         if inner.overdue_seen.remove(node) {
@@ -861,13 +853,11 @@ impl Engine {
         // Confirm before their drain: a grant that lacks its backup
         // pairing is released there (see `confirm`), judged on the
         // current state.
-        let fence = self.ensure_current(&mut inner).await?;
         if phase == Phase::Draining {
             self.release_if_unpaired(
                 &mut inner,
                 node,
                 token,
-                &fence,
                 "its report that it starts draining",
                 now,
             )
