@@ -430,21 +430,16 @@ async fn an_older_agent_is_never_granted_a_control_plane_etcd_node_and_holds_nob
         "{reason}"
     );
     // Counted from the queue every 2 s.
-    let mut counted = false;
-    for _ in 0..100 {
-        if coordinator
-            .metrics_text()
-            .contains("baton_waiters_without_backup_support 1")
-        {
-            counted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ensure!(
-        counted,
-        "baton_waiters_without_backup_support does not count cp-2"
-    );
+    baton_tests::nspawn::wait_for(
+        "baton_waiters_without_backup_support to count cp-2",
+        Duration::from_secs(10),
+        || {
+            coordinator
+                .metrics_text()
+                .contains("baton_waiters_without_backup_support 1")
+                .then_some(())
+        },
+    )?;
 
     // cp-1's current agent, queued behind it, is granted.
     let root = tempfile::tempdir()?;
