@@ -28,7 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use baton_proto::v1::ReleaseRequest;
 use baton_proto::v1::coordinator_client::CoordinatorClient;
 use baton_tests::etcd::EtcdCluster;
-use baton_tests::etcd::coordinator::{Coordinator, acquire, wait_granted};
+use baton_tests::etcd::coordinator::{Coordinator, Said, acquire, next, wait_granted};
 use serde_json::{Map, Value, json};
 use tonic::transport::Channel;
 
@@ -276,9 +276,9 @@ async fn grants(
         let waiter = if i % 2 == 0 { "w2" } else { "w1" };
         let mut stream = acquire(&mut client, waiter, false).await?;
         // The first event is Queued (the holder has it).
-        match baton_tests::etcd::coordinator::next(&mut stream).await? {
-            baton_tests::etcd::coordinator::Said::Queued(_) => {}
-            baton_tests::etcd::coordinator::Said::Granted(t) => bail!(
+        match next(&mut stream).await? {
+            Said::Queued(_) => {}
+            Said::Granted(t) => bail!(
                 "{waiter} was granted (token {t}) while {} held the baton",
                 holder.0
             ),
