@@ -28,7 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use baton_proto::v1::ReleaseRequest;
 use baton_proto::v1::coordinator_client::CoordinatorClient;
 use baton_tests::etcd::EtcdCluster;
-use baton_tests::etcd::coordinator::{Coordinator, acquire, wait_granted};
+use baton_tests::etcd::coordinator::{Coordinator, Said, acquire, next, wait_granted};
 use serde_json::{Map, Value, json};
 use tonic::transport::Channel;
 
@@ -227,10 +227,10 @@ async fn release(client: &mut CoordinatorClient<Channel>, node: &str, token: u64
 }
 
 /// Notes `token`, the latest grant's: `fencing_tokens_rising` turns (and
-/// stays) false when it is not above the one before.
-fn rising(tokens: &mut Vec<u64>, token: u64, report: &mut Map<String, Value>) {
-    let ok = tokens.last().is_none_or(|last| *last < token);
-    tokens.push(token);
+/// stays) false when it is not above the one before (`last`).
+fn rising(last: &mut Option<u64>, token: u64, report: &mut Map<String, Value>) {
+    let ok = last.is_none_or(|last| last < token);
+    *last = Some(token);
     if report.get("fencing_tokens_rising") != Some(&json!(false)) {
         report.insert("fencing_tokens_rising".into(), json!(ok));
     }
@@ -245,8 +245,8 @@ async fn grants(
     report: &mut Map<String, Value>,
 ) -> Result<()> {
     let mut client = a.client().await?;
-    // Every grant's token, in order: each must be above the last.
-    let mut tokens: Vec<u64> = Vec::new();
+    // The latest grant's token: each must be above it.
+    let mut last_token: Option<u64> = None;
 
     // Grant throughput: acquire → granted → release, one node.
     let started = Instant::now();
@@ -255,7 +255,7 @@ async fn grants(
         let (token, _) = wait_granted(&mut stream)
             .await
             .with_context(|| format!("grant cycle {}", done + 1))?;
-        rising(&mut tokens, token, report);
+        rising(&mut last_token, token, report);
         release(&mut client, "w1", token).await?;
         report.insert("grant_cycles_done".into(), json!(done + 1));
     }
@@ -269,16 +269,16 @@ async fn grants(
     let (token, _) = wait_granted(&mut acquire(&mut client, "w1", false).await?)
         .await
         .context("the first holder's grant")?;
-    rising(&mut tokens, token, report);
+    rising(&mut last_token, token, report);
     let mut holder = ("w1".to_string(), token);
     let mut handoffs = Vec::new();
     for i in 0..s.handoffs {
         let waiter = if i % 2 == 0 { "w2" } else { "w1" };
         let mut stream = acquire(&mut client, waiter, false).await?;
         // The first event is Queued (the holder has it).
-        match baton_tests::etcd::coordinator::next(&mut stream).await? {
-            baton_tests::etcd::coordinator::Said::Queued(_) => {}
-            baton_tests::etcd::coordinator::Said::Granted(t) => bail!(
+        match next(&mut stream).await? {
+            Said::Queued(_) => {}
+            Said::Granted(t) => bail!(
                 "{waiter} was granted (token {t}) while {} held the baton",
                 holder.0
             ),
@@ -289,7 +289,7 @@ async fn grants(
             .await
             .with_context(|| format!("handoff {} to {waiter}", i + 1))?;
         handoffs.push(t0.elapsed().as_secs_f64() * 1000.0);
-        rising(&mut tokens, token, report);
+        rising(&mut last_token, token, report);
         holder = (waiter.to_string(), token);
         report.insert("handoffs_done".into(), json!(i + 1));
     }
@@ -324,7 +324,7 @@ async fn grants(
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    rising(&mut tokens, token, report);
+    rising(&mut last_token, token, report);
     report.insert("failover_ms".into(), json!(failover));
     Ok(())
 }
